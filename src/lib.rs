@@ -1,0 +1,1 @@
+//! anytls-rs: an AnyTLS proxy server and client with selectable connection-pool engines.
