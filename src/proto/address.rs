@@ -1,0 +1,257 @@
+//! Destination addresses in SOCKS5 form: `0x01` IPv4 · `0x03` len domain · `0x04` IPv6, then port u16 BE.
+//!
+//! The server reads this from the start of a stream's data, which may arrive split
+//! over frames, so decoding reports "incomplete" instead of failing on short input.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use bytes::BufMut;
+
+const ATYP_IPV4: u8 = 0x01;
+const ATYP_DOMAIN: u8 = 0x03;
+const ATYP_IPV6: u8 = 0x04;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Host {
+    Ip(IpAddr),
+    Domain(String),
+}
+
+/// A destination: host and port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Address {
+    pub host: Host,
+    pub port: u16,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AddressError {
+    #[error("unknown address type {0:#04x}")]
+    UnknownType(u8),
+    #[error("empty domain name")]
+    EmptyDomain,
+    #[error("domain name is not valid text")]
+    InvalidDomain,
+}
+
+impl Address {
+    pub fn domain(name: &str, port: u16) -> Address {
+        // A domain that is really an IP literal is sent as an IP, as SOCKS clients do.
+        match name
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
+            Ok(ip) => Address {
+                host: Host::Ip(ip),
+                port,
+            },
+            Err(_) => Address {
+                host: Host::Domain(name.to_string()),
+                port,
+            },
+        }
+    }
+
+    pub fn socket(addr: SocketAddr) -> Address {
+        Address {
+            host: Host::Ip(addr.ip()),
+            port: addr.port(),
+        }
+    }
+
+    /// Parses `host:port`, `[v6]:port`.
+    pub fn parse_host_port(text: &str) -> Option<Address> {
+        if let Ok(addr) = text.parse::<SocketAddr>() {
+            return Some(Address::socket(addr));
+        }
+        let (host, port) = text.rsplit_once(':')?;
+        let port = port.parse().ok()?;
+        if host.is_empty() || host.len() > 255 || host.contains(':') {
+            return None;
+        }
+        Some(Address::domain(host, port))
+    }
+
+    pub fn encoded_len(&self) -> usize {
+        match &self.host {
+            Host::Ip(IpAddr::V4(_)) => 1 + 4 + 2,
+            Host::Ip(IpAddr::V6(_)) => 1 + 16 + 2,
+            Host::Domain(name) => 1 + 1 + name.len() + 2,
+        }
+    }
+
+    /// Appends the SOCKS5 form. Domains longer than 255 bytes are cut (they cannot
+    /// resolve anyway; callers validate earlier).
+    pub fn encode(&self, out: &mut impl BufMut) {
+        match &self.host {
+            Host::Ip(IpAddr::V4(ip)) => {
+                out.put_u8(ATYP_IPV4);
+                out.put_slice(&ip.octets());
+            }
+            Host::Ip(IpAddr::V6(ip)) => {
+                out.put_u8(ATYP_IPV6);
+                out.put_slice(&ip.octets());
+            }
+            Host::Domain(name) => {
+                let name = &name.as_bytes()[..name.len().min(255)];
+                out.put_u8(ATYP_DOMAIN);
+                out.put_u8(name.len() as u8);
+                out.put_slice(name);
+            }
+        }
+        out.put_u16(self.port);
+    }
+
+    /// Decodes from the start of `data`: `Ok(None)` when more bytes are needed,
+    /// otherwise the address and how many bytes it used.
+    pub fn decode(data: &[u8]) -> Result<Option<(Address, usize)>, AddressError> {
+        let Some(&atyp) = data.first() else {
+            return Ok(None);
+        };
+        let (host, host_end) = match atyp {
+            ATYP_IPV4 => {
+                let Some(octets) = data.get(1..5) else {
+                    return Ok(None);
+                };
+                let octets: [u8; 4] = octets.try_into().expect("four bytes");
+                (Host::Ip(IpAddr::V4(Ipv4Addr::from(octets))), 5)
+            }
+            ATYP_IPV6 => {
+                let Some(octets) = data.get(1..17) else {
+                    return Ok(None);
+                };
+                let octets: [u8; 16] = octets.try_into().expect("sixteen bytes");
+                (Host::Ip(IpAddr::V6(Ipv6Addr::from(octets))), 17)
+            }
+            ATYP_DOMAIN => {
+                let Some(&len) = data.get(1) else {
+                    return Ok(None);
+                };
+                if len == 0 {
+                    return Err(AddressError::EmptyDomain);
+                }
+                let end = 2 + len as usize;
+                let Some(name) = data.get(2..end) else {
+                    return Ok(None);
+                };
+                let name = std::str::from_utf8(name).map_err(|_| AddressError::InvalidDomain)?;
+                if name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                    return Err(AddressError::InvalidDomain);
+                }
+                (Host::Domain(name.to_string()), end)
+            }
+            other => return Err(AddressError::UnknownType(other)),
+        };
+        let Some(port) = data.get(host_end..host_end + 2) else {
+            return Ok(None);
+        };
+        let port = u16::from_be_bytes([port[0], port[1]]);
+        Ok(Some((Address { host, port }, host_end + 2)))
+    }
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.host {
+            Host::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
+            Host::Ip(ip) => write!(f, "{ip}:{}", self.port),
+            Host::Domain(name) => write!(f, "{name}:{}", self.port),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn encoded(address: &Address) -> Vec<u8> {
+        let mut out = Vec::new();
+        address.encode(&mut out);
+        out
+    }
+
+    #[test]
+    fn wire_forms_match_socks5() {
+        assert_eq!(
+            encoded(&Address::parse_host_port("127.0.0.1:80").unwrap()),
+            [1, 127, 0, 0, 1, 0, 80]
+        );
+        assert_eq!(
+            encoded(&Address::parse_host_port("example.com:443").unwrap()),
+            b"\x03\x0bexample.com\x01\xbb"
+        );
+        let v6 = encoded(&Address::parse_host_port("[::1]:8080").unwrap());
+        assert_eq!(v6.len(), 19);
+        assert_eq!(v6[0], 4);
+        assert_eq!(&v6[17..], &[0x1f, 0x90]);
+    }
+
+    #[test]
+    fn display_brackets_ipv6() {
+        assert_eq!(
+            Address::parse_host_port("[::1]:53").unwrap().to_string(),
+            "[::1]:53"
+        );
+        assert_eq!(Address::domain("[::1]", 53).to_string(), "[::1]:53");
+    }
+
+    #[test]
+    fn bad_input_is_a_clear_error() {
+        assert_eq!(
+            Address::decode(&[9, 0, 0]),
+            Err(AddressError::UnknownType(9))
+        );
+        assert_eq!(
+            Address::decode(&[3, 0, 0, 80]),
+            Err(AddressError::EmptyDomain)
+        );
+        assert_eq!(
+            Address::decode(&[3, 2, 0xff, 0xfe, 0, 80]),
+            Err(AddressError::InvalidDomain)
+        );
+        assert_eq!(
+            Address::decode(&[3, 3, b'a', b'\n', b'b', 0, 80]),
+            Err(AddressError::InvalidDomain)
+        );
+    }
+
+    #[test]
+    fn trailing_payload_is_left_for_the_stream() {
+        let mut data = encoded(&Address::parse_host_port("10.0.0.1:22").unwrap());
+        data.extend_from_slice(b"SSH-2.0");
+        let (address, used) = Address::decode(&data).unwrap().unwrap();
+        assert_eq!(address.to_string(), "10.0.0.1:22");
+        assert_eq!(&data[used..], b"SSH-2.0");
+    }
+
+    fn arb_address() -> impl Strategy<Value = Address> {
+        let host = prop_oneof![
+            any::<[u8; 4]>().prop_map(|o| Host::Ip(IpAddr::V4(o.into()))),
+            any::<[u8; 16]>().prop_map(|o| Host::Ip(IpAddr::V6(o.into()))),
+            "[a-z0-9.-]{1,255}".prop_map(Host::Domain),
+        ];
+        (host, any::<u16>()).prop_map(|(host, port)| Address { host, port })
+    }
+
+    proptest! {
+        #[test]
+        fn addresses_round_trip_at_every_prefix(address in arb_address()) {
+            let bytes = encoded(&address);
+            prop_assert_eq!(bytes.len(), address.encoded_len());
+            for cut in 0..bytes.len() {
+                prop_assert_eq!(Address::decode(&bytes[..cut]), Ok(None));
+            }
+            prop_assert_eq!(Address::decode(&bytes), Ok(Some((address, bytes.len()))));
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            if let Ok(Some((_, used))) = Address::decode(&bytes) {
+                prop_assert!(used <= bytes.len());
+            }
+        }
+    }
+}
