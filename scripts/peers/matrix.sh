@@ -25,7 +25,7 @@ for n in "${reqs[@]}"; do
             case "$line" in
                 PASS*) pass=$((pass + 1)); echo "$line" ;;
                 *) failn=$((failn + 1))
-                   why=$(printf '%s\n' "$out" | grep -m1 -iE 'error|fatal|level=(error|warning)|rejected|closed' | cut -c1-220)
+                   why=$(printf '%s\n' "$out" | grep -v -E '^(PASS|FAIL) ' | grep -m1 -iE 'error|fatal|level=(error|warning)|rejected|closed' | cut -c1-220)
                    echo "$line${why:+ | $why}" ;;
             esac
         done

@@ -35,4 +35,11 @@ rules:
   - MATCH,anytls-out
 YAML
 export SAFE_PATHS="$workdir${SAFE_PATHS:+:$SAFE_PATHS}"
+# mihomo logs to stdout and prints a few level=info start-up lines before it reads
+# log-level; drop them (and any info/debug line) unless a chattier level was asked for.
+case "$PEER_LOG_LEVEL" in
+    error|warn|warning|silent)
+        exec "$MIHOMO" -d "$workdir" -f "$workdir/mihomo-client.yaml" \
+            > >(grep --line-buffered -v -E 'level=(info|debug)' >&2) ;;
+esac
 exec "$MIHOMO" -d "$workdir" -f "$workdir/mihomo-client.yaml"
