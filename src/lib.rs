@@ -1,2 +1,3 @@
 //! anytls-rs: an AnyTLS proxy server and client with selectable connection-pool engines.
 pub mod proto;
+pub mod session;

@@ -1,0 +1,317 @@
+//! A session: one authenticated connection carrying many streams as frames.
+//!
+//! The session owns two tasks over the split connection. The reader decodes frames
+//! and hands stream data to bounded per-stream queues; when a queue is full the
+//! reader waits, which stops reading the connection: that is the protocol's only
+//! backpressure (AnyTLS has no flow-control window). The writer drains a small
+//! control queue first, then the data queue, and batches whatever is queued into one
+//! large write so TLS records are filled. Both roles (client, server) share this code;
+//! only frame handling differs.
+
+mod reader;
+mod relay;
+mod stream;
+mod writer;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, watch};
+
+use crate::proto::frame::Command;
+use crate::proto::{Frame, PaddingScheme, Settings};
+
+pub use relay::{RelayStats, relay};
+pub use stream::{OpenError, Stream, StreamReader, StreamWriter};
+
+/// Frames waiting for the writer. Bounded, so a peer that does not read stops our
+/// senders instead of growing memory.
+const DATA_QUEUE: usize = 64;
+/// Reader-originated replies (heartbeats, settings answers). Never awaited by the
+/// reader, so a peer that floods requests without reading cannot deadlock us; when
+/// full, replies are dropped.
+const CONTROL_QUEUE: usize = 64;
+
+/// Which end of the session we are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Client,
+    Server,
+}
+
+/// A new stream accepted by a server session.
+pub type StreamHandler = Arc<dyn Fn(Stream) + Send + Sync>;
+
+#[derive(Clone)]
+pub struct SessionConfig {
+    /// Client: the scheme to pad with and announce (servers update it with
+    /// UpdatePaddingScheme for later sessions). Server: the scheme to hand out.
+    pub padding: Arc<ArcSwap<PaddingScheme>>,
+    /// Client: the `client=` value of its Settings.
+    pub client_name: String,
+    /// Data chunks queued per stream before the reader waits (backpressure).
+    pub stream_queue: usize,
+    /// Server: streams a session may have open at once; SYNs beyond it are refused.
+    pub max_streams: usize,
+    /// Client: how long a stream on a session of unknown version waits for the
+    /// server's SYNACK before assuming a v1 server (which never sends one).
+    pub v1_grace: Duration,
+    /// Client: how long to wait for a v2 server's SYNACK before giving up.
+    pub open_timeout: Duration,
+}
+
+impl Default for SessionConfig {
+    fn default() -> SessionConfig {
+        SessionConfig {
+            padding: Arc::new(ArcSwap::from_pointee(PaddingScheme::default())),
+            client_name: format!("anytls-rs/{}", env!("CARGO_PKG_VERSION")),
+            stream_queue: 8,
+            max_streams: 1024,
+            v1_grace: Duration::from_secs(2),
+            open_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("session closed: {0}")]
+pub struct SessionClosed(pub Arc<str>);
+
+/// What the writer is asked to send.
+#[derive(Debug)]
+enum Outgoing {
+    Frame(Frame),
+    /// Already-encoded frames that must go out in one write (the client's first
+    /// Settings + SYN + destination).
+    Raw(Bytes),
+}
+
+/// Events for one stream, in wire order.
+#[derive(Debug)]
+enum StreamEvent {
+    Data(Bytes),
+    Fin,
+    SynAck(Result<(), String>),
+}
+
+struct Shared {
+    role: Role,
+    config: SessionConfig,
+    data_tx: mpsc::Sender<Outgoing>,
+    control_tx: mpsc::Sender<Outgoing>,
+    streams: Mutex<HashMap<u32, mpsc::Sender<StreamEvent>>>,
+    next_stream_id: AtomicU32,
+    /// The peer's protocol version: 0 until known.
+    peer_version: watch::Sender<u8>,
+    settings_sent: AtomicBool,
+    /// Whether the peer ever sent a frame: a client session that dies before the
+    /// server said anything most likely used a wrong password.
+    peer_spoke: AtomicBool,
+    closed: watch::Sender<Option<Arc<str>>>,
+}
+
+impl Shared {
+    fn close(&self, reason: &str) {
+        let silent_server = self.role == Role::Client && !self.peer_spoke.load(Ordering::Relaxed);
+        self.closed.send_if_modified(|state| {
+            if state.is_some() {
+                return false;
+            }
+            log::debug!("{:?} session closing: {reason}", self.role);
+            *state = Some(if silent_server {
+                format!("{reason}; the server closed without answering (wrong password, or not an AnyTLS server?)").into()
+            } else {
+                reason.into()
+            });
+            true
+        });
+        // Dropping every stream's sender ends their reads with an error.
+        self.streams.lock().expect("streams lock").clear();
+    }
+
+    fn close_reason(&self) -> Option<Arc<str>> {
+        self.closed.borrow().clone()
+    }
+
+    fn closed_error(&self) -> SessionClosed {
+        SessionClosed(self.close_reason().unwrap_or_else(|| "closed".into()))
+    }
+
+    fn send_control(&self, frame: Frame) {
+        if self.control_tx.try_send(Outgoing::Frame(frame)).is_err() {
+            log::debug!("control queue full or closed: reply dropped");
+        }
+    }
+
+    fn remove_stream(&self, id: u32) {
+        self.streams.lock().expect("streams lock").remove(&id);
+    }
+}
+
+/// A handle to a running session; clones share it.
+#[derive(Clone)]
+pub struct Session {
+    shared: Arc<Shared>,
+}
+
+impl Session {
+    /// Starts a client session on an authenticated connection (the authentication
+    /// block has already been written). Stream ids start at 1.
+    pub fn client<IO>(io: IO, config: SessionConfig) -> Session
+    where
+        IO: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        Session::start(io, Role::Client, config, BytesMut::new(), None)
+    }
+
+    /// Starts a server session; `leftover` holds bytes that arrived after the
+    /// authentication block. Each accepted stream is passed to `handler`.
+    pub fn server<IO>(
+        io: IO,
+        config: SessionConfig,
+        leftover: BytesMut,
+        handler: StreamHandler,
+    ) -> Session
+    where
+        IO: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        Session::start(io, Role::Server, config, leftover, Some(handler))
+    }
+
+    fn start<IO>(
+        io: IO,
+        role: Role,
+        config: SessionConfig,
+        leftover: BytesMut,
+        handler: Option<StreamHandler>,
+    ) -> Session
+    where
+        IO: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (data_tx, data_rx) = mpsc::channel(DATA_QUEUE);
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let padding = match role {
+            // A client pads with the scheme current when the session starts.
+            Role::Client => Some(config.padding.load_full()),
+            Role::Server => None,
+        };
+        let shared = Arc::new(Shared {
+            role,
+            config,
+            data_tx,
+            control_tx,
+            streams: Mutex::new(HashMap::new()),
+            next_stream_id: AtomicU32::new(1),
+            peer_version: watch::Sender::new(0),
+            settings_sent: AtomicBool::new(false),
+            peer_spoke: AtomicBool::new(false),
+            closed: watch::Sender::new(None),
+        });
+        let (read_half, write_half) = tokio::io::split(io);
+        tokio::spawn(writer::run(
+            write_half,
+            control_rx,
+            data_rx,
+            padding,
+            shared.clone(),
+        ));
+        tokio::spawn(reader::run(read_half, leftover, handler, shared.clone()));
+        Session { shared }
+    }
+
+    pub fn role(&self) -> Role {
+        self.shared.role
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.shared.close_reason().is_some()
+    }
+
+    /// Resolves when the session has closed, with the reason.
+    pub async fn closed(&self) -> Arc<str> {
+        let mut rx = self.shared.closed.subscribe();
+        match rx.wait_for(|state| state.is_some()).await {
+            Ok(state) => state.clone().expect("checked"),
+            Err(_) => "closed".into(),
+        }
+    }
+
+    pub fn close(&self, reason: &str) {
+        self.shared.close(reason);
+    }
+
+    /// Streams currently open on this session.
+    pub fn open_streams(&self) -> usize {
+        self.shared.streams.lock().expect("streams lock").len()
+    }
+
+    /// The peer's protocol version, 0 while unknown.
+    pub fn peer_version(&self) -> u8 {
+        *self.shared.peer_version.borrow()
+    }
+
+    /// Client: opens a stream to `destination` (SOCKS address form, plus any
+    /// request bytes that must not wait for SYNACK, e.g. a UDP-over-TCP request).
+    /// The SYN and this first data go out in one write; on a new session the
+    /// Settings frame leads them. Call [`Stream::wait_open`] for the server's answer.
+    pub async fn open_stream(&self, first_data: Bytes) -> Result<Stream, SessionClosed> {
+        debug_assert_eq!(self.shared.role, Role::Client);
+        if self.is_closed() {
+            return Err(self.shared.closed_error());
+        }
+        let id = self.shared.next_stream_id.fetch_add(1, Ordering::Relaxed);
+        let (events_tx, events_rx) = mpsc::channel(self.shared.config.stream_queue);
+        self.shared
+            .streams
+            .lock()
+            .expect("streams lock")
+            .insert(id, events_tx);
+
+        let mut raw = BytesMut::with_capacity(64 + first_data.len());
+        if !self.shared.settings_sent.swap(true, Ordering::AcqRel) {
+            let scheme = self.shared.config.padding.load();
+            let settings = Settings::new()
+                .with("v", "2")
+                .with("client", &self.shared.config.client_name)
+                .with("padding-md5", scheme.md5_hex());
+            Frame::new(Command::Settings, 0, settings.encode())
+                .encode(&mut raw)
+                .expect("small frame");
+        }
+        Frame::control(Command::Syn, id)
+            .encode(&mut raw)
+            .expect("empty frame");
+        let stream = Stream::new(id, self.shared.clone(), events_rx);
+        let mut first_data = first_data;
+        while !first_data.is_empty() {
+            let chunk = first_data.split_to(first_data.len().min(crate::proto::MAX_FRAME_DATA));
+            Frame::new(Command::Push, id, chunk)
+                .encode(&mut raw)
+                .expect("bounded chunk");
+        }
+        if self
+            .shared
+            .data_tx
+            .send(Outgoing::Raw(raw.freeze()))
+            .await
+            .is_err()
+        {
+            return Err(self.shared.closed_error());
+        }
+        Ok(stream)
+    }
+
+    /// Sends a heartbeat request (v2 peers answer it).
+    pub fn send_heartbeat(&self) {
+        self.shared
+            .send_control(Frame::control(Command::HeartRequest, 0));
+    }
+}
+
+#[cfg(test)]
+mod tests;

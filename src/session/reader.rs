@@ -1,0 +1,237 @@
+//! The reader task: decodes frames and dispatches them.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, ReadHalf};
+use tokio::sync::mpsc;
+
+use super::stream::Stream;
+use super::{Role, Shared, StreamEvent, StreamHandler};
+use crate::proto::frame::Command;
+use crate::proto::{Frame, FrameDecoder, PaddingScheme, Settings};
+
+/// Bytes requested per read: room for a full frame, so bulk data needs few reads.
+const READ_CHUNK: usize = 64 * 1024 + 512;
+/// Payloads smaller than this are copied out of the read buffer, so a stalled
+/// stream holding a few small chunks does not pin whole read buffers.
+const COPY_BELOW: usize = 4096;
+
+pub(super) async fn run<IO: AsyncRead>(
+    mut io: ReadHalf<IO>,
+    mut buf: BytesMut,
+    handler: Option<StreamHandler>,
+    shared: Arc<Shared>,
+) {
+    let mut decoder = FrameDecoder::new();
+    let mut closed = shared.closed.subscribe();
+    let reason = 'session: loop {
+        while let Some(frame) = decoder.decode(&mut buf) {
+            shared.peer_spoke.store(true, Ordering::Relaxed);
+            if let Err(reason) = dispatch(frame, &shared, handler.as_ref()).await {
+                break 'session reason;
+            }
+        }
+        if let Some(reason) = shared.close_reason() {
+            break reason.to_string();
+        }
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        let read = tokio::select! {
+            read = io.read_buf(&mut buf) => read,
+            _ = closed.wait_for(|state| state.is_some()) => continue,
+        };
+        match read {
+            Ok(0) if buf.is_empty() => break "peer closed the connection".to_string(),
+            Ok(0) => {
+                break format!(
+                    "peer closed the connection inside a frame ({} bytes left)",
+                    buf.len()
+                );
+            }
+            Ok(_) => {}
+            Err(err) => break format!("read failed: {err}"),
+        }
+    };
+    shared.close(&reason);
+}
+
+/// Handles one frame. An `Err` closes the session with that reason.
+async fn dispatch(
+    frame: Frame,
+    shared: &Arc<Shared>,
+    handler: Option<&StreamHandler>,
+) -> Result<(), String> {
+    let sid = frame.stream_id;
+    match frame.command {
+        Command::Push => {
+            let sender = shared
+                .streams
+                .lock()
+                .expect("streams lock")
+                .get(&sid)
+                .cloned();
+            // Data for an unknown (or already finished) stream is dropped.
+            if let Some(sender) = sender {
+                deliver(shared, sid, &sender, StreamEvent::Data(detach(frame.data))).await;
+            }
+        }
+        Command::Fin => {
+            let sender = shared.streams.lock().expect("streams lock").remove(&sid);
+            if let Some(sender) = sender {
+                deliver(shared, sid, &sender, StreamEvent::Fin).await;
+            }
+        }
+        Command::Waste | Command::HeartResponse => {}
+        Command::HeartRequest => shared.send_control(Frame::control(Command::HeartResponse, sid)),
+        Command::Unknown(byte) => log::debug!(
+            "skipping unknown command {byte} ({} bytes)",
+            frame.data.len()
+        ),
+        _ if shared.role == Role::Server => on_server_frame(frame, shared, handler)?,
+        _ => on_client_frame(frame, shared).await?,
+    }
+    Ok(())
+}
+
+/// Waits for room in the stream's queue (backpressure); a stream whose reader is
+/// gone is forgotten.
+async fn deliver(
+    shared: &Shared,
+    sid: u32,
+    sender: &mpsc::Sender<StreamEvent>,
+    event: StreamEvent,
+) {
+    if sender.send(event).await.is_err() {
+        shared.remove_stream(sid);
+    }
+}
+
+fn detach(data: Bytes) -> Bytes {
+    if data.len() < COPY_BELOW {
+        Bytes::copy_from_slice(&data)
+    } else {
+        data
+    }
+}
+
+fn on_server_frame(
+    frame: Frame,
+    shared: &Arc<Shared>,
+    handler: Option<&StreamHandler>,
+) -> Result<(), String> {
+    match frame.command {
+        Command::Settings => {
+            let settings = Settings::parse(&frame.data);
+            let version = settings.version();
+            shared.peer_version.send_replace(version);
+            let scheme = shared.config.padding.load();
+            if settings.get("padding-md5") != Some(scheme.md5_hex()) {
+                let update = Frame::new(
+                    Command::UpdatePaddingScheme,
+                    0,
+                    Bytes::copy_from_slice(scheme.raw()),
+                );
+                shared.send_control(update);
+            }
+            if version >= 2 {
+                let reply = Settings::new().with("v", "2").encode();
+                shared.send_control(Frame::new(Command::ServerSettings, 0, reply));
+            }
+            log::debug!("client settings: {}", String::from_utf8_lossy(&frame.data));
+        }
+        Command::Syn => {
+            if *shared.peer_version.borrow() == 0 {
+                shared.send_control(Frame::new(
+                    Command::Alert,
+                    0,
+                    &b"client did not send its settings"[..],
+                ));
+                return Err("SYN before Settings".to_string());
+            }
+            let Some(handler) = handler else {
+                return Ok(());
+            };
+            let sid = frame.stream_id;
+            let mut streams = shared.streams.lock().expect("streams lock");
+            if streams.contains_key(&sid) {
+                return Ok(()); // a SYN for an open stream is ignored
+            }
+            if streams.len() >= shared.config.max_streams {
+                drop(streams);
+                log::warn!(
+                    "stream {sid} refused: session already has {} streams",
+                    shared.config.max_streams
+                );
+                refuse_stream(shared, sid, "too many streams on this session");
+                return Ok(());
+            }
+            let (events_tx, events_rx) = mpsc::channel(shared.config.stream_queue);
+            streams.insert(sid, events_tx);
+            drop(streams);
+            handler(Stream::new(sid, shared.clone(), events_rx));
+        }
+        _ => log::debug!("ignoring {:?} from a client", frame.command),
+    }
+    Ok(())
+}
+
+fn refuse_stream(shared: &Shared, sid: u32, why: &str) {
+    if *shared.peer_version.borrow() >= 2 {
+        shared.send_control(Frame::new(Command::SynAck, sid, why.as_bytes().to_vec()));
+    } else {
+        shared.send_control(Frame::control(Command::Fin, sid));
+    }
+}
+
+async fn on_client_frame(frame: Frame, shared: &Arc<Shared>) -> Result<(), String> {
+    match frame.command {
+        Command::SynAck => {
+            let sender = shared
+                .streams
+                .lock()
+                .expect("streams lock")
+                .get(&frame.stream_id)
+                .cloned();
+            if let Some(sender) = sender {
+                let result = if frame.data.is_empty() {
+                    Ok(())
+                } else {
+                    // An error SYNACK ends the stream on the server's side.
+                    shared.remove_stream(frame.stream_id);
+                    Err(String::from_utf8_lossy(&frame.data).into_owned())
+                };
+                deliver(
+                    shared,
+                    frame.stream_id,
+                    &sender,
+                    StreamEvent::SynAck(result),
+                )
+                .await;
+            }
+        }
+        Command::ServerSettings => {
+            let version = Settings::parse(&frame.data).version().max(1);
+            shared.peer_version.send_replace(version);
+        }
+        Command::UpdatePaddingScheme => match PaddingScheme::parse(&frame.data) {
+            Ok(scheme) => {
+                log::info!(
+                    "server updated the padding scheme (md5 {})",
+                    scheme.md5_hex()
+                );
+                shared.config.padding.store(Arc::new(scheme));
+            }
+            Err(err) => log::warn!("server sent an unusable padding scheme: {err}"),
+        },
+        Command::Alert => {
+            let text = String::from_utf8_lossy(&frame.data).into_owned();
+            log::warn!("server alert: {text}");
+            return Err(format!("server alert: {text}"));
+        }
+        _ => log::debug!("ignoring {:?} from a server", frame.command),
+    }
+    Ok(())
+}

@@ -1,0 +1,243 @@
+//! One stream of a session: a two-way byte channel with one-way FIN.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::{Outgoing, SessionClosed, Shared, StreamEvent};
+use crate::proto::frame::Command;
+use crate::proto::{Frame, MAX_FRAME_DATA};
+
+/// Why a client's stream did not open.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum OpenError {
+    /// The server answered the SYN with an error (its text, e.g. a dial failure).
+    #[error("server refused the stream: {0}")]
+    Refused(String),
+    #[error("server did not answer the stream in time")]
+    Timeout,
+    #[error(transparent)]
+    Session(#[from] SessionClosed),
+}
+
+/// A stream; split it to read and write from two tasks.
+pub struct Stream {
+    reader: StreamReader,
+    writer: StreamWriter,
+}
+
+impl Stream {
+    pub(super) fn new(id: u32, shared: Arc<Shared>, events: mpsc::Receiver<StreamEvent>) -> Stream {
+        Stream {
+            reader: StreamReader {
+                id,
+                shared: shared.clone(),
+                events,
+                pending: None,
+                fin_received: false,
+            },
+            writer: StreamWriter {
+                id,
+                shared,
+                fin_sent: false,
+            },
+        }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.writer.id
+    }
+
+    pub fn split(self) -> (StreamReader, StreamWriter) {
+        (self.reader, self.writer)
+    }
+
+    pub async fn read(&mut self) -> Result<Option<Bytes>, SessionClosed> {
+        self.reader.read().await
+    }
+
+    pub async fn write(&mut self, data: Bytes) -> Result<(), SessionClosed> {
+        self.writer.write(data).await
+    }
+
+    pub async fn finish(&mut self) -> Result<(), SessionClosed> {
+        self.writer.finish().await
+    }
+
+    /// Client: waits for the server's answer to the SYN.
+    ///
+    /// A v2 server answers with SYNACK. A v1 server never does: while the session's
+    /// version is unknown, data or FIN from the server also counts as "open", and
+    /// after the configured grace period we assume v1 and go ahead.
+    pub async fn wait_open(&mut self) -> Result<(), OpenError> {
+        let shared = self.writer.shared.clone();
+        let mut version = shared.peer_version.subscribe();
+        let grace = tokio::time::sleep(shared.config.v1_grace);
+        let deadline = tokio::time::sleep(shared.config.open_timeout);
+        tokio::pin!(grace, deadline);
+        loop {
+            let peer_version = *version.borrow_and_update();
+            if peer_version == 1 {
+                return Ok(()); // v1 servers send no SYNACK
+            }
+            let event = tokio::select! {
+                event = self.reader.events.recv() => event,
+                changed = version.changed(), if peer_version == 0 => {
+                    if changed.is_err() { return Err(shared.closed_error().into()) }
+                    continue;
+                }
+                _ = &mut grace, if peer_version == 0 => {
+                    // No ServerSettings in time: a v1 server. Later streams skip the wait.
+                    shared.peer_version.send_if_modified(|v| {
+                        let unknown = *v == 0;
+                        if unknown {
+                            *v = 1;
+                        }
+                        unknown
+                    });
+                    continue;
+                }
+                _ = &mut deadline => return Err(OpenError::Timeout),
+            };
+            match event {
+                Some(StreamEvent::SynAck(Ok(()))) => return Ok(()),
+                Some(StreamEvent::SynAck(Err(text))) => {
+                    // The server closed the stream with its refusal; nothing to FIN.
+                    self.writer.fin_sent = true;
+                    return Err(OpenError::Refused(text));
+                }
+                Some(StreamEvent::Data(data)) => {
+                    self.reader.pending = Some(data);
+                    return Ok(());
+                }
+                Some(StreamEvent::Fin) => {
+                    self.reader.fin_received = true;
+                    return Ok(());
+                }
+                None => return Err(shared.closed_error().into()),
+            }
+        }
+    }
+
+    /// Server: answers the SYN (v2 peers only; a v1 client is not sent SYNACK).
+    /// On failure the stream is closed with the error text and nothing else is sent.
+    pub async fn send_synack(&mut self, result: Result<(), String>) -> Result<(), SessionClosed> {
+        let shared = &self.writer.shared;
+        let failed = result.is_err();
+        if *shared.peer_version.borrow() >= 2 {
+            let data = result.err().unwrap_or_default();
+            let mut data = Bytes::from(data.into_bytes());
+            data.truncate(MAX_FRAME_DATA);
+            let frame = Frame::new(Command::SynAck, self.writer.id, data);
+            shared
+                .data_tx
+                .send(Outgoing::Frame(frame))
+                .await
+                .map_err(|_| shared.closed_error())?;
+            if failed {
+                // The error SYNACK closes the stream for the client: no FIN follows.
+                self.writer.fin_sent = true;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The receiving half. Dropping it stops delivery for this stream.
+pub struct StreamReader {
+    id: u32,
+    shared: Arc<Shared>,
+    events: mpsc::Receiver<StreamEvent>,
+    pending: Option<Bytes>,
+    fin_received: bool,
+}
+
+impl StreamReader {
+    /// The next data chunk; `Ok(None)` once the peer sent FIN.
+    pub async fn read(&mut self) -> Result<Option<Bytes>, SessionClosed> {
+        if let Some(data) = self.pending.take() {
+            return Ok(Some(data));
+        }
+        if self.fin_received {
+            return Ok(None);
+        }
+        loop {
+            match self.events.recv().await {
+                Some(StreamEvent::Data(data)) => return Ok(Some(data)),
+                Some(StreamEvent::Fin) => {
+                    self.fin_received = true;
+                    return Ok(None);
+                }
+                // A late or duplicate SYNACK: the stream is already open.
+                Some(StreamEvent::SynAck(_)) => continue,
+                None => return Err(self.shared.closed_error()),
+            }
+        }
+    }
+}
+
+impl Drop for StreamReader {
+    fn drop(&mut self) {
+        self.shared.remove_stream(self.id);
+    }
+}
+
+/// The sending half. Dropping it without [`StreamWriter::finish`] still sends FIN.
+pub struct StreamWriter {
+    id: u32,
+    shared: Arc<Shared>,
+    fin_sent: bool,
+}
+
+impl StreamWriter {
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// Sends data, split into frames of at most 65,535 bytes (no copy).
+    pub async fn write(&mut self, mut data: Bytes) -> Result<(), SessionClosed> {
+        while !data.is_empty() {
+            let chunk = data.split_to(data.len().min(MAX_FRAME_DATA));
+            let frame = Frame::new(Command::Push, self.id, chunk);
+            if self
+                .shared
+                .data_tx
+                .send(Outgoing::Frame(frame))
+                .await
+                .is_err()
+            {
+                return Err(self.shared.closed_error());
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends FIN once: we have nothing more to send. The peer may still send to us.
+    pub async fn finish(&mut self) -> Result<(), SessionClosed> {
+        if self.fin_sent {
+            return Ok(());
+        }
+        self.fin_sent = true;
+        let frame = Frame::control(Command::Fin, self.id);
+        self.shared
+            .data_tx
+            .send(Outgoing::Frame(frame))
+            .await
+            .map_err(|_| self.shared.closed_error())
+    }
+}
+
+impl Drop for StreamWriter {
+    fn drop(&mut self) {
+        if self.fin_sent || self.shared.close_reason().is_some() {
+            return;
+        }
+        // Keep FIN behind this stream's queued data when there is room; otherwise
+        // the control queue still gets it out.
+        let fin = || Outgoing::Frame(Frame::control(Command::Fin, self.id));
+        if self.shared.data_tx.try_send(fin()).is_err() {
+            let _ = self.shared.control_tx.try_send(fin());
+        }
+    }
+}

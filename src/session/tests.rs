@@ -1,0 +1,402 @@
+//! Session tests over in-memory pipes: our client against our server, and each
+//! against raw frames written by hand.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+use super::*;
+use crate::proto::frame::Command;
+use crate::proto::{Frame, FrameDecoder};
+
+const PIPE: usize = 256 * 1024;
+
+fn echo_handler() -> StreamHandler {
+    Arc::new(|mut stream: Stream| {
+        tokio::spawn(async move {
+            stream.send_synack(Ok(())).await.unwrap();
+            while let Ok(Some(data)) = stream.read().await {
+                if stream.write(data).await.is_err() {
+                    return;
+                }
+            }
+            let _ = stream.finish().await;
+        });
+    })
+}
+
+fn pair(config: SessionConfig) -> (Session, Session) {
+    let (a, b) = tokio::io::duplex(PIPE);
+    let server = Session::server(b, config.clone(), BytesMut::new(), echo_handler());
+    (Session::client(a, config), server)
+}
+
+async fn read_to_fin(stream: &mut Stream) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.read().await.unwrap() {
+        out.extend_from_slice(&chunk);
+    }
+    out
+}
+
+/// Reads frames written by a session, skipping Waste.
+struct RawPeer {
+    io: DuplexStream,
+    buf: BytesMut,
+    decoder: FrameDecoder,
+}
+
+impl RawPeer {
+    fn new(io: DuplexStream) -> RawPeer {
+        RawPeer {
+            io,
+            buf: BytesMut::new(),
+            decoder: FrameDecoder::new(),
+        }
+    }
+
+    async fn next(&mut self) -> Option<Frame> {
+        loop {
+            while let Some(frame) = self.decoder.decode(&mut self.buf) {
+                if frame.command != Command::Waste {
+                    return Some(frame);
+                }
+            }
+            let read =
+                tokio::time::timeout(Duration::from_secs(5), self.io.read_buf(&mut self.buf)).await;
+            if read.expect("peer answered in time").unwrap() == 0 {
+                return None;
+            }
+        }
+    }
+
+    async fn send(&mut self, frames: &[Frame]) {
+        let mut out = BytesMut::new();
+        for frame in frames {
+            frame.encode(&mut out).unwrap();
+        }
+        self.io.write_all(&out).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn echo_round_trip_with_large_writes() {
+    let (client, _server) = pair(SessionConfig::default());
+    let mut stream = client.open_stream(Bytes::new()).await.unwrap();
+    stream.wait_open().await.unwrap();
+    assert_eq!(client.peer_version(), 2);
+    // 1 MiB in one write: split into frames of at most 65,535 bytes on the way.
+    let payload: Vec<u8> = (0..1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let (mut reader, mut writer) = stream.split();
+    let send = async {
+        writer.write(Bytes::from(payload.clone())).await.unwrap();
+        writer.finish().await.unwrap();
+    };
+    let receive = async {
+        let mut out = Vec::new();
+        while let Some(chunk) = reader.read().await.unwrap() {
+            out.extend_from_slice(&chunk);
+        }
+        out
+    };
+    let ((), echoed) = tokio::join!(send, receive);
+    assert_eq!(echoed, payload);
+}
+
+#[tokio::test]
+async fn many_concurrent_streams_share_one_session() {
+    let (client, _server) = pair(SessionConfig::default());
+    let mut tasks = Vec::new();
+    for i in 0..100u32 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut stream = client.open_stream(Bytes::new()).await.unwrap();
+            stream.wait_open().await.unwrap();
+            let message = format!("stream {i} says hello").repeat(50);
+            stream.write(Bytes::from(message.clone())).await.unwrap();
+            stream.finish().await.unwrap();
+            assert_eq!(read_to_fin(&mut stream).await, message.as_bytes());
+            stream.id()
+        }));
+    }
+    let mut ids = Vec::new();
+    for task in tasks {
+        ids.push(task.await.unwrap());
+    }
+    ids.sort_unstable();
+    assert_eq!(ids, (1..=100).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn client_first_write_is_settings_syn_and_data() {
+    let (a, b) = tokio::io::duplex(PIPE);
+    let client = Session::client(a, SessionConfig::default());
+    let _stream = client
+        .open_stream(Bytes::from_static(b"\x01\x7f\0\0\x01\0\x50"))
+        .await
+        .unwrap();
+    let mut peer = RawPeer::new(b);
+    let settings = peer.next().await.unwrap();
+    assert_eq!(settings.command, Command::Settings);
+    let settings = Settings::parse(&settings.data);
+    assert_eq!(settings.version(), 2);
+    assert_eq!(
+        settings.get("padding-md5"),
+        Some("75cff2ad89aadf5e257059ee571ebe11")
+    );
+    assert!(settings.get("client").unwrap().starts_with("anytls-rs/"));
+    let syn = peer.next().await.unwrap();
+    assert_eq!((syn.command, syn.stream_id), (Command::Syn, 1));
+    let push = peer.next().await.unwrap();
+    assert_eq!(
+        (push.command, push.stream_id, &push.data[..]),
+        (Command::Push, 1, &b"\x01\x7f\0\0\x01\0\x50"[..])
+    );
+}
+
+#[tokio::test]
+async fn server_answers_settings_with_scheme_update_and_version() {
+    let (a, b) = tokio::io::duplex(PIPE);
+    let _server = Session::server(b, SessionConfig::default(), BytesMut::new(), echo_handler());
+    let mut peer = RawPeer::new(a);
+    let settings = Settings::new().with("v", "2").with("padding-md5", "0000");
+    peer.send(&[Frame::new(Command::Settings, 0, settings.encode())])
+        .await;
+    let update = peer.next().await.unwrap();
+    assert_eq!(update.command, Command::UpdatePaddingScheme);
+    assert_eq!(
+        &update.data[..],
+        crate::proto::padding::DEFAULT_SCHEME.as_bytes()
+    );
+    let version = peer.next().await.unwrap();
+    assert_eq!(
+        (version.command, &version.data[..]),
+        (Command::ServerSettings, &b"v=2"[..])
+    );
+}
+
+#[tokio::test]
+async fn client_adopts_an_updated_padding_scheme() {
+    let (a, b) = tokio::io::duplex(PIPE);
+    let config = SessionConfig::default();
+    let client = Session::client(a, config.clone());
+    let _stream = client.open_stream(Bytes::new()).await.unwrap();
+    let mut peer = RawPeer::new(b);
+    let scheme = b"stop=3\n0=10-10\n1=50-60";
+    peer.send(&[Frame::new(Command::UpdatePaddingScheme, 0, &scheme[..])])
+        .await;
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while config.padding.load().stop() != 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("scheme adopted");
+}
+
+#[tokio::test]
+async fn v1_client_gets_no_server_settings_and_no_synack() {
+    let (a, b) = tokio::io::duplex(PIPE);
+    let mut config = SessionConfig::default();
+    config.padding = Arc::new(ArcSwap::from_pointee(PaddingScheme::default()));
+    let _server = Session::server(b, config, BytesMut::new(), echo_handler());
+    let mut peer = RawPeer::new(a);
+    let settings = Settings::new()
+        .with("v", "1")
+        .with("padding-md5", "75cff2ad89aadf5e257059ee571ebe11");
+    peer.send(&[
+        Frame::new(Command::Settings, 0, settings.encode()),
+        Frame::control(Command::Syn, 1),
+        Frame::new(Command::Push, 1, &b"ping"[..]),
+    ])
+    .await;
+    // The first thing back is the echo: no ServerSettings, no SYNACK.
+    let echo = peer.next().await.unwrap();
+    assert_eq!(
+        (echo.command, &echo.data[..]),
+        (Command::Push, &b"ping"[..])
+    );
+}
+
+#[tokio::test]
+async fn syn_before_settings_gets_an_alert_and_a_close() {
+    let (a, b) = tokio::io::duplex(PIPE);
+    let server = Session::server(b, SessionConfig::default(), BytesMut::new(), echo_handler());
+    let mut peer = RawPeer::new(a);
+    peer.send(&[Frame::control(Command::Syn, 1)]).await;
+    let alert = peer.next().await.unwrap();
+    assert_eq!(alert.command, Command::Alert);
+    assert_eq!(&alert.data[..], b"client did not send its settings");
+    assert_eq!(peer.next().await, None);
+    assert!(server.closed().await.contains("SYN before Settings"));
+}
+
+#[tokio::test]
+async fn unknown_commands_and_stray_frames_are_skipped() {
+    let (a, b) = tokio::io::duplex(PIPE);
+    let _server = Session::server(b, SessionConfig::default(), BytesMut::new(), echo_handler());
+    let mut peer = RawPeer::new(a);
+    let settings = Settings::new()
+        .with("v", "2")
+        .with("padding-md5", "75cff2ad89aadf5e257059ee571ebe11");
+    peer.send(&[
+        Frame::new(Command::Settings, 0, settings.encode()),
+        Frame::new(Command::Unknown(42), 0, vec![3u8; 300]),
+        Frame::new(Command::Push, 99, &b"for nobody"[..]),
+        Frame::control(Command::Fin, 98),
+        Frame::new(Command::Waste, 0, vec![0u8; 100]),
+        Frame::control(Command::HeartRequest, 0),
+        Frame::control(Command::Syn, 1),
+        Frame::control(Command::Syn, 1),
+        Frame::new(Command::Push, 1, &b"still here"[..]),
+    ])
+    .await;
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        let frame = peer.next().await.unwrap();
+        seen.push((frame.command, frame.stream_id, frame.data));
+    }
+    assert!(seen.contains(&(Command::ServerSettings, 0, Bytes::from_static(b"v=2"))));
+    assert!(seen.contains(&(Command::HeartResponse, 0, Bytes::new())));
+    assert!(seen.contains(&(Command::SynAck, 1, Bytes::new())));
+    assert!(seen.contains(&(Command::Push, 1, Bytes::from_static(b"still here"))));
+}
+
+#[tokio::test]
+async fn half_close_keeps_the_other_direction_open() {
+    let (a, b) = tokio::io::duplex(PIPE);
+    let handler: StreamHandler = Arc::new(|mut stream: Stream| {
+        tokio::spawn(async move {
+            stream.send_synack(Ok(())).await.unwrap();
+            let request = read_to_fin(&mut stream).await;
+            // Answer only after the client's FIN.
+            stream
+                .write(Bytes::from(format!("got {} bytes", request.len())))
+                .await
+                .unwrap();
+            stream.finish().await.unwrap();
+        });
+    });
+    let _server = Session::server(b, SessionConfig::default(), BytesMut::new(), handler);
+    let client = Session::client(a, SessionConfig::default());
+    let mut stream = client.open_stream(Bytes::new()).await.unwrap();
+    stream.wait_open().await.unwrap();
+    stream.write(Bytes::from_static(b"12345")).await.unwrap();
+    stream.finish().await.unwrap();
+    assert_eq!(read_to_fin(&mut stream).await, b"got 5 bytes");
+}
+
+#[tokio::test]
+async fn refused_stream_reports_the_server_text() {
+    let (a, b) = tokio::io::duplex(PIPE);
+    let handler: StreamHandler = Arc::new(|mut stream: Stream| {
+        tokio::spawn(async move {
+            stream
+                .send_synack(Err("dial 10.0.0.1:1: connection refused".into()))
+                .await
+                .unwrap();
+        });
+    });
+    let _server = Session::server(b, SessionConfig::default(), BytesMut::new(), handler);
+    let client = Session::client(a, SessionConfig::default());
+    let mut stream = client.open_stream(Bytes::new()).await.unwrap();
+    let err = stream.wait_open().await.unwrap_err();
+    assert_eq!(
+        err,
+        OpenError::Refused("dial 10.0.0.1:1: connection refused".into())
+    );
+    // The session survives for the next stream.
+    let mut next = client.open_stream(Bytes::new()).await.unwrap();
+    assert!(matches!(next.wait_open().await, Err(OpenError::Refused(_))));
+    assert_eq!(next.id(), 2);
+}
+
+#[tokio::test]
+async fn v1_server_is_assumed_after_the_grace_period() {
+    let (a, b) = tokio::io::duplex(PIPE);
+    let config = SessionConfig {
+        v1_grace: Duration::from_millis(100),
+        ..SessionConfig::default()
+    };
+    let client = Session::client(a, config);
+    let mut stream = client.open_stream(Bytes::new()).await.unwrap();
+    let _peer = RawPeer::new(b); // reads nothing, answers nothing
+    stream.wait_open().await.unwrap();
+    assert_eq!(client.peer_version(), 1);
+    let mut second = client.open_stream(Bytes::new()).await.unwrap();
+    tokio::time::timeout(Duration::from_millis(50), second.wait_open())
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn wrong_password_style_close_is_reported_not_hung() {
+    let (a, b) = tokio::io::duplex(PIPE);
+    let client = Session::client(a, SessionConfig::default());
+    let mut stream = client.open_stream(Bytes::new()).await.unwrap();
+    drop(b); // the server closes without a word
+    let err = tokio::time::timeout(Duration::from_secs(5), stream.wait_open())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(err.to_string().contains("wrong password"), "{err}");
+}
+
+#[tokio::test]
+async fn alert_from_server_closes_the_client_session() {
+    let (a, b) = tokio::io::duplex(PIPE);
+    let client = Session::client(a, SessionConfig::default());
+    let _stream = client.open_stream(Bytes::new()).await.unwrap();
+    let mut peer = RawPeer::new(b);
+    peer.send(&[Frame::new(Command::Alert, 0, &b"go away"[..])])
+        .await;
+    assert!(client.closed().await.contains("go away"));
+}
+
+#[tokio::test]
+async fn a_stalled_stream_exerts_backpressure_with_bounded_memory() {
+    let (a, b) = tokio::io::duplex(PIPE);
+    let config = SessionConfig::default();
+    let client = Session::client(a, config.clone());
+    let mut stalled = client.open_stream(Bytes::new()).await.unwrap();
+    let mut peer = RawPeer::new(b);
+    let settings = peer.next().await.unwrap();
+    assert_eq!(settings.command, Command::Settings);
+    peer.send(&[
+        Frame::new(Command::ServerSettings, 0, &b"v=2"[..]),
+        Frame::control(Command::SynAck, 1),
+    ])
+    .await;
+    stalled.wait_open().await.unwrap();
+    // Push 64 MiB at a stream that nobody reads: the writes must block well before that.
+    let chunk = Frame::new(Command::Push, 1, vec![7u8; 65_535]);
+    let mut encoded = BytesMut::new();
+    chunk.encode(&mut encoded).unwrap();
+    let encoded = encoded.freeze();
+    let mut written = 0usize;
+    let pushed = tokio::time::timeout(Duration::from_secs(2), async {
+        while written < 64 << 20 {
+            peer.io.write_all(&encoded).await.unwrap();
+            written += encoded.len();
+        }
+    })
+    .await;
+    assert!(pushed.is_err(), "the session kept reading a stalled stream");
+    // Queue + reader buffer + pipe: a few MiB at most.
+    assert!(
+        written < (config.stream_queue + 8) * 65_542 + 2 * PIPE,
+        "{written} bytes accepted"
+    );
+    // Reading again drains every whole frame that was written.
+    let frames = written / encoded.len();
+    let drain = async {
+        for _ in 0..frames {
+            assert_eq!(stalled.read().await.unwrap().unwrap().len(), 65_535);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), drain)
+        .await
+        .expect("queued data drains");
+}
