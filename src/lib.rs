@@ -1,1 +1,2 @@
 //! anytls-rs: an AnyTLS proxy server and client with selectable connection-pool engines.
+pub mod pool;
