@@ -19,6 +19,8 @@
 mod highperf;
 mod lock;
 mod lockfree;
+#[cfg(test)]
+mod tests;
 
 use std::fmt;
 use std::str::FromStr;
