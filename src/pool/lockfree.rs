@@ -25,6 +25,8 @@
 //!   (compare-exchange loops that never exceed the cap), pushes only if both succeed, and
 //!   releases what it reserved if not. A `take` releases its slots after the pop. So each
 //!   count is always at least the number of entries really stored, and never above its cap.
+//!   (`idle_count` and `idle_total` read these counts, so they may include a give about to
+//!   land.)
 //! - **Sweep.** Pops a key's whole stack, keeps the live entries and pushes them back oldest
 //!   first, so their order survives. Their slots stay reserved throughout, so a concurrent
 //!   `give` cannot take their place and make the push-back fail. Meanwhile a concurrent
@@ -106,10 +108,7 @@ impl<T: Send> IdlePool<T> for LockFreePool<T> {
     fn drain(&self) -> Vec<(PoolKey, Idle<T>)> {
         let mut all = Vec::new();
         for (key, stack) in self.keys.load().iter() {
-            while let Some(entry) = stack.stack.pop() {
-                stack.release(1, &self.counters);
-                all.push((key.clone(), entry));
-            }
+            stack.drain_into(key, &self.counters, &mut all);
         }
         all
     }
@@ -225,6 +224,18 @@ impl<T> KeyStack<T> {
         }
         self.release(removed, counters);
         counters.record_cleaned(removed as u64);
+    }
+
+    fn drain_into(
+        &self,
+        key: &PoolKey,
+        counters: &PoolCounters,
+        out: &mut Vec<(PoolKey, Idle<T>)>,
+    ) {
+        while let Some(entry) = self.stack.pop() {
+            self.release(1, counters);
+            out.push((key.clone(), entry));
+        }
     }
 }
 
