@@ -1,3 +1,8 @@
 //! anytls-rs: an AnyTLS proxy server and client with selectable connection-pool engines.
+//!
+//! `proto` is the wire format (pure), `session` multiplexes streams over one
+//! connection, `pool` holds the pool engines; `server` and `client` are the two services.
+
+pub mod pool;
 pub mod proto;
 pub mod session;

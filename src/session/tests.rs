@@ -198,9 +198,7 @@ async fn client_adopts_an_updated_padding_scheme() {
 #[tokio::test]
 async fn v1_client_gets_no_server_settings_and_no_synack() {
     let (a, b) = tokio::io::duplex(PIPE);
-    let mut config = SessionConfig::default();
-    config.padding = Arc::new(ArcSwap::from_pointee(PaddingScheme::default()));
-    let _server = Session::server(b, config, BytesMut::new(), echo_handler());
+    let _server = Session::server(b, SessionConfig::default(), BytesMut::new(), echo_handler());
     let mut peer = RawPeer::new(a);
     let settings = Settings::new()
         .with("v", "1")
