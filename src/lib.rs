@@ -3,6 +3,9 @@
 //! `proto` is the wire format (pure), `session` multiplexes streams over one
 //! connection, `pool` holds the pool engines; `server` and `client` are the two services.
 
+pub mod client;
+pub mod logging;
 pub mod pool;
 pub mod proto;
+pub mod server;
 pub mod session;

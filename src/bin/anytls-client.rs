@@ -1,0 +1,147 @@
+//! `anytls-client`: a local SOCKS5/SOCKS4/HTTP proxy that tunnels over AnyTLS.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use clap::Parser;
+use rustls::pki_types::ServerName;
+
+use anytls_rs::client::inbound::Credentials;
+use anytls_rs::client::link::{parse_link, parse_server};
+use anytls_rs::client::sessions::{Connector, SessionPool};
+use anytls_rs::client::tls::{Trust, client_config, parse_pin};
+use anytls_rs::client::{self, ClientConfig};
+use anytls_rs::pool::{PoolSettings, PoolType};
+use anytls_rs::proto::address::Host;
+use anytls_rs::proto::{PaddingScheme, PasswordHash};
+use anytls_rs::session::SessionConfig;
+
+/// AnyTLS client. The local port speaks SOCKS5, SOCKS4/4a and HTTP proxy.
+/// The server's certificate is verified unless --insecure or --pin-sha256 is given.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Local proxy address.
+    #[arg(short = 'l', long = "listen", default_value = "127.0.0.1:1080")]
+    listen: String,
+    /// Server as HOST:PORT, or an anytls://password@host:port/?sni=..&insecure=1 link.
+    #[arg(short = 's', long = "server")]
+    server: String,
+    /// Password (may instead be given in the link).
+    #[arg(short = 'p', long = "password")]
+    password: Option<String>,
+    /// TLS server name to send and verify (default: the server's host name).
+    #[arg(long)]
+    sni: Option<String>,
+    /// Accept any server certificate (encryption without authentication).
+    #[arg(long)]
+    insecure: bool,
+    /// Extra trusted CA certificate (PEM) for private servers.
+    #[arg(long = "ca")]
+    ca: Vec<PathBuf>,
+    /// Accept exactly the certificate with this SHA-256 fingerprint (64 hex digits).
+    #[arg(long = "pin-sha256", conflicts_with = "insecure")]
+    pin_sha256: Option<String>,
+    /// Username local SOCKS5 clients must give (with --socks-pass).
+    #[arg(long, requires = "socks_pass")]
+    socks_user: Option<String>,
+    /// Password local SOCKS5 clients must give (with --socks-user).
+    #[arg(long, requires = "socks_user")]
+    socks_pass: Option<String>,
+    /// Timeout for connecting to the server (TCP and TLS each), in seconds.
+    #[arg(long, default_value_t = 10)]
+    connect_timeout_secs: u64,
+    /// Close sessions idle longer than this, in seconds.
+    #[arg(long, default_value_t = 30)]
+    idle_session_timeout_secs: u64,
+    /// How often idle sessions are checked, in seconds.
+    #[arg(long, default_value_t = 30)]
+    idle_session_check_interval_secs: u64,
+    /// Pool engine for idle sessions.
+    #[arg(long, value_enum, default_value_t = PoolType::LockFree)]
+    pool_type: PoolType,
+}
+
+fn main() -> ExitCode {
+    anytls_rs::logging::init();
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(why) => {
+            eprintln!("anytls-client: {why}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[tokio::main]
+async fn run(args: Args) -> Result<(), String> {
+    let (server, link_password, link_sni, link_insecure) = if args.server.starts_with("anytls://") {
+        let link = parse_link(&args.server)?;
+        (link.server, link.password, link.sni, link.insecure)
+    } else {
+        let server = parse_server(&args.server, 443)
+            .ok_or_else(|| format!("bad server address {:?}", args.server))?;
+        (server, None, None, false)
+    };
+    let password = args
+        .password
+        .or(link_password)
+        .ok_or("no password: give -p or put it in the anytls:// link")?;
+    let trust = if let Some(pin) = &args.pin_sha256 {
+        Trust::Pin(parse_pin(pin)?)
+    } else if args.insecure || link_insecure {
+        Trust::Insecure
+    } else {
+        Trust::Roots {
+            extra_ca: args.ca.clone(),
+        }
+    };
+    let sni = args.sni.or(link_sni);
+    let server_name = match (&sni, &server.host) {
+        (Some(name), _) => ServerName::try_from(name.clone()),
+        (None, Host::Domain(name)) => ServerName::try_from(name.clone()),
+        (None, Host::Ip(ip)) => Ok(ServerName::IpAddress((*ip).into())),
+    }
+    .map_err(|e| format!("bad TLS server name: {e}"))?;
+    let connector = Connector {
+        server: server.clone(),
+        server_name,
+        tls: tokio_rustls::TlsConnector::from(client_config(&trust)?),
+        password: PasswordHash::of(&password),
+        session_config: SessionConfig {
+            padding: Arc::new(ArcSwap::from_pointee(PaddingScheme::default())),
+            ..SessionConfig::default()
+        },
+        connect_timeout: Duration::from_secs(args.connect_timeout_secs),
+    };
+    let pool_settings = PoolSettings {
+        max_idle_time: Duration::from_secs(args.idle_session_timeout_secs),
+        ..PoolSettings::default()
+    };
+    let config = ClientConfig {
+        pool: SessionPool::new(connector, args.pool_type, pool_settings),
+        credentials: args
+            .socks_user
+            .zip(args.socks_pass)
+            .map(|(username, password)| Credentials { username, password }),
+        idle_check_interval: Duration::from_secs(args.idle_session_check_interval_secs.max(1)),
+    };
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    log::info!(
+        "SOCKS5/SOCKS4/HTTP proxy on {}, server {server} ({})",
+        listener.local_addr().map_err(|e| e.to_string())?,
+        match trust {
+            Trust::Roots { .. } => "certificate verified",
+            Trust::Pin(_) => "certificate pinned",
+            Trust::Insecure => "certificate NOT verified",
+        }
+    );
+    client::run(listener, config).await;
+    Ok(())
+}

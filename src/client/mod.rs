@@ -1,0 +1,145 @@
+//! The AnyTLS client: a local proxy port whose connections travel as streams over
+//! pooled TLS sessions to the server.
+
+pub mod inbound;
+pub mod link;
+pub mod sessions;
+pub mod tls;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::session::{OpenError, relay};
+use inbound::{Credentials, Failure, Request};
+use sessions::SessionPool;
+
+pub struct ClientConfig {
+    pub pool: SessionPool,
+    pub credentials: Option<Credentials>,
+    /// How often idle sessions are checked for expiry.
+    pub idle_check_interval: Duration,
+}
+
+/// Serves the local port until the task is dropped.
+pub async fn run(listener: TcpListener, config: ClientConfig) {
+    let config = Arc::new(config);
+    let sweeper = config.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(sweeper.idle_check_interval);
+        loop {
+            tick.tick().await;
+            sweeper.pool.sweep();
+        }
+    });
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => {
+                backoff = Duration::from_millis(5);
+                accepted
+            }
+            Err(err) => {
+                log::warn!("accept failed: {err}; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let config = config.clone();
+        tokio::spawn(async move {
+            if let Err(err) = serve_connection(tcp, &config).await {
+                log::debug!("{peer}: {err}");
+            }
+        });
+    }
+}
+
+async fn serve_connection(mut tcp: TcpStream, config: &ClientConfig) -> Result<(), String> {
+    let _ = tcp.set_nodelay(true);
+    let request = inbound::read_request(&mut tcp, config.credentials.as_ref())
+        .await
+        .map_err(|e| e.to_string())?;
+    let destination = request.destination.to_string();
+    let mut first_data =
+        BytesMut::with_capacity(request.destination.encoded_len() + request.early_data.len());
+    request.destination.encode(&mut first_data);
+    first_data.extend_from_slice(&request.early_data);
+    let first_data = first_data.freeze();
+
+    // A reused session may have died while idle; then one fresh session is tried.
+    let mut attempts = 0;
+    let (lease, stream) = loop {
+        attempts += 1;
+        let lease = match config.pool.acquire().await {
+            Ok(lease) => lease,
+            Err(why) => {
+                log::warn!("{destination}: no session to the server: {why}");
+                return reply_failure(&mut tcp, &request, Failure::General, &why).await;
+            }
+        };
+        let opened = match lease.session.open_stream(first_data.clone()).await {
+            Ok(mut stream) => stream.wait_open().await.map(|()| stream),
+            Err(closed) => Err(OpenError::Session(closed)),
+        };
+        match opened {
+            Ok(stream) => break (lease, stream),
+            Err(OpenError::Refused(text)) => {
+                config.pool.release(lease.session);
+                log::info!("{destination}: refused by the server: {text}");
+                return reply_failure(&mut tcp, &request, Failure::from_error_text(&text), &text)
+                    .await;
+            }
+            Err(OpenError::Session(closed)) if lease.reused && attempts < 2 => {
+                log::debug!(
+                    "{destination}: reused session was dead ({closed}); retrying on a new one"
+                );
+                config.pool.release(lease.session);
+            }
+            Err(err) => {
+                lease.session.close("stream failed to open");
+                config.pool.release(lease.session);
+                log::warn!("{destination}: {err}");
+                return reply_failure(
+                    &mut tcp,
+                    &request,
+                    Failure::from_error_text(&err.to_string()),
+                    &err.to_string(),
+                )
+                .await;
+            }
+        }
+    };
+    request
+        .reply_success(&mut tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    log::debug!("{destination}: stream {} open", stream.id());
+    let (stats, error) = relay(stream, tcp).await;
+    config.pool.release(lease.session);
+    match error {
+        Some(error) => Err(format!("{destination}: relay ended: {error}")),
+        None => {
+            log::debug!(
+                "{destination}: {} bytes up, {} down",
+                stats.sent,
+                stats.received
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn reply_failure(
+    tcp: &mut TcpStream,
+    request: &Request,
+    failure: Failure,
+    detail: &str,
+) -> Result<(), String> {
+    request
+        .reply_failure(tcp, failure, detail)
+        .await
+        .map_err(|e| e.to_string())
+}

@@ -1,0 +1,192 @@
+//! How the client trusts the server: system-style roots (plus `--ca`), an exact
+//! certificate pin, or nothing at all (`--insecure`).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use sha2::{Digest, Sha256};
+
+/// The trust decision, from the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// Web PKI roots plus any extra CA files.
+    Roots { extra_ca: Vec<std::path::PathBuf> },
+    /// Exactly this certificate (SHA-256 of its DER), whoever signed it.
+    Pin([u8; 32]),
+    /// Anything: encryption without authentication.
+    Insecure,
+}
+
+/// Parses a pin given as 64 hex digits, colons allowed.
+pub fn parse_pin(text: &str) -> Result<[u8; 32], String> {
+    let hex: String = text.chars().filter(|c| *c != ':').collect();
+    if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(format!("--pin-sha256 wants 64 hex digits, got {text:?}"));
+    }
+    let mut pin = [0u8; 32];
+    for (i, byte) in pin.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("checked hex");
+    }
+    Ok(pin)
+}
+
+pub fn client_config(trust: &Trust) -> Result<Arc<rustls::ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|err| err.to_string())?;
+    let config = match trust {
+        Trust::Roots { extra_ca } => {
+            let mut roots = rustls::RootCertStore {
+                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+            };
+            for path in extra_ca {
+                add_ca_file(&mut roots, path)?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        Trust::Pin(pin) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Verifier {
+                pin: Some(*pin),
+                provider,
+            }))
+            .with_no_client_auth(),
+        Trust::Insecure => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Verifier {
+                pin: None,
+                provider,
+            }))
+            .with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
+}
+
+fn add_ca_file(roots: &mut rustls::RootCertStore, path: &Path) -> Result<(), String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|err| format!("cannot read CA file {}: {err}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("CA file {} holds no certificate", path.display()));
+    }
+    for cert in certs {
+        roots
+            .add(cert)
+            .map_err(|err| format!("CA file {}: {err}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Explains a failed handshake in terms of the flags that fix it.
+pub fn explain_handshake_error(err: &std::io::Error) -> String {
+    let text = err.to_string();
+    if text.contains("certificate")
+        || text.contains("UnknownIssuer")
+        || text.contains("NotValidForName")
+    {
+        format!(
+            "TLS: the server's certificate was not accepted ({text}). Pass --ca FILE for a private CA, \
+             --pin-sha256 HEX with the fingerprint the server logs at start-up, or --insecure to skip checks"
+        )
+    } else {
+        format!("TLS handshake failed: {text}")
+    }
+}
+
+/// Pin or no check; handshake signatures are still verified either way.
+#[derive(Debug)]
+struct Verifier {
+    pin: Option<[u8; 32]>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for Verifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.pin {
+            None => Ok(ServerCertVerified::assertion()),
+            Some(pin) if Sha256::digest(end_entity.as_ref())[..] == pin[..] => {
+                Ok(ServerCertVerified::assertion())
+            }
+            Some(_) => Err(rustls::Error::General(
+                "certificate does not match --pin-sha256".into(),
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_parse_with_or_without_colons() {
+        let hex = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8";
+        let pin = parse_pin(hex).unwrap();
+        assert_eq!(pin[0], 0x5e);
+        let colons: Vec<String> = hex
+            .as_bytes()
+            .chunks(2)
+            .map(|c| String::from_utf8_lossy(c).into())
+            .collect();
+        assert_eq!(parse_pin(&colons.join(":")).unwrap(), pin);
+        assert!(parse_pin("abc").is_err());
+    }
+
+    #[test]
+    fn every_trust_mode_builds() {
+        for trust in [
+            Trust::Roots { extra_ca: vec![] },
+            Trust::Pin([0; 32]),
+            Trust::Insecure,
+        ] {
+            client_config(&trust).unwrap();
+        }
+    }
+}

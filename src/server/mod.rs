@@ -1,0 +1,147 @@
+//! The AnyTLS server: accepts TLS, authenticates, and serves each session's
+//! streams by dialing their destinations.
+
+pub mod outbound;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+
+use crate::proto::PaddingScheme;
+use crate::proto::PasswordHash;
+use crate::proto::auth::{AuthParse, parse_auth_block};
+use crate::session::{Session, SessionConfig, Stream, StreamHandler};
+use outbound::Dialer;
+
+/// Everything the server needs to run.
+pub struct ServerConfig {
+    pub tls: Arc<rustls::ServerConfig>,
+    pub passwords: Vec<PasswordHash>,
+    pub padding: PaddingScheme,
+    pub connect_timeout: Duration,
+    /// Time a new connection has to finish TLS and send its authentication block.
+    pub handshake_timeout: Duration,
+    /// Connections allowed to be in the handshake/authentication phase at once.
+    pub max_handshakes: usize,
+    pub max_streams_per_session: usize,
+}
+
+/// Accepts connections until the task is dropped.
+pub async fn run(listener: TcpListener, config: ServerConfig) {
+    let acceptor = TlsAcceptor::from(config.tls.clone());
+    let config = Arc::new(config);
+    let session_config = SessionConfig {
+        padding: Arc::new(ArcSwap::from_pointee(config.padding.clone())),
+        max_streams: config.max_streams_per_session,
+        ..SessionConfig::default()
+    };
+    let handshakes = Arc::new(Semaphore::new(config.max_handshakes));
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => {
+                backoff = Duration::from_millis(5);
+                accepted
+            }
+            Err(err) => {
+                // Typically out of file descriptors: wait instead of spinning.
+                log::warn!("accept failed: {err}; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            log::warn!(
+                "{peer}: dropped, {} handshakes already in progress",
+                config.max_handshakes
+            );
+            continue;
+        };
+        let acceptor = acceptor.clone();
+        let config = config.clone();
+        let session_config = session_config.clone();
+        tokio::spawn(async move {
+            let authenticated = tokio::time::timeout(
+                config.handshake_timeout,
+                handshake(tcp, peer, &acceptor, &config),
+            )
+            .await;
+            drop(permit);
+            let (tls, leftover) = match authenticated {
+                Ok(Ok(done)) => done,
+                Ok(Err(why)) => {
+                    log::warn!("{peer}: {why}");
+                    return;
+                }
+                Err(_) => {
+                    log::warn!(
+                        "{peer}: no authentication within {:?}",
+                        config.handshake_timeout
+                    );
+                    return;
+                }
+            };
+            let dialer = Dialer {
+                connect_timeout: config.connect_timeout,
+            };
+            let peer_name = peer.to_string();
+            let handler: StreamHandler = Arc::new(move |stream: Stream| {
+                tokio::spawn(outbound::serve_stream(
+                    stream,
+                    dialer.clone(),
+                    peer_name.clone(),
+                ));
+            });
+            let session = Session::server(tls, session_config, leftover, handler);
+            log::debug!("{peer}: session open");
+            let reason = session.closed().await;
+            log::debug!("{peer}: session closed: {reason}");
+        });
+    }
+}
+
+type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// TLS, then the authentication block. A wrong password gets no answer at all.
+async fn handshake(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: &TlsAcceptor,
+    config: &ServerConfig,
+) -> Result<(TlsStream, BytesMut), String> {
+    let _ = tcp.set_nodelay(true);
+    let mut tls = acceptor
+        .accept(tcp)
+        .await
+        .map_err(|err| format!("TLS handshake failed: {err}"))?;
+    let mut buf = BytesMut::with_capacity(1024);
+    loop {
+        match parse_auth_block(&buf, &config.passwords) {
+            AuthParse::Accepted { user, block_len } => {
+                log::debug!("{peer}: authenticated as user {user}");
+                let _ = buf.split_to(block_len);
+                return Ok((tls, buf));
+            }
+            AuthParse::Rejected => return Err("authentication failed (wrong password)".into()),
+            AuthParse::Incomplete { needed } => {
+                buf.reserve(needed.saturating_sub(buf.len()));
+                let read = tls
+                    .read_buf(&mut buf)
+                    .await
+                    .map_err(|err| format!("read failed: {err}"))?;
+                if read == 0 {
+                    return Err("closed before authenticating".into());
+                }
+            }
+        }
+    }
+}
