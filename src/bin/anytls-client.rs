@@ -83,22 +83,16 @@ async fn run(args: Args) -> Result<(), String> {
         let link = parse_link(&args.server)?;
         (link.server, link.password, link.sni, link.insecure)
     } else {
-        let server = parse_server(&args.server, 443)
-            .ok_or_else(|| format!("bad server address {:?}", args.server))?;
+        let server = parse_server(&args.server, 443).ok_or_else(|| format!("bad server address {:?}", args.server))?;
         (server, None, None, false)
     };
-    let password = args
-        .password
-        .or(link_password)
-        .ok_or("no password: give -p or put it in the anytls:// link")?;
+    let password = args.password.or(link_password).ok_or("no password: give -p or put it in the anytls:// link")?;
     let trust = if let Some(pin) = &args.pin_sha256 {
         Trust::Pin(parse_pin(pin)?)
     } else if args.insecure || link_insecure {
         Trust::Insecure
     } else {
-        Trust::Roots {
-            extra_ca: args.ca.clone(),
-        }
+        Trust::Roots { extra_ca: args.ca.clone() }
     };
     let sni = args.sni.or(link_sni);
     let server_name = match (&sni, &server.host) {
@@ -118,10 +112,8 @@ async fn run(args: Args) -> Result<(), String> {
         },
         connect_timeout: Duration::from_secs(args.connect_timeout_secs),
     };
-    let pool_settings = PoolSettings {
-        max_idle_time: Duration::from_secs(args.idle_session_timeout_secs),
-        ..PoolSettings::default()
-    };
+    let pool_settings =
+        PoolSettings { max_idle_time: Duration::from_secs(args.idle_session_timeout_secs), ..PoolSettings::default() };
     let config = ClientConfig {
         pool: SessionPool::new(connector, args.pool_type, pool_settings),
         credentials: args

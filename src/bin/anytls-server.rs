@@ -62,17 +62,13 @@ async fn run(args: Args) -> Result<(), String> {
         (Some(cert), Some(key)) => Identity::from_files(cert, key).map_err(|e| e.to_string())?,
         _ => {
             let identity = Identity::self_signed().map_err(|e| e.to_string())?;
-            log::info!(
-                "self-signed certificate for localhost, SHA-256 fingerprint {}",
-                identity.fingerprint()
-            );
+            log::info!("self-signed certificate for localhost, SHA-256 fingerprint {}", identity.fingerprint());
             identity
         }
     };
     let padding = match &args.padding_scheme {
         Some(path) => {
-            let raw =
-                std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let raw = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
             PaddingScheme::parse(&raw).map_err(|e| format!("{}: {e}", path.display()))?
         }
         None => PaddingScheme::default(),

@@ -52,10 +52,7 @@ impl Failure {
         let text = text.to_ascii_lowercase();
         if text.contains("refused") {
             Failure::Refused
-        } else if text.contains("timed out")
-            || text.contains("timeout")
-            || text.contains("deadline")
-        {
+        } else if text.contains("timed out") || text.contains("timeout") || text.contains("deadline") {
             Failure::TimedOut
         } else if text.contains("network unreachable") || text.contains("network is unreachable") {
             Failure::NetworkUnreachable
@@ -102,10 +99,7 @@ pub enum InboundError {
 
 /// Reads the request of whichever protocol the client speaks, answering the
 /// protocol's own negotiation (SOCKS5 methods and authentication) on the way.
-pub async fn read_request(
-    tcp: &mut TcpStream,
-    credentials: Option<&Credentials>,
-) -> Result<Request, InboundError> {
+pub async fn read_request(tcp: &mut TcpStream, credentials: Option<&Credentials>) -> Result<Request, InboundError> {
     let mut buf = BytesMut::with_capacity(1024);
     fill(tcp, &mut buf, 1).await?;
     match buf[0] {
@@ -121,26 +115,15 @@ impl Request {
         match self.protocol {
             Protocol::Socks5 => tcp.write_all(&[5, 0, 0, 1, 0, 0, 0, 0, 0, 0]).await,
             Protocol::Socks4 => tcp.write_all(&[0, 0x5a, 0, 0, 0, 0, 0, 0]).await,
-            Protocol::HttpConnect => {
-                tcp.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-                    .await
-            }
+            Protocol::HttpConnect => tcp.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await,
             Protocol::HttpForward => Ok(()),
         }
     }
 
     /// Tells the local client why the stream could not be opened.
-    pub async fn reply_failure(
-        &self,
-        tcp: &mut TcpStream,
-        failure: Failure,
-        detail: &str,
-    ) -> std::io::Result<()> {
+    pub async fn reply_failure(&self, tcp: &mut TcpStream, failure: Failure, detail: &str) -> std::io::Result<()> {
         match self.protocol {
-            Protocol::Socks5 => {
-                tcp.write_all(&[5, failure.socks5_code(), 0, 1, 0, 0, 0, 0, 0, 0])
-                    .await
-            }
+            Protocol::Socks5 => tcp.write_all(&[5, failure.socks5_code(), 0, 1, 0, 0, 0, 0, 0, 0]).await,
             Protocol::Socks4 => tcp.write_all(&[0, 0x5b, 0, 0, 0, 0, 0, 0]).await,
             Protocol::HttpConnect | Protocol::HttpForward => {
                 let body = format!("{detail}\n");
@@ -159,9 +142,7 @@ impl Request {
 async fn fill(tcp: &mut TcpStream, buf: &mut BytesMut, len: usize) -> Result<(), InboundError> {
     while buf.len() < len {
         if tcp.read_buf(buf).await? == 0 {
-            return Err(InboundError::Malformed(
-                "connection closed mid-request".into(),
-            ));
+            return Err(InboundError::Malformed("connection closed mid-request".into()));
         }
     }
     Ok(())
@@ -188,9 +169,7 @@ async fn socks5(
     };
     let Some(method) = method else {
         tcp.write_all(&[5, 0xff]).await?;
-        return Err(InboundError::Malformed(
-            "no acceptable SOCKS5 authentication method".into(),
-        ));
+        return Err(InboundError::Malformed("no acceptable SOCKS5 authentication method".into()));
     };
     tcp.write_all(&[5, method]).await?;
     if method == 2 {
@@ -200,8 +179,7 @@ async fn socks5(
         let pass_len = buf[2 + user_len] as usize;
         fill(tcp, &mut buf, 3 + user_len + pass_len).await?;
         let user = String::from_utf8_lossy(&buf[2..2 + user_len]).into_owned();
-        let pass =
-            String::from_utf8_lossy(&buf[3 + user_len..3 + user_len + pass_len]).into_owned();
+        let pass = String::from_utf8_lossy(&buf[3 + user_len..3 + user_len + pass_len]).into_owned();
         buf.advance(3 + user_len + pass_len);
         let accepted = credentials.is_none_or(|c| c.username == user && c.password == pass);
         tcp.write_all(&[1, if accepted { 0 } else { 1 }]).await?;
@@ -212,9 +190,7 @@ async fn socks5(
     fill(tcp, &mut buf, 4).await?;
     let (version, command) = (buf[0], buf[1]);
     if version != 5 {
-        return Err(InboundError::Malformed(format!(
-            "SOCKS5 request with version {version}"
-        )));
+        return Err(InboundError::Malformed(format!("SOCKS5 request with version {version}")));
     }
     if command != 1 {
         // BIND and UDP ASSOCIATE are not offered: "command not supported".
@@ -226,11 +202,7 @@ async fn socks5(
         match Address::decode(&buf) {
             Ok(Some((destination, used))) => {
                 buf.advance(used);
-                return Ok(Request {
-                    protocol: Protocol::Socks5,
-                    destination,
-                    early_data: buf,
-                });
+                return Ok(Request { protocol: Protocol::Socks5, destination, early_data: buf });
             }
             Ok(None) => {
                 let want = buf.len() + 1;
@@ -262,24 +234,13 @@ async fn socks4(tcp: &mut TcpStream, mut buf: BytesMut) -> Result<Request, Inbou
         (Address::socket((ip, port).into()), user_end + 1)
     };
     buf.advance(end);
-    Ok(Request {
-        protocol: Protocol::Socks4,
-        destination,
-        early_data: buf,
-    })
+    Ok(Request { protocol: Protocol::Socks4, destination, early_data: buf })
 }
 
 /// Index of the first NUL at or after `from`, reading more as needed (bounded).
-async fn read_until_nul(
-    tcp: &mut TcpStream,
-    buf: &mut BytesMut,
-    from: usize,
-) -> Result<usize, InboundError> {
+async fn read_until_nul(tcp: &mut TcpStream, buf: &mut BytesMut, from: usize) -> Result<usize, InboundError> {
     loop {
-        if let Some(pos) = buf
-            .get(from..)
-            .and_then(|rest| rest.iter().position(|&b| b == 0))
-        {
+        if let Some(pos) = buf.get(from..).and_then(|rest| rest.iter().position(|&b| b == 0)) {
             return Ok(from + pos);
         }
         if buf.len() > from + 512 {
@@ -296,13 +257,8 @@ async fn http(tcp: &mut TcpStream, mut buf: BytesMut) -> Result<Request, Inbound
             break pos + 4;
         }
         if buf.len() > MAX_HTTP_HEAD {
-            tcp.write_all(
-                b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n\r\n",
-            )
-            .await?;
-            return Err(InboundError::Malformed(
-                "HTTP request head too large".into(),
-            ));
+            tcp.write_all(b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n\r\n").await?;
+            return Err(InboundError::Malformed("HTTP request head too large".into()));
         }
         let want = buf.len() + 1;
         fill(tcp, &mut buf, want).await?;
@@ -312,15 +268,10 @@ async fn http(tcp: &mut TcpStream, mut buf: BytesMut) -> Result<Request, Inbound
         Ok(request) => {
             let (protocol, destination, mut early_data) = request;
             early_data.extend_from_slice(&buf);
-            Ok(Request {
-                protocol,
-                destination,
-                early_data,
-            })
+            Ok(Request { protocol, destination, early_data })
         }
         Err(why) => {
-            tcp.write_all(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
-                .await?;
+            tcp.write_all(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n").await?;
             Err(InboundError::Malformed(why))
         }
     }
@@ -334,13 +285,12 @@ fn parse_http_head(head: &[u8]) -> Result<(Protocol, Address, BytesMut), String>
     let mut lines = text.split("\r\n");
     let request_line = lines.next().unwrap_or_default();
     let mut parts = request_line.split(' ');
-    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
-    else {
+    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next()) else {
         return Err(format!("bad request line {request_line:?}"));
     };
     if method.eq_ignore_ascii_case("CONNECT") {
-        let destination = crate::client::link::parse_server(target, 443)
-            .ok_or_else(|| format!("bad CONNECT target {target:?}"))?;
+        let destination =
+            crate::client::link::parse_server(target, 443).ok_or_else(|| format!("bad CONNECT target {target:?}"))?;
         return Ok((Protocol::HttpConnect, destination, BytesMut::new()));
     }
     let rest = target
@@ -350,17 +300,12 @@ fn parse_http_head(head: &[u8]) -> Result<(Protocol, Address, BytesMut), String>
         Some(slash) => (&rest[..slash], &rest[slash..]),
         None => (rest, "/"),
     };
-    let destination = crate::client::link::parse_server(authority, 80)
-        .ok_or_else(|| format!("bad host {authority:?}"))?;
+    let destination =
+        crate::client::link::parse_server(authority, 80).ok_or_else(|| format!("bad host {authority:?}"))?;
     let mut out = BytesMut::with_capacity(head.len());
     out.put_slice(format!("{method} {path} {version}\r\n").as_bytes());
     for line in lines.filter(|l| !l.is_empty()) {
-        let name = line
-            .split(':')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_ascii_lowercase();
+        let name = line.split(':').next().unwrap_or_default().trim().to_ascii_lowercase();
         if name.starts_with("proxy-") || name == "connection" || name == "keep-alive" {
             continue;
         }
@@ -404,21 +349,9 @@ mod tests {
 
     #[test]
     fn server_error_texts_map_to_socks_codes() {
-        assert_eq!(
-            Failure::from_error_text("dial 1.2.3.4:1: connection refused").socks5_code(),
-            5
-        );
-        assert_eq!(
-            Failure::from_error_text("dial x: timed out").socks5_code(),
-            6
-        );
-        assert_eq!(
-            Failure::from_error_text("dial x: host unreachable (lookup failed)").socks5_code(),
-            4
-        );
-        assert_eq!(
-            Failure::from_error_text("outbound pool exhausted").socks5_code(),
-            1
-        );
+        assert_eq!(Failure::from_error_text("dial 1.2.3.4:1: connection refused").socks5_code(), 5);
+        assert_eq!(Failure::from_error_text("dial x: timed out").socks5_code(), 6);
+        assert_eq!(Failure::from_error_text("dial x: host unreachable (lookup failed)").socks5_code(), 4);
+        assert_eq!(Failure::from_error_text("outbound pool exhausted").socks5_code(), 1);
     }
 }

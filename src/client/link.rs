@@ -12,37 +12,19 @@ pub struct Link {
 
 /// Parses a link; the password is percent-decoded, the port defaults to 443.
 pub fn parse_link(text: &str) -> Result<Link, String> {
-    let rest = text
-        .strip_prefix("anytls://")
-        .ok_or_else(|| format!("not an anytls:// link: {text}"))?;
+    let rest = text.strip_prefix("anytls://").ok_or_else(|| format!("not an anytls:// link: {text}"))?;
     let (authority, query) = match rest.split_once('?') {
         Some((authority, query)) => (authority, query),
         None => (rest, ""),
     };
-    let authority = authority
-        .split('#')
-        .next()
-        .unwrap_or_default()
-        .trim_end_matches('/');
+    let authority = authority.split('#').next().unwrap_or_default().trim_end_matches('/');
     let (password, host_port) = match authority.rsplit_once('@') {
         Some((password, host_port)) => (Some(percent_decode(password)?), host_port),
         None => (None, authority),
     };
-    let server = parse_server(host_port, 443)
-        .ok_or_else(|| format!("bad server address in link: {host_port}"))?;
-    let mut link = Link {
-        password,
-        server,
-        sni: None,
-        insecure: false,
-    };
-    for pair in query
-        .split('#')
-        .next()
-        .unwrap_or_default()
-        .split('&')
-        .filter(|p| !p.is_empty())
-    {
+    let server = parse_server(host_port, 443).ok_or_else(|| format!("bad server address in link: {host_port}"))?;
+    let mut link = Link { password, server, sni: None, insecure: false };
+    for pair in query.split('#').next().unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         let value = percent_decode(value)?;
         match key {
@@ -72,13 +54,8 @@ fn percent_decode(text: &str) -> Result<String, String> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = text
-                .get(i + 1..i + 3)
-                .ok_or_else(|| format!("bad percent-encoding in {text:?}"))?;
-            out.push(
-                u8::from_str_radix(hex, 16)
-                    .map_err(|_| format!("bad percent-encoding in {text:?}"))?,
-            );
+            let hex = text.get(i + 1..i + 3).ok_or_else(|| format!("bad percent-encoding in {text:?}"))?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| format!("bad percent-encoding in {text:?}"))?);
             i += 3;
         } else {
             out.push(bytes[i]);
@@ -95,19 +72,11 @@ mod tests {
 
     #[test]
     fn full_link_parses_and_the_password_is_decoded() {
-        let link =
-            parse_link("anytls://p%40ss%3Aw%2Frd@example.com:8443/?sni=cdn.example&insecure=1")
-                .unwrap();
+        let link = parse_link("anytls://p%40ss%3Aw%2Frd@example.com:8443/?sni=cdn.example&insecure=1").unwrap();
         assert_eq!(link.password.as_deref(), Some("p@ss:w/rd"));
-        let hash: String = PasswordHash::of(link.password.as_deref().unwrap())
-            .as_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        assert_eq!(
-            hash,
-            "5a239cf77d67ce4b0a28de5b58565f8de0ed642094656427eb759445e577ebb4"
-        );
+        let hash: String =
+            PasswordHash::of(link.password.as_deref().unwrap()).as_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hash, "5a239cf77d67ce4b0a28de5b58565f8de0ed642094656427eb759445e577ebb4");
         assert_eq!(link.server.to_string(), "example.com:8443");
         assert_eq!(link.sni.as_deref(), Some("cdn.example"));
         assert!(link.insecure);
@@ -115,38 +84,15 @@ mod tests {
 
     #[test]
     fn port_defaults_to_443_and_ipv6_works() {
-        assert_eq!(
-            parse_link("anytls://pw@example.com")
-                .unwrap()
-                .server
-                .to_string(),
-            "example.com:443"
-        );
-        assert_eq!(
-            parse_link("anytls://pw@[::1]:9/")
-                .unwrap()
-                .server
-                .to_string(),
-            "[::1]:9"
-        );
-        assert_eq!(
-            parse_link("anytls://[::1]").unwrap().server.to_string(),
-            "[::1]:443"
-        );
+        assert_eq!(parse_link("anytls://pw@example.com").unwrap().server.to_string(), "example.com:443");
+        assert_eq!(parse_link("anytls://pw@[::1]:9/").unwrap().server.to_string(), "[::1]:9");
+        assert_eq!(parse_link("anytls://[::1]").unwrap().server.to_string(), "[::1]:443");
         assert!(!parse_link("anytls://pw@h:1/?insecure=0").unwrap().insecure);
     }
 
     #[test]
     fn bad_links_are_clear_errors() {
-        assert!(
-            parse_link("http://x")
-                .unwrap_err()
-                .contains("not an anytls")
-        );
-        assert!(
-            parse_link("anytls://%zz@h:1")
-                .unwrap_err()
-                .contains("percent")
-        );
+        assert!(parse_link("http://x").unwrap_err().contains("not an anytls"));
+        assert!(parse_link("anytls://%zz@h:1").unwrap_err().contains("percent"));
     }
 }

@@ -59,12 +59,9 @@ pub async fn run(listener: TcpListener, config: ClientConfig) {
 
 async fn serve_connection(mut tcp: TcpStream, config: &ClientConfig) -> Result<(), String> {
     let _ = tcp.set_nodelay(true);
-    let request = inbound::read_request(&mut tcp, config.credentials.as_ref())
-        .await
-        .map_err(|e| e.to_string())?;
+    let request = inbound::read_request(&mut tcp, config.credentials.as_ref()).await.map_err(|e| e.to_string())?;
     let destination = request.destination.to_string();
-    let mut first_data =
-        BytesMut::with_capacity(request.destination.encoded_len() + request.early_data.len());
+    let mut first_data = BytesMut::with_capacity(request.destination.encoded_len() + request.early_data.len());
     request.destination.encode(&mut first_data);
     first_data.extend_from_slice(&request.early_data);
     let first_data = first_data.freeze();
@@ -89,57 +86,34 @@ async fn serve_connection(mut tcp: TcpStream, config: &ClientConfig) -> Result<(
             Err(OpenError::Refused(text)) => {
                 config.pool.release(lease.session);
                 log::info!("{destination}: refused by the server: {text}");
-                return reply_failure(&mut tcp, &request, Failure::from_error_text(&text), &text)
-                    .await;
+                return reply_failure(&mut tcp, &request, Failure::from_error_text(&text), &text).await;
             }
             Err(OpenError::Session(closed)) if lease.reused && attempts < 2 => {
-                log::debug!(
-                    "{destination}: reused session was dead ({closed}); retrying on a new one"
-                );
+                log::debug!("{destination}: reused session was dead ({closed}); retrying on a new one");
                 config.pool.release(lease.session);
             }
             Err(err) => {
                 lease.session.close("stream failed to open");
                 config.pool.release(lease.session);
                 log::warn!("{destination}: {err}");
-                return reply_failure(
-                    &mut tcp,
-                    &request,
-                    Failure::from_error_text(&err.to_string()),
-                    &err.to_string(),
-                )
-                .await;
+                return reply_failure(&mut tcp, &request, Failure::from_error_text(&err.to_string()), &err.to_string())
+                    .await;
             }
         }
     };
-    request
-        .reply_success(&mut tcp)
-        .await
-        .map_err(|e| e.to_string())?;
+    request.reply_success(&mut tcp).await.map_err(|e| e.to_string())?;
     log::debug!("{destination}: stream {} open", stream.id());
     let (stats, error) = relay(stream, tcp).await;
     config.pool.release(lease.session);
     match error {
         Some(error) => Err(format!("{destination}: relay ended: {error}")),
         None => {
-            log::debug!(
-                "{destination}: {} bytes up, {} down",
-                stats.sent,
-                stats.received
-            );
+            log::debug!("{destination}: {} bytes up, {} down", stats.sent, stats.received);
             Ok(())
         }
     }
 }
 
-async fn reply_failure(
-    tcp: &mut TcpStream,
-    request: &Request,
-    failure: Failure,
-    detail: &str,
-) -> Result<(), String> {
-    request
-        .reply_failure(tcp, failure, detail)
-        .await
-        .map_err(|e| e.to_string())
+async fn reply_failure(tcp: &mut TcpStream, request: &Request, failure: Failure, detail: &str) -> Result<(), String> {
+    request.reply_failure(tcp, failure, detail).await.map_err(|e| e.to_string())
 }

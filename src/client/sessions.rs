@@ -41,17 +41,9 @@ impl Connector {
         // One write, one TLS record: reference servers read the block in one go.
         let scheme = self.session_config.padding.load_full();
         let mut block = BytesMut::new();
-        encode_auth_block(
-            &self.password,
-            scheme.auth_padding_len(&mut rand::rng()),
-            &mut block,
-        );
-        tls.write_all(&block)
-            .await
-            .map_err(|err| format!("{server}: send authentication: {err}"))?;
-        tls.flush()
-            .await
-            .map_err(|err| format!("{server}: send authentication: {err}"))?;
+        encode_auth_block(&self.password, scheme.auth_padding_len(&mut rand::rng()), &mut block);
+        tls.write_all(&block).await.map_err(|err| format!("{server}: send authentication: {err}"))?;
+        tls.flush().await.map_err(|err| format!("{server}: send authentication: {err}"))?;
         Ok(Session::client(tls, self.session_config.clone()))
     }
 }
@@ -71,11 +63,7 @@ pub struct Lease {
 
 impl SessionPool {
     pub fn new(connector: Connector, pool_type: PoolType, settings: PoolSettings) -> SessionPool {
-        SessionPool {
-            key: connector.server.to_string().into(),
-            idle: new_pool(pool_type, settings),
-            connector,
-        }
+        SessionPool { key: connector.server.to_string().into(), idle: new_pool(pool_type, settings), connector }
     }
 
     /// The newest idle session still alive, or a new one.
@@ -86,18 +74,12 @@ impl SessionPool {
                 continue;
             }
             self.idle.counters().record_checkout();
-            return Ok(Lease {
-                session: entry.value,
-                reused: true,
-            });
+            return Ok(Lease { session: entry.value, reused: true });
         }
         let session = self.connector.connect().await?;
         self.idle.counters().record_new();
         self.idle.counters().record_checkout();
-        Ok(Lease {
-            session,
-            reused: false,
-        })
+        Ok(Lease { session, reused: false })
     }
 
     /// Puts a session whose stream has ended back for reuse.

@@ -42,54 +42,98 @@ pub fn client_config(trust: &Trust) -> Result<Arc<rustls::ClientConfig>, String>
         .map_err(|err| err.to_string())?;
     let config = match trust {
         Trust::Roots { extra_ca } => {
-            let mut roots = rustls::RootCertStore {
-                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-            };
+            let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+            let mut trusted_leaves = Vec::new();
             for path in extra_ca {
-                add_ca_file(&mut roots, path)?;
+                trusted_leaves.extend(add_ca_file(&mut roots, path)?);
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .map_err(|err| err.to_string())?;
+            let verifier = RootsVerifier { webpki, trusted_leaves };
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier)).with_no_client_auth()
         }
         Trust::Pin(pin) => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Verifier {
-                pin: Some(*pin),
-                provider,
-            }))
+            .with_custom_certificate_verifier(Arc::new(Verifier { pin: Some(*pin), provider }))
             .with_no_client_auth(),
         Trust::Insecure => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Verifier {
-                pin: None,
-                provider,
-            }))
+            .with_custom_certificate_verifier(Arc::new(Verifier { pin: None, provider }))
             .with_no_client_auth(),
     };
     Ok(Arc::new(config))
 }
 
-fn add_ca_file(roots: &mut rustls::RootCertStore, path: &Path) -> Result<(), String> {
+/// Adds a CA file's certificates to `roots` and returns them.
+fn add_ca_file(roots: &mut rustls::RootCertStore, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
         .map_err(|err| format!("cannot read CA file {}: {err}", path.display()))?;
     if certs.is_empty() {
         return Err(format!("CA file {} holds no certificate", path.display()));
     }
-    for cert in certs {
-        roots
-            .add(cert)
-            .map_err(|err| format!("CA file {}: {err}", path.display()))?;
+    for cert in &certs {
+        roots.add(cert.clone()).map_err(|err| format!("CA file {}: {err}", path.display()))?;
     }
-    Ok(())
+    Ok(certs)
+}
+
+/// Web PKI verification, plus: a server presenting exactly a certificate from a
+/// `--ca` file is accepted even where Web PKI refuses it (a self-signed CA used as
+/// its own server certificate, as `openssl req -x509` makes), provided the name
+/// still matches.
+#[derive(Debug)]
+struct RootsVerifier {
+    webpki: Arc<rustls::client::WebPkiServerVerifier>,
+    trusted_leaves: Vec<CertificateDer<'static>>,
+}
+
+impl ServerCertVerifier for RootsVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verdict = self.webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now);
+        if verdict.is_err() && self.trusted_leaves.iter().any(|leaf| leaf.as_ref() == end_entity.as_ref()) {
+            let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_name(&cert, server_name)?;
+            return Ok(ServerCertVerified::assertion());
+        }
+        verdict
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
 }
 
 /// Explains a failed handshake in terms of the flags that fix it.
 pub fn explain_handshake_error(err: &std::io::Error) -> String {
     let text = err.to_string();
-    if text.contains("certificate")
-        || text.contains("UnknownIssuer")
-        || text.contains("NotValidForName")
-    {
+    if text.contains("certificate") || text.contains("UnknownIssuer") || text.contains("NotValidForName") {
         format!(
             "TLS: the server's certificate was not accepted ({text}). Pass --ca FILE for a private CA, \
              --pin-sha256 HEX with the fingerprint the server logs at start-up, or --insecure to skip checks"
@@ -117,12 +161,8 @@ impl ServerCertVerifier for Verifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         match self.pin {
             None => Ok(ServerCertVerified::assertion()),
-            Some(pin) if Sha256::digest(end_entity.as_ref())[..] == pin[..] => {
-                Ok(ServerCertVerified::assertion())
-            }
-            Some(_) => Err(rustls::Error::General(
-                "certificate does not match --pin-sha256".into(),
-            )),
+            Some(pin) if Sha256::digest(end_entity.as_ref())[..] == pin[..] => Ok(ServerCertVerified::assertion()),
+            Some(_) => Err(rustls::Error::General("certificate does not match --pin-sha256".into())),
         }
     }
 
@@ -132,12 +172,7 @@ impl ServerCertVerifier for Verifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -146,18 +181,11 @@ impl ServerCertVerifier for Verifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -170,23 +198,52 @@ mod tests {
         let hex = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8";
         let pin = parse_pin(hex).unwrap();
         assert_eq!(pin[0], 0x5e);
-        let colons: Vec<String> = hex
-            .as_bytes()
-            .chunks(2)
-            .map(|c| String::from_utf8_lossy(c).into())
-            .collect();
+        let colons: Vec<String> = hex.as_bytes().chunks(2).map(|c| String::from_utf8_lossy(c).into()).collect();
         assert_eq!(parse_pin(&colons.join(":")).unwrap(), pin);
         assert!(parse_pin("abc").is_err());
     }
 
     #[test]
     fn every_trust_mode_builds() {
-        for trust in [
-            Trust::Roots { extra_ca: vec![] },
-            Trust::Pin([0; 32]),
-            Trust::Insecure,
-        ] {
+        for trust in [Trust::Roots { extra_ca: vec![] }, Trust::Pin([0; 32]), Trust::Insecure] {
             client_config(&trust).unwrap();
         }
+    }
+}
+
+#[cfg(test)]
+mod ca_leaf_tests {
+    use super::*;
+
+    /// A self-signed CA certificate for localhost, as `openssl req -x509` makes.
+    fn ca_as_leaf() -> CertificateDer<'static> {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    fn verifier(trusted: Vec<CertificateDer<'static>>) -> RootsVerifier {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in &trusted {
+            roots.add(cert.clone()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let webpki =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider).build().unwrap();
+        RootsVerifier { webpki, trusted_leaves: trusted }
+    }
+
+    #[test]
+    fn a_ca_file_certificate_served_as_leaf_is_accepted_for_its_name_only() {
+        let cert = ca_as_leaf();
+        let verifier = verifier(vec![cert.clone()]);
+        let now = UnixTime::now();
+        let name = ServerName::try_from("localhost").unwrap();
+        verifier.verify_server_cert(&cert, &[], &name, &[], now).unwrap();
+        let wrong = ServerName::try_from("other.example").unwrap();
+        assert!(verifier.verify_server_cert(&cert, &[], &wrong, &[], now).is_err());
+        let stranger = ca_as_leaf();
+        assert!(verifier.verify_server_cert(&stranger, &[], &name, &[], now).is_err());
     }
 }

@@ -35,9 +35,7 @@ impl<T> HighPerfPool<T> {
         let shards = (4 * cores).next_power_of_two().max(8);
         HighPerfPool {
             settings,
-            shards: (0..shards)
-                .map(|_| CachePadded::new(Mutex::new(IdleMap::new())))
-                .collect(),
+            shards: (0..shards).map(|_| CachePadded::new(Mutex::new(IdleMap::new()))).collect(),
             hasher: RandomState::new(),
             counters: PoolCounters::default(),
         }
@@ -62,17 +60,14 @@ fn lock<T>(shard: &Mutex<IdleMap<T>>) -> MutexGuard<'_, IdleMap<T>> {
 
 impl<T: Send> IdlePool<T> for HighPerfPool<T> {
     fn take_at(&self, key: &PoolKey, now: Instant) -> Option<Idle<T>> {
-        let (found, expired) = self
-            .shard(key)
-            .take_at(key, now, &self.settings, &self.counters);
+        let (found, expired) = self.shard(key).take_at(key, now, &self.settings, &self.counters);
         // Closed outside the shard lock.
         drop(expired);
         found
     }
 
     fn give(&self, key: &PoolKey, entry: Idle<T>) -> Result<(), Idle<T>> {
-        self.shard(key)
-            .give(key, entry, &self.settings, &self.counters)
+        self.shard(key).give(key, entry, &self.settings, &self.counters)
     }
 
     fn sweep(&self, now: Instant) -> Vec<(PoolKey, Idle<T>)> {

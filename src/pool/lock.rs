@@ -21,11 +21,7 @@ pub struct LockPool<T> {
 
 impl<T> LockPool<T> {
     pub fn new(settings: PoolSettings) -> Self {
-        LockPool {
-            settings,
-            map: Mutex::new(IdleMap::new()),
-            counters: PoolCounters::default(),
-        }
+        LockPool { settings, map: Mutex::new(IdleMap::new()), counters: PoolCounters::default() }
     }
 
     fn map(&self) -> MutexGuard<'_, IdleMap<T>> {
@@ -49,8 +45,7 @@ impl<T: Send> IdlePool<T> for LockPool<T> {
 
     fn sweep(&self, now: Instant) -> Vec<(PoolKey, Idle<T>)> {
         let mut expired = Vec::new();
-        self.map()
-            .sweep_into(now, &self.settings, &self.counters, &mut expired);
+        self.map().sweep_into(now, &self.settings, &self.counters, &mut expired);
         expired
     }
 
@@ -90,9 +85,7 @@ pub(super) struct IdleMap<T> {
 
 impl<T> IdleMap<T> {
     pub(super) fn new() -> Self {
-        IdleMap {
-            stacks: HashMap::new(),
-        }
+        IdleMap { stacks: HashMap::new() }
     }
 
     /// Pops the newest unexpired entry for `key`. Expired entries found above it are removed
@@ -137,9 +130,7 @@ impl<T> IdleMap<T> {
     ) -> Result<(), Idle<T>> {
         // Per-key cap first: it needs no shared state, so a full key never touches the global
         // counter that every other key is also updating.
-        if self.len_of(key) >= settings.max_idle_per_key
-            || !counters.try_reserve_idle(settings.max_idle_total)
-        {
+        if self.len_of(key) >= settings.max_idle_per_key || !counters.try_reserve_idle(settings.max_idle_total) {
             return Err(entry);
         }
         self.stacks.entry(key.clone()).or_default().push_back(entry);
@@ -175,11 +166,7 @@ impl<T> IdleMap<T> {
         counters.record_cleaned(removed as u64);
     }
 
-    pub(super) fn drain_into(
-        &mut self,
-        counters: &PoolCounters,
-        out: &mut Vec<(PoolKey, Idle<T>)>,
-    ) {
+    pub(super) fn drain_into(&mut self, counters: &PoolCounters, out: &mut Vec<(PoolKey, Idle<T>)>) {
         let before = out.len();
         for (key, stack) in self.stacks.drain() {
             out.extend(stack.into_iter().map(|entry| (key.clone(), entry)));
@@ -192,10 +179,6 @@ impl<T> IdleMap<T> {
     }
 
     pub(super) fn lens_into(&self, out: &mut Vec<(PoolKey, usize)>) {
-        out.extend(
-            self.stacks
-                .iter()
-                .map(|(key, stack)| (key.clone(), stack.len())),
-        );
+        out.extend(self.stacks.iter().map(|(key, stack)| (key.clone(), stack.len())));
     }
 }

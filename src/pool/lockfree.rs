@@ -55,11 +55,7 @@ pub struct LockFreePool<T> {
 
 impl<T> LockFreePool<T> {
     pub fn new(settings: PoolSettings) -> Self {
-        LockFreePool {
-            settings,
-            keys: ArcSwap::from_pointee(HashMap::new()),
-            counters: PoolCounters::default(),
-        }
+        LockFreePool { settings, keys: ArcSwap::from_pointee(HashMap::new()), counters: PoolCounters::default() }
     }
 
     /// The stack for a key not seen before. New keys are rare (one per target), so copying
@@ -91,8 +87,7 @@ impl<T: Send> IdlePool<T> for LockFreePool<T> {
             Some(stack) => stack.give(entry, &self.settings, &self.counters),
             None => {
                 drop(keys);
-                self.add_key(key)
-                    .give(entry, &self.settings, &self.counters)
+                self.add_key(key).give(entry, &self.settings, &self.counters)
             }
         }
     }
@@ -148,10 +143,7 @@ struct KeyStack<T> {
 
 impl<T> KeyStack<T> {
     fn new() -> Self {
-        KeyStack {
-            stack: TreiberStack::new(),
-            len: CachePadded::new(AtomicU64::new(0)),
-        }
+        KeyStack { stack: TreiberStack::new(), len: CachePadded::new(AtomicU64::new(0)) }
     }
 
     fn len(&self) -> usize {
@@ -163,12 +155,7 @@ impl<T> KeyStack<T> {
         counters.release_idle(n);
     }
 
-    fn take_at(
-        &self,
-        now: Instant,
-        settings: &PoolSettings,
-        counters: &PoolCounters,
-    ) -> Option<Idle<T>> {
+    fn take_at(&self, now: Instant, settings: &PoolSettings, counters: &PoolCounters) -> Option<Idle<T>> {
         while let Some(entry) = self.stack.pop() {
             self.release(1, counters);
             if entry.is_expired(settings, now) {
@@ -181,12 +168,7 @@ impl<T> KeyStack<T> {
         None
     }
 
-    fn give(
-        &self,
-        entry: Idle<T>,
-        settings: &PoolSettings,
-        counters: &PoolCounters,
-    ) -> Result<(), Idle<T>> {
+    fn give(&self, entry: Idle<T>, settings: &PoolSettings, counters: &PoolCounters) -> Result<(), Idle<T>> {
         if !reserve_slot(&self.len, settings.max_idle_per_key as u64) {
             return Err(entry);
         }
@@ -226,12 +208,7 @@ impl<T> KeyStack<T> {
         counters.record_cleaned(removed as u64);
     }
 
-    fn drain_into(
-        &self,
-        key: &PoolKey,
-        counters: &PoolCounters,
-        out: &mut Vec<(PoolKey, Idle<T>)>,
-    ) {
+    fn drain_into(&self, key: &PoolKey, counters: &PoolCounters, out: &mut Vec<(PoolKey, Idle<T>)>) {
         while let Some(entry) = self.stack.pop() {
             self.release(1, counters);
             out.push((key.clone(), entry));
@@ -259,28 +236,17 @@ unsafe impl<T: Send> Sync for TreiberStack<T> {}
 
 impl<T> TreiberStack<T> {
     fn new() -> Self {
-        TreiberStack {
-            head: Atomic::null(),
-        }
+        TreiberStack { head: Atomic::null() }
     }
 
     fn push(&self, value: T) {
-        let mut node = Owned::new(Node {
-            value: ManuallyDrop::new(value),
-            next: Atomic::null(),
-        });
+        let mut node = Owned::new(Node { value: ManuallyDrop::new(value), next: Atomic::null() });
         let guard = epoch::pin();
         loop {
             let head = self.head.load(Ordering::Relaxed, &guard);
             node.next.store(head, Ordering::Relaxed);
             // Release publishes the node's contents to the popper that acquires it.
-            match self.head.compare_exchange(
-                head,
-                node,
-                Ordering::Release,
-                Ordering::Relaxed,
-                &guard,
-            ) {
+            match self.head.compare_exchange(head, node, Ordering::Release, Ordering::Relaxed, &guard) {
                 Ok(_) => return,
                 Err(lost) => node = lost.new,
             }
@@ -294,11 +260,7 @@ impl<T> TreiberStack<T> {
             // SAFETY: we are pinned, so a node reachable from `head` is not freed under us.
             let node = unsafe { head.as_ref() }?;
             let next = node.next.load(Ordering::Relaxed, &guard);
-            if self
-                .head
-                .compare_exchange(head, next, Ordering::AcqRel, Ordering::Acquire, &guard)
-                .is_ok()
-            {
+            if self.head.compare_exchange(head, next, Ordering::AcqRel, Ordering::Acquire, &guard).is_ok() {
                 // SAFETY: our compare-and-swap unlinked `node`, so no other thread will read
                 // its value: this is the one move out of it. Its memory is freed only when no
                 // pinned thread can still see it, and freeing it does not drop the value.

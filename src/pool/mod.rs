@@ -128,19 +128,12 @@ impl<T> Idle<T> {
     /// A resource created just now.
     pub fn new(value: T) -> Self {
         let now = Instant::now();
-        Idle {
-            value,
-            created: now,
-            idle_since: now,
-        }
+        Idle { value, created: now, idle_since: now }
     }
 
     /// The same resource, given back at `now` after use; its creation time is kept.
     pub fn returned_at(self, now: Instant) -> Self {
-        Idle {
-            idle_since: now,
-            ..self
-        }
+        Idle { idle_since: now, ..self }
     }
 
     pub fn idle_for(&self, now: Instant) -> Duration {
@@ -233,9 +226,7 @@ impl PoolCounters {
     /// A resource came out of use. Saturates at zero so that a stray check-in cannot wrap the
     /// gauge into nonsense.
     pub fn record_checkin(&self) {
-        let _ = self
-            .active
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        let _ = self.active.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
     pub fn snapshot(&self) -> PoolStatsSnapshot {
@@ -273,11 +264,7 @@ impl PoolCounters {
 /// fetch_add-then-undo, so the count never overshoots the cap even for a moment. Relaxed is
 /// enough: the count guards no other memory, and atomicity alone keeps it within `max`.
 fn reserve_slot(slots: &AtomicU64, max: u64) -> bool {
-    slots
-        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-            (n < max).then_some(n + 1)
-        })
-        .is_ok()
+    slots.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < max).then_some(n + 1)).is_ok()
 }
 
 /// A point-in-time copy of [`PoolCounters`] for logging and tests.
@@ -308,19 +295,12 @@ pub fn format_stats_line(s: &PoolStatsSnapshot) -> String {
 }
 
 fn percent(part: u64, whole: u64) -> f64 {
-    if whole == 0 {
-        0.0
-    } else {
-        part as f64 * 100.0 / whole as f64
-    }
+    if whole == 0 { 0.0 } else { part as f64 * 100.0 / whole as f64 }
 }
 
 /// `[Pool Status] {"example.com:80": 5, "127.0.0.1:8080": 3}`, in the order given.
 pub fn format_status_line(idle_by_key: &[(PoolKey, usize)]) -> String {
-    let entries: Vec<String> = idle_by_key
-        .iter()
-        .map(|(key, n)| format!("{}: {n}", json_string(key)))
-        .collect();
+    let entries: Vec<String> = idle_by_key.iter().map(|(key, n)| format!("{}: {n}", json_string(key))).collect();
     format!("[Pool Status] {{{}}}", entries.join(", "))
 }
 
@@ -346,14 +326,7 @@ mod format_tests {
 
     #[test]
     fn stats_line_matches_the_documented_format() {
-        let s = PoolStatsSnapshot {
-            total: 15,
-            active: 3,
-            reused: 8,
-            new: 7,
-            cleaned: 2,
-            idle: 4,
-        };
+        let s = PoolStatsSnapshot { total: 15, active: 3, reused: 8, new: 7, cleaned: 2, idle: 4 };
         assert_eq!(
             format_stats_line(&s),
             "[Pool Stats] Total: 15, Active: 3, Reused: 8, New: 7, Cleaned: 2, \
@@ -372,24 +345,15 @@ mod format_tests {
 
     #[test]
     fn status_line_matches_the_documented_format() {
-        let status = [
-            (PoolKey::from("example.com:80"), 5),
-            (PoolKey::from("127.0.0.1:8080"), 3),
-        ];
-        assert_eq!(
-            format_status_line(&status),
-            r#"[Pool Status] {"example.com:80": 5, "127.0.0.1:8080": 3}"#
-        );
+        let status = [(PoolKey::from("example.com:80"), 5), (PoolKey::from("127.0.0.1:8080"), 3)];
+        assert_eq!(format_status_line(&status), r#"[Pool Status] {"example.com:80": 5, "127.0.0.1:8080": 3}"#);
         assert_eq!(format_status_line(&[]), "[Pool Status] {}");
     }
 
     #[test]
     fn status_line_escapes_quotes_backslashes_and_controls() {
         let status = [(PoolKey::from("a\"b\\c\nd"), 1)];
-        assert_eq!(
-            format_status_line(&status),
-            r#"[Pool Status] {"a\"b\\c\u000ad": 1}"#
-        );
+        assert_eq!(format_status_line(&status), r#"[Pool Status] {"a\"b\\c\u000ad": 1}"#);
     }
 
     #[test]
@@ -434,11 +398,7 @@ mod format_tests {
         assert!(!fresh.is_expired(&settings, at(10)));
         assert!(fresh.is_expired(&settings, at(11)));
 
-        let busy = Idle {
-            value: (),
-            created: t0,
-            idle_since: at(95),
-        };
+        let busy = Idle { value: (), created: t0, idle_since: at(95) };
         assert!(!busy.is_expired(&settings, at(100)));
         assert!(busy.is_expired(&settings, at(101)));
     }

@@ -60,11 +60,7 @@ fn secs(t0: Instant, s: u64) -> Instant {
 
 /// Entry `id`, created and given back at `t`.
 fn entry(id: u32, t: Instant) -> Idle<u32> {
-    Idle {
-        value: id,
-        created: t,
-        idle_since: t,
-    }
+    Idle { value: id, created: t, idle_since: t }
 }
 
 fn ids(entries: Vec<(PoolKey, Idle<u32>)>) -> Vec<(PoolKey, u32)> {
@@ -79,9 +75,7 @@ fn takes_newest_first(kind: PoolType) {
     for id in 1..=3 {
         pool.give(&a, entry(id, t0)).unwrap();
     }
-    let taken: Vec<_> = (0..4)
-        .map(|_| pool.take_at(&a, t0).map(|e| e.value))
-        .collect();
+    let taken: Vec<_> = (0..4).map(|_| pool.take_at(&a, t0).map(|e| e.value)).collect();
     assert_eq!(taken, [Some(3), Some(2), Some(1), None]);
 }
 
@@ -119,10 +113,7 @@ fn global_cap_refuses_across_keys(kind: PoolType) {
         pool.give(k, entry(id as u32, t0)).unwrap();
     }
     assert_eq!(pool.give(&keys[0], entry(99, t0)).unwrap_err().value, 99);
-    assert_eq!(
-        pool.give(&key("new:1"), entry(98, t0)).unwrap_err().value,
-        98
-    );
+    assert_eq!(pool.give(&key("new:1"), entry(98, t0)).unwrap_err().value, 98);
     assert_eq!(pool.idle_total(), 6);
     pool.take_at(&keys[3], t0).unwrap();
     pool.give(&keys[0], entry(7, t0)).unwrap();
@@ -176,36 +167,21 @@ fn sweep_removes_expired_and_keeps_order(kind: PoolType) {
     pool.give(&a, entry(2, secs(t0, 5))).unwrap();
     pool.give(&a, entry(3, t0)).unwrap(); // idle too long
     pool.give(&a, entry(4, secs(t0, 6))).unwrap();
-    pool.give(&b, entry(5, t0).returned_at(secs(t0, 101)))
-        .unwrap(); // past its lifetime
+    pool.give(&b, entry(5, t0).returned_at(secs(t0, 101))).unwrap(); // past its lifetime
     pool.give(&b, entry(6, secs(t0, 101))).unwrap();
 
     let swept = ids(pool.sweep(secs(t0, 101)));
     // At t0+101 everything on `a` has idled too long.
-    assert_eq!(
-        swept,
-        [
-            (a.clone(), 1),
-            (a.clone(), 2),
-            (a.clone(), 3),
-            (a.clone(), 4),
-            (b.clone(), 5)
-        ]
-    );
+    assert_eq!(swept, [(a.clone(), 1), (a.clone(), 2), (a.clone(), 3), (a.clone(), 4), (b.clone(), 5)]);
     assert_eq!(pool.idle_by_key(), [(b.clone(), 1)]);
 
     pool.give(&a, entry(7, t0)).unwrap();
     pool.give(&a, entry(8, secs(t0, 5))).unwrap();
     pool.give(&a, entry(9, t0)).unwrap();
     pool.give(&a, entry(10, secs(t0, 6))).unwrap();
-    assert_eq!(
-        ids(pool.sweep(secs(t0, 12))),
-        [(a.clone(), 7), (a.clone(), 9)]
-    );
+    assert_eq!(ids(pool.sweep(secs(t0, 12))), [(a.clone(), 7), (a.clone(), 9)]);
     assert!(pool.sweep(secs(t0, 12)).is_empty());
-    let left: Vec<_> = (0..2)
-        .map(|_| pool.take_at(&a, secs(t0, 12)).unwrap().value)
-        .collect();
+    let left: Vec<_> = (0..2).map(|_| pool.take_at(&a, secs(t0, 12)).unwrap().value).collect();
     assert_eq!(left, [10, 8]);
     assert_eq!(pool.counters().snapshot().cleaned, 7);
     assert_eq!(pool.idle_total(), 1);
@@ -217,10 +193,7 @@ fn drain_empties_every_key(kind: PoolType) {
     pool.give(&a, entry(1, t0)).unwrap();
     pool.give(&a, entry(2, t0)).unwrap();
     pool.give(&b, entry(3, t0)).unwrap();
-    assert_eq!(
-        ids(pool.drain()),
-        [(a.clone(), 1), (a.clone(), 2), (b.clone(), 3)]
-    );
+    assert_eq!(ids(pool.drain()), [(a.clone(), 1), (a.clone(), 2), (b.clone(), 3)]);
     assert_eq!(pool.idle_total(), 0);
     assert!(pool.idle_by_key().is_empty());
     assert!(pool.take_at(&a, t0).is_none());
@@ -241,10 +214,7 @@ fn idle_by_key_lists_non_empty_keys_sorted(kind: PoolType) {
     }
     pool.take_at(&key("c:3"), t0).unwrap();
     assert_eq!(pool.idle_by_key(), [(key("a:1"), 1), (key("b:2"), 2)]);
-    assert_eq!(
-        format_status_line(&pool.idle_by_key()),
-        r#"[Pool Status] {"a:1": 1, "b:2": 2}"#
-    );
+    assert_eq!(format_status_line(&pool.idle_by_key()), r#"[Pool Status] {"a:1": 1, "b:2": 2}"#);
 }
 
 fn counters_follow_takes_gives_and_cleaning(kind: PoolType) {
@@ -262,17 +232,7 @@ fn counters_follow_takes_gives_and_cleaning(kind: PoolType) {
     counters.record_checkout();
     assert!(pool.take_at(&a, secs(t0, 20)).is_none()); // the other three idled 20s
     counters.record_cleaned(1); // the caller found a dead one of its own
-    assert_eq!(
-        counters.snapshot(),
-        PoolStatsSnapshot {
-            total: 4,
-            active: 1,
-            reused: 1,
-            new: 3,
-            cleaned: 4,
-            idle: 0,
-        }
-    );
+    assert_eq!(counters.snapshot(), PoolStatsSnapshot { total: 4, active: 1, reused: 1, new: 3, cleaned: 4, idle: 0 });
 }
 
 mod stress {
@@ -327,9 +287,7 @@ mod stress {
         /// (not panicked on: this also runs inside `Drop`).
         fn moved(&self, id: usize, from: u8, to: u8, during: &str) {
             if let Err(actual) = self.states[id].compare_exchange(from, to, SeqCst, SeqCst) {
-                self.violation(format!(
-                    "{during}: entry {id} was in state {actual}, not {from}"
-                ));
+                self.violation(format!("{during}: entry {id} was in state {actual}, not {from}"));
             }
         }
 
@@ -338,10 +296,7 @@ mod stress {
         }
 
         fn count(&self, state: u8) -> usize {
-            self.states
-                .iter()
-                .filter(|s| s.load(SeqCst) == state)
-                .count()
+            self.states.iter().filter(|s| s.load(SeqCst) == state).count()
         }
     }
 
@@ -354,10 +309,7 @@ mod stress {
         fn new(ledger: &Arc<Ledger>) -> Self {
             let id = ledger.next_id.fetch_add(1, SeqCst);
             ledger.moved(id, UNUSED, HELD, "create");
-            Tracked {
-                id,
-                ledger: Arc::clone(ledger),
-            }
+            Tracked { id, ledger: Arc::clone(ledger) }
         }
     }
 
@@ -369,9 +321,7 @@ mod stress {
                 IDLE => {
                     self.ledger.dropped_while_idle.fetch_add(1, SeqCst);
                 }
-                _ => self
-                    .ledger
-                    .violation(format!("entry {} dropped twice", self.id)),
+                _ => self.ledger.violation(format!("entry {} dropped twice", self.id)),
             }
         }
     }
@@ -398,9 +348,7 @@ mod stress {
     pub(super) fn run(kind: PoolType, key_count: usize) {
         let pool = new_pool::<Tracked>(kind, SETTINGS);
         let ledger = Arc::new(Ledger::new());
-        let keys: Vec<PoolKey> = (0..key_count)
-            .map(|i| key(&format!("10.0.0.{i}:443")))
-            .collect();
+        let keys: Vec<PoolKey> = (0..key_count).map(|i| key(&format!("10.0.0.{i}:443"))).collect();
 
         let tallies: Vec<Tally> = thread::scope(|s| {
             let workers: Vec<_> = (0..THREADS)
@@ -421,55 +369,30 @@ mod stress {
         let stats = pool.counters().snapshot();
         let idle = pool.idle_total();
 
-        assert_eq!(
-            stats.new,
-            ledger.next_id.load(SeqCst) as u64,
-            "{kind}: created"
-        );
+        assert_eq!(stats.new, ledger.next_id.load(SeqCst) as u64, "{kind}: created");
         assert_eq!(stats.reused, taken, "{kind}: reused");
-        assert_eq!(
-            stats.cleaned,
-            swept + ledger.dropped_while_idle.load(SeqCst),
-            "{kind}: cleaned"
-        );
-        assert_eq!(
-            accepted,
-            taken + stats.cleaned + idle as u64,
-            "{kind}: accepted entries"
-        );
+        assert_eq!(stats.cleaned, swept + ledger.dropped_while_idle.load(SeqCst), "{kind}: cleaned");
+        assert_eq!(accepted, taken + stats.cleaned + idle as u64, "{kind}: accepted entries");
         assert_eq!(ledger.count(IDLE), idle, "{kind}: idle");
         assert_eq!(ledger.count(HELD), 0, "{kind}: threads drop what they hold");
         assert_eq!(stats.active, 0, "{kind}: active");
         let by_key: usize = pool.idle_by_key().iter().map(|(_, n)| n).sum();
         assert_eq!(by_key, idle, "{kind}: idle_by_key");
-        assert!(
-            taken > 1000 && stats.cleaned > 0,
-            "{kind}: the stress test exercised little"
-        );
+        assert!(taken > 1000 && stats.cleaned > 0, "{kind}: the stress test exercised little");
 
         let drained = pool.drain();
         assert_eq!(drained.len(), idle, "{kind}: drained");
         for (_, entry) in drained {
             ledger.moved(entry.value.id, IDLE, HELD, "drain");
         }
-        assert_eq!(
-            ledger.count(DROPPED),
-            ledger.next_id.load(SeqCst),
-            "{kind}: every entry dropped once"
-        );
+        assert_eq!(ledger.count(DROPPED), ledger.next_id.load(SeqCst), "{kind}: every entry dropped once");
         assert_eq!((pool.idle_total(), pool.counters().snapshot().idle), (0, 0));
         let violations = ledger.violations.lock().unwrap().clone();
         assert!(violations.is_empty(), "{kind}: {violations:#?}");
     }
 
-    fn worker(
-        pool: &dyn IdlePool<Tracked>,
-        ledger: &Arc<Ledger>,
-        keys: &[PoolKey],
-        seed: u64,
-    ) -> Tally {
-        let mut rng =
-            XorShift(0x9E37_79B9_7F4A_7C15 ^ (seed + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9));
+    fn worker(pool: &dyn IdlePool<Tracked>, ledger: &Arc<Ledger>, keys: &[PoolKey], seed: u64) -> Tally {
+        let mut rng = XorShift(0x9E37_79B9_7F4A_7C15 ^ (seed + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9));
         let mut tally = Tally::default();
         let mut held: Vec<Idle<Tracked>> = Vec::new();
         let counters = pool.counters();
@@ -505,8 +428,7 @@ mod stress {
                     // The counts include gives in flight, and still never pass the caps.
                     let (on_key, total) = (pool.idle_count(key), pool.idle_total());
                     if on_key > SETTINGS.max_idle_per_key || total > SETTINGS.max_idle_total {
-                        ledger
-                            .violation(format!("caps exceeded: {on_key} on {key}, {total} in all"));
+                        ledger.violation(format!("caps exceeded: {on_key} on {key}, {total} in all"));
                     }
                 }
                 90..94 => {
@@ -530,19 +452,10 @@ mod stress {
     }
 
     /// A newly created entry; one in sixteen is backdated so that it is already expired.
-    fn fresh_entry(
-        ledger: &Arc<Ledger>,
-        now: Instant,
-        rng: &mut XorShift,
-        counters: &PoolCounters,
-    ) -> Idle<Tracked> {
+    fn fresh_entry(ledger: &Arc<Ledger>, now: Instant, rng: &mut XorShift, counters: &PoolCounters) -> Idle<Tracked> {
         counters.record_new();
         counters.record_checkout();
-        let mut entry = Idle {
-            value: Tracked::new(ledger),
-            created: now,
-            idle_since: now,
-        };
+        let mut entry = Idle { value: Tracked::new(ledger), created: now, idle_since: now };
         if rng.below(16) == 0 {
             entry.idle_since = now.checked_sub(Duration::from_secs(2)).unwrap_or(now);
         }
@@ -639,9 +552,7 @@ mod model {
         fn sweep(&mut self, now: Instant) -> Vec<(PoolKey, Idle<u32>)> {
             let mut expired = Vec::new();
             for (key, stack) in &mut self.stacks {
-                let (gone, kept) = stack
-                    .drain(..)
-                    .partition(|e| e.is_expired(&settings(), now));
+                let (gone, kept) = stack.drain(..).partition(|e| e.is_expired(&settings(), now));
                 *stack = kept;
                 expired.extend(gone.into_iter().map(|e: Idle<u32>| (key.clone(), e)));
             }
@@ -660,10 +571,7 @@ mod model {
 
     fn sorted(mut entries: Vec<(PoolKey, Idle<u32>)>) -> Vec<(PoolKey, u32, Instant, Instant)> {
         entries.sort_by_key(|(k, e)| (k.clone(), e.value));
-        entries
-            .into_iter()
-            .map(|(k, e)| (k, e.value, e.created, e.idle_since))
-            .collect()
+        entries.into_iter().map(|(k, e)| (k, e.value, e.created, e.idle_since)).collect()
     }
 
     proptest! {

@@ -38,27 +38,14 @@ pub enum AddressError {
 impl Address {
     pub fn domain(name: &str, port: u16) -> Address {
         // A domain that is really an IP literal is sent as an IP, as SOCKS clients do.
-        match name
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
-        {
-            Ok(ip) => Address {
-                host: Host::Ip(ip),
-                port,
-            },
-            Err(_) => Address {
-                host: Host::Domain(name.to_string()),
-                port,
-            },
+        match name.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+            Ok(ip) => Address { host: Host::Ip(ip), port },
+            Err(_) => Address { host: Host::Domain(name.to_string()), port },
         }
     }
 
     pub fn socket(addr: SocketAddr) -> Address {
-        Address {
-            host: Host::Ip(addr.ip()),
-            port: addr.port(),
-        }
+        Address { host: Host::Ip(addr.ip()), port: addr.port() }
     }
 
     /// Parses `host:port`, `[v6]:port`.
@@ -175,14 +162,8 @@ mod tests {
 
     #[test]
     fn wire_forms_match_socks5() {
-        assert_eq!(
-            encoded(&Address::parse_host_port("127.0.0.1:80").unwrap()),
-            [1, 127, 0, 0, 1, 0, 80]
-        );
-        assert_eq!(
-            encoded(&Address::parse_host_port("example.com:443").unwrap()),
-            b"\x03\x0bexample.com\x01\xbb"
-        );
+        assert_eq!(encoded(&Address::parse_host_port("127.0.0.1:80").unwrap()), [1, 127, 0, 0, 1, 0, 80]);
+        assert_eq!(encoded(&Address::parse_host_port("example.com:443").unwrap()), b"\x03\x0bexample.com\x01\xbb");
         let v6 = encoded(&Address::parse_host_port("[::1]:8080").unwrap());
         assert_eq!(v6.len(), 19);
         assert_eq!(v6[0], 4);
@@ -191,31 +172,16 @@ mod tests {
 
     #[test]
     fn display_brackets_ipv6() {
-        assert_eq!(
-            Address::parse_host_port("[::1]:53").unwrap().to_string(),
-            "[::1]:53"
-        );
+        assert_eq!(Address::parse_host_port("[::1]:53").unwrap().to_string(), "[::1]:53");
         assert_eq!(Address::domain("[::1]", 53).to_string(), "[::1]:53");
     }
 
     #[test]
     fn bad_input_is_a_clear_error() {
-        assert_eq!(
-            Address::decode(&[9, 0, 0]),
-            Err(AddressError::UnknownType(9))
-        );
-        assert_eq!(
-            Address::decode(&[3, 0, 0, 80]),
-            Err(AddressError::EmptyDomain)
-        );
-        assert_eq!(
-            Address::decode(&[3, 2, 0xff, 0xfe, 0, 80]),
-            Err(AddressError::InvalidDomain)
-        );
-        assert_eq!(
-            Address::decode(&[3, 3, b'a', b'\n', b'b', 0, 80]),
-            Err(AddressError::InvalidDomain)
-        );
+        assert_eq!(Address::decode(&[9, 0, 0]), Err(AddressError::UnknownType(9)));
+        assert_eq!(Address::decode(&[3, 0, 0, 80]), Err(AddressError::EmptyDomain));
+        assert_eq!(Address::decode(&[3, 2, 0xff, 0xfe, 0, 80]), Err(AddressError::InvalidDomain));
+        assert_eq!(Address::decode(&[3, 3, b'a', b'\n', b'b', 0, 80]), Err(AddressError::InvalidDomain));
     }
 
     #[test]

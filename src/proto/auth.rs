@@ -35,11 +35,7 @@ impl PasswordHash {
         if candidate.len() != AUTH_HASH_LEN {
             return false;
         }
-        let diff = self
-            .0
-            .iter()
-            .zip(candidate)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        let diff = self.0.iter().zip(candidate).fold(0u8, |acc, (a, b)| acc | (a ^ b));
         diff == 0
     }
 }
@@ -70,9 +66,7 @@ pub enum AuthParse {
 /// without waiting for (or buffering) its padding.
 pub fn parse_auth_block(data: &[u8], accepted: &[PasswordHash]) -> AuthParse {
     if data.len() < AUTH_FIXED_LEN {
-        return AuthParse::Incomplete {
-            needed: AUTH_FIXED_LEN,
-        };
+        return AuthParse::Incomplete { needed: AUTH_FIXED_LEN };
     }
     let hash = &data[..AUTH_HASH_LEN];
     // Check every password so the time taken does not depend on which one matched.
@@ -131,13 +125,7 @@ mod tests {
         let mut data = BytesMut::new();
         encode_auth_block(&users[1], 30, &mut data);
         data.extend_from_slice(b"\x04\0\0\0\0\0\0");
-        assert_eq!(
-            parse_auth_block(&data, &users),
-            AuthParse::Accepted {
-                user: 1,
-                block_len: 64
-            }
-        );
+        assert_eq!(parse_auth_block(&data, &users), AuthParse::Accepted { user: 1, block_len: 64 });
     }
 
     #[test]
@@ -153,14 +141,8 @@ mod tests {
         let users = [PasswordHash::of("alice")];
         let mut data = BytesMut::new();
         encode_auth_block(&users[0], 30, &mut data);
-        assert_eq!(
-            parse_auth_block(&data[..10], &users),
-            AuthParse::Incomplete { needed: 34 }
-        );
-        assert_eq!(
-            parse_auth_block(&data[..40], &users),
-            AuthParse::Incomplete { needed: 64 }
-        );
+        assert_eq!(parse_auth_block(&data[..10], &users), AuthParse::Incomplete { needed: 34 });
+        assert_eq!(parse_auth_block(&data[..40], &users), AuthParse::Incomplete { needed: 64 });
     }
 
     #[test]

@@ -81,20 +81,12 @@ pub enum FrameError {
 
 impl Frame {
     pub fn new(command: Command, stream_id: u32, data: impl Into<Bytes>) -> Frame {
-        Frame {
-            command,
-            stream_id,
-            data: data.into(),
-        }
+        Frame { command, stream_id, data: data.into() }
     }
 
     /// A frame without data.
     pub fn control(command: Command, stream_id: u32) -> Frame {
-        Frame {
-            command,
-            stream_id,
-            data: Bytes::new(),
-        }
+        Frame { command, stream_id, data: Bytes::new() }
     }
 
     pub fn encoded_len(&self) -> usize {
@@ -110,12 +102,7 @@ impl Frame {
 }
 
 /// Appends just a header; the caller appends `len` bytes of data after it.
-pub fn encode_header(
-    command: Command,
-    stream_id: u32,
-    len: usize,
-    out: &mut impl BufMut,
-) -> Result<(), FrameError> {
+pub fn encode_header(command: Command, stream_id: u32, len: usize, out: &mut impl BufMut) -> Result<(), FrameError> {
     if len > MAX_FRAME_DATA {
         return Err(FrameError::TooLong(len));
     }
@@ -157,11 +144,7 @@ impl FrameDecoder {
         let stream_id = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
         buf.advance(HEADER_LEN);
         let data = buf.split_to(len).freeze();
-        Some(Frame {
-            command,
-            stream_id,
-            data,
-        })
+        Some(Frame { command, stream_id, data })
     }
 }
 
@@ -186,9 +169,7 @@ mod tests {
     #[test]
     fn header_layout_is_cmd_sid_len_big_endian() {
         let mut out = BytesMut::new();
-        Frame::new(Command::Push, 0x0102_0304, &b"hi"[..])
-            .encode(&mut out)
-            .unwrap();
+        Frame::new(Command::Push, 0x0102_0304, &b"hi"[..]).encode(&mut out).unwrap();
         assert_eq!(&out[..], &[2, 1, 2, 3, 4, 0, 2, b'h', b'i']);
     }
 
@@ -217,10 +198,7 @@ mod tests {
     #[test]
     fn oversized_data_is_refused_by_the_encoder() {
         let frame = Frame::new(Command::Push, 1, vec![0u8; MAX_FRAME_DATA + 1]);
-        assert_eq!(
-            frame.encode(&mut BytesMut::new()),
-            Err(FrameError::TooLong(65536))
-        );
+        assert_eq!(frame.encode(&mut BytesMut::new()), Err(FrameError::TooLong(65536)));
         let frame = Frame::new(Command::Push, 1, vec![0u8; MAX_FRAME_DATA]);
         assert!(frame.encode(&mut BytesMut::new()).is_ok());
     }
@@ -249,11 +227,7 @@ mod tests {
     }
 
     fn arb_frame() -> impl Strategy<Value = Frame> {
-        (
-            arb_command(),
-            any::<u32>(),
-            proptest::collection::vec(any::<u8>(), 0..600),
-        )
+        (arb_command(), any::<u32>(), proptest::collection::vec(any::<u8>(), 0..600))
             .prop_map(|(command, sid, data)| Frame::new(command, sid, data))
     }
 

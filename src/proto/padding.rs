@@ -50,10 +50,7 @@ pub enum Piece {
     Payload(usize),
     /// The last `payload` bytes followed by a Waste frame carrying `waste` bytes of data
     /// (no Waste frame when `waste` is `None`).
-    PayloadThenWaste {
-        payload: usize,
-        waste: Option<usize>,
-    },
+    PayloadThenWaste { payload: usize, waste: Option<usize> },
     /// Only a Waste frame carrying `n` bytes of data.
     Waste(usize),
 }
@@ -87,34 +84,21 @@ impl PaddingScheme {
                 continue;
             };
             if key == "stop" {
-                stop = Some(
-                    value
-                        .trim()
-                        .parse::<u32>()
-                        .map_err(|_| SchemeError::MissingStop)?,
-                );
+                stop = Some(value.trim().parse::<u32>().map_err(|_| SchemeError::MissingStop)?);
             } else if let Ok(index) = key.trim().parse::<u32>() {
                 numbered.push((index, parse_line(value)));
             }
         }
         let stop = stop.ok_or(SchemeError::MissingStop)?;
         // Only lines below `stop` are ever used; a huge `stop` does not allocate lines.
-        let used = numbered
-            .iter()
-            .filter(|(i, _)| *i < stop)
-            .map(|(i, _)| *i as usize + 1);
+        let used = numbered.iter().filter(|(i, _)| *i < stop).map(|(i, _)| *i as usize + 1);
         let mut lines = vec![Vec::new(); used.max().unwrap_or(0)];
         for (index, specs) in numbered {
             if index < stop {
                 lines[index as usize] = specs;
             }
         }
-        Ok(PaddingScheme {
-            md5_hex: md5_hex(raw),
-            raw: raw.to_vec(),
-            stop,
-            lines,
-        })
+        Ok(PaddingScheme { md5_hex: md5_hex(raw), raw: raw.to_vec(), stop, lines })
     }
 
     pub fn raw(&self) -> &[u8] {
@@ -177,10 +161,7 @@ pub fn plan_records(sizes: &[RecordSize], payload_len: usize) -> RecordPlan {
             RecordSize::Bytes(l) if remaining > 0 => {
                 let waste = l.checked_sub(remaining + HEADER_LEN).filter(|&n| n > 0);
                 let waste = waste.map(|n| n.min(MAX_FRAME_DATA));
-                plan.push(Piece::PayloadThenWaste {
-                    payload: remaining,
-                    waste,
-                });
+                plan.push(Piece::PayloadThenWaste { payload: remaining, waste });
                 remaining = 0;
             }
             RecordSize::Bytes(l) => plan.push(Piece::Waste(l.min(MAX_FRAME_DATA))),
@@ -201,10 +182,7 @@ fn parse_line(value: &str) -> Vec<SizeSpec> {
                 return Some(SizeSpec::Check);
             }
             let (min, max) = item.split_once('-')?;
-            let (min, max) = (
-                min.trim().parse::<i64>().ok()?,
-                max.trim().parse::<i64>().ok()?,
-            );
+            let (min, max) = (min.trim().parse::<i64>().ok()?, max.trim().parse::<i64>().ok()?);
             if min <= 0 || max <= 0 {
                 return None;
             }
@@ -215,10 +193,7 @@ fn parse_line(value: &str) -> Vec<SizeSpec> {
 }
 
 fn md5_hex(bytes: &[u8]) -> String {
-    Md5::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Md5::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -234,10 +209,7 @@ mod tests {
 
     #[test]
     fn default_scheme_md5_matches_the_contract() {
-        assert_eq!(
-            PaddingScheme::default().md5_hex(),
-            "75cff2ad89aadf5e257059ee571ebe11"
-        );
+        assert_eq!(PaddingScheme::default().md5_hex(), "75cff2ad89aadf5e257059ee571ebe11");
         assert_eq!(PaddingScheme::default().stop(), 8);
     }
 
@@ -255,14 +227,8 @@ mod tests {
 
     #[test]
     fn scheme_without_integer_stop_is_rejected() {
-        assert_eq!(
-            PaddingScheme::parse(b"0=30-30"),
-            Err(SchemeError::MissingStop)
-        );
-        assert_eq!(
-            PaddingScheme::parse(b"stop=x\n0=30-30"),
-            Err(SchemeError::MissingStop)
-        );
+        assert_eq!(PaddingScheme::parse(b"0=30-30"), Err(SchemeError::MissingStop));
+        assert_eq!(PaddingScheme::parse(b"stop=x\n0=30-30"), Err(SchemeError::MissingStop));
     }
 
     #[test]
@@ -288,47 +254,19 @@ mod tests {
         // Larger payload: cut at each size, the rest goes out as is.
         assert_eq!(
             plan_records(&[Bytes(100), Bytes(200)], 500),
-            vec![
-                Piece::Payload(100),
-                Piece::Payload(200),
-                Piece::Payload(200)
-            ]
+            vec![Piece::Payload(100), Piece::Payload(200), Piece::Payload(200)]
         );
         // The payload ends inside a record: filled with a Waste frame.
-        assert_eq!(
-            plan_records(&[Bytes(100)], 40),
-            vec![Piece::PayloadThenWaste {
-                payload: 40,
-                waste: Some(53)
-            }]
-        );
+        assert_eq!(plan_records(&[Bytes(100)], 40), vec![Piece::PayloadThenWaste { payload: 40, waste: Some(53) }]);
         // Too little room for a Waste header: no Waste frame.
-        assert_eq!(
-            plan_records(&[Bytes(100)], 95),
-            vec![Piece::PayloadThenWaste {
-                payload: 95,
-                waste: None
-            }]
-        );
+        assert_eq!(plan_records(&[Bytes(100)], 95), vec![Piece::PayloadThenWaste { payload: 95, waste: None }]);
         // Nothing left: records of pure padding, until a check mark.
         assert_eq!(
             plan_records(&[Bytes(10), Bytes(300), Check, Bytes(700)], 10),
-            vec![
-                Piece::PayloadThenWaste {
-                    payload: 10,
-                    waste: None
-                },
-                Piece::Waste(300)
-            ]
+            vec![Piece::PayloadThenWaste { payload: 10, waste: None }, Piece::Waste(300)]
         );
         assert_eq!(plan_records(&[Check, Bytes(9)], 0), vec![]);
-        assert_eq!(
-            plan_records(&[Check, Bytes(9)], 3),
-            vec![Piece::PayloadThenWaste {
-                payload: 3,
-                waste: None
-            }]
-        );
+        assert_eq!(plan_records(&[Check, Bytes(9)], 3), vec![Piece::PayloadThenWaste { payload: 3, waste: None }]);
     }
 
     #[test]
@@ -336,13 +274,7 @@ mod tests {
         // Line 3 = "9-9,500-1000": a 9-byte record, then a padded one.
         let plan = PaddingScheme::default().plan(3, 20, &mut rng());
         assert_eq!(plan[0], Piece::Payload(9));
-        assert!(matches!(
-            plan[1],
-            Piece::PayloadThenWaste {
-                payload: 11,
-                waste: Some(_)
-            }
-        ));
+        assert!(matches!(plan[1], Piece::PayloadThenWaste { payload: 11, waste: Some(_) }));
     }
 
     proptest! {

@@ -31,27 +31,18 @@ impl Settings {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let lines: Vec<String> = self
-            .entries
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
+        let lines: Vec<String> = self.entries.iter().map(|(k, v)| format!("{k}={v}")).collect();
         lines.join("\n").into_bytes()
     }
 
     /// The first value for `key`.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.entries
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        self.entries.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 
     /// The protocol version (`v`), 1 when absent or unreadable, as the reference does.
     pub fn version(&self) -> u8 {
-        self.get("v")
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(1)
+        self.get("v").and_then(|v| v.trim().parse().ok()).unwrap_or(1)
     }
 }
 
@@ -66,10 +57,7 @@ mod tests {
             .with("v", "2")
             .with("client", "anytls-rs/0.1.0")
             .with("padding-md5", "75cff2ad89aadf5e257059ee571ebe11");
-        assert_eq!(
-            settings.encode(),
-            b"v=2\nclient=anytls-rs/0.1.0\npadding-md5=75cff2ad89aadf5e257059ee571ebe11"
-        );
+        assert_eq!(settings.encode(), b"v=2\nclient=anytls-rs/0.1.0\npadding-md5=75cff2ad89aadf5e257059ee571ebe11");
     }
 
     #[test]

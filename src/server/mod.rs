@@ -60,21 +60,15 @@ pub async fn run(listener: TcpListener, config: ServerConfig) {
             }
         };
         let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-            log::warn!(
-                "{peer}: dropped, {} handshakes already in progress",
-                config.max_handshakes
-            );
+            log::warn!("{peer}: dropped, {} handshakes already in progress", config.max_handshakes);
             continue;
         };
         let acceptor = acceptor.clone();
         let config = config.clone();
         let session_config = session_config.clone();
         tokio::spawn(async move {
-            let authenticated = tokio::time::timeout(
-                config.handshake_timeout,
-                handshake(tcp, peer, &acceptor, &config),
-            )
-            .await;
+            let authenticated =
+                tokio::time::timeout(config.handshake_timeout, handshake(tcp, peer, &acceptor, &config)).await;
             drop(permit);
             let (tls, leftover) = match authenticated {
                 Ok(Ok(done)) => done,
@@ -83,23 +77,14 @@ pub async fn run(listener: TcpListener, config: ServerConfig) {
                     return;
                 }
                 Err(_) => {
-                    log::warn!(
-                        "{peer}: no authentication within {:?}",
-                        config.handshake_timeout
-                    );
+                    log::warn!("{peer}: no authentication within {:?}", config.handshake_timeout);
                     return;
                 }
             };
-            let dialer = Dialer {
-                connect_timeout: config.connect_timeout,
-            };
+            let dialer = Dialer { connect_timeout: config.connect_timeout };
             let peer_name = peer.to_string();
             let handler: StreamHandler = Arc::new(move |stream: Stream| {
-                tokio::spawn(outbound::serve_stream(
-                    stream,
-                    dialer.clone(),
-                    peer_name.clone(),
-                ));
+                tokio::spawn(outbound::serve_stream(stream, dialer.clone(), peer_name.clone()));
             });
             let session = Session::server(tls, session_config, leftover, handler);
             log::debug!("{peer}: session open");
@@ -119,10 +104,7 @@ async fn handshake(
     config: &ServerConfig,
 ) -> Result<(TlsStream, BytesMut), String> {
     let _ = tcp.set_nodelay(true);
-    let mut tls = acceptor
-        .accept(tcp)
-        .await
-        .map_err(|err| format!("TLS handshake failed: {err}"))?;
+    let mut tls = acceptor.accept(tcp).await.map_err(|err| format!("TLS handshake failed: {err}"))?;
     let mut buf = BytesMut::with_capacity(1024);
     loop {
         match parse_auth_block(&buf, &config.passwords) {
@@ -134,10 +116,7 @@ async fn handshake(
             AuthParse::Rejected => return Err("authentication failed (wrong password)".into()),
             AuthParse::Incomplete { needed } => {
                 buf.reserve(needed.saturating_sub(buf.len()));
-                let read = tls
-                    .read_buf(&mut buf)
-                    .await
-                    .map_err(|err| format!("read failed: {err}"))?;
+                let read = tls.read_buf(&mut buf).await.map_err(|err| format!("read failed: {err}"))?;
                 if read == 0 {
                     return Err("closed before authenticating".into());
                 }

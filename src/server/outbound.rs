@@ -138,10 +138,6 @@ pub async fn serve_stream(mut stream: Stream, dialer: Dialer, peer: String) {
     let (stats, error) = relay(stream, target).await;
     match error {
         Some(error) => log::debug!("{peer}: {destination}: relay ended: {error}"),
-        None => log::debug!(
-            "{peer}: {destination}: {} bytes up, {} down",
-            stats.sent,
-            stats.received
-        ),
+        None => log::debug!("{peer}: {destination}: {} bytes up, {} down", stats.sent, stats.received),
     }
 }

@@ -10,15 +10,9 @@ use sha2::{Digest, Sha256};
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
     #[error("cannot read certificate {path}: {source}")]
-    Certificate {
-        path: String,
-        source: rustls::pki_types::pem::Error,
-    },
+    Certificate { path: String, source: rustls::pki_types::pem::Error },
     #[error("cannot read private key {path}: {source}")]
-    Key {
-        path: String,
-        source: rustls::pki_types::pem::Error,
-    },
+    Key { path: String, source: rustls::pki_types::pem::Error },
     #[error("cannot generate a self-signed certificate: {0}")]
     SelfSigned(#[from] rcgen::Error),
     #[error("certificate and key do not make a TLS configuration: {0}")]
@@ -35,31 +29,18 @@ impl Identity {
     pub fn from_files(cert: &Path, key: &Path) -> Result<Identity, TlsSetupError> {
         let chain = CertificateDer::pem_file_iter(cert)
             .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .map_err(|source| TlsSetupError::Certificate {
-                path: cert.display().to_string(),
-                source,
-            })?;
-        let key = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsSetupError::Key {
-            path: key.display().to_string(),
-            source,
-        })?;
+            .map_err(|source| TlsSetupError::Certificate { path: cert.display().to_string(), source })?;
+        let key = PrivateKeyDer::from_pem_file(key)
+            .map_err(|source| TlsSetupError::Key { path: key.display().to_string(), source })?;
         Ok(Identity { chain, key })
     }
 
     /// A fresh self-signed certificate for `localhost` and the loopback addresses.
     pub fn self_signed() -> Result<Identity, TlsSetupError> {
-        let names = vec![
-            "localhost".to_string(),
-            "127.0.0.1".to_string(),
-            "::1".to_string(),
-        ];
+        let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
         let certified = rcgen::generate_simple_self_signed(names)?;
-        let key = PrivateKeyDer::try_from(certified.signing_key.serialize_der())
-            .expect("rcgen emits PKCS#8");
-        Ok(Identity {
-            chain: vec![certified.cert.der().clone()],
-            key,
-        })
+        let key = PrivateKeyDer::try_from(certified.signing_key.serialize_der()).expect("rcgen emits PKCS#8");
+        Ok(Identity { chain: vec![certified.cert.der().clone()], key })
     }
 
     /// Lowercase hex SHA-256 of the leaf certificate: what `--pin-sha256` takes.
@@ -78,10 +59,7 @@ impl Identity {
 }
 
 pub fn certificate_fingerprint(cert: &CertificateDer<'_>) -> String {
-    Sha256::digest(cert.as_ref())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(cert.as_ref()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -97,12 +75,8 @@ mod tests {
 
     #[test]
     fn missing_files_name_the_path() {
-        let err = Identity::from_files(
-            Path::new("/nonexistent/cert.pem"),
-            Path::new("/nonexistent/key.pem"),
-        )
-        .err()
-        .unwrap();
+        let err =
+            Identity::from_files(Path::new("/nonexistent/cert.pem"), Path::new("/nonexistent/key.pem")).err().unwrap();
         assert!(err.to_string().contains("/nonexistent/cert.pem"), "{err}");
     }
 }

@@ -124,7 +124,8 @@ impl Shared {
             }
             log::debug!("{:?} session closing: {reason}", self.role);
             *state = Some(if silent_server {
-                format!("{reason}; the server closed without answering (wrong password, or not an AnyTLS server?)").into()
+                format!("{reason}; the server closed without answering (wrong password, or not an AnyTLS server?)")
+                    .into()
             } else {
                 reason.into()
             });
@@ -171,12 +172,7 @@ impl Session {
 
     /// Starts a server session; `leftover` holds bytes that arrived after the
     /// authentication block. Each accepted stream is passed to `handler`.
-    pub fn server<IO>(
-        io: IO,
-        config: SessionConfig,
-        leftover: BytesMut,
-        handler: StreamHandler,
-    ) -> Session
+    pub fn server<IO>(io: IO, config: SessionConfig, leftover: BytesMut, handler: StreamHandler) -> Session
     where
         IO: AsyncRead + AsyncWrite + Send + 'static,
     {
@@ -213,13 +209,7 @@ impl Session {
             closed: watch::Sender::new(None),
         });
         let (read_half, write_half) = tokio::io::split(io);
-        tokio::spawn(writer::run(
-            write_half,
-            control_rx,
-            data_rx,
-            padding,
-            shared.clone(),
-        ));
+        tokio::spawn(writer::run(write_half, control_rx, data_rx, padding, shared.clone()));
         tokio::spawn(reader::run(read_half, leftover, handler, shared.clone()));
         Session { shared }
     }
@@ -266,11 +256,7 @@ impl Session {
         }
         let id = self.shared.next_stream_id.fetch_add(1, Ordering::Relaxed);
         let (events_tx, events_rx) = mpsc::channel(self.shared.config.stream_queue);
-        self.shared
-            .streams
-            .lock()
-            .expect("streams lock")
-            .insert(id, events_tx);
+        self.shared.streams.lock().expect("streams lock").insert(id, events_tx);
 
         let mut raw = BytesMut::with_capacity(64 + first_data.len());
         if !self.shared.settings_sent.swap(true, Ordering::AcqRel) {
@@ -279,28 +265,16 @@ impl Session {
                 .with("v", "2")
                 .with("client", &self.shared.config.client_name)
                 .with("padding-md5", scheme.md5_hex());
-            Frame::new(Command::Settings, 0, settings.encode())
-                .encode(&mut raw)
-                .expect("small frame");
+            Frame::new(Command::Settings, 0, settings.encode()).encode(&mut raw).expect("small frame");
         }
-        Frame::control(Command::Syn, id)
-            .encode(&mut raw)
-            .expect("empty frame");
+        Frame::control(Command::Syn, id).encode(&mut raw).expect("empty frame");
         let stream = Stream::new(id, self.shared.clone(), events_rx);
         let mut first_data = first_data;
         while !first_data.is_empty() {
             let chunk = first_data.split_to(first_data.len().min(crate::proto::MAX_FRAME_DATA));
-            Frame::new(Command::Push, id, chunk)
-                .encode(&mut raw)
-                .expect("bounded chunk");
+            Frame::new(Command::Push, id, chunk).encode(&mut raw).expect("bounded chunk");
         }
-        if self
-            .shared
-            .data_tx
-            .send(Outgoing::Raw(raw.freeze()))
-            .await
-            .is_err()
-        {
+        if self.shared.data_tx.send(Outgoing::Raw(raw.freeze())).await.is_err() {
             return Err(self.shared.closed_error());
         }
         Ok(stream)
@@ -308,8 +282,7 @@ impl Session {
 
     /// Sends a heartbeat request (v2 peers answer it).
     pub fn send_heartbeat(&self) {
-        self.shared
-            .send_control(Frame::control(Command::HeartRequest, 0));
+        self.shared.send_control(Frame::control(Command::HeartRequest, 0));
     }
 }
 

@@ -46,10 +46,7 @@ pub(super) async fn run<IO: AsyncRead>(
         match read {
             Ok(0) if buf.is_empty() => break "peer closed the connection".to_string(),
             Ok(0) => {
-                break format!(
-                    "peer closed the connection inside a frame ({} bytes left)",
-                    buf.len()
-                );
+                break format!("peer closed the connection inside a frame ({} bytes left)", buf.len());
             }
             Ok(_) => {}
             Err(err) => break format!("read failed: {err}"),
@@ -59,20 +56,11 @@ pub(super) async fn run<IO: AsyncRead>(
 }
 
 /// Handles one frame. An `Err` closes the session with that reason.
-async fn dispatch(
-    frame: Frame,
-    shared: &Arc<Shared>,
-    handler: Option<&StreamHandler>,
-) -> Result<(), String> {
+async fn dispatch(frame: Frame, shared: &Arc<Shared>, handler: Option<&StreamHandler>) -> Result<(), String> {
     let sid = frame.stream_id;
     match frame.command {
         Command::Push => {
-            let sender = shared
-                .streams
-                .lock()
-                .expect("streams lock")
-                .get(&sid)
-                .cloned();
+            let sender = shared.streams.lock().expect("streams lock").get(&sid).cloned();
             // Data for an unknown (or already finished) stream is dropped.
             if let Some(sender) = sender {
                 deliver(shared, sid, &sender, StreamEvent::Data(detach(frame.data))).await;
@@ -86,10 +74,7 @@ async fn dispatch(
         }
         Command::Waste | Command::HeartResponse => {}
         Command::HeartRequest => shared.send_control(Frame::control(Command::HeartResponse, sid)),
-        Command::Unknown(byte) => log::debug!(
-            "skipping unknown command {byte} ({} bytes)",
-            frame.data.len()
-        ),
+        Command::Unknown(byte) => log::debug!("skipping unknown command {byte} ({} bytes)", frame.data.len()),
         _ if shared.role == Role::Server => on_server_frame(frame, shared, handler)?,
         _ => on_client_frame(frame, shared).await?,
     }
@@ -98,30 +83,17 @@ async fn dispatch(
 
 /// Waits for room in the stream's queue (backpressure); a stream whose reader is
 /// gone is forgotten.
-async fn deliver(
-    shared: &Shared,
-    sid: u32,
-    sender: &mpsc::Sender<StreamEvent>,
-    event: StreamEvent,
-) {
+async fn deliver(shared: &Shared, sid: u32, sender: &mpsc::Sender<StreamEvent>, event: StreamEvent) {
     if sender.send(event).await.is_err() {
         shared.remove_stream(sid);
     }
 }
 
 fn detach(data: Bytes) -> Bytes {
-    if data.len() < COPY_BELOW {
-        Bytes::copy_from_slice(&data)
-    } else {
-        data
-    }
+    if data.len() < COPY_BELOW { Bytes::copy_from_slice(&data) } else { data }
 }
 
-fn on_server_frame(
-    frame: Frame,
-    shared: &Arc<Shared>,
-    handler: Option<&StreamHandler>,
-) -> Result<(), String> {
+fn on_server_frame(frame: Frame, shared: &Arc<Shared>, handler: Option<&StreamHandler>) -> Result<(), String> {
     match frame.command {
         Command::Settings => {
             let settings = Settings::parse(&frame.data);
@@ -129,11 +101,7 @@ fn on_server_frame(
             shared.peer_version.send_replace(version);
             let scheme = shared.config.padding.load();
             if settings.get("padding-md5") != Some(scheme.md5_hex()) {
-                let update = Frame::new(
-                    Command::UpdatePaddingScheme,
-                    0,
-                    Bytes::copy_from_slice(scheme.raw()),
-                );
+                let update = Frame::new(Command::UpdatePaddingScheme, 0, Bytes::copy_from_slice(scheme.raw()));
                 shared.send_control(update);
             }
             if version >= 2 {
@@ -144,11 +112,7 @@ fn on_server_frame(
         }
         Command::Syn => {
             if *shared.peer_version.borrow() == 0 {
-                shared.send_control(Frame::new(
-                    Command::Alert,
-                    0,
-                    &b"client did not send its settings"[..],
-                ));
+                shared.send_control(Frame::new(Command::Alert, 0, &b"client did not send its settings"[..]));
                 return Err("SYN before Settings".to_string());
             }
             let Some(handler) = handler else {
@@ -161,10 +125,7 @@ fn on_server_frame(
             }
             if streams.len() >= shared.config.max_streams {
                 drop(streams);
-                log::warn!(
-                    "stream {sid} refused: session already has {} streams",
-                    shared.config.max_streams
-                );
+                log::warn!("stream {sid} refused: session already has {} streams", shared.config.max_streams);
                 refuse_stream(shared, sid, "too many streams on this session");
                 return Ok(());
             }
@@ -189,12 +150,7 @@ fn refuse_stream(shared: &Shared, sid: u32, why: &str) {
 async fn on_client_frame(frame: Frame, shared: &Arc<Shared>) -> Result<(), String> {
     match frame.command {
         Command::SynAck => {
-            let sender = shared
-                .streams
-                .lock()
-                .expect("streams lock")
-                .get(&frame.stream_id)
-                .cloned();
+            let sender = shared.streams.lock().expect("streams lock").get(&frame.stream_id).cloned();
             if let Some(sender) = sender {
                 let result = if frame.data.is_empty() {
                     Ok(())
@@ -203,13 +159,7 @@ async fn on_client_frame(frame: Frame, shared: &Arc<Shared>) -> Result<(), Strin
                     shared.remove_stream(frame.stream_id);
                     Err(String::from_utf8_lossy(&frame.data).into_owned())
                 };
-                deliver(
-                    shared,
-                    frame.stream_id,
-                    &sender,
-                    StreamEvent::SynAck(result),
-                )
-                .await;
+                deliver(shared, frame.stream_id, &sender, StreamEvent::SynAck(result)).await;
             }
         }
         Command::ServerSettings => {
@@ -218,10 +168,7 @@ async fn on_client_frame(frame: Frame, shared: &Arc<Shared>) -> Result<(), Strin
         }
         Command::UpdatePaddingScheme => match PaddingScheme::parse(&frame.data) {
             Ok(scheme) => {
-                log::info!(
-                    "server updated the padding scheme (md5 {})",
-                    scheme.md5_hex()
-                );
+                log::info!("server updated the padding scheme (md5 {})", scheme.md5_hex());
                 shared.config.padding.store(Arc::new(scheme));
             }
             Err(err) => log::warn!("server sent an unusable padding scheme: {err}"),

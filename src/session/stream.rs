@@ -30,18 +30,8 @@ pub struct Stream {
 impl Stream {
     pub(super) fn new(id: u32, shared: Arc<Shared>, events: mpsc::Receiver<StreamEvent>) -> Stream {
         Stream {
-            reader: StreamReader {
-                id,
-                shared: shared.clone(),
-                events,
-                pending: None,
-                fin_received: false,
-            },
-            writer: StreamWriter {
-                id,
-                shared,
-                fin_sent: false,
-            },
+            reader: StreamReader { id, shared: shared.clone(), events, pending: None, fin_received: false },
+            writer: StreamWriter { id, shared, fin_sent: false },
         }
     }
 
@@ -130,11 +120,7 @@ impl Stream {
             let mut data = Bytes::from(data.into_bytes());
             data.truncate(MAX_FRAME_DATA);
             let frame = Frame::new(Command::SynAck, self.writer.id, data);
-            shared
-                .data_tx
-                .send(Outgoing::Frame(frame))
-                .await
-                .map_err(|_| shared.closed_error())?;
+            shared.data_tx.send(Outgoing::Frame(frame)).await.map_err(|_| shared.closed_error())?;
             if failed {
                 // The error SYNACK closes the stream for the client: no FIN follows.
                 self.writer.fin_sent = true;
@@ -200,13 +186,7 @@ impl StreamWriter {
         while !data.is_empty() {
             let chunk = data.split_to(data.len().min(MAX_FRAME_DATA));
             let frame = Frame::new(Command::Push, self.id, chunk);
-            if self
-                .shared
-                .data_tx
-                .send(Outgoing::Frame(frame))
-                .await
-                .is_err()
-            {
+            if self.shared.data_tx.send(Outgoing::Frame(frame)).await.is_err() {
                 return Err(self.shared.closed_error());
             }
         }
@@ -220,11 +200,7 @@ impl StreamWriter {
         }
         self.fin_sent = true;
         let frame = Frame::control(Command::Fin, self.id);
-        self.shared
-            .data_tx
-            .send(Outgoing::Frame(frame))
-            .await
-            .map_err(|_| self.shared.closed_error())
+        self.shared.data_tx.send(Outgoing::Frame(frame)).await.map_err(|_| self.shared.closed_error())
     }
 }
 

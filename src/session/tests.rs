@@ -49,11 +49,7 @@ struct RawPeer {
 
 impl RawPeer {
     fn new(io: DuplexStream) -> RawPeer {
-        RawPeer {
-            io,
-            buf: BytesMut::new(),
-            decoder: FrameDecoder::new(),
-        }
+        RawPeer { io, buf: BytesMut::new(), decoder: FrameDecoder::new() }
     }
 
     async fn next(&mut self) -> Option<Frame> {
@@ -63,8 +59,7 @@ impl RawPeer {
                     return Some(frame);
                 }
             }
-            let read =
-                tokio::time::timeout(Duration::from_secs(5), self.io.read_buf(&mut self.buf)).await;
+            let read = tokio::time::timeout(Duration::from_secs(5), self.io.read_buf(&mut self.buf)).await;
             if read.expect("peer answered in time").unwrap() == 0 {
                 return None;
             }
@@ -132,27 +127,18 @@ async fn many_concurrent_streams_share_one_session() {
 async fn client_first_write_is_settings_syn_and_data() {
     let (a, b) = tokio::io::duplex(PIPE);
     let client = Session::client(a, SessionConfig::default());
-    let _stream = client
-        .open_stream(Bytes::from_static(b"\x01\x7f\0\0\x01\0\x50"))
-        .await
-        .unwrap();
+    let _stream = client.open_stream(Bytes::from_static(b"\x01\x7f\0\0\x01\0\x50")).await.unwrap();
     let mut peer = RawPeer::new(b);
     let settings = peer.next().await.unwrap();
     assert_eq!(settings.command, Command::Settings);
     let settings = Settings::parse(&settings.data);
     assert_eq!(settings.version(), 2);
-    assert_eq!(
-        settings.get("padding-md5"),
-        Some("75cff2ad89aadf5e257059ee571ebe11")
-    );
+    assert_eq!(settings.get("padding-md5"), Some("75cff2ad89aadf5e257059ee571ebe11"));
     assert!(settings.get("client").unwrap().starts_with("anytls-rs/"));
     let syn = peer.next().await.unwrap();
     assert_eq!((syn.command, syn.stream_id), (Command::Syn, 1));
     let push = peer.next().await.unwrap();
-    assert_eq!(
-        (push.command, push.stream_id, &push.data[..]),
-        (Command::Push, 1, &b"\x01\x7f\0\0\x01\0\x50"[..])
-    );
+    assert_eq!((push.command, push.stream_id, &push.data[..]), (Command::Push, 1, &b"\x01\x7f\0\0\x01\0\x50"[..]));
 }
 
 #[tokio::test]
@@ -161,19 +147,12 @@ async fn server_answers_settings_with_scheme_update_and_version() {
     let _server = Session::server(b, SessionConfig::default(), BytesMut::new(), echo_handler());
     let mut peer = RawPeer::new(a);
     let settings = Settings::new().with("v", "2").with("padding-md5", "0000");
-    peer.send(&[Frame::new(Command::Settings, 0, settings.encode())])
-        .await;
+    peer.send(&[Frame::new(Command::Settings, 0, settings.encode())]).await;
     let update = peer.next().await.unwrap();
     assert_eq!(update.command, Command::UpdatePaddingScheme);
-    assert_eq!(
-        &update.data[..],
-        crate::proto::padding::DEFAULT_SCHEME.as_bytes()
-    );
+    assert_eq!(&update.data[..], crate::proto::padding::DEFAULT_SCHEME.as_bytes());
     let version = peer.next().await.unwrap();
-    assert_eq!(
-        (version.command, &version.data[..]),
-        (Command::ServerSettings, &b"v=2"[..])
-    );
+    assert_eq!((version.command, &version.data[..]), (Command::ServerSettings, &b"v=2"[..]));
 }
 
 #[tokio::test]
@@ -184,8 +163,7 @@ async fn client_adopts_an_updated_padding_scheme() {
     let _stream = client.open_stream(Bytes::new()).await.unwrap();
     let mut peer = RawPeer::new(b);
     let scheme = b"stop=3\n0=10-10\n1=50-60";
-    peer.send(&[Frame::new(Command::UpdatePaddingScheme, 0, &scheme[..])])
-        .await;
+    peer.send(&[Frame::new(Command::UpdatePaddingScheme, 0, &scheme[..])]).await;
     tokio::time::timeout(Duration::from_secs(5), async {
         while config.padding.load().stop() != 3 {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -200,9 +178,7 @@ async fn v1_client_gets_no_server_settings_and_no_synack() {
     let (a, b) = tokio::io::duplex(PIPE);
     let _server = Session::server(b, SessionConfig::default(), BytesMut::new(), echo_handler());
     let mut peer = RawPeer::new(a);
-    let settings = Settings::new()
-        .with("v", "1")
-        .with("padding-md5", "75cff2ad89aadf5e257059ee571ebe11");
+    let settings = Settings::new().with("v", "1").with("padding-md5", "75cff2ad89aadf5e257059ee571ebe11");
     peer.send(&[
         Frame::new(Command::Settings, 0, settings.encode()),
         Frame::control(Command::Syn, 1),
@@ -211,10 +187,7 @@ async fn v1_client_gets_no_server_settings_and_no_synack() {
     .await;
     // The first thing back is the echo: no ServerSettings, no SYNACK.
     let echo = peer.next().await.unwrap();
-    assert_eq!(
-        (echo.command, &echo.data[..]),
-        (Command::Push, &b"ping"[..])
-    );
+    assert_eq!((echo.command, &echo.data[..]), (Command::Push, &b"ping"[..]));
 }
 
 #[tokio::test]
@@ -235,9 +208,7 @@ async fn unknown_commands_and_stray_frames_are_skipped() {
     let (a, b) = tokio::io::duplex(PIPE);
     let _server = Session::server(b, SessionConfig::default(), BytesMut::new(), echo_handler());
     let mut peer = RawPeer::new(a);
-    let settings = Settings::new()
-        .with("v", "2")
-        .with("padding-md5", "75cff2ad89aadf5e257059ee571ebe11");
+    let settings = Settings::new().with("v", "2").with("padding-md5", "75cff2ad89aadf5e257059ee571ebe11");
     peer.send(&[
         Frame::new(Command::Settings, 0, settings.encode()),
         Frame::new(Command::Unknown(42), 0, vec![3u8; 300]),
@@ -269,10 +240,7 @@ async fn half_close_keeps_the_other_direction_open() {
             stream.send_synack(Ok(())).await.unwrap();
             let request = read_to_fin(&mut stream).await;
             // Answer only after the client's FIN.
-            stream
-                .write(Bytes::from(format!("got {} bytes", request.len())))
-                .await
-                .unwrap();
+            stream.write(Bytes::from(format!("got {} bytes", request.len()))).await.unwrap();
             stream.finish().await.unwrap();
         });
     });
@@ -290,20 +258,14 @@ async fn refused_stream_reports_the_server_text() {
     let (a, b) = tokio::io::duplex(PIPE);
     let handler: StreamHandler = Arc::new(|mut stream: Stream| {
         tokio::spawn(async move {
-            stream
-                .send_synack(Err("dial 10.0.0.1:1: connection refused".into()))
-                .await
-                .unwrap();
+            stream.send_synack(Err("dial 10.0.0.1:1: connection refused".into())).await.unwrap();
         });
     });
     let _server = Session::server(b, SessionConfig::default(), BytesMut::new(), handler);
     let client = Session::client(a, SessionConfig::default());
     let mut stream = client.open_stream(Bytes::new()).await.unwrap();
     let err = stream.wait_open().await.unwrap_err();
-    assert_eq!(
-        err,
-        OpenError::Refused("dial 10.0.0.1:1: connection refused".into())
-    );
+    assert_eq!(err, OpenError::Refused("dial 10.0.0.1:1: connection refused".into()));
     // The session survives for the next stream.
     let mut next = client.open_stream(Bytes::new()).await.unwrap();
     assert!(matches!(next.wait_open().await, Err(OpenError::Refused(_))));
@@ -313,20 +275,14 @@ async fn refused_stream_reports_the_server_text() {
 #[tokio::test]
 async fn v1_server_is_assumed_after_the_grace_period() {
     let (a, b) = tokio::io::duplex(PIPE);
-    let config = SessionConfig {
-        v1_grace: Duration::from_millis(100),
-        ..SessionConfig::default()
-    };
+    let config = SessionConfig { v1_grace: Duration::from_millis(100), ..SessionConfig::default() };
     let client = Session::client(a, config);
     let mut stream = client.open_stream(Bytes::new()).await.unwrap();
     let _peer = RawPeer::new(b); // reads nothing, answers nothing
     stream.wait_open().await.unwrap();
     assert_eq!(client.peer_version(), 1);
     let mut second = client.open_stream(Bytes::new()).await.unwrap();
-    tokio::time::timeout(Duration::from_millis(50), second.wait_open())
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(Duration::from_millis(50), second.wait_open()).await.unwrap().unwrap();
 }
 
 #[tokio::test]
@@ -335,10 +291,7 @@ async fn wrong_password_style_close_is_reported_not_hung() {
     let client = Session::client(a, SessionConfig::default());
     let mut stream = client.open_stream(Bytes::new()).await.unwrap();
     drop(b); // the server closes without a word
-    let err = tokio::time::timeout(Duration::from_secs(5), stream.wait_open())
-        .await
-        .unwrap()
-        .unwrap_err();
+    let err = tokio::time::timeout(Duration::from_secs(5), stream.wait_open()).await.unwrap().unwrap_err();
     assert!(err.to_string().contains("wrong password"), "{err}");
 }
 
@@ -348,8 +301,7 @@ async fn alert_from_server_closes_the_client_session() {
     let client = Session::client(a, SessionConfig::default());
     let _stream = client.open_stream(Bytes::new()).await.unwrap();
     let mut peer = RawPeer::new(b);
-    peer.send(&[Frame::new(Command::Alert, 0, &b"go away"[..])])
-        .await;
+    peer.send(&[Frame::new(Command::Alert, 0, &b"go away"[..])]).await;
     assert!(client.closed().await.contains("go away"));
 }
 
@@ -362,11 +314,7 @@ async fn a_stalled_stream_exerts_backpressure_with_bounded_memory() {
     let mut peer = RawPeer::new(b);
     let settings = peer.next().await.unwrap();
     assert_eq!(settings.command, Command::Settings);
-    peer.send(&[
-        Frame::new(Command::ServerSettings, 0, &b"v=2"[..]),
-        Frame::control(Command::SynAck, 1),
-    ])
-    .await;
+    peer.send(&[Frame::new(Command::ServerSettings, 0, &b"v=2"[..]), Frame::control(Command::SynAck, 1)]).await;
     stalled.wait_open().await.unwrap();
     // Push 64 MiB at a stream that nobody reads: the writes must block well before that.
     let chunk = Frame::new(Command::Push, 1, vec![7u8; 65_535]);
@@ -383,10 +331,7 @@ async fn a_stalled_stream_exerts_backpressure_with_bounded_memory() {
     .await;
     assert!(pushed.is_err(), "the session kept reading a stalled stream");
     // Queue + reader buffer + pipe: a few MiB at most.
-    assert!(
-        written < (config.stream_queue + 8) * 65_542 + 2 * PIPE,
-        "{written} bytes accepted"
-    );
+    assert!(written < (config.stream_queue + 8) * 65_542 + 2 * PIPE, "{written} bytes accepted");
     // Reading again drains every whole frame that was written.
     let frames = written / encoded.len();
     let drain = async {
@@ -394,7 +339,5 @@ async fn a_stalled_stream_exerts_backpressure_with_bounded_memory() {
             assert_eq!(stalled.read().await.unwrap().unwrap().len(), 65_535);
         }
     };
-    tokio::time::timeout(Duration::from_secs(10), drain)
-        .await
-        .expect("queued data drains");
+    tokio::time::timeout(Duration::from_secs(10), drain).await.expect("queued data drains");
 }
