@@ -11,10 +11,10 @@ use rustls::pki_types::ServerName;
 
 use anytls_rs::client::inbound::Credentials;
 use anytls_rs::client::link::{parse_link, parse_server};
-use anytls_rs::client::sessions::{Connector, SessionPool};
+use anytls_rs::client::sessions::{Connector, SessionPool, SessionPoolSettings};
 use anytls_rs::client::tls::{Trust, client_config, parse_pin};
 use anytls_rs::client::{self, ClientConfig};
-use anytls_rs::pool::{PoolSettings, PoolType};
+use anytls_rs::pool::PoolType;
 use anytls_rs::proto::address::Host;
 use anytls_rs::proto::{PaddingScheme, PasswordHash};
 use anytls_rs::session::SessionConfig;
@@ -60,9 +60,22 @@ struct Args {
     /// How often idle sessions are checked, in seconds.
     #[arg(long, default_value_t = 30)]
     idle_session_check_interval_secs: u64,
-    /// Pool engine for idle sessions.
+    /// Idle sessions the idle check always leaves open (the newest ones).
+    #[arg(long, default_value_t = 5)]
+    min_idle_session: usize,
+    /// Streams one session carries at once (1 = one TLS connection per active stream,
+    /// as the reference client; more multiplexes).
+    #[arg(long, default_value_t = 1)]
+    max_streams_per_session: usize,
+    /// Idle sessions kept at most.
+    #[arg(long, default_value_t = 64)]
+    max_idle_sessions: usize,
+    /// Session pool engine: lock (a mutex), lockfree (arc-swap + epoch stacks), highperf (sharded).
     #[arg(long, value_enum, default_value_t = PoolType::LockFree)]
     pool_type: PoolType,
+    /// How often pool statistics are logged, in seconds.
+    #[arg(long, default_value_t = 60)]
+    stats_interval_secs: u64,
 }
 
 fn main() -> ExitCode {
@@ -112,10 +125,16 @@ async fn run(args: Args) -> Result<(), String> {
         },
         connect_timeout: Duration::from_secs(args.connect_timeout_secs),
     };
-    let pool_settings =
-        PoolSettings { max_idle_time: Duration::from_secs(args.idle_session_timeout_secs), ..PoolSettings::default() };
+    let pool_settings = SessionPoolSettings {
+        pool_type: args.pool_type,
+        idle_timeout: Duration::from_secs(args.idle_session_timeout_secs),
+        min_idle: args.min_idle_session,
+        max_streams_per_session: args.max_streams_per_session.max(1),
+        max_idle: args.max_idle_sessions.max(1),
+    };
     let config = ClientConfig {
-        pool: SessionPool::new(connector, args.pool_type, pool_settings),
+        pool: SessionPool::new(connector, pool_settings),
+        stats_interval: Duration::from_secs(args.stats_interval_secs.max(1)),
         credentials: args
             .socks_user
             .zip(args.socks_pass)

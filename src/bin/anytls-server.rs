@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use anytls_rs::proto::{PaddingScheme, PasswordHash};
+use anytls_rs::pool::PoolType;
+use anytls_rs::proto::{Address, PaddingScheme, PasswordHash};
+use anytls_rs::server::outbound_pool::OutboundSettings;
 use anytls_rs::server::tls::Identity;
 use anytls_rs::server::{self, ServerConfig};
 
@@ -42,6 +44,30 @@ struct Args {
     /// Streams one session may have open at once.
     #[arg(long, default_value_t = 1024)]
     max_streams_per_session: usize,
+    /// Outbound pool engine: lock (a mutex), lockfree (arc-swap + epoch stacks), highperf (sharded).
+    #[arg(long, value_enum, default_value_t = PoolType::LockFree)]
+    pool_type: PoolType,
+    /// Outbound connections (in use + warm) per target; more streams wait, then fail.
+    #[arg(long, default_value_t = 100)]
+    max_outbound_connections: usize,
+    /// Warm connections idle longer than this are closed, and targets quiet this long are let go.
+    #[arg(long, default_value_t = 300)]
+    max_idle_time_secs: u64,
+    /// Warm connections kept ready per recently used target (0 = dial on demand only).
+    #[arg(long, default_value_t = 5)]
+    min_idle_connections: usize,
+    /// Warm connections older than this are closed, in seconds.
+    #[arg(long, default_value_t = 1800)]
+    max_lifetime_secs: u64,
+    /// Warm connections across all targets (bounds file descriptors).
+    #[arg(long, default_value_t = 1024)]
+    max_idle_total: usize,
+    /// Targets to warm up at start-up: host:port,host:port.
+    #[arg(long, value_delimiter = ',')]
+    warmup: Vec<String>,
+    /// How often pool statistics are logged, in seconds.
+    #[arg(long, default_value_t = 60)]
+    stats_interval_secs: u64,
 }
 
 fn main() -> ExitCode {
@@ -73,6 +99,11 @@ async fn run(args: Args) -> Result<(), String> {
         }
         None => PaddingScheme::default(),
     };
+    let warmup = args
+        .warmup
+        .iter()
+        .map(|target| Address::parse_host_port(target).ok_or_else(|| format!("--warmup: bad host:port {target:?}")))
+        .collect::<Result<Vec<_>, _>>()?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
@@ -84,6 +115,17 @@ async fn run(args: Args) -> Result<(), String> {
         handshake_timeout: Duration::from_secs(args.handshake_timeout_secs),
         max_handshakes: args.max_handshakes,
         max_streams_per_session: args.max_streams_per_session,
+        outbound: OutboundSettings {
+            pool_type: args.pool_type,
+            max_per_target: args.max_outbound_connections.max(1),
+            min_idle: args.min_idle_connections,
+            max_idle_total: args.max_idle_total,
+            max_idle_time: Duration::from_secs(args.max_idle_time_secs),
+            max_lifetime: Duration::from_secs(args.max_lifetime_secs),
+            max_waiters_per_target: args.max_outbound_connections.max(1) * 4,
+        },
+        warmup,
+        stats_interval: Duration::from_secs(args.stats_interval_secs.max(1)),
     };
     log::info!(
         "listening on {} ({} user{})",

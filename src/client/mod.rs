@@ -21,19 +21,14 @@ pub struct ClientConfig {
     pub credentials: Option<Credentials>,
     /// How often idle sessions are checked for expiry.
     pub idle_check_interval: Duration,
+    /// How often the pool statistics are logged.
+    pub stats_interval: Duration,
 }
 
 /// Serves the local port until the task is dropped.
 pub async fn run(listener: TcpListener, config: ClientConfig) {
     let config = Arc::new(config);
-    let sweeper = config.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(sweeper.idle_check_interval);
-        loop {
-            tick.tick().await;
-            sweeper.pool.sweep();
-        }
-    });
+    tokio::spawn(maintain_pool(config.clone()));
     let mut backoff = Duration::from_millis(5);
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -54,6 +49,19 @@ pub async fn run(listener: TcpListener, config: ClientConfig) {
                 log::debug!("{peer}: {err}");
             }
         });
+    }
+}
+
+/// Sweeps idle sessions and logs the pool statistics.
+async fn maintain_pool(config: Arc<ClientConfig>) {
+    let mut sweep = tokio::time::interval(config.idle_check_interval);
+    let start = tokio::time::Instant::now() + config.stats_interval;
+    let mut stats = tokio::time::interval_at(start, config.stats_interval);
+    loop {
+        tokio::select! {
+            _ = sweep.tick() => config.pool.sweep(),
+            _ = stats.tick() => crate::pool::log_stats(&config.pool.stats(), &config.pool.idle_by_server(), ""),
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 //! idle ones, newest first, as the reference client does.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -10,7 +11,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::pool::{Idle, IdlePool, PoolKey, PoolSettings, PoolType, new_pool};
+use crate::pool::{Idle, IdlePool, PoolKey, PoolSettings, PoolStatsSnapshot, PoolType, new_pool};
 use crate::proto::auth::encode_auth_block;
 use crate::proto::{Address, PasswordHash};
 use crate::session::{Session, SessionConfig};
@@ -48,10 +49,24 @@ impl Connector {
     }
 }
 
+/// How the client keeps its sessions.
+#[derive(Debug, Clone)]
+pub struct SessionPoolSettings {
+    pub pool_type: PoolType,
+    pub idle_timeout: Duration,
+    /// Idle sessions the sweep always leaves open (the newest ones).
+    pub min_idle: usize,
+    /// Streams carried by one session at once; 1 is the reference's behaviour.
+    pub max_streams_per_session: usize,
+    /// Idle sessions kept at most.
+    pub max_idle: usize,
+}
+
 /// Idle sessions to one server, reused newest first.
 pub struct SessionPool {
     key: PoolKey,
     idle: Arc<dyn IdlePool<Session>>,
+    settings: SessionPoolSettings,
     pub connector: Connector,
 }
 
@@ -62,45 +77,236 @@ pub struct Lease {
 }
 
 impl SessionPool {
-    pub fn new(connector: Connector, pool_type: PoolType, settings: PoolSettings) -> SessionPool {
-        SessionPool { key: connector.server.to_string().into(), idle: new_pool(pool_type, settings), connector }
+    pub fn new(connector: Connector, settings: SessionPoolSettings) -> SessionPool {
+        let engine_settings = PoolSettings {
+            max_idle_per_key: settings.max_idle,
+            max_idle_total: settings.max_idle,
+            max_idle_time: settings.idle_timeout,
+            // Sessions live as long as they are used and not idle too long.
+            max_lifetime: Duration::from_secs(u64::from(u32::MAX)),
+        };
+        SessionPool {
+            key: connector.server.to_string().into(),
+            idle: new_pool(settings.pool_type, engine_settings),
+            settings,
+            connector,
+        }
     }
 
-    /// The newest idle session still alive, or a new one.
+    /// The newest idle session still alive and with room for a stream, or a new one.
     pub async fn acquire(&self) -> Result<Lease, String> {
         while let Some(entry) = self.idle.take(&self.key) {
-            if entry.value.is_closed() {
+            let session = entry.value;
+            session.pooled().store(false, Ordering::Release);
+            if session.is_closed() {
                 self.idle.counters().record_cleaned(1);
                 continue;
             }
+            if session.open_streams() >= self.settings.max_streams_per_session {
+                continue; // full: it comes back when one of its streams ends
+            }
             self.idle.counters().record_checkout();
-            return Ok(Lease { session: entry.value, reused: true });
+            self.share_if_room(&session);
+            return Ok(Lease { session, reused: true });
         }
         let session = self.connector.connect().await?;
         self.idle.counters().record_new();
         self.idle.counters().record_checkout();
+        self.share_if_room(&session);
         Ok(Lease { session, reused: false })
     }
 
-    /// Puts a session whose stream has ended back for reuse.
+    /// With several streams per session allowed, a session in use stays available
+    /// to others while it has room.
+    fn share_if_room(&self, session: &Session) {
+        if session.open_streams() + 1 < self.settings.max_streams_per_session {
+            self.give_back(session.clone());
+        }
+    }
+
+    /// Takes back a session whose stream has ended.
     pub fn release(&self, session: Session) {
         self.idle.counters().record_checkin();
-        if session.is_closed() {
-            return;
+        if !session.is_closed() {
+            self.give_back(session);
+        }
+    }
+
+    fn give_back(&self, session: Session) {
+        if session.pooled().swap(true, Ordering::AcqRel) {
+            return; // already in the pool
         }
         if let Err(refused) = self.idle.give(&self.key, Idle::new(session)) {
-            refused.value.close("idle pool full");
+            refused.value.pooled().store(false, Ordering::Release);
+            if refused.value.open_streams() == 0 {
+                refused.value.close("idle pool full");
+            }
         }
     }
 
-    /// Closes sessions idle for too long.
+    /// Closes sessions idle longer than the idle timeout, except the newest
+    /// `min_idle`, and forgets dead ones.
     pub fn sweep(&self) {
-        for (_, entry) in self.idle.sweep(Instant::now()) {
-            entry.value.close("idle timeout");
+        let mut expired = self.idle.sweep(Instant::now());
+        // Newest first, so the sessions kept are the most recently used.
+        let still_idle = self.idle.idle_count(&self.key);
+        expired.sort_by_key(|(_, entry)| std::cmp::Reverse(entry.idle_since));
+        let mut keep = self.settings.min_idle.saturating_sub(still_idle);
+        let mut kept = 0;
+        let now = Instant::now();
+        for (_, entry) in expired {
+            let entry = if keep > 0 && !entry.value.is_closed() {
+                // Kept sessions start a new idle period, so `take` does not drop them as expired.
+                match self.idle.give(&self.key, Idle { idle_since: now, ..entry }) {
+                    Ok(()) => {
+                        keep -= 1;
+                        kept += 1;
+                        continue;
+                    }
+                    Err(entry) => entry,
+                }
+            } else {
+                entry
+            };
+            entry.value.pooled().store(false, Ordering::Release);
+            if entry.value.open_streams() == 0 {
+                entry.value.close("idle timeout");
+            }
+        }
+        self.idle.counters().record_kept_after_sweep(kept);
+    }
+
+    pub fn stats(&self) -> PoolStatsSnapshot {
+        self.idle.counters().snapshot()
+    }
+
+    pub fn idle_by_server(&self) -> Vec<(PoolKey, usize)> {
+        self.idle.idle_by_key()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::tls::{Trust, client_config};
+    use crate::proto::PaddingScheme;
+    use crate::server::outbound_pool::OutboundSettings;
+    use crate::server::tls::Identity;
+    use crate::server::{ServerConfig, run};
+
+    async fn server() -> Address {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = Address::socket(listener.local_addr().unwrap());
+        let config = ServerConfig {
+            tls: Identity::self_signed().unwrap().server_config().unwrap(),
+            passwords: vec![PasswordHash::of("pw")],
+            padding: PaddingScheme::default(),
+            connect_timeout: Duration::from_secs(2),
+            handshake_timeout: Duration::from_secs(5),
+            max_handshakes: 16,
+            max_streams_per_session: 64,
+            outbound: OutboundSettings {
+                pool_type: PoolType::Lock,
+                max_per_target: 10,
+                min_idle: 0,
+                max_idle_total: 10,
+                max_idle_time: Duration::from_secs(60),
+                max_lifetime: Duration::from_secs(60),
+                max_waiters_per_target: 10,
+            },
+            warmup: vec![],
+            stats_interval: Duration::from_secs(60),
+        };
+        tokio::spawn(run(listener, config));
+        address
+    }
+
+    fn pool(server: Address, settings: SessionPoolSettings) -> SessionPool {
+        let connector = Connector {
+            server,
+            server_name: ServerName::try_from("localhost").unwrap(),
+            tls: TlsConnector::from(client_config(&Trust::Insecure).unwrap()),
+            password: PasswordHash::of("pw"),
+            session_config: SessionConfig::default(),
+            connect_timeout: Duration::from_secs(2),
+        };
+        SessionPool::new(connector, settings)
+    }
+
+    fn settings(pool_type: PoolType) -> SessionPoolSettings {
+        SessionPoolSettings {
+            pool_type,
+            idle_timeout: Duration::from_secs(60),
+            min_idle: 0,
+            max_streams_per_session: 1,
+            max_idle: 16,
         }
     }
 
-    pub fn idle_pool(&self) -> &dyn IdlePool<Session> {
-        self.idle.as_ref()
+    const ENGINES: [PoolType; 3] = [PoolType::Lock, PoolType::LockFree, PoolType::HighPerf];
+
+    #[tokio::test]
+    async fn newest_idle_session_is_reused_and_busy_ones_are_not_shared() {
+        let server = server().await;
+        for engine in ENGINES {
+            let pool = pool(server.clone(), settings(engine));
+            let a = pool.acquire().await.unwrap();
+            let b = pool.acquire().await.unwrap();
+            assert!(!a.reused && !b.reused, "one stream per session: a busy session is not shared");
+            let (a, b) = (a.session, b.session);
+            pool.release(a.clone());
+            pool.release(b.clone());
+            let again = pool.acquire().await.unwrap();
+            assert!(again.reused);
+            assert!(again.session.same_as(&b), "{engine}: newest first");
+            let stats = pool.stats();
+            assert_eq!((stats.new, stats.reused, stats.active), (2, 1, 1), "{engine}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dead_idle_session_is_skipped_and_replaced() {
+        let server = server().await;
+        let pool = pool(server, settings(PoolType::LockFree));
+        let lease = pool.acquire().await.unwrap();
+        pool.release(lease.session.clone());
+        lease.session.close("server went away");
+        let next = pool.acquire().await.unwrap();
+        assert!(!next.reused);
+        assert_eq!(pool.stats().cleaned, 1);
+    }
+
+    #[tokio::test]
+    async fn sweep_closes_idle_sessions_but_keeps_the_newest_minimum() {
+        let server = server().await;
+        let mut short = settings(PoolType::HighPerf);
+        short.idle_timeout = Duration::from_millis(50);
+        short.min_idle = 1;
+        let pool = pool(server, short);
+        let leases = [pool.acquire().await.unwrap(), pool.acquire().await.unwrap(), pool.acquire().await.unwrap()];
+        let sessions: Vec<Session> = leases.iter().map(|l| l.session.clone()).collect();
+        for lease in leases {
+            pool.release(lease.session);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        pool.sweep();
+        assert_eq!(pool.idle_by_server().iter().map(|(_, n)| n).sum::<usize>(), 1);
+        assert_eq!(pool.stats().cleaned, 2);
+        assert!(sessions[0].is_closed() && sessions[1].is_closed());
+        assert!(!sessions[2].is_closed(), "the newest stays open");
+        assert!(pool.acquire().await.unwrap().reused);
+    }
+
+    #[tokio::test]
+    async fn several_streams_per_session_share_one_connection() {
+        let server = server().await;
+        let mut shared = settings(PoolType::Lock);
+        shared.max_streams_per_session = 4;
+        let pool = pool(server, shared);
+        let first = pool.acquire().await.unwrap();
+        let _stream = first.session.open_stream(bytes::Bytes::new()).await.unwrap();
+        let second = pool.acquire().await.unwrap();
+        assert!(second.reused, "a session with room is shared");
+        assert_eq!(pool.stats().new, 1);
     }
 }

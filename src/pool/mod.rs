@@ -218,6 +218,12 @@ impl PoolCounters {
         self.cleaned.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// The caller kept `n` entries that a sweep returned (e.g. to honour a minimum of idle
+    /// sessions), so they no longer count as cleaned.
+    pub fn record_kept_after_sweep(&self, n: u64) {
+        let _ = self.cleaned.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| Some(c.saturating_sub(n)));
+    }
+
     /// A resource went into use.
     pub fn record_checkout(&self) {
         self.active.fetch_add(1, Ordering::Relaxed);
@@ -292,6 +298,12 @@ pub fn format_stats_line(s: &PoolStatsSnapshot) -> String {
         percent(s.reused, s.reused + s.new),
         percent(s.active, s.total),
     )
+}
+
+/// Logs the two stats lines at INFO; `extra` is appended to the first.
+pub fn log_stats(snapshot: &PoolStatsSnapshot, idle_by_key: &[(PoolKey, usize)], extra: &str) {
+    log::info!("{}{extra}", format_stats_line(snapshot));
+    log::info!("{}", format_status_line(idle_by_key));
 }
 
 fn percent(part: u64, whole: u64) -> f64 {

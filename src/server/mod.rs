@@ -2,6 +2,7 @@
 //! streams by dialing their destinations.
 
 pub mod outbound;
+pub mod outbound_pool;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -20,6 +21,7 @@ use crate::proto::PasswordHash;
 use crate::proto::auth::{AuthParse, parse_auth_block};
 use crate::session::{Session, SessionConfig, Stream, StreamHandler};
 use outbound::Dialer;
+use outbound_pool::{OutboundPool, OutboundSettings};
 
 /// Everything the server needs to run.
 pub struct ServerConfig {
@@ -32,6 +34,11 @@ pub struct ServerConfig {
     /// Connections allowed to be in the handshake/authentication phase at once.
     pub max_handshakes: usize,
     pub max_streams_per_session: usize,
+    pub outbound: OutboundSettings,
+    /// Targets to warm up at start-up.
+    pub warmup: Vec<crate::proto::Address>,
+    /// How often the pool statistics are logged.
+    pub stats_interval: Duration,
 }
 
 /// Accepts connections until the task is dropped.
@@ -44,6 +51,12 @@ pub async fn run(listener: TcpListener, config: ServerConfig) {
         ..SessionConfig::default()
     };
     let handshakes = Arc::new(Semaphore::new(config.max_handshakes));
+    let pool = OutboundPool::new(config.outbound.clone(), Dialer { connect_timeout: config.connect_timeout });
+    log_pool_configuration(&config);
+    for target in &config.warmup {
+        pool.warm_up(target);
+    }
+    tokio::spawn(maintain_pool(pool.clone(), config.stats_interval));
     let mut backoff = Duration::from_millis(5);
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -66,6 +79,7 @@ pub async fn run(listener: TcpListener, config: ServerConfig) {
         let acceptor = acceptor.clone();
         let config = config.clone();
         let session_config = session_config.clone();
+        let pool = pool.clone();
         tokio::spawn(async move {
             let authenticated =
                 tokio::time::timeout(config.handshake_timeout, handshake(tcp, peer, &acceptor, &config)).await;
@@ -81,16 +95,44 @@ pub async fn run(listener: TcpListener, config: ServerConfig) {
                     return;
                 }
             };
-            let dialer = Dialer { connect_timeout: config.connect_timeout };
             let peer_name = peer.to_string();
             let handler: StreamHandler = Arc::new(move |stream: Stream| {
-                tokio::spawn(outbound::serve_stream(stream, dialer.clone(), peer_name.clone()));
+                tokio::spawn(outbound::serve_stream(stream, pool.clone(), peer_name.clone()));
             });
             let session = Session::server(tls, session_config, leftover, handler);
             log::debug!("{peer}: session open");
             let reason = session.closed().await;
             log::debug!("{peer}: session closed: {reason}");
         });
+    }
+}
+
+fn log_pool_configuration(config: &ServerConfig) {
+    let outbound = &config.outbound;
+    log::info!(
+        "outbound pool: type {}, max {} connections per target, max idle time {}s, min idle {} per target, \
+         max lifetime {}s, max idle in all {}",
+        outbound.pool_type,
+        outbound.max_per_target,
+        outbound.max_idle_time.as_secs(),
+        outbound.min_idle,
+        outbound.max_lifetime.as_secs(),
+        outbound.max_idle_total,
+    );
+}
+
+/// Sweeps the pool often enough for its idle time, and logs its statistics.
+async fn maintain_pool(pool: OutboundPool, stats_interval: Duration) {
+    let sweep_every = (pool.settings().max_idle_time / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
+    let mut sweep = tokio::time::interval(sweep_every);
+    let mut stats = tokio::time::interval_at(tokio::time::Instant::now() + stats_interval, stats_interval);
+    loop {
+        tokio::select! {
+            _ = sweep.tick() => pool.maintain(),
+            _ = stats.tick() => {
+                crate::pool::log_stats(&pool.stats(), &pool.idle_by_target(), &format!(", Warmed: {}", pool.warmed()));
+            }
+        }
     }
 }
 

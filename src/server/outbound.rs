@@ -7,6 +7,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use super::outbound_pool::OutboundPool;
 use crate::proto::Address;
 use crate::proto::address::Host;
 use crate::session::{Stream, relay};
@@ -97,7 +98,7 @@ async fn read_destination(stream: &mut Stream) -> Result<(Address, BytesMut), St
 }
 
 /// Serves one stream to the end. `peer` names the client in logs.
-pub async fn serve_stream(mut stream: Stream, dialer: Dialer, peer: String) {
+pub async fn serve_stream(mut stream: Stream, pool: OutboundPool, peer: String) {
     let (destination, early_payload) = match read_destination(&mut stream).await {
         Ok(found) => found,
         Err(why) => {
@@ -106,7 +107,7 @@ pub async fn serve_stream(mut stream: Stream, dialer: Dialer, peer: String) {
             return;
         }
     };
-    let dial = dialer.connect(&destination);
+    let dial = pool.acquire(&destination);
     tokio::pin!(dial);
     let answered_early;
     let dialed = tokio::select! {
@@ -118,8 +119,8 @@ pub async fn serve_stream(mut stream: Stream, dialer: Dialer, peer: String) {
             dial.await
         }
     };
-    let mut target = match dialed {
-        Ok(target) => target,
+    let mut outbound = match dialed {
+        Ok(outbound) => outbound,
         Err(err) => {
             log::warn!("{peer}: {err}");
             if !answered_early {
@@ -131,11 +132,13 @@ pub async fn serve_stream(mut stream: Stream, dialer: Dialer, peer: String) {
     if !answered_early && stream.send_synack(Ok(())).await.is_err() {
         return;
     }
-    if !early_payload.is_empty() && target.write_all(&early_payload).await.is_err() {
+    if !early_payload.is_empty() && outbound.tcp.write_all(&early_payload).await.is_err() {
         return;
     }
-    log::debug!("{peer}: stream {} -> {destination}", stream.id());
-    let (stats, error) = relay(stream, target).await;
+    let how = if outbound.reused { "warm" } else { "new" };
+    log::debug!("{peer}: stream {} -> {destination} ({how} connection)", stream.id());
+    // The stream owns the connection until it ends; it is then closed, never pooled.
+    let (stats, error) = relay(stream, outbound.tcp).await;
     match error {
         Some(error) => log::debug!("{peer}: {destination}: relay ended: {error}"),
         None => log::debug!("{peer}: {destination}: {} bytes up, {} down", stats.sent, stats.received),

@@ -109,6 +109,8 @@ struct Shared {
     /// The peer's protocol version: 0 until known.
     peer_version: watch::Sender<u8>,
     settings_sent: AtomicBool,
+    /// Set while the session sits in a client's pool, so it is never pooled twice.
+    pooled: AtomicBool,
     /// Whether the peer ever sent a frame: a client session that dies before the
     /// server said anything most likely used a wrong password.
     peer_spoke: AtomicBool,
@@ -154,10 +156,20 @@ impl Shared {
     }
 }
 
-/// A handle to a running session; clones share it.
+/// A handle to a running session; clones share it. When the last handle is
+/// dropped the session closes (its tasks would otherwise keep it open unseen).
 #[derive(Clone)]
 pub struct Session {
     shared: Arc<Shared>,
+    _last_handle: Arc<CloseOnDrop>,
+}
+
+struct CloseOnDrop(Arc<Shared>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close("session no longer used");
+    }
 }
 
 impl Session {
@@ -205,13 +217,14 @@ impl Session {
             next_stream_id: AtomicU32::new(1),
             peer_version: watch::Sender::new(0),
             settings_sent: AtomicBool::new(false),
+            pooled: AtomicBool::new(false),
             peer_spoke: AtomicBool::new(false),
             closed: watch::Sender::new(None),
         });
         let (read_half, write_half) = tokio::io::split(io);
         tokio::spawn(writer::run(write_half, control_rx, data_rx, padding, shared.clone()));
         tokio::spawn(reader::run(read_half, leftover, handler, shared.clone()));
-        Session { shared }
+        Session { _last_handle: Arc::new(CloseOnDrop(shared.clone())), shared }
     }
 
     pub fn role(&self) -> Role {
@@ -238,6 +251,11 @@ impl Session {
     /// Streams currently open on this session.
     pub fn open_streams(&self) -> usize {
         self.shared.streams.lock().expect("streams lock").len()
+    }
+
+    /// The pool-membership flag, owned by whichever pool holds the session.
+    pub fn pooled(&self) -> &AtomicBool {
+        &self.shared.pooled
     }
 
     /// The peer's protocol version, 0 while unknown.
@@ -278,6 +296,11 @@ impl Session {
             return Err(self.shared.closed_error());
         }
         Ok(stream)
+    }
+
+    /// Whether two handles are the same session.
+    pub fn same_as(&self, other: &Session) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
     }
 
     /// Sends a heartbeat request (v2 peers answer it).
