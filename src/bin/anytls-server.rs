@@ -72,7 +72,11 @@ struct Args {
 
 fn main() -> ExitCode {
     anytls_rs::logging::init();
-    let args = Args::parse();
+    // Reference command lines use Go-style flags such as `-padding-scheme`.
+    let args = Args::parse_from(anytls_rs::cli::accept_single_dash_long_flags(
+        std::env::args(),
+        &["padding-scheme", "cert", "key"],
+    ));
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(why) => {
