@@ -1,0 +1,666 @@
+//! Helpers for the end-to-end tests: starting our binaries (and third-party peers) as
+//! real processes on loopback, a small SOCKS5/SOCKS4a client, local targets (echo,
+//! half-close, bulk, HTTP) and digests.
+//!
+//! Every wait is bounded. Processes are killed when their handle is dropped, which also
+//! happens when a test panics or its timeout fires; a failing test prints the logs of
+//! the processes it started.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Longest wait for a process to say it is ready.
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+/// The password our own pairs use.
+pub const PASSWORD: &str = "e2e-secret";
+
+/// Runs `test` with an upper bound, so that no test can hang the suite.
+pub async fn bounded<T>(limit: Duration, what: &str, test: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, test).await {
+        Ok(value) => value,
+        Err(_) => panic!("{what}: did not finish within {limit:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes
+
+/// A child process whose stdout and stderr are collected line by line. Killed on drop.
+pub struct Process {
+    name: String,
+    child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Process {
+    /// Starts `command` with stdin closed and both output streams captured.
+    pub fn spawn(name: &str, mut command: Command) -> Process {
+        command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = command.spawn().unwrap_or_else(|err| panic!("cannot start {name}: {err}"));
+        let log = Arc::new(Mutex::new(String::new()));
+        let stdout: Box<dyn Read + Send> = Box::new(child.stdout.take().expect("piped stdout"));
+        let stderr: Box<dyn Read + Send> = Box::new(child.stderr.take().expect("piped stderr"));
+        for pipe in [stdout, stderr] {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines() {
+                    let Ok(line) = line else { break };
+                    let mut log = log.lock().expect("log lock");
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            });
+        }
+        Process { name: name.to_string(), child, log }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the process printed so far.
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log lock").clone()
+    }
+
+    /// Waits until `find` returns something for some printed line. Fails if the process
+    /// exits first or nothing matches within `limit`.
+    pub async fn wait_for<T>(&mut self, limit: Duration, what: &str, find: impl Fn(&str) -> Option<T>) -> T {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(found) = self.log().lines().find_map(&find) {
+                return found;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // Let the reader threads catch the last lines.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if let Some(found) = self.log().lines().find_map(&find) {
+                    return found;
+                }
+                panic!("{}: exited ({status}) before {what}; log:\n{}", self.name, self.log());
+            }
+            if Instant::now() >= deadline {
+                panic!("{}: no {what} within {limit:?}; log:\n{}", self.name, self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits until the log contains `needle`; true if it did within `limit`.
+    pub async fn log_shows(&self, needle: &str, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits until at least `n` lines contain any of `needles`; true if they did.
+    pub async fn wait_lines(&self, needles: &[&str], n: usize, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            let log = self.log();
+            if log.lines().filter(|line| needles.iter().any(|needle| line.contains(needle))).count() >= n {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits for the process to exit by itself, at most `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "----- log of {} (pid {}) -----\n{}----- end of {} -----",
+                self.name,
+                self.child.id(),
+                self.log(),
+                self.name
+            );
+        }
+    }
+}
+
+/// A unique, empty directory under the system temp dir; removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> TempDir {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let unique = format!(
+            "anytls-rs-{label}-{}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+        );
+        let path = std::env::temp_dir().join(unique);
+        std::fs::create_dir_all(&path).unwrap_or_else(|err| panic!("cannot create {}: {err}", path.display()));
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Our binaries
+
+/// Log filter for our binaries: our own DEBUG lines (stream ids, relay ends), INFO for
+/// everything else (rustls at DEBUG is noisy).
+pub const OUR_LOG_FILTER: &str = "info,anytls_rs=debug";
+
+/// A running `anytls-server`.
+pub struct Server {
+    pub process: Process,
+    pub addr: SocketAddr,
+    /// The SHA-256 fingerprint it logged (self-signed certificate only).
+    pub fingerprint: Option<String>,
+}
+
+/// Starts `anytls-server -l 127.0.0.1:0 -p PASSWORD ARGS…` and waits for its
+/// `listening on ADDR` line: the real port comes from the log, so there is no port race.
+pub async fn start_server(password: &str, extra_args: &[&str]) -> Server {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_anytls-server"));
+    command.args(["-l", "127.0.0.1:0", "-p", password]).args(extra_args).env("RUST_LOG", OUR_LOG_FILTER);
+    let mut process = Process::spawn("anytls-server", command);
+    let addr = process.wait_for(STARTUP_TIMEOUT, "`listening on` line", |line| after_word(line, "listening on ")).await;
+    let fingerprint = process.log().lines().find_map(|line| {
+        let hex = line.split("SHA-256 fingerprint ").nth(1)?.trim();
+        (hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit())).then(|| hex.to_string())
+    });
+    Server { process, addr, fingerprint }
+}
+
+/// A running `anytls-client`.
+pub struct Client {
+    pub process: Process,
+    /// The local SOCKS5/SOCKS4/HTTP proxy port.
+    pub addr: SocketAddr,
+}
+
+/// Starts `anytls-client -l 127.0.0.1:0 -s SERVER -p PASSWORD TRUST…` and waits for its
+/// `proxy on ADDR` line.
+pub async fn start_client(server: SocketAddr, password: &str, trust_args: &[&str]) -> Client {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_anytls-client"));
+    command
+        .args(["-l", "127.0.0.1:0", "-s", &server.to_string(), "-p", password])
+        .args(trust_args)
+        .env("RUST_LOG", OUR_LOG_FILTER);
+    let mut process = Process::spawn("anytls-client", command);
+    let addr = process.wait_for(STARTUP_TIMEOUT, "`proxy on` line", |line| after_word(line, "proxy on ")).await;
+    Client { process, addr }
+}
+
+/// Lines our client logs (at DEBUG) once a local connection is fully done and its
+/// session is back in the pool.
+pub const CLIENT_DONE_LINES: &[&str] = &[" bytes up, ", "relay ended", "refused by the server"];
+
+impl Client {
+    /// Waits until `n` local connections have finished (sessions released), so that the
+    /// next request finds the session idle and reuses it.
+    pub async fn wait_done(&self, n: usize) {
+        let done = self.process.wait_lines(CLIENT_DONE_LINES, n, Duration::from_secs(10)).await;
+        assert!(done, "anytls-client did not finish {n} connections in 10 s; log:\n{}", self.process.log());
+    }
+}
+
+/// Our server with a self-signed certificate and our client pinned to it.
+pub async fn start_pair() -> (Server, Client) {
+    let server = start_server(PASSWORD, &[]).await;
+    let pin = server.fingerprint.clone().expect("the self-signed server logs its fingerprint");
+    let client = start_client(server.addr, PASSWORD, &["--pin-sha256", &pin]).await;
+    (server, client)
+}
+
+/// The socket address right after `marker` in `line` (up to a space or comma).
+fn after_word(line: &str, marker: &str) -> Option<SocketAddr> {
+    let rest = line.split(marker).nth(1)?;
+    let end = rest.find([' ', ',']).unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// Counts lines of `log` that contain `needle`.
+pub fn count_lines(log: &str, needle: &str) -> usize {
+    log.lines().filter(|line| line.contains(needle)).count()
+}
+
+// ---------------------------------------------------------------------------------------
+// Certificates
+
+/// A private CA and a `localhost`/`127.0.0.1` server certificate it signed, as PEM files.
+pub struct TestPki {
+    pub ca_cert: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+}
+
+impl TestPki {
+    pub fn write_to(dir: &Path) -> TestPki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.distinguished_name.push(DnType::CommonName, "anytls-rs e2e test CA");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().expect("CA key");
+        let ca_cert = ca_params.self_signed(&ca_key).expect("CA certificate");
+        let issuer = Issuer::new(ca_params, ca_key);
+
+        let mut leaf_params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).expect("leaf params");
+        leaf_params.distinguished_name.push(DnType::CommonName, "localhost");
+        let leaf_key = KeyPair::generate().expect("leaf key");
+        let leaf_cert = leaf_params.signed_by(&leaf_key, &issuer).expect("leaf certificate");
+
+        let pki = TestPki {
+            ca_cert: dir.join("ca.pem"),
+            server_cert: dir.join("server-cert.pem"),
+            server_key: dir.join("server-key.pem"),
+        };
+        std::fs::write(&pki.ca_cert, ca_cert.pem()).expect("write CA");
+        std::fs::write(&pki.server_cert, leaf_cert.pem()).expect("write cert");
+        std::fs::write(&pki.server_key, leaf_key.serialize_pem()).expect("write key");
+        pki
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Ports
+
+/// A loopback port that was free a moment ago (for peers that cannot report their
+/// own port). Small race; use the logged address of our binaries instead where possible.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// A loopback address where nothing listens: connecting to it is refused.
+pub fn closed_port_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    let addr = listener.local_addr().expect("local addr");
+    drop(listener);
+    addr
+}
+
+/// True when something listens on TCP `port`. Reads /proc/net/tcp{,6}, so no connection
+/// is made (a probe connection would count as a failed handshake on a peer).
+pub fn port_listening(port: u16) -> bool {
+    let needle = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|file| {
+        std::fs::read_to_string(file).unwrap_or_default().lines().skip(1).any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.len() > 3 && fields[1].ends_with(&needle) && fields[3] == "0A"
+        })
+    })
+}
+
+/// Waits until `port` listens; fails if `process` exits or the wait exceeds `limit`.
+pub async fn wait_port(process: &mut Process, port: u16, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while !port_listening(port) {
+        if !process.is_running() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            panic!("{} exited before listening on {port}; log:\n{}", process.name(), process.log());
+        }
+        if Instant::now() >= deadline {
+            panic!("{}: nothing listens on 127.0.0.1:{port} after {limit:?}; log:\n{}", process.name(), process.log());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Proxy clients
+
+/// SOCKS5 reply codes the tests look at.
+pub const SOCKS5_OK: u8 = 0;
+pub const SOCKS5_GENERAL: u8 = 1;
+pub const SOCKS5_HOST_UNREACHABLE: u8 = 4;
+pub const SOCKS5_REFUSED: u8 = 5;
+pub const SOCKS5_TIMED_OUT: u8 = 6;
+
+/// SOCKS5 CONNECT to `host:port` (IPv4 literal or domain) through `proxy`. Returns the
+/// reply code and the connection (usable when the code is 0).
+pub async fn socks5_connect(proxy: SocketAddr, host: &str, port: u16) -> std::io::Result<(u8, TcpStream)> {
+    let mut tcp = TcpStream::connect(proxy).await?;
+    tcp.set_nodelay(true)?;
+    tcp.write_all(&[5, 1, 0]).await?;
+    let mut method = [0u8; 2];
+    tcp.read_exact(&mut method).await?;
+    if method != [5, 0] {
+        return Err(std::io::Error::other(format!("proxy chose SOCKS5 method {method:?}")));
+    }
+    let mut request = vec![5, 1, 0];
+    match host.parse::<std::net::Ipv4Addr>() {
+        Ok(ip) => {
+            request.push(1);
+            request.extend_from_slice(&ip.octets());
+        }
+        Err(_) => {
+            request.push(3);
+            request.push(host.len() as u8);
+            request.extend_from_slice(host.as_bytes());
+        }
+    }
+    request.extend_from_slice(&port.to_be_bytes());
+    tcp.write_all(&request).await?;
+    let mut head = [0u8; 4];
+    tcp.read_exact(&mut head).await?;
+    let address_len = match head[3] {
+        1 => 4,
+        4 => 16,
+        3 => tcp.read_u8().await? as usize,
+        other => return Err(std::io::Error::other(format!("bad address type {other} in SOCKS5 reply"))),
+    };
+    let mut rest = vec![0u8; address_len + 2];
+    tcp.read_exact(&mut rest).await?;
+    Ok((head[1], tcp))
+}
+
+/// SOCKS5 CONNECT to `target` that must succeed.
+pub async fn socks5_open(proxy: SocketAddr, target: SocketAddr) -> TcpStream {
+    let (code, tcp) = socks5_connect(proxy, &target.ip().to_string(), target.port())
+        .await
+        .unwrap_or_else(|err| panic!("SOCKS5 to {target} through {proxy}: {err}"));
+    assert_eq!(code, SOCKS5_OK, "SOCKS5 reply code for {target}");
+    tcp
+}
+
+/// SOCKS4a CONNECT to `host:port` (the host always sent as a name). Returns the SOCKS4
+/// reply code (0x5a = granted) and the connection.
+pub async fn socks4a_connect(proxy: SocketAddr, host: &str, port: u16) -> std::io::Result<(u8, TcpStream)> {
+    let mut tcp = TcpStream::connect(proxy).await?;
+    let mut request = vec![4, 1];
+    request.extend_from_slice(&port.to_be_bytes());
+    request.extend_from_slice(&[0, 0, 0, 1]);
+    request.extend_from_slice(b"e2e\0");
+    request.extend_from_slice(host.as_bytes());
+    request.push(0);
+    tcp.write_all(&request).await?;
+    let mut reply = [0u8; 8];
+    tcp.read_exact(&mut reply).await?;
+    Ok((reply[1], tcp))
+}
+
+/// Reads until EOF.
+pub async fn read_all(tcp: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    tcp.read_to_end(&mut out).await.expect("read to EOF");
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// Payloads and digests
+
+/// `len` bytes of a deterministic, incompressible pattern; `seed` makes them distinct.
+pub fn payload(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Lowercase hex SHA-256.
+pub fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes `data` and shuts the write side while reading everything the other side
+/// sends until EOF (both at once, so neither side can block the other).
+pub async fn exchange(tcp: TcpStream, data: &[u8]) -> Vec<u8> {
+    let (mut reader, mut writer) = tcp.into_split();
+    let send = async {
+        writer.write_all(data).await?;
+        writer.shutdown().await
+    };
+    let receive = async {
+        let mut out = Vec::new();
+        reader.read_to_end(&mut out).await.map(|_| out)
+    };
+    let (sent, received) = tokio::join!(send, receive);
+    sent.expect("send payload");
+    received.expect("receive until EOF")
+}
+
+/// Echoes `data` through `tcp` (an echo target behind it) and checks the digest: writes
+/// and reads concurrently, then reads exactly `data.len()` bytes; no half-close needed.
+pub async fn echo_roundtrip(tcp: TcpStream, data: &[u8]) {
+    let (mut reader, mut writer) = tcp.into_split();
+    let send = writer.write_all(data);
+    let receive = async {
+        let mut out = vec![0u8; data.len()];
+        reader.read_exact(&mut out).await.map(|_| out)
+    };
+    let (sent, received) = tokio::join!(send, receive);
+    sent.expect("send to echo");
+    let received = received.expect("read the echo");
+    assert_eq!(sha256_hex(&received), sha256_hex(data), "echo of {} bytes differs", data.len());
+}
+
+// ---------------------------------------------------------------------------------------
+// Local targets (tokio tasks on the test's runtime; they end with it)
+
+async fn serve(listener: TcpListener, handler: impl Fn(TcpStream) -> tokio::task::JoinHandle<()> + Send + 'static) {
+    while let Ok((tcp, _)) = listener.accept().await {
+        handler(tcp);
+    }
+}
+
+async fn bind_loopback() -> (TcpListener, SocketAddr) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind target");
+    let addr = listener.local_addr().expect("target addr");
+    (listener, addr)
+}
+
+/// Echoes every byte back; shuts its write side when the client does.
+pub async fn spawn_echo() -> SocketAddr {
+    let (listener, addr) = bind_loopback().await;
+    tokio::spawn(serve(listener, |mut tcp| {
+        tokio::spawn(async move {
+            let (mut reader, mut writer) = tcp.split();
+            if tokio::io::copy(&mut reader, &mut writer).await.is_ok() {
+                let _ = writer.shutdown().await;
+            }
+        })
+    }));
+    addr
+}
+
+/// Reads until EOF, then answers `"<byte count> <sha256 hex>\n"` and closes: the answer
+/// only arrives if the client's half-close got through and the way back stayed open.
+pub async fn spawn_half_close() -> SocketAddr {
+    let (listener, addr) = bind_loopback().await;
+    tokio::spawn(serve(listener, |mut tcp| {
+        tokio::spawn(async move {
+            let mut hasher = Sha256::new();
+            let mut count = 0usize;
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match tcp.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        count += n;
+                        hasher.update(&buf[..n]);
+                    }
+                    Err(_) => return,
+                }
+            }
+            let digest: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+            let _ = tcp.write_all(format!("{count} {digest}\n").as_bytes()).await;
+            let _ = tcp.shutdown().await;
+        })
+    }));
+    addr
+}
+
+/// The answer [`spawn_half_close`] gives for `data`.
+pub fn half_close_answer(data: &[u8]) -> String {
+    format!("{} {}\n", data.len(), sha256_hex(data))
+}
+
+/// Sends `data` on every connection, then closes (ignores what the client sends).
+pub async fn spawn_bulk(data: Arc<Vec<u8>>) -> SocketAddr {
+    let (listener, addr) = bind_loopback().await;
+    tokio::spawn(serve(listener, move |mut tcp| {
+        let data = data.clone();
+        tokio::spawn(async move {
+            if tcp.write_all(&data).await.is_ok() {
+                let _ = tcp.shutdown().await;
+            }
+            // Drain until the client closes, so no RST cuts the data short.
+            let mut sink = [0u8; 4096];
+            while let Ok(n) = tcp.read(&mut sink).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+    }));
+    addr
+}
+
+/// A minimal HTTP/1.1 origin server. `GET /bytes/N` answers N bytes of
+/// `payload(N, N)`; any other path answers `hello <path>\n`. Every response closes the
+/// connection. The counter counts requests served.
+pub async fn spawn_http() -> (SocketAddr, Arc<AtomicUsize>) {
+    let (listener, addr) = bind_loopback().await;
+    let served = Arc::new(AtomicUsize::new(0));
+    let counter = served.clone();
+    tokio::spawn(serve(listener, move |mut tcp| {
+        let counter = counter.clone();
+        tokio::spawn(async move {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match tcp.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+                if head.len() > 64 * 1024 {
+                    return;
+                }
+            }
+            let text = String::from_utf8_lossy(&head);
+            let path = text.split(' ').nth(1).unwrap_or("/").to_string();
+            let body = http_body_for(&path);
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            counter.fetch_add(1, Ordering::Relaxed);
+            if tcp.write_all(response.as_bytes()).await.is_ok() && tcp.write_all(&body).await.is_ok() {
+                let _ = tcp.shutdown().await;
+            }
+            while let Ok(n) = tcp.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+    }));
+    (addr, served)
+}
+
+/// The body [`spawn_http`] answers for `path`.
+pub fn http_body_for(path: &str) -> Vec<u8> {
+    match path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
+        Some(len) => payload(len, len as u64),
+        None => format!("hello {path}\n").into_bytes(),
+    }
+}
+
+/// Splits an HTTP response into its head (as text) and body.
+pub fn split_http_response(raw: &[u8]) -> (String, Vec<u8>) {
+    match raw.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(pos) => (String::from_utf8_lossy(&raw[..pos]).into_owned(), raw[pos + 4..].to_vec()),
+        None => (String::from_utf8_lossy(raw).into_owned(), Vec::new()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// curl
+
+/// True when `curl` can be run.
+pub fn have_curl() -> bool {
+    Command::new("curl")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// `curl -sS --max-time 15 --socks5-hostname PROXY URL` (blocking, in a worker thread):
+/// (exit code, body, stderr).
+pub async fn curl_socks5(proxy: SocketAddr, url: &str) -> (i32, Vec<u8>, String) {
+    let proxy = proxy.to_string();
+    let url = url.to_string();
+    tokio::task::spawn_blocking(move || {
+        let output = Command::new("curl")
+            .args(["-sS", "--max-time", "15", "--socks5-hostname", &proxy, &url])
+            .env_remove("http_proxy")
+            .env_remove("HTTP_PROXY")
+            .env_remove("all_proxy")
+            .env_remove("ALL_PROXY")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run curl");
+        (output.status.code().unwrap_or(-1), output.stdout, String::from_utf8_lossy(&output.stderr).into_owned())
+    })
+    .await
+    .expect("curl thread")
+}
