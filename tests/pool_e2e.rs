@@ -1,0 +1,176 @@
+//! The pools end to end, for each `--pool-type`: repeated requests to one target are
+//! served from warm connections (server) and idle sessions (client), and idle warm
+//! connections are cleaned after a short `--max-idle-time-secs`. Everything is read off
+//! the `[Pool Stats]` / `[Pool Status]` lines the binaries log.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct PoolStats {
+    total: u64,
+    active: u64,
+    reused: u64,
+    new: u64,
+    cleaned: u64,
+}
+
+/// Parses the numbers of a `[Pool Stats] Total: 15, Active: 3, …` line.
+fn parse_stats(line: &str) -> Option<PoolStats> {
+    let fields = line.split("[Pool Stats] ").nth(1)?;
+    let value = |name: &str| -> Option<u64> {
+        let rest = fields.split(&format!("{name}: ")).nth(1)?;
+        rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    };
+    Some(PoolStats {
+        total: value("Total")?,
+        active: value("Active")?,
+        reused: value("Reused")?,
+        new: value("New")?,
+        cleaned: value("Cleaned")?,
+    })
+}
+
+fn last_stats(log: &str) -> Option<PoolStats> {
+    log.lines().rev().find_map(parse_stats)
+}
+
+fn last_status(log: &str) -> Option<String> {
+    log.lines().rev().find_map(|line| line.split("[Pool Status] ").nth(1).map(str::to_string))
+}
+
+/// Waits until the last stats line in `process`'s log satisfies `ok`.
+async fn wait_stats(process: &Process, what: &str, ok: impl Fn(&PoolStats) -> bool) -> PoolStats {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(stats) = last_stats(&process.log()).filter(|s| ok(s)) {
+            return stats;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}: no stats line with {what} in 15 s; last: {:?}\nlog:\n{}",
+            process.name(),
+            last_stats(&process.log()),
+            process.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn warm_reuse_then_idle_cleanup(pool_type: &str) {
+    let target = spawn_echo().await;
+    let server = start_server(
+        PASSWORD,
+        &[
+            "--pool-type",
+            pool_type,
+            "--min-idle-connections",
+            "2",
+            "--max-idle-time-secs",
+            "2",
+            "--stats-interval-secs",
+            "1",
+        ],
+    )
+    .await;
+    let pin = server.fingerprint.clone().expect("self-signed fingerprint");
+    let client = start_client(
+        server.addr,
+        PASSWORD,
+        &["--pin-sha256", &pin, "--pool-type", pool_type, "--stats-interval-secs", "1"],
+    )
+    .await;
+    assert!(
+        server.process.log().contains(&format!("outbound pool: type {pool_type}, max 100 connections per target")),
+        "start-up line names the pool configuration:\n{}",
+        server.process.log()
+    );
+
+    const REQUESTS: u64 = 10;
+    for i in 0..REQUESTS {
+        let tcp = socks5_open(client.addr, target).await;
+        echo_roundtrip(tcp, &payload(2000, i)).await;
+        client.wait_done(i as usize + 1).await;
+        // Room for the background refill, as between a user's clicks.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+
+    // Server: one dial while the first stream waited, every later stream served warm.
+    let server_stats = wait_stats(&server.process, "Total >= 10", |s| s.total >= REQUESTS).await;
+    assert_eq!(server_stats.total, REQUESTS, "{pool_type}: {server_stats:?}");
+    assert!(server_stats.new <= 2, "{pool_type}: New stays near the minimum: {server_stats:?}");
+    assert!(server_stats.reused >= REQUESTS - 2, "{pool_type}: Reused grows: {server_stats:?}");
+    assert!(server.process.log().contains("Reuse rate: "), "reuse rate is logged");
+    // Client: sequential requests ride one session.
+    let client_stats = wait_stats(&client.process, "Total >= 10", |s| s.total >= REQUESTS).await;
+    assert_eq!(client_stats.new, 1, "{pool_type}: one session for sequential requests: {client_stats:?}");
+    assert_eq!(client_stats.reused, REQUESTS - 1, "{pool_type}: {client_stats:?}");
+
+    // Quiet for longer than --max-idle-time-secs: the warm ones are cleaned, none refilled.
+    let cleaned =
+        wait_stats(&server.process, "Cleaned >= 2 and nothing active", |s| s.cleaned >= 2 && s.active == 0).await;
+    assert_eq!(cleaned.total, REQUESTS, "{pool_type}: no traffic meanwhile: {cleaned:?}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(last_status(&server.process.log()).as_deref(), Some("{}"), "{pool_type}: no warm connection left");
+}
+
+#[tokio::test]
+async fn lock_pool_serves_warm_connections_and_cleans_idle_ones() {
+    bounded(Duration::from_secs(60), "lock pool", warm_reuse_then_idle_cleanup("lock")).await;
+}
+
+#[tokio::test]
+async fn lockfree_pool_serves_warm_connections_and_cleans_idle_ones() {
+    bounded(Duration::from_secs(60), "lockfree pool", warm_reuse_then_idle_cleanup("lockfree")).await;
+}
+
+#[tokio::test]
+async fn highperf_pool_serves_warm_connections_and_cleans_idle_ones() {
+    bounded(Duration::from_secs(60), "highperf pool", warm_reuse_then_idle_cleanup("highperf")).await;
+}
+
+#[tokio::test]
+async fn an_invalid_pool_type_is_refused_with_the_three_names() {
+    let server_args: &[&str] = &["-p", "x"];
+    let client_args: &[&str] = &["-p", "x", "-s", "127.0.0.1:1"];
+    for (binary, args) in
+        [(env!("CARGO_BIN_EXE_anytls-server"), server_args), (env!("CARGO_BIN_EXE_anytls-client"), client_args)]
+    {
+        let output = std::process::Command::new(binary)
+            .args(args)
+            .args(["--pool-type", "fastest"])
+            .output()
+            .expect("binary runs");
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("lock") && stderr.contains("lockfree") && stderr.contains("highperf"), "{stderr}");
+    }
+}
+
+#[tokio::test]
+async fn a_full_target_fails_new_streams_with_pool_exhausted() {
+    bounded(Duration::from_secs(60), "exhausted pool", async {
+        let target = spawn_echo().await;
+        let server = start_server(
+            PASSWORD,
+            &["--max-outbound-connections", "1", "--min-idle-connections", "0", "--connect-timeout-secs", "1"],
+        )
+        .await;
+        let pin = server.fingerprint.clone().unwrap();
+        let client = start_client(server.addr, PASSWORD, &["--pin-sha256", &pin]).await;
+        // The one slot is held by a live stream.
+        let held = socks5_open(client.addr, target).await;
+        let (code, _) = socks5_connect(client.addr, "127.0.0.1", target.port()).await.unwrap();
+        assert_eq!(code, 1, "general failure for an exhausted pool");
+        assert!(server.process.log_shows("exhausted", Duration::from_secs(5)).await);
+        // Freed slot: the next stream gets through.
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let tcp = socks5_open(client.addr, target).await;
+        echo_roundtrip(tcp, b"after the pool freed up").await;
+    })
+    .await;
+}
