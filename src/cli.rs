@@ -13,6 +13,18 @@ pub fn accept_single_dash_long_flags(args: impl IntoIterator<Item = String>, lon
         .collect()
 }
 
+/// A binary's exit: success, or one human line on stderr and a failure code
+/// (never a panic or a debug dump).
+pub fn exit_with(binary: &str, result: Result<(), String>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(why) => {
+            eprintln!("{binary}: {why}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

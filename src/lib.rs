@@ -3,6 +3,7 @@
 //! `proto` is the wire format (pure), `session` multiplexes streams over one
 //! connection, `pool` holds the pool engines; `server` and `client` are the two services.
 
+pub mod accept;
 pub mod cli;
 pub mod client;
 pub mod logging;

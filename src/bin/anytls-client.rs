@@ -85,13 +85,7 @@ fn main() -> ExitCode {
         std::env::args(),
         &["sni", "insecure", "ca", "pin-sha256"],
     ));
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(why) => {
-            eprintln!("anytls-client: {why}");
-            ExitCode::FAILURE
-        }
-    }
+    anytls_rs::cli::exit_with("anytls-client", run(args))
 }
 
 #[tokio::main]

@@ -77,13 +77,7 @@ fn main() -> ExitCode {
         std::env::args(),
         &["padding-scheme", "cert", "key"],
     ));
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(why) => {
-            eprintln!("anytls-server: {why}");
-            ExitCode::FAILURE
-        }
-    }
+    anytls_rs::cli::exit_with("anytls-server", run(args))
 }
 
 #[tokio::main]

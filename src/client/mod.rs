@@ -29,20 +29,8 @@ pub struct ClientConfig {
 pub async fn run(listener: TcpListener, config: ClientConfig) {
     let config = Arc::new(config);
     tokio::spawn(maintain_pool(config.clone()));
-    let mut backoff = Duration::from_millis(5);
     loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(accepted) => {
-                backoff = Duration::from_millis(5);
-                accepted
-            }
-            Err(err) => {
-                log::warn!("accept failed: {err}; retrying in {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
-        };
+        let (tcp, peer) = crate::accept::accept_with_backoff(&listener).await;
         let config = config.clone();
         tokio::spawn(async move {
             if let Err(err) = serve_connection(tcp, &config).await {

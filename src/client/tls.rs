@@ -40,7 +40,7 @@ pub fn client_config(trust: &Trust) -> Result<Arc<rustls::ClientConfig>, String>
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|err| err.to_string())?;
-    let config = match trust {
+    let check = match trust {
         Trust::Roots { extra_ca } => {
             let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
             let mut trusted_leaves = Vec::new();
@@ -50,18 +50,13 @@ pub fn client_config(trust: &Trust) -> Result<Arc<rustls::ClientConfig>, String>
             let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                 .build()
                 .map_err(|err| err.to_string())?;
-            let verifier = RootsVerifier { webpki, trusted_leaves };
-            builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier)).with_no_client_auth()
+            Check::WebPki { webpki, trusted_leaves }
         }
-        Trust::Pin(pin) => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Verifier { pin: Some(*pin), provider }))
-            .with_no_client_auth(),
-        Trust::Insecure => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Verifier { pin: None, provider }))
-            .with_no_client_auth(),
+        Trust::Pin(pin) => Check::Pin(*pin),
+        Trust::Insecure => Check::Anything,
     };
+    let verifier = Arc::new(Verifier { check, provider });
+    let config = builder.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth();
     Ok(Arc::new(config))
 }
 
@@ -79,57 +74,6 @@ fn add_ca_file(roots: &mut rustls::RootCertStore, path: &Path) -> Result<Vec<Cer
     Ok(certs)
 }
 
-/// Web PKI verification, plus: a server presenting exactly a certificate from a
-/// `--ca` file is accepted even where Web PKI refuses it (a self-signed CA used as
-/// its own server certificate, as `openssl req -x509` makes), provided the name
-/// still matches.
-#[derive(Debug)]
-struct RootsVerifier {
-    webpki: Arc<rustls::client::WebPkiServerVerifier>,
-    trusted_leaves: Vec<CertificateDer<'static>>,
-}
-
-impl ServerCertVerifier for RootsVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let verdict = self.webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now);
-        if verdict.is_err() && self.trusted_leaves.iter().any(|leaf| leaf.as_ref() == end_entity.as_ref()) {
-            let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
-            rustls::client::verify_server_name(&cert, server_name)?;
-            return Ok(ServerCertVerified::assertion());
-        }
-        verdict
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.webpki.supported_verify_schemes()
-    }
-}
-
 /// Explains a failed handshake in terms of the flags that fix it.
 pub fn explain_handshake_error(err: &std::io::Error) -> String {
     let text = err.to_string();
@@ -143,10 +87,24 @@ pub fn explain_handshake_error(err: &std::io::Error) -> String {
     }
 }
 
-/// Pin or no check; handshake signatures are still verified either way.
+/// How the server's certificate is judged.
+#[derive(Debug)]
+enum Check {
+    /// Web PKI, plus: a server presenting exactly a certificate from a `--ca` file is
+    /// accepted even where Web PKI refuses it (a self-signed CA used as its own server
+    /// certificate, as `openssl req -x509` makes), provided the name still matches.
+    WebPki {
+        webpki: Arc<rustls::client::WebPkiServerVerifier>,
+        trusted_leaves: Vec<CertificateDer<'static>>,
+    },
+    Pin([u8; 32]),
+    Anything,
+}
+
+/// Judges the certificate per [`Check`]; handshake signatures are verified in every mode.
 #[derive(Debug)]
 struct Verifier {
-    pin: Option<[u8; 32]>,
+    check: Check,
     provider: Arc<CryptoProvider>,
 }
 
@@ -154,15 +112,26 @@ impl ServerCertVerifier for Verifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.pin {
-            None => Ok(ServerCertVerified::assertion()),
-            Some(pin) if Sha256::digest(end_entity.as_ref())[..] == pin[..] => Ok(ServerCertVerified::assertion()),
-            Some(_) => Err(rustls::Error::General("certificate does not match --pin-sha256".into())),
+        match &self.check {
+            Check::Anything => Ok(ServerCertVerified::assertion()),
+            Check::Pin(pin) if Sha256::digest(end_entity.as_ref())[..] == pin[..] => {
+                Ok(ServerCertVerified::assertion())
+            }
+            Check::Pin(_) => Err(rustls::Error::General("certificate does not match --pin-sha256".into())),
+            Check::WebPki { webpki, trusted_leaves } => {
+                let verdict = webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now);
+                if verdict.is_err() && trusted_leaves.iter().any(|leaf| leaf.as_ref() == end_entity.as_ref()) {
+                    let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+                    rustls::client::verify_server_name(&cert, server_name)?;
+                    return Ok(ServerCertVerified::assertion());
+                }
+                verdict
+            }
         }
     }
 
@@ -212,7 +181,7 @@ mod tests {
 }
 
 #[cfg(test)]
-mod ca_leaf_tests {
+mod verifier_tests {
     use super::*;
 
     /// A self-signed CA certificate for localhost, as `openssl req -x509` makes.
@@ -223,15 +192,16 @@ mod ca_leaf_tests {
         params.self_signed(&key).unwrap().der().clone()
     }
 
-    fn verifier(trusted: Vec<CertificateDer<'static>>) -> RootsVerifier {
+    fn verifier(trusted: Vec<CertificateDer<'static>>) -> Verifier {
         let mut roots = rustls::RootCertStore::empty();
         for cert in &trusted {
             roots.add(cert.clone()).unwrap();
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let webpki =
-            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider).build().unwrap();
-        RootsVerifier { webpki, trusted_leaves: trusted }
+        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .unwrap();
+        Verifier { check: Check::WebPki { webpki, trusted_leaves: trusted }, provider }
     }
 
     #[test]
@@ -245,5 +215,17 @@ mod ca_leaf_tests {
         assert!(verifier.verify_server_cert(&cert, &[], &wrong, &[], now).is_err());
         let stranger = ca_as_leaf();
         assert!(verifier.verify_server_cert(&stranger, &[], &name, &[], now).is_err());
+    }
+
+    #[test]
+    fn a_pin_accepts_exactly_its_certificate() {
+        let (cert, other) = (ca_as_leaf(), ca_as_leaf());
+        let pin: [u8; 32] = Sha256::digest(cert.as_ref()).into();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = Verifier { check: Check::Pin(pin), provider };
+        let name = ServerName::try_from("any.example").unwrap();
+        verifier.verify_server_cert(&cert, &[], &name, &[], UnixTime::now()).unwrap();
+        let err = verifier.verify_server_cert(&other, &[], &name, &[], UnixTime::now()).unwrap_err();
+        assert!(err.to_string().contains("--pin-sha256"), "{err}");
     }
 }

@@ -57,21 +57,8 @@ pub async fn run(listener: TcpListener, config: ServerConfig) {
         pool.warm_up(target);
     }
     tokio::spawn(maintain_pool(pool.clone(), config.stats_interval));
-    let mut backoff = Duration::from_millis(5);
     loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(accepted) => {
-                backoff = Duration::from_millis(5);
-                accepted
-            }
-            Err(err) => {
-                // Typically out of file descriptors: wait instead of spinning.
-                log::warn!("accept failed: {err}; retrying in {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
-        };
+        let (tcp, peer) = crate::accept::accept_with_backoff(&listener).await;
         let Ok(permit) = handshakes.clone().try_acquire_owned() else {
             log::warn!("{peer}: dropped, {} handshakes already in progress", config.max_handshakes);
             continue;
