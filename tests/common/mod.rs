@@ -32,6 +32,13 @@ pub async fn bounded<T>(limit: Duration, what: &str, test: impl Future<Output = 
     }
 }
 
+/// Prints a line to the real stderr, past the test harness's output capture, so that
+/// SKIP and NOTE lines show up even for passing tests.
+pub fn announce(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
 // ---------------------------------------------------------------------------------------
 // Processes
 

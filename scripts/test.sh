@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The project's test command: formatting, lints, then every test target (unit tests,
+# tests/e2e.rs, tests/interop.rs, benches compiled as tests).
+# Interop tests use the peers from scripts/install-peers.sh and print
+# "SKIP interop <peer>: ..." for missing ones; ANYTLS_REQUIRE_PEERS=1 makes that a failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== cargo fmt --check"
+cargo fmt --check
+echo "== cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
+echo "== cargo test --all-targets"
+cargo test --all-targets
