@@ -473,33 +473,37 @@ async fn our_client_to_crate_server() {
         let report = our_client_to_peer_server(pairing, "anytls-crate-server.sh", &binaries, false).await;
         announce(&format!(
             "NOTE interop {pairing}: the crate server allows one stream per session until the client FINs it \
-             (contract pitfall 6); our client FINs every finished stream, so sequential requests reuse the session"
+             (contract pitfall 6); like the reference client, ours does not answer the server's FIN with a FIN \
+             (contract §2), so the crate server refuses the next stream on that session"
         ));
+        let one_stream = "the crate server (0.5.3) frees a session's single stream slot only on the client's FIN, \
+             which the contract says a FIN is not answered with; it refuses the next stream ('session stream \
+             limit reached'), so our client answers that request with SOCKS5 code 1";
+        let refused: &[&str] = &["Can't complete SOCKS5 connection", "code 1", "never opened stream 2"];
         report.assert_passed(
             pairing,
-            &[(
-                "4 MiB echo",
-                &["receive:", "send:"],
-                "the crate server (0.5.3) closes a stream whose inbound PUSH queue fills ('inbound PUSH limit \
-                 reached; closing stream' in its debug log) instead of applying backpressure, so an upload faster \
-                 than its outbound write is cut off",
-            )],
+            &[
+                ("3 sequential requests", refused, one_stream),
+                ("session reuse", refused, one_stream),
+                ("4 MiB download", refused, one_stream),
+                ("4 MiB echo", &["receive:", "send:", "code 1"], one_stream),
+                ("refused dial", refused, one_stream),
+                ("request after refusal", refused, one_stream),
+            ],
         );
     })
     .await;
 }
 
 // ---------------------------------------------------------------------------------------
-// Bugs in src/ found with the peers (ignored so the suite stays green; see the reasons)
+// FIN semantics with reference peers: FIN ends the whole stream and is not answered
 
 /// Reference clients do not answer the server's FIN with a FIN (contract §2). Our server
-/// keeps such a stream open (waiting for the client's FIN) until the session ends, and
-/// counts it against --max-streams-per-session: once the limit is reached every new
-/// stream on that session is refused ("too many streams on this session").
+/// must retire such a stream at its own FIN; otherwise it would stay open until the
+/// session ends and count against --max-streams-per-session, and once the limit is
+/// reached every new stream on that session would be refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: our server never retires a stream it FINed when the client does not FIN back \
-            (src/session/relay.rs waits for both FINs); the session hits --max-streams-per-session"]
-async fn bug_server_retires_streams_that_reference_clients_never_fin() {
+async fn server_retires_streams_that_reference_clients_never_fin() {
     let Some(binaries) = peer_binaries("sing-box", &["SING_BOX"]) else { return };
     bounded(Duration::from_secs(120), "stream limit with sing-box client", async {
         let server = start_server(PASSWORD, &["--max-streams-per-session", "4"]).await;
@@ -528,13 +532,10 @@ async fn bug_server_retires_streams_that_reference_clients_never_fin() {
 }
 
 /// The mirror image in our client: when the local side closes first, our client sends
-/// FIN and then waits for the server's FIN, which reference servers do not send. The
-/// relay never ends, so the session never goes back to the pool: every such connection
-/// holds a TLS session (and its tasks) until the server drops it.
+/// FIN; reference servers do not answer it, so the relay must end at our FIN and the
+/// session go back to the pool, instead of being held until the server drops it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: our client never releases a session whose stream it FINed first when the server does not \
-            FIN back (src/session/relay.rs + src/client/mod.rs release only after both FINs)"]
-async fn bug_client_releases_the_session_when_the_server_never_fins() {
+async fn client_releases_the_session_when_the_server_never_fins() {
     let Some(binaries) = peer_binaries("sing-box", &["SING_BOX"]) else { return };
     bounded(Duration::from_secs(120), "session release with sing-box server", async {
         let dir = TempDir::new("singbox-server-release");

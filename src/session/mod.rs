@@ -37,6 +37,11 @@ const DATA_QUEUE: usize = 64;
 /// full, replies are dropped.
 const CONTROL_QUEUE: usize = 64;
 
+/// Settings key by which our client and server agree that FIN ends only the
+/// sender's direction (half-close). Other implementations ignore the key and treat
+/// FIN as the end of the whole stream, which is then what we do with them.
+pub const HALF_CLOSE_KEY: &str = "half-close";
+
 /// Which end of the session we are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -109,6 +114,8 @@ struct Shared {
     /// The peer's protocol version: 0 until known.
     peer_version: watch::Sender<u8>,
     settings_sent: AtomicBool,
+    /// Both ends announced one-way FIN (see [`HALF_CLOSE_KEY`]).
+    half_close: AtomicBool,
     /// Set while the session sits in a client's pool, so it is never pooled twice.
     pooled: AtomicBool,
     /// Whether the peer ever sent a frame: a client session that dies before the
@@ -217,6 +224,7 @@ impl Session {
             next_stream_id: AtomicU32::new(1),
             peer_version: watch::Sender::new(0),
             settings_sent: AtomicBool::new(false),
+            half_close: AtomicBool::new(false),
             pooled: AtomicBool::new(false),
             peer_spoke: AtomicBool::new(false),
             closed: watch::Sender::new(None),
@@ -258,6 +266,11 @@ impl Session {
         &self.shared.pooled
     }
 
+    /// Whether FIN ends only one direction on this session (both ends are ours).
+    pub fn half_close(&self) -> bool {
+        self.shared.half_close.load(Ordering::Acquire)
+    }
+
     /// The peer's protocol version, 0 while unknown.
     pub fn peer_version(&self) -> u8 {
         *self.shared.peer_version.borrow()
@@ -282,7 +295,8 @@ impl Session {
             let settings = Settings::new()
                 .with("v", "2")
                 .with("client", &self.shared.config.client_name)
-                .with("padding-md5", scheme.md5_hex());
+                .with("padding-md5", scheme.md5_hex())
+                .with(HALF_CLOSE_KEY, "1");
             Frame::new(Command::Settings, 0, settings.encode()).encode(&mut raw).expect("small frame");
         }
         Frame::control(Command::Syn, id).encode(&mut raw).expect("empty frame");

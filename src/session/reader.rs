@@ -8,7 +8,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, ReadHalf};
 use tokio::sync::mpsc;
 
 use super::stream::Stream;
-use super::{Role, Shared, StreamEvent, StreamHandler};
+use super::{HALF_CLOSE_KEY, Role, Shared, StreamEvent, StreamHandler};
 use crate::proto::frame::Command;
 use crate::proto::{Frame, FrameDecoder, PaddingScheme, Settings};
 
@@ -105,8 +105,12 @@ fn on_server_frame(frame: Frame, shared: &Arc<Shared>, handler: Option<&StreamHa
                 shared.send_control(update);
             }
             if version >= 2 {
-                let reply = Settings::new().with("v", "2").encode();
-                shared.send_control(Frame::new(Command::ServerSettings, 0, reply));
+                let mut reply = Settings::new().with("v", "2");
+                if settings.get(HALF_CLOSE_KEY) == Some("1") {
+                    shared.half_close.store(true, Ordering::Release);
+                    reply = reply.with(HALF_CLOSE_KEY, "1");
+                }
+                shared.send_control(Frame::new(Command::ServerSettings, 0, reply.encode()));
             }
             log::debug!("client settings: {}", String::from_utf8_lossy(&frame.data));
         }
@@ -163,8 +167,10 @@ async fn on_client_frame(frame: Frame, shared: &Arc<Shared>) -> Result<(), Strin
             }
         }
         Command::ServerSettings => {
-            let version = Settings::parse(&frame.data).version().max(1);
-            shared.peer_version.send_replace(version);
+            let settings = Settings::parse(&frame.data);
+            // Before the version: streams waiting on it read the flag next.
+            shared.half_close.store(settings.get(HALF_CLOSE_KEY) == Some("1"), Ordering::Release);
+            shared.peer_version.send_replace(settings.version().max(1));
         }
         Command::UpdatePaddingScheme => match PaddingScheme::parse(&frame.data) {
             Ok(scheme) => {

@@ -1,5 +1,7 @@
 //! Copies bytes both ways between a stream and a TCP connection.
 
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -26,41 +28,60 @@ pub enum RelayError {
     Io(#[from] std::io::Error),
 }
 
-/// Relays until both directions have ended. Each side's end of data is passed on:
-/// TCP EOF becomes FIN, FIN becomes a TCP write shutdown, so half-closed
-/// connections keep working. An error on either side ends both.
+/// Which side's end of data ended a relay.
+enum FirstEnd {
+    /// TCP EOF: we sent FIN.
+    Ours,
+    /// The peer's FIN.
+    Peers,
+}
+
+/// Relays until the stream is over; an error on either side ends both.
+///
+/// When both ends are ours (half-close negotiated), each side's end of data is
+/// passed on and the other direction keeps going: TCP EOF becomes FIN, FIN becomes
+/// a TCP write shutdown. With other implementations FIN ends the whole stream, as in
+/// the reference: the first end of data either way ends the relay, and a FIN
+/// received is not answered with one.
 pub async fn relay(stream: Stream, tcp: TcpStream) -> (RelayStats, Option<String>) {
+    let half_close = stream.half_close();
     let (mut stream_reader, mut stream_writer) = stream.split();
     let (mut tcp_reader, mut tcp_writer) = tcp.into_split();
-    let mut stats = RelayStats::default();
+    // Counted outside the two directions so an error still reports what went through.
+    let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
 
     let upstream = async {
-        let mut sent = 0u64;
         loop {
             let mut buf = BytesMut::with_capacity(TCP_READ_CHUNK);
             if tcp_reader.read_buf(&mut buf).await? == 0 {
                 stream_writer.finish().await?;
-                return Ok::<u64, RelayError>(sent);
+                return Ok::<FirstEnd, RelayError>(FirstEnd::Ours);
             }
-            sent += buf.len() as u64;
+            sent.fetch_add(buf.len() as u64, Relaxed);
             stream_writer.write(buf.freeze()).await?;
         }
     };
     let downstream = async {
-        let mut received = 0u64;
         while let Some(data) = stream_reader.read().await? {
-            received += data.len() as u64;
+            received.fetch_add(data.len() as u64, Relaxed);
             tcp_writer.write_all(&data).await?;
         }
         tcp_writer.shutdown().await?;
-        Ok::<u64, RelayError>(received)
+        Ok::<FirstEnd, RelayError>(FirstEnd::Peers)
     };
-    match tokio::try_join!(upstream, downstream) {
-        Ok((sent, received)) => {
-            stats.sent = sent;
-            stats.received = received;
-            (stats, None)
-        }
-        Err(err) => (stats, Some(err.to_string())),
-    }
+    let outcome = if half_close {
+        tokio::try_join!(upstream, downstream).map(|_| ())
+    } else {
+        let first = tokio::select! {
+            ended = upstream => ended,
+            ended = downstream => ended,
+        };
+        first.map(|end| {
+            if let FirstEnd::Peers = end {
+                stream_writer.forget_fin();
+            }
+        })
+    };
+    let stats = RelayStats { sent: sent.into_inner(), received: received.into_inner() };
+    (stats, outcome.err().map(|err| err.to_string()))
 }

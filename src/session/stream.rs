@@ -39,6 +39,12 @@ impl Stream {
         self.writer.id
     }
 
+    /// Whether FIN ends only one direction (both ends are ours); otherwise FIN
+    /// either way ends the whole stream, as in the reference.
+    pub fn half_close(&self) -> bool {
+        self.writer.shared.half_close.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     pub fn split(self) -> (StreamReader, StreamWriter) {
         (self.reader, self.writer)
     }
@@ -191,6 +197,12 @@ impl StreamWriter {
             }
         }
         Ok(())
+    }
+
+    /// The peer ended the whole stream: no FIN is owed (the contract: FIN is never
+    /// answered with FIN).
+    pub fn forget_fin(&mut self) {
+        self.fin_sent = true;
     }
 
     /// Sends FIN once: we have nothing more to send. The peer may still send to us.

@@ -135,6 +135,7 @@ async fn client_first_write_is_settings_syn_and_data() {
     assert_eq!(settings.version(), 2);
     assert_eq!(settings.get("padding-md5"), Some("75cff2ad89aadf5e257059ee571ebe11"));
     assert!(settings.get("client").unwrap().starts_with("anytls-rs/"));
+    assert_eq!(settings.get(HALF_CLOSE_KEY), Some("1"));
     let syn = peer.next().await.unwrap();
     assert_eq!((syn.command, syn.stream_id), (Command::Syn, 1));
     let push = peer.next().await.unwrap();
@@ -340,4 +341,70 @@ async fn a_stalled_stream_exerts_backpressure_with_bounded_memory() {
         }
     };
     tokio::time::timeout(Duration::from_secs(10), drain).await.expect("queued data drains");
+}
+
+#[tokio::test]
+async fn our_pair_negotiates_half_close() {
+    let (client, server) = pair(SessionConfig::default());
+    let mut stream = client.open_stream(Bytes::new()).await.unwrap();
+    stream.wait_open().await.unwrap();
+    assert!(client.half_close() && server.half_close() && stream.half_close());
+}
+
+/// A loopback TCP pair: what the relay gets, and the far end the test drives.
+async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let connect = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+    let (accepted, connected) = tokio::join!(listener.accept(), connect);
+    (accepted.unwrap().0, connected.unwrap())
+}
+
+/// A reference-style server: v2, no half-close, SYNACK for stream 1.
+async fn reference_server(io: DuplexStream) -> RawPeer {
+    let mut peer = RawPeer::new(io);
+    assert_eq!(peer.next().await.unwrap().command, Command::Settings);
+    assert_eq!(peer.next().await.unwrap().command, Command::Syn);
+    peer.send(&[Frame::new(Command::ServerSettings, 0, &b"v=2"[..]), Frame::control(Command::SynAck, 1)]).await;
+    peer
+}
+
+#[tokio::test]
+async fn with_a_reference_peer_its_fin_ends_the_relay_and_is_not_answered() {
+    let (a, b) = tokio::io::duplex(PIPE);
+    let client = Session::client(a, SessionConfig::default());
+    let mut stream = client.open_stream(Bytes::new()).await.unwrap();
+    let mut peer = reference_server(b).await;
+    stream.wait_open().await.unwrap();
+    assert!(!stream.half_close());
+    let (local, mut app) = tcp_pair().await;
+    let relay = tokio::spawn(relay(stream, local));
+    peer.send(&[Frame::new(Command::Push, 1, &b"answer"[..]), Frame::control(Command::Fin, 1)]).await;
+    let mut got = Vec::new();
+    app.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"answer");
+    // The relay is over although the app never closed its side, and no FIN went back.
+    let (stats, error) = tokio::time::timeout(Duration::from_secs(5), relay).await.unwrap().unwrap();
+    assert_eq!((stats.received, error), (6, None));
+    peer.send(&[Frame::control(Command::HeartRequest, 0)]).await;
+    let next = peer.next().await.unwrap();
+    assert_eq!(next.command, Command::HeartResponse, "no FIN before it: {next:?}");
+}
+
+#[tokio::test]
+async fn with_a_reference_peer_our_fin_ends_the_relay() {
+    let (a, b) = tokio::io::duplex(PIPE);
+    let client = Session::client(a, SessionConfig::default());
+    let mut stream = client.open_stream(Bytes::new()).await.unwrap();
+    let mut peer = reference_server(b).await;
+    stream.wait_open().await.unwrap();
+    let (local, mut app) = tcp_pair().await;
+    let relay = tokio::spawn(relay(stream, local));
+    app.write_all(b"request").await.unwrap();
+    app.shutdown().await.unwrap();
+    let push = peer.next().await.unwrap();
+    assert_eq!((push.command, &push.data[..]), (Command::Push, &b"request"[..]));
+    assert_eq!(peer.next().await.unwrap().command, Command::Fin);
+    // The reference server considers the stream closed: the relay must not wait for its FIN.
+    let (stats, error) = tokio::time::timeout(Duration::from_secs(5), relay).await.unwrap().unwrap();
+    assert_eq!((stats.sent, error), (7, None));
 }
