@@ -1,0 +1,124 @@
+# Sourced by scripts/bench-throughput.sh and test_pool_performance.sh: starts proxy
+# pairs on loopback and stops everything it started when the caller exits.
+#
+# Globals a caller reads: BENCH_WORK (temp dir), BIN (our release binaries),
+# PAIR_SOCKS / PAIR_SERVER_PID / PAIR_CLIENT_PID / PAIR_ERROR after start_*_pair.
+
+BENCH_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# The peers' cache: $ANYTLS_PEERS_DIR, else <repo>/.cache/peers, else the shared
+# ~/.cache/anytls-rs/peers when only that one has been installed.
+if [ -z "${ANYTLS_PEERS_DIR:-}" ] && [ ! -f "$BENCH_REPO/.cache/peers/peers.env" ] &&
+    [ -f "$HOME/.cache/anytls-rs/peers/peers.env" ]; then
+    export ANYTLS_PEERS_DIR="$HOME/.cache/anytls-rs/peers"
+fi
+. "$BENCH_REPO/scripts/peers/_common.sh"
+BIN="${CARGO_TARGET_DIR:-$BENCH_REPO/target}/release"
+BENCH_PIDS=()
+BENCH_PASSWORD="bench-pass-$RANDOM$RANDOM"
+
+bench_init() { # bench_init NAME: temp dir + cleanup trap
+    BENCH_WORK=$(mktemp -d "${TMPDIR:-/tmp}/$1.XXXXXX")
+    chmod 755 "$BENCH_WORK" # nginx workers may run as another user
+    trap bench_cleanup EXIT
+    trap 'exit 130' INT TERM
+}
+
+bench_cleanup() {
+    local p alive
+    for p in "${BENCH_PIDS[@]}"; do kill "$p" 2>/dev/null; done
+    for _ in $(seq 50); do # bounded wait, then SIGKILL
+        alive=0
+        for p in "${BENCH_PIDS[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+        [ $alive = 0 ] && break
+        sleep 0.1
+    done
+    for p in "${BENCH_PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done
+    wait 2>/dev/null
+    if [ "${KEEP:-0}" = 1 ]; then echo "work dir kept: $BENCH_WORK" >&2; else rm -rf "$BENCH_WORK"; fi
+}
+
+build_release() { # builds our three binaries (quietly unless it fails)
+    echo "building release binaries (CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$BENCH_REPO/target}) ..." >&2
+    if ! (cd "$BENCH_REPO" && cargo build --release --bins >"$BENCH_WORK/build.log" 2>&1); then
+        tail -n 30 "$BENCH_WORK/build.log" >&2
+        echo "release build failed" >&2
+        return 1
+    fi
+}
+
+free_ports() { python3 "$BENCH_REPO/scripts/peers/free-port.py" "$1" | tr '\n' ' '; }
+
+# start_bg LOGNAME CMD...: runs CMD in the background, its output in $BENCH_WORK/LOGNAME.log;
+# the PID is in $BG_PID.
+start_bg() {
+    local log="$BENCH_WORK/$1.log"
+    shift
+    "$@" >"$log" 2>&1 &
+    BG_PID=$!
+    BENCH_PIDS+=("$BG_PID")
+}
+
+# why_exited LOGNAME: the log's last error-looking line (for SKIP messages).
+why_exited() {
+    local line
+    line=$(grep -m1 -iE "error|unexpected|invalid" "$BENCH_WORK/$1.log" | head -c 300)
+    [ -n "$line" ] || line=$(tail -n 1 "$BENCH_WORK/$1.log" | head -c 300)
+    echo "$line"
+}
+
+# start_our_pair NAME SERVER_ARGS CLIENT_ARGS: our server + client, extra args given as
+# two strings (word-split). Sets PAIR_*; returns 1 with PAIR_ERROR when one exits.
+start_our_pair() {
+    local name=$1 sargs=$2 cargs=$3 sport cport fp
+    read -r sport cport < <(free_ports 2)
+    PAIR_ERROR=""
+    # shellcheck disable=SC2086
+    start_bg "$name-server" "$BIN/anytls-server" -l "127.0.0.1:$sport" -p "$BENCH_PASSWORD" $sargs
+    PAIR_SERVER_PID=$BG_PID
+    if ! wait_port "$sport" 20 "$PAIR_SERVER_PID" 2>/dev/null; then
+        PAIR_ERROR="server: $(why_exited "$name-server")"
+        return 1
+    fi
+    fp=$(grep -o 'fingerprint [0-9a-fA-F]*' "$BENCH_WORK/$name-server.log" | head -n1 | cut -d' ' -f2)
+    [ -n "$fp" ] || { PAIR_ERROR="server logged no certificate fingerprint"; return 1; }
+    # shellcheck disable=SC2086
+    start_bg "$name-client" "$BIN/anytls-client" -l "127.0.0.1:$cport" -s "127.0.0.1:$sport" \
+        -p "$BENCH_PASSWORD" --sni localhost --pin-sha256 "$fp" $cargs
+    PAIR_CLIENT_PID=$BG_PID
+    if ! wait_port "$cport" 20 "$PAIR_CLIENT_PID" 2>/dev/null; then
+        PAIR_ERROR="client: $(why_exited "$name-client")"
+        return 1
+    fi
+    PAIR_SOCKS="127.0.0.1:$cport"
+}
+
+peer_installed() {
+    [ -n "${ANYTLS_PEER_SERVER:-}" ] && [ -x "$ANYTLS_PEER_SERVER" ] &&
+        [ -n "${ANYTLS_PEER_CLIENT:-}" ] && [ -x "$ANYTLS_PEER_CLIENT" ]
+}
+
+# start_peer_pair NAME: the crates.io `anytls` 0.5.3 server + client (scripts/peers/).
+start_peer_pair() {
+    local name=$1 sport cport
+    read -r sport cport < <(free_ports 2)
+    PAIR_ERROR=""
+    start_bg "$name-server" "$BENCH_REPO/scripts/peers/anytls-crate-server.sh" "$sport" "$BENCH_PASSWORD"
+    PAIR_SERVER_PID=$BG_PID
+    if ! wait_port "$sport" 20 "$PAIR_SERVER_PID" 2>/dev/null; then
+        PAIR_ERROR="peer server: $(why_exited "$name-server")"
+        return 1
+    fi
+    start_bg "$name-client" "$BENCH_REPO/scripts/peers/anytls-crate-client.sh" "$cport" "$sport" "$BENCH_PASSWORD"
+    PAIR_CLIENT_PID=$BG_PID
+    if ! wait_port "$cport" 20 "$PAIR_CLIENT_PID" 2>/dev/null; then
+        PAIR_ERROR="peer client: $(why_exited "$name-client")"
+        return 1
+    fi
+    PAIR_SOCKS="127.0.0.1:$cport"
+}
+
+machine_info() { # one line: cores and CPU model
+    local model
+    model=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
+    echo "nproc=$(nproc) cpu=\"${model:-unknown}\" kernel=$(uname -r)"
+}

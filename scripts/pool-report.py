@@ -1,0 +1,175 @@
+#!/usr/bin/env python3
+"""Summarise test_pool_performance.sh: medians per variant, a markdown table with ratios
+against direct, results/pool-performance.json and a hand-written SVG bar chart.
+
+Inputs: the JSONL of runs (one anytls-bench --json result per line, wrapped with round,
+variant, workload and the socket counters) and a TSV of `variant  server_kib  client_kib
+note` (VmHWM). Standard library only.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+from xml.sax.saxutils import escape
+
+p = argparse.ArgumentParser()
+p.add_argument("results")
+p.add_argument("rss")
+p.add_argument("--out-dir", required=True)
+p.add_argument("--rr-requests", type=int, required=True)
+p.add_argument("--quick", default="0")
+p.add_argument("--runs", type=int, default=0)
+p.add_argument("--nproc", type=int, default=0)
+p.add_argument("--cpu", default="")
+a = p.parse_args()
+
+runs = [json.loads(line) for line in open(a.results) if line.strip()]
+variants = []
+for r in runs:
+    if r["variant"] not in variants:
+        variants.append(r["variant"])
+rss = {}
+for line in open(a.rss):
+    parts = line.rstrip("\n").split("\t")
+    if len(parts) >= 3:
+        to_mib = lambda kib: round(int(kib) / 1024, 1) if kib.isdigit() else None
+        rss[parts[0]] = {"server_mib": to_mib(parts[1]), "client_mib": to_mib(parts[2]),
+                         "note": parts[3] if len(parts) > 3 else ""}
+
+
+def dig(d, *path):
+    for k in path:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def median_of(variant, workload, *path, wrapper=False):
+    """Median of a number in the anytls-bench result (or, with wrapper, in the run record)."""
+    values = []
+    for r in runs:
+        if r["variant"] == variant and r["workload"] == workload:
+            v = dig(r if wrapper else r["result"], *path)
+            if isinstance(v, (int, float)):
+                values.append(v)
+    return statistics.median(values) if values else None
+
+
+def total_of(variant, workload, *path):
+    return sum(dig(r["result"], *path) or 0 for r in runs if r["variant"] == variant and r["workload"] == workload)
+
+
+summary = {}
+for v in variants:
+    rr_ok = median_of(v, "rr", "ok")
+    opens = median_of(v, "rr", "active_opens_delta", wrapper=True)
+    s = {
+        "download_gbit_per_sec": median_of(v, "bulk", "download", "gbit_per_sec"),
+        "upload_gbit_per_sec": median_of(v, "bulk", "upload", "gbit_per_sec"),
+        "streams_per_sec": median_of(v, "rr", "streams_per_sec"),
+        "latency_ms": {q: median_of(v, "rr", "latency_ms", q) for q in ("p50", "p90", "p99", "max")},
+        "hold_echo_p99_ms": median_of(v, "hold", "echo_ms", "p99"),
+        "hold_open_p99_ms": median_of(v, "hold", "open_ms", "p99"),
+        "time_wait_per_rr_run": median_of(v, "rr", "time_wait_delta", wrapper=True),
+        "tcp_opens_per_1000_requests": (opens / rr_ok * 1000) if opens is not None and rr_ok else None,
+        "failures": {w: total_of(v, w, "failed") for w in ("bulk", "rr", "hold")},
+        "first_errors": sorted({dig(r["result"], "first_error") for r in runs
+                                if r["variant"] == v and dig(r["result"], "first_error")})[:3],
+        "peak_rss_mib": {k: rss.get(v, {}).get(k) for k in ("server_mib", "client_mib")},
+        "note": rss.get(v, {}).get("note", ""),
+    }
+    summary[v] = s
+
+direct = summary.get("direct", {})
+
+
+def ratio(v, key, sub=None):
+    x = summary[v][key] if sub is None else summary[v][key][sub]
+    d = direct.get(key) if sub is None else (direct.get(key) or {}).get(sub)
+    return x / d if x is not None and d else None
+
+
+def cell(x, r=None, digits=2):
+    if x is None:
+        return "-"
+    text = f"{x:.{digits}f}"
+    return f"{text} ({r:.2f}x)" if r is not None else text
+
+
+names = {"direct": "direct", "lock": "ours lock", "lockfree": "ours lockfree", "highperf": "ours highperf",
+         "peer": "crates.io anytls 0.5.3"}
+print()
+print("| variant | down Gbit/s | up Gbit/s | new streams/s | p50 ms | p90 ms | p99 ms | hold echo p99 ms "
+      "| RSS server / client MiB | TIME_WAIT per rr run | TCP opens / 1k req | failures bulk/rr/hold |")
+print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+for v in variants:
+    s = summary[v]
+    lat = s["latency_ms"]
+    mem = s["peak_rss_mib"]
+    mem_text = "-" if v == "direct" else f"{mem['server_mib']} / {mem['client_mib']}"
+    f = s["failures"]
+    label = names.get(v, v) + (f" ({s['note']})" if s["note"] else "")
+    print(f"| {label} | {cell(s['download_gbit_per_sec'], ratio(v, 'download_gbit_per_sec'))} "
+          f"| {cell(s['upload_gbit_per_sec'], ratio(v, 'upload_gbit_per_sec'))} "
+          f"| {cell(s['streams_per_sec'], ratio(v, 'streams_per_sec'), 0)} "
+          f"| {cell(lat['p50'], ratio(v, 'latency_ms', 'p50'))} | {cell(lat['p90'], ratio(v, 'latency_ms', 'p90'))} "
+          f"| {cell(lat['p99'], ratio(v, 'latency_ms', 'p99'))} | {cell(s['hold_echo_p99_ms'])} | {mem_text} "
+          f"| {cell(s['time_wait_per_rr_run'], None, 0)} | {cell(s['tcp_opens_per_1000_requests'], None, 0)} "
+          f"| {f['bulk']}/{f['rr']}/{f['hold']} |")
+print()
+print("Medians over rounds; (N x) = ratio to direct. TIME_WAIT and TCP opens are system-wide counters "
+      f"sampled around each rr run of {a.rr_requests} requests.")
+for v in variants:
+    for err in summary[v]["first_errors"]:
+        print(f"  {names.get(v, v)}: first error seen: {err}")
+
+machine = {"nproc": a.nproc, "cpu": a.cpu}
+out = {"machine": machine, "quick": a.quick == "1", "rounds": a.runs, "rr_requests": a.rr_requests,
+       "variants": summary, "runs": runs}
+json_path = os.path.join(a.out_dir, "pool-performance.json")
+with open(json_path, "w") as f:
+    json.dump(out, f, indent=2)
+    f.write("\n")
+
+# --- SVG: three panels of bars, one bar per variant ---------------------------------
+panels = [
+    ("Download throughput", "Gbit/s", lambda s: s["download_gbit_per_sec"]),
+    ("New streams per second (rr)", "streams/s", lambda s: s["streams_per_sec"]),
+    ("rr latency p99 (lower is better)", "ms", lambda s: s["latency_ms"]["p99"]),
+]
+colors = {"direct": "#7f7f7f", "lock": "#1f77b4", "lockfree": "#2ca02c", "highperf": "#9467bd", "peer": "#d62728"}
+pw, ph, margin, top = 300, 240, 40, 50
+width, height = margin + len(panels) * (pw + margin), top + ph + 90
+svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+       f'font-family="sans-serif" font-size="11">',
+       f'<rect width="{width}" height="{height}" fill="white"/>',
+       f'<text x="{margin}" y="22" font-size="15" font-weight="bold">anytls-rs pool performance '
+       f'({"quick, " if a.quick == "1" else ""}medians of {a.runs} rounds; nproc {a.nproc})</text>']
+for i, (title, unit, get) in enumerate(panels):
+    x0 = margin + i * (pw + margin)
+    values = [(v, get(summary[v])) for v in variants]
+    top_value = max([x for _, x in values if x] or [1]) * 1.15
+    svg.append(f'<text x="{x0}" y="{top - 12}" font-size="13">{escape(title)}</text>')
+    svg.append(f'<line x1="{x0}" y1="{top + ph}" x2="{x0 + pw}" y2="{top + ph}" stroke="black"/>')
+    slot = pw / max(len(values), 1)
+    for j, (v, x) in enumerate(values):
+        bx = x0 + j * slot + slot * 0.15
+        bw = slot * 0.7
+        if x is not None:
+            bh = ph * x / top_value
+            svg.append(f'<rect x="{bx:.1f}" y="{top + ph - bh:.1f}" width="{bw:.1f}" height="{bh:.1f}" '
+                       f'fill="{colors.get(v, "#ff7f0e")}"/>')
+            label = f"{x:.0f}" if x >= 100 else f"{x:.2f}"
+            svg.append(f'<text x="{bx + bw / 2:.1f}" y="{top + ph - bh - 4:.1f}" text-anchor="middle">{label}</text>')
+        else:
+            svg.append(f'<text x="{bx + bw / 2:.1f}" y="{top + ph - 4}" text-anchor="middle">n/a</text>')
+        svg.append(f'<text x="{bx + bw / 2:.1f}" y="{top + ph + 14}" text-anchor="end" '
+                   f'transform="rotate(-35 {bx + bw / 2:.1f} {top + ph + 14})">{escape(names.get(v, v))}</text>')
+    svg.append(f'<text x="{x0}" y="{top + ph + 80}" fill="#555">{escape(unit)}</text>')
+svg.append("</svg>")
+svg_path = os.path.join(a.out_dir, "pool-performance.svg")
+with open(svg_path, "w") as f:
+    f.write("\n".join(svg) + "\n")
+print(f"wrote {json_path} and {svg_path}", file=sys.stderr)

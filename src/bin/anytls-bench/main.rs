@@ -1,0 +1,324 @@
+//! `anytls-bench`: a load generator for SOCKS5 proxies, with its own loopback targets.
+//!
+//! Each subcommand is one bounded run (a count and `--max-seconds`) that prints
+//! one human line, or one JSON object with `--json`. The exit status is 0 when
+//! everything asked for was done without failures, 1 otherwise.
+
+mod bulk;
+mod hold;
+mod report;
+mod route;
+mod rr;
+mod stats;
+mod target;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+
+use bulk::{Bulk, Direction};
+use hold::Hold;
+use route::Route;
+use rr::Rr;
+
+/// Load generator for SOCKS5 proxies (and the direct baseline), with loopback targets.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the targets (echo, HTTP `GET /bytes/N`, bulk sink/source) until killed;
+    /// prints their addresses as one JSON line.
+    Target(TargetArgs),
+    /// Throughput: move N bytes over K parallel streams (download, then upload).
+    Bulk(BulkArgs),
+    /// Request/response with a new stream per request: latency and streams/s.
+    Rr(RrArgs),
+    /// N concurrent long-lived streams with a trickle of traffic; reports failures.
+    Hold(HoldArgs),
+}
+
+#[derive(Args, Debug)]
+struct TargetArgs {
+    /// Address to bind; port 0 picks three free ports, port P uses P, P+1, P+2.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+}
+
+/// How to reach the target: exactly one of --socks and --direct.
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+struct RouteArgs {
+    /// SOCKS5 proxy (no authentication) to send the load through.
+    #[arg(long, value_name = "ADDR")]
+    socks: Option<SocketAddr>,
+    /// Connect to the target directly (the baseline).
+    #[arg(long)]
+    direct: bool,
+}
+
+impl RouteArgs {
+    fn route(&self) -> Route {
+        self.socks.map_or(Route::Direct, Route::Socks)
+    }
+}
+
+/// Options every load subcommand shares.
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    route: RouteArgs,
+    /// `inproc` starts the targets in this process; otherwise the address of the
+    /// matching target port of a running `anytls-bench target`.
+    #[arg(long, default_value = "inproc")]
+    target: TargetSpec,
+    /// Hard limit on the run's duration, in seconds.
+    #[arg(long, default_value_t = 60)]
+    max_seconds: u64,
+    /// Print one JSON object instead of the human line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct BulkArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Bytes per direction over all streams (suffixes K, M, G = KiB, MiB, GiB).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    bytes: u64,
+    /// Parallel streams.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    streams: u64,
+    /// Directions to measure.
+    #[arg(long, value_enum, default_value_t = Direction::Both)]
+    direction: Direction,
+}
+
+#[derive(Args, Debug)]
+struct RrArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Requests in all (each on a new connection).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    requests: u64,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    concurrency: u64,
+    /// Response body size in bytes (suffixes K, M, G).
+    #[arg(long, default_value = "1K", value_parser = parse_size)]
+    size: u64,
+}
+
+#[derive(Args, Debug)]
+struct HoldArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Concurrent streams.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    streams: u64,
+    /// How long every stream stays open, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Time between one stream's messages, in milliseconds.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    interval_ms: u64,
+    /// Streams being opened at once.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    open_concurrency: u64,
+}
+
+/// Where the load goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TargetSpec {
+    InProcess,
+    Addr(SocketAddr),
+}
+
+impl std::str::FromStr for TargetSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "inproc" {
+            return Ok(TargetSpec::InProcess);
+        }
+        s.parse().map(TargetSpec::Addr).map_err(|_| format!("expected `inproc` or IP:PORT, got {s:?}"))
+    }
+}
+
+/// A byte count with an optional binary suffix: `512`, `64K`, `256M`, `1G` (also `KiB`...).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, suffix) = s.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| format!("not a size: {s:?}"))?;
+    let shift = match suffix.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        _ => return Err(format!("unknown size suffix {suffix:?} (use K, M or G)")),
+    };
+    n.checked_mul(1 << shift).ok_or_else(|| format!("size too large: {s:?}"))
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(why) => {
+            eprintln!("anytls-bench: {why}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Runs one subcommand; `Ok(false)` when the run had failures.
+#[tokio::main]
+async fn run(command: Command) -> Result<bool, String> {
+    let (run_args, pick): (&RunArgs, fn(target::Targets) -> SocketAddr) = match &command {
+        Command::Target(args) => return serve_targets(args.listen).await,
+        Command::Bulk(a) => (&a.run, |t| t.bulk),
+        Command::Rr(a) => (&a.run, |t| t.http),
+        Command::Hold(a) => (&a.run, |t| t.echo),
+    };
+    let target = match run_args.target {
+        TargetSpec::Addr(addr) => addr,
+        TargetSpec::InProcess => {
+            let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+            pick(target::start(loopback).await.map_err(|e| format!("cannot start the targets: {e}"))?)
+        }
+    };
+    let route = run_args.route.route();
+    let json = run_args.json;
+    let deadline = Instant::now() + Duration::from_secs(run_args.max_seconds);
+    let report = match command {
+        Command::Target(_) => unreachable!("served above"),
+        Command::Bulk(a) => {
+            Bulk { route, target, bytes: a.bytes, streams: a.streams as usize, direction: a.direction, deadline }
+                .run()
+                .await
+        }
+        Command::Rr(a) => {
+            Rr { route, target, requests: a.requests, concurrency: a.concurrency as usize, size: a.size, deadline }
+                .run()
+                .await
+        }
+        Command::Hold(a) => {
+            Hold {
+                route,
+                target,
+                streams: a.streams as usize,
+                seconds: a.seconds.max(0.0),
+                interval: Duration::from_millis(a.interval_ms),
+                open_concurrency: a.open_concurrency as usize,
+                deadline,
+            }
+            .run()
+            .await
+        }
+    };
+    report.print(json);
+    Ok(report.ok)
+}
+
+/// `target`: serves until the process is killed.
+async fn serve_targets(listen: SocketAddr) -> Result<bool, String> {
+    let targets = target::start(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    println!("{}", targets.to_json());
+    std::future::pending::<()>().await;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("anytls-bench").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("256m"), Ok(256 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert!(parse_size("1T").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999G").is_err());
+    }
+
+    #[test]
+    fn bulk_with_socks_and_defaults() {
+        let cli = parse(&["bulk", "--socks", "127.0.0.1:1080", "--bytes", "1G", "--streams", "4"]).unwrap();
+        let Command::Bulk(a) = cli.command else { panic!("not bulk") };
+        assert_eq!(a.run.route.route(), Route::Socks("127.0.0.1:1080".parse().unwrap()));
+        assert_eq!((a.bytes, a.streams, a.direction), (1 << 30, 4, Direction::Both));
+        assert_eq!((a.run.target, a.run.max_seconds, a.run.json), (TargetSpec::InProcess, 60, false));
+    }
+
+    #[test]
+    fn rr_direct_with_target_address_and_json() {
+        let cli = parse(&[
+            "rr",
+            "--direct",
+            "--requests",
+            "50",
+            "--concurrency",
+            "4",
+            "--size",
+            "2K",
+            "--target",
+            "127.0.0.1:9000",
+            "--json",
+            "--max-seconds",
+            "5",
+        ])
+        .unwrap();
+        let Command::Rr(a) = cli.command else { panic!("not rr") };
+        assert_eq!(a.run.route.route(), Route::Direct);
+        assert_eq!((a.requests, a.concurrency, a.size), (50, 4, 2048));
+        assert_eq!(a.run.target, TargetSpec::Addr("127.0.0.1:9000".parse().unwrap()));
+        assert!(a.run.json);
+        assert_eq!(a.run.max_seconds, 5);
+    }
+
+    #[test]
+    fn hold_defaults() {
+        let cli = parse(&["hold", "--socks", "127.0.0.1:1", "--streams", "10", "--seconds", "2"]).unwrap();
+        let Command::Hold(a) = cli.command else { panic!("not hold") };
+        assert_eq!((a.streams, a.seconds, a.interval_ms, a.open_concurrency), (10, 2.0, 1000, 64));
+    }
+
+    #[test]
+    fn route_is_required_and_exclusive() {
+        assert!(parse(&["rr"]).is_err());
+        assert!(parse(&["rr", "--direct", "--socks", "127.0.0.1:1"]).is_err());
+        assert!(parse(&["bulk", "--socks", "not-an-address"]).is_err());
+    }
+
+    #[test]
+    fn rejects_bad_numbers_and_targets() {
+        assert!(parse(&["bulk", "--direct", "--streams", "0"]).is_err());
+        assert!(parse(&["rr", "--direct", "--requests", "0"]).is_err());
+        assert!(parse(&["rr", "--direct", "--target", "elsewhere"]).is_err());
+        assert!(parse(&["bulk", "--direct", "--bytes", "12X"]).is_err());
+    }
+
+    #[test]
+    fn target_listen_default() {
+        let cli = parse(&["target"]).unwrap();
+        let Command::Target(a) = cli.command else { panic!("not target") };
+        assert_eq!(a.listen, "127.0.0.1:0".parse::<SocketAddr>().unwrap());
+    }
+}

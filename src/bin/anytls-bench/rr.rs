@@ -1,0 +1,161 @@
+//! `rr`: request/response with a new stream per request (`GET /bytes/S`, keep-alive
+//! off), C at a time. Measures what a browser-like client feels: the cost of
+//! opening a stream through the proxy plus one small transfer.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinSet;
+use tokio::time::timeout_at;
+
+use crate::report::{Report, Value};
+use crate::route::Route;
+use crate::stats::{Latency, per_sec};
+
+pub struct Rr {
+    pub route: Route,
+    pub target: SocketAddr,
+    pub requests: u64,
+    pub concurrency: usize,
+    pub size: u64,
+    pub deadline: Instant,
+}
+
+/// What one worker saw.
+#[derive(Default)]
+struct WorkerResult {
+    latencies: Vec<Duration>,
+    failed: u64,
+    first_error: Option<String>,
+}
+
+impl Rr {
+    pub async fn run(self) -> Report {
+        let next = Arc::new(AtomicU64::new(0));
+        let start = Instant::now();
+        let mut workers = JoinSet::new();
+        for _ in 0..self.concurrency.max(1) {
+            let (route, target, size, requests, deadline) =
+                (self.route, self.target, self.size, self.requests, self.deadline);
+            let next = next.clone();
+            workers.spawn(async move {
+                let mut result = WorkerResult::default();
+                while next.fetch_add(1, Ordering::Relaxed) < requests && Instant::now() < deadline {
+                    let t0 = Instant::now();
+                    let outcome = timeout_at(deadline.into(), one_request(route, target, size)).await;
+                    match outcome.unwrap_or_else(|_| Err("stopped at --max-seconds".into())) {
+                        Ok(()) => result.latencies.push(t0.elapsed()),
+                        Err(err) => {
+                            result.failed += 1;
+                            result.first_error.get_or_insert(err);
+                        }
+                    }
+                }
+                result
+            });
+        }
+        let mut latencies = Vec::with_capacity(self.requests as usize);
+        let (mut failed, mut first_error) = (0, None);
+        while let Some(worker) = workers.join_next().await {
+            let worker = worker.unwrap_or_else(|join| WorkerResult {
+                failed: 1,
+                first_error: Some(join.to_string()),
+                ..WorkerResult::default()
+            });
+            latencies.extend(worker.latencies);
+            failed += worker.failed;
+            if first_error.is_none() {
+                first_error = worker.first_error;
+            }
+        }
+        let elapsed = start.elapsed();
+        let done = latencies.len() as u64;
+        let missing = self.requests.saturating_sub(done + failed);
+        let latency = Latency::of(&mut latencies);
+        let rate = per_sec(done, elapsed);
+
+        let mut human = format!(
+            "rr {} (concurrency {}, {} B each): {done}/{} ok, {failed} failed in {:.2} s = {rate:.0} streams/s; \
+             latency ms p50 {:.2} p90 {:.2} p99 {:.2} max {:.2}",
+            self.route,
+            self.concurrency,
+            self.size,
+            self.requests,
+            elapsed.as_secs_f64(),
+            latency.p50,
+            latency.p90,
+            latency.p99,
+            latency.max
+        );
+        if missing > 0 {
+            human += &format!(" ({missing} not sent: stopped at --max-seconds)");
+        }
+        if let Some(err) = &first_error {
+            human += &format!(" (first error: {err})");
+        }
+        let mut json = vec![
+            ("mode", Value::Str("rr".into())),
+            ("route", Value::Str(self.route.to_string())),
+            ("requests", Value::Int(self.requests)),
+            ("concurrency", Value::Int(self.concurrency as u64)),
+            ("size", Value::Int(self.size)),
+            ("ok", Value::Int(done)),
+            ("failed", Value::Int(failed)),
+            ("not_sent", Value::Int(missing)),
+            ("seconds", Value::Num(elapsed.as_secs_f64())),
+            ("streams_per_sec", Value::Num(rate)),
+            ("gbit_per_sec", Value::Num(crate::stats::gbit_per_sec(done * self.size, elapsed))),
+            (
+                "latency_ms",
+                Value::Obj(vec![
+                    ("p50", Value::Num(latency.p50)),
+                    ("p90", Value::Num(latency.p90)),
+                    ("p99", Value::Num(latency.p99)),
+                    ("max", Value::Num(latency.max)),
+                ]),
+            ),
+        ];
+        if let Some(err) = first_error {
+            json.push(("first_error", Value::Str(err)));
+        }
+        Report { human, json: Value::Obj(json), ok: failed == 0 && missing == 0 }
+    }
+}
+
+/// One stream: connect, `GET /bytes/size`, read to EOF, check the body length.
+async fn one_request(route: Route, target: SocketAddr, size: u64) -> Result<(), String> {
+    let mut tcp = route.connect(target).await.map_err(|e| format!("connect: {e}"))?;
+    let request = format!("GET /bytes/{size} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.map_err(|e| format!("request: {e}"))?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut head = Vec::new();
+    let mut body = 0u64;
+    let mut in_body = false;
+    loop {
+        let n = tcp.read(&mut buf).await.map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        if in_body {
+            body += n as u64;
+            continue;
+        }
+        head.extend_from_slice(&buf[..n]);
+        if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            if !head.starts_with(b"HTTP/1.1 200") {
+                let line = String::from_utf8_lossy(head.split(|&b| b == b'\r').next().unwrap_or_default());
+                return Err(format!("target answered {line:?}"));
+            }
+            body = (head.len() - end - 4) as u64;
+            in_body = true;
+        }
+    }
+    match (in_body, body == size) {
+        (true, true) => Ok(()),
+        (true, false) => Err(format!("body of {body} bytes, expected {size}")),
+        (false, _) => Err(format!("connection closed after {} bytes, before the response head ended", head.len())),
+    }
+}

@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# Usage: ./test_pool_performance.sh [--quick] [--runs R] [--no-build]
+#
+# Runs the same three anytls-bench workloads
+#   bulk  (throughput: download then upload over a few parallel streams),
+#   rr    (request/response, a NEW stream per request: streams/s and latency),
+#   hold  (many long-lived streams with a trickle of traffic: failures)
+# against, in one invocation and interleaved round by round:
+#   direct                      (no proxy: the baseline),
+#   lock / lockfree / highperf  (our pair, --pool-type X given to server and client),
+#   peer                        (the crates.io `anytls` 0.5.3 pair, when installed).
+# Per variant: throughput (Gbit/s), new streams/s, latency p50/p90/p99, peak RSS of
+# server and client (VmHWM), TIME_WAIT sockets added by the rr workload, and TCP
+# connections opened per 1,000 rr requests (/proc/net/snmp ActiveOpens: system-wide, so
+# other activity on the machine adds noise).
+# Prints a markdown table with ratios against direct; writes results/pool-performance.json
+# and results/pool-performance.svg. Medians over R rounds.
+#   default: 3 rounds (a few minutes);  --quick: smaller workloads, 3 rounds, < 2 minutes.
+# A pool type the binaries reject is reported as "SKIP pool-type X: <error>". While only
+# the client has --pool-type, it is passed to the client alone (with a NOTE);
+# STRICT_POOL_FLAG=1 skips instead.
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+. "$here/scripts/bench-lib.sh"
+
+runs=3 quick=0 build=1
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) quick=1 ;;
+        --runs) runs=$2; shift ;;
+        --no-build) build=0 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        *) die "unknown argument: $1 (see --help)" ;;
+    esac
+    shift
+done
+if [ $quick = 1 ]; then
+    bulk=(--bytes 128M --streams 2) rr=(--requests 400 --concurrency 16 --size 1K)
+    hold=(--streams 100 --seconds 2 --interval-ms 250) max_seconds=20
+else
+    bulk=(--bytes 512M --streams 4) rr=(--requests 2000 --concurrency 32 --size 1K)
+    hold=(--streams 400 --seconds 6 --interval-ms 500) max_seconds=45
+fi
+rr_requests=${rr[1]}
+
+bench_init anytls-pool-perf
+started=$SECONDS
+[ $build = 1 ] && { build_release || exit 1; }
+for b in anytls-server anytls-client anytls-bench; do
+    [ -x "$BIN/$b" ] || die "$BIN/$b missing (build with cargo build --release)"
+done
+
+# --- targets and proxies ----------------------------------------------------------
+start_bg target "$BIN/anytls-bench" target --listen 127.0.0.1:0
+for _ in $(seq 50); do [ -s "$BENCH_WORK/target.log" ] && break; sleep 0.1; done
+targets=$(head -n1 "$BENCH_WORK/target.log")
+target_of() { sed -E "s/.*\"$1\":\"([^\"]+)\".*/\\1/" <<<"$targets"; }
+echo_addr=$(target_of echo) http_addr=$(target_of http) bulk_addr=$(target_of bulk)
+[ -n "$bulk_addr" ] && [ "$bulk_addr" != "$targets" ] || die "anytls-bench target printed no addresses: $targets"
+
+variants=(direct)
+declare -A socks=([direct]="") server_pid=() client_pid=() notes=()
+for pool in lock lockfree highperf; do
+    if ! "$BIN/anytls-client" --help 2>/dev/null | grep -q -- '--pool-type'; then
+        echo "SKIP pool-type $pool: anytls-client has no --pool-type" >&2
+        continue
+    fi
+    if start_our_pair "$pool" "--pool-type $pool" "--pool-type $pool"; then
+        :
+    elif [ "${STRICT_POOL_FLAG:-0}" != 1 ] && [[ "$PAIR_ERROR" == server:*--pool-type* ]]; then
+        echo "NOTE pool-type $pool: anytls-server rejects it (${PAIR_ERROR#server: }); passing it to the client only" >&2
+        notes[$pool]="server without --pool-type"
+        start_our_pair "$pool" "" "--pool-type $pool" || { echo "SKIP pool-type $pool: $PAIR_ERROR" >&2; continue; }
+    else
+        echo "SKIP pool-type $pool: $PAIR_ERROR" >&2
+        continue
+    fi
+    variants+=("$pool")
+    socks[$pool]=$PAIR_SOCKS server_pid[$pool]=$PAIR_SERVER_PID client_pid[$pool]=$PAIR_CLIENT_PID
+done
+if peer_installed; then
+    if start_peer_pair peer; then
+        variants+=(peer)
+        socks[peer]=$PAIR_SOCKS server_pid[peer]=$PAIR_SERVER_PID client_pid[peer]=$PAIR_CLIENT_PID
+    else
+        echo "SKIP peer: $PAIR_ERROR" >&2
+    fi
+else
+    echo "SKIP peer: crates.io anytls not installed (scripts/install-peers.sh)" >&2
+fi
+
+# --- measuring ---------------------------------------------------------------------
+results="$BENCH_WORK/results.jsonl"
+: >"$results"
+time_wait() { ss -tan state time-wait 2>/dev/null | tail -n +2 | wc -l; }
+active_opens() { awk '/^Tcp:/ { if (h) { print $6; exit } h = 1 }' /proc/net/snmp; }
+# field KEY JSON [PREFIX]: the first number after "KEY": (after PREFIX when given), 2 decimals.
+field() {
+    local v
+    v=$(grep -oE "${3:-}[^}]*\"$1\":[0-9.]+" <<<"$2" | head -n1 | sed -E 's/.*://')
+    [ -n "$v" ] && printf '%.2f' "$v" || printf '?'
+}
+
+run_one() { # run_one ROUND VARIANT WORKLOAD: one anytls-bench run, one JSONL line
+    local round=$1 v=$2 w=$3 route target args tw0 ao0 out rc summary
+    if [ -n "${socks[$v]}" ]; then route=(--socks "${socks[$v]}"); else route=(--direct); fi
+    case "$w" in
+        bulk) target=$bulk_addr args=("${bulk[@]}") ;;
+        rr) target=$http_addr args=("${rr[@]}") ;;
+        hold) target=$echo_addr args=("${hold[@]}") ;;
+    esac
+    tw0=$(time_wait) ao0=$(active_opens)
+    out=$("$BIN/anytls-bench" "$w" "${route[@]}" --target "$target" "${args[@]}" --json --max-seconds "$max_seconds" \
+        2>>"$BENCH_WORK/bench-stderr.log")
+    rc=$?
+    local tw=$(($(time_wait) - tw0)) ao=$(($(active_opens) - ao0))
+    [ -n "$out" ] || out='{"failed":1,"first_error":"anytls-bench printed nothing"}'
+    printf '{"round":%s,"variant":"%s","workload":"%s","exit":%s,"time_wait_delta":%s,"active_opens_delta":%s,"result":%s}\n' \
+        "$round" "$v" "$w" "$rc" "$tw" "$ao" "$out" >>"$results"
+    case "$w" in
+        bulk) summary="down $(field gbit_per_sec "$out" '"download":\{') Gbit/s, up $(field gbit_per_sec "$out" '"upload":\{') Gbit/s" ;;
+        rr) summary="$(field streams_per_sec "$out") streams/s, p99 $(field p99 "$out") ms, +$tw TIME_WAIT, $ao opens" ;;
+        hold) summary="$(field opened "$out") opened, echo p99 $(field p99 "$out" '"echo_ms":\{') ms" ;;
+    esac
+    local failed
+    failed=$(grep -oE '"failed":[0-9]+' <<<"$out" | tail -n1 | cut -d: -f2)
+    [ "${failed:-0}" != 0 ] && summary+=", $failed FAILED"
+    step=$((step + 1))
+    printf '[%3d/%d %3ds] round %d %-8s %-4s %s\n' "$step" "$total" $((SECONDS - started)) "$round" "$v" "$w" "$summary" >&2
+}
+
+n=${#variants[@]}
+total=$((runs * n * 3)) step=0
+echo "pool performance: variants ${variants[*]}; $runs round(s)$([ $quick = 1 ] && echo ' (quick)'); $(machine_info)" >&2
+for round in $(seq "$runs"); do
+    for w in bulk rr hold; do
+        # Rotate the order every round so no variant always goes first.
+        for i in $(seq 0 $((n - 1))); do
+            run_one "$round" "${variants[$(((i + round - 1) % n))]}" "$w"
+        done
+    done
+done
+
+# --- peak memory, report -----------------------------------------------------------
+vm_hwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo null; }
+rss="$BENCH_WORK/rss.tsv"
+: >"$rss"
+for v in "${variants[@]}"; do
+    [ "$v" = direct ] && continue
+    printf '%s\t%s\t%s\t%s\n' "$v" "$(vm_hwm_kib "${server_pid[$v]}")" "$(vm_hwm_kib "${client_pid[$v]}")" \
+        "${notes[$v]:-}" >>"$rss"
+done
+mkdir -p "$here/results"
+python3 "$here/scripts/pool-report.py" "$results" "$rss" --out-dir "$here/results" --rr-requests "$rr_requests" \
+    --quick "$quick" --runs "$runs" --nproc "$(nproc)" \
+    --cpu "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+echo "done in $((SECONDS - started)) s" >&2
