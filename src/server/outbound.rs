@@ -8,8 +8,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::outbound_pool::OutboundPool;
+use super::udp::{UdpSettings, serve_udp};
 use crate::proto::Address;
 use crate::proto::address::Host;
+use crate::proto::udp::is_udp_over_tcp;
 use crate::session::{Stream, relay};
 
 /// The reference client closes a reused session whose SYN gets no SYNACK within
@@ -98,7 +100,7 @@ async fn read_destination(stream: &mut Stream) -> Result<(Address, BytesMut), St
 }
 
 /// Serves one stream to the end. `peer` names the client in logs.
-pub async fn serve_stream(mut stream: Stream, pool: OutboundPool, peer: String) {
+pub async fn serve_stream(mut stream: Stream, pool: OutboundPool, udp: UdpSettings, peer: String) {
     let (destination, early_payload) = match read_destination(&mut stream).await {
         Ok(found) => found,
         Err(why) => {
@@ -107,6 +109,10 @@ pub async fn serve_stream(mut stream: Stream, pool: OutboundPool, peer: String) 
             return;
         }
     };
+    if is_udp_over_tcp(&destination) {
+        // UDP over TCP has its own sockets; the outbound TCP pool is not involved.
+        return serve_udp(stream, early_payload, udp, peer).await;
+    }
     let dial = pool.acquire(&destination);
     tokio::pin!(dial);
     let answered_early;
