@@ -5,16 +5,17 @@ pub mod inbound;
 pub mod link;
 pub mod sessions;
 pub mod tls;
+pub mod udp;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::session::{OpenError, relay};
+use crate::session::{OpenError, Stream, relay};
 use inbound::{Credentials, Failure, Request};
-use sessions::SessionPool;
+use sessions::{Lease, SessionPool};
 
 pub struct ClientConfig {
     pub pool: SessionPool,
@@ -68,21 +69,57 @@ async fn maintain_pool(config: Arc<ClientConfig>) {
 async fn serve_connection(mut tcp: TcpStream, config: &ClientConfig) -> Result<(), String> {
     let _ = tcp.set_nodelay(true);
     let request = inbound::read_request(&mut tcp, config.credentials.as_ref()).await.map_err(|e| e.to_string())?;
+    if request.is_udp_associate() {
+        return udp::serve_associate(tcp, request, config).await;
+    }
     let destination = request.destination.to_string();
     let mut first_data = BytesMut::with_capacity(request.destination.encoded_len() + request.early_data.len());
     request.destination.encode(&mut first_data);
     first_data.extend_from_slice(&request.early_data);
-    let first_data = first_data.freeze();
+    let (lease, stream) = match open_stream(config, first_data.freeze(), &destination).await {
+        Ok(opened) => opened,
+        Err(failed) => return reply_failure(&mut tcp, &request, failed.failure, &failed.detail).await,
+    };
+    request.reply_success(&mut tcp).await.map_err(|e| e.to_string())?;
+    log::debug!("{destination}: stream {} open", stream.id());
+    let (stats, error) = relay(stream, tcp).await;
+    release(config, lease);
+    match error {
+        Some(error) => Err(format!("{destination}: relay ended: {error}")),
+        None => {
+            log::debug!("{destination}: {} bytes up, {} down", stats.sent, stats.received);
+            Ok(())
+        }
+    }
+}
 
-    // A reused session may have died while idle; then one fresh session is tried.
+/// Gives a session back once its stream has ended.
+fn release(config: &ClientConfig, lease: Lease) {
+    config.pool.release(lease.session);
+}
+
+/// Why no stream could be opened, as the local client is told.
+struct OpenFailed {
+    failure: Failure,
+    detail: String,
+}
+
+/// Opens a stream whose first data is `first_data` (destination and any request that
+/// must not wait for SYNACK) and waits for the server's answer. A reused session may
+/// have died while idle; then one fresh session is tried.
+async fn open_stream(
+    config: &ClientConfig,
+    first_data: Bytes,
+    destination: &str,
+) -> Result<(Lease, Stream), OpenFailed> {
     let mut attempts = 0;
-    let (lease, stream) = loop {
+    loop {
         attempts += 1;
         let lease = match config.pool.acquire().await {
             Ok(lease) => lease,
             Err(why) => {
                 log::warn!("{destination}: no session to the server: {why}");
-                return reply_failure(&mut tcp, &request, Failure::General, &why).await;
+                return Err(OpenFailed { failure: Failure::General, detail: why });
             }
         };
         let opened = match lease.session.open_stream(first_data.clone()).await {
@@ -90,11 +127,11 @@ async fn serve_connection(mut tcp: TcpStream, config: &ClientConfig) -> Result<(
             Err(closed) => Err(OpenError::Session(closed)),
         };
         match opened {
-            Ok(stream) => break (lease, stream),
+            Ok(stream) => return Ok((lease, stream)),
             Err(OpenError::Refused(text)) => {
                 config.pool.release(lease.session);
                 log::info!("{destination}: refused by the server: {text}");
-                return reply_failure(&mut tcp, &request, Failure::from_error_text(&text), &text).await;
+                return Err(OpenFailed { failure: Failure::from_error_text(&text), detail: text });
             }
             Err(OpenError::Session(closed)) if lease.reused && attempts < 2 => {
                 log::debug!("{destination}: reused session was dead ({closed}); retrying on a new one");
@@ -104,20 +141,9 @@ async fn serve_connection(mut tcp: TcpStream, config: &ClientConfig) -> Result<(
                 lease.session.close("stream failed to open");
                 config.pool.release(lease.session);
                 log::warn!("{destination}: {err}");
-                return reply_failure(&mut tcp, &request, Failure::from_error_text(&err.to_string()), &err.to_string())
-                    .await;
+                let detail = err.to_string();
+                return Err(OpenFailed { failure: Failure::from_error_text(&detail), detail });
             }
-        }
-    };
-    request.reply_success(&mut tcp).await.map_err(|e| e.to_string())?;
-    log::debug!("{destination}: stream {} open", stream.id());
-    let (stats, error) = relay(stream, tcp).await;
-    config.pool.release(lease.session);
-    match error {
-        Some(error) => Err(format!("{destination}: relay ended: {error}")),
-        None => {
-            log::debug!("{destination}: {} bytes up, {} down", stats.sent, stats.received);
-            Ok(())
         }
     }
 }
