@@ -12,6 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_rustls::TlsConnector;
 
+use anytls_rs::client::servers::Servers;
 use anytls_rs::client::sessions::{Connector, SessionPool, SessionPoolSettings};
 use anytls_rs::client::tls::{Trust, client_config};
 use anytls_rs::client::{self, ClientConfig};
@@ -77,7 +78,7 @@ async fn start_client(server: SocketAddr) -> SocketAddr {
         max_idle: 8,
     };
     let config = ClientConfig {
-        pool: SessionPool::new(connector, settings),
+        servers: Arc::new(Servers::single(SessionPool::new(connector, settings))),
         credentials: None,
         idle_check_interval: Duration::from_secs(30),
         stats_interval: Duration::from_secs(600),

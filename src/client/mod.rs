@@ -1,8 +1,10 @@
 //! The AnyTLS client: a local proxy port whose connections travel as streams over
 //! pooled TLS sessions to the server.
 
+pub mod failover;
 pub mod inbound;
 pub mod link;
+pub mod servers;
 pub mod sessions;
 pub mod tls;
 pub mod udp;
@@ -15,10 +17,11 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::session::{OpenError, Stream, relay};
 use inbound::{Credentials, Failure, Request};
-use sessions::{Lease, SessionPool};
+use servers::{ServerLease, Servers};
 
 pub struct ClientConfig {
-    pub pool: SessionPool,
+    /// The servers and the policy choosing among them (one server: no choice).
+    pub servers: Arc<Servers>,
     pub credentials: Option<Credentials>,
     /// How often idle sessions are checked for expiry.
     pub idle_check_interval: Duration,
@@ -30,6 +33,7 @@ pub struct ClientConfig {
 pub async fn run(listener: TcpListener, config: ClientConfig) {
     let config = Arc::new(config);
     tokio::spawn(maintain_pool(config.clone()));
+    tokio::spawn(config.servers.clone().probe_forever());
     let mut backoff = Duration::from_millis(5);
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -60,8 +64,8 @@ async fn maintain_pool(config: Arc<ClientConfig>) {
     let mut stats = tokio::time::interval_at(start, config.stats_interval);
     loop {
         tokio::select! {
-            _ = sweep.tick() => config.pool.sweep(),
-            _ = stats.tick() => crate::pool::log_stats(&config.pool.stats(), &config.pool.idle_by_server(), ""),
+            _ = sweep.tick() => config.servers.sweep(),
+            _ = stats.tick() => crate::pool::log_stats(&config.servers.stats(), &config.servers.idle_by_server(), ""),
         }
     }
 }
@@ -94,8 +98,8 @@ async fn serve_connection(mut tcp: TcpStream, config: &ClientConfig) -> Result<(
 }
 
 /// Gives a session back once its stream has ended.
-fn release(config: &ClientConfig, lease: Lease) {
-    config.pool.release(lease.session);
+fn release(config: &ClientConfig, lease: ServerLease) {
+    config.servers.release(lease);
 }
 
 /// Why no stream could be opened, as the local client is told.
@@ -111,35 +115,43 @@ async fn open_stream(
     config: &ClientConfig,
     first_data: Bytes,
     destination: &str,
-) -> Result<(Lease, Stream), OpenFailed> {
+) -> Result<(ServerLease, Stream), OpenFailed> {
+    let servers = &config.servers;
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let lease = match config.pool.acquire().await {
+        let lease = match servers.acquire().await {
             Ok(lease) => lease,
             Err(why) => {
                 log::warn!("{destination}: no session to the server: {why}");
                 return Err(OpenFailed { failure: Failure::General, detail: why });
             }
         };
-        let opened = match lease.session.open_stream(first_data.clone()).await {
+        let opened = match lease.lease.session.open_stream(first_data.clone()).await {
             Ok(mut stream) => stream.wait_open().await.map(|()| stream),
             Err(closed) => Err(OpenError::Session(closed)),
         };
         match opened {
-            Ok(stream) => return Ok((lease, stream)),
+            Ok(stream) => {
+                servers.opened(lease.server);
+                return Ok((lease, stream));
+            }
             Err(OpenError::Refused(text)) => {
-                config.pool.release(lease.session);
+                // The target's fault, not the server's: the server did answer.
+                servers.opened(lease.server);
+                servers.release(lease);
                 log::info!("{destination}: refused by the server: {text}");
                 return Err(OpenFailed { failure: Failure::from_error_text(&text), detail: text });
             }
-            Err(OpenError::Session(closed)) if lease.reused && attempts < 2 => {
+            Err(OpenError::Session(closed)) if lease.lease.reused && attempts < 2 => {
                 log::debug!("{destination}: reused session was dead ({closed}); retrying on a new one");
-                config.pool.release(lease.session);
+                servers.failed(lease.server);
+                servers.release(lease);
             }
             Err(err) => {
-                lease.session.close("stream failed to open");
-                config.pool.release(lease.session);
+                lease.lease.session.close("stream failed to open");
+                servers.failed(lease.server);
+                servers.release(lease);
                 log::warn!("{destination}: {err}");
                 let detail = err.to_string();
                 return Err(OpenFailed { failure: Failure::from_error_text(&detail), detail });
