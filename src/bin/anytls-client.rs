@@ -9,8 +9,10 @@ use arc_swap::ArcSwap;
 use clap::Parser;
 use rustls::pki_types::ServerName;
 
+use anytls_rs::client::failover::Policy;
 use anytls_rs::client::inbound::Credentials;
 use anytls_rs::client::link::{parse_link, parse_server};
+use anytls_rs::client::servers::Servers;
 use anytls_rs::client::sessions::{Connector, SessionPool, SessionPoolSettings};
 use anytls_rs::client::tls::{Trust, client_config, parse_pin};
 use anytls_rs::client::{self, ClientConfig};
@@ -28,8 +30,20 @@ struct Args {
     #[arg(short = 'l', long = "listen", default_value = "127.0.0.1:1080")]
     listen: String,
     /// Server as HOST:PORT, or an anytls://password@host:port/?sni=..&insecure=1 link.
-    #[arg(short = 's', long = "server")]
-    server: String,
+    /// Repeat for several servers, in order of preference (see --policy).
+    #[arg(short = 's', long = "server", required = true)]
+    servers: Vec<String>,
+    /// With several servers: failover (the first healthy one, in the order given) or
+    /// round-robin (rotate over the healthy ones, per new connection).
+    #[arg(long, value_enum, default_value_t = Policy::Failover)]
+    policy: Policy,
+    /// Consecutive failures (no session, or a session that died opening a stream) after
+    /// which a server is taken out of use and probed instead.
+    #[arg(long, default_value_t = 3)]
+    fallback_threshold: u32,
+    /// How often a server taken out of use is probed (a new session), in seconds.
+    #[arg(long, default_value_t = 5)]
+    probe_interval_secs: u64,
     /// Password (may instead be given in the link).
     #[arg(short = 'p', long = "password")]
     password: Option<String>,
@@ -90,14 +104,60 @@ fn main() -> ExitCode {
 
 #[tokio::main]
 async fn run(args: Args) -> Result<(), String> {
-    let (server, link_password, link_sni, link_insecure) = if args.server.starts_with("anytls://") {
-        let link = parse_link(&args.server)?;
+    let pool_settings = SessionPoolSettings {
+        pool_type: args.pool_type,
+        idle_timeout: Duration::from_secs(args.idle_session_timeout_secs),
+        min_idle: args.min_idle_session,
+        max_streams_per_session: args.max_streams_per_session.max(1),
+        max_idle: args.max_idle_sessions.max(1),
+    };
+    let mut pools = Vec::new();
+    let mut described = Vec::new();
+    for server in &args.servers {
+        let (connector, trust) = connector_for(server, &args)?;
+        described.push(format!("{} ({})", connector.server, describe_trust(&trust)));
+        pools.push(SessionPool::new(connector, pool_settings.clone()));
+    }
+    let servers =
+        Servers::new(pools, args.policy, args.fallback_threshold, Duration::from_secs(args.probe_interval_secs.max(1)));
+    let config = ClientConfig {
+        servers: Arc::new(servers),
+        stats_interval: Duration::from_secs(args.stats_interval_secs.max(1)),
+        credentials: args
+            .socks_user
+            .clone()
+            .zip(args.socks_pass.clone())
+            .map(|(username, password)| Credentials { username, password }),
+        idle_check_interval: Duration::from_secs(args.idle_session_check_interval_secs.max(1)),
+    };
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let policy = if described.len() > 1 { format!(", policy {:?}", args.policy) } else { String::new() };
+    log::info!(
+        "SOCKS5/SOCKS4/HTTP proxy on {}, server {}{policy}",
+        listener.local_addr().map_err(|e| e.to_string())?,
+        described.join(", ")
+    );
+    client::run(listener, config).await;
+    Ok(())
+}
+
+/// The connector for one `-s` value: a link's password, SNI and `insecure` win over
+/// nothing, the command line's flags win over the link's.
+fn connector_for(server: &str, args: &Args) -> Result<(Connector, Trust), String> {
+    let (server, link_password, link_sni, link_insecure) = if server.starts_with("anytls://") {
+        let link = parse_link(server)?;
         (link.server, link.password, link.sni, link.insecure)
     } else {
-        let server = parse_server(&args.server, 443).ok_or_else(|| format!("bad server address {:?}", args.server))?;
-        (server, None, None, false)
+        let address = parse_server(server, 443).ok_or_else(|| format!("bad server address {server:?}"))?;
+        (address, None, None, false)
     };
-    let password = args.password.or(link_password).ok_or("no password: give -p or put it in the anytls:// link")?;
+    let password = args
+        .password
+        .clone()
+        .or(link_password)
+        .ok_or_else(|| format!("no password for {server}: give -p or put it in the anytls:// link"))?;
     let trust = if let Some(pin) = &args.pin_sha256 {
         Trust::Pin(parse_pin(pin)?)
     } else if args.insecure || link_insecure {
@@ -105,7 +165,7 @@ async fn run(args: Args) -> Result<(), String> {
     } else {
         Trust::Roots { extra_ca: args.ca.clone() }
     };
-    let sni = args.sni.or(link_sni);
+    let sni = args.sni.clone().or(link_sni);
     let server_name = match (&sni, &server.host) {
         (Some(name), _) => ServerName::try_from(name.clone()),
         (None, Host::Domain(name)) => ServerName::try_from(name.clone()),
@@ -113,7 +173,7 @@ async fn run(args: Args) -> Result<(), String> {
     }
     .map_err(|e| format!("bad TLS server name: {e}"))?;
     let connector = Connector {
-        server: server.clone(),
+        server,
         server_name,
         tls: tokio_rustls::TlsConnector::from(client_config(&trust)?),
         password: PasswordHash::of(&password),
@@ -123,34 +183,13 @@ async fn run(args: Args) -> Result<(), String> {
         },
         connect_timeout: Duration::from_secs(args.connect_timeout_secs),
     };
-    let pool_settings = SessionPoolSettings {
-        pool_type: args.pool_type,
-        idle_timeout: Duration::from_secs(args.idle_session_timeout_secs),
-        min_idle: args.min_idle_session,
-        max_streams_per_session: args.max_streams_per_session.max(1),
-        max_idle: args.max_idle_sessions.max(1),
-    };
-    let config = ClientConfig {
-        pool: SessionPool::new(connector, pool_settings),
-        stats_interval: Duration::from_secs(args.stats_interval_secs.max(1)),
-        credentials: args
-            .socks_user
-            .zip(args.socks_pass)
-            .map(|(username, password)| Credentials { username, password }),
-        idle_check_interval: Duration::from_secs(args.idle_session_check_interval_secs.max(1)),
-    };
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
-    log::info!(
-        "SOCKS5/SOCKS4/HTTP proxy on {}, server {server} ({})",
-        listener.local_addr().map_err(|e| e.to_string())?,
-        match trust {
-            Trust::Roots { .. } => "certificate verified",
-            Trust::Pin(_) => "certificate pinned",
-            Trust::Insecure => "certificate NOT verified",
-        }
-    );
-    client::run(listener, config).await;
-    Ok(())
+    Ok((connector, trust))
+}
+
+fn describe_trust(trust: &Trust) -> &'static str {
+    match trust {
+        Trust::Roots { .. } => "certificate verified",
+        Trust::Pin(_) => "certificate pinned",
+        Trust::Insecure => "certificate NOT verified",
+    }
 }

@@ -10,6 +10,7 @@ use anytls_rs::pool::PoolType;
 use anytls_rs::proto::{Address, PaddingScheme, PasswordHash};
 use anytls_rs::server::outbound_pool::OutboundSettings;
 use anytls_rs::server::tls::Identity;
+use anytls_rs::server::udp::UdpSettings;
 use anytls_rs::server::{self, ServerConfig};
 
 /// AnyTLS server. Without --cert/--key it makes a self-signed certificate and logs
@@ -68,6 +69,9 @@ struct Args {
     /// How often pool statistics are logged, in seconds.
     #[arg(long, default_value_t = 60)]
     stats_interval_secs: u64,
+    /// UDP-over-TCP streams with no datagram either way for this long are closed, in seconds.
+    #[arg(long, default_value_t = 60)]
+    udp_idle_timeout_secs: u64,
 }
 
 fn main() -> ExitCode {
@@ -124,6 +128,7 @@ async fn run(args: Args) -> Result<(), String> {
         },
         warmup,
         stats_interval: Duration::from_secs(args.stats_interval_secs.max(1)),
+        udp: UdpSettings { idle_timeout: Duration::from_secs(args.udp_idle_timeout_secs.max(1)) },
     };
     log::info!(
         "listening on {} ({} user{})",

@@ -20,6 +20,8 @@ pub struct Credentials {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Protocol {
     Socks5,
+    /// SOCKS5 UDP ASSOCIATE: `destination` is where the app will send from (often 0.0.0.0:0).
+    Socks5UdpAssociate,
     Socks4,
     HttpConnect,
     /// A plain `GET http://…` request: forwarded with the head rewritten.
@@ -110,10 +112,15 @@ pub async fn read_request(tcp: &mut TcpStream, credentials: Option<&Credentials>
 }
 
 impl Request {
+    /// Whether this is a SOCKS5 UDP ASSOCIATE (served by `client::udp`).
+    pub fn is_udp_associate(&self) -> bool {
+        self.protocol == Protocol::Socks5UdpAssociate
+    }
+
     /// Tells the local client the stream is open.
     pub async fn reply_success(&self, tcp: &mut TcpStream) -> std::io::Result<()> {
         match self.protocol {
-            Protocol::Socks5 => tcp.write_all(&[5, 0, 0, 1, 0, 0, 0, 0, 0, 0]).await,
+            Protocol::Socks5 | Protocol::Socks5UdpAssociate => tcp.write_all(&[5, 0, 0, 1, 0, 0, 0, 0, 0, 0]).await,
             Protocol::Socks4 => tcp.write_all(&[0, 0x5a, 0, 0, 0, 0, 0, 0]).await,
             Protocol::HttpConnect => tcp.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await,
             Protocol::HttpForward => Ok(()),
@@ -123,7 +130,9 @@ impl Request {
     /// Tells the local client why the stream could not be opened.
     pub async fn reply_failure(&self, tcp: &mut TcpStream, failure: Failure, detail: &str) -> std::io::Result<()> {
         match self.protocol {
-            Protocol::Socks5 => tcp.write_all(&[5, failure.socks5_code(), 0, 1, 0, 0, 0, 0, 0, 0]).await,
+            Protocol::Socks5 | Protocol::Socks5UdpAssociate => {
+                tcp.write_all(&[5, failure.socks5_code(), 0, 1, 0, 0, 0, 0, 0, 0]).await
+            }
             Protocol::Socks4 => tcp.write_all(&[0, 0x5b, 0, 0, 0, 0, 0, 0]).await,
             Protocol::HttpConnect | Protocol::HttpForward => {
                 let body = format!("{detail}\n");
@@ -192,17 +201,21 @@ async fn socks5(
     if version != 5 {
         return Err(InboundError::Malformed(format!("SOCKS5 request with version {version}")));
     }
-    if command != 1 {
-        // BIND and UDP ASSOCIATE are not offered: "command not supported".
-        tcp.write_all(&[5, 0x07, 0, 1, 0, 0, 0, 0, 0, 0]).await?;
-        return Err(InboundError::Unsupported(command));
-    }
+    let protocol = match command {
+        1 => Protocol::Socks5,
+        3 => Protocol::Socks5UdpAssociate,
+        // BIND is not offered: "command not supported".
+        _ => {
+            tcp.write_all(&[5, 0x07, 0, 1, 0, 0, 0, 0, 0, 0]).await?;
+            return Err(InboundError::Unsupported(command));
+        }
+    };
     buf.advance(3);
     loop {
         match Address::decode(&buf) {
             Ok(Some((destination, used))) => {
                 buf.advance(used);
-                return Ok(Request { protocol: Protocol::Socks5, destination, early_data: buf });
+                return Ok(Request { protocol, destination, early_data: buf });
             }
             Ok(None) => {
                 let want = buf.len() + 1;

@@ -1,23 +1,27 @@
 //! The AnyTLS client: a local proxy port whose connections travel as streams over
 //! pooled TLS sessions to the server.
 
+pub mod failover;
 pub mod inbound;
 pub mod link;
+pub mod servers;
 pub mod sessions;
 pub mod tls;
+pub mod udp;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::session::{OpenError, relay};
+use crate::session::{OpenError, Stream, relay};
 use inbound::{Credentials, Failure, Request};
-use sessions::SessionPool;
+use servers::{ServerLease, Servers};
 
 pub struct ClientConfig {
-    pub pool: SessionPool,
+    /// The servers and the policy choosing among them (one server: no choice).
+    pub servers: Arc<Servers>,
     pub credentials: Option<Credentials>,
     /// How often idle sessions are checked for expiry.
     pub idle_check_interval: Duration,
@@ -29,6 +33,7 @@ pub struct ClientConfig {
 pub async fn run(listener: TcpListener, config: ClientConfig) {
     let config = Arc::new(config);
     tokio::spawn(maintain_pool(config.clone()));
+    tokio::spawn(config.servers.clone().probe_forever());
     loop {
         let (tcp, peer) = crate::accept::accept_with_backoff(&listener).await;
         let config = config.clone();
@@ -47,8 +52,8 @@ async fn maintain_pool(config: Arc<ClientConfig>) {
     let mut stats = tokio::time::interval_at(start, config.stats_interval);
     loop {
         tokio::select! {
-            _ = sweep.tick() => config.pool.sweep(),
-            _ = stats.tick() => crate::pool::log_stats(&config.pool.stats(), &config.pool.idle_by_server(), ""),
+            _ = sweep.tick() => config.servers.sweep(),
+            _ = stats.tick() => crate::pool::log_stats(&config.servers.stats(), &config.servers.idle_by_server(), ""),
         }
     }
 }
@@ -56,56 +61,89 @@ async fn maintain_pool(config: Arc<ClientConfig>) {
 async fn serve_connection(mut tcp: TcpStream, config: &ClientConfig) -> Result<(), String> {
     let _ = tcp.set_nodelay(true);
     let request = inbound::read_request(&mut tcp, config.credentials.as_ref()).await.map_err(|e| e.to_string())?;
+    if request.is_udp_associate() {
+        return udp::serve_associate(tcp, request, config).await;
+    }
     let destination = request.destination.to_string();
     let mut first_data = BytesMut::with_capacity(request.destination.encoded_len() + request.early_data.len());
     request.destination.encode(&mut first_data);
     first_data.extend_from_slice(&request.early_data);
-    let first_data = first_data.freeze();
-
-    // A reused session may have died while idle; then one fresh session is tried.
-    let mut attempts = 0;
-    let (lease, stream) = loop {
-        attempts += 1;
-        let lease = match config.pool.acquire().await {
-            Ok(lease) => lease,
-            Err(why) => {
-                log::warn!("{destination}: no session to the server: {why}");
-                return reply_failure(&mut tcp, &request, Failure::General, &why).await;
-            }
-        };
-        let opened = match lease.session.open_stream(first_data.clone()).await {
-            Ok(mut stream) => stream.wait_open().await.map(|()| stream),
-            Err(closed) => Err(OpenError::Session(closed)),
-        };
-        match opened {
-            Ok(stream) => break (lease, stream),
-            Err(OpenError::Refused(text)) => {
-                config.pool.release(lease.session);
-                log::info!("{destination}: refused by the server: {text}");
-                return reply_failure(&mut tcp, &request, Failure::from_error_text(&text), &text).await;
-            }
-            Err(OpenError::Session(closed)) if lease.reused && attempts < 2 => {
-                log::debug!("{destination}: reused session was dead ({closed}); retrying on a new one");
-                config.pool.release(lease.session);
-            }
-            Err(err) => {
-                lease.session.close("stream failed to open");
-                config.pool.release(lease.session);
-                log::warn!("{destination}: {err}");
-                return reply_failure(&mut tcp, &request, Failure::from_error_text(&err.to_string()), &err.to_string())
-                    .await;
-            }
-        }
+    let (lease, stream) = match open_stream(config, first_data.freeze(), &destination).await {
+        Ok(opened) => opened,
+        Err(failed) => return reply_failure(&mut tcp, &request, failed.failure, &failed.detail).await,
     };
     request.reply_success(&mut tcp).await.map_err(|e| e.to_string())?;
     log::debug!("{destination}: stream {} open", stream.id());
     let (stats, error) = relay(stream, tcp).await;
-    config.pool.release(lease.session);
+    release(config, lease);
     match error {
         Some(error) => Err(format!("{destination}: relay ended: {error}")),
         None => {
             log::debug!("{destination}: {} bytes up, {} down", stats.sent, stats.received);
             Ok(())
+        }
+    }
+}
+
+/// Gives a session back once its stream has ended.
+fn release(config: &ClientConfig, lease: ServerLease) {
+    config.servers.release(lease);
+}
+
+/// Why no stream could be opened, as the local client is told.
+struct OpenFailed {
+    failure: Failure,
+    detail: String,
+}
+
+/// Opens a stream whose first data is `first_data` (destination and any request that
+/// must not wait for SYNACK) and waits for the server's answer. A reused session may
+/// have died while idle; then one fresh session is tried.
+async fn open_stream(
+    config: &ClientConfig,
+    first_data: Bytes,
+    destination: &str,
+) -> Result<(ServerLease, Stream), OpenFailed> {
+    let servers = &config.servers;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let lease = match servers.acquire().await {
+            Ok(lease) => lease,
+            Err(why) => {
+                log::warn!("{destination}: no session to the server: {why}");
+                return Err(OpenFailed { failure: Failure::General, detail: why });
+            }
+        };
+        let opened = match lease.lease.session.open_stream(first_data.clone()).await {
+            Ok(mut stream) => stream.wait_open().await.map(|()| stream),
+            Err(closed) => Err(OpenError::Session(closed)),
+        };
+        match opened {
+            Ok(stream) => {
+                servers.opened(lease.server);
+                return Ok((lease, stream));
+            }
+            Err(OpenError::Refused(text)) => {
+                // The target's fault, not the server's: the server did answer.
+                servers.opened(lease.server);
+                servers.release(lease);
+                log::info!("{destination}: refused by the server: {text}");
+                return Err(OpenFailed { failure: Failure::from_error_text(&text), detail: text });
+            }
+            Err(OpenError::Session(closed)) if lease.lease.reused && attempts < 2 => {
+                log::debug!("{destination}: reused session was dead ({closed}); retrying on a new one");
+                servers.failed(lease.server);
+                servers.release(lease);
+            }
+            Err(err) => {
+                lease.lease.session.close("stream failed to open");
+                servers.failed(lease.server);
+                servers.release(lease);
+                log::warn!("{destination}: {err}");
+                let detail = err.to_string();
+                return Err(OpenFailed { failure: Failure::from_error_text(&detail), detail });
+            }
         }
     }
 }

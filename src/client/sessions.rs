@@ -216,6 +216,7 @@ mod tests {
             },
             warmup: vec![],
             stats_interval: Duration::from_secs(60),
+            udp: crate::server::udp::UdpSettings::default(),
         };
         tokio::spawn(run(listener, config));
         address

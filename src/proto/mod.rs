@@ -8,6 +8,7 @@ pub mod auth;
 pub mod frame;
 pub mod padding;
 pub mod settings;
+pub mod udp;
 
 pub use address::{Address, AddressError};
 pub use auth::{AUTH_HASH_LEN, PasswordHash};

@@ -4,6 +4,7 @@
 pub mod outbound;
 pub mod outbound_pool;
 pub mod tls;
+pub mod udp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -39,6 +40,8 @@ pub struct ServerConfig {
     pub warmup: Vec<crate::proto::Address>,
     /// How often the pool statistics are logged.
     pub stats_interval: Duration,
+    /// UDP-over-TCP streams.
+    pub udp: udp::UdpSettings,
 }
 
 /// Accepts connections until the task is dropped.
@@ -84,7 +87,7 @@ pub async fn run(listener: TcpListener, config: ServerConfig) {
             };
             let peer_name = peer.to_string();
             let handler: StreamHandler = Arc::new(move |stream: Stream| {
-                tokio::spawn(outbound::serve_stream(stream, pool.clone(), peer_name.clone()));
+                tokio::spawn(outbound::serve_stream(stream, pool.clone(), config.udp, peer_name.clone()));
             });
             let session = Session::server(tls, session_config, leftover, handler);
             log::debug!("{peer}: session open");

@@ -8,13 +8,16 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::outbound_pool::OutboundPool;
+use super::udp::{UdpSettings, serve_udp};
 use crate::proto::Address;
 use crate::proto::address::Host;
+use crate::proto::udp::is_udp_over_tcp;
 use crate::session::{Stream, relay};
 
 /// The reference client closes a reused session whose SYN gets no SYNACK within
-/// 3 s; answer by this time even if the dial is still going (a later failure then
-/// ends the stream with FIN).
+/// 3 s. From the SYN on, answer by this time: a destination not received by then is
+/// refused, and a dial still going is answered "ok" (a later failure then ends the
+/// stream with FIN).
 const SYNACK_BUDGET: Duration = Duration::from_millis(2500);
 /// Longest destination in SOCKS form: type, length, 255-byte name, port.
 const MAX_ADDRESS_LEN: usize = 1 + 1 + 255 + 2;
@@ -97,9 +100,15 @@ async fn read_destination(stream: &mut Stream) -> Result<(Address, BytesMut), St
     }
 }
 
+fn no_destination_in_time() -> String {
+    format!("no destination received within {SYNACK_BUDGET:?}")
+}
+
 /// Serves one stream to the end. `peer` names the client in logs.
-pub async fn serve_stream(mut stream: Stream, pool: OutboundPool, peer: String) {
-    let (destination, early_payload) = match read_destination(&mut stream).await {
+pub async fn serve_stream(mut stream: Stream, pool: OutboundPool, udp: UdpSettings, peer: String) {
+    let synack_deadline = tokio::time::Instant::now() + SYNACK_BUDGET;
+    let destination = tokio::time::timeout_at(synack_deadline, read_destination(&mut stream)).await;
+    let (destination, early_payload) = match destination.unwrap_or_else(|_| Err(no_destination_in_time())) {
         Ok(found) => found,
         Err(why) => {
             log::warn!("{peer}: stream {}: {why}", stream.id());
@@ -107,12 +116,16 @@ pub async fn serve_stream(mut stream: Stream, pool: OutboundPool, peer: String) 
             return;
         }
     };
+    if is_udp_over_tcp(&destination) {
+        // UDP over TCP has its own sockets; the outbound TCP pool is not involved.
+        return serve_udp(stream, early_payload, udp, peer).await;
+    }
     let dial = pool.acquire(&destination);
     tokio::pin!(dial);
     let answered_early;
     let dialed = tokio::select! {
         dialed = &mut dial => { answered_early = false; dialed }
-        _ = tokio::time::sleep(SYNACK_BUDGET) => {
+        _ = tokio::time::sleep_until(synack_deadline) => {
             // Keep the client's session alive: say yes now, FIN later if the dial fails.
             answered_early = true;
             if stream.send_synack(Ok(())).await.is_err() { return; }
@@ -142,5 +155,74 @@ pub async fn serve_stream(mut stream: Stream, pool: OutboundPool, peer: String) 
     match error {
         Some(error) => log::debug!("{peer}: {destination}: relay ended: {error}"),
         None => log::debug!("{peer}: {destination}: {} bytes up, {} down", stats.sent, stats.received),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use bytes::BytesMut;
+
+    use super::{Dialer, serve_stream};
+    use crate::pool::PoolType;
+    use crate::server::outbound_pool::{OutboundPool, OutboundSettings};
+    use crate::server::udp::UdpSettings;
+    use crate::session::{Session, SessionConfig, StreamHandler};
+
+    /// A client session against an in-process server session whose streams go through
+    /// the real `serve_stream`. Both handles are returned: dropping one closes its session.
+    pub(crate) fn session_pair(udp: UdpSettings) -> (Session, Session) {
+        let settings = OutboundSettings {
+            pool_type: PoolType::Lock,
+            max_per_target: 4,
+            min_idle: 0,
+            max_idle_total: 4,
+            max_idle_time: Duration::from_secs(60),
+            max_lifetime: Duration::from_secs(60),
+            max_waiters_per_target: 4,
+        };
+        let pool = OutboundPool::new(settings, Dialer { connect_timeout: Duration::from_secs(2) });
+        let handler: StreamHandler = Arc::new(move |stream| {
+            tokio::spawn(serve_stream(stream, pool.clone(), udp, "test".into()));
+        });
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let server = Session::server(b, SessionConfig::default(), BytesMut::new(), handler);
+        (Session::client(a, SessionConfig::default()), server)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::session::OpenError;
+
+    #[tokio::test]
+    async fn a_stream_without_a_destination_is_refused_within_the_synack_budget() {
+        let (client, _server) = test_support::session_pair(UdpSettings::default());
+        let mut stream = client.open_stream(Bytes::new()).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let answer = stream.wait_open().await;
+        assert_eq!(answer, Err(OpenError::Refused(no_destination_in_time())));
+        assert!(started.elapsed() < Duration::from_secs(3), "answered within the 3 s rule");
+        // The session is unharmed.
+        let mut next = client.open_stream(Bytes::from_static(&[9])).await.unwrap();
+        assert!(matches!(next.wait_open().await, Err(OpenError::Refused(why)) if why.contains("address type")));
+    }
+
+    #[tokio::test]
+    async fn a_dead_target_is_refused_with_text_the_client_maps_to_a_socks_code() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = Address::socket(listener.local_addr().unwrap());
+        drop(listener);
+        let (client, _server) = test_support::session_pair(UdpSettings::default());
+        let mut first = bytes::BytesMut::new();
+        target.encode(&mut first);
+        let mut stream = client.open_stream(first.freeze()).await.unwrap();
+        let Err(OpenError::Refused(why)) = stream.wait_open().await else { panic!("refused expected") };
+        assert_eq!(why, format!("dial {target}: connection refused"));
     }
 }

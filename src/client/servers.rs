@@ -1,0 +1,121 @@
+//! The client's servers: one session pool each, chosen per new connection by the
+//! failover policy (`client::failover`), with background probes of the ones that are
+//! down. There is no cluster behind this: each server is independent, and the client
+//! only decides which one a new connection uses.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::failover::{Policy, ServerSet};
+use super::sessions::{Lease, SessionPool};
+use crate::pool::{PoolKey, PoolStatsSnapshot};
+
+/// How often due probes are looked for (each server keeps its own probe interval).
+const PROBE_TICK: Duration = Duration::from_millis(250);
+
+/// A session from one of the servers.
+pub struct ServerLease {
+    pub server: usize,
+    pub lease: Lease,
+}
+
+pub struct Servers {
+    pools: Vec<SessionPool>,
+    set: Mutex<ServerSet>,
+}
+
+impl Servers {
+    /// `pools` in order of preference (the order of `-s` on the command line).
+    pub fn new(pools: Vec<SessionPool>, policy: Policy, threshold: u32, probe_interval: Duration) -> Servers {
+        let set = ServerSet::new(pools.len(), policy, threshold, probe_interval);
+        Servers { pools, set: Mutex::new(set) }
+    }
+
+    /// One server, no policy to speak of.
+    pub fn single(pool: SessionPool) -> Servers {
+        Servers::new(vec![pool], Policy::Failover, 3, Duration::from_secs(5))
+    }
+
+    fn set(&self) -> std::sync::MutexGuard<'_, ServerSet> {
+        // The set is only mutated by short, non-panicking calls; a poisoned lock still
+        // holds a consistent state.
+        self.set.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A session from the server the policy picks; a failure to get one counts against
+    /// that server.
+    pub async fn acquire(&self) -> Result<ServerLease, String> {
+        let server = self.set().pick().ok_or("no server configured")?;
+        let pool = &self.pools[server];
+        match pool.acquire().await {
+            Ok(lease) => Ok(ServerLease { server, lease }),
+            Err(why) => {
+                self.set().record_failure(server, Instant::now());
+                Err(why)
+            }
+        }
+    }
+
+    /// The server opened a stream (or refused it on its own behalf): it works.
+    pub fn opened(&self, server: usize) {
+        self.set().record_success(server);
+    }
+
+    /// The server's session died while a stream was being opened.
+    pub fn failed(&self, server: usize) {
+        self.set().record_failure(server, Instant::now());
+    }
+
+    /// Gives a session back to its server's pool.
+    pub fn release(&self, lease: ServerLease) {
+        self.pools[lease.server].release(lease.lease.session);
+    }
+
+    pub fn sweep(&self) {
+        self.pools.iter().for_each(SessionPool::sweep);
+    }
+
+    /// Pool statistics summed over the servers.
+    pub fn stats(&self) -> PoolStatsSnapshot {
+        let mut total = PoolStatsSnapshot { total: 0, active: 0, reused: 0, new: 0, cleaned: 0, idle: 0 };
+        for stats in self.pools.iter().map(SessionPool::stats) {
+            total.total += stats.total;
+            total.active += stats.active;
+            total.reused += stats.reused;
+            total.new += stats.new;
+            total.cleaned += stats.cleaned;
+            total.idle += stats.idle;
+        }
+        total
+    }
+
+    pub fn idle_by_server(&self) -> Vec<(PoolKey, usize)> {
+        self.pools.iter().flat_map(SessionPool::idle_by_server).collect()
+    }
+
+    /// Probes down servers when due, forever: a probe opens a session (TCP, TLS and the
+    /// authentication block) and closes it again.
+    pub async fn probe_forever(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(PROBE_TICK);
+        loop {
+            tick.tick().await;
+            for server in self.set().due_probes(Instant::now()) {
+                let servers = self.clone();
+                tokio::spawn(async move {
+                    let connector = &servers.pools[server].connector;
+                    let healthy = match connector.connect().await {
+                        Ok(session) => {
+                            session.close("probe done");
+                            true
+                        }
+                        Err(why) => {
+                            log::debug!("probe of server #{server} ({}): {why}", connector.server);
+                            false
+                        }
+                    };
+                    servers.set().probe_result(server, healthy, Instant::now());
+                });
+            }
+        }
+    }
+}

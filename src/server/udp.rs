@@ -1,0 +1,441 @@
+//! Serving a UDP-over-TCP stream (contract §5, sing-box UoT v2).
+//!
+//! The stream's request is read before SYNACK, as reference clients send it without
+//! waiting (answering first would deadlock them); a malformed request is refused in the
+//! SYNACK. Each stream gets its own UDP socket, so replies reach exactly the stream that
+//! asked and one client cannot see another's datagrams. A v4 socket is bound at once; a
+//! v6 one only when a packet is for an IPv6 peer (hosts without IPv6 still serve v4).
+//! The stream ends on FIN, on a malformed packet, or after an idle time with no
+//! datagram either way: UDP has no close, so idleness is the only end a silent peer has.
+//!
+//! Memory per stream is bounded: the stream-side buffer never holds more than one
+//! packet plus one frame, received datagrams wait in a short queue, and when that queue
+//! is full the socket is simply not read (the kernel drops, as UDP may).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::proto::Address;
+use crate::proto::address::Host;
+use crate::proto::udp::{Framing, MAX_PAYLOAD, Request, decode_packet, packet_bytes};
+use crate::session::{Stream, StreamReader, StreamWriter};
+
+/// Same reason as the TCP path's SYNACK budget: reference clients drop a reused session
+/// whose SYN is not answered within 3 s.
+const SETUP_BUDGET: Duration = Duration::from_millis(2500);
+/// Longest request: flag, SOCKS address (type, length, 255-byte name), port.
+const MAX_REQUEST_LEN: usize = 1 + 1 + 1 + 255 + 2;
+/// Received datagrams waiting for the stream.
+const PACKET_QUEUE: usize = 64;
+/// Resolved domain names remembered per stream (DNS-like traffic repeats names).
+const RESOLVE_CACHE: usize = 256;
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// UDP limits, from the command line.
+#[derive(Debug, Clone, Copy)]
+pub struct UdpSettings {
+    /// A stream with no datagram either way for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for UdpSettings {
+    fn default() -> UdpSettings {
+        UdpSettings { idle_timeout: Duration::from_secs(60) }
+    }
+}
+
+/// Serves one UoT stream to the end. `early` holds bytes that followed the stream's
+/// destination (normally the request itself).
+pub async fn serve_udp(mut stream: Stream, early: BytesMut, settings: UdpSettings, peer: String) {
+    let id = stream.id();
+    let setup = tokio::time::timeout(SETUP_BUDGET, set_up(&mut stream, early)).await;
+    let (mut outbound, buf) = match setup {
+        Ok(Ok(ready)) => ready,
+        Ok(Err(why)) => {
+            log::warn!("{peer}: stream {id}: {why}");
+            let _ = stream.send_synack(Err(why)).await;
+            return;
+        }
+        Err(_) => {
+            let why = "UDP request not received in time".to_string();
+            log::warn!("{peer}: stream {id}: {why}");
+            let _ = stream.send_synack(Err(why)).await;
+            return;
+        }
+    };
+    if stream.send_synack(Ok(())).await.is_err() {
+        return;
+    }
+    log::debug!("{peer}: stream {id}: UDP ({}) open", outbound.describe());
+    let (mut reader, mut writer) = stream.split();
+    let mut queue = outbound.queue.take().expect("queue taken once");
+    let activity = outbound.idle.clone();
+    let why = tokio::select! {
+        ended = upstream(&mut reader, buf, &mut outbound) => ended.err().unwrap_or_else(|| "client finished".into()),
+        ended = downstream(&mut queue, &mut writer) => ended.err().unwrap_or_else(|| "sockets closed".into()),
+        () = activity.expired(settings.idle_timeout) => format!("idle for {:?}", settings.idle_timeout),
+    };
+    let _ = writer.finish().await;
+    log::debug!(
+        "{peer}: stream {id}: UDP ended ({why}): {} datagrams up, {} down",
+        outbound.up,
+        outbound.idle.down.load(Ordering::Relaxed)
+    );
+}
+
+/// Reads the request (it may be split over frames or share them with packets) and
+/// prepares the sockets; returns them with the bytes after the request.
+async fn set_up(stream: &mut Stream, mut buf: BytesMut) -> Result<(Outbound, BytesMut), String> {
+    let request = loop {
+        match Request::decode(&buf) {
+            Ok(Some((request, used))) => {
+                let _ = buf.split_to(used);
+                break request;
+            }
+            Ok(None) if buf.len() >= MAX_REQUEST_LEN => return Err("UDP request too long".into()),
+            Ok(None) => {}
+            Err(err) => return Err(err.to_string()),
+        }
+        match stream.read().await {
+            Ok(Some(data)) => buf.extend_from_slice(&data),
+            Ok(None) => return Err("stream closed before its UDP request".into()),
+            Err(err) => return Err(err.to_string()),
+        }
+    };
+    let outbound = Outbound::open(request).await?;
+    Ok((outbound, buf))
+}
+
+/// Client → target: decodes packets and sends each as a datagram.
+async fn upstream(reader: &mut StreamReader, mut buf: BytesMut, outbound: &mut Outbound) -> Result<(), String> {
+    loop {
+        while let Some(packet) = decode_packet(outbound.framing, &mut buf).map_err(|err| err.to_string())? {
+            outbound.idle.touch();
+            outbound.up += 1;
+            if let Err(why) = outbound.send(packet.peer.as_ref(), &packet.payload).await {
+                // One undeliverable datagram is not the stream's end: UDP loses packets.
+                log::debug!("UDP datagram dropped: {why}");
+            }
+        }
+        match reader.read().await {
+            Ok(Some(data)) => buf.extend_from_slice(&data),
+            Ok(None) => return Ok(()),
+            Err(err) => return Err(err.to_string()),
+        }
+    }
+}
+
+/// Target → client: encoded replies from the sockets' receive tasks.
+async fn downstream(queue: &mut mpsc::Receiver<Bytes>, writer: &mut StreamWriter) -> Result<(), String> {
+    while let Some(packet) = queue.recv().await {
+        writer.write(packet).await.map_err(|err| err.to_string())?;
+    }
+    Ok(())
+}
+
+/// The time of the last datagram either way, shared with the receive tasks.
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+    down: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity { start: Instant::now(), last_ms: AtomicU64::new(0), down: AtomicU64::new(0) }
+    }
+
+    fn touch(&self) {
+        self.last_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing happened for `idle`.
+    async fn expired(&self, idle: Duration) {
+        loop {
+            let deadline = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// Aborts a receive task when the stream ends (it would otherwise wait forever).
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The stream's UDP side: its sockets, where connected packets go, and the queue of
+/// replies for the stream.
+struct Outbound {
+    framing: Framing,
+    /// The peer of a connected stream.
+    target: Option<SocketAddr>,
+    v4: Option<Arc<UdpSocket>>,
+    v6: Option<Arc<UdpSocket>>,
+    receivers: Vec<AbortOnDrop>,
+    replies: mpsc::Sender<Bytes>,
+    queue: Option<mpsc::Receiver<Bytes>>,
+    resolved: HashMap<String, IpAddr>,
+    idle: Arc<Activity>,
+    up: u64,
+}
+
+impl Outbound {
+    /// Binds the socket the stream needs first, so a failure can still be refused.
+    async fn open(request: Request) -> Result<Outbound, String> {
+        let (replies, queue) = mpsc::channel(PACKET_QUEUE);
+        let mut outbound = Outbound {
+            framing: request.framing,
+            target: None,
+            v4: None,
+            v6: None,
+            receivers: Vec::new(),
+            replies,
+            queue: Some(queue),
+            resolved: HashMap::new(),
+            idle: Arc::new(Activity::new()),
+            up: 0,
+        };
+        let first_ip = match request.framing {
+            Framing::Connected => {
+                let ip = outbound.resolve(&request.destination).await?;
+                let target = SocketAddr::new(ip, request.destination.port);
+                outbound.target = Some(target);
+                ip
+            }
+            Framing::Addressed => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        };
+        outbound.socket_for(first_ip).map_err(|err| format!("UDP socket: {err}"))?;
+        Ok(outbound)
+    }
+
+    fn describe(&self) -> String {
+        match self.target {
+            Some(target) => format!("connected to {target}"),
+            None => "per-packet addresses".to_string(),
+        }
+    }
+
+    /// Sends one datagram: to the connected target, or to the packet's own peer.
+    async fn send(&mut self, peer: Option<&Address>, payload: &[u8]) -> Result<(), String> {
+        let target = match (self.target, peer) {
+            (Some(target), _) => target,
+            (None, Some(peer)) => SocketAddr::new(self.resolve(peer).await?, peer.port),
+            (None, None) => return Err("addressed packet without a peer".into()),
+        };
+        let socket = self.socket_for(target.ip()).map_err(|err| format!("UDP socket: {err}"))?;
+        socket.send_to(payload, target).await.map_err(|err| format!("send to {target}: {err}"))?;
+        Ok(())
+    }
+
+    /// The socket of `ip`'s family, bound (with its receive task) on first use.
+    fn socket_for(&mut self, ip: IpAddr) -> io::Result<Arc<UdpSocket>> {
+        let slot = if ip.is_ipv4() { &mut self.v4 } else { &mut self.v6 };
+        if let Some(socket) = slot {
+            return Ok(socket.clone());
+        }
+        let any = if ip.is_ipv4() { IpAddr::V4(Ipv4Addr::UNSPECIFIED) } else { IpAddr::V6(Ipv6Addr::UNSPECIFIED) };
+        let std_socket = std::net::UdpSocket::bind(SocketAddr::new(any, 0))?;
+        std_socket.set_nonblocking(true)?;
+        let socket = Arc::new(UdpSocket::from_std(std_socket)?);
+        *slot = Some(socket.clone());
+        let task =
+            tokio::spawn(receive(socket.clone(), self.framing, self.target, self.replies.clone(), self.idle.clone()));
+        self.receivers.push(AbortOnDrop(task));
+        Ok(socket)
+    }
+
+    /// An IP for `address`; names are looked up once per stream, IPv4 preferred (the
+    /// common case for services that listen on one family only).
+    async fn resolve(&mut self, address: &Address) -> Result<IpAddr, String> {
+        let name = match &address.host {
+            Host::Ip(ip) => return Ok(*ip),
+            Host::Domain(name) => name,
+        };
+        if let Some(ip) = self.resolved.get(name) {
+            return Ok(*ip);
+        }
+        let lookup = tokio::net::lookup_host((name.as_str(), address.port));
+        let found: Vec<SocketAddr> = tokio::time::timeout(RESOLVE_TIMEOUT, lookup)
+            .await
+            .map_err(|_| format!("resolve {name}: timed out"))?
+            .map_err(|err| format!("resolve {name}: {err}"))?
+            .collect();
+        let ip = found
+            .iter()
+            .find(|addr| addr.is_ipv4())
+            .or(found.first())
+            .map(SocketAddr::ip)
+            .ok_or_else(|| format!("resolve {name}: no address"))?;
+        if self.resolved.len() >= RESOLVE_CACHE {
+            self.resolved.clear();
+        }
+        self.resolved.insert(name.clone(), ip);
+        Ok(ip)
+    }
+}
+
+/// Reads one socket's datagrams and queues them, encoded, for the stream. A connected
+/// stream only takes datagrams from its target.
+async fn receive(
+    socket: Arc<UdpSocket>,
+    framing: Framing,
+    only_from: Option<SocketAddr>,
+    replies: mpsc::Sender<Bytes>,
+    activity: Arc<Activity>,
+) {
+    let mut buf = vec![0u8; MAX_PAYLOAD];
+    loop {
+        let (len, from) = match socket.recv_from(&mut buf).await {
+            Ok(received) => received,
+            // An ICMP error for an earlier datagram: that one was lost, the socket is fine.
+            Err(err) if matches!(err.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset) => {
+                continue;
+            }
+            Err(err) => {
+                log::debug!("UDP receive failed: {err}");
+                return;
+            }
+        };
+        let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+        if only_from.is_some_and(|target| target != from) {
+            continue;
+        }
+        let Ok(packet) = packet_bytes(framing, Some(&Address::socket(from)), &buf[..len]) else {
+            continue;
+        };
+        activity.touch();
+        activity.down.fetch_add(1, Ordering::Relaxed);
+        if replies.send(packet).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::udp::magic_destination;
+    use crate::session::{OpenError, Session};
+
+    fn pair(udp: UdpSettings) -> (Session, Session) {
+        crate::server::outbound::test_support::session_pair(udp)
+    }
+
+    /// A UDP echo target on loopback.
+    async fn udp_echo() -> SocketAddr {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65_536];
+            while let Ok((len, from)) = socket.recv_from(&mut buf).await {
+                let _ = socket.send_to(&buf[..len], from).await;
+            }
+        });
+        addr
+    }
+
+    fn first_data(request: &Request) -> Bytes {
+        let mut out = BytesMut::new();
+        magic_destination().encode(&mut out);
+        request.encode(&mut out);
+        out.freeze()
+    }
+
+    async fn next_packet(stream: &mut Stream, framing: Framing, buf: &mut BytesMut) -> crate::proto::udp::Packet {
+        loop {
+            if let Some(packet) = decode_packet(framing, buf).unwrap() {
+                return packet;
+            }
+            let data = tokio::time::timeout(Duration::from_secs(5), stream.read()).await.unwrap().unwrap();
+            buf.extend_from_slice(&data.expect("stream still open"));
+        }
+    }
+
+    #[tokio::test]
+    async fn connected_mode_echoes_datagrams_of_every_size() {
+        let (client, _server) = pair(UdpSettings::default());
+        let echo = udp_echo().await;
+        let request = Request { framing: Framing::Connected, destination: Address::socket(echo) };
+        let mut stream = client.open_stream(first_data(&request)).await.unwrap();
+        stream.wait_open().await.unwrap();
+        let mut buf = BytesMut::new();
+        for (i, size) in [0usize, 1, 100, 1400, 9000, 40_000, 65_507].into_iter().enumerate() {
+            let payload: Vec<u8> = (0..size).map(|b| (b + i) as u8).collect();
+            stream.write(packet_bytes(Framing::Connected, None, &payload).unwrap()).await.unwrap();
+            let packet = next_packet(&mut stream, Framing::Connected, &mut buf).await;
+            assert_eq!((packet.peer, packet.payload.len()), (None, size));
+            assert_eq!(&packet.payload[..], &payload[..]);
+        }
+    }
+
+    #[tokio::test]
+    async fn connected_request_and_first_packet_may_share_a_frame() {
+        let (client, _server) = pair(UdpSettings::default());
+        let echo = udp_echo().await;
+        let request = Request { framing: Framing::Connected, destination: Address::domain("localhost", echo.port()) };
+        let mut first = BytesMut::from(&first_data(&request)[..]);
+        first.extend_from_slice(&packet_bytes(Framing::Connected, None, b"early").unwrap());
+        let mut stream = client.open_stream(first.freeze()).await.unwrap();
+        stream.wait_open().await.unwrap();
+        let packet = next_packet(&mut stream, Framing::Connected, &mut BytesMut::new()).await;
+        assert_eq!(&packet.payload[..], b"early");
+    }
+
+    #[tokio::test]
+    async fn addressed_mode_names_each_reply_by_its_sender() {
+        let (client, _server) = pair(UdpSettings::default());
+        let (one, two) = (udp_echo().await, udp_echo().await);
+        let request = Request { framing: Framing::Addressed, destination: Address::socket(one) };
+        let mut stream = client.open_stream(first_data(&request)).await.unwrap();
+        stream.wait_open().await.unwrap();
+        let mut buf = BytesMut::new();
+        for (target, text) in [(one, "to one"), (two, "to two"), (one, "one again")] {
+            let peer = Address::socket(target);
+            stream.write(packet_bytes(Framing::Addressed, Some(&peer), text.as_bytes()).unwrap()).await.unwrap();
+            let packet = next_packet(&mut stream, Framing::Addressed, &mut buf).await;
+            assert_eq!(packet.peer, Some(peer));
+            assert_eq!(&packet.payload[..], text.as_bytes());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_malformed_request_is_refused_in_the_synack() {
+        let (client, _server) = pair(UdpSettings::default());
+        let mut first = BytesMut::new();
+        magic_destination().encode(&mut first);
+        first.extend_from_slice(&[7, 1, 127, 0, 0, 1, 0, 53]);
+        let mut stream = client.open_stream(first.freeze()).await.unwrap();
+        match stream.wait_open().await {
+            Err(OpenError::Refused(text)) => assert!(text.contains("isConnect"), "{text}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_idle_stream_is_closed() {
+        let (client, _server) = pair(UdpSettings { idle_timeout: Duration::from_millis(200) });
+        let echo = udp_echo().await;
+        let request = Request { framing: Framing::Connected, destination: Address::socket(echo) };
+        let mut stream = client.open_stream(first_data(&request)).await.unwrap();
+        stream.wait_open().await.unwrap();
+        let end = tokio::time::timeout(Duration::from_secs(5), stream.read()).await.expect("closed in time");
+        assert_eq!(end.unwrap(), None, "FIN after the idle timeout");
+    }
+}
