@@ -10,6 +10,10 @@ use super::{SessionClosed, Stream};
 
 /// Bytes read per TCP read: one full frame.
 const TCP_READ_CHUNK: usize = crate::proto::MAX_FRAME_DATA;
+/// The relay's read buffer. Each read is split off (no copy) and handed to the
+/// writer; once the writer has dropped the earlier chunks, `reserve` reuses the same
+/// allocation instead of asking the allocator (and the kernel) for new pages.
+const READ_BUFFER: usize = 4 * TCP_READ_CHUNK;
 
 /// What one relay carried.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -51,14 +55,17 @@ pub async fn relay(stream: Stream, tcp: TcpStream) -> (RelayStats, Option<String
     let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
 
     let upstream = async {
+        let mut buf = BytesMut::with_capacity(READ_BUFFER);
         loop {
-            let mut buf = BytesMut::with_capacity(TCP_READ_CHUNK);
+            if buf.capacity() < TCP_READ_CHUNK {
+                buf.reserve(READ_BUFFER);
+            }
             if tcp_reader.read_buf(&mut buf).await? == 0 {
                 stream_writer.finish().await?;
                 return Ok::<FirstEnd, RelayError>(FirstEnd::Ours);
             }
             sent.fetch_add(buf.len() as u64, Relaxed);
-            stream_writer.write(buf.freeze()).await?;
+            stream_writer.write(buf.split().freeze()).await?;
         }
     };
     let downstream = async {
