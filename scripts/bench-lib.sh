@@ -1,8 +1,11 @@
-# Sourced by scripts/bench-throughput.sh and test_pool_performance.sh: starts proxy
-# pairs on loopback and stops everything it started when the caller exits.
+# shellcheck shell=bash disable=SC2034 # the PAIR_* and TARGET_* globals are read by the callers
+# Sourced by scripts/bench-throughput.sh, test_pool_performance.sh and
+# test_connection_pool.sh: starts targets and proxy pairs on loopback, reads the pools'
+# log lines, and stops everything it started when the caller exits. Safe under set -e.
 #
 # Globals a caller reads: BENCH_WORK (temp dir), BIN (our release binaries),
-# PAIR_SOCKS / PAIR_SERVER_PID / PAIR_CLIENT_PID / PAIR_ERROR after start_*_pair.
+# PAIR_SOCKS / PAIR_SERVER_PID / PAIR_CLIENT_PID / PAIR_ERROR after start_*_pair,
+# TARGET_ECHO / TARGET_HTTP / TARGET_BULK after start_targets.
 
 BENCH_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # The peers' cache: $ANYTLS_PEERS_DIR, else <repo>/.cache/peers, else the shared
@@ -25,15 +28,15 @@ bench_init() { # bench_init NAME: temp dir + cleanup trap
 
 bench_cleanup() {
     local p alive
-    for p in "${BENCH_PIDS[@]}"; do kill "$p" 2>/dev/null; done
+    for p in "${BENCH_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     for _ in $(seq 50); do # bounded wait, then SIGKILL
         alive=0
         for p in "${BENCH_PIDS[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
         [ $alive = 0 ] && break
         sleep 0.1
     done
-    for p in "${BENCH_PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done
-    wait 2>/dev/null
+    for p in "${BENCH_PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
     if [ "${KEEP:-0}" = 1 ]; then echo "work dir kept: $BENCH_WORK" >&2; else rm -rf "$BENCH_WORK"; fi
 }
 
@@ -46,7 +49,7 @@ build_release() { # builds our three binaries (quietly unless it fails)
     fi
 }
 
-free_ports() { python3 "$BENCH_REPO/scripts/peers/free-port.py" "$1" | tr '\n' ' '; }
+free_ports() { python3 "$BENCH_REPO/scripts/peers/free-port.py" "$1" | paste -sd' '; } # one line: PORT PORT ...
 
 # start_bg LOGNAME CMD...: runs CMD in the background, its output in $BENCH_WORK/LOGNAME.log;
 # the PID is in $BG_PID.
@@ -57,6 +60,34 @@ start_bg() {
     BG_PID=$!
     BENCH_PIDS+=("$BG_PID")
 }
+
+# start_targets LOGNAME: one `anytls-bench target` (echo, HTTP, bulk ports); sets
+# TARGET_ECHO, TARGET_HTTP, TARGET_BULK (IP:PORT) from the JSON line it prints.
+start_targets() {
+    local log="$BENCH_WORK/$1.log" line=""
+    start_bg "$1" "$BIN/anytls-bench" target --listen 127.0.0.1:0
+    for _ in $(seq 50); do
+        [ -s "$log" ] && line=$(head -n1 "$log") && [ -n "$line" ] && break
+        sleep 0.1
+    done
+    target_addr() { sed -nE "s/.*\"$1\":\"([^\"]+)\".*/\1/p" <<<"$line"; }
+    TARGET_ECHO=$(target_addr echo) TARGET_HTTP=$(target_addr http) TARGET_BULK=$(target_addr bulk)
+    if [ -z "$TARGET_ECHO" ] || [ -z "$TARGET_HTTP" ] || [ -z "$TARGET_BULK" ]; then
+        die "anytls-bench target printed no addresses: ${line:-nothing} ($(tail -n1 "$log"))"
+    fi
+}
+
+# The pools' log lines (both binaries, every --stats-interval-secs):
+#   ... [Pool Stats] Total: 15, Active: 3, Reused: 8, New: 7, Cleaned: 2, Reuse rate: 53.3%, ...
+#   ... [Pool Status] {"127.0.0.1:8080": 3}
+# pool_stats_line LOG: the last stats line ("" when none yet).
+pool_stats_line() { grep -F '[Pool Stats]' "$1" 2>/dev/null | tail -n1 || true; }
+# pool_stat LOG FIELD: FIELD's number in the last stats line ("Reused", "Reuse rate", ...).
+pool_stat() { pool_stats_line "$1" | sed -nE "s/.*[[ ]$2: ([0-9.]+).*/\1/p"; }
+# pool_status LOG: the JSON object of the last status line ("" when none yet).
+pool_status() { grep -F '[Pool Status]' "$1" 2>/dev/null | tail -n1 | sed -E 's/.*\[Pool Status\] //' || true; }
+# pool_stats_count LOG: how many stats lines LOG has.
+pool_stats_count() { grep -cF '[Pool Stats]' "$1" 2>/dev/null || true; }
 
 # why_exited LOGNAME: the log's last error-looking line (for SKIP messages).
 why_exited() {

@@ -16,6 +16,7 @@
 # Everything started here is stopped on exit (KEEP=1 keeps the temp dir and logs).
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
+# shellcheck source=scripts/bench-lib.sh
 . "$here/bench-lib.sh"
 
 runs=5 size=$((1 << 30)) build=1 quick=0
