@@ -13,14 +13,17 @@
 # server and client (VmHWM), TIME_WAIT sockets added by the rr workload, and TCP
 # connections opened per 1,000 rr requests (/proc/net/snmp ActiveOpens: system-wide, so
 # other activity on the machine adds noise).
+# Both of our binaries log pool statistics every 2 s (--stats-interval-secs 2); the table
+# shows the reuse rate of the server's last [Pool Stats] line (counted over the whole run).
 # Prints a markdown table with ratios against direct; writes results/pool-performance.json
 # and results/pool-performance.svg. Medians over R rounds.
 #   default: 3 rounds (a few minutes);  --quick: smaller workloads, 3 rounds, < 2 minutes.
-# A pool type the binaries reject is reported as "SKIP pool-type X: <error>". While only
-# the client has --pool-type, it is passed to the client alone (with a NOTE);
-# STRICT_POOL_FLAG=1 skips instead.
+# A pool type the binaries reject is reported as "SKIP pool-type X: <error>".
+# Exit status: 0 when the runs happened (slow numbers or failed requests are reported, not
+# fatal), 1 when no variant of ours could run, 2 on a build or set-up error.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
+# shellcheck source=scripts/bench-lib.sh
 . "$here/scripts/bench-lib.sh"
 
 runs=3 quick=0 build=1
@@ -29,7 +32,7 @@ while [ $# -gt 0 ]; do
         --quick) quick=1 ;;
         --runs) runs=$2; shift ;;
         --no-build) build=0 ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
     shift
@@ -45,39 +48,28 @@ rr_requests=${rr[1]}
 
 bench_init anytls-pool-perf
 started=$SECONDS
-[ $build = 1 ] && { build_release || exit 1; }
+if [ $build = 1 ]; then build_release || die "cannot build"; fi
 for b in anytls-server anytls-client anytls-bench; do
     [ -x "$BIN/$b" ] || die "$BIN/$b missing (build with cargo build --release)"
 done
 
 # --- targets and proxies ----------------------------------------------------------
-start_bg target "$BIN/anytls-bench" target --listen 127.0.0.1:0
-for _ in $(seq 50); do [ -s "$BENCH_WORK/target.log" ] && break; sleep 0.1; done
-targets=$(head -n1 "$BENCH_WORK/target.log")
-target_of() { sed -E "s/.*\"$1\":\"([^\"]+)\".*/\\1/" <<<"$targets"; }
-echo_addr=$(target_of echo) http_addr=$(target_of http) bulk_addr=$(target_of bulk)
-[ -n "$bulk_addr" ] && [ "$bulk_addr" != "$targets" ] || die "anytls-bench target printed no addresses: $targets"
+start_targets target
+echo_addr=$TARGET_ECHO http_addr=$TARGET_HTTP bulk_addr=$TARGET_BULK
 
+stats_interval=2
 variants=(direct)
-declare -A socks=([direct]="") server_pid=() client_pid=() notes=()
+declare -A socks=([direct]="") server_pid=() client_pid=()
 for pool in lock lockfree highperf; do
-    if ! "$BIN/anytls-client" --help 2>/dev/null | grep -q -- '--pool-type'; then
-        echo "SKIP pool-type $pool: anytls-client has no --pool-type" >&2
-        continue
-    fi
-    if start_our_pair "$pool" "--pool-type $pool" "--pool-type $pool"; then
-        :
-    elif [ "${STRICT_POOL_FLAG:-0}" != 1 ] && [[ "$PAIR_ERROR" == server:*--pool-type* ]]; then
-        echo "NOTE pool-type $pool: anytls-server rejects it (${PAIR_ERROR#server: }); passing it to the client only" >&2
-        notes[$pool]="server without --pool-type"
-        start_our_pair "$pool" "" "--pool-type $pool" || { echo "SKIP pool-type $pool: $PAIR_ERROR" >&2; continue; }
-    else
+    pool_args="--pool-type $pool --stats-interval-secs $stats_interval"
+    if ! start_our_pair "$pool" "$pool_args" "$pool_args"; then
         echo "SKIP pool-type $pool: $PAIR_ERROR" >&2
         continue
     fi
     variants+=("$pool")
     socks[$pool]=$PAIR_SOCKS server_pid[$pool]=$PAIR_SERVER_PID client_pid[$pool]=$PAIR_CLIENT_PID
 done
+[ ${#variants[@]} -gt 1 ] || { echo "no pool type of ours could run" >&2; exit 1; }
 if peer_installed; then
     if start_peer_pair peer; then
         variants+=(peer)
@@ -141,17 +133,31 @@ for round in $(seq "$runs"); do
     done
 done
 
-# --- peak memory, report -----------------------------------------------------------
+# --- peak memory, pool statistics, report --------------------------------------------
 vm_hwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo null; }
+# One more stats interval, so that the last [Pool Stats] lines count every run.
+sleep $((stats_interval + 1))
 rss="$BENCH_WORK/rss.tsv"
 : >"$rss"
 for v in "${variants[@]}"; do
     [ "$v" = direct ] && continue
-    printf '%s\t%s\t%s\t%s\n' "$v" "$(vm_hwm_kib "${server_pid[$v]}")" "$(vm_hwm_kib "${client_pid[$v]}")" \
-        "${notes[$v]:-}" >>"$rss"
+    slog="$BENCH_WORK/$v-server.log" clog="$BENCH_WORK/$v-client.log"
+    # variant, VmHWM server/client, note, server reuse %, server/client stats lines
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$v" "$(vm_hwm_kib "${server_pid[$v]}")" "$(vm_hwm_kib "${client_pid[$v]}")" \
+        "" "$(pool_stat "$slog" "Reuse rate")" "$(pool_stats_line "$slog" | sed 's/.*\[Pool Stats\] //')" \
+        "$(pool_stats_line "$clog" | sed 's/.*\[Pool Stats\] //')" >>"$rss"
+    [ "$v" = peer ] || [ -n "$(pool_stats_line "$slog")" ] || echo "NOTE $v: the server logged no [Pool Stats] line" >&2
 done
 mkdir -p "$here/results"
 python3 "$here/scripts/pool-report.py" "$results" "$rss" --out-dir "$here/results" --rr-requests "$rr_requests" \
     --quick "$quick" --runs "$runs" --nproc "$(nproc)" \
-    --cpu "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+    --cpu "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')" || die "pool-report.py failed"
+# Slow numbers and failed requests are reported above; a proxy that died is an error.
+dead=()
+for v in "${variants[@]}"; do
+    [ "$v" = direct ] && continue
+    kill -0 "${server_pid[$v]}" 2>/dev/null || dead+=("$v server")
+    kill -0 "${client_pid[$v]}" 2>/dev/null || dead+=("$v client")
+done
 echo "done in $((SECONDS - started)) s" >&2
+[ ${#dead[@]} = 0 ] || { echo "ERROR: exited during the run: ${dead[*]} (KEEP=1 keeps the logs)" >&2; exit 1; }

@@ -34,8 +34,10 @@ for line in open(a.rss):
     parts = line.rstrip("\n").split("\t")
     if len(parts) >= 3:
         to_mib = lambda kib: round(int(kib) / 1024, 1) if kib.isdigit() else None
-        rss[parts[0]] = {"server_mib": to_mib(parts[1]), "client_mib": to_mib(parts[2]),
-                         "note": parts[3] if len(parts) > 3 else ""}
+        rest = parts[3:] + [""] * (4 - len(parts[3:]))
+        rss[parts[0]] = {"server_mib": to_mib(parts[1]), "client_mib": to_mib(parts[2]), "note": rest[0],
+                         "server_reuse_pct": float(rest[1]) if rest[1] else None,
+                         "server_stats": rest[2] or None, "client_stats": rest[3] or None}
 
 
 def dig(d, *path):
@@ -79,6 +81,8 @@ for v in variants:
                                 if r["variant"] == v and dig(r["result"], "first_error")})[:3],
         "peak_rss_mib": {k: rss.get(v, {}).get(k) for k in ("server_mib", "client_mib")},
         "note": rss.get(v, {}).get("note", ""),
+        "server_reuse_pct": rss.get(v, {}).get("server_reuse_pct"),
+        "last_pool_stats": {k: rss.get(v, {}).get(k + "_stats") for k in ("server", "client")},
     }
     summary[v] = s
 
@@ -102,8 +106,8 @@ names = {"direct": "direct", "lock": "ours lock", "lockfree": "ours lockfree", "
          "peer": "crates.io anytls 0.5.3"}
 print()
 print("| variant | down Gbit/s | up Gbit/s | new streams/s | p50 ms | p90 ms | p99 ms | hold echo p99 ms "
-      "| RSS server / client MiB | TIME_WAIT per rr run | TCP opens / 1k req | failures bulk/rr/hold |")
-print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+      "| RSS server / client MiB | TIME_WAIT per rr run | TCP opens / 1k req | server reuse % | failures bulk/rr/hold |")
+print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 for v in variants:
     s = summary[v]
     lat = s["latency_ms"]
@@ -117,10 +121,11 @@ for v in variants:
           f"| {cell(lat['p50'], ratio(v, 'latency_ms', 'p50'))} | {cell(lat['p90'], ratio(v, 'latency_ms', 'p90'))} "
           f"| {cell(lat['p99'], ratio(v, 'latency_ms', 'p99'))} | {cell(s['hold_echo_p99_ms'])} | {mem_text} "
           f"| {cell(s['time_wait_per_rr_run'], None, 0)} | {cell(s['tcp_opens_per_1000_requests'], None, 0)} "
-          f"| {f['bulk']}/{f['rr']}/{f['hold']} |")
+          f"| {cell(s['server_reuse_pct'], None, 1)} | {f['bulk']}/{f['rr']}/{f['hold']} |")
 print()
 print("Medians over rounds; (N x) = ratio to direct. TIME_WAIT and TCP opens are system-wide counters "
-      f"sampled around each rr run of {a.rr_requests} requests.")
+      f"sampled around each rr run of {a.rr_requests} requests. Server reuse % = the reuse rate of the "
+      "server's last [Pool Stats] line: streams served by a warm connection, over the whole run.")
 for v in variants:
     for err in summary[v]["first_errors"]:
         print(f"  {names.get(v, v)}: first error seen: {err}")
