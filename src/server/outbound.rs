@@ -19,6 +19,8 @@ use crate::session::{Stream, relay};
 /// refused, and a dial still going is answered "ok" (a later failure then ends the
 /// stream with FIN).
 const SYNACK_BUDGET: Duration = Duration::from_millis(2500);
+/// How much earlier than the SYNACK deadline a wait for a pool slot gives up.
+const SLOT_WAIT_MARGIN: Duration = Duration::from_millis(250);
 /// Longest destination in SOCKS form: type, length, 255-byte name, port.
 const MAX_ADDRESS_LEN: usize = 1 + 1 + 255 + 2;
 
@@ -120,7 +122,9 @@ pub async fn serve_stream(mut stream: Stream, pool: OutboundPool, udp: UdpSettin
         // UDP over TCP has its own sockets; the outbound TCP pool is not involved.
         return serve_udp(stream, early_payload, udp, peer).await;
     }
-    let dial = pool.acquire(&destination);
+    // A wait for a free slot ends a little before the SYNACK deadline, so that an
+    // exhausted target is refused in the SYNACK rather than answered "ok" and dropped.
+    let dial = pool.acquire_waiting_until(&destination, synack_deadline - SLOT_WAIT_MARGIN);
     tokio::pin!(dial);
     let answered_early;
     let dialed = tokio::select! {
@@ -174,16 +178,25 @@ pub(crate) mod test_support {
     /// A client session against an in-process server session whose streams go through
     /// the real `serve_stream`. Both handles are returned: dropping one closes its session.
     pub(crate) fn session_pair(udp: UdpSettings) -> (Session, Session) {
+        session_pair_with(4, Duration::from_secs(2), udp)
+    }
+
+    /// As [`session_pair`], with a per-target limit and connect timeout of choice.
+    pub(crate) fn session_pair_with(
+        max_per_target: usize,
+        connect_timeout: Duration,
+        udp: UdpSettings,
+    ) -> (Session, Session) {
         let settings = OutboundSettings {
             pool_type: PoolType::Lock,
-            max_per_target: 4,
+            max_per_target,
             min_idle: 0,
             max_idle_total: 4,
             max_idle_time: Duration::from_secs(60),
             max_lifetime: Duration::from_secs(60),
             max_waiters_per_target: 4,
         };
-        let pool = OutboundPool::new(settings, Dialer { connect_timeout: Duration::from_secs(2) });
+        let pool = OutboundPool::new(settings, Dialer { connect_timeout });
         let handler: StreamHandler = Arc::new(move |stream| {
             tokio::spawn(serve_stream(stream, pool.clone(), udp, "test".into()));
         });
@@ -224,5 +237,29 @@ mod tests {
         let mut stream = client.open_stream(first.freeze()).await.unwrap();
         let Err(OpenError::Refused(why)) = stream.wait_open().await else { panic!("refused expected") };
         assert_eq!(why, format!("dial {target}: connection refused"));
+    }
+
+    #[tokio::test]
+    async fn an_exhausted_target_is_refused_by_synack_within_the_budget() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = Address::socket(listener.local_addr().unwrap());
+        let _keep_accepting = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                held.push(tcp);
+            }
+        });
+        // One slot, and a connect timeout longer than the SYNACK budget.
+        let (client, _server) = test_support::session_pair_with(1, Duration::from_secs(5), UdpSettings::default());
+        let mut first = bytes::BytesMut::new();
+        target.encode(&mut first);
+        let first = first.freeze();
+        let mut holder = client.open_stream(first.clone()).await.unwrap();
+        holder.wait_open().await.unwrap();
+        let mut waiter = client.open_stream(first).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let answer = waiter.wait_open().await;
+        assert_eq!(answer, Err(OpenError::Refused(format!("outbound pool for {target} exhausted"))));
+        assert!(started.elapsed() < Duration::from_secs(3), "refused within the 3 s rule");
     }
 }

@@ -122,8 +122,21 @@ impl OutboundPool {
     }
 
     /// A connection to `address` for one stream: a live warm one if there is one,
-    /// else a new dial, waiting for a slot when the target is at its limit.
+    /// else a new dial, waiting for a slot when the target is at its limit (at most
+    /// the connect timeout).
     pub async fn acquire(&self, address: &Address) -> Result<Outbound, AcquireError> {
+        let slot_deadline = tokio::time::Instant::now() + self.inner.dialer.connect_timeout;
+        self.acquire_waiting_until(address, slot_deadline).await
+    }
+
+    /// As [`OutboundPool::acquire`], but a wait for a free slot ends at `slot_deadline`
+    /// (or the connect timeout, if sooner): the server must answer the SYN within the
+    /// client's 3 s rule, so an exhausted target is reported while it still can be.
+    pub async fn acquire_waiting_until(
+        &self,
+        address: &Address,
+        slot_deadline: tokio::time::Instant,
+    ) -> Result<Outbound, AcquireError> {
         let inner = &self.inner;
         let (key, target) = inner.target(address);
         target.last_demand_ms.store(inner.now_ms(), Ordering::Relaxed);
@@ -136,7 +149,7 @@ impl OutboundPool {
             }
             inner.idle.counters().record_cleaned(1);
         }
-        let permit = inner.wait_for_slot(&key, &target).await?;
+        let permit = inner.wait_for_slot(&key, &target, slot_deadline).await?;
         let tcp = inner.dialer.connect(address).await?;
         inner.idle.counters().record_new();
         inner.idle.counters().record_checkout();
@@ -213,9 +226,14 @@ impl Inner {
         (key, target.clone())
     }
 
-    /// A slot for a new connection; waits in FIFO order up to the connect timeout
-    /// when the target is full, and refuses at once when too many already wait.
-    async fn wait_for_slot(&self, key: &PoolKey, target: &Target) -> Result<OwnedSemaphorePermit, AcquireError> {
+    /// A slot for a new connection; waits in FIFO order until `deadline` when the
+    /// target is full, and refuses at once when too many already wait.
+    async fn wait_for_slot(
+        &self,
+        key: &PoolKey,
+        target: &Target,
+        deadline: tokio::time::Instant,
+    ) -> Result<OwnedSemaphorePermit, AcquireError> {
         if let Ok(permit) = target.slots.clone().try_acquire_owned() {
             return Ok(permit);
         }
@@ -224,7 +242,8 @@ impl Inner {
             target.waiters.fetch_sub(1, Ordering::AcqRel);
             return Err(exhausted());
         }
-        let waited = tokio::time::timeout(self.dialer.connect_timeout, target.slots.clone().acquire_owned()).await;
+        let deadline = deadline.min(tokio::time::Instant::now() + self.dialer.connect_timeout);
+        let waited = tokio::time::timeout_at(deadline, target.slots.clone().acquire_owned()).await;
         target.waiters.fetch_sub(1, Ordering::AcqRel);
         match waited {
             Ok(Ok(permit)) => Ok(permit),
