@@ -176,6 +176,16 @@ impl SessionPool {
         self.idle.counters().record_kept_after_sweep(kept);
     }
 
+    /// Closes every idle session (shutdown); returns how many.
+    pub fn close_idle(&self) -> usize {
+        let idle = self.idle.drain();
+        for (_, entry) in &idle {
+            entry.value.pooled().store(false, Ordering::Release);
+            entry.value.close("client shutting down");
+        }
+        idle.len()
+    }
+
     pub fn stats(&self) -> PoolStatsSnapshot {
         self.idle.counters().snapshot()
     }

@@ -8,6 +8,8 @@
 //! large write so TLS records are filled. Both roles (client, server) share this code;
 //! only frame handling differs.
 
+mod heartbeat;
+mod idle;
 mod reader;
 mod relay;
 mod stream;
@@ -68,6 +70,13 @@ pub struct SessionConfig {
     pub v1_grace: Duration,
     /// Client: how long to wait for a v2 server's SYNACK before giving up.
     pub open_timeout: Duration,
+    /// A relayed stream with no data either way for this long is ended (`None`: never).
+    pub stream_idle_timeout: Option<Duration>,
+    /// Client: a session with open streams that received nothing for this long sends a
+    /// heartbeat (v2 servers only; `None`: never). See `heartbeat.rs`.
+    pub heartbeat_interval: Option<Duration>,
+    /// Client: nothing received this long after a heartbeat closes the session.
+    pub heartbeat_timeout: Duration,
 }
 
 impl Default for SessionConfig {
@@ -79,6 +88,9 @@ impl Default for SessionConfig {
             max_streams: 1024,
             v1_grace: Duration::from_secs(2),
             open_timeout: Duration::from_secs(10),
+            stream_idle_timeout: None,
+            heartbeat_interval: None,
+            heartbeat_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -121,6 +133,8 @@ struct Shared {
     /// Whether the peer ever sent a frame: a client session that dies before the
     /// server said anything most likely used a wrong password.
     peer_spoke: AtomicBool,
+    /// When the reader last received bytes (see `heartbeat.rs`).
+    last_received: heartbeat::LastReceived,
     closed: watch::Sender<Option<Arc<str>>>,
 }
 
@@ -227,11 +241,15 @@ impl Session {
             half_close: AtomicBool::new(false),
             pooled: AtomicBool::new(false),
             peer_spoke: AtomicBool::new(false),
+            last_received: heartbeat::LastReceived::default(),
             closed: watch::Sender::new(None),
         });
         let (read_half, write_half) = tokio::io::split(io);
         tokio::spawn(writer::run(write_half, control_rx, data_rx, padding, shared.clone()));
         tokio::spawn(reader::run(read_half, leftover, handler, shared.clone()));
+        if let (Role::Client, Some(interval)) = (role, shared.config.heartbeat_interval) {
+            tokio::spawn(heartbeat::run(Arc::downgrade(&shared), interval));
+        }
         Session { _last_handle: Arc::new(CloseOnDrop(shared.clone())), shared }
     }
 
