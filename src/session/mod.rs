@@ -126,6 +126,10 @@ struct Shared {
     /// The peer's protocol version: 0 until known.
     peer_version: watch::Sender<u8>,
     settings_sent: AtomicBool,
+    /// Client: held from choosing a stream id until its SYN is queued, so concurrent
+    /// opens on a new session can't queue a SYN ahead of the Settings frame (the
+    /// server would answer with an Alert and close), and SYNs go out in id order.
+    open_order: tokio::sync::Mutex<()>,
     /// Both ends announced one-way FIN (see [`HALF_CLOSE_KEY`]).
     half_close: AtomicBool,
     /// Set while the session sits in a client's pool, so it is never pooled twice.
@@ -238,6 +242,7 @@ impl Session {
             next_stream_id: AtomicU32::new(1),
             peer_version: watch::Sender::new(0),
             settings_sent: AtomicBool::new(false),
+            open_order: tokio::sync::Mutex::new(()),
             half_close: AtomicBool::new(false),
             pooled: AtomicBool::new(false),
             peer_spoke: AtomicBool::new(false),
@@ -303,6 +308,7 @@ impl Session {
         if self.is_closed() {
             return Err(self.shared.closed_error());
         }
+        let _in_order = self.shared.open_order.lock().await;
         let id = self.shared.next_stream_id.fetch_add(1, Ordering::Relaxed);
         let (events_tx, events_rx) = mpsc::channel(self.shared.config.stream_queue);
         self.shared.streams.lock().expect("streams lock").insert(id, events_tx);
