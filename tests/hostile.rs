@@ -770,3 +770,65 @@ async fn a_silently_dropped_session_is_detected_by_heartbeat_and_replaced() {
     })
     .await;
 }
+
+/// Out of file descriptors (`ulimit -n 64`): a flood of connections makes accept fail;
+/// the server logs it, backs off instead of spinning, and serves again once the flood
+/// is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fd_exhaustion_is_logged_and_retried_with_back_off() {
+    bounded(Duration::from_secs(60), "fd exhaustion", async {
+        let mut command = std::process::Command::new("bash");
+        let server_bin = env!("CARGO_BIN_EXE_anytls-server");
+        command
+            .args(["-c", &format!("ulimit -n 64 && exec {server_bin} -l 127.0.0.1:0 -p {PASSWORD}")])
+            .env("RUST_LOG", OUR_LOG_FILTER);
+        let mut process = Process::spawn("anytls-server (ulimit -n 64)", command);
+        let addr = process
+            .wait_for(STARTUP_TIMEOUT, "`listening on`", |line| {
+                line.split("listening on ").nth(1)?.split(' ').next()?.parse::<SocketAddr>().ok()
+            })
+            .await;
+        let fingerprint = process
+            .log()
+            .lines()
+            .find_map(|line| Some(line.split("SHA-256 fingerprint ").nth(1)?.trim().to_string()))
+            .unwrap();
+        let pid = process.pid();
+
+        let mut flood = Vec::new();
+        for _ in 0..120 {
+            if let Ok(Ok(tcp)) = tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
+                flood.push(tcp);
+            }
+        }
+        assert!(process.log_shows("accept failed", Duration::from_secs(5)).await, "no `accept failed` line");
+        // While out of descriptors: backing off, not spinning.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = cpu_seconds(pid);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let spent = cpu_seconds(pid) - before;
+        let failures = count_lines(&process.log(), "accept failed");
+        announce(&format!("NOTE out of fds: {failures} accept failures logged, server CPU {spent:.3} s in 2 s"));
+        assert!(spent < 0.2, "server spins while out of descriptors: {spent} s CPU in 2 s");
+        assert!(process.log().contains("retrying in 1s"), "the back-off grows to its cap");
+
+        drop(flood);
+        let client = start_client(addr, PASSWORD, &["--pin-sha256", &fingerprint]).await;
+        let echo = spawn_echo().await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let attempt = async {
+                let (code, tcp) = socks5_connect(client.addr, "127.0.0.1", echo.port()).await.ok()?;
+                (code == SOCKS5_OK).then_some(tcp)
+            };
+            if let Ok(Some(tcp)) = tokio::time::timeout(Duration::from_secs(3), attempt).await {
+                echo_roundtrip(tcp, b"served again").await;
+                break;
+            }
+            assert!(Instant::now() < deadline, "the server did not serve again after the flood");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(process.is_running());
+    })
+    .await;
+}
