@@ -11,3 +11,4 @@ pub mod pool;
 pub mod proto;
 pub mod server;
 pub mod session;
+pub mod shutdown;

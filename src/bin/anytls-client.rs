@@ -90,6 +90,21 @@ struct Args {
     /// How often pool statistics are logged, in seconds.
     #[arg(long, default_value_t = 60)]
     stats_interval_secs: u64,
+    /// A TCP stream with no data either way for this long is ended, in seconds (0 = never).
+    #[arg(long, default_value_t = 300)]
+    stream_idle_timeout_secs: u64,
+    /// A session with open streams that received nothing for this long sends a
+    /// heartbeat to the server (v2 servers), in seconds (0 = never).
+    #[arg(long, default_value_t = 30)]
+    heartbeat_interval_secs: u64,
+    /// No answer this long after a heartbeat: the connection is taken as silently
+    /// dropped, its streams fail and the session is replaced, in seconds.
+    #[arg(long, default_value_t = 10)]
+    heartbeat_timeout_secs: u64,
+    /// On SIGINT/SIGTERM: stop accepting, then give connections in flight this long to
+    /// finish before closing the sessions and exiting, in seconds.
+    #[arg(long, default_value_t = 10)]
+    shutdown_timeout_secs: u64,
 }
 
 fn main() -> ExitCode {
@@ -139,7 +154,11 @@ async fn run(args: Args) -> Result<(), String> {
         listener.local_addr().map_err(|e| e.to_string())?,
         described.join(", ")
     );
-    client::run(listener, config).await;
+    let shutdown = async {
+        let signal = anytls_rs::shutdown::signal().await;
+        log::info!("{signal} received");
+    };
+    client::run_until(listener, config, Duration::from_secs(args.shutdown_timeout_secs), shutdown).await;
     Ok(())
 }
 
@@ -179,11 +198,19 @@ fn connector_for(server: &str, args: &Args) -> Result<(Connector, Trust), String
         password: PasswordHash::of(&password),
         session_config: SessionConfig {
             padding: Arc::new(ArcSwap::from_pointee(PaddingScheme::default())),
+            stream_idle_timeout: secs_or_never(args.stream_idle_timeout_secs),
+            heartbeat_interval: secs_or_never(args.heartbeat_interval_secs),
+            heartbeat_timeout: Duration::from_secs(args.heartbeat_timeout_secs.max(1)),
             ..SessionConfig::default()
         },
         connect_timeout: Duration::from_secs(args.connect_timeout_secs),
     };
     Ok((connector, trust))
+}
+
+/// A duration flag where 0 means "never".
+fn secs_or_never(secs: u64) -> Option<Duration> {
+    (secs > 0).then(|| Duration::from_secs(secs))
 }
 
 fn describe_trust(trust: &Trust) -> &'static str {

@@ -8,6 +8,7 @@ use clap::Parser;
 
 use anytls_rs::pool::PoolType;
 use anytls_rs::proto::{Address, PaddingScheme, PasswordHash};
+use anytls_rs::server::limits::ServerLimits;
 use anytls_rs::server::outbound_pool::OutboundSettings;
 use anytls_rs::server::tls::Identity;
 use anytls_rs::server::udp::UdpSettings;
@@ -72,6 +73,20 @@ struct Args {
     /// UDP-over-TCP streams with no datagram either way for this long are closed, in seconds.
     #[arg(long, default_value_t = 60)]
     udp_idle_timeout_secs: u64,
+    /// Authenticated sessions at once; one more gets an Alert and is closed (checked
+    /// after authentication; unauthenticated connections count under --max-handshakes).
+    #[arg(long, default_value_t = 4096)]
+    max_sessions: usize,
+    /// Streams at once across all sessions; more are refused (SYNACK error).
+    #[arg(long, default_value_t = 65536)]
+    max_streams: usize,
+    /// A TCP stream with no data either way for this long is ended, in seconds (0 = never).
+    #[arg(long, default_value_t = 300)]
+    stream_idle_timeout_secs: u64,
+    /// On SIGINT/SIGTERM: stop accepting, then give streams in flight this long to
+    /// finish before closing everything and exiting, in seconds.
+    #[arg(long, default_value_t = 10)]
+    shutdown_timeout_secs: u64,
 }
 
 fn main() -> ExitCode {
@@ -136,6 +151,17 @@ async fn run(args: Args) -> Result<(), String> {
         config.passwords.len(),
         if config.passwords.len() == 1 { "" } else { "s" }
     );
-    server::run(listener, config).await;
+    let limits = ServerLimits {
+        max_sessions: args.max_sessions.max(1),
+        max_streams: args.max_streams.max(1),
+        stream_idle_timeout: (args.stream_idle_timeout_secs > 0)
+            .then(|| Duration::from_secs(args.stream_idle_timeout_secs)),
+        drain_timeout: Duration::from_secs(args.shutdown_timeout_secs),
+    };
+    let shutdown = async {
+        let signal = anytls_rs::shutdown::signal().await;
+        log::info!("{signal} received");
+    };
+    server::run_until(listener, config, limits, shutdown).await;
     Ok(())
 }

@@ -16,6 +16,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::session::{OpenError, Stream, relay};
+use crate::shutdown::InFlight;
 use inbound::{Credentials, Failure, Request};
 use servers::{ServerLease, Servers};
 
@@ -31,18 +32,51 @@ pub struct ClientConfig {
 
 /// Serves the local port until the task is dropped.
 pub async fn run(listener: TcpListener, config: ClientConfig) {
+    run_until(listener, config, Duration::from_secs(10), std::future::pending()).await
+}
+
+/// Serves the local port until `shutdown` resolves, then stops accepting, lets local
+/// connections in flight finish (at most `drain_timeout`), closes every idle session
+/// and logs the final pool statistics.
+pub async fn run_until(
+    listener: TcpListener,
+    config: ClientConfig,
+    drain_timeout: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
     let config = Arc::new(config);
-    tokio::spawn(maintain_pool(config.clone()));
-    tokio::spawn(config.servers.clone().probe_forever());
+    let maintenance = tokio::spawn(maintain_pool(config.clone()));
+    let probes = tokio::spawn(config.servers.clone().probe_forever());
+    let in_flight = InFlight::default();
+    tokio::pin!(shutdown);
     loop {
-        let (tcp, peer) = crate::accept::accept_with_backoff(&listener).await;
+        let (tcp, peer) = tokio::select! {
+            accepted = crate::accept::accept_with_backoff(&listener) => accepted,
+            () = &mut shutdown => break,
+        };
         let config = config.clone();
+        let connection = in_flight.start();
         tokio::spawn(async move {
             if let Err(err) = serve_connection(tcp, &config).await {
                 log::debug!("{peer}: {err}");
             }
+            drop(connection);
         });
     }
+    drop(listener);
+    log::info!(
+        "shutting down: no longer accepting; {} connections in flight get up to {drain_timeout:?} to finish",
+        in_flight.count()
+    );
+    let cut_off = in_flight.drain(drain_timeout).await;
+    if cut_off > 0 {
+        log::warn!("{cut_off} connections still open after the drain time: closed");
+    }
+    maintenance.abort();
+    probes.abort();
+    let closed = config.servers.close_idle();
+    crate::pool::log_stats(&config.servers.stats(), &config.servers.idle_by_server(), "");
+    log::info!("shut down: {closed} idle sessions closed");
 }
 
 /// Sweeps idle sessions and logs the pool statistics.

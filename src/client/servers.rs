@@ -75,6 +75,11 @@ impl Servers {
         self.pools.iter().for_each(SessionPool::sweep);
     }
 
+    /// Closes every idle session (shutdown); returns how many.
+    pub fn close_idle(&self) -> usize {
+        self.pools.iter().map(SessionPool::close_idle).sum()
+    }
+
     /// Pool statistics summed over the servers.
     pub fn stats(&self) -> PoolStatsSnapshot {
         let mut total = PoolStatsSnapshot { total: 0, active: 0, reused: 0, new: 0, cleaned: 0, idle: 0 };

@@ -118,30 +118,33 @@ impl SessionPool {
 
     /// With several streams per session allowed, a session in use stays available
     /// to others while it has room.
+    /// A full idle pool just doesn't take it: the caller is about to open a stream on it
+    /// (closing it here, as a release does, would fail that stream).
     fn share_if_room(&self, session: &Session) {
         if session.open_streams() + 1 < self.settings.max_streams_per_session {
-            self.give_back(session.clone());
+            let _ = self.give_back(session.clone());
         }
     }
 
     /// Takes back a session whose stream has ended.
     pub fn release(&self, session: Session) {
         self.idle.counters().record_checkin();
-        if !session.is_closed() {
-            self.give_back(session);
+        if !session.is_closed()
+            && let Some(refused) = self.give_back(session)
+            && refused.open_streams() == 0
+        {
+            refused.close("idle pool full");
         }
     }
 
-    fn give_back(&self, session: Session) {
+    /// Pools the session; returns it when the pool is full.
+    fn give_back(&self, session: Session) -> Option<Session> {
         if session.pooled().swap(true, Ordering::AcqRel) {
-            return; // already in the pool
+            return None; // already in the pool
         }
-        if let Err(refused) = self.idle.give(&self.key, Idle::new(session)) {
-            refused.value.pooled().store(false, Ordering::Release);
-            if refused.value.open_streams() == 0 {
-                refused.value.close("idle pool full");
-            }
-        }
+        let refused = self.idle.give(&self.key, Idle::new(session)).err()?;
+        refused.value.pooled().store(false, Ordering::Release);
+        Some(refused.value)
     }
 
     /// Closes sessions idle longer than the idle timeout, except the newest
@@ -174,6 +177,16 @@ impl SessionPool {
             }
         }
         self.idle.counters().record_kept_after_sweep(kept);
+    }
+
+    /// Closes every idle session (shutdown); returns how many.
+    pub fn close_idle(&self) -> usize {
+        let idle = self.idle.drain();
+        for (_, entry) in &idle {
+            entry.value.pooled().store(false, Ordering::Release);
+            entry.value.close("client shutting down");
+        }
+        idle.len()
     }
 
     pub fn stats(&self) -> PoolStatsSnapshot {
@@ -296,6 +309,20 @@ mod tests {
         assert!(sessions[0].is_closed() && sessions[1].is_closed());
         assert!(!sessions[2].is_closed(), "the newest stays open");
         assert!(pool.acquire().await.unwrap().reused);
+    }
+
+    #[tokio::test]
+    async fn a_new_session_the_full_idle_pool_cannot_share_is_still_handed_out_open() {
+        let server = server().await;
+        let mut shared = settings(PoolType::Lock);
+        shared.max_streams_per_session = 4;
+        shared.max_idle = 1;
+        let pool = pool(server, shared);
+        // Both find the pool empty and connect; the second finds it full when sharing.
+        let (a, b) = tokio::join!(pool.acquire(), pool.acquire());
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert!(!a.reused && !b.reused);
+        assert!(!a.session.is_closed() && !b.session.is_closed(), "a session in use was closed");
     }
 
     #[tokio::test]

@@ -1,6 +1,7 @@
 //! The AnyTLS server: accepts TLS, authenticates, and serves each session's
 //! streams by dialing their destinations.
 
+pub mod limits;
 pub mod outbound;
 pub mod outbound_pool;
 pub mod tls;
@@ -12,15 +13,18 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
+use crate::proto::Frame;
 use crate::proto::PaddingScheme;
 use crate::proto::PasswordHash;
 use crate::proto::auth::{AuthParse, parse_auth_block};
+use crate::proto::frame::Command;
 use crate::session::{Session, SessionConfig, Stream, StreamHandler};
+use limits::{Gate, ServerLimits};
 use outbound::Dialer;
 use outbound_pool::{OutboundPool, OutboundSettings};
 
@@ -44,24 +48,42 @@ pub struct ServerConfig {
     pub udp: udp::UdpSettings,
 }
 
-/// Accepts connections until the task is dropped.
+/// Accepts connections until the task is dropped, with the default [`ServerLimits`].
 pub async fn run(listener: TcpListener, config: ServerConfig) {
+    run_until(listener, config, ServerLimits::default(), std::future::pending()).await
+}
+
+/// Accepts connections until `shutdown` resolves, then stops accepting, lets streams
+/// in flight finish (at most `limits.drain_timeout`), closes every session and the
+/// outbound pool's warm connections, and logs the final pool statistics.
+pub async fn run_until(
+    listener: TcpListener,
+    config: ServerConfig,
+    limits: ServerLimits,
+    shutdown: impl Future<Output = ()>,
+) {
     let acceptor = TlsAcceptor::from(config.tls.clone());
     let config = Arc::new(config);
     let session_config = SessionConfig {
         padding: Arc::new(ArcSwap::from_pointee(config.padding.clone())),
         max_streams: config.max_streams_per_session,
+        stream_idle_timeout: limits.stream_idle_timeout,
         ..SessionConfig::default()
     };
+    let gate = Arc::new(Gate::new(limits));
     let handshakes = Arc::new(Semaphore::new(config.max_handshakes));
     let pool = OutboundPool::new(config.outbound.clone(), Dialer { connect_timeout: config.connect_timeout });
     log_pool_configuration(&config);
     for target in &config.warmup {
         pool.warm_up(target);
     }
-    tokio::spawn(maintain_pool(pool.clone(), config.stats_interval));
+    let maintenance = tokio::spawn(maintain_pool(pool.clone(), config.stats_interval));
+    tokio::pin!(shutdown);
     loop {
-        let (tcp, peer) = crate::accept::accept_with_backoff(&listener).await;
+        let (tcp, peer) = tokio::select! {
+            accepted = crate::accept::accept_with_backoff(&listener) => accepted,
+            () = &mut shutdown => break,
+        };
         let Ok(permit) = handshakes.clone().try_acquire_owned() else {
             log::warn!("{peer}: dropped, {} handshakes already in progress", config.max_handshakes);
             continue;
@@ -70,6 +92,7 @@ pub async fn run(listener: TcpListener, config: ServerConfig) {
         let config = config.clone();
         let session_config = session_config.clone();
         let pool = pool.clone();
+        let gate = gate.clone();
         tokio::spawn(async move {
             let authenticated =
                 tokio::time::timeout(config.handshake_timeout, handshake(tcp, peer, &acceptor, &config)).await;
@@ -85,16 +108,64 @@ pub async fn run(listener: TcpListener, config: ServerConfig) {
                     return;
                 }
             };
-            let peer_name = peer.to_string();
-            let handler: StreamHandler = Arc::new(move |stream: Stream| {
-                tokio::spawn(outbound::serve_stream(stream, pool.clone(), config.udp, peer_name.clone()));
-            });
+            let _session_place = match gate.admit_session() {
+                Ok(place) => place,
+                Err(why) => return refuse_session(tls, peer, &why).await,
+            };
+            let handler = stream_handler(gate.clone(), pool, config.udp, peer.to_string());
             let session = Session::server(tls, session_config, leftover, handler);
             log::debug!("{peer}: session open");
-            let reason = session.closed().await;
+            let reason = tokio::select! {
+                reason = session.closed() => reason,
+                () = gate.closing() => {
+                    session.close("server shutting down");
+                    "server shutting down".into()
+                }
+            };
             log::debug!("{peer}: session closed: {reason}");
         });
     }
+    drop(listener);
+    log::info!(
+        "shutting down: no longer accepting; {} streams in flight get up to {:?} to finish",
+        gate.streams_in_flight(),
+        gate.limits().drain_timeout
+    );
+    let cut_off = gate.drain().await;
+    if cut_off > 0 {
+        log::warn!("{cut_off} streams still open after the drain time: closed");
+    }
+    maintenance.abort();
+    let closed = pool.close_idle();
+    crate::pool::log_stats(&pool.stats(), &pool.idle_by_target(), &format!(", Warmed: {}", pool.warmed()));
+    log::info!("shut down: sessions closed, {closed} warm outbound connections closed");
+}
+
+/// Each new stream gets a place under the server-wide caps, or a SYNACK error.
+fn stream_handler(gate: Arc<Gate>, pool: OutboundPool, udp: udp::UdpSettings, peer: String) -> StreamHandler {
+    Arc::new(move |mut stream: Stream| match gate.admit_stream() {
+        Ok(ticket) => {
+            tokio::spawn(outbound::serve_stream(stream, pool.clone(), udp, peer.clone(), ticket));
+        }
+        Err(why) => {
+            log::warn!("{peer}: stream {} refused: {why}", stream.id());
+            tokio::spawn(async move {
+                let _ = stream.send_synack(Err(why)).await;
+            });
+        }
+    })
+}
+
+/// An authenticated client over the session cap: told why (Alert), then closed.
+async fn refuse_session(mut tls: TlsStream, peer: SocketAddr, why: &str) {
+    log::warn!("{peer}: session refused: {why}");
+    let mut alert = BytesMut::new();
+    Frame::new(Command::Alert, 0, why.as_bytes().to_vec()).encode(&mut alert).expect("short alert");
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        tls.write_all(&alert).await?;
+        tls.shutdown().await
+    })
+    .await;
 }
 
 fn log_pool_configuration(config: &ServerConfig) {

@@ -7,6 +7,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use super::limits::StreamTicket;
 use super::outbound_pool::OutboundPool;
 use super::udp::{UdpSettings, serve_udp};
 use crate::proto::Address;
@@ -106,8 +107,15 @@ fn no_destination_in_time() -> String {
     format!("no destination received within {SYNACK_BUDGET:?}")
 }
 
-/// Serves one stream to the end. `peer` names the client in logs.
-pub async fn serve_stream(mut stream: Stream, pool: OutboundPool, udp: UdpSettings, peer: String) {
+/// Serves one stream to the end. `peer` names the client in logs; `_ticket` is the
+/// stream's place under the server's caps, given back when the stream ends.
+pub async fn serve_stream(
+    mut stream: Stream,
+    pool: OutboundPool,
+    udp: UdpSettings,
+    peer: String,
+    _ticket: StreamTicket,
+) {
     let synack_deadline = tokio::time::Instant::now() + SYNACK_BUDGET;
     let destination = tokio::time::timeout_at(synack_deadline, read_destination(&mut stream)).await;
     let (destination, early_payload) = match destination.unwrap_or_else(|_| Err(no_destination_in_time())) {
@@ -171,6 +179,7 @@ pub(crate) mod test_support {
 
     use super::{Dialer, serve_stream};
     use crate::pool::PoolType;
+    use crate::server::limits::{Gate, ServerLimits};
     use crate::server::outbound_pool::{OutboundPool, OutboundSettings};
     use crate::server::udp::UdpSettings;
     use crate::session::{Session, SessionConfig, StreamHandler};
@@ -197,8 +206,10 @@ pub(crate) mod test_support {
             max_waiters_per_target: 4,
         };
         let pool = OutboundPool::new(settings, Dialer { connect_timeout });
+        let gate = Arc::new(Gate::new(ServerLimits::default()));
         let handler: StreamHandler = Arc::new(move |stream| {
-            tokio::spawn(serve_stream(stream, pool.clone(), udp, "test".into()));
+            let ticket = gate.admit_stream().expect("room for test streams");
+            tokio::spawn(serve_stream(stream, pool.clone(), udp, "test".into(), ticket));
         });
         let (a, b) = tokio::io::duplex(1 << 20);
         let server = Session::server(b, SessionConfig::default(), BytesMut::new(), handler);

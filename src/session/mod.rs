@@ -8,6 +8,8 @@
 //! large write so TLS records are filled. Both roles (client, server) share this code;
 //! only frame handling differs.
 
+mod heartbeat;
+mod idle;
 mod reader;
 mod relay;
 mod stream;
@@ -68,6 +70,13 @@ pub struct SessionConfig {
     pub v1_grace: Duration,
     /// Client: how long to wait for a v2 server's SYNACK before giving up.
     pub open_timeout: Duration,
+    /// A relayed stream with no data either way for this long is ended (`None`: never).
+    pub stream_idle_timeout: Option<Duration>,
+    /// Client: a session with open streams that received nothing for this long sends a
+    /// heartbeat (v2 servers only; `None`: never). See `heartbeat.rs`.
+    pub heartbeat_interval: Option<Duration>,
+    /// Client: nothing received this long after a heartbeat closes the session.
+    pub heartbeat_timeout: Duration,
 }
 
 impl Default for SessionConfig {
@@ -79,6 +88,9 @@ impl Default for SessionConfig {
             max_streams: 1024,
             v1_grace: Duration::from_secs(2),
             open_timeout: Duration::from_secs(10),
+            stream_idle_timeout: None,
+            heartbeat_interval: None,
+            heartbeat_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -114,6 +126,10 @@ struct Shared {
     /// The peer's protocol version: 0 until known.
     peer_version: watch::Sender<u8>,
     settings_sent: AtomicBool,
+    /// Client: held from choosing a stream id until its SYN is queued, so concurrent
+    /// opens on a new session can't queue a SYN ahead of the Settings frame (the
+    /// server would answer with an Alert and close), and SYNs go out in id order.
+    open_order: tokio::sync::Mutex<()>,
     /// Both ends announced one-way FIN (see [`HALF_CLOSE_KEY`]).
     half_close: AtomicBool,
     /// Set while the session sits in a client's pool, so it is never pooled twice.
@@ -121,6 +137,8 @@ struct Shared {
     /// Whether the peer ever sent a frame: a client session that dies before the
     /// server said anything most likely used a wrong password.
     peer_spoke: AtomicBool,
+    /// When the reader last received bytes (see `heartbeat.rs`).
+    last_received: heartbeat::LastReceived,
     closed: watch::Sender<Option<Arc<str>>>,
 }
 
@@ -224,14 +242,19 @@ impl Session {
             next_stream_id: AtomicU32::new(1),
             peer_version: watch::Sender::new(0),
             settings_sent: AtomicBool::new(false),
+            open_order: tokio::sync::Mutex::new(()),
             half_close: AtomicBool::new(false),
             pooled: AtomicBool::new(false),
             peer_spoke: AtomicBool::new(false),
+            last_received: heartbeat::LastReceived::default(),
             closed: watch::Sender::new(None),
         });
         let (read_half, write_half) = tokio::io::split(io);
         tokio::spawn(writer::run(write_half, control_rx, data_rx, padding, shared.clone()));
         tokio::spawn(reader::run(read_half, leftover, handler, shared.clone()));
+        if let (Role::Client, Some(interval)) = (role, shared.config.heartbeat_interval) {
+            tokio::spawn(heartbeat::run(Arc::downgrade(&shared), interval));
+        }
         Session { _last_handle: Arc::new(CloseOnDrop(shared.clone())), shared }
     }
 
@@ -285,6 +308,7 @@ impl Session {
         if self.is_closed() {
             return Err(self.shared.closed_error());
         }
+        let _in_order = self.shared.open_order.lock().await;
         let id = self.shared.next_stream_id.fetch_add(1, Ordering::Relaxed);
         let (events_tx, events_rx) = mpsc::channel(self.shared.config.stream_queue);
         self.shared.streams.lock().expect("streams lock").insert(id, events_tx);

@@ -48,7 +48,7 @@ pub(super) async fn run<IO: AsyncRead>(
             Ok(0) => {
                 break format!("peer closed the connection inside a frame ({} bytes left)", buf.len());
             }
-            Ok(_) => {}
+            Ok(_) => shared.last_received.touch(),
             Err(err) => break format!("read failed: {err}"),
         }
     };

@@ -6,6 +6,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::idle::IdleWatch;
 use super::{SessionClosed, Stream};
 
 /// Bytes read per TCP read: one full frame.
@@ -30,6 +31,8 @@ pub enum RelayError {
     Session(#[from] SessionClosed),
     #[error("tcp: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Idle(String),
 }
 
 /// Which side's end of data ended a relay.
@@ -49,6 +52,7 @@ enum FirstEnd {
 /// received is not answered with one.
 pub async fn relay(stream: Stream, tcp: TcpStream) -> (RelayStats, Option<String>) {
     let half_close = stream.half_close();
+    let idle = IdleWatch::new(stream.idle_timeout());
     let (mut stream_reader, mut stream_writer) = stream.split();
     let (mut tcp_reader, mut tcp_writer) = tcp.into_split();
     // Counted outside the two directions so an error still reports what went through.
@@ -65,23 +69,30 @@ pub async fn relay(stream: Stream, tcp: TcpStream) -> (RelayStats, Option<String
                 return Ok::<FirstEnd, RelayError>(FirstEnd::Ours);
             }
             sent.fetch_add(buf.len() as u64, Relaxed);
+            idle.touch();
             stream_writer.write(buf.split().freeze()).await?;
         }
     };
     let downstream = async {
         while let Some(data) = stream_reader.read().await? {
             received.fetch_add(data.len() as u64, Relaxed);
+            idle.touch();
             tcp_writer.write_all(&data).await?;
         }
         tcp_writer.shutdown().await?;
         Ok::<FirstEnd, RelayError>(FirstEnd::Peers)
     };
+    let expired = async { RelayError::Idle(idle.expired().await) };
     let outcome = if half_close {
-        tokio::try_join!(upstream, downstream).map(|_| ())
+        tokio::select! {
+            both = async { tokio::try_join!(upstream, downstream) } => both.map(|_| ()),
+            idle = expired => Err(idle),
+        }
     } else {
         let first = tokio::select! {
             ended = upstream => ended,
             ended = downstream => ended,
+            idle = expired => Err(idle),
         };
         first.map(|end| {
             if let FirstEnd::Peers = end {

@@ -45,6 +45,11 @@ impl Stream {
         self.writer.shared.half_close.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// How long the relay lets this stream sit without data (the session's setting).
+    pub fn idle_timeout(&self) -> Option<std::time::Duration> {
+        self.writer.shared.config.stream_idle_timeout
+    }
+
     pub fn split(self) -> (StreamReader, StreamWriter) {
         (self.reader, self.writer)
     }

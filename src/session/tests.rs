@@ -408,3 +408,23 @@ async fn with_a_reference_peer_our_fin_ends_the_relay() {
     let (stats, error) = tokio::time::timeout(Duration::from_secs(5), relay).await.unwrap().unwrap();
     assert_eq!((stats.sent, error), (7, None));
 }
+
+/// Streams opened at once on a new session: Settings must still be the first frame
+/// the server sees (a SYN before it gets an Alert and kills the session).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_opens_never_put_a_syn_before_settings() {
+    for round in 0..1000 {
+        let (client, _server) = pair(SessionConfig::default());
+        let mut opens = tokio::task::JoinSet::new();
+        for _ in 0..4 {
+            let client = client.clone();
+            opens.spawn(async move {
+                let mut stream = client.open_stream(Bytes::from_static(b"x")).await?;
+                stream.wait_open().await.map_err(|err| SessionClosed(err.to_string().into()))
+            });
+        }
+        while let Some(opened) = opens.join_next().await {
+            assert_eq!(opened.unwrap(), Ok(()), "round {round}");
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! Server-wide caps (`--max-sessions`, `--max-streams`) and the stream idle timeout
+//! (`--stream-idle-timeout-secs`), through the real binaries on loopback.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use common::*;
+
+async fn pair(server_args: &[&str], client_args: &[&str]) -> (Server, Client) {
+    let server = start_server(PASSWORD, server_args).await;
+    let pin = server.fingerprint.clone().unwrap();
+    let mut trust = vec!["--pin-sha256", pin.as_str()];
+    trust.extend_from_slice(client_args);
+    let client = start_client(server.addr, PASSWORD, &trust).await;
+    (server, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_over_max_sessions_gets_an_alert_and_the_first_keeps_working() {
+    bounded(Duration::from_secs(60), "max sessions", async {
+        let (server, client) = pair(&["--max-sessions", "1"], &[]).await;
+        let echo = spawn_echo().await;
+        // One stream per session on the client: the second concurrent stream needs a
+        // second session, which the server refuses.
+        let first = socks5_open(client.addr, echo).await;
+        let (code, _second) = socks5_connect(client.addr, "127.0.0.1", echo.port()).await.unwrap();
+        assert_ne!(code, SOCKS5_OK, "the second session was refused");
+        assert!(server.process.log_shows("session refused: too many sessions", Duration::from_secs(5)).await);
+        assert!(client.process.log_shows("server alert: too many sessions", Duration::from_secs(5)).await);
+        echo_roundtrip(first, &payload(100_000, 1)).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_over_max_streams_are_refused_and_a_place_frees_up_when_one_ends() {
+    bounded(Duration::from_secs(60), "max streams", async {
+        let (server, client) = pair(&["--max-streams", "2"], &["--max-streams-per-session", "8"]).await;
+        let echo = spawn_echo().await;
+        let a = socks5_open(client.addr, echo).await;
+        let b = socks5_open(client.addr, echo).await;
+        let (code, _c) = socks5_connect(client.addr, "127.0.0.1", echo.port()).await.unwrap();
+        assert_eq!(code, SOCKS5_GENERAL, "third stream refused");
+        assert!(server.process.log_shows("too many streams on this server (limit 2)", Duration::from_secs(5)).await);
+        echo_roundtrip(b, b"still fine").await;
+        drop(a);
+        // The place comes back once the server's relay for `a` has ended.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (code, tcp) = socks5_connect(client.addr, "127.0.0.1", echo.port()).await.unwrap();
+            if code == SOCKS5_OK {
+                echo_roundtrip(tcp, b"again").await;
+                break;
+            }
+            assert!(Instant::now() < deadline, "no place freed after a stream ended");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_stream_is_ended_after_the_idle_timeout_and_a_busy_one_is_not() {
+    bounded(Duration::from_secs(60), "stream idle timeout", async {
+        let (server, client) = pair(&["--stream-idle-timeout-secs", "1"], &["--stream-idle-timeout-secs", "0"]).await;
+        let echo = spawn_echo().await;
+        let mut busy = socks5_open(client.addr, echo).await;
+        let mut quiet = socks5_open(client.addr, echo).await;
+        let started = Instant::now();
+        // The busy stream sends something every 300 ms for 2.5 s.
+        let mut buf = [0u8; 4];
+        while started.elapsed() < Duration::from_millis(2500) {
+            busy.write_all(b"ping").await.unwrap();
+            busy.read_exact(&mut buf).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        // The quiet one was ended by the server (EOF or reset on the local side).
+        let mut rest = Vec::new();
+        let ended = tokio::time::timeout(Duration::from_secs(3), quiet.read_to_end(&mut rest)).await;
+        assert!(ended.is_ok(), "the quiet stream is still open");
+        assert!(server.process.log_shows("no data either way for 1s", Duration::from_secs(2)).await);
+        busy.write_all(b"last").await.unwrap();
+        busy.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"last");
+    })
+    .await;
+}
