@@ -17,6 +17,7 @@ use anytls_rs::client::sessions::{Connector, SessionPool, SessionPoolSettings};
 use anytls_rs::client::tls::{Trust, client_config, parse_pin};
 use anytls_rs::client::{self, ClientConfig};
 use anytls_rs::pool::PoolType;
+use anytls_rs::pool::buffers::{BufferPoolMode, set_relay_buffer_pool};
 use anytls_rs::proto::address::Host;
 use anytls_rs::proto::{PaddingScheme, PasswordHash};
 use anytls_rs::session::SessionConfig;
@@ -90,6 +91,9 @@ struct Args {
     /// How often pool statistics are logged, in seconds.
     #[arg(long, default_value_t = 60)]
     stats_interval_secs: u64,
+    /// Relay reads into pooled 64 KiB buffers (on) or a fresh buffer per read (off).
+    #[arg(long, value_enum, default_value_t = BufferPoolMode::Off)]
+    buffer_pool: BufferPoolMode,
 }
 
 fn main() -> ExitCode {
@@ -139,6 +143,7 @@ async fn run(args: Args) -> Result<(), String> {
         listener.local_addr().map_err(|e| e.to_string())?,
         described.join(", ")
     );
+    set_relay_buffer_pool(args.buffer_pool);
     client::run(listener, config).await;
     Ok(())
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use anytls_rs::pool::PoolType;
+use anytls_rs::pool::buffers::{BufferPoolMode, set_relay_buffer_pool};
 use anytls_rs::proto::{Address, PaddingScheme, PasswordHash};
 use anytls_rs::server::outbound_pool::OutboundSettings;
 use anytls_rs::server::tls::Identity;
@@ -72,6 +73,9 @@ struct Args {
     /// UDP-over-TCP streams with no datagram either way for this long are closed, in seconds.
     #[arg(long, default_value_t = 60)]
     udp_idle_timeout_secs: u64,
+    /// Relay reads into pooled 64 KiB buffers (on) or a fresh buffer per read (off).
+    #[arg(long, value_enum, default_value_t = BufferPoolMode::Off)]
+    buffer_pool: BufferPoolMode,
 }
 
 fn main() -> ExitCode {
@@ -136,6 +140,7 @@ async fn run(args: Args) -> Result<(), String> {
         config.passwords.len(),
         if config.passwords.len() == 1 { "" } else { "s" }
     );
+    set_relay_buffer_pool(args.buffer_pool);
     server::run(listener, config).await;
     Ok(())
 }

@@ -16,6 +16,7 @@
 //! Entries are handed out LIFO: the most recently used connection is the one most likely still
 //! alive and warm, and the old ones at the bottom are left to expire.
 
+pub mod buffers;
 mod highperf;
 mod lock;
 mod lockfree;

@@ -2,8 +2,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::{SessionClosed, Stream};
@@ -52,13 +51,13 @@ pub async fn relay(stream: Stream, tcp: TcpStream) -> (RelayStats, Option<String
 
     let upstream = async {
         loop {
-            let mut buf = BytesMut::with_capacity(TCP_READ_CHUNK);
-            if tcp_reader.read_buf(&mut buf).await? == 0 {
+            let buf = crate::pool::buffers::read_chunk(&mut tcp_reader, TCP_READ_CHUNK).await?;
+            if buf.is_empty() {
                 stream_writer.finish().await?;
                 return Ok::<FirstEnd, RelayError>(FirstEnd::Ours);
             }
             sent.fetch_add(buf.len() as u64, Relaxed);
-            stream_writer.write(buf.freeze()).await?;
+            stream_writer.write(buf).await?;
         }
     };
     let downstream = async {
