@@ -91,6 +91,13 @@ struct Args {
     /// How often pool statistics are logged, in seconds.
     #[arg(long, default_value_t = 60)]
     stats_interval_secs: u64,
+    /// Serve the monitoring API and live page on ADDR (a bare PORT means 127.0.0.1:PORT).
+    /// Off unless given.
+    #[arg(long, value_name = "ADDR")]
+    api: Option<String>,
+    /// Token the API requires: `Authorization: Bearer TOKEN`, or `?token=TOKEN` in a browser.
+    #[arg(long, requires = "api")]
+    api_token: Option<String>,
     /// Relay reads into pooled 64 KiB buffers (on) or a fresh buffer per read (off).
     #[arg(long, value_enum, default_value_t = BufferPoolMode::Off)]
     buffer_pool: BufferPoolMode,
@@ -144,6 +151,9 @@ async fn run(args: Args) -> Result<(), String> {
         described.join(", ")
     );
     set_relay_buffer_pool(args.buffer_pool);
+    if let Some(api) = &args.api {
+        anytls_rs::api::start(api, args.api_token.clone(), config.servers.clone()).await?;
+    }
     client::run(listener, config).await;
     Ok(())
 }

@@ -73,6 +73,13 @@ struct Args {
     /// UDP-over-TCP streams with no datagram either way for this long are closed, in seconds.
     #[arg(long, default_value_t = 60)]
     udp_idle_timeout_secs: u64,
+    /// Serve the monitoring API and live page on ADDR (a bare PORT means 127.0.0.1:PORT).
+    /// Off unless given.
+    #[arg(long, value_name = "ADDR")]
+    api: Option<String>,
+    /// Token the API requires: `Authorization: Bearer TOKEN`, or `?token=TOKEN` in a browser.
+    #[arg(long, requires = "api")]
+    api_token: Option<String>,
     /// Relay reads into pooled 64 KiB buffers (on) or a fresh buffer per read (off).
     #[arg(long, value_enum, default_value_t = BufferPoolMode::Off)]
     buffer_pool: BufferPoolMode,
@@ -141,6 +148,10 @@ async fn run(args: Args) -> Result<(), String> {
         if config.passwords.len() == 1 { "" } else { "s" }
     );
     set_relay_buffer_pool(args.buffer_pool);
-    server::run(listener, config).await;
+    let pool = server::new_outbound_pool(&config);
+    if let Some(api) = &args.api {
+        anytls_rs::api::start(api, args.api_token.clone(), std::sync::Arc::new(pool.clone())).await?;
+    }
+    server::run_with_pool(listener, config, pool).await;
     Ok(())
 }

@@ -33,7 +33,7 @@ pub enum BufferPoolMode {
 }
 
 /// Counters of one tier, as shown by `/api/memory-pool-stats`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct TierStats {
     pub buffer_size: usize,
     /// Free buffers held by the tier now.

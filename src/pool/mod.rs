@@ -286,6 +286,25 @@ pub struct PoolStatsSnapshot {
     pub idle: u64,
 }
 
+/// One key's share of a pool (a target of the server's outbound pool, a server of the
+/// client's session pool), for the API.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KeyStats {
+    pub key: PoolKey,
+    /// Idle (warm) entries now.
+    pub idle: u64,
+    /// Entries in use now.
+    pub active: u64,
+    /// Entries created (dialed or handshaken) for this key.
+    pub created: u64,
+    /// Checkouts served by an idle entry.
+    pub reused: u64,
+    /// Entries closed by the pool (expired or found dead).
+    pub cleaned: u64,
+    /// Callers waiting for a free slot now.
+    pub waiters: u64,
+}
+
 /// `[Pool Stats] Total: 15, Active: 3, Reused: 8, New: 7, Cleaned: 2, Reuse rate: 53.3%, Utilisation: 20.0%`
 pub fn format_stats_line(s: &PoolStatsSnapshot) -> String {
     format!(

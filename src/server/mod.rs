@@ -46,6 +46,18 @@ pub struct ServerConfig {
 
 /// Accepts connections until the task is dropped.
 pub async fn run(listener: TcpListener, config: ServerConfig) {
+    let pool = new_outbound_pool(&config);
+    run_with_pool(listener, config, pool).await
+}
+
+/// The outbound pool `config` asks for, for a caller that wants to watch it (`--api`)
+/// before handing it to [`run_with_pool`].
+pub fn new_outbound_pool(config: &ServerConfig) -> OutboundPool {
+    OutboundPool::new(config.outbound.clone(), Dialer { connect_timeout: config.connect_timeout })
+}
+
+/// [`run`] with a pool made by [`new_outbound_pool`].
+pub async fn run_with_pool(listener: TcpListener, config: ServerConfig, pool: OutboundPool) {
     let acceptor = TlsAcceptor::from(config.tls.clone());
     let config = Arc::new(config);
     let session_config = SessionConfig {
@@ -54,7 +66,6 @@ pub async fn run(listener: TcpListener, config: ServerConfig) {
         ..SessionConfig::default()
     };
     let handshakes = Arc::new(Semaphore::new(config.max_handshakes));
-    let pool = OutboundPool::new(config.outbound.clone(), Dialer { connect_timeout: config.connect_timeout });
     log_pool_configuration(&config);
     for target in &config.warmup {
         pool.warm_up(target);
