@@ -266,3 +266,68 @@ async fn an_api_open_to_other_machines_without_a_token_is_warned_about() {
     })
     .await;
 }
+
+/// Why the browser check cannot run here, if it cannot: no chromium, no node, or
+/// playwright-core neither installed nor installable.
+fn browser_missing(dir: &std::path::Path) -> Option<String> {
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if !std::path::Path::new(&chromium).exists() {
+        return Some(format!("{chromium} not found (apt-get install -y chromium, or scripts/install-browser.sh)"));
+    }
+    let runs = |program: &str, args: &[&str]| {
+        std::process::Command::new(program)
+            .args(args)
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
+    };
+    if !runs("node", &["--version"]) {
+        return Some("node not found".into());
+    }
+    if !dir.join("node_modules/playwright-core").exists() && !runs("npm", &["ci", "--no-audit", "--no-fund"]) {
+        return Some("playwright-core is not installed and `npm ci` in tests/browser failed".into());
+    }
+    None
+}
+
+#[tokio::test]
+async fn live_page_renders_and_updates_in_headless_chromium() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    if let Some(why) = browser_missing(&dir) {
+        assert!(std::env::var("ANYTLS_REQUIRE_BROWSER").as_deref() != Ok("1"), "browser check required: {why}");
+        announce(&format!("SKIP browser check: {why}"));
+        return;
+    }
+    bounded(Duration::from_secs(120), "browser check", async {
+        let target = spawn_echo().await;
+        let (_server, _server_api, client, client_api) = start_watched_pair(&[], &[]).await;
+        echo_traffic(&client, target, 1, 0).await;
+        // Traffic keeps flowing while the browser watches.
+        let proxy = client.addr;
+        let traffic = tokio::spawn(async move {
+            for i in 0.. {
+                let tcp = socks5_open(proxy, target).await;
+                echo_roundtrip(tcp, &payload(50_000, i)).await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        });
+        let screenshot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("live-page.png");
+        let output = tokio::process::Command::new("node")
+            .arg(dir.join("check-page.mjs"))
+            .arg(format!("http://{client_api}/"))
+            .arg(&screenshot)
+            .current_dir(&dir)
+            .kill_on_drop(true)
+            .output()
+            .await
+            .expect("run node");
+        traffic.abort();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "browser check failed:\n{stdout}\n{stderr}");
+        announce(&format!("browser check: {}", stdout.lines().last().unwrap_or_default()));
+    })
+    .await;
+}
