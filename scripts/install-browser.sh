@@ -4,7 +4,7 @@
 # and downloads no browser of its own). Non-fatal for the caller: without them the check
 # prints SKIP, unless ANYTLS_REQUIRE_BROWSER=1.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 status=0
 if [ ! -x /usr/bin/chromium ]; then
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

@@ -34,7 +34,7 @@ pub struct ConnectionPoolStats {
     pub hit_rate: f64,
     /// Server: connections dialed ahead of demand; client: always 0.
     pub warmed: u64,
-    /// Per target (server) or per server (client), sorted by name.
+    /// Per target (server, sorted by name) or per server (client, in `-s` order).
     pub targets: Vec<TargetStats>,
 }
 
