@@ -4,6 +4,7 @@
 //! connection, `pool` holds the pool engines; `server` and `client` are the two services.
 
 pub mod accept;
+pub mod api;
 pub mod cli;
 pub mod client;
 pub mod logging;

@@ -17,6 +17,7 @@ use anytls_rs::client::sessions::{Connector, SessionPool, SessionPoolSettings};
 use anytls_rs::client::tls::{Trust, client_config, parse_pin};
 use anytls_rs::client::{self, ClientConfig};
 use anytls_rs::pool::PoolType;
+use anytls_rs::pool::buffers::{BufferPoolMode, set_relay_buffer_pool};
 use anytls_rs::proto::address::Host;
 use anytls_rs::proto::{PaddingScheme, PasswordHash};
 use anytls_rs::session::SessionConfig;
@@ -105,6 +106,16 @@ struct Args {
     /// finish before closing the sessions and exiting, in seconds.
     #[arg(long, default_value_t = 10)]
     shutdown_timeout_secs: u64,
+    /// Serve the monitoring API and live page on ADDR (a bare PORT means 127.0.0.1:PORT).
+    /// Off unless given.
+    #[arg(long, value_name = "ADDR")]
+    api: Option<String>,
+    /// Token the API requires: `Authorization: Bearer TOKEN`, or `?token=TOKEN` in a browser.
+    #[arg(long, requires = "api")]
+    api_token: Option<String>,
+    /// Relay reads into pooled 64 KiB buffers (on) or a fresh buffer per read (off).
+    #[arg(long, value_enum, default_value_t = BufferPoolMode::Off)]
+    buffer_pool: BufferPoolMode,
 }
 
 fn main() -> ExitCode {
@@ -154,6 +165,10 @@ async fn run(args: Args) -> Result<(), String> {
         listener.local_addr().map_err(|e| e.to_string())?,
         described.join(", ")
     );
+    set_relay_buffer_pool(args.buffer_pool);
+    if let Some(api) = &args.api {
+        anytls_rs::api::start(api, args.api_token.clone(), config.servers.clone()).await?;
+    }
     let shutdown = async {
         let signal = anytls_rs::shutdown::signal().await;
         log::info!("{signal} received");

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use anytls_rs::pool::PoolType;
+use anytls_rs::pool::buffers::{BufferPoolMode, set_relay_buffer_pool};
 use anytls_rs::proto::{Address, PaddingScheme, PasswordHash};
 use anytls_rs::server::limits::ServerLimits;
 use anytls_rs::server::outbound_pool::OutboundSettings;
@@ -87,6 +88,16 @@ struct Args {
     /// finish before closing everything and exiting, in seconds.
     #[arg(long, default_value_t = 10)]
     shutdown_timeout_secs: u64,
+    /// Serve the monitoring API and live page on ADDR (a bare PORT means 127.0.0.1:PORT).
+    /// Off unless given.
+    #[arg(long, value_name = "ADDR")]
+    api: Option<String>,
+    /// Token the API requires: `Authorization: Bearer TOKEN`, or `?token=TOKEN` in a browser.
+    #[arg(long, requires = "api")]
+    api_token: Option<String>,
+    /// Relay reads into pooled 64 KiB buffers (on) or a fresh buffer per read (off).
+    #[arg(long, value_enum, default_value_t = BufferPoolMode::Off)]
+    buffer_pool: BufferPoolMode,
 }
 
 fn main() -> ExitCode {
@@ -158,10 +169,15 @@ async fn run(args: Args) -> Result<(), String> {
             .then(|| Duration::from_secs(args.stream_idle_timeout_secs)),
         drain_timeout: Duration::from_secs(args.shutdown_timeout_secs),
     };
+    set_relay_buffer_pool(args.buffer_pool);
+    let pool = server::new_outbound_pool(&config);
+    if let Some(api) = &args.api {
+        anytls_rs::api::start(api, args.api_token.clone(), std::sync::Arc::new(pool.clone())).await?;
+    }
     let shutdown = async {
         let signal = anytls_rs::shutdown::signal().await;
         log::info!("{signal} received");
     };
-    server::run_until(listener, config, limits, shutdown).await;
+    server::run_until(listener, config, pool, limits, shutdown).await;
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::failover::{Policy, ServerSet};
 use super::sessions::{Lease, SessionPool};
-use crate::pool::{PoolKey, PoolStatsSnapshot};
+use crate::pool::{KeyStats, PoolKey, PoolStatsSnapshot};
 
 /// How often due probes are looked for (each server keeps its own probe interval).
 const PROBE_TICK: Duration = Duration::from_millis(250);
@@ -98,6 +98,11 @@ impl Servers {
         self.pools.iter().flat_map(SessionPool::idle_by_server).collect()
     }
 
+    /// Each server's counters, in the order given on the command line.
+    pub fn per_server_stats(&self) -> Vec<KeyStats> {
+        self.pools.iter().map(SessionPool::key_stats).collect()
+    }
+
     /// Probes down servers when due, forever: a probe opens a session (TCP, TLS and the
     /// authentication block) and closes it again.
     pub async fn probe_forever(self: Arc<Self>) {
@@ -121,6 +126,28 @@ impl Servers {
                     servers.set().probe_result(server, healthy, Instant::now());
                 });
             }
+        }
+    }
+}
+
+impl crate::api::PoolSource for Servers {
+    fn connection_pool_stats(&self) -> crate::api::stats::ConnectionPoolStats {
+        let s = self.stats();
+        let pool_type = self.pools.first().map(|pool| pool.pool_type().to_string()).unwrap_or_default();
+        crate::api::stats::ConnectionPoolStats {
+            pool: "sessions",
+            pool_type,
+            total_created: s.new,
+            total_reused: s.reused,
+            // Sessions outlive their streams; only the pool closes them.
+            total_closed: s.cleaned,
+            current_active: s.active,
+            current_idle: s.idle,
+            cache_hits: s.reused,
+            cache_misses: s.new,
+            hit_rate: crate::api::stats::hit_rate(s.reused, s.new),
+            warmed: 0,
+            targets: self.per_server_stats().into_iter().map(Into::into).collect(),
         }
     }
 }

@@ -11,7 +11,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::pool::{Idle, IdlePool, PoolKey, PoolSettings, PoolStatsSnapshot, PoolType, new_pool};
+use crate::pool::{Idle, IdlePool, KeyStats, PoolKey, PoolSettings, PoolStatsSnapshot, PoolType, new_pool};
 use crate::proto::auth::encode_auth_block;
 use crate::proto::{Address, PasswordHash};
 use crate::session::{Session, SessionConfig};
@@ -195,6 +195,24 @@ impl SessionPool {
 
     pub fn idle_by_server(&self) -> Vec<(PoolKey, usize)> {
         self.idle.idle_by_key()
+    }
+
+    pub fn pool_type(&self) -> PoolType {
+        self.settings.pool_type
+    }
+
+    /// This server's counters (a client has no waiters: a new session is opened at once).
+    pub fn key_stats(&self) -> KeyStats {
+        let s = self.stats();
+        KeyStats {
+            key: self.key.clone(),
+            idle: s.idle,
+            active: s.active,
+            created: s.new,
+            reused: s.reused,
+            cleaned: s.cleaned,
+            waiters: 0,
+        }
     }
 }
 

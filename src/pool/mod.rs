@@ -16,6 +16,7 @@
 //! Entries are handed out LIFO: the most recently used connection is the one most likely still
 //! alive and warm, and the old ones at the bottom are left to expire.
 
+pub mod buffers;
 mod highperf;
 mod lock;
 mod lockfree;
@@ -283,6 +284,25 @@ pub struct PoolStatsSnapshot {
     pub new: u64,
     pub cleaned: u64,
     pub idle: u64,
+}
+
+/// One key's share of a pool (a target of the server's outbound pool, a server of the
+/// client's session pool), for the API.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KeyStats {
+    pub key: PoolKey,
+    /// Idle (warm) entries now.
+    pub idle: u64,
+    /// Entries in use now.
+    pub active: u64,
+    /// Entries created (dialed or handshaken) for this key.
+    pub created: u64,
+    /// Checkouts served by an idle entry.
+    pub reused: u64,
+    /// Entries closed by the pool (expired or found dead).
+    pub cleaned: u64,
+    /// Callers waiting for a free slot now.
+    pub waiters: u64,
 }
 
 /// `[Pool Stats] Total: 15, Active: 3, Reused: 8, New: 7, Cleaned: 2, Reuse rate: 53.3%, Utilisation: 20.0%`

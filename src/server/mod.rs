@@ -50,7 +50,14 @@ pub struct ServerConfig {
 
 /// Accepts connections until the task is dropped, with the default [`ServerLimits`].
 pub async fn run(listener: TcpListener, config: ServerConfig) {
-    run_until(listener, config, ServerLimits::default(), std::future::pending()).await
+    let pool = new_outbound_pool(&config);
+    run_until(listener, config, pool, ServerLimits::default(), std::future::pending()).await
+}
+
+/// The outbound pool `config` asks for, for a caller that wants to watch it (`--api`)
+/// before handing it to [`run_until`].
+pub fn new_outbound_pool(config: &ServerConfig) -> OutboundPool {
+    OutboundPool::new(config.outbound.clone(), Dialer { connect_timeout: config.connect_timeout })
 }
 
 /// Accepts connections until `shutdown` resolves, then stops accepting, lets streams
@@ -59,6 +66,7 @@ pub async fn run(listener: TcpListener, config: ServerConfig) {
 pub async fn run_until(
     listener: TcpListener,
     config: ServerConfig,
+    pool: OutboundPool,
     limits: ServerLimits,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -72,7 +80,6 @@ pub async fn run_until(
     };
     let gate = Arc::new(Gate::new(limits));
     let handshakes = Arc::new(Semaphore::new(config.max_handshakes));
-    let pool = OutboundPool::new(config.outbound.clone(), Dialer { connect_timeout: config.connect_timeout });
     log_pool_configuration(&config);
     for target in &config.warmup {
         pool.warm_up(target);

@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::outbound::{DialError, Dialer};
-use crate::pool::{Idle, IdlePool, PoolKey, PoolSettings, PoolStatsSnapshot, PoolType, new_pool};
+use crate::pool::{Idle, IdlePool, KeyStats, PoolKey, PoolSettings, PoolStatsSnapshot, PoolType, new_pool};
 use crate::proto::Address;
 
 /// Limits of the outbound pool, from the command line.
@@ -45,17 +45,29 @@ pub struct Outbound {
     _slot: Slot,
 }
 
-/// A target slot that also keeps the pool's Active gauge honest.
+/// A target slot that also keeps the pool's and the target's Active gauges honest.
 struct Slot {
     _permit: OwnedSemaphorePermit,
     pool: Option<Arc<Inner>>,
+    target: Arc<Target>,
+}
+
+impl Slot {
+    fn checked_out(permit: OwnedSemaphorePermit, pool: &Arc<Inner>, target: &Arc<Target>) -> Slot {
+        pool.idle.counters().record_checkout();
+        target.active.fetch_add(1, Ordering::Relaxed);
+        Slot { _permit: permit, pool: Some(pool.clone()), target: target.clone() }
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Some(pool) = &self.pool {
             pool.idle.counters().record_checkin();
+            // The connection is closed with its stream (never reused).
+            pool.ended.fetch_add(1, Ordering::Relaxed);
         }
+        self.target.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -71,6 +83,11 @@ struct Target {
     /// Milliseconds since the pool's epoch of the last stream to this target.
     last_demand_ms: AtomicU64,
     refilling: AtomicBool,
+    /// For the API: connections dialed (on demand or warm), served warm, cleaned, in use.
+    created: AtomicU64,
+    reused: AtomicU64,
+    cleaned: AtomicU64,
+    active: AtomicU64,
 }
 
 struct Inner {
@@ -82,6 +99,8 @@ struct Inner {
     /// Warm connections dialed ahead of demand (not part of New, which counts dials
     /// a stream had to wait for).
     warmed: AtomicU64,
+    /// Used connections closed when their stream ended.
+    ended: AtomicU64,
 }
 
 /// Cheap to clone; clones share the pool.
@@ -113,6 +132,7 @@ impl OutboundPool {
             targets: Mutex::new(HashMap::new()),
             epoch: Instant::now(),
             warmed: AtomicU64::new(0),
+            ended: AtomicU64::new(0),
         };
         OutboundPool { inner: Arc::new(inner) }
     }
@@ -143,18 +163,20 @@ impl OutboundPool {
         while let Some(entry) = inner.idle.take(&key) {
             if is_alive(&entry.value.tcp) {
                 inner.refill_soon(&key, &target);
-                inner.idle.counters().record_checkout();
+                target.reused.fetch_add(1, Ordering::Relaxed);
                 let WarmConnection { tcp, permit } = entry.value;
-                return Ok(Outbound { tcp, reused: true, _slot: Slot { _permit: permit, pool: Some(inner.clone()) } });
+                return Ok(Outbound { tcp, reused: true, _slot: Slot::checked_out(permit, inner, &target) });
             }
             inner.idle.counters().record_cleaned(1);
+            target.cleaned.fetch_add(1, Ordering::Relaxed);
         }
         let permit = inner.wait_for_slot(&key, &target, slot_deadline).await?;
         let tcp = inner.dialer.connect(address).await?;
         inner.idle.counters().record_new();
-        inner.idle.counters().record_checkout();
+        target.created.fetch_add(1, Ordering::Relaxed);
+        let slot = Slot::checked_out(permit, inner, &target);
         inner.refill_soon(&key, &target);
-        Ok(Outbound { tcp, reused: false, _slot: Slot { _permit: permit, pool: Some(inner.clone()) } })
+        Ok(Outbound { tcp, reused: false, _slot: slot })
     }
 
     /// Dials warm connections for `address` now (start-up `--warmup`).
@@ -168,10 +190,16 @@ impl OutboundPool {
     /// targets still in use. Call periodically.
     pub fn maintain(&self) {
         let inner = &self.inner;
-        drop(inner.idle.sweep(Instant::now()));
+        let expired = inner.idle.sweep(Instant::now());
         let quiet_after = inner.settings.max_idle_time.as_millis() as u64;
         let now = inner.now_ms();
         let mut targets = inner.targets.lock().expect("targets lock");
+        for (key, _) in &expired {
+            if let Some(target) = targets.get(key) {
+                target.cleaned.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        drop(expired);
         targets.retain(|key, target| {
             let quiet = now.saturating_sub(target.last_demand_ms.load(Ordering::Relaxed)) > quiet_after;
             let unused = target.slots.available_permits() == inner.settings.max_per_target;
@@ -204,6 +232,55 @@ impl OutboundPool {
     pub fn idle_count(&self, address: &Address) -> usize {
         self.inner.idle.idle_count(&address.to_string().into())
     }
+
+    /// Used connections closed when their stream ended.
+    pub fn ended(&self) -> u64 {
+        self.inner.ended.load(Ordering::Relaxed)
+    }
+
+    /// Counters of every target the pool tracks (those used within the idle window),
+    /// sorted by target.
+    pub fn per_target_stats(&self) -> Vec<KeyStats> {
+        let targets: Vec<(PoolKey, Arc<Target>)> = {
+            let targets = self.inner.targets.lock().expect("targets lock");
+            targets.iter().map(|(key, target)| (key.clone(), target.clone())).collect()
+        };
+        let mut stats: Vec<KeyStats> = targets
+            .into_iter()
+            .map(|(key, target)| KeyStats {
+                idle: self.inner.idle.idle_count(&key) as u64,
+                active: target.active.load(Ordering::Relaxed),
+                created: target.created.load(Ordering::Relaxed),
+                reused: target.reused.load(Ordering::Relaxed),
+                cleaned: target.cleaned.load(Ordering::Relaxed),
+                waiters: target.waiters.load(Ordering::Relaxed) as u64,
+                key,
+            })
+            .collect();
+        stats.sort_by(|a, b| a.key.cmp(&b.key));
+        stats
+    }
+}
+
+impl crate::api::PoolSource for OutboundPool {
+    fn connection_pool_stats(&self) -> crate::api::stats::ConnectionPoolStats {
+        let s = self.stats();
+        let warmed = self.warmed();
+        crate::api::stats::ConnectionPoolStats {
+            pool: "outbound",
+            pool_type: self.settings().pool_type.to_string(),
+            total_created: s.new + warmed,
+            total_reused: s.reused,
+            total_closed: s.cleaned + self.ended(),
+            current_active: s.active,
+            current_idle: s.idle,
+            cache_hits: s.reused,
+            cache_misses: s.new,
+            hit_rate: crate::api::stats::hit_rate(s.reused, s.new),
+            warmed,
+            targets: self.per_target_stats().into_iter().map(Into::into).collect(),
+        }
+    }
 }
 
 impl Inner {
@@ -221,6 +298,10 @@ impl Inner {
                 waiters: AtomicUsize::new(0),
                 last_demand_ms: AtomicU64::new(0),
                 refilling: AtomicBool::new(false),
+                created: AtomicU64::new(0),
+                reused: AtomicU64::new(0),
+                cleaned: AtomicU64::new(0),
+                active: AtomicU64::new(0),
             })
         });
         (key, target.clone())
@@ -279,6 +360,7 @@ impl Inner {
             match self.dialer.connect(&target.address).await {
                 Ok(tcp) => {
                     self.warmed.fetch_add(1, Ordering::Relaxed);
+                    target.created.fetch_add(1, Ordering::Relaxed);
                     if self.idle.give(key, Idle::new(WarmConnection { tcp, permit })).is_err() {
                         return; // the global idle cap is reached
                     }
@@ -368,6 +450,11 @@ mod tests {
             let stats = pool.stats();
             assert_eq!((stats.new, stats.reused), (1, 5), "{engine}");
             wait_until("refill to the minimum", || pool.idle_count(&address) == 2).await;
+            let [target] = pool.per_target_stats().try_into().expect("one target");
+            assert_eq!(target.key.as_ref(), address.to_string(), "{engine}");
+            assert_eq!((target.reused, target.active, target.idle, target.waiters), (5, 0, 2, 0), "{engine}");
+            assert_eq!(target.created, 1 + pool.warmed(), "{engine}: on demand + warm");
+            assert_eq!(pool.ended(), 6, "{engine}: every used connection was closed");
         }
     }
 

@@ -3,7 +3,8 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::idle::IdleWatch;
@@ -11,10 +12,6 @@ use super::{SessionClosed, Stream};
 
 /// Bytes read per TCP read: one full frame.
 const TCP_READ_CHUNK: usize = crate::proto::MAX_FRAME_DATA;
-/// The relay's read buffer. Each read is split off (no copy) and handed to the
-/// writer; once the writer has dropped the earlier chunks, `reserve` reuses the same
-/// allocation instead of asking the allocator (and the kernel) for new pages.
-const READ_BUFFER: usize = 4 * TCP_READ_CHUNK;
 
 /// What one relay carried.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -59,18 +56,16 @@ pub async fn relay(stream: Stream, tcp: TcpStream) -> (RelayStats, Option<String
     let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
 
     let upstream = async {
-        let mut buf = BytesMut::with_capacity(READ_BUFFER);
+        let mut own_buffer = BytesMut::new();
         loop {
-            if buf.capacity() < TCP_READ_CHUNK {
-                buf.reserve(READ_BUFFER);
-            }
-            if tcp_reader.read_buf(&mut buf).await? == 0 {
+            let buf = crate::pool::buffers::read_chunk(&mut tcp_reader, &mut own_buffer, TCP_READ_CHUNK).await?;
+            if buf.is_empty() {
                 stream_writer.finish().await?;
                 return Ok::<FirstEnd, RelayError>(FirstEnd::Ours);
             }
             sent.fetch_add(buf.len() as u64, Relaxed);
             idle.touch();
-            stream_writer.write(buf.split().freeze()).await?;
+            stream_writer.write(buf).await?;
         }
     };
     let downstream = async {
