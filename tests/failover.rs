@@ -3,137 +3,71 @@
 //! failures), the same server restarted on its port (traffic returns to it), and
 //! round-robin spreading connections.
 //!
-//! The process helpers are a trimmed copy of `tests/common/mod.rs` from the e2e-tests
-//! branch; they move there when the branches merge. Every wait is bounded, and
-//! processes are killed when their handle drops (also when a test panics).
+//! Every wait is bounded, and processes are killed when their handle drops (also when
+//! a test panics).
 
-use std::io::{BufRead, BufReader, Read};
+mod common;
+
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
+
+use common::{OUR_LOG_FILTER, Process, spawn_echo};
 
 const PASSWORD: &str = "failover-secret";
 const STARTUP: Duration = Duration::from_secs(20);
 const THRESHOLD: usize = 3;
 
-/// A child process with its output collected; killed on drop.
-struct Process {
-    name: String,
-    child: Child,
-    log: Arc<Mutex<String>>,
+/// The address in a `listening on ADDR (…)` line.
+fn listening_address(line: &str) -> Option<SocketAddr> {
+    line.split("listening on ").nth(1)?.split(' ').next()?.parse().ok()
 }
 
-impl Process {
-    fn spawn(name: &str, mut command: Command) -> Process {
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .env("RUST_LOG", "info,anytls_rs=debug");
-        let mut child = command.spawn().unwrap_or_else(|err| panic!("cannot start {name}: {err}"));
-        let log = Arc::new(Mutex::new(String::new()));
-        let stdout: Box<dyn Read + Send> = Box::new(child.stdout.take().expect("piped stdout"));
-        let stderr: Box<dyn Read + Send> = Box::new(child.stderr.take().expect("piped stderr"));
-        for pipe in [stdout, stderr] {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    let mut log = log.lock().expect("log lock");
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-            });
-        }
-        Process { name: name.to_string(), child, log }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().expect("log lock").clone()
-    }
-
-    /// The socket address after `marker` in the first line that has one.
-    async fn wait_for_address(&mut self, marker: &str) -> Result<SocketAddr, String> {
-        let deadline = Instant::now() + STARTUP;
-        loop {
-            if let Some(addr) = self.log().lines().find_map(|line| after_word(line, marker)) {
-                return Ok(addr);
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                return Err(format!("{} exited ({status}); log:\n{}", self.name, self.log()));
-            }
-            if Instant::now() >= deadline {
-                return Err(format!("{}: no `{marker}` line; log:\n{}", self.name, self.log()));
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("----- log of {} -----\n{}----- end -----", self.name, self.log());
-        }
-    }
-}
-
-fn after_word(line: &str, marker: &str) -> Option<SocketAddr> {
-    let rest = line.split(marker).nth(1)?;
-    let end = rest.find([' ', ',']).unwrap_or(rest.len());
-    rest[..end].parse().ok()
-}
-
-async fn start_server(listen: &str) -> Result<(Process, SocketAddr), String> {
+/// Starts a server on `listen`; `None` when it exits first (e.g. the port is not free yet).
+async fn start_server(listen: &str) -> Option<(Process, SocketAddr)> {
     let mut command = Command::new(env!("CARGO_BIN_EXE_anytls-server"));
-    command.args(["-l", listen, "-p", PASSWORD]);
+    command.args(["-l", listen, "-p", PASSWORD]).env("RUST_LOG", OUR_LOG_FILTER);
     let mut process = Process::spawn("anytls-server", command);
-    let addr = process.wait_for_address("listening on ").await?;
-    Ok((process, addr))
+    let deadline = Instant::now() + STARTUP;
+    loop {
+        if let Some(addr) = process.log().lines().find_map(listening_address) {
+            return Some((process, addr));
+        }
+        if !process.is_running() {
+            return None;
+        }
+        assert!(Instant::now() < deadline, "anytls-server did not start in {STARTUP:?}:\n{}", process.log());
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 }
 
 /// Restarts a server on the port it had; the port may take a moment to be free again.
 async fn restart_server(addr: SocketAddr) -> Process {
     let deadline = Instant::now() + STARTUP;
     loop {
-        match start_server(&addr.to_string()).await {
-            Ok((process, _)) => return process,
-            Err(why) if Instant::now() >= deadline => panic!("cannot restart the server on {addr}: {why}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        if let Some((process, _)) = start_server(&addr.to_string()).await {
+            return process;
         }
+        assert!(Instant::now() < deadline, "cannot restart the server on {addr}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
 async fn start_client(servers: &[SocketAddr], extra: &[&str]) -> (Process, SocketAddr) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_anytls-client"));
-    command.args(["-l", "127.0.0.1:0", "-p", PASSWORD, "--insecure"]);
+    command.args(["-l", "127.0.0.1:0", "-p", PASSWORD, "--insecure"]).env("RUST_LOG", OUR_LOG_FILTER);
     for server in servers {
         command.args(["-s", &server.to_string()]);
     }
     command.args(extra);
     let mut process = Process::spawn("anytls-client", command);
-    let addr = process.wait_for_address("proxy on ").await.unwrap_or_else(|why| panic!("{why}"));
+    let addr = process
+        .wait_for(STARTUP, "`proxy on` line", |line| line.split("proxy on ").nth(1)?.split(',').next()?.parse().ok())
+        .await;
     (process, addr)
-}
-
-async fn spawn_echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut reader, mut writer) = tcp.split();
-                let _ = tokio::io::copy(&mut reader, &mut writer).await;
-            });
-        }
-    });
-    addr
 }
 
 /// One request through the proxy: SOCKS5 CONNECT to the echo target, a message and its
