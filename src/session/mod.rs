@@ -145,19 +145,33 @@ struct Shared {
 }
 
 impl Shared {
+    /// Closes the session for a reason of our own.
     fn close(&self, reason: &str) {
+        self.close_with(reason.into());
+    }
+
+    /// Closes the session because the connection failed or the peer closed it. A
+    /// client session whose server never said anything most likely used a wrong
+    /// password, and is told so.
+    fn close_by_peer(&self, reason: &str) {
         let silent_server = self.role == Role::Client && !self.peer_spoke.load(Ordering::Relaxed);
+        if silent_server {
+            self.close_with(
+                format!("{reason}; the server closed without answering (wrong password, or not an AnyTLS server?)")
+                    .into(),
+            );
+        } else {
+            self.close_with(reason.into());
+        }
+    }
+
+    fn close_with(&self, reason: Arc<str>) {
         self.closed.send_if_modified(|state| {
             if state.is_some() {
                 return false;
             }
             log::debug!("{:?} session closing: {reason}", self.role);
-            *state = Some(if silent_server {
-                format!("{reason}; the server closed without answering (wrong password, or not an AnyTLS server?)")
-                    .into()
-            } else {
-                reason.into()
-            });
+            *state = Some(reason);
             true
         });
         // Dropping every stream's sender ends their reads with an error.

@@ -52,7 +52,7 @@ pub(super) async fn run<IO: AsyncRead>(
             Err(err) => break format!("read failed: {err}"),
         }
     };
-    shared.close(&reason);
+    shared.close_by_peer(&reason);
 }
 
 /// Handles one frame. An `Err` closes the session with that reason.

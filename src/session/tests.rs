@@ -428,3 +428,11 @@ async fn concurrent_first_opens_never_put_a_syn_before_settings() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_session_we_close_ourselves_is_not_blamed_on_the_password() {
+    let (a, _b) = tokio::io::duplex(PIPE);
+    let client = Session::client(a, SessionConfig::default());
+    client.close("idle timeout");
+    assert_eq!(&*client.closed().await, "idle timeout");
+}

@@ -62,7 +62,7 @@ pub(super) async fn run<IO: AsyncWrite>(
         }
         .await
         {
-            shared.close(&format!("write failed: {err}"));
+            shared.close_by_peer(&format!("write failed: {err}"));
             break;
         }
     }
