@@ -27,33 +27,10 @@ done
 
 bench_init anytls-buffer-pool
 [ $build = 1 ] && { build_release || exit 1; }
-nginx_bin=$(command -v nginx || { [ -x /usr/sbin/nginx ] && echo /usr/sbin/nginx; })
-if [ -z "$nginx_bin" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y nginx >"$BENCH_WORK/apt.log" 2>&1 || true
-    nginx_bin=$(command -v nginx || { [ -x /usr/sbin/nginx ] && echo /usr/sbin/nginx; })
-fi
+nginx_bin=$(ensure_nginx)
 [ -n "$nginx_bin" ] || die "nginx not found"
 read -r http_port < <(free_ports 1)
-mkdir -p "$BENCH_WORK/www" "$BENCH_WORK/nginx/tmp"
-truncate -s "$size" "$BENCH_WORK/www/file.bin"
-chmod 644 "$BENCH_WORK/www/file.bin"
-cat >"$BENCH_WORK/nginx/nginx.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $BENCH_WORK/nginx/nginx.pid;
-error_log $BENCH_WORK/nginx/error.log warn;
-$( [ "$(id -u)" = 0 ] && echo "user root;" )
-events { worker_connections 1024; }
-http {
-    access_log off; sendfile on; tcp_nopush on;
-    client_body_temp_path $BENCH_WORK/nginx/tmp; proxy_temp_path $BENCH_WORK/nginx/tmp;
-    fastcgi_temp_path $BENCH_WORK/nginx/tmp; uwsgi_temp_path $BENCH_WORK/nginx/tmp;
-    scgi_temp_path $BENCH_WORK/nginx/tmp;
-    server { listen 127.0.0.1:$http_port; root $BENCH_WORK/www; }
-}
-CONF
-start_bg nginx "$nginx_bin" -p "$BENCH_WORK/nginx" -c "$BENCH_WORK/nginx/nginx.conf"
-wait_port "$http_port" 20 "$BG_PID" || die "nginx did not start"
+start_nginx_file "$nginx_bin" "$size" "$http_port" || die "nginx did not start"
 url="http://127.0.0.1:$http_port/file.bin"
 
 variants=(off on)
@@ -89,7 +66,11 @@ for v in "${variants[@]}"; do
     for side in server client; do
         stats=$(curl -sS "http://$(api_of "pool-$v-$side")/api/memory-pool-stats")
         read -r allocated reused < <(python3 -c 'import json,sys; t=json.load(sys.stdin)["tiers"][1]; print(t["total_allocated"], t["total_reused"])' <<<"$stats")
-        line+="; $side: $allocated buffers allocated for $((allocated + reused)) reads"
+        if [ "$v" = on ]; then
+            line+="; $side: $allocated buffers allocated for $((allocated + reused)) reads"
+        else # the relay's own buffer: how often it had to be reserved again (≤ one allocation each)
+            line+="; $side: own read buffer reserved $allocated times"
+        fi
     done
     for pid in ${pids[$v]}; do
         line+="; VmHWM($pid) $(awk '/VmHWM/ { print $2 " " $3 }' "/proc/$pid/status")"

@@ -148,6 +148,53 @@ start_peer_pair() {
     PAIR_SOCKS="127.0.0.1:$cport"
 }
 
+find_nginx() { command -v nginx || { [ -x /usr/sbin/nginx ] && echo /usr/sbin/nginx; } || true; }
+
+ensure_nginx() { # prints nginx's path, installed with apt-get when missing and root; empty if unavailable
+    local bin
+    bin=$(find_nginx)
+    if [ -z "$bin" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "nginx not found: apt-get install -y nginx ..." >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y nginx >"$BENCH_WORK/apt.log" 2>&1 || true
+        bin=$(find_nginx)
+    fi
+    echo "$bin"
+}
+
+# start_nginx_file NGINX SIZE PORT: serves a sparse SIZE-byte file (no disk I/O: the page
+# cache holds zeros) at http://127.0.0.1:PORT/file.bin, in the background like start_bg;
+# non-zero if nginx does not start (its log: $BENCH_WORK/nginx.log).
+start_nginx_file() {
+    local bin=$1 size=$2 port=$3
+    mkdir -p "$BENCH_WORK/www" "$BENCH_WORK/nginx/tmp"
+    truncate -s "$size" "$BENCH_WORK/www/file.bin"
+    chmod 644 "$BENCH_WORK/www/file.bin"
+    cat >"$BENCH_WORK/nginx/nginx.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $BENCH_WORK/nginx/nginx.pid;
+error_log $BENCH_WORK/nginx/error.log warn;
+$( [ "$(id -u)" = 0 ] && echo "user root;" )
+events { worker_connections 1024; }
+http {
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    client_body_temp_path $BENCH_WORK/nginx/tmp;
+    proxy_temp_path $BENCH_WORK/nginx/tmp;
+    fastcgi_temp_path $BENCH_WORK/nginx/tmp;
+    uwsgi_temp_path $BENCH_WORK/nginx/tmp;
+    scgi_temp_path $BENCH_WORK/nginx/tmp;
+    server {
+        listen 127.0.0.1:$port;
+        root $BENCH_WORK/www;
+    }
+}
+CONF
+    start_bg nginx "$bin" -p "$BENCH_WORK/nginx" -c "$BENCH_WORK/nginx/nginx.conf"
+    wait_port "$port" 20 "$BG_PID"
+}
+
 machine_info() { # one line: cores and CPU model
     local model
     model=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')

@@ -39,43 +39,11 @@ for b in anytls-server anytls-client anytls-bench; do
 done
 
 # --- the file server ---------------------------------------------------------------
-find_nginx() { command -v nginx || { [ -x /usr/sbin/nginx ] && echo /usr/sbin/nginx; }; }
-nginx_bin=$(find_nginx)
-if [ -z "$nginx_bin" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "nginx not found: apt-get install -y nginx ..." >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y nginx >"$BENCH_WORK/apt.log" 2>&1 || true
-    nginx_bin=$(find_nginx)
-fi
+nginx_bin=$(ensure_nginx)
 read -r http_port < <(free_ports 1)
 if [ -n "$nginx_bin" ]; then
     server_kind="nginx $("$nginx_bin" -v 2>&1 | sed 's/.*nginx\///')"
-    mkdir -p "$BENCH_WORK/www" "$BENCH_WORK/nginx"
-    truncate -s "$size" "$BENCH_WORK/www/file.bin" # sparse: no disk I/O, page cache zeros
-    chmod 644 "$BENCH_WORK/www/file.bin"
-    cat >"$BENCH_WORK/nginx/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $BENCH_WORK/nginx/nginx.pid;
-error_log $BENCH_WORK/nginx/error.log warn;
-$( [ "$(id -u)" = 0 ] && echo "user root;" )
-events { worker_connections 1024; }
-http {
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    client_body_temp_path $BENCH_WORK/nginx/tmp;
-    proxy_temp_path $BENCH_WORK/nginx/tmp;
-    fastcgi_temp_path $BENCH_WORK/nginx/tmp;
-    uwsgi_temp_path $BENCH_WORK/nginx/tmp;
-    scgi_temp_path $BENCH_WORK/nginx/tmp;
-    server {
-        listen 127.0.0.1:$http_port;
-        root $BENCH_WORK/www;
-    }
-}
-EOF
-    start_bg nginx "$nginx_bin" -p "$BENCH_WORK/nginx" -c "$BENCH_WORK/nginx/nginx.conf"
-    wait_port "$http_port" 20 "$BG_PID" || { cat "$BENCH_WORK/nginx.log" >&2; die "nginx did not start"; }
+    start_nginx_file "$nginx_bin" "$size" "$http_port" || { cat "$BENCH_WORK/nginx.log" >&2; die "nginx did not start"; }
     url="http://127.0.0.1:$http_port/file.bin"
 else
     server_kind="anytls-bench target (nginx unavailable)"
