@@ -8,9 +8,17 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use bytes::BufMut;
 
-const ATYP_IPV4: u8 = 0x01;
-const ATYP_DOMAIN: u8 = 0x03;
-const ATYP_IPV6: u8 = 0x04;
+/// The type bytes that mark each host kind. SOCKS5 and UDP-over-TCP's per-packet
+/// addresses share the layout (type, host, port) but number the types differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddressTypes {
+    pub ipv4: u8,
+    pub ipv6: u8,
+    pub domain: u8,
+}
+
+/// SOCKS5: `0x01` IPv4, `0x03` domain, `0x04` IPv6.
+pub const SOCKS_TYPES: AddressTypes = AddressTypes { ipv4: 0x01, ipv6: 0x04, domain: 0x03 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Host {
@@ -72,18 +80,23 @@ impl Address {
     /// Appends the SOCKS5 form. Domains longer than 255 bytes are cut (they cannot
     /// resolve anyway; callers validate earlier).
     pub fn encode(&self, out: &mut impl BufMut) {
+        self.encode_with(SOCKS_TYPES, out);
+    }
+
+    /// Appends type, host and port, with `types` numbering the host kinds.
+    pub fn encode_with(&self, types: AddressTypes, out: &mut impl BufMut) {
         match &self.host {
             Host::Ip(IpAddr::V4(ip)) => {
-                out.put_u8(ATYP_IPV4);
+                out.put_u8(types.ipv4);
                 out.put_slice(&ip.octets());
             }
             Host::Ip(IpAddr::V6(ip)) => {
-                out.put_u8(ATYP_IPV6);
+                out.put_u8(types.ipv6);
                 out.put_slice(&ip.octets());
             }
             Host::Domain(name) => {
                 let name = &name.as_bytes()[..name.len().min(255)];
-                out.put_u8(ATYP_DOMAIN);
+                out.put_u8(types.domain);
                 out.put_u8(name.len() as u8);
                 out.put_slice(name);
             }
@@ -94,25 +107,30 @@ impl Address {
     /// Decodes from the start of `data`: `Ok(None)` when more bytes are needed,
     /// otherwise the address and how many bytes it used.
     pub fn decode(data: &[u8]) -> Result<Option<(Address, usize)>, AddressError> {
+        Address::decode_with(SOCKS_TYPES, data)
+    }
+
+    /// As [`Address::decode`], with `types` numbering the host kinds.
+    pub fn decode_with(types: AddressTypes, data: &[u8]) -> Result<Option<(Address, usize)>, AddressError> {
         let Some(&atyp) = data.first() else {
             return Ok(None);
         };
         let (host, host_end) = match atyp {
-            ATYP_IPV4 => {
+            t if t == types.ipv4 => {
                 let Some(octets) = data.get(1..5) else {
                     return Ok(None);
                 };
                 let octets: [u8; 4] = octets.try_into().expect("four bytes");
                 (Host::Ip(IpAddr::V4(Ipv4Addr::from(octets))), 5)
             }
-            ATYP_IPV6 => {
+            t if t == types.ipv6 => {
                 let Some(octets) = data.get(1..17) else {
                     return Ok(None);
                 };
                 let octets: [u8; 16] = octets.try_into().expect("sixteen bytes");
                 (Host::Ip(IpAddr::V6(Ipv6Addr::from(octets))), 17)
             }
-            ATYP_DOMAIN => {
+            t if t == types.domain => {
                 let Some(&len) = data.get(1) else {
                     return Ok(None);
                 };

@@ -13,11 +13,11 @@
 //! `Ok(None)` means "feed me more" and leaves the buffer untouched. A packet is at most
 //! 2 + 255 + 2 + 2 + 65,535 bytes, which bounds what a decoder ever has to buffer.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use super::address::{Address, AddressError, Host};
+use super::address::{Address, AddressError, AddressTypes, Host};
 
 /// The domain sing-box and the reference clients use for UoT v2 streams.
 pub const MAGIC_DOMAIN: &str = "sp.v2.udp-over-tcp.arpa";
@@ -28,9 +28,8 @@ pub const MAX_PAYLOAD: usize = u16::MAX as usize;
 /// Largest packet header: family, length, 255-byte name, port, length.
 pub const MAX_HEADER_LEN: usize = 1 + 1 + 255 + 2 + 2;
 
-const FAMILY_IPV4: u8 = 0x00;
-const FAMILY_IPV6: u8 = 0x01;
-const FAMILY_DOMAIN: u8 = 0x02;
+/// Per-packet addresses: the SOCKS layout with `0x00` IPv4, `0x01` IPv6, `0x02` domain.
+const PEER_TYPES: AddressTypes = AddressTypes { ipv4: 0x00, ipv6: 0x01, domain: 0x02 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum UdpError {
@@ -138,28 +137,17 @@ pub fn packet_bytes(framing: Framing, peer: Option<&Address>, payload: &[u8]) ->
 }
 
 fn encode_peer(peer: &Address, out: &mut BytesMut) -> Result<(), UdpError> {
-    match &peer.host {
-        Host::Ip(IpAddr::V4(ip)) => {
-            out.put_u8(FAMILY_IPV4);
-            out.put_slice(&ip.octets());
+    // Unlike a SOCKS request, a datagram to a nameless or over-long domain is refused,
+    // not cut.
+    if let Host::Domain(name) = &peer.host {
+        if name.is_empty() {
+            return Err(UdpError::EmptyDomain);
         }
-        Host::Ip(IpAddr::V6(ip)) => {
-            out.put_u8(FAMILY_IPV6);
-            out.put_slice(&ip.octets());
-        }
-        Host::Domain(name) => {
-            if name.is_empty() {
-                return Err(UdpError::EmptyDomain);
-            }
-            if name.len() > 255 {
-                return Err(UdpError::DomainTooLong(name.len()));
-            }
-            out.put_u8(FAMILY_DOMAIN);
-            out.put_u8(name.len() as u8);
-            out.put_slice(name.as_bytes());
+        if name.len() > 255 {
+            return Err(UdpError::DomainTooLong(name.len()));
         }
     }
-    out.put_u16(peer.port);
+    peer.encode_with(PEER_TYPES, out);
     Ok(())
 }
 
@@ -190,47 +178,11 @@ pub fn decode_packet(framing: Framing, buf: &mut BytesMut) -> Result<Option<Pack
 }
 
 fn decode_peer(data: &[u8]) -> Result<Option<(Address, usize)>, UdpError> {
-    let Some(&family) = data.first() else {
-        return Ok(None);
-    };
-    let (host, host_end) = match family {
-        FAMILY_IPV4 => {
-            let Some(octets) = data.get(1..5) else {
-                return Ok(None);
-            };
-            let octets: [u8; 4] = octets.try_into().expect("four bytes");
-            (Host::Ip(IpAddr::V4(Ipv4Addr::from(octets))), 5)
-        }
-        FAMILY_IPV6 => {
-            let Some(octets) = data.get(1..17) else {
-                return Ok(None);
-            };
-            let octets: [u8; 16] = octets.try_into().expect("sixteen bytes");
-            (Host::Ip(IpAddr::V6(Ipv6Addr::from(octets))), 17)
-        }
-        FAMILY_DOMAIN => {
-            let Some(&len) = data.get(1) else {
-                return Ok(None);
-            };
-            if len == 0 {
-                return Err(UdpError::EmptyDomain);
-            }
-            let end = 2 + len as usize;
-            let Some(name) = data.get(2..end) else {
-                return Ok(None);
-            };
-            let name = std::str::from_utf8(name).map_err(|_| UdpError::InvalidDomain)?;
-            if name.chars().any(|c| c.is_control() || c.is_whitespace()) {
-                return Err(UdpError::InvalidDomain);
-            }
-            (Host::Domain(name.to_string()), end)
-        }
-        other => return Err(UdpError::UnknownFamily(other)),
-    };
-    let Some(port) = data.get(host_end..host_end + 2) else {
-        return Ok(None);
-    };
-    Ok(Some((Address { host, port: u16::from_be_bytes([port[0], port[1]]) }, host_end + 2)))
+    Address::decode_with(PEER_TYPES, data).map_err(|err| match err {
+        AddressError::UnknownType(family) => UdpError::UnknownFamily(family),
+        AddressError::EmptyDomain => UdpError::EmptyDomain,
+        AddressError::InvalidDomain => UdpError::InvalidDomain,
+    })
 }
 
 #[cfg(test)]
