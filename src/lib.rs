@@ -10,6 +10,8 @@ pub mod client;
 pub mod logging;
 pub mod pool;
 pub mod proto;
+pub mod resources;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod tcp_state;
