@@ -116,6 +116,18 @@ struct Args {
     /// Relay reads into pooled 64 KiB buffers (on) or a fresh buffer per read (off).
     #[arg(long, value_enum, default_value_t = BufferPoolMode::Off)]
     buffer_pool: BufferPoolMode,
+
+    // The local and API edges (kept together at the end).
+    /// A local connection that has not sent its whole greeting and request (SOCKS5,
+    /// SOCKS4 or HTTP) within this many seconds is closed.
+    #[arg(long, default_value_t = 10)]
+    local_handshake_timeout_secs: u64,
+    /// API connections served at once; more are answered 503 and closed.
+    #[arg(long, default_value_t = anytls_rs::api::DEFAULT_MAX_CONNECTIONS)]
+    api_max_connections: usize,
+    /// An API client must send a request's whole header within this many seconds.
+    #[arg(long, default_value_t = anytls_rs::api::DEFAULT_HEADER_TIMEOUT_SECS)]
+    api_header_timeout_secs: u64,
 }
 
 fn main() -> ExitCode {
@@ -155,19 +167,28 @@ async fn run(args: Args) -> Result<(), String> {
             .zip(args.socks_pass.clone())
             .map(|(username, password)| Credentials { username, password }),
         idle_check_interval: Duration::from_secs(args.idle_session_check_interval_secs.max(1)),
+        local_handshake_timeout: Duration::from_secs(args.local_handshake_timeout_secs.max(1)),
     };
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let policy = if described.len() > 1 { format!(", policy {:?}", args.policy) } else { String::new() };
-    log::info!(
-        "SOCKS5/SOCKS4/HTTP proxy on {}, server {}{policy}",
-        listener.local_addr().map_err(|e| e.to_string())?,
-        described.join(", ")
-    );
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    log::info!("SOCKS5/SOCKS4/HTTP proxy on {local}, server {}{policy}", described.join(", "));
+    if config.credentials.is_none() && !local.ip().is_loopback() {
+        log::warn!(
+            "proxy on {local} is reachable from other machines and has no --socks-user: anyone who can \
+             reach it can use the server through it"
+        );
+    }
     set_relay_buffer_pool(args.buffer_pool);
     if let Some(api) = &args.api {
-        anytls_rs::api::start(api, args.api_token.clone(), config.servers.clone()).await?;
+        let settings = anytls_rs::api::ApiSettings {
+            token: args.api_token.clone(),
+            max_connections: args.api_max_connections.max(1),
+            header_timeout: Duration::from_secs(args.api_header_timeout_secs.max(1)),
+        };
+        anytls_rs::api::start(api, settings, config.servers.clone()).await.map_err(|e| e.to_string())?;
     }
     let shutdown = async {
         let signal = anytls_rs::shutdown::signal().await;
