@@ -258,6 +258,39 @@ async fn a_proxy_port_open_to_other_machines_without_credentials_is_warned_about
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_codes_say_whose_fault_it_was() {
+    bounded(LIMIT, "reply codes", async {
+        // Our own link to the server fails: a general failure / 502, not "target refused".
+        let no_server = closed_port_addr();
+        let client = start_client(no_server, PASSWORD, &["--insecure", "--connect-timeout-secs", "2"]).await;
+        let echo = spawn_echo().await;
+        let (code, _) = socks5_connect(client.addr, "127.0.0.1", echo.port()).await.unwrap();
+        assert_eq!(code, SOCKS5_GENERAL, "server down: SOCKS5 code");
+        let answer = request(client.addr, &format!("CONNECT {echo} HTTP/1.1\r\n\r\n")).await;
+        assert!(answer.starts_with("HTTP/1.1 502"), "server down: {answer}");
+
+        // The server at its own stream limit: 503; the target refusing: SOCKS5 0x05 / 502.
+        let (_server, client) = pair_with(&["--max-streams", "1"], &["--max-streams-per-session", "4"]).await;
+        let held = socks5_open(client.addr, echo).await;
+        let answer = request(client.addr, &format!("CONNECT {echo} HTTP/1.1\r\n\r\n")).await;
+        assert!(answer.starts_with("HTTP/1.1 503"), "server busy: {answer}");
+        drop(held);
+        let closed = closed_port_addr();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let code = loop {
+            let (code, _) = socks5_connect(client.addr, "127.0.0.1", closed.port()).await.unwrap();
+            // The held stream's place comes back once the server's relay for it ends.
+            if code != SOCKS5_GENERAL || Instant::now() >= deadline {
+                break code;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(code, SOCKS5_REFUSED, "target refused: SOCKS5 code");
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------------------------------
 // The API's port
 

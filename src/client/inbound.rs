@@ -190,7 +190,9 @@ async fn socks5(
         let user = String::from_utf8_lossy(&buf[2..2 + user_len]).into_owned();
         let pass = String::from_utf8_lossy(&buf[3 + user_len..3 + user_len + pass_len]).into_owned();
         buf.advance(3 + user_len + pass_len);
-        let accepted = credentials.is_none_or(|c| c.username == user && c.password == pass);
+        let accepted = credentials.is_none_or(|c| {
+            same_bytes(c.username.as_bytes(), user.as_bytes()) & same_bytes(c.password.as_bytes(), pass.as_bytes())
+        });
         tcp.write_all(&[1, if accepted { 0 } else { 1 }]).await?;
         if !accepted {
             return Err(InboundError::AuthFailed);
@@ -340,14 +342,13 @@ fn parse_http_head(head: &[u8]) -> Result<HttpHead, HeadError> {
     if method.is_empty() || !version.starts_with("HTTP/") {
         return Err(HeadError::BadRequestLine);
     }
-    let headers: Vec<(&str, &str)> = lines
-        .filter(|line| !line.is_empty())
-        .map(|line| line.split_once(':').map(|(name, value)| (name.trim(), value.trim())).unwrap_or((line, "")))
-        .collect();
-    let proxy_authorization = headers
+    let header_lines: Vec<&str> = lines.filter(|line| !line.is_empty()).collect();
+    let header_name = |line: &str| line.split(':').next().unwrap_or_default().trim().to_ascii_lowercase();
+    let proxy_authorization = header_lines
         .iter()
-        .find(|(name, _)| name.eq_ignore_ascii_case("proxy-authorization"))
-        .map(|(_, value)| value.to_string());
+        .find(|line| header_name(line) == "proxy-authorization")
+        .and_then(|line| line.split_once(':'))
+        .map(|(_, value)| value.trim().to_string());
     if method.eq_ignore_ascii_case("CONNECT") {
         let destination = parse_authority(target, None).map_err(HeadError::BadConnectTarget)?;
         return Ok(HttpHead {
@@ -369,12 +370,13 @@ fn parse_http_head(head: &[u8]) -> Result<HttpHead, HeadError> {
     let destination = parse_authority(authority, Some(80)).map_err(HeadError::BadUrlAuthority)?;
     let mut out = BytesMut::with_capacity(head.len());
     out.put_slice(format!("{method} {path} {version}\r\n").as_bytes());
-    for (name, value) in headers {
-        let lower = name.to_ascii_lowercase();
-        if lower.starts_with("proxy-") || lower == "connection" || lower == "keep-alive" {
+    for line in header_lines {
+        let name = header_name(line);
+        if name.starts_with("proxy-") || name == "connection" || name == "keep-alive" {
             continue;
         }
-        out.put_slice(format!("{name}: {value}\r\n").as_bytes());
+        out.put_slice(line.as_bytes());
+        out.put_slice(b"\r\n");
     }
     out.put_slice(b"Connection: close\r\n\r\n");
     Ok(HttpHead { protocol: Protocol::HttpForward, destination, early_data: out, proxy_authorization })
