@@ -55,9 +55,10 @@ impl RefusalKind {
     /// Classifies the text a server put in a refusing SYNACK. The protocol carries only
     /// text, so this is the one place where error text is read. It knows our server's
     /// wording (`dial HOST:PORT: connection refused | timed out | host unreachable (…)`,
-    /// `outbound pool for HOST:PORT exhausted`, `too many streams on this server …`) and
-    /// Go's, which the reference server and sing-box send (`dial tcp …: connect:
-    /// connection refused`, `i/o timeout`, `no such host`, `no route to host`).
+    /// `outbound pool for HOST:PORT exhausted`, `too many streams on this server …`), the
+    /// anytls crate's (`session stream limit reached`) and Go's, which the reference
+    /// server and sing-box send (`dial tcp …: connect: connection refused`, `i/o timeout`,
+    /// `no such host`, `no route to host`).
     ///
     /// Words holding a `.` or `:` are host names, addresses or numbers and are skipped,
     /// so that a target named `refused.example.com` cannot steer the answer.
@@ -86,7 +87,7 @@ impl RefusalKind {
             || has("no address")
         {
             RefusalKind::HostUnreachable
-        } else if has("exhausted") || has("too many streams") || has("too many sessions") {
+        } else if has("exhausted") || has("too many streams") || has("too many sessions") || has("limit reached") {
             RefusalKind::ServerBusy
         } else {
             RefusalKind::Other
@@ -188,6 +189,8 @@ mod tests {
         );
         assert_eq!(kind("outbound pool for example.com:443 exhausted"), RefusalKind::ServerBusy);
         assert_eq!(kind("too many streams on this server (limit 4096)"), RefusalKind::ServerBusy);
+        // The anytls crate's server (0.5.3) at its per-session stream limit.
+        assert_eq!(kind("session stream limit reached"), RefusalKind::ServerBusy);
         assert_eq!(kind("invalid destination address: unknown address type 0x09"), RefusalKind::Other);
         assert_eq!(kind("dial 127.0.0.1:9: Address family not supported (os error 97)"), RefusalKind::Other);
         assert_eq!(kind("resolve dns.example: timed out"), RefusalKind::TargetTimedOut);
