@@ -202,7 +202,7 @@ async fn run(args: Args) -> Result<(), String> {
 /// nothing, the command line's flags win over the link's.
 fn connector_for(server: &str, args: &Args) -> Result<(Connector, Trust), String> {
     let (server, link_password, link_sni, link_insecure) = if server.starts_with("anytls://") {
-        let link = parse_link(server)?;
+        let link = parse_link(server).map_err(|e| e.to_string())?;
         (link.server, link.password, link.sni, link.insecure)
     } else {
         let address = parse_server(server, 443).ok_or_else(|| format!("bad server address {server:?}"))?;
@@ -214,7 +214,7 @@ fn connector_for(server: &str, args: &Args) -> Result<(Connector, Trust), String
         .or(link_password)
         .ok_or_else(|| format!("no password for {server}: give -p or put it in the anytls:// link"))?;
     let trust = if let Some(pin) = &args.pin_sha256 {
-        Trust::Pin(parse_pin(pin)?)
+        Trust::Pin(parse_pin(pin).map_err(|e| e.to_string())?)
     } else if args.insecure || link_insecure {
         Trust::Insecure
     } else {
@@ -230,7 +230,7 @@ fn connector_for(server: &str, args: &Args) -> Result<(Connector, Trust), String
     let connector = Connector {
         server,
         server_name,
-        tls: tokio_rustls::TlsConnector::from(client_config(&trust)?),
+        tls: tokio_rustls::TlsConnector::from(client_config(&trust).map_err(|e| e.to_string())?),
         password: PasswordHash::of(&password),
         session_config: SessionConfig {
             padding: Arc::new(ArcSwap::from_pointee(PaddingScheme::default())),
