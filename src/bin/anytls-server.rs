@@ -112,6 +112,14 @@ struct Args {
     /// The same, for one session, in KiB.
     #[arg(long, value_name = "KIB", default_value_t = 4096)]
     session_buffer_kib: usize,
+
+    // The API's edge (kept together at the end).
+    /// API connections served at once; more are answered 503 and closed.
+    #[arg(long, default_value_t = anytls_rs::api::DEFAULT_MAX_CONNECTIONS)]
+    api_max_connections: usize,
+    /// An API client must send a request's whole header within this many seconds.
+    #[arg(long, default_value_t = anytls_rs::api::DEFAULT_HEADER_TIMEOUT_SECS)]
+    api_header_timeout_secs: u64,
 }
 
 fn main() -> ExitCode {
@@ -206,7 +214,12 @@ async fn run(args: Args) -> Result<(), String> {
     set_relay_buffer_pool(args.buffer_pool);
     let pool = server::new_outbound_pool(&config);
     if let Some(api) = &args.api {
-        anytls_rs::api::start(api, args.api_token.clone(), std::sync::Arc::new(pool.clone())).await?;
+        let settings = anytls_rs::api::ApiSettings {
+            token: args.api_token.clone(),
+            max_connections: args.api_max_connections.max(1),
+            header_timeout: Duration::from_secs(args.api_header_timeout_secs.max(1)),
+        };
+        anytls_rs::api::start(api, settings, std::sync::Arc::new(pool.clone())).await.map_err(|e| e.to_string())?;
     }
     let shutdown = async {
         let signal = anytls_rs::shutdown::signal().await;
