@@ -358,7 +358,7 @@ async fn a_slow_api_header_is_cut_off_at_the_header_timeout() {
 async fn api_connections_over_the_cap_are_refused() {
     bounded(LIMIT, "API connection cap", async {
         const CAP: usize = 4;
-        let (_server, api) = guarded_api(&["--api-max-connections", "4"]).await;
+        let (server, api) = guarded_api(&["--api-max-connections", "4"]).await;
         let mut feeds = Vec::new();
         for _ in 0..CAP {
             let mut tcp = TcpStream::connect(api).await.unwrap();
@@ -378,6 +378,7 @@ async fn api_connections_over_the_cap_are_refused() {
         let answer = read_until_closed(&mut over, Duration::from_secs(5)).await.expect("over-cap connection closed");
         let answer = String::from_utf8_lossy(&answer).into_owned();
         assert_eq!(status(&answer), 503, "over the cap: {answer:?}");
+        assert!(server.process.log_shows("refused at the cap of 4", Duration::from_secs(5)).await);
 
         // A freed slot is usable again.
         drop(feeds.pop());

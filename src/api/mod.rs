@@ -139,20 +139,20 @@ const BUSY: &[u8] =
 async fn serve(listener: TcpListener, app: Router, settings: ApiSettings) {
     let slots = Arc::new(Semaphore::new(settings.max_connections));
     let mut refused_since_log = 0u64;
-    let mut last_log = tokio::time::Instant::now() - Duration::from_secs(60);
+    let mut last_log: Option<tokio::time::Instant> = None;
     loop {
         let (tcp, peer) = crate::accept::accept_with_backoff(&listener).await;
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             // Never wait on a refused client: one non-blocking write, then close.
             let _ = tcp.try_write(BUSY);
             refused_since_log += 1;
-            if last_log.elapsed() >= Duration::from_secs(10) {
+            if last_log.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
                 log::warn!(
                     "api: {refused_since_log} connections refused at the cap of {} (latest from {peer})",
                     settings.max_connections
                 );
                 refused_since_log = 0;
-                last_log = tokio::time::Instant::now();
+                last_log = Some(tokio::time::Instant::now());
             }
             continue;
         };
