@@ -9,6 +9,7 @@ use clap::Parser;
 use anytls_rs::pool::PoolType;
 use anytls_rs::pool::buffers::{BufferPoolMode, set_relay_buffer_pool};
 use anytls_rs::proto::{Address, PaddingScheme, PasswordHash};
+use anytls_rs::server::fallback::{FallbackSettings, ProbeSettings};
 use anytls_rs::server::limits::ServerLimits;
 use anytls_rs::server::outbound_pool::OutboundSettings;
 use anytls_rs::server::tls::Identity;
@@ -98,6 +99,22 @@ struct Args {
     /// Relay reads into pooled 64 KiB buffers (on) or a fresh buffer per read (off).
     #[arg(long, value_enum, default_value_t = BufferPoolMode::Off)]
     buffer_pool: BufferPoolMode,
+    /// Hand connections that do not authenticate (browsers, probes, wrong passwords) to
+    /// this web server, bytes and all, instead of closing them. Off unless given.
+    #[arg(long, value_name = "HOST:PORT")]
+    fallback: Option<String>,
+    /// ALPN protocols the fallback site speaks, in order of preference; a client offering
+    /// none of them gets no ALPN. Add h2 only if the site speaks HTTP/2 in clear (h2c).
+    #[arg(long, value_delimiter = ',', default_value = "http/1.1", requires = "fallback")]
+    fallback_alpn: Vec<String>,
+    /// Without --cert/--key: the self-signed certificate names this host (the site's
+    /// name) instead of localhost.
+    #[arg(long, value_name = "NAME", conflicts_with = "cert")]
+    self_signed_name: Option<String>,
+    /// Handshakes one source address (IPv6: one /64) may have in progress at once
+    /// [default: a quarter of --max-handshakes, at least 16].
+    #[arg(long)]
+    max_handshakes_per_source: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -115,10 +132,23 @@ async fn run(args: Args) -> Result<(), String> {
     let identity = match (&args.cert, &args.key) {
         (Some(cert), Some(key)) => Identity::from_files(cert, key).map_err(|e| e.to_string())?,
         _ => {
-            let identity = Identity::self_signed().map_err(|e| e.to_string())?;
-            log::info!("self-signed certificate for localhost, SHA-256 fingerprint {}", identity.fingerprint());
+            let (identity, name) = match &args.self_signed_name {
+                Some(name) => (Identity::self_signed_named(name), name.as_str()),
+                None => (Identity::self_signed(), "localhost"),
+            };
+            let identity = identity.map_err(|e| e.to_string())?;
+            log::info!("self-signed certificate for {name}, SHA-256 fingerprint {}", identity.fingerprint());
             identity
         }
+    };
+    let fallback = match &args.fallback {
+        Some(target) => {
+            Address::parse_host_port(target).ok_or_else(|| format!("--fallback: bad host:port {target:?}"))?;
+            let mut fallback = FallbackSettings::new(target);
+            fallback.alpn = args.fallback_alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+            Some(fallback)
+        }
+        None => None,
     };
     let padding = match &args.padding_scheme {
         Some(path) => {
@@ -142,6 +172,7 @@ async fn run(args: Args) -> Result<(), String> {
         connect_timeout: Duration::from_secs(args.connect_timeout_secs),
         handshake_timeout: Duration::from_secs(args.handshake_timeout_secs),
         max_handshakes: args.max_handshakes,
+        probe: ProbeSettings { fallback, max_handshakes_per_source: args.max_handshakes_per_source },
         max_streams_per_session: args.max_streams_per_session,
         outbound: OutboundSettings {
             pool_type: args.pool_type,

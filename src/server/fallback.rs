@@ -1,0 +1,393 @@
+//! Probe resistance: what a connection that does not authenticate meets.
+//!
+//! AnyTLS should look like an ordinary TLS web server. So whatever completes TLS but does
+//! not send a valid authentication block (a browser, `curl -k`, an active prober, random
+//! bytes) is, with `--fallback HOST:PORT`, handed to a real web server: the bytes already
+//! read first, then both directions until either side closes. Without `--fallback`, or
+//! when the site cannot be reached, the connection is closed silently, but not at a
+//! moment that depends on what or how much it sent (see [`linger_then_close`]).
+//!
+//! The decision ([`read_first_data`]) never waits on anything secret:
+//! - 34 bytes or more (the hash and the padding length): the hash is compared in constant
+//!   time against every password; a mismatch is decided at once.
+//! - Fewer: every AnyTLS client sends the whole block in one TLS record (the reference
+//!   server reads it in one read), so a short first record is a short request, e.g.
+//!   `GET / HTTP/1.0\r\n\r\n`. It gets [`SHORT_REQUEST_WAIT`] from its first byte for the
+//!   rest to arrive, then goes to the site. The prefix is deliberately not compared with
+//!   the password hashes: an early answer for "cannot be a prefix" would let a prober
+//!   learn the hash (which is the credential) a byte at a time from the timing.
+//! - Nothing before the handshake deadline: a silent connection, handed to the site too
+//!   (with no bytes), so that the site's own idle timeout decides when it closes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rand::RngExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::api::handshakes::{HANDSHAKES, HandshakeCounters};
+use crate::proto::PasswordHash;
+use crate::proto::auth::{AUTH_FIXED_LEN, AuthParse, parse_auth_block};
+
+/// How long a first request shorter than the authentication block's fixed part (34 bytes)
+/// waits for more bytes before it goes to the fallback site. Real clients never need it
+/// (their block comes in one record); it only tolerates a client that splits the block
+/// into records sent back to back. Short enough that no browser or person notices.
+pub const SHORT_REQUEST_WAIT: Duration = Duration::from_millis(25);
+
+/// Without a fallback, a connection that sent something invalid is read (and the bytes
+/// dropped) for a random time in this range, capped by the handshake deadline, then
+/// closed: never right after byte 34. A silent connection is closed at the deadline.
+/// It stays under the 2 s after which clients (ours included) take a server that has
+/// not answered their Settings for a v1 server and report the stream open: a user with
+/// a wrong password still gets a clear failure.
+pub const LINGER: std::ops::Range<Duration> = Duration::from_millis(300)..Duration::from_millis(1500);
+
+/// How the server meets connections that do not authenticate.
+#[derive(Debug, Clone, Default)]
+pub struct ProbeSettings {
+    /// Where they go (`--fallback`); `None`: they are closed silently.
+    pub fallback: Option<FallbackSettings>,
+    /// Handshake places one source may hold (`None`: the default share, see
+    /// [`super::limits::HandshakeSlots::new`]).
+    pub max_handshakes_per_source: Option<usize>,
+}
+
+/// `--fallback HOST:PORT` and the ALPN protocols the site speaks.
+#[derive(Debug, Clone)]
+pub struct FallbackSettings {
+    pub target: String,
+    /// In order of preference; the first one a client offers is selected, none if it
+    /// offers none of them (as nginx does), so an AnyTLS client offering anything still
+    /// connects. `http/1.1` unless the site also speaks h2c.
+    pub alpn: Vec<Vec<u8>>,
+    pub connect_timeout: Duration,
+}
+
+impl FallbackSettings {
+    pub fn new(target: &str) -> FallbackSettings {
+        FallbackSettings {
+            target: target.to_string(),
+            alpn: vec![b"http/1.1".to_vec()],
+            connect_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// What the client's first data after TLS turned out to be.
+#[derive(Debug)]
+pub enum FirstData {
+    /// A valid block: the matching user and the bytes after the block.
+    Authenticated { user: usize, leftover: BytesMut },
+    /// Not a valid authentication: everything read so far (it goes to the site).
+    Invalid { read: BytesMut, why: &'static str },
+    /// Nothing, or an incomplete block, by the deadline.
+    TimedOut { read: BytesMut },
+    /// The client closed (or the read failed) before sending anything.
+    Gone(String),
+}
+
+/// Reads the client's first data until it authenticates, or is known not to (see the
+/// module doc for the rule), or `deadline` passes.
+pub async fn read_first_data<S: AsyncRead + Unpin>(
+    io: &mut S,
+    passwords: &[PasswordHash],
+    deadline: Instant,
+) -> FirstData {
+    let mut buf = BytesMut::with_capacity(1024);
+    let mut short_until = None;
+    loop {
+        match parse_auth_block(&buf, passwords) {
+            AuthParse::Accepted { user, block_len } => {
+                let _ = buf.split_to(block_len);
+                return FirstData::Authenticated { user, leftover: buf };
+            }
+            AuthParse::Rejected => return FirstData::Invalid { read: buf, why: "wrong password" },
+            AuthParse::Incomplete { needed } => {
+                let limit = match short_until {
+                    Some(until) if buf.len() < AUTH_FIXED_LEN => deadline.min(until),
+                    _ => deadline,
+                };
+                buf.reserve(needed.saturating_sub(buf.len()).max(1024));
+                match tokio::time::timeout_at(limit, io.read_buf(&mut buf)).await {
+                    Err(_) if limit < deadline => {
+                        return FirstData::Invalid { read: buf, why: "shorter than an authentication block" };
+                    }
+                    Err(_) => return FirstData::TimedOut { read: buf },
+                    Ok(Ok(0)) if buf.is_empty() => return FirstData::Gone("closed before sending anything".into()),
+                    Ok(Ok(0)) => return FirstData::Invalid { read: buf, why: "closed before authenticating" },
+                    Ok(Err(err)) => return FirstData::Gone(format!("read failed: {err}")),
+                    Ok(Ok(_)) => {
+                        short_until.get_or_insert_with(|| Instant::now() + SHORT_REQUEST_WAIT);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Connects to the fallback site; `None` (counted, logged at DEBUG) if it cannot.
+pub async fn dial(fallback: &FallbackSettings, peer: SocketAddr) -> Option<TcpStream> {
+    match tokio::time::timeout(fallback.connect_timeout, TcpStream::connect(&fallback.target)).await {
+        Ok(Ok(site)) => {
+            let _ = site.set_nodelay(true);
+            Some(site)
+        }
+        outcome => {
+            let why = match outcome {
+                Ok(Err(err)) => err.to_string(),
+                _ => format!("no answer within {:?}", fallback.connect_timeout),
+            };
+            HandshakeCounters::count(&HANDSHAKES.fallback_unreachable);
+            log::debug!("{peer}: fallback {} unreachable ({why}): closing silently", fallback.target);
+            None
+        }
+    }
+}
+
+/// Relays `client` to `site`: `already_read` first, then both ways until both are done
+/// (a half-close is passed on, as any TCP proxy does).
+pub async fn relay<C>(mut client: C, mut site: TcpStream, already_read: BytesMut, peer: SocketAddr)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    HandshakeCounters::count(&HANDSHAKES.fallback_relayed);
+    if !already_read.is_empty() && site.write_all(&already_read).await.is_err() {
+        return;
+    }
+    match tokio::io::copy_bidirectional(&mut client, &mut site).await {
+        Ok((up, down)) => {
+            log::debug!("{peer}: fallback relay done, {} bytes up, {down} down", up + already_read.len() as u64)
+        }
+        Err(err) => log::debug!("{peer}: fallback relay ended: {err}"),
+    }
+}
+
+/// The silent close: keeps reading (and dropping) what the client sends for a random
+/// [`LINGER`] time, or until `deadline` if `silent` (the client never sent anything),
+/// then drops the connection. Reading on, rather than leaving bytes unread, makes the
+/// close a FIN like any other, not a reset.
+pub async fn linger_then_close<S: AsyncRead + Unpin>(mut io: S, deadline: Instant, silent: bool) {
+    let until = if silent {
+        deadline
+    } else {
+        let linger = rand::rng().random_range(LINGER);
+        deadline.min(Instant::now() + linger)
+    };
+    let mut sink = vec![0u8; 4096];
+    let _ = tokio::time::timeout_at(until, async {
+        while let Ok(n) = io.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// The TLS side: as configured, or with `--fallback`, the ALPN protocol chosen per client
+/// (see [`FallbackSettings::alpn`]), so that a browser speaks to the site what it speaks.
+pub struct TlsFront {
+    acceptor: tokio_rustls::TlsAcceptor,
+    plain: Arc<rustls::ServerConfig>,
+    by_alpn: Vec<(Vec<u8>, Arc<rustls::ServerConfig>)>,
+}
+
+impl TlsFront {
+    pub fn new(plain: Arc<rustls::ServerConfig>, fallback: Option<&FallbackSettings>) -> TlsFront {
+        let by_alpn = fallback.map(|f| alpn_configs(&plain, &f.alpn)).unwrap_or_default();
+        TlsFront { acceptor: tokio_rustls::TlsAcceptor::from(plain.clone()), plain, by_alpn }
+    }
+
+    pub async fn accept(&self, tcp: TcpStream) -> std::io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
+        if self.by_alpn.is_empty() {
+            return self.acceptor.accept(tcp).await;
+        }
+        let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
+        let config = {
+            let hello = start.client_hello();
+            config_for_alpn(hello.alpn().map(|protocols| protocols.collect()), &self.by_alpn, &self.plain)
+        };
+        start.into_stream(config).await
+    }
+}
+
+/// Chooses the TLS configuration for a client by the ALPN protocols it offers: the
+/// first of `by_alpn` (the site's protocols, in order) it offers, else `plain` (no ALPN).
+fn config_for_alpn(
+    offered: Option<Vec<&[u8]>>,
+    by_alpn: &[(Vec<u8>, Arc<rustls::ServerConfig>)],
+    plain: &Arc<rustls::ServerConfig>,
+) -> Arc<rustls::ServerConfig> {
+    let offered = offered.unwrap_or_default();
+    by_alpn
+        .iter()
+        .find(|(protocol, _)| offered.contains(&protocol.as_slice()))
+        .map(|(_, config)| config.clone())
+        .unwrap_or_else(|| plain.clone())
+}
+
+/// One configuration per protocol the site speaks, each selecting exactly that one.
+fn alpn_configs(plain: &Arc<rustls::ServerConfig>, protocols: &[Vec<u8>]) -> Vec<(Vec<u8>, Arc<rustls::ServerConfig>)> {
+    protocols
+        .iter()
+        .map(|protocol| {
+            let mut config = (**plain).clone();
+            config.alpn_protocols = vec![protocol.clone()];
+            (protocol.clone(), Arc::new(config))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::auth::encode_auth_block;
+    use tokio::io::AsyncWriteExt;
+
+    fn users() -> Vec<PasswordHash> {
+        vec![PasswordHash::of("alice"), PasswordHash::of("bob")]
+    }
+
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(5)
+    }
+
+    async fn first_data_of(chunks: Vec<(Vec<u8>, Duration)>, close: bool) -> (FirstData, Duration) {
+        let (mut ours, mut theirs) = tokio::io::duplex(64 * 1024);
+        let writer = tokio::spawn(async move {
+            for (chunk, pause) in chunks {
+                tokio::time::sleep(pause).await;
+                theirs.write_all(&chunk).await.unwrap();
+            }
+            if close {
+                drop(theirs);
+            } else {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+        });
+        let started = Instant::now();
+        let outcome = read_first_data(&mut ours, &users(), far()).await;
+        writer.abort();
+        (outcome, started.elapsed())
+    }
+
+    fn block(password: &str, padding: u16) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        encode_auth_block(&PasswordHash::of(password), padding, &mut out);
+        out.to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_valid_block_authenticates_and_keeps_what_follows() {
+        let mut data = block("bob", 30);
+        data.extend_from_slice(b"frames");
+        let (outcome, _) = first_data_of(vec![(data, Duration::ZERO)], false).await;
+        match outcome {
+            FirstData::Authenticated { user, leftover } => {
+                assert_eq!(user, 1);
+                assert_eq!(&leftover[..], b"frames");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_block_split_into_quick_pieces_still_authenticates() {
+        let data = block("alice", 30);
+        let chunks = vec![(data[..10].to_vec(), Duration::ZERO), (data[10..].to_vec(), Duration::from_millis(2))];
+        let (outcome, _) = first_data_of(chunks, false).await;
+        assert!(matches!(outcome, FirstData::Authenticated { user: 0, .. }), "{outcome:?}");
+    }
+
+    #[tokio::test]
+    async fn a_wrong_password_is_decided_at_once_with_every_byte_kept() {
+        let mut data = block("mallory", 30);
+        data.extend_from_slice(b"more");
+        let (outcome, took) = first_data_of(vec![(data.clone(), Duration::ZERO)], false).await;
+        match outcome {
+            FirstData::Invalid { read, why } => {
+                assert_eq!(why, "wrong password");
+                assert_eq!(&read[..], &data[..]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(took < SHORT_REQUEST_WAIT, "took {took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_long_http_request_is_decided_at_once() {
+        let request = b"GET / HTTP/1.1\r\nHost: example.com\r\nUser-Agent: curl/8\r\n\r\n".to_vec();
+        let (outcome, took) = first_data_of(vec![(request.clone(), Duration::ZERO)], false).await;
+        assert!(matches!(&outcome, FirstData::Invalid { read, .. } if read[..] == request[..]), "{outcome:?}");
+        assert!(took < SHORT_REQUEST_WAIT, "took {took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_short_request_goes_on_after_the_short_wait() {
+        let request = b"GET / HTTP/1.0\r\n\r\n".to_vec();
+        let (outcome, took) = first_data_of(vec![(request.clone(), Duration::ZERO)], false).await;
+        match outcome {
+            FirstData::Invalid { read, why } => {
+                assert_eq!(&read[..], &request[..]);
+                assert_eq!(why, "shorter than an authentication block");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(took >= SHORT_REQUEST_WAIT && took < SHORT_REQUEST_WAIT * 8, "took {took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_short_request_that_half_closes_goes_on_at_once() {
+        let (outcome, took) = first_data_of(vec![(b"HEAD /\r\n\r\n".to_vec(), Duration::ZERO)], true).await;
+        assert!(matches!(outcome, FirstData::Invalid { why: "closed before authenticating", .. }), "{outcome:?}");
+        assert!(took < SHORT_REQUEST_WAIT, "took {took:?}");
+    }
+
+    #[tokio::test]
+    async fn silence_waits_for_the_deadline_and_a_close_is_gone() {
+        let (mut ours, _theirs) = tokio::io::duplex(1024);
+        let deadline = Instant::now() + Duration::from_millis(100);
+        let outcome = read_first_data(&mut ours, &users(), deadline).await;
+        assert!(matches!(&outcome, FirstData::TimedOut { read } if read.is_empty()), "{outcome:?}");
+        assert!(Instant::now() >= deadline);
+        let (outcome, _) = first_data_of(vec![], true).await;
+        assert!(matches!(outcome, FirstData::Gone(_)), "{outcome:?}");
+    }
+
+    #[tokio::test]
+    async fn the_right_hash_waits_for_its_padding_past_the_short_wait() {
+        let data = block("alice", 30);
+        let chunks = vec![(data[..40].to_vec(), Duration::ZERO), (data[40..].to_vec(), SHORT_REQUEST_WAIT * 3)];
+        let (outcome, _) = first_data_of(chunks, false).await;
+        assert!(matches!(outcome, FirstData::Authenticated { user: 0, .. }), "{outcome:?}");
+    }
+
+    #[tokio::test]
+    async fn lingering_reads_on_and_closes_within_the_range() {
+        let (ours, mut theirs) = tokio::io::duplex(1024);
+        let started = Instant::now();
+        let closer = tokio::spawn(linger_then_close(ours, Instant::now() + Duration::from_secs(10), false));
+        // The peer can keep writing more than the pipe holds: the server reads on.
+        theirs.write_all(&vec![7u8; 16 * 1024]).await.unwrap();
+        closer.await.unwrap();
+        let took = started.elapsed();
+        assert!(took >= LINGER.start && took < LINGER.end + Duration::from_millis(200), "closed after {took:?}");
+    }
+
+    #[test]
+    fn alpn_selects_the_sites_protocol_or_none() {
+        let identity = crate::server::tls::Identity::self_signed().unwrap();
+        let plain = identity.server_config().unwrap();
+        let by_alpn = alpn_configs(&plain, &[b"http/1.1".to_vec()]);
+        let browser = config_for_alpn(Some(vec![b"h2", b"http/1.1"]), &by_alpn, &plain);
+        assert_eq!(browser.alpn_protocols, vec![b"http/1.1".to_vec()]);
+        let only_h2 = config_for_alpn(Some(vec![b"h2"]), &by_alpn, &plain);
+        assert!(only_h2.alpn_protocols.is_empty(), "no overlap: no ALPN, not a failed handshake");
+        assert!(config_for_alpn(None, &by_alpn, &plain).alpn_protocols.is_empty());
+    }
+}
