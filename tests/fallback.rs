@@ -328,6 +328,41 @@ async fn a_fallback_site_that_is_down_means_a_silent_close() {
     .await;
 }
 
+/// Relays to the site are capped (`--max-fallback-connections`): one more gets the
+/// silent close, and a place freed is taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_relays_are_capped() {
+    bounded(Duration::from_secs(60), "fallback cap", async {
+        let site = Site::start().await;
+        let server = server_with_fallback(site.addr, &["--max-fallback-connections", "2"]).await;
+        // Two relays held open: requests the site waits to see the end of.
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut tls = tls_from(loopback(1), server.addr).await.unwrap();
+            tls.write_all(b"GET / HTTP/1.1\r\nHost: www.example.test\r\n").await.unwrap();
+            held.push(tls);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while site.connections() < 2 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(site.connections(), 2);
+        let mut third = tls_from(loopback(1), server.addr).await.unwrap();
+        third.write_all(b"GET / HTTP/1.1\r\nHost: www.example.test\r\n\r\n").await.unwrap();
+        let (got, closed) = read_until_closed(&mut third, Duration::from_secs(5)).await;
+        assert!(closed && got.is_empty(), "over the cap: closed {closed}, answered {got:?}");
+        assert_eq!(site.connections(), 2, "the third reached the site");
+        // Finishing one request frees its place.
+        let mut first = held.remove(0);
+        first.write_all(b"\r\n").await.unwrap();
+        let (page, closed) = read_until_closed(&mut first, Duration::from_secs(5)).await;
+        assert!(closed && String::from_utf8_lossy(&page).contains(MARKER), "the site's close ends the relay");
+        let page = get_page(loopback(1), server.addr).await.unwrap();
+        assert!(String::from_utf8_lossy(&page).contains(MARKER), "a freed place was not taken again");
+    })
+    .await;
+}
+
 /// Without `--fallback`, a wrong password is not closed right after its 34th byte: the
 /// server reads on for a random time (0.3 to 1.5 s) and then closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,6 +17,8 @@ pub struct HandshakeCounters {
     pub fallback_relayed: AtomicU64,
     /// Connections meant for the fallback site that could not reach it (closed silently).
     pub fallback_unreachable: AtomicU64,
+    /// Connections meant for the fallback site over its relay cap (closed silently).
+    pub fallback_full: AtomicU64,
     /// Connections dropped at accept: `--max-handshakes` in progress.
     pub refused_full: AtomicU64,
     /// Connections dropped at accept: their source already held its share.
@@ -28,6 +30,7 @@ pub static HANDSHAKES: HandshakeCounters = HandshakeCounters {
     auth_timeouts: AtomicU64::new(0),
     fallback_relayed: AtomicU64::new(0),
     fallback_unreachable: AtomicU64::new(0),
+    fallback_full: AtomicU64::new(0),
     refused_full: AtomicU64::new(0),
     refused_source_full: AtomicU64::new(0),
 };
@@ -67,10 +70,11 @@ pub fn render_prometheus(out: &mut String) {
     );
     counter(
         "anytls_fallback_connections_total",
-        "Unauthenticated connections handed to the --fallback site (result=unreachable: closed silently).",
+        "Unauthenticated connections for the --fallback site: relayed, or closed silently (unreachable, full).",
         &[
             ("{result=\"relayed\"}", load(&h.fallback_relayed)),
             ("{result=\"unreachable\"}", load(&h.fallback_unreachable)),
+            ("{result=\"full\"}", load(&h.fallback_full)),
         ],
     );
     counter(

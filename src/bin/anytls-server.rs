@@ -115,6 +115,9 @@ struct Args {
     /// [default: a quarter of --max-handshakes, at least 16].
     #[arg(long)]
     max_handshakes_per_source: Option<usize>,
+    /// Relays to the --fallback site at once; one more is closed silently.
+    #[arg(long, default_value_t = 1024, requires = "fallback")]
+    max_fallback_connections: usize,
 }
 
 fn main() -> ExitCode {
@@ -146,6 +149,7 @@ async fn run(args: Args) -> Result<(), String> {
             Address::parse_host_port(target).ok_or_else(|| format!("--fallback: bad host:port {target:?}"))?;
             let mut fallback = FallbackSettings::new(target);
             fallback.alpn = args.fallback_alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+            fallback.max_connections = args.max_fallback_connections.max(1);
             Some(fallback)
         }
         None => None,

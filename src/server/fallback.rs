@@ -27,6 +27,7 @@ use bytes::BytesMut;
 use rand::RngExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::api::handshakes::{HANDSHAKES, HandshakeCounters};
@@ -66,6 +67,10 @@ pub struct FallbackSettings {
     /// connects. `http/1.1` unless the site also speaks h2c.
     pub alpn: Vec<Vec<u8>>,
     pub connect_timeout: Duration,
+    /// Relays to the site at once. Past the handshake phase a relay counts under no
+    /// other cap, so without this one a prober could hold file descriptors at will;
+    /// one more is closed silently.
+    pub max_connections: usize,
 }
 
 impl FallbackSettings {
@@ -74,6 +79,7 @@ impl FallbackSettings {
             target: target.to_string(),
             alpn: vec![b"http/1.1".to_vec()],
             connect_timeout: Duration::from_secs(3),
+            max_connections: 1024,
         }
     }
 }
@@ -130,41 +136,91 @@ pub async fn read_first_data<S: AsyncRead + Unpin>(
     }
 }
 
-/// Connects to the fallback site; `None` (counted, logged at DEBUG) if it cannot.
-pub async fn dial(fallback: &FallbackSettings, peer: SocketAddr) -> Option<TcpStream> {
-    match tokio::time::timeout(fallback.connect_timeout, TcpStream::connect(&fallback.target)).await {
-        Ok(Ok(site)) => {
-            let _ = site.set_nodelay(true);
-            Some(site)
-        }
-        outcome => {
-            let why = match outcome {
-                Ok(Err(err)) => err.to_string(),
-                _ => format!("no answer within {:?}", fallback.connect_timeout),
-            };
-            HandshakeCounters::count(&HANDSHAKES.fallback_unreachable);
-            log::debug!("{peer}: fallback {} unreachable ({why}): closing silently", fallback.target);
-            None
+/// The fallback site and the places for relays to it.
+pub struct Fallback {
+    settings: FallbackSettings,
+    places: Arc<Semaphore>,
+}
+
+/// A relay's place under [`FallbackSettings::max_connections`] and its connection to the site.
+pub struct SiteConnection {
+    _place: OwnedSemaphorePermit,
+    site: TcpStream,
+}
+
+impl Fallback {
+    pub fn new(settings: FallbackSettings) -> Fallback {
+        let places = Arc::new(Semaphore::new(settings.max_connections.max(1)));
+        Fallback { settings, places }
+    }
+
+    pub fn settings(&self) -> &FallbackSettings {
+        &self.settings
+    }
+
+    /// A place and a connection to the site; `None` (counted, logged at DEBUG) if all
+    /// places are taken or the site cannot be reached.
+    pub async fn open(&self, peer: SocketAddr) -> Option<SiteConnection> {
+        let Ok(place) = self.places.clone().try_acquire_owned() else {
+            HandshakeCounters::count(&HANDSHAKES.fallback_full);
+            log::debug!("{peer}: {} fallback relays open already: closing silently", self.settings.max_connections);
+            return None;
+        };
+        let timeout = self.settings.connect_timeout;
+        match tokio::time::timeout(timeout, TcpStream::connect(&self.settings.target)).await {
+            Ok(Ok(site)) => {
+                let _ = site.set_nodelay(true);
+                Some(SiteConnection { _place: place, site })
+            }
+            outcome => {
+                let why = match outcome {
+                    Ok(Err(err)) => err.to_string(),
+                    _ => format!("no answer within {timeout:?}"),
+                };
+                HandshakeCounters::count(&HANDSHAKES.fallback_unreachable);
+                log::debug!("{peer}: fallback {} unreachable ({why}): closing silently", self.settings.target);
+                None
+            }
         }
     }
 }
 
-/// Relays `client` to `site`: `already_read` first, then both ways until both are done
-/// (a half-close is passed on, as any TCP proxy does).
-pub async fn relay<C>(mut client: C, mut site: TcpStream, already_read: BytesMut, peer: SocketAddr)
+/// Relays `client` to `site`: `already_read` first, then both ways. The client's close
+/// is passed on as a half-close (a request can still be answered); the site's close ends
+/// the relay, since nothing the client sends after it can reach the site.
+pub async fn relay<C>(client: C, site: SiteConnection, already_read: BytesMut, peer: SocketAddr)
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     HandshakeCounters::count(&HANDSHAKES.fallback_relayed);
+    let SiteConnection { _place, mut site } = site;
     if !already_read.is_empty() && site.write_all(&already_read).await.is_err() {
         return;
     }
-    match tokio::io::copy_bidirectional(&mut client, &mut site).await {
-        Ok((up, down)) => {
-            log::debug!("{peer}: fallback relay done, {} bytes up, {down} down", up + already_read.len() as u64)
-        }
-        Err(err) => log::debug!("{peer}: fallback relay ended: {err}"),
-    }
+    let (mut from_client, mut to_client) = tokio::io::split(client);
+    let (mut from_site, mut to_site) = site.into_split();
+    let up = async {
+        let copied = tokio::io::copy(&mut from_client, &mut to_site).await;
+        let _ = to_site.shutdown().await;
+        copied
+    };
+    let down = async {
+        let copied = tokio::io::copy(&mut from_site, &mut to_client).await;
+        let _ = to_client.shutdown().await;
+        copied
+    };
+    tokio::pin!(up, down);
+    let (up, down) = tokio::select! {
+        down_done = &mut down => (None, down_done),
+        up_done = &mut up => (Some(up_done), (&mut down).await),
+    };
+    let up = match up {
+        Some(Ok(n)) => format!("{} bytes", n + already_read.len() as u64),
+        Some(Err(err)) => format!("until {err}"),
+        None => "until the site closed".to_string(),
+    };
+    let down = down.map_or_else(|err| format!("until {err}"), |n| format!("{n} bytes"));
+    log::debug!("{peer}: fallback relay done, up {up}, down {down}");
 }
 
 /// The silent close: keeps reading (and dropping) what the client sends for a random

@@ -24,7 +24,7 @@ use crate::proto::PaddingScheme;
 use crate::proto::PasswordHash;
 use crate::proto::frame::Command;
 use crate::session::{Session, SessionConfig, Stream, StreamHandler};
-use fallback::{FirstData, ProbeSettings, TlsFront};
+use fallback::{Fallback, FirstData, ProbeSettings, TlsFront};
 use limits::{Gate, HandshakeRefusal, HandshakeSlot, HandshakeSlots, ServerLimits};
 use outbound::Dialer;
 use outbound_pool::{OutboundPool, OutboundSettings};
@@ -74,6 +74,7 @@ pub async fn run_until(
     shutdown: impl Future<Output = ()>,
 ) {
     let front = Arc::new(TlsFront::new(config.tls.clone(), config.probe.fallback.as_ref()));
+    let fallback = config.probe.fallback.clone().map(|settings| Arc::new(Fallback::new(settings)));
     let config = Arc::new(config);
     let session_config = SessionConfig {
         padding: Arc::new(ArcSwap::from_pointee(config.padding.clone())),
@@ -105,13 +106,16 @@ pub async fn run_until(
             }
         };
         let front = front.clone();
+        let fallback = fallback.clone();
         let config = config.clone();
         let session_config = session_config.clone();
         let pool = pool.clone();
         let gate = gate.clone();
         tokio::spawn(async move {
             let deadline = Instant::now() + config.handshake_timeout;
-            let Some((tls, leftover)) = authenticate(tcp, peer, &front, &config, deadline, slot).await else {
+            let Some((tls, leftover)) =
+                authenticate(tcp, peer, &front, &config, fallback.as_deref(), deadline, slot).await
+            else {
                 return;
             };
             let _session_place = match gate.admit_session() {
@@ -213,6 +217,7 @@ async fn authenticate(
     peer: SocketAddr,
     front: &TlsFront,
     config: &ServerConfig,
+    fallback: Option<&Fallback>,
     deadline: Instant,
     slot: HandshakeSlot,
 ) -> Option<(TlsStream, BytesMut)> {
@@ -249,8 +254,8 @@ async fn authenticate(
             return None;
         }
     };
-    if let Some(fallback) = &config.probe.fallback
-        && let Some(site) = fallback::dial(fallback, peer).await
+    if let Some(fallback) = fallback
+        && let Some(site) = fallback.open(peer).await
     {
         // Out of the handshake phase: the site's own limits apply from here.
         drop(slot);
@@ -294,7 +299,9 @@ impl RefusalLog {
 
 fn log_probe_configuration(config: &ServerConfig, slots: &HandshakeSlots) {
     let unauthenticated = match &config.probe.fallback {
-        Some(fallback) => format!("relayed to the fallback site {}", fallback.target),
+        Some(fallback) => {
+            format!("relayed to the fallback site {} (at most {} at once)", fallback.target, fallback.max_connections)
+        }
         None => "closed silently".to_string(),
     };
     log::info!(
