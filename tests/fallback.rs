@@ -161,6 +161,14 @@ fn sample(metrics: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("no sample {series} in:\n{metrics}"))
 }
 
+/// CPU time (user + system) of a process so far, from /proc/PID/stat.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
+    let fields: Vec<&str> = stat.rsplit_once(") ").expect("stat format").1.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0 // USER_HZ is 100 on Linux
+}
+
 /// `GET path` on the plain-HTTP API.
 async fn api_get(api: SocketAddr, path: &str) -> String {
     let mut tcp = TcpStream::connect(api).await.unwrap();
@@ -449,7 +457,7 @@ async fn a_real_browser_sees_the_site() {
 // ---------------------------------------------------------------------------------------
 // AnyTLS clients during a probe storm
 
-/// sing-box's or mihomo's client (their scripts in scripts/peers/) with its proxy on
+/// sing-box's, mihomo's or the crates.io client (scripts/peers/) with its proxy on
 /// `port`, if scripts/install-peers.sh installed it; `None` after a SKIP line otherwise.
 async fn start_peer_client_on(
     name: &str,
@@ -478,14 +486,16 @@ async fn start_peer_client_on(
     command
         .arg(format!("{}/scripts/peers/{script}", env!("CARGO_MANIFEST_DIR")))
         .args([port.to_string(), server.port().to_string(), PASSWORD.to_string()])
-        .arg(dir.path().join(name))
         .env(key, binary);
+    if script != "anytls-crate-client.sh" {
+        command.arg(dir.path().join(name));
+    }
     let mut process = Process::spawn(name, command);
     wait_port(&mut process, port, STARTUP_TIMEOUT).await;
     Some(process)
 }
 
-/// Our client, sing-box's and mihomo's keep working on the server's port while 1,000
+/// Our client, sing-box's, mihomo's and the crates.io one keep working on the server's port while 1,000
 /// fallback connections (from eight other source addresses) come and go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_keep_working_during_a_storm_of_fallback_connections() {
@@ -497,9 +507,12 @@ async fn clients_keep_working_during_a_storm_of_fallback_connections() {
         let dir = TempDir::new("probe-storm");
         let mut proxies = vec![("our client".to_string(), ours.addr)];
         let mut peers = Vec::new();
-        for (name, key, script) in
-            [("sing-box", "SING_BOX", "singbox-client.sh"), ("mihomo", "MIHOMO", "mihomo-client.sh")]
-        {
+        for (name, key, script) in [
+            ("sing-box", "SING_BOX", "singbox-client.sh"),
+            ("mihomo", "MIHOMO", "mihomo-client.sh"),
+            // Sends its authentication as three TLS records (see src/server/fallback.rs).
+            ("anytls-crate", "ANYTLS_PEER_CLIENT", "anytls-crate-client.sh"),
+        ] {
             let port = free_port();
             if let Some(process) = start_peer_client_on(name, key, script, server.addr, &dir, port).await {
                 peers.push(process);
@@ -530,6 +543,7 @@ async fn clients_keep_working_during_a_storm_of_fallback_connections() {
         }
 
         const STORM: u64 = 1000;
+        let cpu_before = cpu_seconds(server.process.pid());
         let started = Instant::now();
         let next = Arc::new(AtomicU64::new(0));
         let failures = Arc::new(Mutex::new(Vec::new()));
@@ -552,6 +566,7 @@ async fn clients_keep_working_during_a_storm_of_fallback_connections() {
             done.unwrap();
         }
         let wall = started.elapsed();
+        let cpu = cpu_seconds(server.process.pid()) - cpu_before;
         storm_over.store(true, Ordering::Relaxed);
         let mut rounds = Vec::new();
         while let Some(done) = users.join_next().await {
@@ -569,9 +584,11 @@ async fn clients_keep_working_during_a_storm_of_fallback_connections() {
             assert!(*n >= 1, "{name} made no echo round during the storm");
         }
         announce(&format!(
-            "NOTE probe storm: {STORM} fallback page loads in {:.2} s ({:.0}/s); echo rounds meanwhile: {rounds:?}",
+            "NOTE probe storm: {STORM} fallback page loads in {:.2} s ({:.0}/s), server CPU {cpu:.2} s ({:.2} ms per \
+             probe, echo traffic included); echo rounds meanwhile: {rounds:?}",
             wall.as_secs_f64(),
-            STORM as f64 / wall.as_secs_f64()
+            STORM as f64 / wall.as_secs_f64(),
+            cpu * 1e3 / STORM as f64
         ));
         for (name, proxy) in &proxies {
             echo_roundtrip(socks5_open(*proxy, echo).await, format!("after the storm via {name}").as_bytes()).await;

@@ -10,12 +10,16 @@
 //! The decision ([`read_first_data`]) never waits on anything secret:
 //! - 34 bytes or more (the hash and the padding length): the hash is compared in constant
 //!   time against every password; a mismatch is decided at once.
-//! - Fewer: every AnyTLS client sends the whole block in one TLS record (the reference
-//!   server reads it in one read), so a short first record is a short request, e.g.
-//!   `GET / HTTP/1.0\r\n\r\n`. It gets [`SHORT_REQUEST_WAIT`] from its first byte for the
-//!   rest to arrive, then goes to the site. The prefix is deliberately not compared with
-//!   the password hashes: an early answer for "cannot be a prefix" would let a prober
-//!   learn the hash (which is the credential) a byte at a time from the timing.
+//! - 32 or 33 bytes: the hash alone is compared (the crates.io `anytls` client sends the
+//!   hash, its length and its padding as three records, which arrive up to a round trip
+//!   apart when Nagle holds the small ones back); a mismatch is decided at once, a match
+//!   waits for the rest.
+//! - Fewer than 32: AnyTLS clients send at least the hash in their first TLS record (the
+//!   reference server reads the block in one read), so a short first record is a short
+//!   request, e.g. `GET / HTTP/1.0\r\n\r\n`. It gets [`SHORT_REQUEST_WAIT`] from its
+//!   first byte for more to arrive, then goes to the site. A partial hash is deliberately
+//!   not compared with the passwords: an early answer for "cannot be a prefix" would let
+//!   a prober learn the hash (which is the credential) a byte at a time from the timing.
 //! - Nothing before the handshake deadline: a silent connection, handed to the site too
 //!   (with no bytes), so that the site's own idle timeout decides when it closes.
 
@@ -32,12 +36,12 @@ use tokio::time::Instant;
 
 use crate::api::handshakes::{HANDSHAKES, HandshakeCounters};
 use crate::proto::PasswordHash;
-use crate::proto::auth::{AUTH_FIXED_LEN, AuthParse, parse_auth_block};
+use crate::proto::auth::{AUTH_HASH_LEN, AuthParse, parse_auth_block};
 
-/// How long a first request shorter than the authentication block's fixed part (34 bytes)
-/// waits for more bytes before it goes to the fallback site. Real clients never need it
-/// (their block comes in one record); it only tolerates a client that splits the block
-/// into records sent back to back. Short enough that no browser or person notices.
+/// How long a first request shorter than a password hash (32 bytes) waits for more bytes
+/// before it goes to the fallback site. Real clients never need it (their first record
+/// holds at least the hash); it only tolerates a client that splits the hash into records
+/// sent back to back. Short enough that no browser or person notices.
 pub const SHORT_REQUEST_WAIT: Duration = Duration::from_millis(25);
 
 /// Without a fallback, a connection that sent something invalid is read (and the bytes
@@ -113,9 +117,14 @@ pub async fn read_first_data<S: AsyncRead + Unpin>(
                 return FirstData::Authenticated { user, leftover: buf };
             }
             AuthParse::Rejected => return FirstData::Invalid { read: buf, why: "wrong password" },
+            AuthParse::Incomplete { .. }
+                if buf.len() >= AUTH_HASH_LEN && !matches_any(&buf[..AUTH_HASH_LEN], passwords) =>
+            {
+                return FirstData::Invalid { read: buf, why: "wrong password" };
+            }
             AuthParse::Incomplete { needed } => {
                 let limit = match short_until {
-                    Some(until) if buf.len() < AUTH_FIXED_LEN => deadline.min(until),
+                    Some(until) if buf.len() < AUTH_HASH_LEN => deadline.min(until),
                     _ => deadline,
                 };
                 buf.reserve(needed.saturating_sub(buf.len()).max(1024));
@@ -134,6 +143,12 @@ pub async fn read_first_data<S: AsyncRead + Unpin>(
             }
         }
     }
+}
+
+/// Whether `hash` is one of the passwords', comparing with every one in constant time
+/// (for a client that sends the hash in a record of its own, see the module doc).
+fn matches_any(hash: &[u8], passwords: &[PasswordHash]) -> bool {
+    passwords.iter().fold(false, |found, password| found | password.matches(hash))
 }
 
 /// The fallback site and the places for relays to it.
@@ -421,6 +436,22 @@ mod tests {
         let chunks = vec![(data[..40].to_vec(), Duration::ZERO), (data[40..].to_vec(), SHORT_REQUEST_WAIT * 3)];
         let (outcome, _) = first_data_of(chunks, false).await;
         assert!(matches!(outcome, FirstData::Authenticated { user: 0, .. }), "{outcome:?}");
+    }
+
+    #[tokio::test]
+    async fn a_hash_in_a_record_of_its_own_is_decided_by_the_hash() {
+        // The crates.io client's split: the right hash waits for the rest, however late.
+        let data = block("alice", 30);
+        let late = SHORT_REQUEST_WAIT * 3;
+        let chunks =
+            vec![(data[..32].to_vec(), Duration::ZERO), (data[32..34].to_vec(), late), (data[34..].to_vec(), late)];
+        let (outcome, _) = first_data_of(chunks, false).await;
+        assert!(matches!(outcome, FirstData::Authenticated { user: 0, .. }), "{outcome:?}");
+        // A wrong one goes on at once.
+        let wrong = block("mallory", 30)[..32].to_vec();
+        let (outcome, took) = first_data_of(vec![(wrong, Duration::ZERO)], false).await;
+        assert!(matches!(outcome, FirstData::Invalid { why: "wrong password", .. }), "{outcome:?}");
+        assert!(took < SHORT_REQUEST_WAIT, "took {took:?}");
     }
 
     #[tokio::test]
