@@ -39,7 +39,7 @@ struct Visit {
 }
 
 /// A small web site: every HTTP request gets an HTML page with [`MARKER`] (and closes);
-/// bytes that are not HTTP get a 400 once the client stops sending.
+/// bytes that cannot be HTTP get a 400 at once, as nginx answers them.
 struct Site {
     addr: SocketAddr,
     visits: Arc<Mutex<Vec<Visit>>>,
@@ -78,10 +78,12 @@ fn page() -> String {
 }
 
 async fn serve_visit(mut tcp: TcpStream, log: Arc<Mutex<Vec<Visit>>>) {
+    const BAD_REQUEST: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
     let mut visit = Visit { first_byte_at: None, bytes: Vec::new() };
     let mut buf = [0u8; 4096];
+    let mut rejected = false;
     let complete = loop {
-        if visit.bytes.windows(4).any(|w| w == b"\r\n\r\n") {
+        if !rejected && visit.bytes.windows(4).any(|w| w == b"\r\n\r\n") {
             break true;
         }
         match tcp.read(&mut buf).await {
@@ -89,11 +91,21 @@ async fn serve_visit(mut tcp: TcpStream, log: Arc<Mutex<Vec<Visit>>>) {
             Ok(n) => {
                 visit.first_byte_at.get_or_insert_with(Instant::now);
                 visit.bytes.extend_from_slice(&buf[..n]);
+                // Like nginx: a request line that cannot be HTTP gets a 400 at once,
+                // then the rest is read (and kept here) until the client closes.
+                if !rejected && !could_be_http(&visit.bytes) {
+                    let _ = tcp.write_all(BAD_REQUEST).await;
+                    let _ = tcp.shutdown().await;
+                    rejected = true;
+                }
             }
         }
     };
     let is_http = complete && visit.bytes.starts_with(b"GET ");
     log.lock().unwrap().push(visit);
+    if rejected {
+        return;
+    }
     let response = if is_http {
         let body = page();
         format!(
@@ -101,10 +113,17 @@ async fn serve_visit(mut tcp: TcpStream, log: Arc<Mutex<Vec<Visit>>>) {
             body.len()
         )
     } else {
-        "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string()
+        String::from_utf8_lossy(BAD_REQUEST).into_owned()
     };
     let _ = tcp.write_all(response.as_bytes()).await;
     let _ = tcp.shutdown().await;
+}
+
+/// Whether `bytes` can still be the start of an HTTP request: a method of capital
+/// letters, then a space.
+fn could_be_http(bytes: &[u8]) -> bool {
+    let method_end = bytes.iter().position(|&b| b == b' ').unwrap_or(bytes.len());
+    method_end <= 10 && bytes[..method_end].iter().all(u8::is_ascii_uppercase)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -332,6 +351,31 @@ async fn a_fallback_site_that_is_down_means_a_silent_close() {
         assert!(closed && got.is_empty(), "closed {closed}, answered {got:?}");
         assert!(took < Duration::from_secs(5), "closed after {took:?}");
         assert!(server.process.log_shows("unreachable", Duration::from_secs(2)).await, "{}", server.process.log());
+    })
+    .await;
+}
+
+/// Our client with a wrong password, against a server with `--fallback`: its
+/// authentication goes to the site like any probe's, and the user still gets a quick
+/// failure that names the password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_client_with_a_wrong_password_still_fails_fast_and_says_why() {
+    bounded(Duration::from_secs(60), "wrong password with --fallback", async {
+        let site = Site::start().await;
+        let server = server_with_fallback(site.addr, &[]).await;
+        let pin = server.fingerprint.clone().unwrap();
+        let client = start_client(server.addr, "not-the-password", &["--pin-sha256", &pin]).await;
+        let echo = spawn_echo().await;
+        let started = Instant::now();
+        let (code, _tcp) = socks5_connect(client.addr, "127.0.0.1", echo.port()).await.unwrap();
+        assert_eq!(code, SOCKS5_GENERAL, "reply code for a wrong password");
+        assert!(started.elapsed() < Duration::from_secs(5), "failure took {:?}", started.elapsed());
+        assert!(
+            client.process.log_shows("wrong password", Duration::from_secs(5)).await,
+            "client log should mention the password:\n{}",
+            client.process.log()
+        );
+        assert!(site.connections() >= 1, "the wrong password did not reach the site");
     })
     .await;
 }

@@ -289,8 +289,7 @@ impl RefusalLog {
             return;
         }
         let more = self.since - 1;
-        let more =
-            if more > 0 { format!(" ({more} more dropped in the last {:?})", Self::EVERY) } else { String::new() };
+        let more = if more > 0 { format!(" ({more} more dropped since the last warning)") } else { String::new() };
         log::warn!("{peer}: dropped, {why}{more}");
         self.last = Some(Instant::now());
         self.since = 0;
