@@ -150,6 +150,12 @@ async fn run(args: Args) -> Result<(), String> {
             let mut fallback = FallbackSettings::new(target);
             fallback.alpn = args.fallback_alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
             fallback.max_connections = args.max_fallback_connections.max(1);
+            if args.cert.is_none() {
+                log::warn!(
+                    "--fallback with a self-signed certificate: browsers will warn before showing the site; \
+                     give the site's certificate with --cert/--key (see docs/probe-resistance.md)"
+                );
+            }
             Some(fallback)
         }
         None => None,
