@@ -36,6 +36,7 @@ async fn start_server() -> SocketAddr {
         connect_timeout: Duration::from_secs(2),
         handshake_timeout: Duration::from_secs(5),
         max_handshakes: 16,
+        probe: Default::default(),
         max_streams_per_session: 64,
         outbound: OutboundSettings {
             pool_type: PoolType::Lock,

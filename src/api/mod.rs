@@ -20,6 +20,7 @@
 //! The API only reads counters; it shares nothing with the proxy's data path but the
 //! atomics it loads, and runs on the same runtime as the proxy (a request costs microseconds).
 
+pub mod handshakes;
 pub mod stats;
 
 use std::convert::Infallible;
@@ -195,7 +196,8 @@ async fn memory_pool_stats() -> Json<MemoryPoolStats> {
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {
-    let body = stats::render_prometheus(&snapshot(&state));
+    let mut body = stats::render_prometheus(&snapshot(&state));
+    handshakes::render_prometheus(&mut body);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 

@@ -10,6 +10,7 @@ use anytls_rs::pool::PoolType;
 use anytls_rs::pool::buffers::{BufferPoolMode, set_relay_buffer_pool};
 use anytls_rs::proto::{Address, PaddingScheme, PasswordHash};
 use anytls_rs::resources::ServerCaps;
+use anytls_rs::server::fallback::{FallbackSettings, ProbeSettings};
 use anytls_rs::server::limits::ServerLimits;
 use anytls_rs::server::outbound_pool::OutboundSettings;
 use anytls_rs::server::tls::Identity;
@@ -120,6 +121,25 @@ struct Args {
     /// An API client must send a request's whole header within this many seconds.
     #[arg(long, default_value_t = anytls_rs::api::DEFAULT_HEADER_TIMEOUT_SECS)]
     api_header_timeout_secs: u64,
+    /// Hand connections that do not authenticate (browsers, probes, wrong passwords) to
+    /// this web server, bytes and all, instead of closing them. Off unless given.
+    #[arg(long, value_name = "HOST:PORT")]
+    fallback: Option<String>,
+    /// ALPN protocols the fallback site speaks, in order of preference; a client offering
+    /// none of them gets no ALPN. Add h2 only if the site speaks HTTP/2 in clear (h2c).
+    #[arg(long, value_delimiter = ',', default_value = "http/1.1", requires = "fallback")]
+    fallback_alpn: Vec<String>,
+    /// Without --cert/--key: the self-signed certificate names this host (the site's
+    /// name) instead of localhost.
+    #[arg(long, value_name = "NAME", conflicts_with = "cert")]
+    self_signed_name: Option<String>,
+    /// Handshakes one source address (IPv6: one /64) may have in progress at once
+    /// [default: a quarter of --max-handshakes, at least 16].
+    #[arg(long)]
+    max_handshakes_per_source: Option<usize>,
+    /// Relays to the --fallback site at once; one more is closed silently.
+    #[arg(long, default_value_t = 1024, requires = "fallback")]
+    max_fallback_connections: usize,
 }
 
 fn main() -> ExitCode {
@@ -156,10 +176,30 @@ async fn run(args: Args) -> Result<(), String> {
     let identity = match (&args.cert, &args.key) {
         (Some(cert), Some(key)) => Identity::from_files(cert, key).map_err(|e| e.to_string())?,
         _ => {
-            let identity = Identity::self_signed().map_err(|e| e.to_string())?;
-            log::info!("self-signed certificate for localhost, SHA-256 fingerprint {}", identity.fingerprint());
+            let (identity, name) = match &args.self_signed_name {
+                Some(name) => (Identity::self_signed_named(name), name.as_str()),
+                None => (Identity::self_signed(), "localhost"),
+            };
+            let identity = identity.map_err(|e| e.to_string())?;
+            log::info!("self-signed certificate for {name}, SHA-256 fingerprint {}", identity.fingerprint());
             identity
         }
+    };
+    let fallback = match &args.fallback {
+        Some(target) => {
+            Address::parse_host_port(target).ok_or_else(|| format!("--fallback: bad host:port {target:?}"))?;
+            let mut fallback = FallbackSettings::new(target);
+            fallback.alpn = args.fallback_alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+            fallback.max_connections = args.max_fallback_connections.max(1);
+            if args.cert.is_none() {
+                log::warn!(
+                    "--fallback with a self-signed certificate: browsers will warn before showing the site; \
+                     give the site's certificate with --cert/--key (see docs/probe-resistance.md)"
+                );
+            }
+            Some(fallback)
+        }
+        None => None,
     };
     let padding = match &args.padding_scheme {
         Some(path) => {
@@ -183,6 +223,7 @@ async fn run(args: Args) -> Result<(), String> {
         connect_timeout: Duration::from_secs(args.connect_timeout_secs),
         handshake_timeout: Duration::from_secs(args.handshake_timeout_secs),
         max_handshakes,
+        probe: ProbeSettings { fallback, max_handshakes_per_source: args.max_handshakes_per_source },
         max_streams_per_session: args.max_streams_per_session,
         outbound: OutboundSettings {
             pool_type: args.pool_type,

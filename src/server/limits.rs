@@ -5,9 +5,14 @@
 //! with `--max-handshakes` (connections still authenticating) they bound the work a
 //! flood of clients can cause: at most `max_handshakes + max_sessions` TLS connections
 //! and `max_streams` outbound connections are held at once.
+//!
+//! [`HandshakeSlots`] shares `--max-handshakes` between source addresses, so that one
+//! address holding silent connections cannot lock every other client out.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -115,6 +120,107 @@ impl Gate {
     }
 }
 
+/// Places for connections in the TLS/authentication phase: `total` in all, at most
+/// `per_source` of them for one source (an IPv4 address, or an IPv6 /64, which one
+/// host can fill with addresses at will).
+pub struct HandshakeSlots {
+    total: Arc<Semaphore>,
+    max_total: usize,
+    per_source: usize,
+    held: Mutex<HashMap<SourceKey, usize>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum SourceKey {
+    V4([u8; 4]),
+    V6Prefix([u8; 8]),
+}
+
+impl SourceKey {
+    fn of(ip: IpAddr) -> SourceKey {
+        match ip {
+            IpAddr::V4(v4) => SourceKey::V4(v4.octets()),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => SourceKey::V4(v4.octets()),
+                None => SourceKey::V6Prefix(v6.octets()[..8].try_into().expect("8 of 16 bytes")),
+            },
+        }
+    }
+}
+
+/// Why a connection got no handshake place.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HandshakeRefusal {
+    /// `--max-handshakes` connections are authenticating.
+    Full(usize),
+    /// This source already holds its share.
+    SourceFull(usize),
+}
+
+impl std::fmt::Display for HandshakeRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandshakeRefusal::Full(n) => write!(f, "{n} handshakes already in progress (--max-handshakes)"),
+            HandshakeRefusal::SourceFull(n) => {
+                write!(f, "{n} handshakes from this source already in progress (--max-handshakes-per-source)")
+            }
+        }
+    }
+}
+
+/// A connection's place in the handshake phase; dropping it frees the place.
+pub struct HandshakeSlot {
+    slots: Arc<HandshakeSlots>,
+    key: SourceKey,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl HandshakeSlots {
+    /// `per_source` of `None` takes the default share: a quarter of `total`, but at
+    /// least 16 (a few NATed users can start sessions together), never more than `total`.
+    pub fn new(total: usize, per_source: Option<usize>) -> HandshakeSlots {
+        let total = total.max(1);
+        let per_source = per_source.unwrap_or((total / 4).max(16)).clamp(1, total);
+        HandshakeSlots {
+            total: Arc::new(Semaphore::new(total)),
+            max_total: total,
+            per_source,
+            held: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn per_source(&self) -> usize {
+        self.per_source
+    }
+
+    /// A place for a connection from `source`, or why there is none.
+    pub fn admit(self: &Arc<Self>, source: IpAddr) -> Result<HandshakeSlot, HandshakeRefusal> {
+        let key = SourceKey::of(source);
+        let Ok(permit) = self.total.clone().try_acquire_owned() else {
+            return Err(HandshakeRefusal::Full(self.max_total));
+        };
+        let mut held = self.held.lock().expect("handshake slots lock");
+        let mine = held.get(&key).copied().unwrap_or(0);
+        if mine >= self.per_source {
+            return Err(HandshakeRefusal::SourceFull(self.per_source));
+        }
+        held.insert(key, mine + 1);
+        Ok(HandshakeSlot { slots: self.clone(), key, _permit: permit })
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut held = self.slots.held.lock().expect("handshake slots lock");
+        if let Some(count) = held.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.key);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,6 +240,41 @@ mod tests {
         assert!(gate.admit_stream().err().unwrap().contains("too many streams on this server"));
         drop(a);
         assert!(gate.admit_stream().is_ok());
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn one_source_holds_at_most_its_share_and_others_still_get_in() {
+        let slots = Arc::new(HandshakeSlots::new(8, Some(3)));
+        let flood: Vec<_> = (0..3).map(|_| slots.admit(ip("127.0.0.2")).unwrap()).collect();
+        assert_eq!(slots.admit(ip("127.0.0.2")).err(), Some(HandshakeRefusal::SourceFull(3)));
+        let others: Vec<_> = (3..8).map(|i| slots.admit(ip(&format!("127.0.0.{i}"))).unwrap()).collect();
+        assert_eq!(slots.admit(ip("127.0.0.9")).err(), Some(HandshakeRefusal::Full(8)));
+        drop(flood);
+        assert!(slots.admit(ip("127.0.0.2")).is_ok(), "places come back when connections finish");
+        drop(others);
+        assert!(slots.held.lock().unwrap().len() <= 1, "no entry left for sources with no connection");
+    }
+
+    #[test]
+    fn ipv6_sources_are_grouped_by_their_64_prefix_and_mapped_v4_is_v4() {
+        let slots = Arc::new(HandshakeSlots::new(8, Some(1)));
+        let _a = slots.admit(ip("2001:db8:1:2::1")).unwrap();
+        assert!(slots.admit(ip("2001:db8:1:2:ffff::9")).is_err(), "same /64");
+        let _b = slots.admit(ip("2001:db8:1:3::1")).unwrap();
+        let _c = slots.admit(ip("192.0.2.7")).unwrap();
+        assert!(slots.admit(ip("::ffff:192.0.2.7")).is_err(), "mapped form is the same source");
+    }
+
+    #[test]
+    fn the_default_share_is_a_quarter_but_at_least_sixteen() {
+        assert_eq!(HandshakeSlots::new(512, None).per_source(), 128);
+        assert_eq!(HandshakeSlots::new(40, None).per_source(), 16);
+        assert_eq!(HandshakeSlots::new(4, None).per_source(), 4);
+        assert_eq!(HandshakeSlots::new(4, Some(9)).per_source(), 4);
     }
 
     #[tokio::test]

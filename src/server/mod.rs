@@ -1,6 +1,7 @@
 //! The AnyTLS server: accepts TLS, authenticates, and serves each session's
 //! streams by dialing their destinations.
 
+pub mod fallback;
 pub mod limits;
 pub mod outbound;
 pub mod outbound_pool;
@@ -14,18 +15,18 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
+use tokio::time::Instant;
 
+use crate::api::handshakes::{HANDSHAKES, HandshakeCounters};
 use crate::proto::Frame;
 use crate::proto::PaddingScheme;
 use crate::proto::PasswordHash;
-use crate::proto::auth::{AuthParse, parse_auth_block};
 use crate::proto::frame::Command;
 use crate::session::{Session, SessionConfig, Stream, StreamHandler};
-use limits::{Gate, ServerLimits};
+use fallback::{Fallback, FirstData, ProbeSettings, TlsFront};
+use limits::{Gate, HandshakeRefusal, HandshakeSlot, HandshakeSlots, ServerLimits};
 use outbound::Dialer;
 use outbound_pool::{OutboundPool, OutboundSettings};
 
@@ -39,6 +40,8 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Connections allowed to be in the handshake/authentication phase at once.
     pub max_handshakes: usize,
+    /// What meets connections that do not authenticate, and their share per source.
+    pub probe: ProbeSettings,
     pub max_streams_per_session: usize,
     pub outbound: OutboundSettings,
     /// Targets to warm up at start-up.
@@ -71,7 +74,8 @@ pub async fn run_until(
     limits: ServerLimits,
     shutdown: impl Future<Output = ()>,
 ) {
-    let acceptor = TlsAcceptor::from(config.tls.clone());
+    let front = Arc::new(TlsFront::new(config.tls.clone(), config.probe.fallback.as_ref()));
+    let fallback = config.probe.fallback.clone().map(|settings| Arc::new(Fallback::new(settings)));
     let config = Arc::new(config);
     let session_config = SessionConfig {
         padding: Arc::new(ArcSwap::from_pointee(config.padding.clone())),
@@ -81,44 +85,40 @@ pub async fn run_until(
         ..SessionConfig::default()
     };
     let gate = Arc::new(Gate::new(limits));
-    let handshakes = Arc::new(Semaphore::new(config.max_handshakes));
+    let slots = Arc::new(HandshakeSlots::new(config.max_handshakes, config.probe.max_handshakes_per_source));
+    crate::api::handshakes::show_in_metrics();
     log_pool_configuration(&config);
+    log_probe_configuration(&config, &slots);
     for target in &config.warmup {
         pool.warm_up(target);
     }
     let maintenance = tokio::spawn(maintain_pool(pool.clone(), config.stats_interval));
+    let mut refusals = RefusalLog::default();
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = crate::accept::accept_with_backoff(&listener) => accepted,
             () = &mut shutdown => break,
         };
-        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-            log::warn!(
-                "{peer}: dropped, {} handshakes already in progress (raise --max-handshakes if the machine can carry more)",
-                config.max_handshakes
-            );
-            continue;
+        let slot = match slots.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                refusals.note(peer, &why);
+                continue;
+            }
         };
-        let acceptor = acceptor.clone();
+        let front = front.clone();
+        let fallback = fallback.clone();
         let config = config.clone();
         let session_config = session_config.clone();
         let pool = pool.clone();
         let gate = gate.clone();
         tokio::spawn(async move {
-            let authenticated =
-                tokio::time::timeout(config.handshake_timeout, handshake(tcp, peer, &acceptor, &config)).await;
-            drop(permit);
-            let (tls, leftover) = match authenticated {
-                Ok(Ok(done)) => done,
-                Ok(Err(why)) => {
-                    log::warn!("{peer}: {why}");
-                    return;
-                }
-                Err(_) => {
-                    log::warn!("{peer}: no authentication within {:?}", config.handshake_timeout);
-                    return;
-                }
+            let deadline = Instant::now() + config.handshake_timeout;
+            let Some((tls, leftover)) =
+                authenticate(tcp, peer, &front, &config, fallback.as_deref(), deadline, slot).await
+            else {
+                return;
             };
             let _session_place = match gate.admit_session() {
                 Ok(place) => place,
@@ -233,31 +233,103 @@ async fn client_gone(socket: std::os::fd::RawFd) {
     }
 }
 
-/// TLS, then the authentication block. A wrong password gets no answer at all.
-async fn handshake(
+/// TLS, then the authentication block, all before `deadline`. An authenticated client
+/// gets its session; anything else goes to the fallback site or is closed silently (see
+/// [`fallback`]), counted and logged at DEBUG only.
+async fn authenticate(
     tcp: TcpStream,
     peer: SocketAddr,
-    acceptor: &TlsAcceptor,
+    front: &TlsFront,
     config: &ServerConfig,
-) -> Result<(TlsStream, BytesMut), String> {
+    fallback: Option<&Fallback>,
+    deadline: Instant,
+    slot: HandshakeSlot,
+) -> Option<(TlsStream, BytesMut)> {
     let _ = tcp.set_nodelay(true);
-    let mut tls = acceptor.accept(tcp).await.map_err(|err| format!("TLS handshake failed: {err}"))?;
-    let mut buf = BytesMut::with_capacity(1024);
-    loop {
-        match parse_auth_block(&buf, &config.passwords) {
-            AuthParse::Accepted { user, block_len } => {
-                log::debug!("{peer}: authenticated as user {user}");
-                let _ = buf.split_to(block_len);
-                return Ok((tls, buf));
-            }
-            AuthParse::Rejected => return Err("authentication failed (wrong password)".into()),
-            AuthParse::Incomplete { needed } => {
-                buf.reserve(needed.saturating_sub(buf.len()));
-                let read = tls.read_buf(&mut buf).await.map_err(|err| format!("read failed: {err}"))?;
-                if read == 0 {
-                    return Err("closed before authenticating".into());
-                }
-            }
+    let mut tls = match tokio::time::timeout_at(deadline, front.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(err)) => {
+            log::debug!("{peer}: TLS handshake failed: {err}");
+            return None;
         }
+        Err(_) => {
+            HandshakeCounters::count(&HANDSHAKES.auth_timeouts);
+            log::debug!("{peer}: no authentication within {:?} (TLS unfinished)", config.handshake_timeout);
+            return None;
+        }
+    };
+    let read = match fallback::read_first_data(&mut tls, &config.passwords, deadline).await {
+        FirstData::Authenticated { user, leftover } => {
+            log::debug!("{peer}: authenticated as user {user}");
+            return Some((tls, leftover));
+        }
+        FirstData::Invalid { read, why } => {
+            HandshakeCounters::count(&HANDSHAKES.auth_failures);
+            log::debug!("{peer}: authentication failed ({why}) after {} bytes", read.len());
+            read
+        }
+        FirstData::TimedOut { read } => {
+            HandshakeCounters::count(&HANDSHAKES.auth_timeouts);
+            log::debug!("{peer}: no authentication within {:?}", config.handshake_timeout);
+            read
+        }
+        FirstData::Gone(why) => {
+            log::debug!("{peer}: {why}");
+            return None;
+        }
+    };
+    if let Some(fallback) = fallback
+        && let Some(site) = fallback.open(peer).await
+    {
+        // Out of the handshake phase: the site's own limits apply from here.
+        drop(slot);
+        fallback::relay(tls, site, read, peer).await;
+        return None;
     }
+    let silent = read.is_empty();
+    fallback::linger_then_close(tls, deadline, silent).await;
+    None
+}
+
+/// Connections dropped at accept are logged at WARN at most once per [`RefusalLog::EVERY`]
+/// (with the number dropped since), so a flood cannot flood the log.
+#[derive(Default)]
+struct RefusalLog {
+    last: Option<Instant>,
+    since: u64,
+}
+
+impl RefusalLog {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn note(&mut self, peer: SocketAddr, why: &HandshakeRefusal) {
+        HandshakeCounters::count(match why {
+            HandshakeRefusal::Full(_) => &HANDSHAKES.refused_full,
+            HandshakeRefusal::SourceFull(_) => &HANDSHAKES.refused_source_full,
+        });
+        self.since += 1;
+        if self.last.is_some_and(|last| last.elapsed() < Self::EVERY) {
+            log::debug!("{peer}: dropped, {why}");
+            return;
+        }
+        let more = self.since - 1;
+        let more = if more > 0 { format!(" ({more} more dropped since the last warning)") } else { String::new() };
+        log::warn!("{peer}: dropped, {why}{more}");
+        self.last = Some(Instant::now());
+        self.since = 0;
+    }
+}
+
+fn log_probe_configuration(config: &ServerConfig, slots: &HandshakeSlots) {
+    let unauthenticated = match &config.probe.fallback {
+        Some(fallback) => {
+            format!("relayed to the fallback site {} (at most {} at once)", fallback.target, fallback.max_connections)
+        }
+        None => "closed silently".to_string(),
+    };
+    log::info!(
+        "unauthenticated connections are {unauthenticated}; at most {} handshakes at once, {} per source",
+        config.max_handshakes,
+        slots.per_source()
+    );
 }

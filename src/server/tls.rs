@@ -43,6 +43,26 @@ impl Identity {
         Ok(Identity { chain: vec![certified.cert.der().clone()], key })
     }
 
+    /// A fresh self-signed certificate for `name` alone (`--self-signed-name`), with `name`
+    /// as its common name and a validity of about a year from yesterday: it names the
+    /// site the server stands for, not `localhost` or rcgen's defaults, which give it away.
+    pub fn self_signed_named(name: &str) -> Result<Identity, TlsSetupError> {
+        let mut params = rcgen::CertificateParams::new(vec![name.to_string()])?;
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let days = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|since| since.as_secs() / 86_400)
+            .unwrap_or(0) as i64;
+        let (from, to) = (civil_date(days - 1), civil_date(days + 364));
+        params.not_before = rcgen::date_time_ymd(from.0, from.1, from.2);
+        params.not_after = rcgen::date_time_ymd(to.0, to.1, to.2);
+        let key = rcgen::KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        let key = PrivateKeyDer::try_from(key.serialize_der()).expect("rcgen emits PKCS#8");
+        Ok(Identity { chain: vec![cert.der().clone()], key })
+    }
+
     /// Lowercase hex SHA-256 of the leaf certificate: what `--pin-sha256` takes.
     pub fn fingerprint(&self) -> String {
         certificate_fingerprint(&self.chain[0])
@@ -58,6 +78,20 @@ impl Identity {
     }
 }
 
+/// (year, month, day) of a day counted from 1970-01-01 (Howard Hinnant's `civil_from_days`).
+fn civil_date(days: i64) -> (i32, u8, u8) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u8;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
+    let year = (yoe + era * 400 + i64::from(month <= 2)) as i32;
+    (year, month, day)
+}
+
 pub fn certificate_fingerprint(cert: &CertificateDer<'_>) -> String {
     Sha256::digest(cert.as_ref()).iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -71,6 +105,19 @@ mod tests {
         let identity = Identity::self_signed().unwrap();
         assert_eq!(identity.fingerprint().len(), 64);
         identity.server_config().unwrap();
+    }
+
+    #[test]
+    fn a_named_self_signed_certificate_names_the_site_and_a_plausible_year() {
+        let identity = Identity::self_signed_named("www.example.org").unwrap();
+        let der = identity.chain[0].as_ref();
+        let has = |needle: &[u8]| der.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"www.example.org"));
+        assert!(!has(b"localhost") && !has(b"rcgen"), "no default names left in the certificate");
+        identity.server_config().unwrap();
+        assert_eq!(civil_date(0), (1970, 1, 1));
+        assert_eq!(civil_date(20_513), (2026, 3, 1));
+        assert_eq!(civil_date(11_016), (2000, 2, 29));
     }
 
     #[test]
