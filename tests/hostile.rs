@@ -279,24 +279,30 @@ async fn probes_are_closed_silently_and_slow_clients_at_the_deadline() {
     .await;
 }
 
-/// More connections in the handshake phase than `--max-handshakes` are dropped at
-/// once; the ones in progress keep their deadline.
+/// More connections in the handshake phase than `--max-handshakes` wait for a place
+/// (in a waiting room of three times the cap), keeping the deadline they got at accept;
+/// past the waiting room they are dropped at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn handshakes_over_the_cap_are_dropped_at_once() {
+async fn handshakes_over_the_cap_wait_and_past_the_waiting_room_are_dropped_at_once() {
     bounded(Duration::from_secs(60), "handshake cap", async {
         let (server, client) = pair(&["--max-handshakes", "4", "--handshake-timeout-secs", "3"]).await;
         let echo = spawn_echo().await;
         let healthy = Healthy::start(client.addr, echo, Duration::from_millis(20)).await;
         let mut silent = Vec::new();
-        for _ in 0..4 {
+        for _ in 0..16 {
             silent.push(TcpStream::connect(server.addr).await.unwrap());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
         let started = Instant::now();
         let mut extra = TcpStream::connect(server.addr).await.unwrap();
         let (_, closed) = read_until_closed(&mut extra, Duration::from_secs(1)).await;
-        assert!(closed && started.elapsed() < Duration::from_millis(900), "the fifth was not dropped at once");
-        assert!(server.process.log_shows("4 handshakes already in progress", Duration::from_secs(1)).await);
+        assert!(closed && started.elapsed() < Duration::from_millis(900), "the 17th was not dropped at once");
+        assert!(
+            server.process.log_shows("12 connections already wait for a handshake place", Duration::from_secs(1)).await
+        );
+        // The 12 waiting ones were not dropped: they end at their deadline (3 s from accept).
+        let (_, early) = read_until_closed(&mut silent[15], Duration::from_millis(1500)).await;
+        assert!(!early, "a waiting connection was dropped before its deadline");
         let rounds = healthy.rounds();
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(healthy.rounds() > rounds, "the healthy stream stalled while handshakes were capped");

@@ -93,20 +93,15 @@ pub async fn run_until(
         pool.warm_up(target);
     }
     let maintenance = tokio::spawn(maintain_pool(pool.clone(), config.stats_interval));
-    let mut refusals = RefusalLog::default();
+    let refusals = Arc::new(std::sync::Mutex::new(RefusalLog::default()));
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = crate::accept::accept_with_backoff(&listener) => accepted,
             () = &mut shutdown => break,
         };
-        let slot = match slots.admit(peer.ip()) {
-            Ok(slot) => slot,
-            Err(why) => {
-                refusals.note(peer, &why);
-                continue;
-            }
-        };
+        let slots = slots.clone();
+        let refusals = refusals.clone();
         let front = front.clone();
         let fallback = fallback.clone();
         let config = config.clone();
@@ -115,6 +110,10 @@ pub async fn run_until(
         let gate = gate.clone();
         tokio::spawn(async move {
             let deadline = Instant::now() + config.handshake_timeout;
+            let slot = match slots.admit(peer.ip(), deadline).await {
+                Ok(slot) => slot,
+                Err(why) => return refusals.lock().expect("refusal log lock").note(peer, &why),
+            };
             let Some((tls, leftover)) =
                 authenticate(tcp, peer, &front, &config, fallback.as_deref(), deadline, slot).await
             else {
