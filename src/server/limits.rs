@@ -119,9 +119,11 @@ impl Gate {
     }
 }
 
-/// Places for connections in the TLS/authentication phase: `total` in all, at most
-/// `per_source` of them for one source (an IPv4 address, or an IPv6 /64, which one
-/// host can fill with addresses at will).
+/// Places for connections in the TLS/authentication phase: `total` in all, and for one
+/// source (an IPv4 address, or an IPv6 /64, which one host can fill with addresses at
+/// will) `per_source` of them, or more only while at least half of all places stay
+/// free. So one client's burst of new sessions fits an idle server, one source alone
+/// never holds more than half, and once places run short each source keeps to its share.
 pub struct HandshakeSlots {
     total: Arc<Semaphore>,
     max_total: usize,
@@ -198,7 +200,8 @@ impl HandshakeSlots {
         };
         let mut held = self.held.lock().expect("handshake slots lock");
         let mine = held.get(&key).copied().unwrap_or(0);
-        if mine >= self.per_source {
+        let plenty_free = self.total.available_permits() >= self.max_total / 2;
+        if mine >= self.per_source && !plenty_free {
             return Err(HandshakeRefusal::SourceFull(self.per_source));
         }
         held.insert(key, mine + 1);
@@ -245,11 +248,15 @@ mod tests {
 
     #[test]
     fn one_source_holds_at_most_its_share_and_others_still_get_in() {
-        let slots = Arc::new(HandshakeSlots::new(8, Some(3)));
-        let flood: Vec<_> = (0..3).map(|_| slots.admit(ip("127.0.0.2")).unwrap()).collect();
-        assert_eq!(slots.admit(ip("127.0.0.2")).err(), Some(HandshakeRefusal::SourceFull(3)));
-        let others: Vec<_> = (3..8).map(|i| slots.admit(ip(&format!("127.0.0.{i}"))).unwrap()).collect();
-        assert_eq!(slots.admit(ip("127.0.0.9")).err(), Some(HandshakeRefusal::Full(8)));
+        let slots = Arc::new(HandshakeSlots::new(8, Some(2)));
+        // Past its share of 2, a source borrows only while half the places stay free.
+        let flood: Vec<_> = (0..4).map(|_| slots.admit(ip("127.0.0.2")).unwrap()).collect();
+        assert_eq!(slots.admit(ip("127.0.0.2")).err(), Some(HandshakeRefusal::SourceFull(2)));
+        // Places are short now: every other source gets its share, and no more.
+        let mut others: Vec<_> = (0..2).map(|_| slots.admit(ip("127.0.0.3")).unwrap()).collect();
+        assert_eq!(slots.admit(ip("127.0.0.3")).err(), Some(HandshakeRefusal::SourceFull(2)));
+        others.extend((0..2).map(|_| slots.admit(ip("127.0.0.4")).unwrap()));
+        assert_eq!(slots.admit(ip("127.0.0.5")).err(), Some(HandshakeRefusal::Full(8)));
         drop(flood);
         assert!(slots.admit(ip("127.0.0.2")).is_ok(), "places come back when connections finish");
         drop(others);
@@ -257,13 +264,21 @@ mod tests {
     }
 
     #[test]
+    fn a_burst_from_one_source_fits_an_idle_server() {
+        let slots = Arc::new(HandshakeSlots::new(16, Some(2)));
+        let burst: Vec<_> = (0..8).map(|_| slots.admit(ip("127.0.0.1")).unwrap()).collect();
+        assert!(slots.admit(ip("127.0.0.1")).is_err(), "never more than half for one source");
+        assert!(slots.admit(ip("127.0.0.2")).is_ok());
+        drop(burst);
+    }
+
+    #[test]
     fn ipv6_sources_are_grouped_by_their_64_prefix_and_mapped_v4_is_v4() {
-        let slots = Arc::new(HandshakeSlots::new(8, Some(1)));
-        let _a = slots.admit(ip("2001:db8:1:2::1")).unwrap();
-        assert!(slots.admit(ip("2001:db8:1:2:ffff::9")).is_err(), "same /64");
-        let _b = slots.admit(ip("2001:db8:1:3::1")).unwrap();
-        let _c = slots.admit(ip("192.0.2.7")).unwrap();
-        assert!(slots.admit(ip("::ffff:192.0.2.7")).is_err(), "mapped form is the same source");
+        let key = |text: &str| SourceKey::of(ip(text));
+        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"), "same /64");
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_eq!(key("::ffff:192.0.2.7"), key("192.0.2.7"), "mapped form is the same source");
+        assert_ne!(key("192.0.2.7"), key("192.0.2.8"));
     }
 
     #[test]
