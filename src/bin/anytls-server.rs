@@ -133,8 +133,9 @@ struct Args {
     /// name) instead of localhost.
     #[arg(long, value_name = "NAME", conflicts_with = "cert")]
     self_signed_name: Option<String>,
-    /// Handshakes one source address (IPv6: one /64) may have in progress at once
-    /// [default: a quarter of --max-handshakes, at least 16].
+    /// Handshakes one source address (IPv6: one /64) may have in progress at once; more
+    /// wait for a place until their deadline [default: a quarter of --max-handshakes,
+    /// at least 16].
     #[arg(long)]
     max_handshakes_per_source: Option<usize>,
     /// Relays to the --fallback site at once; one more is closed silently.

@@ -3,7 +3,7 @@
 //! AnyTLS should look like an ordinary TLS web server. So whatever completes TLS but does
 //! not send a valid authentication block (a browser, `curl -k`, an active prober, random
 //! bytes) is, with `--fallback HOST:PORT`, handed to a real web server: the bytes already
-//! read first, then both directions until either side closes. Without `--fallback`, or
+//! read first, then both directions (see [`relay`] for the closes). Without `--fallback`, or
 //! when the site cannot be reached, the connection is closed silently, but not at a
 //! moment that depends on what or how much it sent (see [`linger_then_close`]).
 //!

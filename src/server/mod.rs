@@ -327,7 +327,8 @@ fn log_probe_configuration(config: &ServerConfig, slots: &HandshakeSlots) {
         None => "closed silently".to_string(),
     };
     log::info!(
-        "unauthenticated connections are {unauthenticated}; at most {} handshakes at once, {} per source",
+        "unauthenticated connections are {unauthenticated}; at most {} handshakes at once, {} per source \
+         when places run short",
         config.max_handshakes,
         slots.per_source()
     );
