@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use rustls::pki_types::ServerName;
 
 use anytls_rs::client::failover::Policy;
@@ -45,8 +45,9 @@ struct Args {
     /// How often a server taken out of use is probed (a new session), in seconds.
     #[arg(long, default_value_t = 5)]
     probe_interval_secs: u64,
-    /// Password (may instead be given in the link).
-    #[arg(short = 'p', long = "password")]
+    /// Password (may instead be given in the link). Visible in `ps`: prefer
+    /// ANYTLS_PASSWORD, --password-file or --config.
+    #[arg(short = 'p', long = "password", value_name = "PASSWORD", env = "ANYTLS_PASSWORD", hide_env_values = true)]
     password: Option<String>,
     /// TLS server name to send and verify (default: the server's host name).
     #[arg(long)]
@@ -111,25 +112,43 @@ struct Args {
     #[arg(long, value_name = "ADDR")]
     api: Option<String>,
     /// Token the API requires: `Authorization: Bearer TOKEN`, or `?token=TOKEN` in a browser.
-    #[arg(long, requires = "api")]
+    #[arg(long, value_name = "TOKEN", env = "ANYTLS_API_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
     /// Relay reads into pooled 64 KiB buffers (on) or a fresh buffer per read (off).
     #[arg(long, value_enum, default_value_t = BufferPoolMode::Off)]
     buffer_pool: BufferPoolMode,
+    /// Read flags from a TOML file: each flag's long name is a key (`listen = "…"`,
+    /// `server = ["…"]`); flags given here win.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Read the password from the first line of FILE (keeps it out of `ps`).
+    #[arg(long, value_name = "FILE", conflicts_with = "password")]
+    password_file: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
     anytls_rs::logging::init();
     // Reference command lines use Go-style flags such as `-sni`.
-    let args = Args::parse_from(anytls_rs::cli::accept_single_dash_long_flags(
-        std::env::args(),
-        &["sni", "insecure", "ca", "pin-sha256"],
-    ));
+    let argv =
+        anytls_rs::cli::accept_single_dash_long_flags(std::env::args(), &["sni", "insecure", "ca", "pin-sha256"]);
+    let mut args = match anytls_rs::config::command_line_with_config(argv, &Args::command()) {
+        Ok(full) => Args::parse_from(full),
+        Err(why) => return anytls_rs::cli::exit_with("anytls-client", Err(why)),
+    };
+    if let Some(file) = &args.password_file {
+        match anytls_rs::config::read_secret_lines(file) {
+            Ok(lines) => args.password = lines.into_iter().next(),
+            Err(why) => return anytls_rs::cli::exit_with("anytls-client", Err(format!("--password-file: {why}"))),
+        }
+    }
     anytls_rs::cli::exit_with("anytls-client", run(args))
 }
 
 #[tokio::main]
 async fn run(args: Args) -> Result<(), String> {
+    if args.api_token.is_some() && args.api.is_none() {
+        log::warn!("--api-token (or ANYTLS_API_TOKEN) without --api: there is no API to protect");
+    }
     let pool_settings = SessionPoolSettings {
         pool_type: args.pool_type,
         idle_timeout: Duration::from_secs(args.idle_session_timeout_secs),
@@ -180,19 +199,19 @@ async fn run(args: Args) -> Result<(), String> {
 /// The connector for one `-s` value: a link's password, SNI and `insecure` win over
 /// nothing, the command line's flags win over the link's.
 fn connector_for(server: &str, args: &Args) -> Result<(Connector, Trust), String> {
-    let (server, link_password, link_sni, link_insecure) = if server.starts_with("anytls://") {
+    let (server, link_password, link_sni, link_insecure, link_pin) = if server.starts_with("anytls://") {
         let link = parse_link(server)?;
-        (link.server, link.password, link.sni, link.insecure)
+        (link.server, link.password, link.sni, link.insecure, link.pin_sha256)
     } else {
         let address = parse_server(server, 443).ok_or_else(|| format!("bad server address {server:?}"))?;
-        (address, None, None, false)
+        (address, None, None, false, None)
     };
     let password = args
         .password
         .clone()
         .or(link_password)
         .ok_or_else(|| format!("no password for {server}: give -p or put it in the anytls:// link"))?;
-    let trust = if let Some(pin) = &args.pin_sha256 {
+    let trust = if let Some(pin) = args.pin_sha256.as_ref().or(link_pin.as_ref()) {
         Trust::Pin(parse_pin(pin)?)
     } else if args.insecure || link_insecure {
         Trust::Insecure

@@ -4,8 +4,10 @@
 pub mod limits;
 pub mod outbound;
 pub mod outbound_pool;
+pub mod policy;
 pub mod tls;
 pub mod udp;
+pub mod users;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,12 +23,12 @@ use tokio_rustls::TlsAcceptor;
 use crate::proto::Frame;
 use crate::proto::PaddingScheme;
 use crate::proto::PasswordHash;
-use crate::proto::auth::{AuthParse, parse_auth_block};
 use crate::proto::frame::Command;
 use crate::session::{Session, SessionConfig, Stream, StreamHandler};
 use limits::{Gate, ServerLimits};
 use outbound::Dialer;
 use outbound_pool::{OutboundPool, OutboundSettings};
+use users::{Authentication, CountedIo, SessionCount, User, UserEntry, Users};
 
 /// Everything the server needs to run.
 pub struct ServerConfig {
@@ -63,9 +65,24 @@ pub fn new_outbound_pool(config: &ServerConfig) -> OutboundPool {
 /// Accepts connections until `shutdown` resolves, then stops accepting, lets streams
 /// in flight finish (at most `limits.drain_timeout`), closes every session and the
 /// outbound pool's warm connections, and logs the final pool statistics.
+/// `config.passwords` are the users (unnamed).
 pub async fn run_until(
     listener: TcpListener,
     config: ServerConfig,
+    pool: OutboundPool,
+    limits: ServerLimits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let users = Users::new(UserEntry::unnamed(config.passwords.clone())).expect("at least one password");
+    run_with_users(listener, config, Arc::new(users), pool, limits, shutdown).await
+}
+
+/// As [`run_until`], with named users that a reload may change while it runs: the
+/// sessions of a user removed from `users` are closed (`config.passwords` is unused).
+pub async fn run_with_users(
+    listener: TcpListener,
+    config: ServerConfig,
+    users: Arc<Users>,
     pool: OutboundPool,
     limits: ServerLimits,
     shutdown: impl Future<Output = ()>,
@@ -100,11 +117,12 @@ pub async fn run_until(
         let session_config = session_config.clone();
         let pool = pool.clone();
         let gate = gate.clone();
+        let users = users.clone();
         tokio::spawn(async move {
             let authenticated =
-                tokio::time::timeout(config.handshake_timeout, handshake(tcp, peer, &acceptor, &config)).await;
+                tokio::time::timeout(config.handshake_timeout, handshake(tcp, peer, &acceptor, &users)).await;
             drop(permit);
-            let (tls, leftover) = match authenticated {
+            let (tls, leftover, user) = match authenticated {
                 Ok(Ok(done)) => done,
                 Ok(Err(why)) => {
                     log::warn!("{peer}: {why}");
@@ -119,14 +137,21 @@ pub async fn run_until(
                 Ok(place) => place,
                 Err(why) => return refuse_session(tls, peer, &why).await,
             };
-            let handler = stream_handler(gate.clone(), pool, config.udp, peer.to_string());
+            let _counted = SessionCount::new(user.counters.clone());
+            let handler = count_streams(&user, stream_handler(gate.clone(), pool, config.udp, peer.to_string()));
+            let tls = CountedIo::new(tls, user.counters.clone());
             let session = Session::server(tls, session_config, leftover, handler);
-            log::debug!("{peer}: session open");
+            log::debug!("{peer}: session open (user {})", user.name);
             let reason = tokio::select! {
                 reason = session.closed() => reason,
                 () = gate.closing() => {
                     session.close("server shutting down");
                     "server shutting down".into()
+                }
+                () = user.revoked() => {
+                    session.close("user removed by a reload");
+                    log::info!("{peer}: session of user {} closed: removed by a reload", user.name);
+                    "user removed by a reload".into()
                 }
             };
             log::debug!("{peer}: session closed: {reason}");
@@ -160,6 +185,15 @@ fn stream_handler(gate: Arc<Gate>, pool: OutboundPool, udp: udp::UdpSettings, pe
                 let _ = stream.send_synack(Err(why)).await;
             });
         }
+    })
+}
+
+/// Counts each stream the session opens for its user, then hands it on.
+fn count_streams(user: &User, handler: StreamHandler) -> StreamHandler {
+    let counters = user.counters.clone();
+    Arc::new(move |stream: Stream| {
+        counters.streams.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        handler(stream)
     })
 }
 
@@ -211,20 +245,20 @@ async fn handshake(
     tcp: TcpStream,
     peer: SocketAddr,
     acceptor: &TlsAcceptor,
-    config: &ServerConfig,
-) -> Result<(TlsStream, BytesMut), String> {
+    users: &Users,
+) -> Result<(TlsStream, BytesMut, Arc<User>), String> {
     let _ = tcp.set_nodelay(true);
     let mut tls = acceptor.accept(tcp).await.map_err(|err| format!("TLS handshake failed: {err}"))?;
     let mut buf = BytesMut::with_capacity(1024);
     loop {
-        match parse_auth_block(&buf, &config.passwords) {
-            AuthParse::Accepted { user, block_len } => {
-                log::debug!("{peer}: authenticated as user {user}");
+        match users.authenticate(&buf) {
+            Authentication::User { user, block_len } => {
+                log::debug!("{peer}: authenticated as user {}", user.name);
                 let _ = buf.split_to(block_len);
-                return Ok((tls, buf));
+                return Ok((tls, buf, user));
             }
-            AuthParse::Rejected => return Err("authentication failed (wrong password)".into()),
-            AuthParse::Incomplete { needed } => {
+            Authentication::WrongPassword => return Err("authentication failed (wrong password)".into()),
+            Authentication::NeedMore { needed } => {
                 buf.reserve(needed.saturating_sub(buf.len()));
                 let read = tls.read_buf(&mut buf).await.map_err(|err| format!("read failed: {err}"))?;
                 if read == 0 {
