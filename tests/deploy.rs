@@ -405,6 +405,49 @@ async fn sighup_adds_and_removes_users_under_traffic_without_losing_other_stream
     .await
 }
 
+#[tokio::test]
+async fn sighup_reloads_the_certificate_for_new_connections() {
+    bounded(LIMIT, "certificate reload", async {
+        let dir = TempDir::new("deploy-cert");
+        let (old, new) = (dir.path().join("old"), dir.path().join("new"));
+        std::fs::create_dir_all(&old).unwrap();
+        std::fs::create_dir_all(&new).unwrap();
+        let (old, new) = (TestPki::write_to(&old), TestPki::write_to(&new));
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::copy(&old.server_cert, &cert).unwrap();
+        std::fs::copy(&old.server_key, &key).unwrap();
+        let (server, addr) = server(
+            &["-l", "127.0.0.1:0", "-p", "pw", "--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap()],
+            &[],
+        )
+        .await;
+        let echo = spawn_echo().await;
+        let trusting = |ca: &Path| {
+            let ca = ca.to_str().unwrap().to_string();
+            async move { client(&["-l", "127.0.0.1:0", "-s", &addr.to_string(), "-p", "pw", "--ca", &ca], &[]).await }
+        };
+        let (_before, proxy) = trusting(&old.ca_cert).await;
+        assert!(echoes(proxy, "127.0.0.1", echo.port()).await, "{}", server.log());
+
+        std::fs::copy(&new.server_cert, &cert).unwrap();
+        std::fs::copy(&new.server_key, &key).unwrap();
+        sighup(&server);
+        assert!(server.log_shows("SIGHUP: reloaded", Duration::from_secs(5)).await, "{}", server.log());
+        let (_after, proxy) = trusting(&new.ca_cert).await;
+        assert!(echoes(proxy, "127.0.0.1", echo.port()).await, "new connections get the new certificate");
+        let (_stale, proxy) = trusting(&old.ca_cert).await;
+        assert!(!echoes(proxy, "127.0.0.1", echo.port()).await, "the old certificate is no longer served");
+
+        // A key that is not a key: refused, the new certificate stays.
+        std::fs::write(&key, "not a key\n").unwrap();
+        sighup(&server);
+        assert!(server.log_shows("reload refused", Duration::from_secs(5)).await, "{}", server.log());
+        let (_still, proxy) = trusting(&new.ca_cert).await;
+        assert!(echoes(proxy, "127.0.0.1", echo.port()).await, "the running certificate stays");
+    })
+    .await
+}
+
 // ---------------------------------------------------------------------------------------
 // Outbound policy
 

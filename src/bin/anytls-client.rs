@@ -114,7 +114,7 @@ struct Args {
     /// Token the API requires: `Authorization: Bearer TOKEN`, or `?token=TOKEN` in a browser.
     #[arg(long, value_name = "TOKEN", env = "ANYTLS_API_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
-    /// Relay reads into pooled 64 KiB buffers (on) or a fresh buffer per read (off).
+    /// Relay reads into pooled 64 KiB buffers (on) or into the relay's own reused buffer (off).
     #[arg(long, value_enum, default_value_t = BufferPoolMode::Off)]
     buffer_pool: BufferPoolMode,
     /// Read flags from a TOML file: each flag's long name is a key (`listen = "…"`,
@@ -178,6 +178,13 @@ async fn run(args: Args) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    if !bound.ip().is_loopback() && config.credentials.is_none() {
+        log::warn!(
+            "proxy on {bound} is reachable from other machines and has no --socks-user/--socks-pass: anyone \
+             who can reach it can use the tunnel"
+        );
+    }
     let policy = if described.len() > 1 { format!(", policy {:?}", args.policy) } else { String::new() };
     log::info!(
         "SOCKS5/SOCKS4/HTTP proxy on {}, server {}{policy}",

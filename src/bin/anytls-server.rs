@@ -102,7 +102,7 @@ struct Args {
     /// Token the API requires: `Authorization: Bearer TOKEN`, or `?token=TOKEN` in a browser.
     #[arg(long, value_name = "TOKEN", env = "ANYTLS_API_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
-    /// Relay reads into pooled 64 KiB buffers (on) or a fresh buffer per read (off).
+    /// Relay reads into pooled 64 KiB buffers (on) or into the relay's own reused buffer (off).
     #[arg(long, value_enum, default_value_t = BufferPoolMode::Off)]
     buffer_pool: BufferPoolMode,
     /// Read flags from a TOML file: each flag's long name is a key (`listen = "…"`,

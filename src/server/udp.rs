@@ -1,4 +1,4 @@
-//! Serving a UDP-over-TCP stream (contract §5, sing-box UoT v2).
+//! Serving a UDP-over-TCP stream (docs/protocol.md §5, sing-box UoT v2).
 //!
 //! The stream's request is read before SYNACK, as reference clients send it without
 //! waiting (answering first would deadlock them); a malformed request is refused in the
