@@ -622,3 +622,39 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
     let said = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     assert!(output.status.success() && !said.contains("Unknown"), "systemd-analyze verify: {said}");
 }
+
+#[test]
+fn help_is_grouped_with_value_names_and_every_flag_is_in_the_readme() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    for (binary, headings) in [
+        (
+            env!("CARGO_BIN_EXE_anytls-server"),
+            &["Listening and TLS:", "Configuration, users and secrets:", "Outbound pool:"][..],
+        ),
+        (env!("CARGO_BIN_EXE_anytls-client"), &["Local proxy:", "Servers:", "Server certificate:", "Sessions:"][..]),
+    ] {
+        let output = Command::new(binary).arg("--help").output().unwrap();
+        let help = String::from_utf8_lossy(&output.stdout);
+        for heading in headings.iter().chain(&["Monitoring:"]) {
+            assert!(help.lines().any(|line| line == *heading), "{binary}: no heading {heading}:\n{help}");
+        }
+        for placeholder in ["<PASSWORDS>", "<SERVERS>", "<USERS>", "<CONNECT_TIMEOUT_SECS>"] {
+            assert!(!help.contains(placeholder), "{binary}: {placeholder} in --help");
+        }
+        let flags = help
+            .split_whitespace()
+            .filter(|w| w.starts_with("--") && w.len() > 2)
+            .map(|w| w.trim_end_matches(',').split(['=', '[']).next().unwrap().to_string());
+        for flag in flags.filter(|f| {
+            f != "--help"
+                && f != "--version"
+                && f.chars().skip(2).all(|c| c.is_ascii_lowercase() || c == '-' || c.is_ascii_digit())
+        }) {
+            let documented = readme.match_indices(&flag).any(|(at, _)| {
+                let next = readme[at + flag.len()..].chars().next().unwrap_or(' ');
+                !(next.is_ascii_alphanumeric() || next == '-') && readme[..at].ends_with(['`', ' '])
+            });
+            assert!(documented, "{binary}: {flag} is not in the README");
+        }
+    }
+}

@@ -27,99 +27,112 @@ use anytls_rs::server::{self, ServerConfig};
 #[command(version)]
 struct Args {
     /// Address to listen on.
-    #[arg(short = 'l', long = "listen", default_value = "0.0.0.0:8443")]
+    #[arg(
+        short = 'l',
+        long = "listen",
+        default_value = "0.0.0.0:8443",
+        value_name = "ADDR",
+        help_heading = "Listening and TLS"
+    )]
     listen: String,
     /// Password of an unnamed user; repeat for several. Visible in `ps`: prefer
     /// ANYTLS_PASSWORD, --password-file, or users in --config.
-    #[arg(short = 'p', long = "password", value_name = "PASSWORD", env = "ANYTLS_PASSWORD", hide_env_values = true)]
+    #[arg(
+        short = 'p',
+        long = "password",
+        value_name = "PASSWORD",
+        env = "ANYTLS_PASSWORD",
+        hide_env_values = true,
+        help_heading = "Configuration, users and secrets"
+    )]
     passwords: Vec<String>,
     /// Certificate chain (PEM). Needs --key.
-    #[arg(long, requires = "key")]
+    #[arg(long, requires = "key", value_name = "FILE", help_heading = "Listening and TLS")]
     cert: Option<PathBuf>,
     /// Private key (PEM). Needs --cert.
-    #[arg(long, requires = "cert")]
+    #[arg(long, requires = "cert", value_name = "FILE", help_heading = "Listening and TLS")]
     key: Option<PathBuf>,
     /// Padding scheme file sent to clients (default: the reference's scheme).
-    #[arg(long)]
+    #[arg(long, value_name = "FILE", help_heading = "Listening and TLS")]
     padding_scheme: Option<PathBuf>,
     /// Timeout for each outbound connection, in seconds.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_name = "SECS", help_heading = "Outbound connections")]
     connect_timeout_secs: u64,
     /// Time a client has to finish TLS and authenticate, in seconds.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_name = "SECS", help_heading = "Listening and TLS")]
     handshake_timeout_secs: u64,
     /// Connections allowed in the TLS/authentication phase at once; more are dropped.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_name = "N", help_heading = "Listening and TLS")]
     max_handshakes: usize,
     /// Streams one session may have open at once.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_name = "N", help_heading = "Limits")]
     max_streams_per_session: usize,
     /// Outbound pool engine: lock (a mutex), lockfree (arc-swap + epoch stacks), highperf (sharded).
-    #[arg(long, value_enum, default_value_t = PoolType::LockFree)]
+    #[arg(long, value_enum, default_value_t = PoolType::LockFree, value_name = "ENGINE", help_heading = "Outbound pool")]
     pool_type: PoolType,
     /// Outbound connections (in use + warm) per target; more streams wait, then fail.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_name = "N", help_heading = "Outbound pool")]
     max_outbound_connections: usize,
     /// Warm connections idle longer than this are closed, and targets quiet this long are let go.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 300, value_name = "SECS", help_heading = "Outbound pool")]
     max_idle_time_secs: u64,
     /// Warm connections kept ready per recently used target (0 = dial on demand only).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_name = "N", help_heading = "Outbound pool")]
     min_idle_connections: usize,
     /// Warm connections older than this are closed, in seconds.
-    #[arg(long, default_value_t = 1800)]
+    #[arg(long, default_value_t = 1800, value_name = "SECS", help_heading = "Outbound pool")]
     max_lifetime_secs: u64,
     /// Warm connections across all targets (bounds file descriptors).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_name = "N", help_heading = "Outbound pool")]
     max_idle_total: usize,
     /// Targets to warm up at start-up: host:port,host:port.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_name = "HOST:PORT,...", help_heading = "Outbound pool")]
     warmup: Vec<String>,
     /// How often pool statistics are logged, in seconds.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 60, value_name = "SECS", help_heading = "Monitoring")]
     stats_interval_secs: u64,
     /// UDP-over-TCP streams with no datagram either way for this long are closed, in seconds.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 60, value_name = "SECS", help_heading = "Limits")]
     udp_idle_timeout_secs: u64,
     /// Authenticated sessions at once; one more gets an Alert and is closed (checked
     /// after authentication; unauthenticated connections count under --max-handshakes).
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_name = "N", help_heading = "Limits")]
     max_sessions: usize,
     /// Streams at once across all sessions; more are refused (SYNACK error).
-    #[arg(long, default_value_t = 65536)]
+    #[arg(long, default_value_t = 65536, value_name = "N", help_heading = "Limits")]
     max_streams: usize,
     /// A TCP stream with no data either way for this long is ended, in seconds (0 = never).
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 300, value_name = "SECS", help_heading = "Limits")]
     stream_idle_timeout_secs: u64,
     /// On SIGINT/SIGTERM: stop accepting, then give streams in flight this long to
     /// finish before closing everything and exiting, in seconds.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_name = "SECS", help_heading = "Limits")]
     shutdown_timeout_secs: u64,
     /// Serve the monitoring API and live page on ADDR (a bare PORT means 127.0.0.1:PORT).
     /// Off unless given.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", help_heading = "Monitoring")]
     api: Option<String>,
     /// Token the API requires: `Authorization: Bearer TOKEN`, or `?token=TOKEN` in a browser.
-    #[arg(long, value_name = "TOKEN", env = "ANYTLS_API_TOKEN", hide_env_values = true)]
+    #[arg(long, value_name = "TOKEN", env = "ANYTLS_API_TOKEN", hide_env_values = true, help_heading = "Monitoring")]
     api_token: Option<String>,
     /// Relay reads into pooled 64 KiB buffers (on) or into the relay's own reused buffer (off).
-    #[arg(long, value_enum, default_value_t = BufferPoolMode::Off)]
+    #[arg(long, value_enum, default_value_t = BufferPoolMode::Off, value_name = "on|off", help_heading = "Outbound pool")]
     buffer_pool: BufferPoolMode,
     /// Read flags from a TOML file: each flag's long name is a key (`listen = "…"`,
     /// `max-sessions = 100`), plus [[users]] tables; flags given here win. Re-read on SIGHUP.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = "Configuration, users and secrets")]
     config: Option<PathBuf>,
     /// A named user; repeat for several (config: [[users]] name = "…" password = "…").
-    #[arg(long = "user", value_name = "NAME:PASSWORD")]
+    #[arg(long = "user", value_name = "NAME:PASSWORD", help_heading = "Configuration, users and secrets")]
     users: Vec<String>,
     /// Read passwords of unnamed users from FILE, one per line (keeps them out of `ps`).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = "Configuration, users and secrets")]
     password_file: Option<PathBuf>,
     /// Refuse streams (TCP and UDP) to this address range, after name resolution; repeat.
-    #[arg(long, value_name = "CIDR")]
+    #[arg(long, value_name = "CIDR", help_heading = "Outbound connections")]
     deny: Vec<String>,
     /// Refuse streams to loopback, RFC 1918, link-local (169.254.169.254) and ULA addresses.
-    #[arg(long)]
+    #[arg(long, help_heading = "Outbound connections")]
     deny_private: bool,
 }
 
