@@ -30,9 +30,23 @@ pub fn command_line_with_config(argv: Vec<String>, command: &Command) -> Result<
     let mut out = Vec::with_capacity(argv.len() + from_file.len());
     let mut argv = argv.into_iter();
     out.extend(argv.next());
-    out.extend(from_file.into_iter().filter(|(id, _)| !given.contains(id)).map(|(_, arg)| arg));
+    out.extend(from_file.into_iter().filter(|(id, _)| !overridden(id, &given, command)).map(|(_, arg)| arg));
     out.extend(argv);
     Ok(out)
+}
+
+/// Whether the file's value for `id` gives way: the flag, or one it conflicts with
+/// (`--password` and `--password-file`), is set outside the file.
+fn overridden(id: &str, given: &HashSet<String>, command: &Command) -> bool {
+    if given.contains(id) {
+        return true;
+    }
+    // Conflicts are declared on one side only, so look both ways.
+    let conflicts = |a: &Arg, b: &str| command.get_arg_conflicts_with(a).iter().any(|other| other.get_id() == b);
+    command.get_arguments().any(|arg| {
+        let other = arg.get_id().as_str();
+        (arg.get_id() == id && given.iter().any(|g| conflicts(arg, g))) || (given.contains(other) && conflicts(arg, id))
+    })
 }
 
 /// The value of `--config FILE` / `--config=FILE` on the command line.
@@ -192,6 +206,8 @@ mod tests {
         max_sessions: usize,
         #[arg(long)]
         insecure: bool,
+        #[arg(long, conflicts_with = "passwords")]
+        password_file: Option<PathBuf>,
     }
 
     fn parse(file: &str, cli: &[&str]) -> Result<Args, String> {
@@ -201,7 +217,7 @@ mod tests {
         let from_file = config_arguments(file, &command)?;
         let given = set_outside_the_file(&argv, &command);
         let mut all = vec![argv[0].clone()];
-        all.extend(from_file.into_iter().filter(|(id, _)| !given.contains(id)).map(|(_, a)| a));
+        all.extend(from_file.into_iter().filter(|(id, _)| !overridden(id, &given, &command)).map(|(_, a)| a));
         all.extend(argv.into_iter().skip(1));
         Args::try_parse_from(all).map_err(|e| e.to_string())
     }
@@ -234,6 +250,15 @@ password = "pw:with:colons"
         assert_eq!(args.max_sessions, 5);
         let args = parse(FILE, &["-pd"]).unwrap();
         assert_eq!(args.passwords, ["d"]);
+    }
+
+    #[test]
+    fn a_flag_on_the_command_line_also_overrides_the_files_conflicting_ones() {
+        let file = "password-file = \"/x\"\n";
+        let args = parse(file, &["-p", "cli"]).unwrap();
+        assert_eq!((args.passwords, args.password_file), (vec!["cli".to_string()], None));
+        let args = parse("password = \"file\"\n", &["--password-file", "/y"]).unwrap();
+        assert_eq!((args.passwords.len(), args.password_file), (0, Some(PathBuf::from("/y"))));
     }
 
     #[test]

@@ -201,6 +201,13 @@ async fn the_example_client_config_loads_and_the_command_line_replaces_its_lists
         .await;
         let echo = spawn_echo().await;
         assert!(echoes(proxy, "127.0.0.1", echo.port()).await, "{}", server.log());
+        // ANYTLS_PASSWORD in the environment also beats the file's password-file.
+        let (_client, proxy) = client(
+            &["--config", config.to_str().unwrap(), "-l", "127.0.0.1:0", "-s", &addr.to_string(), "--pin-sha256", &pin],
+            &[("ANYTLS_PASSWORD", "file-secret")],
+        )
+        .await;
+        assert!(echoes(proxy, "127.0.0.1", echo.port()).await, "{}", server.log());
     })
     .await
 }
