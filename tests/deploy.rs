@@ -496,6 +496,8 @@ async fn deny_rules_refuse_tcp_streams_after_name_resolution() {
         let (server, addr) = server(&["-l", "127.0.0.1:0", "-p", "pw", "--deny", "127.0.0.2/32"], &[]).await;
         let (_client, proxy) = client_of(&server, addr, "pw").await;
         assert!(echoes(proxy, "127.0.0.1", allowed.port()).await);
+        // A name is dialed at the (IPv4) address that was checked; the target listens on it.
+        assert!(echoes(proxy, "localhost", allowed.port()).await, "{}", server.log());
         for host in ["127.0.0.2", "2130706434", "0x7f000002", "::ffff:127.0.0.2", "127.2"] {
             let reply = socks5_connect(proxy, host, denied.port()).await.map(|(code, _)| code);
             assert!(matches!(reply, Ok(code) if code != SOCKS5_OK), "{host} reached: {reply:?}");

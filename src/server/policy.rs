@@ -17,9 +17,11 @@
 //! buffer mode), so the stream paths call it without threading it through every layer.
 //! Without one installed nothing is refused (library users and in-process tests).
 //!
-//! Known gap: for a TCP destination given as a name, the name is resolved here and again
-//! by the dialer a moment later; a resolver that answers differently the second time
-//! (DNS rebinding with TTL 0) could slip past. UDP sends to the very address checked.
+//! A name is resolved once: with `--deny` or `--deny-private` the stream is dialed to the
+//! address that was checked (so a resolver that answers differently a moment later, DNS
+//! rebinding, cannot slip past), and the pool then knows the target by that address. With
+//! only the default rule a name is resolved for the check only when its port is one of the
+//! server's own, and is dialed by name. UDP always sends to the very address checked.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -165,25 +167,34 @@ impl Policy {
         Ok(())
     }
 
-    /// Checks a destination: its address, or every address its name resolves to.
-    pub async fn check_destination(&self, destination: &Address) -> Result<(), (Refusal, String)> {
+    /// Checks a destination: its address, or every address its name resolves to. Returns
+    /// the destination to dial: as given, or (with deny rules) the checked address of a name.
+    pub async fn check_destination(&self, destination: Address) -> Result<Address, (Refusal, String)> {
+        let port = destination.port;
         let name = match &destination.host {
-            Host::Ip(ip) => return self.check(SocketAddr::new(*ip, destination.port)),
+            Host::Ip(ip) => return self.check(SocketAddr::new(*ip, port)).map(|()| destination),
             Host::Domain(name) => name,
         };
         if let Some(ip) = numeric_host(name) {
-            return self.check(SocketAddr::new(ip, destination.port));
+            return self.check(SocketAddr::new(ip, port)).map(|()| Address::socket(SocketAddr::new(ip, port)));
         }
-        if !self.needs_addresses(destination.port) {
-            return Ok(());
+        if !self.needs_addresses(port) {
+            return Ok(destination);
         }
-        let lookup = tokio::net::lookup_host((name.as_str(), destination.port));
+        let lookup = tokio::net::lookup_host((name.as_str(), port));
         // A name that does not resolve is left to the dial, which reports it as usual.
-        let Ok(Ok(found)) = tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await else { return Ok(()) };
-        for address in found {
-            self.check(address).map_err(|(why, text)| (why, format!("{name}: {text}")))?;
+        let Ok(Ok(found)) = tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await else { return Ok(destination) };
+        let found: Vec<SocketAddr> = found.collect();
+        for address in &found {
+            self.check(*address).map_err(|(why, text)| (why, format!("{name}: {text}")))?;
         }
-        Ok(())
+        let pin = self.deny_private || !self.deny.is_empty();
+        // IPv4 first, as the UDP path: services often listen on one family only.
+        let first = found.iter().find(|a| a.is_ipv4()).or(found.first());
+        match first {
+            Some(address) if pin => Ok(Address::socket(SocketAddr::new(normalise(address.ip()), port))),
+            _ => Ok(destination),
+        }
     }
 }
 
@@ -299,19 +310,23 @@ fn count(reason: Refusal) {
     REFUSED[reason as usize].fetch_add(1, Ordering::Relaxed);
 }
 
-/// The TCP stream hook: true when `destination` may be dialed; otherwise the stream has
-/// been answered with a SYNACK error naming the policy.
-pub async fn admit(stream: &mut Stream, destination: &Address, peer: &str) -> bool {
+/// The TCP stream hook: the destination to dial (see [`Policy::check_destination`]), or
+/// None when the stream has been refused with a SYNACK error naming the policy.
+pub async fn admit(stream: &mut Stream, destination: Address, peer: &str) -> Option<Address> {
     let policy = current();
     if policy.is_empty() {
-        return true;
+        return Some(destination);
     }
-    let Err((reason, why)) = policy.check_destination(destination).await else { return true };
-    count(reason);
-    let why = format!("refused by outbound policy: {why}");
-    log::warn!("{peer}: stream {}: {why}", stream.id());
-    let _ = stream.send_synack(Err(why)).await;
-    false
+    match policy.check_destination(destination).await {
+        Ok(destination) => Some(destination),
+        Err((reason, why)) => {
+            count(reason);
+            let why = format!("refused by outbound policy: {why}");
+            log::warn!("{peer}: stream {}: {why}", stream.id());
+            let _ = stream.send_synack(Err(why)).await;
+            None
+        }
+    }
 }
 
 /// The UDP hook, for an address already resolved: Err names the policy.
@@ -439,11 +454,23 @@ mod tests {
     async fn names_are_checked_by_what_they_resolve_to() {
         let policy = Policy { own: vec!["127.0.0.1:9090".parse().unwrap()], ..Policy::default() };
         for name in ["localhost", "2130706433", "0x7f000001", "::ffff:127.0.0.1"] {
-            let refused = policy.check_destination(&Address::domain(name, 9090)).await;
+            let refused = policy.check_destination(Address::domain(name, 9090)).await;
             assert!(matches!(refused, Err((Refusal::Own, _))), "{name}: {refused:?}");
         }
-        assert!(policy.check_destination(&Address::domain("localhost", 9091)).await.is_ok());
+        // Other ports: names are dialed as names, numeric ones as the address they spell.
+        let localhost = Address::domain("localhost", 9091);
+        assert_eq!(policy.check_destination(localhost.clone()).await, Ok(localhost));
+        let numeric = policy.check_destination(Address::domain("0x7f000001", 9091)).await;
+        assert_eq!(numeric, Ok(Address::socket("127.0.0.1:9091".parse().unwrap())));
         let deny = Policy { deny: vec![Cidr::parse("127.0.0.0/8").unwrap()], ..Policy::default() };
-        assert!(matches!(deny.check_destination(&Address::domain("localhost", 1)).await, Err((Refusal::Deny, _))));
+        assert!(matches!(deny.check_destination(Address::domain("localhost", 1)).await, Err((Refusal::Deny, _))));
+    }
+
+    #[tokio::test]
+    async fn with_deny_rules_a_name_is_dialed_at_the_address_that_was_checked() {
+        let deny = Policy { deny: vec![Cidr::parse("192.0.2.0/24").unwrap()], ..Policy::default() };
+        let pinned = deny.check_destination(Address::domain("localhost", 80)).await.unwrap();
+        assert!(matches!(pinned.host, Host::Ip(ip) if ip.is_loopback()), "{pinned:?}");
+        assert_eq!(pinned.port, 80);
     }
 }
