@@ -11,6 +11,8 @@ pub mod config;
 pub mod logging;
 pub mod pool;
 pub mod proto;
+pub mod resources;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod tcp_state;

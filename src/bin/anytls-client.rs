@@ -20,7 +20,7 @@ use anytls_rs::pool::PoolType;
 use anytls_rs::pool::buffers::{BufferPoolMode, set_relay_buffer_pool};
 use anytls_rs::proto::address::Host;
 use anytls_rs::proto::{PaddingScheme, PasswordHash};
-use anytls_rs::session::SessionConfig;
+use anytls_rs::session::{BufferBudget, SessionConfig};
 
 /// AnyTLS client. The local port speaks SOCKS5, SOCKS4/4a and HTTP proxy.
 /// The server's certificate is verified unless --insecure or --pin-sha256 is given.
@@ -137,6 +137,14 @@ struct Args {
     /// Read the password from the first line of FILE (keeps it out of `ps`).
     #[arg(long, value_name = "FILE", conflicts_with = "password", help_heading = "Servers")]
     password_file: Option<PathBuf>,
+    /// Stream data received from servers and not yet written to local connections,
+    /// across all sessions, in MiB; a session over its share stops being read
+    /// [default: 1/16 of physical memory, 64..1024].
+    #[arg(long, value_name = "MIB", help_heading = "Sessions")]
+    buffer_budget_mib: Option<usize>,
+    /// The same, for one session, in KiB.
+    #[arg(long, value_name = "KIB", default_value_t = 4096, help_heading = "Sessions")]
+    session_buffer_kib: usize,
 }
 
 fn main() -> ExitCode {
@@ -162,6 +170,12 @@ async fn run(args: Args) -> Result<(), String> {
     if args.api_token.is_some() && args.api.is_none() {
         log::warn!("--api-token (or ANYTLS_API_TOKEN) without --api: there is no API to protect");
     }
+    // Each local connection holds two descriptors (its own and, usually, a session's).
+    log::info!("file descriptors: {}", anytls_rs::resources::raise_fd_limit());
+    let buffers = BufferBudget::new(
+        args.buffer_budget_mib.map_or_else(anytls_rs::resources::default_buffer_budget, |mib| mib << 20),
+        args.session_buffer_kib << 10,
+    );
     let pool_settings = SessionPoolSettings {
         pool_type: args.pool_type,
         idle_timeout: Duration::from_secs(args.idle_session_timeout_secs),
@@ -172,7 +186,7 @@ async fn run(args: Args) -> Result<(), String> {
     let mut pools = Vec::new();
     let mut described = Vec::new();
     for server in &args.servers {
-        let (connector, trust) = connector_for(server, &args)?;
+        let (connector, trust) = connector_for(server, &args, &buffers)?;
         described.push(format!("{} ({})", connector.server, describe_trust(&trust)));
         pools.push(SessionPool::new(connector, pool_settings.clone()));
     }
@@ -218,7 +232,7 @@ async fn run(args: Args) -> Result<(), String> {
 
 /// The connector for one `-s` value: a link's password, SNI and `insecure` win over
 /// nothing, the command line's flags win over the link's.
-fn connector_for(server: &str, args: &Args) -> Result<(Connector, Trust), String> {
+fn connector_for(server: &str, args: &Args, buffers: &BufferBudget) -> Result<(Connector, Trust), String> {
     let (server, link_password, link_sni, link_insecure, link_pin) = if server.starts_with("anytls://") {
         let link = parse_link(server)?;
         (link.server, link.password, link.sni, link.insecure, link.pin_sha256)
@@ -255,6 +269,7 @@ fn connector_for(server: &str, args: &Args) -> Result<(Connector, Trust), String
             stream_idle_timeout: secs_or_never(args.stream_idle_timeout_secs),
             heartbeat_interval: secs_or_never(args.heartbeat_interval_secs),
             heartbeat_timeout: Duration::from_secs(args.heartbeat_timeout_secs.max(1)),
+            buffers: buffers.clone(),
             ..SessionConfig::default()
         },
         connect_timeout: Duration::from_secs(args.connect_timeout_secs),

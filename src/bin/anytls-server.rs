@@ -13,6 +13,7 @@ use anytls_rs::config;
 use anytls_rs::pool::PoolType;
 use anytls_rs::pool::buffers::{BufferPoolMode, set_relay_buffer_pool};
 use anytls_rs::proto::{Address, PaddingScheme, PasswordHash};
+use anytls_rs::resources::ServerCaps;
 use anytls_rs::server::limits::ServerLimits;
 use anytls_rs::server::outbound_pool::OutboundSettings;
 use anytls_rs::server::policy::{self, Cidr, Policy};
@@ -20,6 +21,7 @@ use anytls_rs::server::tls::{CertificateSlot, Identity};
 use anytls_rs::server::udp::UdpSettings;
 use anytls_rs::server::users::{UserEntry, Users};
 use anytls_rs::server::{self, ServerConfig};
+use anytls_rs::session::BufferBudget;
 
 /// AnyTLS server. Without --cert/--key it makes a self-signed certificate and logs
 /// its SHA-256 fingerprint (give that to clients with --pin-sha256).
@@ -61,9 +63,10 @@ struct Args {
     /// Time a client has to finish TLS and authenticate, in seconds.
     #[arg(long, default_value_t = 10, value_name = "SECS", help_heading = "Listening and TLS")]
     handshake_timeout_secs: u64,
-    /// Connections allowed in the TLS/authentication phase at once; more are dropped.
-    #[arg(long, default_value_t = 512, value_name = "N", help_heading = "Listening and TLS")]
-    max_handshakes: usize,
+    /// Connections allowed in the TLS/authentication phase at once; more are dropped
+    /// [default: 1/16 of the file-descriptor limit].
+    #[arg(long, value_name = "N", help_heading = "Listening and TLS")]
+    max_handshakes: Option<usize>,
     /// Streams one session may have open at once.
     #[arg(long, default_value_t = 1024, value_name = "N", help_heading = "Limits")]
     max_streams_per_session: usize,
@@ -82,9 +85,10 @@ struct Args {
     /// Warm connections older than this are closed, in seconds.
     #[arg(long, default_value_t = 1800, value_name = "SECS", help_heading = "Outbound pool")]
     max_lifetime_secs: u64,
-    /// Warm connections across all targets (bounds file descriptors).
-    #[arg(long, default_value_t = 1024, value_name = "N", help_heading = "Outbound pool")]
-    max_idle_total: usize,
+    /// Warm connections across all targets [default: 1/16 of the file-descriptor
+    /// limit, at most 1024].
+    #[arg(long, value_name = "N", help_heading = "Outbound pool")]
+    max_idle_total: Option<usize>,
     /// Targets to warm up at start-up: host:port,host:port.
     #[arg(long, value_delimiter = ',', value_name = "HOST:PORT,...", help_heading = "Outbound pool")]
     warmup: Vec<String>,
@@ -95,12 +99,14 @@ struct Args {
     #[arg(long, default_value_t = 60, value_name = "SECS", help_heading = "Limits")]
     udp_idle_timeout_secs: u64,
     /// Authenticated sessions at once; one more gets an Alert and is closed (checked
-    /// after authentication; unauthenticated connections count under --max-handshakes).
-    #[arg(long, default_value_t = 4096, value_name = "N", help_heading = "Limits")]
-    max_sessions: usize,
-    /// Streams at once across all sessions; more are refused (SYNACK error).
-    #[arg(long, default_value_t = 65536, value_name = "N", help_heading = "Limits")]
-    max_streams: usize,
+    /// after authentication; unauthenticated connections count under --max-handshakes)
+    /// [default: 7/16 of the file-descriptor limit].
+    #[arg(long, value_name = "N", help_heading = "Limits")]
+    max_sessions: Option<usize>,
+    /// Streams at once across all sessions; more are refused (SYNACK error)
+    /// [default: 7/16 of the file-descriptor limit].
+    #[arg(long, value_name = "N", help_heading = "Limits")]
+    max_streams: Option<usize>,
     /// A TCP stream with no data either way for this long is ended, in seconds (0 = never).
     #[arg(long, default_value_t = 300, value_name = "SECS", help_heading = "Limits")]
     stream_idle_timeout_secs: u64,
@@ -134,6 +140,14 @@ struct Args {
     /// Refuse streams to loopback, RFC 1918, link-local (169.254.169.254) and ULA addresses.
     #[arg(long, help_heading = "Outbound connections")]
     deny_private: bool,
+    /// Stream data received and not yet written out, across all sessions, in MiB; a
+    /// session over its share stops being read [default: 1/16 of physical memory,
+    /// 64..1024].
+    #[arg(long, value_name = "MIB", help_heading = "Limits")]
+    buffer_budget_mib: Option<usize>,
+    /// The same, for one session, in KiB.
+    #[arg(long, value_name = "KIB", default_value_t = 4096, help_heading = "Limits")]
+    session_buffer_kib: usize,
 }
 
 fn main() -> ExitCode {
@@ -220,6 +234,25 @@ fn reload_on_sighup(_: Vec<String>, _: Arc<Users>, _: Arc<CertificateSlot>) -> R
 
 #[tokio::main]
 async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
+    let fds = anytls_rs::resources::raise_fd_limit();
+    let caps = ServerCaps::for_fd_limit(fds.limit);
+    let max_handshakes = args.max_handshakes.unwrap_or(caps.handshakes).max(1);
+    let max_sessions = args.max_sessions.unwrap_or(caps.sessions).max(1);
+    let max_streams = args.max_streams.unwrap_or(caps.streams).max(1);
+    let max_idle_total = args.max_idle_total.unwrap_or(caps.warm);
+    log::info!(
+        "file descriptors: {fds}; --max-handshakes {max_handshakes}, --max-sessions {max_sessions}, \
+         --max-streams {max_streams}, --max-idle-total {max_idle_total} (defaults are shares of the limit)"
+    );
+    let buffers = BufferBudget::new(
+        args.buffer_budget_mib.map_or_else(anytls_rs::resources::default_buffer_budget, |mib| mib << 20),
+        args.session_buffer_kib << 10,
+    );
+    log::info!(
+        "buffered stream data: at most {} MiB in all (--buffer-budget-mib), {} KiB per session (--session-buffer-kib)",
+        buffers.global_bytes() >> 20,
+        buffers.per_session() >> 10
+    );
     let users = Arc::new(Users::new(user_entries(&args)?)?);
     let self_signed = args.cert.is_none() || args.key.is_none();
     let identity = match (&args.cert, &args.key) {
@@ -252,13 +285,13 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
         padding,
         connect_timeout: Duration::from_secs(args.connect_timeout_secs),
         handshake_timeout: Duration::from_secs(args.handshake_timeout_secs),
-        max_handshakes: args.max_handshakes,
+        max_handshakes,
         max_streams_per_session: args.max_streams_per_session,
         outbound: OutboundSettings {
             pool_type: args.pool_type,
             max_per_target: args.max_outbound_connections.max(1),
             min_idle: args.min_idle_connections,
-            max_idle_total: args.max_idle_total,
+            max_idle_total,
             max_idle_time: Duration::from_secs(args.max_idle_time_secs),
             max_lifetime: Duration::from_secs(args.max_lifetime_secs),
             max_waiters_per_target: args.max_outbound_connections.max(1) * 4,
@@ -269,11 +302,12 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
     };
 
     let limits = ServerLimits {
-        max_sessions: args.max_sessions.max(1),
-        max_streams: args.max_streams.max(1),
+        max_sessions,
+        max_streams,
         stream_idle_timeout: (args.stream_idle_timeout_secs > 0)
             .then(|| Duration::from_secs(args.stream_idle_timeout_secs)),
         drain_timeout: Duration::from_secs(args.shutdown_timeout_secs),
+        buffers,
     };
     set_relay_buffer_pool(args.buffer_pool);
     let pool = server::new_outbound_pool(&config);

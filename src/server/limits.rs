@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
+use crate::session::BufferBudget;
 use crate::shutdown::{InFlight, InFlightGuard};
 
 /// Limits and shutdown behaviour; the binary's `--help` documents each.
@@ -27,6 +28,8 @@ pub struct ServerLimits {
     pub stream_idle_timeout: Option<Duration>,
     /// How long streams in flight may go on after a shutdown signal.
     pub drain_timeout: Duration,
+    /// Stream data received from clients and not yet written to its destination.
+    pub buffers: BufferBudget,
 }
 
 impl Default for ServerLimits {
@@ -36,6 +39,7 @@ impl Default for ServerLimits {
             max_streams: 65536,
             stream_idle_timeout: Some(Duration::from_secs(300)),
             drain_timeout: Duration::from_secs(10),
+            buffers: BufferBudget::default(),
         }
     }
 }
@@ -75,10 +79,9 @@ impl Gate {
 
     /// A place for a new authenticated session, or the reason there is none.
     pub fn admit_session(&self) -> Result<OwnedSemaphorePermit, String> {
-        self.sessions
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| format!("too many sessions on this server (limit {})", self.limits.max_sessions))
+        self.sessions.clone().try_acquire_owned().map_err(|_| {
+            format!("too many sessions on this server (limit {}, --max-sessions)", self.limits.max_sessions)
+        })
     }
 
     /// A place for a new stream, or the reason (sent to the client as SYNACK error).
@@ -86,11 +89,9 @@ impl Gate {
         if self.draining.load(Ordering::Acquire) {
             return Err("server is shutting down".into());
         }
-        let permit = self
-            .streams
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| format!("too many streams on this server (limit {})", self.limits.max_streams))?;
+        let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
+            format!("too many streams on this server (limit {}, --max-streams)", self.limits.max_streams)
+        })?;
         Ok(StreamTicket { _permit: permit, _in_flight: self.in_flight.start() })
     }
 

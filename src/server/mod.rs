@@ -10,6 +10,7 @@ pub mod udp;
 pub mod users;
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -93,6 +94,7 @@ pub async fn run_with_users(
         padding: Arc::new(ArcSwap::from_pointee(config.padding.clone())),
         max_streams: config.max_streams_per_session,
         stream_idle_timeout: limits.stream_idle_timeout,
+        buffers: limits.buffers.clone(),
         ..SessionConfig::default()
     };
     let gate = Arc::new(Gate::new(limits));
@@ -109,7 +111,10 @@ pub async fn run_with_users(
             () = &mut shutdown => break,
         };
         let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-            log::warn!("{peer}: dropped, {} handshakes already in progress", config.max_handshakes);
+            log::warn!(
+                "{peer}: dropped, {} handshakes already in progress (raise --max-handshakes if the machine can carry more)",
+                config.max_handshakes
+            );
             continue;
         };
         let acceptor = acceptor.clone();
@@ -139,6 +144,7 @@ pub async fn run_with_users(
             };
             let _counted = SessionCount::new(user.counters.clone());
             let handler = count_streams(&user, stream_handler(gate.clone(), pool, config.udp, peer.to_string()));
+            let client_socket = tls.get_ref().0.as_raw_fd();
             let tls = CountedIo::new(tls, user.counters.clone());
             let session = Session::server(tls, session_config, leftover, handler);
             log::debug!("{peer}: session open (user {})", user.name);
@@ -152,6 +158,10 @@ pub async fn run_with_users(
                     session.close("user removed by a reload");
                     log::info!("{peer}: session of user {} closed: removed by a reload", user.name);
                     "user removed by a reload".into()
+                }
+                () = client_gone(client_socket) => {
+                    session.close("the client closed the connection");
+                    "the client closed the connection".into()
                 }
             };
             log::debug!("{peer}: session closed: {reason}");
@@ -239,6 +249,23 @@ async fn maintain_pool(pool: OutboundPool, stats_interval: Duration) {
 }
 
 type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// Resolves once the client's socket shows that it closed or reset the connection.
+/// A session whose streams' destinations stopped reading stops reading its client
+/// (backpressure), so it would not see the close itself: without this, a client
+/// that filled its buffers and left would hold them, and their outbound connections,
+/// until the stream idle timeout. `socket` stays open while the session runs, and
+/// this is polled only until the session ends.
+async fn client_gone(socket: std::os::fd::RawFd) {
+    let mut check = tokio::time::interval(Duration::from_secs(2));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        check.tick().await;
+        if crate::tcp_state::peer_closed_fd(socket) {
+            return;
+        }
+    }
+}
 
 /// TLS, then the authentication block. A wrong password gets no answer at all.
 async fn handshake(

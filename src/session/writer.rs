@@ -49,23 +49,30 @@ pub(super) async fn run<IO: AsyncWrite>(
                 Err(_) => break,
             }
         }
-        let result = match &padding {
-            Some(scheme) if write_index < scheme.stop() => {
-                write_padded(&mut io, &batch, scheme, write_index, &mut rng).await
+        let written = async {
+            match &padding {
+                Some(scheme) if write_index < scheme.stop() => {
+                    write_padded(&mut io, &batch, scheme, write_index, &mut rng).await?
+                }
+                _ => io.write_all(&batch).await?,
             }
-            _ => io.write_all(&batch).await,
+            io.flush().await
+        };
+        // A peer that stops reading blocks the write; a close must still end it. A
+        // write that can go out at once does (an Alert queued just before the close).
+        let result = tokio::select! {
+            biased;
+            result = written => result,
+            _ = closed.wait_for(|state| state.is_some()) => break,
         };
         write_index = write_index.saturating_add(1);
-        if let Err(err) = async {
-            result?;
-            io.flush().await
-        }
-        .await
-        {
+        if let Err(err) = result {
             shared.close_by_peer(&format!("write failed: {err}"));
             break;
         }
     }
+    // Senders blocked on a full queue fail now rather than after the shutdown below.
+    drop((control_rx, data_rx));
     // Best effort: a TLS close_notify, then FIN.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), io.shutdown()).await;
 }
