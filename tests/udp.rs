@@ -82,6 +82,7 @@ async fn start_client(server: SocketAddr) -> SocketAddr {
         credentials: None,
         idle_check_interval: Duration::from_secs(30),
         stats_interval: Duration::from_secs(600),
+        local_handshake_timeout: Duration::from_secs(10),
     };
     tokio::spawn(client::run(listener, config));
     addr

@@ -145,6 +145,18 @@ struct Args {
     /// The same, for one session, in KiB.
     #[arg(long, value_name = "KIB", default_value_t = 4096, help_heading = "Sessions")]
     session_buffer_kib: usize,
+
+    // The local and API edges (kept together at the end).
+    /// A local connection that has not sent its whole greeting and request (SOCKS5,
+    /// SOCKS4 or HTTP) within this many seconds is closed.
+    #[arg(long, default_value_t = 10, value_name = "SECS", help_heading = "Local proxy")]
+    local_handshake_timeout_secs: u64,
+    /// API connections served at once; more are answered 503 and closed.
+    #[arg(long, default_value_t = anytls_rs::api::DEFAULT_MAX_CONNECTIONS, value_name = "N", help_heading = "Monitoring")]
+    api_max_connections: usize,
+    /// An API client must send a request's whole header within this many seconds.
+    #[arg(long, default_value_t = anytls_rs::api::DEFAULT_HEADER_TIMEOUT_SECS, value_name = "SECS", help_heading = "Monitoring")]
+    api_header_timeout_secs: u64,
 }
 
 fn main() -> ExitCode {
@@ -201,6 +213,7 @@ async fn run(args: Args) -> Result<(), String> {
             .zip(args.socks_pass.clone())
             .map(|(username, password)| Credentials { username, password }),
         idle_check_interval: Duration::from_secs(args.idle_session_check_interval_secs.max(1)),
+        local_handshake_timeout: Duration::from_secs(args.local_handshake_timeout_secs.max(1)),
     };
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
@@ -213,14 +226,22 @@ async fn run(args: Args) -> Result<(), String> {
         );
     }
     let policy = if described.len() > 1 { format!(", policy {:?}", args.policy) } else { String::new() };
-    log::info!(
-        "SOCKS5/SOCKS4/HTTP proxy on {}, server {}{policy}",
-        listener.local_addr().map_err(|e| e.to_string())?,
-        described.join(", ")
-    );
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    log::info!("SOCKS5/SOCKS4/HTTP proxy on {local}, server {}{policy}", described.join(", "));
+    if config.credentials.is_none() && !local.ip().is_loopback() {
+        log::warn!(
+            "proxy on {local} is reachable from other machines and has no --socks-user: anyone who can \
+             reach it can use the server through it"
+        );
+    }
     set_relay_buffer_pool(args.buffer_pool);
     if let Some(api) = &args.api {
-        anytls_rs::api::start(api, args.api_token.clone(), config.servers.clone()).await?;
+        let settings = anytls_rs::api::ApiSettings {
+            token: args.api_token.clone(),
+            max_connections: args.api_max_connections.max(1),
+            header_timeout: Duration::from_secs(args.api_header_timeout_secs.max(1)),
+        };
+        anytls_rs::api::start(api, settings, config.servers.clone()).await.map_err(|e| e.to_string())?;
     }
     let shutdown = async {
         let signal = anytls_rs::shutdown::signal().await;
@@ -234,7 +255,7 @@ async fn run(args: Args) -> Result<(), String> {
 /// nothing, the command line's flags win over the link's.
 fn connector_for(server: &str, args: &Args, buffers: &BufferBudget) -> Result<(Connector, Trust), String> {
     let (server, link_password, link_sni, link_insecure, link_pin) = if server.starts_with("anytls://") {
-        let link = parse_link(server)?;
+        let link = parse_link(server).map_err(|e| e.to_string())?;
         (link.server, link.password, link.sni, link.insecure, link.pin_sha256)
     } else {
         let address = parse_server(server, 443).ok_or_else(|| format!("bad server address {server:?}"))?;
@@ -246,7 +267,7 @@ fn connector_for(server: &str, args: &Args, buffers: &BufferBudget) -> Result<(C
         .or(link_password)
         .ok_or_else(|| format!("no password for {server}: give -p or put it in the anytls:// link"))?;
     let trust = if let Some(pin) = args.pin_sha256.as_ref().or(link_pin.as_ref()) {
-        Trust::Pin(parse_pin(pin)?)
+        Trust::Pin(parse_pin(pin).map_err(|e| e.to_string())?)
     } else if args.insecure || link_insecure {
         Trust::Insecure
     } else {
@@ -262,7 +283,7 @@ fn connector_for(server: &str, args: &Args, buffers: &BufferBudget) -> Result<(C
     let connector = Connector {
         server,
         server_name,
-        tls: tokio_rustls::TlsConnector::from(client_config(&trust)?),
+        tls: tokio_rustls::TlsConnector::from(client_config(&trust).map_err(|e| e.to_string())?),
         password: PasswordHash::of(&password),
         session_config: SessionConfig {
             padding: Arc::new(ArcSwap::from_pointee(PaddingScheme::default())),

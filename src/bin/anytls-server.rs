@@ -148,6 +148,14 @@ struct Args {
     /// The same, for one session, in KiB.
     #[arg(long, value_name = "KIB", default_value_t = 4096, help_heading = "Limits")]
     session_buffer_kib: usize,
+
+    // The API's edge (kept together at the end).
+    /// API connections served at once; more are answered 503 and closed.
+    #[arg(long, default_value_t = anytls_rs::api::DEFAULT_MAX_CONNECTIONS, value_name = "N", help_heading = "Monitoring")]
+    api_max_connections: usize,
+    /// An API client must send a request's whole header within this many seconds.
+    #[arg(long, default_value_t = anytls_rs::api::DEFAULT_HEADER_TIMEOUT_SECS, value_name = "SECS", help_heading = "Monitoring")]
+    api_header_timeout_secs: u64,
 }
 
 fn main() -> ExitCode {
@@ -315,7 +323,14 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
     let mut own = vec![bound];
     anytls_rs::api::show_users(users.clone());
     if let Some(api) = &args.api {
-        own.push(anytls_rs::api::start(api, args.api_token.clone(), std::sync::Arc::new(pool.clone())).await?);
+        let settings = anytls_rs::api::ApiSettings {
+            token: args.api_token.clone(),
+            max_connections: args.api_max_connections.max(1),
+            header_timeout: Duration::from_secs(args.api_header_timeout_secs.max(1)),
+        };
+        own.push(
+            anytls_rs::api::start(api, settings, std::sync::Arc::new(pool.clone())).await.map_err(|e| e.to_string())?,
+        );
     } else if args.api_token.is_some() {
         log::warn!("--api-token (or ANYTLS_API_TOKEN) without --api: there is no API to protect");
     }
