@@ -4,6 +4,8 @@
 //! - `GET /api/connection-pool-stats`: [`stats::ConnectionPoolStats`] as JSON.
 //! - `GET /api/memory-pool-stats`: [`stats::MemoryPoolStats`] as JSON.
 //! - `GET /api/events`: server-sent events, one [`stats::Snapshot`] a second (the page's feed).
+//! - `GET /api/users`: [`stats::UsersStats`] (server): per-user counters, authentication
+//!   failures, outbound policy refusals.
 //! - `GET /metrics`: the Prometheus text exposition of the same numbers.
 //! - `GET /`: the live page (`page.html`, compiled into the binary: no CDN, no files).
 //!
@@ -179,6 +181,7 @@ fn router(source: Arc<dyn PoolSource>, token: Option<String>) -> Router {
         .route("/api/memory-pool-stats", get(memory_pool_stats))
         .route("/api/events", get(events))
         .route("/metrics", get(metrics))
+        .route("/api/users", get(users))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state)
 }
@@ -198,7 +201,31 @@ async fn memory_pool_stats() -> Json<MemoryPoolStats> {
 async fn metrics(State(state): State<ApiState>) -> Response {
     let mut body = stats::render_prometheus(&snapshot(&state));
     handshakes::render_prometheus(&mut body);
+    body.push_str(&users_stats().map(|users| stats::render_user_metrics(&users)).unwrap_or_default());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
+}
+
+/// The server's users, when the binary has shown them ([`show_users`]).
+static USERS: std::sync::OnceLock<Arc<crate::server::users::Users>> = std::sync::OnceLock::new();
+
+/// Makes the API show `users` (`/api/users`, the page, `/metrics`).
+pub fn show_users(users: Arc<crate::server::users::Users>) {
+    let _ = USERS.set(users);
+}
+
+fn users_stats() -> Option<stats::UsersStats> {
+    use crate::server::policy::{Refusal, refused_total};
+    let users = USERS.get()?;
+    Some(stats::UsersStats {
+        users: users.report(),
+        auth_failures: users.auth_failures(),
+        policy_refused: Refusal::ALL.iter().map(|r| (r.label(), refused_total(*r))).collect(),
+    })
+}
+
+/// `null` on the client, which has no users.
+async fn users() -> Json<Option<stats::UsersStats>> {
+    Json(users_stats())
 }
 
 /// One snapshot now, then one every [`EVENT_INTERVAL`], until the browser goes away.

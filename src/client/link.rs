@@ -1,4 +1,6 @@
-//! `anytls://[password@]host[:port]/?sni=NAME&insecure=0|1` links.
+//! `anytls://[password@]host[:port]/?sni=NAME&insecure=0|1&pin-sha256=HEX` links.
+//! `pin-sha256` (this project's addition, printed by `anytls-server` for a self-signed
+//! certificate) accepts exactly the certificate with that SHA-256; other clients ignore it.
 
 use crate::proto::Address;
 
@@ -21,6 +23,7 @@ pub struct Link {
     pub server: Address,
     pub sni: Option<String>,
     pub insecure: bool,
+    pub pin_sha256: Option<String>,
 }
 
 /// Parses a link; the password is percent-decoded, the port defaults to 443.
@@ -36,13 +39,14 @@ pub fn parse_link(text: &str) -> Result<Link, LinkError> {
         None => (None, authority),
     };
     let server = parse_server(host_port, 443).ok_or_else(|| LinkError::BadServer(host_port.to_string()))?;
-    let mut link = Link { password, server, sni: None, insecure: false };
+    let mut link = Link { password, server, sni: None, insecure: false, pin_sha256: None };
     for pair in query.split('#').next().unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         let value = percent_decode(value)?;
         match key {
             "sni" if !value.is_empty() => link.sni = Some(value),
             "insecure" => link.insecure = value == "1" || value == "true",
+            "pin-sha256" if !value.is_empty() => link.pin_sha256 = Some(value),
             _ => {}
         }
     }
@@ -94,6 +98,8 @@ mod tests {
         assert_eq!(link.server.to_string(), "example.com:8443");
         assert_eq!(link.sni.as_deref(), Some("cdn.example"));
         assert!(link.insecure);
+        let pinned = parse_link("anytls://pw@127.0.0.1:8443/?pin-sha256=ab12").unwrap();
+        assert_eq!(pinned.pin_sha256.as_deref(), Some("ab12"));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! SOCKS5 UDP ASSOCIATE on the local proxy port, carried as UDP over TCP (contract §5).
+//! SOCKS5 UDP ASSOCIATE on the local proxy port, carried as UDP over TCP (docs/protocol.md §5).
 //!
 //! Each association gets its own UDP socket on the IP its control connection arrived at,
 //! and one stream to `sp.v2.udp-over-tcp.arpa` with per-packet addresses, so one

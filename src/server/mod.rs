@@ -5,8 +5,10 @@ pub mod fallback;
 pub mod limits;
 pub mod outbound;
 pub mod outbound_pool;
+pub mod policy;
 pub mod tls;
 pub mod udp;
+pub mod users;
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -29,6 +31,7 @@ use fallback::{Fallback, FirstData, ProbeSettings, TlsFront};
 use limits::{Gate, HandshakeRefusal, HandshakeSlot, HandshakeSlots, ServerLimits};
 use outbound::Dialer;
 use outbound_pool::{OutboundPool, OutboundSettings};
+use users::{CountedIo, SessionCount, User, UserEntry, Users};
 
 /// Everything the server needs to run.
 pub struct ServerConfig {
@@ -67,6 +70,7 @@ pub fn new_outbound_pool(config: &ServerConfig) -> OutboundPool {
 /// Accepts connections until `shutdown` resolves, then stops accepting, lets streams
 /// in flight finish (at most `limits.drain_timeout`), closes every session and the
 /// outbound pool's warm connections, and logs the final pool statistics.
+/// `config.passwords` are the users (unnamed).
 pub async fn run_until(
     listener: TcpListener,
     config: ServerConfig,
@@ -74,8 +78,24 @@ pub async fn run_until(
     limits: ServerLimits,
     shutdown: impl Future<Output = ()>,
 ) {
-    let front = Arc::new(TlsFront::new(config.tls.clone(), config.probe.fallback.as_ref()));
-    let fallback = config.probe.fallback.clone().map(|settings| Arc::new(Fallback::new(settings)));
+    let users = Users::new(UserEntry::unnamed(config.passwords.clone())).expect("at least one password");
+    run_with_users(listener, config, Arc::new(users), pool, limits, shutdown).await
+}
+
+/// As [`run_until`], with named users that a reload may change while it runs: the
+/// sessions of a user removed from `users` are closed (`config.passwords` is unused).
+pub async fn run_with_users(
+    listener: TcpListener,
+    config: ServerConfig,
+    users: Arc<Users>,
+    pool: OutboundPool,
+    limits: ServerLimits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let door = Arc::new(Door {
+        tls: TlsFront::new(config.tls.clone(), config.probe.fallback.as_ref()),
+        fallback: config.probe.fallback.clone().map(Fallback::new),
+    });
     let config = Arc::new(config);
     let session_config = SessionConfig {
         padding: Arc::new(ArcSwap::from_pointee(config.padding.clone())),
@@ -102,20 +122,19 @@ pub async fn run_until(
         };
         let slots = slots.clone();
         let refusals = refusals.clone();
-        let front = front.clone();
-        let fallback = fallback.clone();
+        let door = door.clone();
         let config = config.clone();
         let session_config = session_config.clone();
         let pool = pool.clone();
         let gate = gate.clone();
+        let users = users.clone();
         tokio::spawn(async move {
             let deadline = Instant::now() + config.handshake_timeout;
             let slot = match slots.admit(peer.ip(), deadline).await {
                 Ok(slot) => slot,
                 Err(why) => return refusals.lock().expect("refusal log lock").note(peer, &why),
             };
-            let Some((tls, leftover)) =
-                authenticate(tcp, peer, &front, &config, fallback.as_deref(), deadline, slot).await
+            let Some((tls, leftover, user)) = authenticate(tcp, peer, &door, &config, &users, deadline, slot).await
             else {
                 return;
             };
@@ -123,15 +142,22 @@ pub async fn run_until(
                 Ok(place) => place,
                 Err(why) => return refuse_session(tls, peer, &why).await,
             };
-            let handler = stream_handler(gate.clone(), pool, config.udp, peer.to_string());
+            let _counted = SessionCount::new(user.counters.clone());
+            let handler = count_streams(&user, stream_handler(gate.clone(), pool, config.udp, peer.to_string()));
             let client_socket = tls.get_ref().0.as_raw_fd();
+            let tls = CountedIo::new(tls, user.counters.clone());
             let session = Session::server(tls, session_config, leftover, handler);
-            log::debug!("{peer}: session open");
+            log::debug!("{peer}: session open (user {})", user.name);
             let reason = tokio::select! {
                 reason = session.closed() => reason,
                 () = gate.closing() => {
                     session.close("server shutting down");
                     "server shutting down".into()
+                }
+                () = user.revoked() => {
+                    session.close("user removed by a reload");
+                    log::info!("{peer}: session of user {} closed: removed by a reload", user.name);
+                    "user removed by a reload".into()
                 }
                 () = client_gone(client_socket) => {
                     session.close("the client closed the connection");
@@ -169,6 +195,15 @@ fn stream_handler(gate: Arc<Gate>, pool: OutboundPool, udp: udp::UdpSettings, pe
                 let _ = stream.send_synack(Err(why)).await;
             });
         }
+    })
+}
+
+/// Counts each stream the session opens for its user, then hands it on.
+fn count_streams(user: &User, handler: StreamHandler) -> StreamHandler {
+    let counters = user.counters.clone();
+    Arc::new(move |stream: Stream| {
+        counters.streams.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        handler(stream)
     })
 }
 
@@ -232,20 +267,27 @@ async fn client_gone(socket: std::os::fd::RawFd) {
     }
 }
 
+/// What meets a new connection: TLS, then the fallback site for those that do not
+/// authenticate.
+struct Door {
+    tls: TlsFront,
+    fallback: Option<Fallback>,
+}
+
 /// TLS, then the authentication block, all before `deadline`. An authenticated client
 /// gets its session; anything else goes to the fallback site or is closed silently (see
 /// [`fallback`]), counted and logged at DEBUG only.
 async fn authenticate(
     tcp: TcpStream,
     peer: SocketAddr,
-    front: &TlsFront,
+    door: &Door,
     config: &ServerConfig,
-    fallback: Option<&Fallback>,
+    users: &Users,
     deadline: Instant,
     slot: HandshakeSlot,
-) -> Option<(TlsStream, BytesMut)> {
+) -> Option<(TlsStream, BytesMut, Arc<User>)> {
     let _ = tcp.set_nodelay(true);
-    let mut tls = match tokio::time::timeout_at(deadline, front.accept(tcp)).await {
+    let mut tls = match tokio::time::timeout_at(deadline, door.tls.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(err)) => {
             log::debug!("{peer}: TLS handshake failed: {err}");
@@ -257,10 +299,12 @@ async fn authenticate(
             return None;
         }
     };
-    let read = match fallback::read_first_data(&mut tls, &config.passwords, deadline).await {
+    let accepted = users.current();
+    let read = match fallback::read_first_data(&mut tls, accepted.hashes(), deadline).await {
         FirstData::Authenticated { user, leftover } => {
-            log::debug!("{peer}: authenticated as user {user}");
-            return Some((tls, leftover));
+            let user = accepted.user(user);
+            log::debug!("{peer}: authenticated as user {}", user.name);
+            return Some((tls, leftover, user));
         }
         FirstData::Invalid { read, why } => {
             HandshakeCounters::count(&HANDSHAKES.auth_failures);
@@ -277,7 +321,7 @@ async fn authenticate(
             return None;
         }
     };
-    if let Some(fallback) = fallback
+    if let Some(fallback) = &door.fallback
         && let Some(site) = fallback.open(peer).await
     {
         // Out of the handshake phase: the site's own limits apply from here.

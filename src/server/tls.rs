@@ -1,10 +1,17 @@
 //! The server's TLS identity: certificate files, or a self-signed certificate.
+//!
+//! The certificate can be replaced while the server runs (SIGHUP): the rustls
+//! configuration asks a [`CertificateSlot`] for the certificate at each handshake, so new
+//! connections get the new one and established sessions are untouched.
 
 use std::path::Path;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use sha2::{Digest, Sha256};
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +99,52 @@ fn civil_date(days: i64) -> (i32, u8, u8) {
     (year, month, day)
 }
 
+impl Identity {
+    /// The certificate and key checked and ready to serve (the key must match).
+    pub fn certified_key(self) -> Result<Arc<CertifiedKey>, TlsSetupError> {
+        let provider = rustls::crypto::ring::default_provider();
+        let key = CertifiedKey::from_der(self.chain, self.key, &provider)?;
+        Ok(Arc::new(key))
+    }
+
+    /// A server configuration whose certificate can be swapped later through the slot.
+    pub fn reloadable_server_config(self) -> Result<(Arc<rustls::ServerConfig>, Arc<CertificateSlot>), TlsSetupError> {
+        let slot = Arc::new(CertificateSlot(ArcSwap::new(self.certified_key()?)));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_cert_resolver(slot.clone());
+        Ok((Arc::new(config), slot))
+    }
+}
+
+/// The certificate new handshakes get.
+#[derive(Debug)]
+pub struct CertificateSlot(ArcSwap<CertifiedKey>);
+
+impl CertificateSlot {
+    pub fn replace(&self, identity: Identity) -> Result<(), TlsSetupError> {
+        self.0.store(identity.certified_key()?);
+        Ok(())
+    }
+
+    pub fn replace_key(&self, key: Arc<CertifiedKey>) {
+        self.0.store(key);
+    }
+
+    /// Fingerprint of the leaf certificate served now.
+    pub fn fingerprint(&self) -> String {
+        certificate_fingerprint(&self.0.load().cert[0])
+    }
+}
+
+impl ResolvesServerCert for CertificateSlot {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.load_full())
+    }
+}
+
 pub fn certificate_fingerprint(cert: &CertificateDer<'_>) -> String {
     Sha256::digest(cert.as_ref()).iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -118,6 +171,21 @@ mod tests {
         assert_eq!(civil_date(0), (1970, 1, 1));
         assert_eq!(civil_date(20_513), (2026, 3, 1));
         assert_eq!(civil_date(11_016), (2000, 2, 29));
+    }
+
+    #[test]
+    fn the_slot_serves_the_certificate_it_was_last_given() {
+        let first = Identity::self_signed().unwrap();
+        let first_print = first.fingerprint();
+        let (_config, slot) = first.reloadable_server_config().unwrap();
+        assert_eq!(slot.fingerprint(), first_print);
+        let second = Identity::self_signed().unwrap();
+        let second_print = second.fingerprint();
+        slot.replace(second).unwrap();
+        assert_eq!(slot.fingerprint(), second_print);
+        let mismatched = Identity { key: Identity::self_signed().unwrap().key, ..Identity::self_signed().unwrap() };
+        assert!(slot.replace(mismatched).is_err(), "a key that does not match its certificate is refused");
+        assert_eq!(slot.fingerprint(), second_print);
     }
 
     #[test]

@@ -230,7 +230,7 @@ impl StreamWriter {
         Ok(())
     }
 
-    /// The peer ended the whole stream: no FIN is owed (the contract: FIN is never
+    /// The peer ended the whole stream: no FIN is owed (docs/protocol.md §2: FIN is never
     /// answered with FIN).
     pub fn forget_fin(&mut self) {
         self.fin_sent = true;
