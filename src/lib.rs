@@ -7,6 +7,7 @@ pub mod accept;
 pub mod api;
 pub mod cli;
 pub mod client;
+pub mod crypto;
 pub mod logging;
 pub mod pool;
 pub mod proto;

@@ -36,7 +36,7 @@ pub fn parse_pin(text: &str) -> Result<[u8; 32], String> {
 }
 
 pub fn client_config(trust: &Trust) -> Result<Arc<rustls::ClientConfig>, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(crate::crypto::provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|err| err.to_string())?;
@@ -197,7 +197,7 @@ mod verifier_tests {
         for cert in &trusted {
             roots.add(cert.clone()).unwrap();
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(crate::crypto::provider());
         let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
             .build()
             .unwrap();
@@ -221,7 +221,7 @@ mod verifier_tests {
     fn a_pin_accepts_exactly_its_certificate() {
         let (cert, other) = (ca_as_leaf(), ca_as_leaf());
         let pin: [u8; 32] = Sha256::digest(cert.as_ref()).into();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(crate::crypto::provider());
         let verifier = Verifier { check: Check::Pin(pin), provider };
         let name = ServerName::try_from("any.example").unwrap();
         verifier.verify_server_cert(&cert, &[], &name, &[], UnixTime::now()).unwrap();

@@ -49,7 +49,7 @@ impl Identity {
     }
 
     pub fn server_config(self) -> Result<Arc<rustls::ServerConfig>, TlsSetupError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(crate::crypto::provider());
         let config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
