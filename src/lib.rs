@@ -8,6 +8,7 @@ pub mod api;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod crypto;
 pub mod logging;
 pub mod pool;
 pub mod proto;

@@ -53,7 +53,7 @@ pub fn parse_pin(text: &str) -> Result<[u8; 32], TrustError> {
 }
 
 pub fn client_config(trust: &Trust) -> Result<Arc<rustls::ClientConfig>, TrustError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(crate::crypto::provider());
     let builder =
         rustls::ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
     let check = match trust {
@@ -212,7 +212,7 @@ mod verifier_tests {
         for cert in &trusted {
             roots.add(cert.clone()).unwrap();
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(crate::crypto::provider());
         let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
             .build()
             .unwrap();
@@ -236,7 +236,7 @@ mod verifier_tests {
     fn a_pin_accepts_exactly_its_certificate() {
         let (cert, other) = (ca_as_leaf(), ca_as_leaf());
         let pin: [u8; 32] = Sha256::digest(cert.as_ref()).into();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(crate::crypto::provider());
         let verifier = Verifier { check: Check::Pin(pin), provider };
         let name = ServerName::try_from("any.example").unwrap();
         verifier.verify_server_cert(&cert, &[], &name, &[], UnixTime::now()).unwrap();

@@ -76,7 +76,7 @@ impl Identity {
     }
 
     pub fn server_config(self) -> Result<Arc<rustls::ServerConfig>, TlsSetupError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(crate::crypto::provider());
         let config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
@@ -102,7 +102,7 @@ fn civil_date(days: i64) -> (i32, u8, u8) {
 impl Identity {
     /// The certificate and key checked and ready to serve (the key must match).
     pub fn certified_key(self) -> Result<Arc<CertifiedKey>, TlsSetupError> {
-        let provider = rustls::crypto::ring::default_provider();
+        let provider = crate::crypto::provider();
         let key = CertifiedKey::from_der(self.chain, self.key, &provider)?;
         Ok(Arc::new(key))
     }
@@ -110,7 +110,7 @@ impl Identity {
     /// A server configuration whose certificate can be swapped later through the slot.
     pub fn reloadable_server_config(self) -> Result<(Arc<rustls::ServerConfig>, Arc<CertificateSlot>), TlsSetupError> {
         let slot = Arc::new(CertificateSlot(ArcSwap::new(self.certified_key()?)));
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(crate::crypto::provider());
         let config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
