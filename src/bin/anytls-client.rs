@@ -156,9 +156,8 @@ async fn run(args: Args) -> Result<(), String> {
             .map(|(username, password)| Credentials { username, password }),
         idle_check_interval: Duration::from_secs(args.idle_session_check_interval_secs.max(1)),
     };
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let listener =
+        anytls_rs::accept::listen(&args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let policy = if described.len() > 1 { format!(", policy {:?}", args.policy) } else { String::new() };
     log::info!(
         "SOCKS5/SOCKS4/HTTP proxy on {}, server {}{policy}",
