@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Usage: ./test_pool_performance.sh [--quick] [--runs R] [--no-build]
+# Usage: ./test_pool_performance.sh [--quick] [--runs R] [--no-build] [--workloads "open1 openn"]
 #
 # Runs the same anytls-bench workloads
 #   bulk   (throughput: download then upload over a few parallel streams),
@@ -37,12 +37,13 @@ here="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=scripts/bench-lib.sh
 . "$here/scripts/bench-lib.sh"
 
-runs=3 quick=0 build=1 runs_given=0
+runs=3 quick=0 build=1 runs_given=0 workloads=(bulk rr hold open1 openn)
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) quick=1 ;;
         --runs) runs=$2; runs_given=1; shift ;;
         --no-build) build=0 ;;
+        --workloads) read -ra workloads <<<"$2"; shift ;; # a subset, in this order
         -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
@@ -150,7 +151,6 @@ run_one() { # run_one ROUND VARIANT WORKLOAD: one anytls-bench run, one JSONL li
     printf '[%3d/%d %3ds] round %d %-8s %-4s %s\n' "$step" "$total" $((SECONDS - started)) "$round" "$v" "$w" "$summary" >&2
 }
 
-workloads=(bulk rr hold open1 openn)
 n=${#variants[@]}
 total=$((runs * n * ${#workloads[@]})) step=0
 load_before="$(cut -d' ' -f1-3 /proc/loadavg)"

@@ -215,9 +215,8 @@ async fn run(args: Args) -> Result<(), String> {
         idle_check_interval: Duration::from_secs(args.idle_session_check_interval_secs.max(1)),
         local_handshake_timeout: Duration::from_secs(args.local_handshake_timeout_secs.max(1)),
     };
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let listener =
+        anytls_rs::accept::listen(&args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let bound = listener.local_addr().map_err(|e| e.to_string())?;
     if !bound.ip().is_loopback() && config.credentials.is_none() {
         log::warn!(

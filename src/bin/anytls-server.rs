@@ -325,9 +325,8 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
         .iter()
         .map(|target| Address::parse_host_port(target).ok_or_else(|| format!("--warmup: bad host:port {target:?}")))
         .collect::<Result<Vec<_>, _>>()?;
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let listener =
+        anytls_rs::accept::listen(&args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let config = ServerConfig {
         tls,
         passwords: Vec::new(),
