@@ -50,13 +50,15 @@ struct Args {
     /// Outbound pool engine: lock (a mutex), lockfree (arc-swap + epoch stacks), highperf (sharded).
     #[arg(long, value_enum, default_value_t = PoolType::LockFree)]
     pool_type: PoolType,
-    /// Outbound connections (in use + warm) per target; more streams wait, then fail.
+    /// Outbound connections the pool manages per target (in use + warm); streams beyond
+    /// it are dialed unpooled, never refused.
     #[arg(long, default_value_t = 100)]
     max_outbound_connections: usize,
     /// Warm connections idle longer than this are closed, and targets quiet this long are let go.
     #[arg(long, default_value_t = 300)]
     max_idle_time_secs: u64,
-    /// Warm connections kept ready per recently used target (0 = dial on demand only).
+    /// Warm connections kept ready at most per busy target: a target is warmed from its
+    /// second stream within the idle window, as many as its rate needs (0 = never warm).
     #[arg(long, default_value_t = 5)]
     min_idle_connections: usize,
     /// Warm connections older than this are closed, in seconds.
@@ -150,7 +152,6 @@ async fn run(args: Args) -> Result<(), String> {
             max_idle_total: args.max_idle_total,
             max_idle_time: Duration::from_secs(args.max_idle_time_secs),
             max_lifetime: Duration::from_secs(args.max_lifetime_secs),
-            max_waiters_per_target: args.max_outbound_connections.max(1) * 4,
         },
         warmup,
         stats_interval: Duration::from_secs(args.stats_interval_secs.max(1)),

@@ -1,6 +1,7 @@
 //! The AnyTLS server: accepts TLS, authenticates, and serves each session's
 //! streams by dialing their destinations.
 
+pub mod dial;
 pub mod limits;
 pub mod outbound;
 pub mod outbound_pool;
@@ -144,7 +145,7 @@ pub async fn run_until(
     }
     maintenance.abort();
     let closed = pool.close_idle();
-    crate::pool::log_stats(&pool.stats(), &pool.idle_by_target(), &format!(", Warmed: {}", pool.warmed()));
+    crate::pool::log_stats(&pool.stats(), &pool.idle_by_target(), &pool.stats_line_extra());
     log::info!("shut down: sessions closed, {closed} warm outbound connections closed");
 }
 
@@ -198,7 +199,7 @@ async fn maintain_pool(pool: OutboundPool, stats_interval: Duration) {
         tokio::select! {
             _ = sweep.tick() => pool.maintain(),
             _ = stats.tick() => {
-                crate::pool::log_stats(&pool.stats(), &pool.idle_by_target(), &format!(", Warmed: {}", pool.warmed()));
+                crate::pool::log_stats(&pool.stats(), &pool.idle_by_target(), &pool.stats_line_extra());
             }
         }
     }
