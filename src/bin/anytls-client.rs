@@ -116,6 +116,12 @@ struct Args {
     /// Relay reads into pooled 64 KiB buffers (on) or a fresh buffer per read (off).
     #[arg(long, value_enum, default_value_t = BufferPoolMode::Off)]
     buffer_pool: BufferPoolMode,
+    // -- pool (helper "pool") --
+    /// Targets (server) or servers (client) that get per-target series in `/metrics`: the
+    /// most active ones, so a server meeting many destinations keeps a bounded number of
+    /// series.
+    #[arg(long, default_value_t = anytls_rs::api::stats::DEFAULT_METRICS_TOP_TARGETS)]
+    metrics_top_targets: usize,
 }
 
 fn main() -> ExitCode {
@@ -166,6 +172,7 @@ async fn run(args: Args) -> Result<(), String> {
         described.join(", ")
     );
     set_relay_buffer_pool(args.buffer_pool);
+    anytls_rs::api::stats::set_metrics_top_targets(args.metrics_top_targets);
     if let Some(api) = &args.api {
         anytls_rs::api::start(api, args.api_token.clone(), config.servers.clone()).await?;
     }

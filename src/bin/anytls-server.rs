@@ -100,6 +100,12 @@ struct Args {
     /// Relay reads into pooled 64 KiB buffers (on) or a fresh buffer per read (off).
     #[arg(long, value_enum, default_value_t = BufferPoolMode::Off)]
     buffer_pool: BufferPoolMode,
+    // -- pool (helper "pool") --
+    /// Targets (server) or servers (client) that get per-target series in `/metrics`: the
+    /// most active ones, so a server meeting many destinations keeps a bounded number of
+    /// series.
+    #[arg(long, default_value_t = anytls_rs::api::stats::DEFAULT_METRICS_TOP_TARGETS)]
+    metrics_top_targets: usize,
 }
 
 fn main() -> ExitCode {
@@ -171,6 +177,7 @@ async fn run(args: Args) -> Result<(), String> {
         drain_timeout: Duration::from_secs(args.shutdown_timeout_secs),
     };
     set_relay_buffer_pool(args.buffer_pool);
+    anytls_rs::api::stats::set_metrics_top_targets(args.metrics_top_targets);
     let pool = server::new_outbound_pool(&config);
     if let Some(api) = &args.api {
         anytls_rs::api::start(api, args.api_token.clone(), std::sync::Arc::new(pool.clone())).await?;

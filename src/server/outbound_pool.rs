@@ -16,17 +16,24 @@
 //! - **A warm connection whose peer has closed is never handed out**, even when a
 //!   greeting is queued in front of the FIN (see [`is_alive`]).
 //! - Names are resolved once per target name per [`super::dial::NAME_TTL`].
+//!
+//! Each target's state ([`Target`]: its limit count, demand and counters) lives in the
+//! engine's slot for that target, keyed by [`Address`]: an acquire is one engine lookup,
+//! with no lock of this module's own and no allocation once the target is known. Targets
+//! quiet for the idle window with nothing in use are forgotten by [`OutboundPool::maintain`].
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 
 use super::dial::{DialError, Dialer, NameCache};
-use crate::pool::{Idle, IdlePool, KeyStats, PoolKey, PoolSettings, PoolStatsSnapshot, PoolType, new_pool};
+use crate::pool::{
+    Idle, IdlePool, KeyCounters, KeyStats, PoolCounters, PoolKey, PoolSettings, PoolStatsSnapshot, PoolType,
+    named_idle_by_key, new_pool, reserve_slot,
+};
 use crate::proto::Address;
 
 /// Limits of the outbound pool, from the command line.
@@ -65,18 +72,18 @@ struct Slot {
 
 impl Slot {
     fn checked_out(target: &Arc<Target>, shared: &Arc<Shared>, pooled: bool) -> Slot {
-        shared.active.fetch_add(1, Ordering::Relaxed);
-        target.active.fetch_add(1, Ordering::Relaxed);
+        shared.counters.record_checkout();
+        KeyCounters::bump(&target.counters.active);
         Slot { target: target.clone(), shared: shared.clone(), pooled }
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.shared.active.fetch_sub(1, Ordering::Relaxed);
-        self.target.active.fetch_sub(1, Ordering::Relaxed);
+        self.shared.counters.record_checkin();
+        KeyCounters::drop_one(&self.target.counters.active);
         // The connection is closed with its stream (never reused).
-        self.shared.ended.fetch_add(1, Ordering::Relaxed);
+        self.shared.counters.record_ended();
         if self.pooled {
             self.target.managed.fetch_sub(1, Ordering::Relaxed);
         }
@@ -102,6 +109,7 @@ struct WarmTicket {
 
 impl WarmTicket {
     fn new(target: &Arc<Target>, shared: &Arc<Shared>) -> WarmTicket {
+        target.warm.fetch_add(1, Ordering::Relaxed);
         WarmTicket { target: target.clone(), shared: shared.clone(), dialed: false, handed_over: false }
     }
 
@@ -116,33 +124,30 @@ impl WarmTicket {
 impl Drop for WarmTicket {
     fn drop(&mut self) {
         self.shared.warm.fetch_sub(1, Ordering::Relaxed);
+        self.target.warm.fetch_sub(1, Ordering::Relaxed);
         if self.handed_over {
             return;
         }
         self.target.managed.fetch_sub(1, Ordering::Relaxed);
         if self.dialed {
-            self.shared.unused.fetch_add(1, Ordering::Relaxed);
-            self.target.unused.fetch_add(1, Ordering::Relaxed);
+            self.shared.counters.record_unused();
+            KeyCounters::bump(&self.target.counters.unused);
+            KeyCounters::bump(&self.target.counters.cleaned);
         }
     }
 }
 
-/// One target's state: its limit, its demand and its counters.
+/// One target's state, kept in the engine's slot for the target.
+#[derive(Default)]
 struct Target {
-    address: Address,
     /// Connections the pool manages for this target: in use (pooled), warm, warming.
     managed: AtomicU64,
+    /// Warm connections of this target, idle or being dialed.
+    warm: AtomicU64,
     demand: Demand,
     refilling: AtomicBool,
-    /// For the API: dialed on demand, served warm, cleaned, in use, dialed unpooled,
-    /// dialed warm, warm ones closed unused.
-    created: AtomicU64,
-    reused: AtomicU64,
-    cleaned: AtomicU64,
-    active: AtomicU64,
-    unpooled: AtomicU64,
-    warmed: AtomicU64,
-    unused: AtomicU64,
+    /// Per target, `cleaned` counts warm connections closed unused (expired, dead).
+    counters: KeyCounters,
 }
 
 /// Streams per window (the idle window): the current one and the one before.
@@ -188,24 +193,21 @@ impl Demand {
     }
 }
 
-/// Counters shared by the pool and the connections it hands out.
+/// What the pool counts beside the engine (which counts idle entries and the expired ones
+/// a take drops): shared with every connection handed out, so a connection can count its
+/// own end without reaching back into the pool.
 #[derive(Default)]
 struct Shared {
-    active: AtomicU64,
+    counters: PoolCounters,
     /// Warm connections idle or being dialed: the number `max_idle_total` caps.
     warm: AtomicU64,
-    warmed: AtomicU64,
-    unused: AtomicU64,
-    unpooled: AtomicU64,
-    ended: AtomicU64,
 }
 
 struct Inner {
     settings: OutboundSettings,
     dialer: Dialer,
     names: NameCache,
-    idle: Arc<dyn IdlePool<WarmConnection>>,
-    targets: Mutex<HashMap<PoolKey, Arc<Target>>>,
+    idle: Arc<dyn IdlePool<Address, Target, WarmConnection>>,
     shared: Arc<Shared>,
     epoch: Instant,
 }
@@ -214,11 +216,6 @@ struct Inner {
 #[derive(Clone)]
 pub struct OutboundPool {
     inner: Arc<Inner>,
-}
-
-/// Claims one of `max` places on `count`; never overshoots, even for a moment.
-fn reserve(count: &AtomicU64, max: usize) -> bool {
-    count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < max as u64).then_some(n + 1)).is_ok()
 }
 
 impl OutboundPool {
@@ -234,7 +231,6 @@ impl OutboundPool {
             settings,
             dialer,
             names: NameCache::default(),
-            targets: Mutex::new(HashMap::new()),
             shared: Arc::default(),
             epoch: Instant::now(),
         };
@@ -250,20 +246,22 @@ impl OutboundPool {
     /// Only the dial itself can fail.
     pub async fn acquire(&self, address: &Address) -> Result<Outbound, DialError> {
         let inner = &self.inner;
-        let (key, target) = inner.target(address);
+        let (target, mut found) = inner.idle.checkout(address, Instant::now());
         target.demand.record(inner.now_ms(), inner.window_ms());
-        while let Some(entry) = inner.idle.take(&key) {
+        while let Some(entry) = found {
             let WarmConnection { tcp, ticket } = entry.value;
             if is_alive(&tcp) {
-                target.reused.fetch_add(1, Ordering::Relaxed);
+                inner.shared.counters.record_reused();
+                KeyCounters::bump(&target.counters.reused);
                 let slot = ticket.into_slot();
-                inner.refill_soon(&key, &target);
+                inner.refill_soon(address, &target);
                 return Ok(Outbound { tcp, reused: true, pooled: true, _slot: slot });
             }
-            inner.idle.counters().record_cleaned(1);
-            target.cleaned.fetch_add(1, Ordering::Relaxed);
+            // Dropping the ticket counts it closed unused.
+            inner.shared.counters.record_cleaned(1);
+            found = inner.idle.take(address);
         }
-        let pooled = reserve(&target.managed, inner.settings.max_per_target);
+        let pooled = reserve_slot(&target.managed, inner.settings.max_per_target as u64);
         let tcp = match inner.dialer.connect_with(address, Some(&inner.names)).await {
             Ok(tcp) => tcp,
             Err(err) => {
@@ -274,52 +272,45 @@ impl OutboundPool {
             }
         };
         if pooled {
-            inner.idle.counters().record_new();
-            target.created.fetch_add(1, Ordering::Relaxed);
+            inner.shared.counters.record_new();
+            KeyCounters::bump(&target.counters.created);
         } else {
-            inner.shared.unpooled.fetch_add(1, Ordering::Relaxed);
-            target.unpooled.fetch_add(1, Ordering::Relaxed);
-            log::debug!("{key}: over {} pooled connections: dialed unpooled", inner.settings.max_per_target);
+            inner.shared.counters.record_unpooled();
+            KeyCounters::bump(&target.counters.unpooled);
+            log::debug!("{address}: over {} pooled connections: dialed unpooled", inner.settings.max_per_target);
         }
         let slot = Slot::checked_out(&target, &inner.shared, pooled);
-        inner.refill_soon(&key, &target);
+        inner.refill_soon(address, &target);
         Ok(Outbound { tcp, reused: false, pooled, _slot: slot })
     }
 
     /// Dials warm connections for `address` now (start-up `--warmup`): the target counts
     /// as busy enough for `min_idle` of them.
     pub fn warm_up(&self, address: &Address) {
-        let (key, target) = self.inner.target(address);
+        let target = self.inner.idle.state(address);
         let now = self.inner.now_ms();
         for _ in 0..=self.inner.settings.min_idle {
             target.demand.record(now, self.inner.window_ms());
         }
-        self.inner.refill_soon(&key, &target);
+        self.inner.refill_soon(address, &target);
     }
 
-    /// Closes expired warm connections, lets quiet targets go, and tops up the
-    /// targets still in use. Call periodically.
+    /// Closes expired warm connections, forgets quiet targets with nothing in use, and
+    /// tops up the targets still in use. Call periodically.
     pub fn maintain(&self) {
         let inner = &self.inner;
         let expired = inner.idle.sweep(Instant::now());
-        let quiet_after = inner.window_ms();
-        let now = inner.now_ms();
-        let mut targets = inner.targets.lock().expect("targets lock");
-        for (key, _) in &expired {
-            if let Some(target) = targets.get(key) {
-                target.cleaned.fetch_add(1, Ordering::Relaxed);
+        inner.shared.counters.record_cleaned(expired.len() as u64);
+        drop(expired); // each counts itself closed unused
+        let (now, window) = (inner.now_ms(), inner.window_ms());
+        let quiet = |target: &Target| now.saturating_sub(target.demand.last_ms()) > window;
+        // Forget a target only when nothing of it is left, so its limit holds.
+        inner.idle.forget_where(&|target| quiet(target) && target.managed.load(Ordering::Relaxed) == 0);
+        for (address, target, _) in inner.idle.keys() {
+            if !quiet(&target) {
+                inner.refill_soon(&address, &target);
             }
         }
-        drop(expired);
-        targets.retain(|key, target| {
-            let quiet = now.saturating_sub(target.demand.last_ms()) > quiet_after;
-            let unused = target.managed.load(Ordering::Relaxed) == 0;
-            if !quiet {
-                inner.refill_soon(key, target);
-            }
-            // Forget a target only when nothing of it is left, so its limit holds.
-            !(quiet && unused)
-        });
     }
 
     /// Closes every warm connection (shutdown).
@@ -327,25 +318,30 @@ impl OutboundPool {
         self.inner.idle.drain().len()
     }
 
+    /// The pool's counters in the one vocabulary (see [`PoolStatsSnapshot`]).
     pub fn stats(&self) -> PoolStatsSnapshot {
-        let mut s = self.inner.idle.counters().snapshot();
-        s.active = self.inner.shared.active.load(Ordering::Relaxed);
+        let engine = self.inner.idle.counters().snapshot();
+        let mut s = self.inner.shared.counters.snapshot();
+        s.idle = engine.idle;
+        s.cleaned += engine.cleaned; // expired entries a take dropped
+        s.lookups = self.inner.names.lookups();
+        s.keys = self.inner.idle.key_count() as u64;
         s
     }
 
     /// Warm connections dialed ahead of demand.
     pub fn warmed(&self) -> u64 {
-        self.inner.shared.warmed.load(Ordering::Relaxed)
+        self.stats().warmed
     }
 
     /// Warm connections closed without ever carrying a stream.
     pub fn unused(&self) -> u64 {
-        self.inner.shared.unused.load(Ordering::Relaxed)
+        self.stats().unused
     }
 
     /// Streams dialed beyond the per-target limit, outside the pool.
     pub fn unpooled(&self) -> u64 {
-        self.inner.shared.unpooled.load(Ordering::Relaxed)
+        self.stats().unpooled
     }
 
     /// Name lookups sent to the system resolver.
@@ -358,49 +354,39 @@ impl OutboundPool {
         self.inner.shared.warm.load(Ordering::Relaxed)
     }
 
-    /// What the `[Pool Stats]` line appends after its standard fields.
-    pub fn stats_line_extra(&self) -> String {
-        format!(
-            ", Warmed: {}, Unused: {}, Unpooled: {}, Lookups: {}",
-            self.warmed(),
-            self.unused(),
-            self.unpooled(),
-            self.lookups()
-        )
+    /// Targets the pool holds now.
+    pub fn key_count(&self) -> usize {
+        self.inner.idle.key_count()
     }
 
-    /// Warm connections per target.
+    /// What the `[Pool Stats]` line appends after its standard fields.
+    pub fn stats_line_extra(&self) -> String {
+        crate::pool::format_stats_extra(&self.stats(), true)
+    }
+
+    /// Warm connections per target, sorted by target.
     pub fn idle_by_target(&self) -> Vec<(PoolKey, usize)> {
-        self.inner.idle.idle_by_key()
+        named_idle_by_key(self.inner.idle.idle_by_key())
     }
 
     pub fn idle_count(&self, address: &Address) -> usize {
-        self.inner.idle.idle_count(&address.to_string().into())
+        self.inner.idle.idle_count(address)
     }
 
     /// Used connections closed when their stream ended.
     pub fn ended(&self) -> u64 {
-        self.inner.shared.ended.load(Ordering::Relaxed)
+        self.stats().ended
     }
 
-    /// Counters of every target the pool tracks (those used within the idle window),
-    /// sorted by target.
+    /// Counters of every target the pool holds (those used within the idle window, or
+    /// with connections in use), sorted by target.
     pub fn per_target_stats(&self) -> Vec<KeyStats> {
-        let targets: Vec<(PoolKey, Arc<Target>)> = {
-            let targets = self.inner.targets.lock().expect("targets lock");
-            targets.iter().map(|(key, target)| (key.clone(), target.clone())).collect()
-        };
-        let mut stats: Vec<KeyStats> = targets
+        let mut stats: Vec<KeyStats> = self
+            .inner
+            .idle
+            .keys()
             .into_iter()
-            .map(|(key, target)| KeyStats {
-                idle: self.inner.idle.idle_count(&key) as u64,
-                active: target.active.load(Ordering::Relaxed),
-                created: target.created.load(Ordering::Relaxed),
-                reused: target.reused.load(Ordering::Relaxed),
-                cleaned: target.cleaned.load(Ordering::Relaxed),
-                waiters: 0,
-                key,
-            })
+            .map(|(address, target, idle)| target.counters.stats(address.to_string(), idle))
             .collect();
         stats.sort_by(|a, b| a.key.cmp(&b.key));
         stats
@@ -409,22 +395,12 @@ impl OutboundPool {
 
 impl crate::api::PoolSource for OutboundPool {
     fn connection_pool_stats(&self) -> crate::api::stats::ConnectionPoolStats {
-        let s = self.stats();
-        let warmed = self.warmed();
-        crate::api::stats::ConnectionPoolStats {
-            pool: "outbound",
-            pool_type: self.settings().pool_type.to_string(),
-            total_created: s.new + warmed,
-            total_reused: s.reused,
-            total_closed: s.cleaned + self.ended(),
-            current_active: s.active,
-            current_idle: s.idle,
-            cache_hits: s.reused,
-            cache_misses: s.new,
-            hit_rate: crate::api::stats::hit_rate(s.reused, s.new),
-            warmed,
-            targets: self.per_target_stats().into_iter().map(Into::into).collect(),
-        }
+        crate::api::stats::ConnectionPoolStats::from_snapshot(
+            "outbound",
+            self.settings().pool_type.to_string(),
+            &self.stats(),
+            self.per_target_stats(),
+        )
     }
 }
 
@@ -438,74 +414,53 @@ impl Inner {
         self.settings.max_idle_time.as_millis() as u64
     }
 
-    fn target(&self, address: &Address) -> (PoolKey, Arc<Target>) {
-        let key: PoolKey = address.to_string().into();
-        let mut targets = self.targets.lock().expect("targets lock");
-        let target = targets.entry(key.clone()).or_insert_with(|| {
-            Arc::new(Target {
-                address: address.clone(),
-                managed: AtomicU64::new(0),
-                demand: Demand::default(),
-                refilling: AtomicBool::new(false),
-                created: AtomicU64::new(0),
-                reused: AtomicU64::new(0),
-                cleaned: AtomicU64::new(0),
-                active: AtomicU64::new(0),
-                unpooled: AtomicU64::new(0),
-                warmed: AtomicU64::new(0),
-                unused: AtomicU64::new(0),
-            })
-        });
-        (key, target.clone())
-    }
-
     /// How many warm connections `target` deserves now: one less than its streams per
     /// window (so a target seen once gets none), at most `min_idle`.
-    fn warm_goal(&self, target: &Target) -> usize {
+    fn warm_goal(&self, target: &Target) -> u64 {
         let rate = target.demand.rate(self.now_ms(), self.window_ms());
-        (rate.saturating_sub(1) as usize).min(self.settings.min_idle)
+        rate.saturating_sub(1).min(self.settings.min_idle as u64)
     }
 
-    /// Starts a background refill of `key`'s warm connections unless one is running.
-    fn refill_soon(self: &Arc<Self>, key: &PoolKey, target: &Arc<Target>) {
-        if self.idle.idle_count(key) >= self.warm_goal(target) {
+    /// Starts a background refill of `address`'s warm connections unless one is running.
+    fn refill_soon(self: &Arc<Self>, address: &Address, target: &Arc<Target>) {
+        if target.warm.load(Ordering::Relaxed) >= self.warm_goal(target) {
             return;
         }
         if target.refilling.swap(true, Ordering::AcqRel) {
             return;
         }
-        let (pool, key, target) = (self.clone(), key.clone(), target.clone());
+        let (pool, address, target) = (self.clone(), address.clone(), target.clone());
         tokio::spawn(async move {
-            pool.refill(&key, &target).await;
+            pool.refill(&address, &target).await;
             target.refilling.store(false, Ordering::Release);
         });
     }
 
-    async fn refill(&self, key: &PoolKey, target: &Arc<Target>) {
-        while self.idle.idle_count(key) < self.warm_goal(target) {
+    async fn refill(&self, address: &Address, target: &Arc<Target>) {
+        while target.warm.load(Ordering::Relaxed) < self.warm_goal(target) {
             // A warm dial takes a place under the target's limit and under the global cap
             // before it starts, so dials in flight count against both.
-            if !reserve(&target.managed, self.settings.max_per_target) {
+            if !reserve_slot(&target.managed, self.settings.max_per_target as u64) {
                 return;
             }
-            if !reserve(&self.shared.warm, self.settings.max_idle_total) {
+            if !reserve_slot(&self.shared.warm, self.settings.max_idle_total as u64) {
                 target.managed.fetch_sub(1, Ordering::Relaxed);
                 return;
             }
             let mut ticket = WarmTicket::new(target, &self.shared);
-            match self.dialer.connect_with(&target.address, Some(&self.names)).await {
+            match self.dialer.connect_with(address, Some(&self.names)).await {
                 Ok(tcp) => {
                     ticket.dialed = true;
-                    self.shared.warmed.fetch_add(1, Ordering::Relaxed);
-                    target.warmed.fetch_add(1, Ordering::Relaxed);
-                    target.created.fetch_add(1, Ordering::Relaxed);
-                    if self.idle.give(key, Idle::new(WarmConnection { tcp, ticket })).is_err() {
+                    self.shared.counters.record_warmed();
+                    KeyCounters::bump(&target.counters.warmed);
+                    KeyCounters::bump(&target.counters.created);
+                    if self.idle.give(address, Idle::new(WarmConnection { tcp, ticket })).is_err() {
                         return; // the per-target idle cap is reached
                     }
                 }
                 Err(err) => {
                     drop(ticket); // gives back both places; nothing was dialed
-                    log::debug!("warming {key}: {err}");
+                    log::debug!("warming {address}: {err}");
                     return;
                 }
             }
@@ -563,6 +518,7 @@ fn peer_has_closed(_tcp: &TcpStream) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
