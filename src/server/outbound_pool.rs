@@ -710,6 +710,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn targets_named_once_are_never_warmed_and_are_forgotten_when_quiet() {
+        for engine in ENGINES {
+            let mut short = settings(engine, 10, 5);
+            short.max_idle_time = Duration::from_millis(100);
+            let pool = pool(short);
+            let mut targets = Vec::new();
+            for _ in 0..40 {
+                let (address, held) = holding_target().await;
+                drop(pool.acquire(&address).await.unwrap());
+                targets.push((address, held));
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            assert_eq!((pool.warmed(), pool.warm_now()), (0, 0), "{engine}: no warm dial for a target named once");
+            assert_eq!(pool.key_count(), 40, "{engine}");
+            pool.maintain();
+            assert_eq!(pool.key_count(), 0, "{engine}: quiet targets are forgotten");
+            let connections: usize = targets.iter().map(|(_, held)| held.lock().unwrap().len()).sum();
+            assert_eq!(connections, 40, "{engine}: one connection per stream, nothing more");
+        }
+    }
+
+    #[tokio::test]
     async fn a_name_is_looked_up_once_for_many_streams() {
         let (address, _held) = holding_target().await;
         let by_name = Address::domain("localhost", address.port);
