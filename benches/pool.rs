@@ -38,6 +38,7 @@ const WINDOW_MS: u64 = 300_000;
 struct Target {
     managed: AtomicU64,
     warm: AtomicU64,
+    goal: AtomicU64,
     window_start_ms: AtomicU64,
     this_window: AtomicU64,
     last_window: AtomicU64,
@@ -86,6 +87,16 @@ fn acquire(engine: &dyn IdlePool<Address, Target, u64>, address: &Address, now_m
     }
     target.this_window.fetch_add(1, Ordering::Relaxed);
     target.last_ms.store(now_ms, Ordering::Relaxed);
+    // Warm set sizing: from the second stream, one more after a miss.
+    let goal = target.goal.load(Ordering::Relaxed);
+    let wanted = if goal == 0 {
+        u64::from(target.this_window.load(Ordering::Relaxed) >= 2)
+    } else {
+        goal + u64::from(found.is_none())
+    };
+    if wanted.min(5) > goal {
+        let _ = target.goal.compare_exchange(goal, wanted.min(5), Ordering::Relaxed, Ordering::Relaxed);
+    }
     match found {
         Some(entry) => {
             black_box(entry.value);

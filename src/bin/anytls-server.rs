@@ -58,7 +58,7 @@ struct Args {
     #[arg(long, default_value_t = 300)]
     max_idle_time_secs: u64,
     /// Warm connections kept ready at most per busy target: a target is warmed from its
-    /// second stream within the idle window, as many as its rate needs (0 = never warm).
+    /// second stream within the idle window, as many as it uses (0 = never warm).
     #[arg(long, default_value_t = 5)]
     min_idle_connections: usize,
     /// Warm connections older than this are closed, in seconds.

@@ -10,9 +10,12 @@
 //!   beyond it is dialed unpooled: a plain connection, counted as `unpooled`. So no
 //!   user can exhaust a target for the others; they all still get through.
 //! - **Warming pays for itself.** A target is warmed only from its second stream within
-//!   the idle window, and its warm set follows its observed rate (streams in the last
-//!   window, minus one), never above `min_idle`. Warm connections closed unused are
-//!   counted. All warm connections, idle or being dialed, stay within `max_idle_total`.
+//!   the idle window, and its warm set follows its observed rate: it starts at one, grows
+//!   by one each time a stream finds no warm connection ready (demand outpaced the set),
+//!   and shrinks by one each time a warm connection is closed unused (expired, or found
+//!   dead), never above `min_idle`. Sequential traffic thus keeps one warm connection,
+//!   bursts get as many as they use. Warm connections closed unused are counted. All warm
+//!   connections, idle or being dialed, stay within `max_idle_total`.
 //! - **A warm connection whose peer has closed is never handed out**, even when a
 //!   greeting is queued in front of the FIN (see [`is_alive`]).
 //! - Names are resolved once per target name per [`super::dial::NAME_TTL`].
@@ -130,6 +133,8 @@ impl Drop for WarmTicket {
         }
         self.target.managed.fetch_sub(1, Ordering::Relaxed);
         if self.dialed {
+            // One warm connection more than the target used: the warm set shrinks.
+            let _ = self.target.goal.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |g| g.checked_sub(1));
             self.shared.counters.record_unused();
             KeyCounters::bump(&self.target.counters.unused);
             KeyCounters::bump(&self.target.counters.cleaned);
@@ -144,6 +149,8 @@ struct Target {
     managed: AtomicU64,
     /// Warm connections of this target, idle or being dialed.
     warm: AtomicU64,
+    /// Warm connections this target should have (its warm set's size).
+    goal: AtomicU64,
     demand: Demand,
     refilling: AtomicBool,
     /// Per target, `cleaned` counts warm connections closed unused (expired, dead).
@@ -247,7 +254,7 @@ impl OutboundPool {
     pub async fn acquire(&self, address: &Address) -> Result<Outbound, DialError> {
         let inner = &self.inner;
         let (target, mut found) = inner.idle.checkout(address, Instant::now());
-        target.demand.record(inner.now_ms(), inner.window_ms());
+        inner.size_warm_set(&target, found.is_some());
         while let Some(entry) = found {
             let WarmConnection { tcp, ticket } = entry.value;
             if is_alive(&tcp) {
@@ -288,10 +295,8 @@ impl OutboundPool {
     /// as busy enough for `min_idle` of them.
     pub fn warm_up(&self, address: &Address) {
         let target = self.inner.idle.state(address);
-        let now = self.inner.now_ms();
-        for _ in 0..=self.inner.settings.min_idle {
-            target.demand.record(now, self.inner.window_ms());
-        }
+        target.demand.record(self.inner.now_ms(), self.inner.window_ms());
+        target.goal.store(self.inner.settings.min_idle as u64, Ordering::Relaxed);
         self.inner.refill_soon(address, &target);
     }
 
@@ -414,11 +419,29 @@ impl Inner {
         self.settings.max_idle_time.as_millis() as u64
     }
 
-    /// How many warm connections `target` deserves now: one less than its streams per
-    /// window (so a target seen once gets none), at most `min_idle`.
+    /// Counts a stream to `target` and sizes its warm set: one from the second stream in
+    /// the idle window, one more when a stream found none ready (`served_warm` false) while
+    /// the target was already warmed, at most `min_idle`. (It shrinks in [`WarmTicket`]'s
+    /// drop.)
+    fn size_warm_set(&self, target: &Target, served_warm: bool) {
+        target.demand.record(self.now_ms(), self.window_ms());
+        let max = self.settings.min_idle as u64;
+        let goal = target.goal.load(Ordering::Relaxed);
+        let wanted = if goal == 0 {
+            u64::from(target.demand.rate(self.now_ms(), self.window_ms()) >= 2)
+        } else if !served_warm {
+            goal + 1
+        } else {
+            goal
+        };
+        if wanted.min(max) > goal {
+            let _ = target.goal.compare_exchange(goal, wanted.min(max), Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
+    /// How many warm connections `target` should have now.
     fn warm_goal(&self, target: &Target) -> u64 {
-        let rate = target.demand.rate(self.now_ms(), self.window_ms());
-        rate.saturating_sub(1).min(self.settings.min_idle as u64)
+        target.goal.load(Ordering::Relaxed).min(self.settings.min_idle as u64)
     }
 
     /// Starts a background refill of `address`'s warm connections unless one is running.
@@ -579,13 +602,39 @@ mod tests {
             }
             let stats = pool.stats();
             assert_eq!((stats.new, stats.reused), (2, 5), "{engine}");
-            wait_until("refill to the minimum", || pool.idle_count(&address) == 2).await;
+            wait_until("refill", || pool.idle_count(&address) == 1).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(pool.idle_count(&address), 1, "{engine}: sequential streams keep one warm");
             let [target] = pool.per_target_stats().try_into().expect("one target");
             assert_eq!(target.key.as_ref(), address.to_string(), "{engine}");
-            assert_eq!((target.reused, target.active, target.idle), (5, 0, 2), "{engine}");
+            assert_eq!((target.reused, target.active, target.idle), (5, 0, 1), "{engine}");
             assert_eq!(target.created, 2 + pool.warmed(), "{engine}: on demand + warm");
             assert_eq!(pool.ended(), 7, "{engine}: every used connection was closed");
             assert_eq!(pool.unused(), 0, "{engine}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_burst_grows_the_warm_set_and_unused_connections_shrink_it() {
+        for engine in ENGINES {
+            let (address, _held) = holding_target().await;
+            let mut short = settings(engine, 50, 4);
+            short.max_idle_time = Duration::from_millis(300);
+            let pool = pool(short);
+            drop(pool.acquire(&address).await.unwrap());
+            drop(pool.acquire(&address).await.unwrap());
+            wait_until("one warm", || pool.idle_count(&address) == 1).await;
+            // Eight at once: one is served warm, the others find none ready.
+            let burst: Vec<_> =
+                futures_util::future::join_all((0..8).map(|_| pool.acquire(&address))).await.into_iter().collect();
+            drop(burst);
+            wait_until("a bigger warm set", || pool.idle_count(&address) == 4).await;
+            // Nobody comes: every warm connection expires unused and the set shrinks to none.
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            pool.maintain();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!((pool.idle_count(&address), pool.warm_now()), (0, 0), "{engine}: no refill after expiry");
+            assert_eq!(pool.unused(), 4, "{engine}");
         }
     }
 
@@ -694,9 +743,7 @@ mod tests {
         let mut short = settings(PoolType::LockFree, 10, 3);
         short.max_idle_time = Duration::from_millis(200);
         let pool = pool(short);
-        for _ in 0..4 {
-            drop(pool.acquire(&address).await.unwrap());
-        }
+        pool.warm_up(&address);
         wait_until("warm connections", || pool.idle_count(&address) == 3).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         pool.maintain();
@@ -706,7 +753,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(pool.idle_count(&address), 0);
         assert!(pool.per_target_stats().is_empty());
-        assert_eq!(held.lock().unwrap().len(), 4 + 3);
+        assert_eq!(held.lock().unwrap().len(), 3);
     }
 
     #[tokio::test]
