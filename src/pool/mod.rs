@@ -427,13 +427,6 @@ pub struct KeyStats {
     pub unpooled: u64,
 }
 
-impl KeyStats {
-    /// Streams or connections this key has served: what "top targets by activity" ranks.
-    pub fn activity(&self) -> u64 {
-        self.reused + self.created + self.unpooled + self.active
-    }
-}
-
 /// `[Pool Stats] Total: 15, Active: 3, Reused: 8, New: 7, Cleaned: 2, Reuse rate: 53.3%, Utilisation: 20.0%`
 pub fn format_stats_line(s: &PoolStatsSnapshot) -> String {
     format!(
