@@ -24,7 +24,7 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::ptr;
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -38,8 +38,32 @@ use super::{Idle, IdlePool, Key, KeyState, PoolCounters, PoolSettings, reserve_s
 /// `len` of a forgotten slot: above any cap, so no give can reserve a place on it.
 const RETIRED: u64 = u64::MAX;
 
-/// One shard: the slots of the keys that hash to it.
-type Shard<K, S, T> = CachePadded<Mutex<HashMap<K, Arc<Slot<S, T>>>>>;
+/// One shard: the slots of the keys that hash to it, by their (keyed, SipHash) hash, so a
+/// key is hashed once per operation: for the shard and for the map. Keys whose hashes
+/// collide share an entry and are told apart by comparison.
+type Shard<K, S, T> = CachePadded<Mutex<ShardMap<K, S, T>>>;
+type ShardMap<K, S, T> = HashMap<u64, Vec<(K, Arc<Slot<S, T>>)>, BuildHasherDefault<PreHashed>>;
+
+/// Hashes a `u64` that already is a hash to itself.
+#[derive(Default)]
+struct PreHashed(u64);
+
+impl Hasher for PreHashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64`s are hashed here; fold anything else in rather than fail.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
 
 pub struct HighPerfPool<K, S, T> {
     settings: PoolSettings,
@@ -150,32 +174,44 @@ impl<K: Key, S: KeyState, T> HighPerfPool<K, S, T> {
         let shards = (4 * cores).next_power_of_two().max(8);
         HighPerfPool {
             settings,
-            shards: (0..shards).map(|_| CachePadded::new(Mutex::new(HashMap::new()))).collect(),
+            shards: (0..shards).map(|_| CachePadded::new(Mutex::new(HashMap::default()))).collect(),
             hasher: RandomState::new(),
             counters: PoolCounters::default(),
         }
     }
 
-    fn shard(&self, key: &K) -> MutexGuard<'_, HashMap<K, Arc<Slot<S, T>>>> {
-        // The shard count is a power of two, so masking the hash picks a shard uniformly.
-        let index = self.hasher.hash_one(key) as usize & (self.shards.len() - 1);
-        lock(&self.shards[index])
+    /// The key's hash and its shard, locked.
+    fn shard(&self, key: &K) -> (u64, MutexGuard<'_, ShardMap<K, S, T>>) {
+        let hash = self.hasher.hash_one(key);
+        // The shard count is a power of two. High bits pick the shard: the map's buckets
+        // use the low ones.
+        let index = (hash >> 32) as usize & (self.shards.len() - 1);
+        (hash, lock(&self.shards[index]))
+    }
+
+    /// The key's slot, if it has one.
+    fn find(&self, key: &K) -> Option<Arc<Slot<S, T>>> {
+        let (hash, shard) = self.shard(key);
+        shard.get(&hash)?.iter().find(|(k, _)| k == key).map(|(_, slot)| slot.clone())
     }
 
     /// The key's slot, created if new. The shard lock is held only for the lookup.
     fn slot(&self, key: &K) -> Arc<Slot<S, T>> {
-        let mut shard = self.shard(key);
-        match shard.get(key) {
-            Some(slot) => slot.clone(),
-            None => shard.entry(key.clone()).or_insert_with(|| Arc::new(Slot::new())).clone(),
+        let (hash, mut shard) = self.shard(key);
+        let same_hash = shard.entry(hash).or_default();
+        if let Some((_, slot)) = same_hash.iter().find(|(k, _)| k == key) {
+            return slot.clone();
         }
+        let slot = Arc::new(Slot::new());
+        same_hash.push((key.clone(), slot.clone()));
+        slot
     }
 
     fn each_slot(&self) -> Vec<(K, Arc<Slot<S, T>>)> {
         // One shard at a time: never two locks held, so no lock order to get wrong.
         let mut all = Vec::new();
         for shard in self.shards.iter() {
-            all.extend(lock(shard).iter().map(|(key, slot)| (key.clone(), slot.clone())));
+            all.extend(lock(shard).values().flatten().map(|(key, slot)| (key.clone(), slot.clone())));
         }
         all
     }
@@ -197,8 +233,7 @@ impl<K: Key, S: KeyState, T: Send> IdlePool<K, S, T> for HighPerfPool<K, S, T> {
     }
 
     fn take_at(&self, key: &K, now: Instant) -> Option<Idle<T>> {
-        let slot = self.shard(key).get(key)?.clone();
-        slot.take_at(now, &self.settings, &self.counters)
+        self.find(key)?.take_at(now, &self.settings, &self.counters)
     }
 
     fn give(&self, key: &K, entry: Idle<T>) -> Result<(), Idle<T>> {
@@ -249,20 +284,21 @@ impl<K: Key, S: KeyState, T: Send> IdlePool<K, S, T> for HighPerfPool<K, S, T> {
     fn forget_where(&self, quiet: &dyn Fn(&S) -> bool) -> usize {
         let mut forgotten = 0;
         for shard in self.shards.iter() {
-            let mut shard = lock(shard);
-            let before = shard.len();
-            shard.retain(|_, slot| {
-                let forget = quiet(&slot.state)
-                    && slot.len.compare_exchange(0, RETIRED, Ordering::Relaxed, Ordering::Relaxed).is_ok();
-                !forget
+            lock(shard).retain(|_, same_hash| {
+                same_hash.retain(|(_, slot)| {
+                    let forget = quiet(&slot.state)
+                        && slot.len.compare_exchange(0, RETIRED, Ordering::Relaxed, Ordering::Relaxed).is_ok();
+                    forgotten += usize::from(forget);
+                    !forget
+                });
+                !same_hash.is_empty()
             });
-            forgotten += before - shard.len();
         }
         forgotten
     }
 
     fn idle_count(&self, key: &K) -> usize {
-        self.shard(key).get(key).map_or(0, |slot| slot.len())
+        self.find(key).map_or(0, |slot| slot.len())
     }
 
     fn idle_total(&self) -> usize {
@@ -270,7 +306,7 @@ impl<K: Key, S: KeyState, T: Send> IdlePool<K, S, T> for HighPerfPool<K, S, T> {
     }
 
     fn key_count(&self) -> usize {
-        self.shards.iter().map(|shard| lock(shard).len()).sum()
+        self.shards.iter().map(|shard| lock(shard).values().map(Vec::len).sum::<usize>()).sum()
     }
 
     fn keys(&self) -> Vec<(K, Arc<S>, usize)> {
