@@ -1,44 +1,137 @@
-//! Throughput of the pool engines: take+give pairs (one connection reused and parked again)
-//! from 1, 2, 4 and 8 threads, on one hot key and spread over 1,000 keys.
+//! The server's acquire path on each pool engine: from 1, 2 and 8 threads, on one hot
+//! target, over 1,000 targets, and with churn over 100,000 distinct targets (every acquire a
+//! new key), plus the time to insert 100,000 new keys.
 //!
-//! Criterion's "elements" are pairs: each iteration is one pair on every thread, so the
-//! reported elem/s is pairs per second across all threads. Thread start-up is kept out of the
-//! timing by a barrier. Times are short so the whole run fits in a few minutes on 2 cores.
+//! One "acquire" is what `OutboundPool::acquire` does around the socket, with a `u64` in the
+//! place of the TCP connection: one `checkout` (key lookup, the target's state and a warm
+//! take), the demand and limit bookkeeping on the target's atomics, then the refill's give of
+//! a fresh warm entry. [`Target`] here mirrors the server's per-target state field for field
+//! (its demand window, managed count and counters); only the dial and the liveness check
+//! (syscalls) are left out.
+//!
+//! **Time is CPU time, not wall time**: the process's CPU time over the timed region (all
+//! worker threads together), so that other jobs on a loaded machine do not inflate it, and
+//! so that a contended engine pays for its retries, spinning and futex calls. Criterion's
+//! "elements" are acquires summed over all threads, so elem/s is acquires per CPU-second,
+//! and the time per element is the CPU cost of one acquire. Thread start-up is kept out of
+//! the timing by a barrier.
 
 use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anytls_rs::pool::{Idle, IdlePool, PoolKey, PoolSettings, PoolType, new_pool};
+use anytls_rs::pool::{Idle, IdlePool, KeyCounters, PoolSettings, PoolType, new_pool, reserve_slot};
+use anytls_rs::proto::Address;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
 const ENGINES: [PoolType; 3] = [PoolType::Lock, PoolType::LockFree, PoolType::HighPerf];
-const THREADS: [usize; 4] = [1, 2, 4, 8];
-/// Entries parked per key before timing, so that a take usually finds one.
-const PREFILL_PER_KEY: u64 = 16;
+const THREADS: [usize; 3] = [1, 2, 8];
+const CHURN_KEYS: u32 = 100_000;
+const MAX_PER_TARGET: u64 = 100;
+const WINDOW_MS: u64 = 300_000;
+
+/// The server's per-target state (`server::outbound_pool::Target`), field for field.
+#[derive(Default)]
+struct Target {
+    managed: AtomicU64,
+    warm: AtomicU64,
+    goal: AtomicU64,
+    window_start_ms: AtomicU64,
+    this_window: AtomicU64,
+    last_window: AtomicU64,
+    last_ms: AtomicU64,
+    refilling: AtomicBool,
+    counters: KeyCounters,
+}
+
+type Engine = Arc<dyn IdlePool<Address, Target, u64>>;
+/// Picks the next key's index: (generator, key count, acquire number).
+type Pick = fn(&mut u64, usize, u64) -> usize;
+
+/// CPU time the whole process has used so far.
+fn process_cpu_time() -> Duration {
+    // SAFETY: clock_gettime only writes the timespec it is given.
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
 
 fn settings() -> PoolSettings {
     PoolSettings {
-        max_idle_per_key: 64,
-        max_idle_total: 100_000,
+        max_idle_per_key: 5,
+        max_idle_total: 1_000_000,
         max_idle_time: Duration::from_secs(3600),
         max_lifetime: Duration::from_secs(3600),
     }
 }
 
-fn prefilled(kind: PoolType, keys: &[PoolKey]) -> Arc<dyn IdlePool<u64>> {
-    let pool = new_pool(kind, settings());
-    for key in keys {
-        for id in 0..PREFILL_PER_KEY {
-            pool.give(key, Idle::new(id)).expect("prefill fits the caps");
-        }
-    }
-    pool
+fn target(i: u32) -> Address {
+    let ip = Ipv4Addr::from(0x0A00_0000 | i);
+    Address::socket(SocketAddr::new(IpAddr::V4(ip), 443))
 }
 
-/// Runs `iters` take+give pairs on each of `threads` threads and times them together.
-fn run_pairs(pool: &dyn IdlePool<u64>, keys: &[PoolKey], threads: usize, iters: u64) -> Duration {
+/// One acquire: lookup + warm take, demand and limit bookkeeping, the stream's end, and the
+/// refill's give of a fresh warm entry.
+fn acquire(engine: &dyn IdlePool<Address, Target, u64>, address: &Address, now_ms: u64) {
+    let (target, found) = engine.checkout(address, Instant::now());
+    // Demand: rotate the window if due, count the stream.
+    let start = target.window_start_ms.load(Ordering::Relaxed);
+    if now_ms.saturating_sub(start) >= WINDOW_MS
+        && target.window_start_ms.compare_exchange(start, now_ms, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    {
+        let finished = target.this_window.swap(0, Ordering::Relaxed);
+        target.last_window.store(finished, Ordering::Relaxed);
+    }
+    target.this_window.fetch_add(1, Ordering::Relaxed);
+    target.last_ms.store(now_ms, Ordering::Relaxed);
+    // Warm set sizing: from the second stream, one more after a miss.
+    let goal = target.goal.load(Ordering::Relaxed);
+    let wanted = if goal == 0 {
+        u64::from(target.this_window.load(Ordering::Relaxed) >= 2)
+    } else {
+        goal + u64::from(found.is_none())
+    };
+    if wanted.min(5) > goal {
+        let _ = target.goal.compare_exchange(goal, wanted.min(5), Ordering::Relaxed, Ordering::Relaxed);
+    }
+    match found {
+        Some(entry) => {
+            black_box(entry.value);
+            KeyCounters::bump(&target.counters.reused);
+            target.warm.fetch_sub(1, Ordering::Relaxed);
+        }
+        None => {
+            let pooled = reserve_slot(&target.managed, MAX_PER_TARGET);
+            KeyCounters::bump(if pooled { &target.counters.created } else { &target.counters.unpooled });
+        }
+    }
+    KeyCounters::bump(&target.counters.active);
+    // The stream ends: its connection is closed, its place freed.
+    KeyCounters::drop_one(&target.counters.active);
+    target.managed.fetch_sub(1, Ordering::Relaxed);
+    // The refill: a warm entry takes a place and goes into the pool.
+    if !target.refilling.load(Ordering::Relaxed) && reserve_slot(&target.managed, MAX_PER_TARGET) {
+        target.warm.fetch_add(1, Ordering::Relaxed);
+        KeyCounters::bump(&target.counters.warmed);
+        if engine.give(address, Idle::new(now_ms)).is_err() {
+            target.warm.fetch_sub(1, Ordering::Relaxed);
+            target.managed.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// `iters` acquires on each of `threads` threads, each picking from `keys` with its own
+/// generator; returns the CPU time all of them used.
+fn run(
+    engine: &Engine,
+    keys: &[Address],
+    threads: usize,
+    iters: u64,
+    pick: fn(&mut u64, usize, u64) -> usize,
+) -> Duration {
     let start_line = Barrier::new(threads + 1);
     thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
@@ -47,41 +140,61 @@ fn run_pairs(pool: &dyn IdlePool<u64>, keys: &[PoolKey], threads: usize, iters: 
                 s.spawn(move || {
                     let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (t as u64 + 1);
                     start_line.wait();
-                    for _ in 0..iters {
-                        rng ^= rng << 13;
-                        rng ^= rng >> 7;
-                        rng ^= rng << 17;
-                        let key = &keys[(rng % keys.len() as u64) as usize];
-                        // A miss stands for a fresh dial; either way one entry goes back.
-                        let entry = pool.take(key).unwrap_or_else(|| Idle::new(0));
-                        black_box(pool.give(key, entry).is_ok());
+                    for i in 0..iters {
+                        let key = &keys[pick(&mut rng, keys.len(), i * threads as u64 + t as u64)];
+                        acquire(&**engine, key, i);
                     }
                 })
             })
             .collect();
         start_line.wait();
-        let started = Instant::now();
+        let started = process_cpu_time();
         for worker in workers {
             worker.join().expect("bench worker panicked");
         }
-        started.elapsed()
+        process_cpu_time() - started
     })
 }
 
-fn take_give_pairs(c: &mut Criterion) {
-    let workloads = [
-        ("hot_key", vec![PoolKey::from("example.com:443")]),
-        ("1000_keys", (0..1000).map(|i| PoolKey::from(format!("10.0.{}.{}:443", i / 256, i % 256))).collect()),
+fn random(rng: &mut u64, len: usize, _: u64) -> usize {
+    *rng ^= *rng << 13;
+    *rng ^= *rng >> 7;
+    *rng ^= *rng << 17;
+    (*rng % len as u64) as usize
+}
+
+/// Walks the keys in order: with 100,000 keys and a pool forgotten between samples, almost
+/// every acquire meets a key not seen before.
+fn sequential(_: &mut u64, len: usize, i: u64) -> usize {
+    (i % len as u64) as usize
+}
+
+fn acquire_path(c: &mut Criterion) {
+    let hot = vec![target(1)];
+    let thousand: Vec<Address> = (0..1000).map(target).collect();
+    let churn: Vec<Address> = (0..CHURN_KEYS).map(target).collect();
+    let workloads: [(&str, &[Address], Pick); 3] = [
+        ("acquire_hot_key", &hot, random),
+        ("acquire_1000_keys", &thousand, random),
+        ("acquire_churn_100k", &churn, sequential),
     ];
-    for (name, keys) in &workloads {
-        let mut group = c.benchmark_group(*name);
+    for (name, keys, pick) in workloads {
+        let mut group = c.benchmark_group(name);
         group.measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(500)).sample_size(10);
         for threads in THREADS {
             group.throughput(Throughput::Elements(threads as u64));
             for kind in ENGINES {
-                let pool = prefilled(kind, keys);
+                let engine: Engine = new_pool(kind, settings());
                 group.bench_with_input(BenchmarkId::new(kind.name(), threads), &threads, |b, &threads| {
-                    b.iter_custom(|iters| run_pairs(&*pool, keys, threads, iters))
+                    b.iter_custom(|iters| {
+                        if name == "acquire_churn_100k" {
+                            // Keys quiet and empty are forgotten between samples, as the
+                            // server's maintenance does, so the churn keeps meeting new keys.
+                            engine.drain();
+                            engine.forget_where(&|_| true);
+                        }
+                        run(&engine, keys, threads, iters, pick)
+                    })
                 });
             }
         }
@@ -89,5 +202,31 @@ fn take_give_pairs(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, take_give_pairs);
+/// 100,000 new keys into an empty pool, one thread: one iteration inserts them all.
+fn insert_100k_keys(c: &mut Criterion) {
+    let keys: Vec<Address> = (0..CHURN_KEYS).map(target).collect();
+    let mut group = c.benchmark_group("insert_100k_keys");
+    group.measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_millis(500)).sample_size(10);
+    group.throughput(Throughput::Elements(u64::from(CHURN_KEYS)));
+    for kind in ENGINES {
+        group.bench_function(kind.name(), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let engine: Engine = new_pool(kind, settings());
+                    let started = process_cpu_time();
+                    for key in &keys {
+                        black_box(engine.state(key));
+                    }
+                    total += process_cpu_time() - started;
+                    assert_eq!(engine.key_count(), keys.len());
+                }
+                total
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, insert_100k_keys, acquire_path);
 criterion_main!(benches);

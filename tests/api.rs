@@ -150,19 +150,20 @@ async fn every_endpoint_answers_and_the_numbers_follow_the_traffic() {
             assert!(!page.contains("https://"), "the page loads nothing from elsewhere");
         }
 
-        echo_traffic(&client, target, 5, 0).await;
+        echo_traffic(&client, target, 6, 0).await;
         let target_name = target.to_string();
 
-        // Server: the first stream dialed, the later ones were served warm.
+        // Server: the first two streams dialed (a target is warmed from its second stream),
+        // the later ones were served warm.
         let server_stats =
             wait_json(server_api, "/api/connection-pool-stats", "reuse", |s| n(s, "cache_hits") >= 4).await;
-        assert_eq!(n(&server_stats, "cache_misses"), 1, "{server_stats}");
+        assert_eq!(n(&server_stats, "cache_misses"), 2, "{server_stats}");
         assert_eq!(n(&server_stats, "total_reused"), n(&server_stats, "cache_hits"));
         let warmed = n(&server_stats, "warmed");
         assert!(warmed >= 4, "each warm hit was refilled: {server_stats}");
         assert_eq!(n(&server_stats, "total_created"), n(&server_stats, "cache_misses") + warmed);
         assert!(n(&server_stats, "total_closed") >= 5, "five used connections closed: {server_stats}");
-        assert!(server_stats["hit_rate"].as_f64().unwrap() >= 80.0, "{server_stats}");
+        assert!(server_stats["hit_rate"].as_f64().unwrap() >= 66.0, "{server_stats}");
         let targets = server_stats["targets"].as_array().unwrap();
         let entry = targets.iter().find(|t| t["target"] == target_name.as_str()).expect("the echo target");
         assert!(n(entry, "reused") >= 4 && n(entry, "created") >= 1, "{entry}");

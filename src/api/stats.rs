@@ -9,13 +9,31 @@
 //! - `total_closed`: connections the pool closed (expired or found dead, `cleaned`) plus,
 //!   on the server, used connections closed when their stream ended (they are never reused).
 //! - `hit_rate`: `cache_hits / (cache_hits + cache_misses)` in percent, 0 before any checkout.
+//! - `unused`, `unpooled`, `lookups`, `keys`: as in [`PoolStatsSnapshot`], the one
+//!   vocabulary the log line, this JSON and `/metrics` all come from
+//!   ([`ConnectionPoolStats::from_snapshot`] is the only translation).
+//!
+//! `/metrics` keeps per-target series only for the top targets by activity
+//! ([`set_metrics_top_targets`], `--metrics-top-targets`, default 50): one series per
+//! destination ever seen would be a cardinality blow-up for any scrape server.
 
 use std::fmt::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::Serialize;
 
-use crate::pool::KeyStats;
 use crate::pool::buffers::TierStats;
+use crate::pool::{KeyStats, PoolStatsSnapshot};
+
+/// Per-target series `/metrics` keeps by default.
+pub const DEFAULT_METRICS_TOP_TARGETS: usize = 50;
+static METRICS_TOP_TARGETS: AtomicUsize = AtomicUsize::new(DEFAULT_METRICS_TOP_TARGETS);
+
+/// How many targets (the most active) get per-target series in `/metrics`; set once at
+/// start-up from `--metrics-top-targets`.
+pub fn set_metrics_top_targets(n: usize) {
+    METRICS_TOP_TARGETS.store(n, Ordering::Relaxed);
+}
 
 /// The connection pool of one binary at one moment.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -34,8 +52,40 @@ pub struct ConnectionPoolStats {
     pub hit_rate: f64,
     /// Server: connections dialed ahead of demand; client: always 0.
     pub warmed: u64,
+    /// Server: warm connections closed without carrying a stream.
+    pub unused: u64,
+    /// Server: streams dialed outside the pool, beyond `--max-outbound-connections`.
+    pub unpooled: u64,
+    /// Server: name lookups sent to the system resolver.
+    pub lookups: u64,
+    /// Keys (targets or servers) the pool holds now.
+    pub keys: u64,
     /// Per target (server, sorted by name) or per server (client, in `-s` order).
     pub targets: Vec<TargetStats>,
+}
+
+impl ConnectionPoolStats {
+    /// The API's view of a pool's counters: the only place the two vocabularies meet.
+    pub fn from_snapshot(pool: &'static str, pool_type: String, s: &PoolStatsSnapshot, targets: Vec<KeyStats>) -> Self {
+        ConnectionPoolStats {
+            pool,
+            pool_type,
+            total_created: s.new + s.warmed,
+            total_reused: s.reused,
+            total_closed: s.cleaned + s.ended,
+            current_active: s.active,
+            current_idle: s.idle,
+            cache_hits: s.reused,
+            cache_misses: s.new,
+            hit_rate: hit_rate(s.reused, s.new),
+            warmed: s.warmed,
+            unused: s.unused,
+            unpooled: s.unpooled,
+            lookups: s.lookups,
+            keys: s.keys,
+            targets: targets.into_iter().map(Into::into).collect(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -46,20 +96,35 @@ pub struct TargetStats {
     pub created: u64,
     pub reused: u64,
     pub cleaned: u64,
+    pub warmed: u64,
+    pub unused: u64,
+    pub unpooled: u64,
+    /// Always 0: the pool never queues a stream (beyond the limit it dials unpooled). Kept
+    /// so that readers of the earlier format keep working.
     pub waiters: u64,
 }
 
 impl From<KeyStats> for TargetStats {
     fn from(k: KeyStats) -> Self {
         TargetStats {
-            target: k.key.to_string(),
+            target: k.key,
             idle: k.idle,
             active: k.active,
             created: k.created,
             reused: k.reused,
             cleaned: k.cleaned,
-            waiters: k.waiters,
+            warmed: k.warmed,
+            unused: k.unused,
+            unpooled: k.unpooled,
+            waiters: 0,
         }
+    }
+}
+
+impl TargetStats {
+    /// Streams served: what "top targets by activity" ranks by.
+    fn activity(&self) -> u64 {
+        self.reused + self.created + self.unpooled + self.active
     }
 }
 
@@ -143,9 +208,27 @@ pub fn render_prometheus(s: &Snapshot) -> String {
         &[(pool.clone(), c.hit_rate / 100.0)],
     );
     metric("anytls_pool_warmed_total", "counter", "Connections dialed ahead of demand (server).", &one(c.warmed));
+    metric(
+        "anytls_pool_unused_total",
+        "counter",
+        "Warm connections closed without carrying a stream (server).",
+        &one(c.unused),
+    );
+    metric(
+        "anytls_pool_unpooled_total",
+        "counter",
+        "Streams dialed outside the pool, beyond the per-target limit (server).",
+        &one(c.unpooled),
+    );
+    metric("anytls_pool_name_lookups_total", "counter", "Name lookups sent to the resolver (server).", &one(c.lookups));
+    metric("anytls_pool_keys", "gauge", "Keys (targets or servers) the pool holds now.", &one(c.keys));
 
+    // Only the most active targets get series of their own (bounded cardinality).
+    let mut top: Vec<&TargetStats> = c.targets.iter().collect();
+    top.sort_by(|a, b| b.activity().cmp(&a.activity()).then_with(|| a.target.cmp(&b.target)));
+    top.truncate(METRICS_TOP_TARGETS.load(Ordering::Relaxed));
     type Field = fn(&TargetStats) -> u64;
-    let per_target: [(&str, &str, &str, Field); 6] = [
+    let per_target: [(&str, &str, &str, Field); 7] = [
         ("anytls_pool_target_idle", "gauge", "Idle (warm) connections per target.", |t| t.idle),
         ("anytls_pool_target_active", "gauge", "Connections in use per target.", |t| t.active),
         ("anytls_pool_target_created_total", "counter", "Connections created per target.", |t| t.created),
@@ -153,14 +236,12 @@ pub fn render_prometheus(s: &Snapshot) -> String {
         ("anytls_pool_target_cleaned_total", "counter", "Expired or dead connections closed per target.", |t| {
             t.cleaned
         }),
-        ("anytls_pool_target_waiters", "gauge", "Callers waiting for a slot per target.", |t| t.waiters),
+        ("anytls_pool_target_warmed_total", "counter", "Connections dialed ahead of demand per target.", |t| t.warmed),
+        ("anytls_pool_target_unpooled_total", "counter", "Streams dialed unpooled per target.", |t| t.unpooled),
     ];
     for (name, kind, help, field) in per_target {
-        let samples: Vec<(String, f64)> = c
-            .targets
-            .iter()
-            .map(|t| (format!("{pool},target=\"{}\"", label_value(&t.target)), field(t) as f64))
-            .collect();
+        let samples: Vec<(String, f64)> =
+            top.iter().map(|t| (format!("{pool},target=\"{}\"", label_value(&t.target)), field(t) as f64)).collect();
         metric(name, kind, help, &samples);
     }
 
@@ -260,6 +341,10 @@ mod tests {
                 cache_misses: 4,
                 hit_rate: hit_rate(8, 4),
                 warmed: 8,
+                unused: 1,
+                unpooled: 0,
+                lookups: 2,
+                keys: 1,
                 targets: vec![TargetStats {
                     target: "a\"b:80".into(),
                     idle: 3,
@@ -267,6 +352,9 @@ mod tests {
                     created: 12,
                     reused: 8,
                     cleaned: 1,
+                    warmed: 8,
+                    unused: 1,
+                    unpooled: 0,
                     waiters: 0,
                 }],
             },
@@ -324,6 +412,47 @@ mod tests {
         assert!(text.contains("anytls_pool_target_idle{pool=\"outbound\",target=\"a\\\"b:80\"} 3\n"));
         assert!(text.contains("anytls_buffer_pool_free_buffers{size=\"65536\"} 4\n"));
         assert!(text.contains("anytls_buffer_pool_enabled 1\n"));
+        assert!(text.contains("anytls_pool_keys{pool=\"outbound\"} 1\n"));
+        assert!(text.contains("anytls_pool_unused_total{pool=\"outbound\"} 1\n"));
+    }
+
+    #[test]
+    fn per_target_series_are_kept_for_the_most_active_targets_only() {
+        let mut s = snapshot();
+        let target = s.connections.targets[0].clone();
+        s.connections.targets =
+            (0..200u64).map(|i| TargetStats { target: format!("t{i}:80"), reused: i, ..target.clone() }).collect();
+        let text = render_prometheus(&s);
+        let series = |t: &str| {
+            text.lines().filter(|l| l.starts_with("anytls_pool_target_reused_total") && l.contains(t)).count()
+        };
+        let kept = text.lines().filter(|l| l.starts_with("anytls_pool_target_reused_total{")).count();
+        assert_eq!(kept, DEFAULT_METRICS_TOP_TARGETS);
+        assert_eq!(series("target=\"t199:80\""), 1, "the busiest is kept");
+        assert_eq!(series("target=\"t0:80\""), 0, "the quietest is dropped");
+    }
+
+    #[test]
+    fn the_api_view_follows_the_snapshot() {
+        let s = PoolStatsSnapshot {
+            total: 10,
+            active: 1,
+            reused: 7,
+            new: 3,
+            cleaned: 2,
+            idle: 4,
+            warmed: 6,
+            unused: 2,
+            unpooled: 5,
+            ended: 9,
+            lookups: 3,
+            keys: 2,
+        };
+        let c = ConnectionPoolStats::from_snapshot("outbound", "lock".into(), &s, Vec::new());
+        assert_eq!((c.total_created, c.total_reused, c.total_closed), (9, 7, 11));
+        assert_eq!((c.cache_hits, c.cache_misses, c.current_idle, c.current_active), (7, 3, 4, 1));
+        assert_eq!((c.warmed, c.unused, c.unpooled, c.lookups, c.keys), (6, 2, 5, 3, 2));
+        assert_eq!(c.hit_rate, 70.0);
     }
 
     #[test]

@@ -157,6 +157,11 @@ struct Args {
     /// An API client must send a request's whole header within this many seconds.
     #[arg(long, default_value_t = anytls_rs::api::DEFAULT_HEADER_TIMEOUT_SECS, value_name = "SECS", help_heading = "Monitoring")]
     api_header_timeout_secs: u64,
+    /// Targets (server) or servers (client) that get per-target series in `/metrics`: the
+    /// most active ones, so a server meeting many destinations keeps a bounded number of
+    /// series.
+    #[arg(long, default_value_t = anytls_rs::api::stats::DEFAULT_METRICS_TOP_TARGETS, value_name = "N", help_heading = "Monitoring")]
+    metrics_top_targets: usize,
 }
 
 fn main() -> ExitCode {
@@ -234,6 +239,7 @@ async fn run(args: Args) -> Result<(), String> {
         );
     }
     set_relay_buffer_pool(args.buffer_pool);
+    anytls_rs::api::stats::set_metrics_top_targets(args.metrics_top_targets);
     if let Some(api) = &args.api {
         let settings = anytls_rs::api::ApiSettings {
             token: args.api_token.clone(),

@@ -74,13 +74,15 @@ struct Args {
     /// Outbound pool engine: lock (a mutex), lockfree (arc-swap + epoch stacks), highperf (sharded).
     #[arg(long, value_enum, default_value_t = PoolType::LockFree, value_name = "ENGINE", help_heading = "Outbound pool")]
     pool_type: PoolType,
-    /// Outbound connections (in use + warm) per target; more streams wait, then fail.
+    /// Outbound connections the pool manages per target (in use + warm); streams beyond
+    /// it are dialed unpooled, never refused.
     #[arg(long, default_value_t = 100, value_name = "N", help_heading = "Outbound pool")]
     max_outbound_connections: usize,
     /// Warm connections idle longer than this are closed, and targets quiet this long are let go.
     #[arg(long, default_value_t = 300, value_name = "SECS", help_heading = "Outbound pool")]
     max_idle_time_secs: u64,
-    /// Warm connections kept ready per recently used target (0 = dial on demand only).
+    /// Warm connections kept ready at most per busy target: a target is warmed from its
+    /// second stream within the idle window, as many as it uses (0 = never warm).
     #[arg(long, default_value_t = 5, value_name = "N", help_heading = "Outbound pool")]
     min_idle_connections: usize,
     /// Warm connections older than this are closed, in seconds.
@@ -177,6 +179,11 @@ struct Args {
     /// Relays to the --fallback site at once; one more is closed silently.
     #[arg(long, default_value_t = 1024, requires = "fallback")]
     max_fallback_connections: usize,
+    /// Targets (server) or servers (client) that get per-target series in `/metrics`: the
+    /// most active ones, so a server meeting many destinations keeps a bounded number of
+    /// series.
+    #[arg(long, default_value_t = anytls_rs::api::stats::DEFAULT_METRICS_TOP_TARGETS, value_name = "N", help_heading = "Monitoring")]
+    metrics_top_targets: usize,
 }
 
 fn main() -> ExitCode {
@@ -343,7 +350,6 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
             max_idle_total,
             max_idle_time: Duration::from_secs(args.max_idle_time_secs),
             max_lifetime: Duration::from_secs(args.max_lifetime_secs),
-            max_waiters_per_target: args.max_outbound_connections.max(1) * 4,
         },
         warmup,
         stats_interval: Duration::from_secs(args.stats_interval_secs.max(1)),
@@ -359,6 +365,7 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
         buffers,
     };
     set_relay_buffer_pool(args.buffer_pool);
+    anytls_rs::api::stats::set_metrics_top_targets(args.metrics_top_targets);
     let pool = server::new_outbound_pool(&config);
     let bound = listener.local_addr().map_err(|e| e.to_string())?;
     let mut own = vec![bound];

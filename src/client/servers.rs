@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::error::ConnectError;
 use super::failover::{Policy, ServerSet};
-use super::sessions::{Lease, SessionPool};
+use super::sessions::{Lease, SessionPool, new_session_engine, sweep_all};
 use crate::pool::{KeyStats, PoolKey, PoolStatsSnapshot};
 
 /// How often due probes are looked for (each server keeps its own probe interval).
@@ -26,8 +26,13 @@ pub struct Servers {
 }
 
 impl Servers {
-    /// `pools` in order of preference (the order of `-s` on the command line).
-    pub fn new(pools: Vec<SessionPool>, policy: Policy, threshold: u32, probe_interval: Duration) -> Servers {
+    /// `pools` in order of preference (the order of `-s` on the command line). They are
+    /// moved onto one engine keyed by server.
+    pub fn new(mut pools: Vec<SessionPool>, policy: Policy, threshold: u32, probe_interval: Duration) -> Servers {
+        if let Some(first) = pools.first() {
+            let engine = new_session_engine(first.settings(), pools.len());
+            pools.iter_mut().for_each(|pool| pool.share_engine(&engine));
+        }
         let set = ServerSet::new(pools.len(), policy, threshold, probe_interval);
         Servers { pools, set: Mutex::new(set) }
     }
@@ -73,7 +78,7 @@ impl Servers {
     }
 
     pub fn sweep(&self) {
-        self.pools.iter().for_each(SessionPool::sweep);
+        sweep_all(&self.pools);
     }
 
     /// Closes every idle session (shutdown); returns how many.
@@ -81,18 +86,9 @@ impl Servers {
         self.pools.iter().map(SessionPool::close_idle).sum()
     }
 
-    /// Pool statistics summed over the servers.
+    /// Pool statistics of all servers (they share one engine).
     pub fn stats(&self) -> PoolStatsSnapshot {
-        let mut total = PoolStatsSnapshot { total: 0, active: 0, reused: 0, new: 0, cleaned: 0, idle: 0 };
-        for stats in self.pools.iter().map(SessionPool::stats) {
-            total.total += stats.total;
-            total.active += stats.active;
-            total.reused += stats.reused;
-            total.new += stats.new;
-            total.cleaned += stats.cleaned;
-            total.idle += stats.idle;
-        }
-        total
+        self.pools.first().map(SessionPool::stats).unwrap_or_default()
     }
 
     pub fn idle_by_server(&self) -> Vec<(PoolKey, usize)> {
@@ -133,22 +129,13 @@ impl Servers {
 
 impl crate::api::PoolSource for Servers {
     fn connection_pool_stats(&self) -> crate::api::stats::ConnectionPoolStats {
-        let s = self.stats();
         let pool_type = self.pools.first().map(|pool| pool.pool_type().to_string()).unwrap_or_default();
-        crate::api::stats::ConnectionPoolStats {
-            pool: "sessions",
+        // Sessions outlive their streams; only the pool closes them (no `ended`).
+        crate::api::stats::ConnectionPoolStats::from_snapshot(
+            "sessions",
             pool_type,
-            total_created: s.new,
-            total_reused: s.reused,
-            // Sessions outlive their streams; only the pool closes them.
-            total_closed: s.cleaned,
-            current_active: s.active,
-            current_idle: s.idle,
-            cache_hits: s.reused,
-            cache_misses: s.new,
-            hit_rate: crate::api::stats::hit_rate(s.reused, s.new),
-            warmed: 0,
-            targets: self.per_server_stats().into_iter().map(Into::into).collect(),
-        }
+            &self.stats(),
+            self.per_server_stats(),
+        )
     }
 }

@@ -1,5 +1,8 @@
 //! Sessions to the server: opening them (TCP, TLS, authentication) and reusing
 //! idle ones, newest first, as the reference client does.
+//!
+//! All of a client's servers share one pool engine keyed by server address
+//! ([`SessionEngine`]); each server's counters live in its key's slot.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -12,7 +15,9 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::error::ConnectError;
-use crate::pool::{Idle, IdlePool, KeyStats, PoolKey, PoolSettings, PoolStatsSnapshot, PoolType, new_pool};
+use crate::pool::{
+    Idle, IdlePool, KeyCounters, KeyStats, PoolKey, PoolSettings, PoolStatsSnapshot, PoolType, new_pool,
+};
 use crate::proto::auth::encode_auth_block;
 use crate::proto::{Address, PasswordHash};
 use crate::session::{Session, SessionConfig};
@@ -70,10 +75,29 @@ pub struct SessionPoolSettings {
     pub max_idle: usize,
 }
 
-/// Idle sessions to one server, reused newest first.
+/// The engine all of a client's servers share: idle sessions keyed by server address,
+/// with each server's counters in its slot.
+pub type SessionEngine = Arc<dyn IdlePool<Address, KeyCounters, Session>>;
+
+/// An engine for `servers` servers with `settings`: `max_idle` per server, and in all.
+pub fn new_session_engine(settings: &SessionPoolSettings, servers: usize) -> SessionEngine {
+    let engine_settings = PoolSettings {
+        max_idle_per_key: settings.max_idle,
+        max_idle_total: settings.max_idle.saturating_mul(servers.max(1)),
+        max_idle_time: settings.idle_timeout,
+        // Sessions live as long as they are used and not idle too long.
+        max_lifetime: Duration::from_secs(u64::from(u32::MAX)),
+    };
+    new_pool(settings.pool_type, engine_settings)
+}
+
+/// Idle sessions to one server, reused newest first: this server's view of the shared
+/// engine.
 pub struct SessionPool {
-    key: PoolKey,
-    idle: Arc<dyn IdlePool<Session>>,
+    key: Address,
+    idle: SessionEngine,
+    /// This server's counters, in its slot of the engine.
+    counters: Arc<KeyCounters>,
     settings: SessionPoolSettings,
     pub connector: Connector,
 }
@@ -85,43 +109,51 @@ pub struct Lease {
 }
 
 impl SessionPool {
+    /// A pool with an engine of its own; [`SessionPool::share_engine`] moves it onto the
+    /// engine of a set of servers.
     pub fn new(connector: Connector, settings: SessionPoolSettings) -> SessionPool {
-        let engine_settings = PoolSettings {
-            max_idle_per_key: settings.max_idle,
-            max_idle_total: settings.max_idle,
-            max_idle_time: settings.idle_timeout,
-            // Sessions live as long as they are used and not idle too long.
-            max_lifetime: Duration::from_secs(u64::from(u32::MAX)),
-        };
-        SessionPool {
-            key: connector.server.to_string().into(),
-            idle: new_pool(settings.pool_type, engine_settings),
-            settings,
-            connector,
-        }
+        let idle = new_session_engine(&settings, 1);
+        let key = connector.server.clone();
+        SessionPool { counters: idle.state(&key), key, idle, settings, connector }
+    }
+
+    /// Uses `engine` from now on (call before any session is pooled).
+    pub fn share_engine(&mut self, engine: &SessionEngine) {
+        self.idle = engine.clone();
+        self.counters = engine.state(&self.key);
     }
 
     /// The newest idle session still alive and with room for a stream, or a new one.
     pub async fn acquire(&self) -> Result<Lease, ConnectError> {
+        let counters = self.idle.counters();
         while let Some(entry) = self.idle.take(&self.key) {
             let session = entry.value;
             session.pooled().store(false, Ordering::Release);
             if session.is_closed() {
-                self.idle.counters().record_cleaned(1);
+                counters.record_cleaned(1);
+                KeyCounters::bump(&self.counters.cleaned);
                 continue;
             }
             if session.open_streams() >= self.settings.max_streams_per_session {
                 continue; // full: it comes back when one of its streams ends
             }
-            self.idle.counters().record_checkout();
+            counters.record_reused();
+            KeyCounters::bump(&self.counters.reused);
+            self.checked_out();
             self.share_if_room(&session);
             return Ok(Lease { session, reused: true });
         }
         let session = self.connector.connect().await?;
-        self.idle.counters().record_new();
-        self.idle.counters().record_checkout();
+        counters.record_new();
+        KeyCounters::bump(&self.counters.created);
+        self.checked_out();
         self.share_if_room(&session);
         Ok(Lease { session, reused: false })
+    }
+
+    fn checked_out(&self) {
+        self.idle.counters().record_checkout();
+        KeyCounters::bump(&self.counters.active);
     }
 
     /// With several streams per session allowed, a session in use stays available
@@ -137,6 +169,7 @@ impl SessionPool {
     /// Takes back a session whose stream has ended.
     pub fn release(&self, session: Session) {
         self.idle.counters().record_checkin();
+        KeyCounters::drop_one(&self.counters.active);
         if !session.is_closed()
             && let Some(refused) = self.give_back(session)
             && refused.open_streams() == 0
@@ -158,20 +191,23 @@ impl SessionPool {
     /// Closes sessions idle longer than the idle timeout, except the newest
     /// `min_idle`, and forgets dead ones.
     pub fn sweep(&self) {
-        let mut expired = self.idle.sweep(Instant::now());
-        // Newest first, so the sessions kept are the most recently used.
+        sweep_all(std::slice::from_ref(self));
+    }
+
+    /// Settles this server's expired sessions: the newest live ones, up to `min_idle` in
+    /// the pool, go back for another idle period; the rest are closed and counted.
+    fn settle_expired(&self, mut expired: Vec<Idle<Session>>) {
         let still_idle = self.idle.idle_count(&self.key);
-        expired.sort_by_key(|(_, entry)| std::cmp::Reverse(entry.idle_since));
+        // Newest first, so the sessions kept are the most recently used.
+        expired.sort_by_key(|entry| std::cmp::Reverse(entry.idle_since));
         let mut keep = self.settings.min_idle.saturating_sub(still_idle);
-        let mut kept = 0;
         let now = Instant::now();
-        for (_, entry) in expired {
+        for entry in expired {
             let entry = if keep > 0 && !entry.value.is_closed() {
                 // Kept sessions start a new idle period, so `take` does not drop them as expired.
                 match self.idle.give(&self.key, Idle { idle_since: now, ..entry }) {
                     Ok(()) => {
                         keep -= 1;
-                        kept += 1;
                         continue;
                     }
                     Err(entry) => entry,
@@ -179,15 +215,17 @@ impl SessionPool {
             } else {
                 entry
             };
+            self.idle.counters().record_cleaned(1);
+            KeyCounters::bump(&self.counters.cleaned);
             entry.value.pooled().store(false, Ordering::Release);
             if entry.value.open_streams() == 0 {
                 entry.value.close("idle timeout");
             }
         }
-        self.idle.counters().record_kept_after_sweep(kept);
     }
 
-    /// Closes every idle session (shutdown); returns how many.
+    /// Closes every idle session of the engine (shutdown); returns how many. With a
+    /// shared engine, the first pool's call closes them all.
     pub fn close_idle(&self) -> usize {
         let idle = self.idle.drain();
         for (_, entry) in &idle {
@@ -197,29 +235,48 @@ impl SessionPool {
         idle.len()
     }
 
+    /// The engine's counters: with a shared engine, those of all servers together.
     pub fn stats(&self) -> PoolStatsSnapshot {
-        self.idle.counters().snapshot()
+        let mut s = self.idle.counters().snapshot();
+        s.keys = self.idle.key_count() as u64;
+        s
     }
 
+    /// This server's idle sessions, by name (empty when none).
     pub fn idle_by_server(&self) -> Vec<(PoolKey, usize)> {
-        self.idle.idle_by_key()
+        let n = self.idle.idle_count(&self.key);
+        if n == 0 { Vec::new() } else { vec![(self.key.to_string().into(), n)] }
     }
 
     pub fn pool_type(&self) -> PoolType {
         self.settings.pool_type
     }
 
-    /// This server's counters (a client has no waiters: a new session is opened at once).
+    pub fn settings(&self) -> &SessionPoolSettings {
+        &self.settings
+    }
+
+    /// This server's counters.
     pub fn key_stats(&self) -> KeyStats {
-        let s = self.stats();
-        KeyStats {
-            key: self.key.clone(),
-            idle: s.idle,
-            active: s.active,
-            created: s.new,
-            reused: s.reused,
-            cleaned: s.cleaned,
-            waiters: 0,
+        self.counters.stats(self.key.to_string(), self.idle.idle_count(&self.key))
+    }
+}
+
+/// One sweep of the engine `pools` share, each pool settling its own server's expired
+/// sessions. Sessions of a server no pool here owns are closed.
+pub fn sweep_all(pools: &[SessionPool]) {
+    let Some(first) = pools.first() else { return };
+    let mut expired = first.idle.sweep(Instant::now());
+    for pool in pools {
+        let (mine, rest): (Vec<_>, Vec<_>) = expired.into_iter().partition(|(key, _)| *key == pool.key);
+        expired = rest;
+        pool.settle_expired(mine.into_iter().map(|(_, entry)| entry).collect());
+    }
+    for (_, entry) in expired {
+        first.idle.counters().record_cleaned(1);
+        entry.value.pooled().store(false, Ordering::Release);
+        if entry.value.open_streams() == 0 {
+            entry.value.close("idle timeout");
         }
     }
 }
@@ -252,7 +309,6 @@ mod tests {
                 max_idle_total: 10,
                 max_idle_time: Duration::from_secs(60),
                 max_lifetime: Duration::from_secs(60),
-                max_waiters_per_target: 10,
             },
             warmup: vec![],
             stats_interval: Duration::from_secs(60),
@@ -350,6 +406,28 @@ mod tests {
         let (a, b) = (a.unwrap(), b.unwrap());
         assert!(!a.reused && !b.reused);
         assert!(!a.session.is_closed() && !b.session.is_closed(), "a session in use was closed");
+    }
+
+    #[tokio::test]
+    async fn servers_share_one_engine_keyed_by_server() {
+        let (one, two) = (server().await, server().await);
+        for engine in ENGINES {
+            let mut pools = [pool(one.clone(), settings(engine)), pool(two.clone(), settings(engine))];
+            let shared = new_session_engine(&settings(engine), pools.len());
+            for pool in &mut pools {
+                pool.share_engine(&shared);
+            }
+            let (a, b) = (pools[0].acquire().await.unwrap(), pools[1].acquire().await.unwrap());
+            pools[0].release(a.session);
+            pools[1].release(b.session);
+            assert_eq!(shared.key_count(), 2, "{engine}: one key per server");
+            assert_eq!(pools[0].idle_by_server(), [(PoolKey::from(one.to_string()), 1)], "{engine}");
+            assert!(pools[1].acquire().await.unwrap().reused, "{engine}: each server reuses its own");
+            let (s0, s1) = (pools[0].key_stats(), pools[1].key_stats());
+            assert_eq!((s0.created, s0.reused, s1.created, s1.reused), (1, 0, 1, 1), "{engine}");
+            let total = pools[0].stats();
+            assert_eq!((total.new, total.reused, total.keys), (2, 1, 2), "{engine}: the engine counts both");
+        }
     }
 
     #[tokio::test]

@@ -2,183 +2,161 @@
 //!
 //! Choose it when pool traffic is modest or when chasing a bug: there is nothing clever in it
 //! to go wrong, and the other engines are tested against the same suite. Its cost is that every
-//! take and give, for any target, queues on the same lock.
-//!
-//! [`IdleMap`] is the single-threaded store underneath; the high-performance engine keeps one
-//! per shard, so the two engines share every line of pool logic and differ only in locking.
+//! lookup, take and give, for any target, queues on the same lock.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
-use super::{Idle, IdlePool, PoolCounters, PoolKey, PoolSettings};
+use super::{Idle, IdlePool, Key, KeyState, PoolCounters, PoolSettings};
 
-pub struct LockPool<T> {
+pub struct LockPool<K, S, T> {
     settings: PoolSettings,
-    map: Mutex<IdleMap<T>>,
+    slots: Mutex<HashMap<K, Slot<S, T>>>,
     counters: PoolCounters,
 }
 
-impl<T> LockPool<T> {
+/// One key: the caller's state and the idle entries, newest at the back.
+struct Slot<S, T> {
+    state: Arc<S>,
+    idle: VecDeque<Idle<T>>,
+}
+
+impl<S: Default, T> Slot<S, T> {
+    fn new() -> Self {
+        Slot { state: Arc::default(), idle: VecDeque::new() }
+    }
+}
+
+impl<K: Key, S: KeyState, T> LockPool<K, S, T> {
     pub fn new(settings: PoolSettings) -> Self {
-        LockPool { settings, map: Mutex::new(IdleMap::new()), counters: PoolCounters::default() }
+        LockPool { settings, slots: Mutex::new(HashMap::new()), counters: PoolCounters::default() }
     }
 
-    fn map(&self) -> MutexGuard<'_, IdleMap<T>> {
-        // Every IdleMap method leaves the map consistent before it can panic, so a poisoned
-        // lock still guards a usable map; refusing it would only turn one panic into many.
-        self.map.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-impl<T: Send> IdlePool<T> for LockPool<T> {
-    fn take_at(&self, key: &PoolKey, now: Instant) -> Option<Idle<T>> {
-        let (found, expired) = self.map().take_at(key, now, &self.settings, &self.counters);
-        // The lock is released by now: closing sockets is a syscall best kept out of it.
-        drop(expired);
-        found
+    fn slots(&self) -> MutexGuard<'_, HashMap<K, Slot<S, T>>> {
+        // Every method leaves the map consistent before it can panic, so a poisoned lock
+        // still guards a usable map; refusing it would only turn one panic into many.
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn give(&self, key: &PoolKey, entry: Idle<T>) -> Result<(), Idle<T>> {
-        self.map().give(key, entry, &self.settings, &self.counters)
-    }
-
-    fn sweep(&self, now: Instant) -> Vec<(PoolKey, Idle<T>)> {
-        let mut expired = Vec::new();
-        self.map().sweep_into(now, &self.settings, &self.counters, &mut expired);
-        expired
-    }
-
-    fn drain(&self) -> Vec<(PoolKey, Idle<T>)> {
-        let mut all = Vec::new();
-        self.map().drain_into(&self.counters, &mut all);
-        all
-    }
-
-    fn idle_count(&self, key: &PoolKey) -> usize {
-        self.map().len_of(key)
-    }
-
-    fn idle_total(&self) -> usize {
-        self.counters.idle_total()
-    }
-
-    fn idle_by_key(&self) -> Vec<(PoolKey, usize)> {
-        let mut lens = Vec::new();
-        self.map().lens_into(&mut lens);
-        lens.sort_unstable();
-        lens
-    }
-
-    fn counters(&self) -> &PoolCounters {
-        &self.counters
-    }
-}
-
-/// Idle stacks by key, for use under a lock. Newest entries sit at the back.
-///
-/// Keys whose stack empties are removed, so the map holds only targets with idle entries.
-/// The global idle count lives in [`PoolCounters`] so that it can be shared between shards.
-pub(super) struct IdleMap<T> {
-    stacks: HashMap<PoolKey, VecDeque<Idle<T>>>,
-}
-
-impl<T> IdleMap<T> {
-    pub(super) fn new() -> Self {
-        IdleMap { stacks: HashMap::new() }
-    }
-
-    /// Pops the newest unexpired entry for `key`. Expired entries found above it are removed
-    /// and returned, so the caller can drop them after releasing its lock.
-    pub(super) fn take_at(
-        &mut self,
-        key: &PoolKey,
-        now: Instant,
-        settings: &PoolSettings,
-        counters: &PoolCounters,
-    ) -> (Option<Idle<T>>, Vec<Idle<T>>) {
-        let Some(stack) = self.stacks.get_mut(key) else {
-            return (None, Vec::new());
-        };
-        let mut expired = Vec::new();
+    /// Pops the newest unexpired entry; expired ones above it go to `expired`, to be
+    /// dropped once the lock is released (closing sockets is a syscall best kept out of it).
+    fn pop_live(&self, slot: &mut Slot<S, T>, now: Instant, expired: &mut Vec<Idle<T>>) -> Option<Idle<T>> {
         let mut found = None;
-        while let Some(entry) = stack.pop_back() {
-            if entry.is_expired(settings, now) {
+        while let Some(entry) = slot.idle.pop_back() {
+            if entry.is_expired(&self.settings, now) {
                 expired.push(entry);
             } else {
                 found = Some(entry);
                 break;
             }
         }
-        if stack.is_empty() {
-            self.stacks.remove(key);
-        }
-        counters.release_idle(expired.len() + usize::from(found.is_some()));
-        counters.record_cleaned(expired.len() as u64);
-        if found.is_some() {
-            counters.record_reused();
-        }
-        (found, expired)
+        self.counters.release_idle(expired.len() + usize::from(found.is_some()));
+        self.counters.record_cleaned(expired.len() as u64);
+        found
+    }
+}
+
+impl<K: Key, S: KeyState, T: Send> IdlePool<K, S, T> for LockPool<K, S, T> {
+    fn checkout(&self, key: &K, now: Instant) -> (Arc<S>, Option<Idle<T>>) {
+        let mut expired = Vec::new();
+        let mut slots = self.slots();
+        // Look up by reference first: the key is cloned only when it is new.
+        let slot = match slots.get_mut(key) {
+            Some(slot) => slot,
+            None => slots.entry(key.clone()).or_insert_with(Slot::new),
+        };
+        let found = self.pop_live(slot, now, &mut expired);
+        let state = slot.state.clone();
+        drop(slots);
+        drop(expired);
+        (state, found)
     }
 
-    pub(super) fn give(
-        &mut self,
-        key: &PoolKey,
-        entry: Idle<T>,
-        settings: &PoolSettings,
-        counters: &PoolCounters,
-    ) -> Result<(), Idle<T>> {
-        // Per-key cap first: it needs no shared state, so a full key never touches the global
-        // counter that every other key is also updating.
-        if self.len_of(key) >= settings.max_idle_per_key || !counters.try_reserve_idle(settings.max_idle_total) {
+    fn state(&self, key: &K) -> Arc<S> {
+        let mut slots = self.slots();
+        match slots.get(key) {
+            Some(slot) => slot.state.clone(),
+            None => slots.entry(key.clone()).or_insert_with(Slot::new).state.clone(),
+        }
+    }
+
+    fn take_at(&self, key: &K, now: Instant) -> Option<Idle<T>> {
+        let mut expired = Vec::new();
+        let found = self.slots().get_mut(key).and_then(|slot| self.pop_live(slot, now, &mut expired));
+        drop(expired);
+        found
+    }
+
+    fn give(&self, key: &K, entry: Idle<T>) -> Result<(), Idle<T>> {
+        let mut slots = self.slots();
+        let slot = match slots.get_mut(key) {
+            Some(slot) => slot,
+            None => slots.entry(key.clone()).or_insert_with(Slot::new),
+        };
+        // Per-key cap first: it needs no shared state.
+        if slot.idle.len() >= self.settings.max_idle_per_key
+            || !self.counters.try_reserve_idle(self.settings.max_idle_total)
+        {
             return Err(entry);
         }
-        self.stacks.entry(key.clone()).or_default().push_back(entry);
+        slot.idle.push_back(entry);
         Ok(())
     }
 
-    /// Moves every entry expired as of `now` into `out`, keeping the rest in order.
-    pub(super) fn sweep_into(
-        &mut self,
-        now: Instant,
-        settings: &PoolSettings,
-        counters: &PoolCounters,
-        out: &mut Vec<(PoolKey, Idle<T>)>,
-    ) {
-        let before = out.len();
-        for (key, stack) in &mut self.stacks {
-            if !stack.iter().any(|e| e.is_expired(settings, now)) {
+    fn sweep(&self, now: Instant) -> Vec<(K, Idle<T>)> {
+        let mut expired = Vec::new();
+        for (key, slot) in self.slots().iter_mut() {
+            if !slot.idle.iter().any(|e| e.is_expired(&self.settings, now)) {
                 continue;
             }
-            let mut kept = VecDeque::with_capacity(stack.len());
-            for entry in stack.drain(..) {
-                if entry.is_expired(settings, now) {
-                    out.push((key.clone(), entry));
+            let mut kept = VecDeque::with_capacity(slot.idle.len());
+            for entry in slot.idle.drain(..) {
+                if entry.is_expired(&self.settings, now) {
+                    expired.push((key.clone(), entry));
                 } else {
                     kept.push_back(entry);
                 }
             }
-            *stack = kept;
+            slot.idle = kept;
         }
-        self.stacks.retain(|_, stack| !stack.is_empty());
-        let removed = out.len() - before;
-        counters.release_idle(removed);
-        counters.record_cleaned(removed as u64);
+        self.counters.release_idle(expired.len());
+        expired
     }
 
-    pub(super) fn drain_into(&mut self, counters: &PoolCounters, out: &mut Vec<(PoolKey, Idle<T>)>) {
-        let before = out.len();
-        for (key, stack) in self.stacks.drain() {
-            out.extend(stack.into_iter().map(|entry| (key.clone(), entry)));
+    fn drain(&self) -> Vec<(K, Idle<T>)> {
+        let mut all = Vec::new();
+        for (key, slot) in self.slots().iter_mut() {
+            all.extend(slot.idle.drain(..).map(|entry| (key.clone(), entry)));
         }
-        counters.release_idle(out.len() - before);
+        self.counters.release_idle(all.len());
+        all
     }
 
-    pub(super) fn len_of(&self, key: &PoolKey) -> usize {
-        self.stacks.get(key).map_or(0, VecDeque::len)
+    fn forget_where(&self, quiet: &dyn Fn(&S) -> bool) -> usize {
+        let mut slots = self.slots();
+        let before = slots.len();
+        slots.retain(|_, slot| !(slot.idle.is_empty() && quiet(&slot.state)));
+        before - slots.len()
     }
 
-    pub(super) fn lens_into(&self, out: &mut Vec<(PoolKey, usize)>) {
-        out.extend(self.stacks.iter().map(|(key, stack)| (key.clone(), stack.len())));
+    fn idle_count(&self, key: &K) -> usize {
+        self.slots().get(key).map_or(0, |slot| slot.idle.len())
+    }
+
+    fn idle_total(&self) -> usize {
+        self.counters.idle_total()
+    }
+
+    fn key_count(&self) -> usize {
+        self.slots().len()
+    }
+
+    fn keys(&self) -> Vec<(K, Arc<S>, usize)> {
+        self.slots().iter().map(|(key, slot)| (key.clone(), slot.state.clone(), slot.idle.len())).collect()
+    }
+
+    fn counters(&self) -> &PoolCounters {
+        &self.counters
     }
 }

@@ -1,17 +1,25 @@
-//! Keyed store of idle resources, with three interchangeable concurrency engines.
+//! Keyed store of idle resources and per-key state, with three interchangeable engines.
 //!
-//! The server keys by outbound target (`"host:port"`) and keeps warm TCP connections; the
-//! client keys by server address and keeps idle TLS sessions. Both only need somewhere to park
-//! a resource between uses and get the freshest one back. Dialing, liveness checks, waiters and
-//! per-target limits sit on top of this module and are not its business.
+//! The server keys by outbound target ([`crate::proto::Address`]) and keeps warm TCP
+//! connections; the client keys by server and keeps idle TLS sessions. Each key has a
+//! *slot* in the engine holding two things: the caller's per-key state `S` (limits, demand,
+//! counters: atomics the caller updates) and the stack of idle entries. One lookup on the
+//! acquire path finds both, with no global lock and no allocation once the key exists.
+//!
+//! Keys are created on first use and **forgotten** by [`IdlePool::forget_where`] once their
+//! stack is empty and the caller says their state is quiet, so the key count follows the
+//! live targets rather than every target ever seen.
 //!
 //! Every engine implements [`IdlePool`] with the same observable behaviour (the shared test
-//! suite runs them all); they differ only in how they deal with concurrent callers:
+//! suite, stress test and model-based property test run them all); they differ in how they
+//! deal with concurrent callers:
 //!
-//! - [`PoolType::Lock`]: one mutex over everything. Simplest; fine at modest rates.
-//! - [`PoolType::LockFree`]: copy-on-write key map plus a lock-free stack per key.
-//! - [`PoolType::HighPerf`]: keys sharded over many small mutexes, so unrelated targets never
-//!   contend.
+//! - [`PoolType::Lock`]: one mutex over one map. The obviously correct baseline.
+//! - [`PoolType::LockFree`]: lookups never lock: an `ArcSwap`ped bucket table whose buckets
+//!   are copied on write (one small bucket per new key, amortised O(1)), and a Treiber stack
+//!   per key reclaimed with crossbeam-epoch.
+//! - [`PoolType::HighPerf`]: keys sharded over many small mutexes, and per key a lock-free
+//!   hot slot holding the newest entry in front of a locked stack (after pingora-pool).
 //!
 //! Entries are handed out LIFO: the most recently used connection is the one most likely still
 //! alive and warm, and the old ones at the bottom are left to expire.
@@ -24,6 +32,7 @@ mod lockfree;
 mod tests;
 
 use std::fmt;
+use std::hash::Hash;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,9 +44,17 @@ pub use highperf::HighPerfPool;
 pub use lock::LockPool;
 pub use lockfree::LockFreePool;
 
-/// What a pool is keyed by: a target or server address such as `"example.com:443"`.
-/// An `Arc<str>` so that cloning and hashing stay cheap on the hot path.
+/// A key by name, for pools keyed by text (tests, benches) and for the status log line.
 pub type PoolKey = Arc<str>;
+
+/// What a pool may be keyed by: cheap to hash and compare; cloned only when a key is new.
+pub trait Key: Hash + Eq + Clone + Send + Sync + 'static {}
+impl<K: Hash + Eq + Clone + Send + Sync + 'static> Key for K {}
+
+/// What a slot keeps beside its idle entries: the caller's per-key state, created with
+/// `Default` when the key is first seen. Shared by `Arc`, so it is made of atomics.
+pub trait KeyState: Default + Send + Sync + 'static {}
+impl<S: Default + Send + Sync + 'static> KeyState for S {}
 
 /// Which engine backs a pool. Chosen once at start-up with `--pool-type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, clap::ValueEnum)]
@@ -152,40 +169,66 @@ impl<T> Idle<T> {
 }
 
 /// The one interface the server and client use, whichever engine is behind it.
-pub trait IdlePool<T>: Send + Sync {
+///
+/// Counting: the engine keeps the idle count and counts as cleaned the expired entries a
+/// take drops on its way; everything else (new, reused, active, what a sweep returned and
+/// the caller closed) is counted by the caller, who alone knows what happened.
+pub trait IdlePool<K, S, T>: Send + Sync {
+    /// The key's state (created if the key is new) and its newest unexpired idle entry, in
+    /// one lookup: the acquire path.
+    fn checkout(&self, key: &K, now: Instant) -> (Arc<S>, Option<Idle<T>>);
+
+    /// The key's state, created if the key is new.
+    fn state(&self, key: &K) -> Arc<S>;
+
     /// The most recently given-back unexpired entry for `key` (LIFO); expired ones met on the
-    /// way are dropped and counted as cleaned.
-    fn take(&self, key: &PoolKey) -> Option<Idle<T>> {
+    /// way are dropped and counted as cleaned. Never creates the key.
+    fn take(&self, key: &K) -> Option<Idle<T>> {
         self.take_at(key, Instant::now())
     }
 
-    /// [`IdlePool::take`] with expiry judged as of `now`, for callers (and tests) that already
-    /// hold a timestamp.
-    fn take_at(&self, key: &PoolKey, now: Instant) -> Option<Idle<T>>;
+    /// [`IdlePool::take`] with expiry judged as of `now`.
+    fn take_at(&self, key: &K, now: Instant) -> Option<Idle<T>>;
 
-    /// Puts an entry back; returns it in `Err` when the per-key or global idle cap is reached,
-    /// so the caller can close it.
-    fn give(&self, key: &PoolKey, entry: Idle<T>) -> Result<(), Idle<T>>;
+    /// Puts an entry back (creating the key if new); returns it in `Err` when the per-key or
+    /// global idle cap is reached, so the caller can close it.
+    fn give(&self, key: &K, entry: Idle<T>) -> Result<(), Idle<T>>;
 
-    /// Removes every entry expired as of `now` and returns them for the caller to close
-    /// (counted as cleaned).
-    fn sweep(&self, now: Instant) -> Vec<(PoolKey, Idle<T>)>;
+    /// Removes every entry expired as of `now` and returns them for the caller to close (and
+    /// count).
+    fn sweep(&self, now: Instant) -> Vec<(K, Idle<T>)>;
 
-    /// Removes everything, for shutdown.
-    fn drain(&self) -> Vec<(PoolKey, Idle<T>)>;
+    /// Removes every idle entry, for shutdown.
+    fn drain(&self) -> Vec<(K, Idle<T>)>;
 
-    fn idle_count(&self, key: &PoolKey) -> usize;
+    /// Forgets every key with no idle entry whose state `quiet` approves; returns how many.
+    /// A caller still holding such a key's state keeps a detached copy: its updates no
+    /// longer reach the pool (`quiet` should only approve states nobody is using).
+    fn forget_where(&self, quiet: &dyn Fn(&S) -> bool) -> usize;
+
+    fn idle_count(&self, key: &K) -> usize;
 
     fn idle_total(&self) -> usize;
 
-    /// Idle counts of the keys that have any, sorted by key.
-    fn idle_by_key(&self) -> Vec<(PoolKey, usize)>;
+    /// Keys held now.
+    fn key_count(&self) -> usize;
+
+    /// Every key with its state and idle count, in no particular order.
+    fn keys(&self) -> Vec<(K, Arc<S>, usize)>;
+
+    /// Idle counts of the keys that have any, in no particular order.
+    fn idle_by_key(&self) -> Vec<(K, usize)> {
+        self.keys().into_iter().filter(|(_, _, n)| *n > 0).map(|(k, _, n)| (k, n)).collect()
+    }
 
     fn counters(&self) -> &PoolCounters;
 }
 
 /// Builds a pool of the chosen engine.
-pub fn new_pool<T: Send + 'static>(kind: PoolType, settings: PoolSettings) -> Arc<dyn IdlePool<T>> {
+pub fn new_pool<K: Key, S: KeyState, T: Send + 'static>(
+    kind: PoolType,
+    settings: PoolSettings,
+) -> Arc<dyn IdlePool<K, S, T>> {
     match kind {
         PoolType::Lock => Arc::new(LockPool::new(settings)),
         PoolType::LockFree => Arc::new(LockFreePool::new(settings)),
@@ -193,7 +236,8 @@ pub fn new_pool<T: Send + 'static>(kind: PoolType, settings: PoolSettings) -> Ar
     }
 }
 
-/// Activity counters shared by the pool and its caller.
+/// A pool's counters: the one statistics vocabulary, from the engine to the log line, the
+/// JSON API and Prometheus (see [`PoolStatsSnapshot`] for what each means).
 ///
 /// Each counter sits on its own cache line: they are bumped from every thread on every
 /// checkout, and packing them together would make unrelated updates fight over one line.
@@ -206,23 +250,26 @@ pub struct PoolCounters {
     /// Idle entries across all keys. The engines reserve a slot here before storing an entry,
     /// which is how the global cap is enforced without a global lock.
     idle: CachePadded<AtomicU64>,
+    warmed: CachePadded<AtomicU64>,
+    unused: CachePadded<AtomicU64>,
+    unpooled: CachePadded<AtomicU64>,
+    ended: CachePadded<AtomicU64>,
 }
 
 impl PoolCounters {
-    /// The caller created a new resource because the pool had none to offer.
+    /// The caller created a resource because the pool had none to offer.
     pub fn record_new(&self) {
         self.created.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The caller found `n` resources dead (e.g. a failed liveness check) and closed them.
-    pub fn record_cleaned(&self, n: u64) {
-        self.cleaned.fetch_add(n, Ordering::Relaxed);
+    /// The caller was served an idle entry and uses it.
+    pub fn record_reused(&self) {
+        self.reused.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The caller kept `n` entries that a sweep returned (e.g. to honour a minimum of idle
-    /// sessions), so they no longer count as cleaned.
-    pub fn record_kept_after_sweep(&self, n: u64) {
-        let _ = self.cleaned.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| Some(c.saturating_sub(n)));
+    /// The caller closed `n` idle entries: swept as expired, or found dead.
+    pub fn record_cleaned(&self, n: u64) {
+        self.cleaned.fetch_add(n, Ordering::Relaxed);
     }
 
     /// A resource went into use.
@@ -236,21 +283,44 @@ impl PoolCounters {
         let _ = self.active.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
-    pub fn snapshot(&self) -> PoolStatsSnapshot {
-        let reused = self.reused.load(Ordering::Relaxed);
-        let new = self.created.load(Ordering::Relaxed);
-        PoolStatsSnapshot {
-            total: reused + new,
-            active: self.active.load(Ordering::Relaxed),
-            reused,
-            new,
-            cleaned: self.cleaned.load(Ordering::Relaxed),
-            idle: self.idle.load(Ordering::Relaxed),
-        }
+    /// A resource was created ahead of demand (server: a warm dial).
+    pub fn record_warmed(&self) {
+        self.warmed.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn record_reused(&self) {
-        self.reused.fetch_add(1, Ordering::Relaxed);
+    /// A resource created ahead of demand was closed without ever being used.
+    pub fn record_unused(&self) {
+        self.unused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A caller was served outside the pool, beyond its per-key limit.
+    pub fn record_unpooled(&self) {
+        self.unpooled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A used resource was closed when its user was done (server: never reused).
+    pub fn record_ended(&self) {
+        self.ended.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Everything but `lookups` and `keys`, which the caller fills in.
+    pub fn snapshot(&self) -> PoolStatsSnapshot {
+        let load = |c: &CachePadded<AtomicU64>| c.load(Ordering::Relaxed);
+        let (reused, new) = (load(&self.reused), load(&self.created));
+        PoolStatsSnapshot {
+            total: reused + new,
+            active: load(&self.active),
+            reused,
+            new,
+            cleaned: load(&self.cleaned),
+            idle: load(&self.idle),
+            warmed: load(&self.warmed),
+            unused: load(&self.unused),
+            unpooled: load(&self.unpooled),
+            ended: load(&self.ended),
+            lookups: 0,
+            keys: 0,
+        }
     }
 
     fn idle_total(&self) -> usize {
@@ -270,39 +340,91 @@ impl PoolCounters {
 /// Increments `slots` unless it has reached `max`. A compare-exchange loop rather than
 /// fetch_add-then-undo, so the count never overshoots the cap even for a moment. Relaxed is
 /// enough: the count guards no other memory, and atomicity alone keeps it within `max`.
-fn reserve_slot(slots: &AtomicU64, max: u64) -> bool {
-    slots.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < max).then_some(n + 1)).is_ok()
+pub fn reserve_slot(slots: &AtomicU64, max: u64) -> bool {
+    slots.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < max).then(|| n + 1)).is_ok()
 }
 
-/// A point-in-time copy of [`PoolCounters`] for logging and tests.
+/// A point-in-time copy of [`PoolCounters`]: what the log line, the API and `/metrics` show.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PoolStatsSnapshot {
-    /// Checkouts served: `reused + new`.
+    /// Checkouts served by the pool: `reused + new` (unpooled ones are not among them).
     pub total: u64,
+    /// Resources in use now (server: pooled and unpooled connections).
     pub active: u64,
+    /// Checkouts served by an idle (warm) entry.
     pub reused: u64,
+    /// Checkouts that created a resource while the caller waited.
     pub new: u64,
+    /// Idle entries closed by the pool: expired, or found dead.
     pub cleaned: u64,
+    /// Idle entries now.
     pub idle: u64,
+    /// Server: connections dialed ahead of demand.
+    pub warmed: u64,
+    /// Server: warm connections closed without ever carrying a stream.
+    pub unused: u64,
+    /// Server: streams dialed outside the pool, beyond `--max-outbound-connections`.
+    pub unpooled: u64,
+    /// Server: used connections closed when their stream ended (never reused).
+    pub ended: u64,
+    /// Server: name lookups sent to the system resolver.
+    pub lookups: u64,
+    /// Keys (targets, servers) the pool holds now.
+    pub keys: u64,
+}
+
+/// Per-key counters, kept in each key's state (the same words as [`PoolStatsSnapshot`]).
+#[derive(Debug, Default)]
+pub struct KeyCounters {
+    pub created: AtomicU64,
+    pub reused: AtomicU64,
+    pub cleaned: AtomicU64,
+    pub active: AtomicU64,
+    pub warmed: AtomicU64,
+    pub unused: AtomicU64,
+    pub unpooled: AtomicU64,
+}
+
+impl KeyCounters {
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Saturating decrement, for gauges.
+    pub fn drop_one(counter: &AtomicU64) {
+        let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    pub fn stats(&self, key: String, idle: usize) -> KeyStats {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        KeyStats {
+            key,
+            idle: idle as u64,
+            active: load(&self.active),
+            created: load(&self.created),
+            reused: load(&self.reused),
+            cleaned: load(&self.cleaned),
+            warmed: load(&self.warmed),
+            unused: load(&self.unused),
+            unpooled: load(&self.unpooled),
+        }
+    }
 }
 
 /// One key's share of a pool (a target of the server's outbound pool, a server of the
 /// client's session pool), for the API.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct KeyStats {
-    pub key: PoolKey,
-    /// Idle (warm) entries now.
+    pub key: String,
     pub idle: u64,
-    /// Entries in use now.
     pub active: u64,
-    /// Entries created (dialed or handshaken) for this key.
+    /// Entries created on demand or ahead of it for this key.
     pub created: u64,
-    /// Checkouts served by an idle entry.
     pub reused: u64,
-    /// Entries closed by the pool (expired or found dead).
     pub cleaned: u64,
-    /// Callers waiting for a free slot now.
-    pub waiters: u64,
+    pub warmed: u64,
+    pub unused: u64,
+    pub unpooled: u64,
 }
 
 /// `[Pool Stats] Total: 15, Active: 3, Reused: 8, New: 7, Cleaned: 2, Reuse rate: 53.3%, Utilisation: 20.0%`
@@ -320,10 +442,32 @@ pub fn format_stats_line(s: &PoolStatsSnapshot) -> String {
     )
 }
 
-/// Logs the two stats lines at INFO; `extra` is appended to the first.
+/// The fields appended to the stats line after its standard ones (scripts parse the
+/// standard ones by name, so new ones only ever go at the end). The client has no warming
+/// and no unpooled path, so only `Keys` is shown for it.
+pub fn format_stats_extra(s: &PoolStatsSnapshot, server: bool) -> String {
+    if server {
+        format!(
+            ", Warmed: {}, Unused: {}, Unpooled: {}, Lookups: {}, Keys: {}",
+            s.warmed, s.unused, s.unpooled, s.lookups, s.keys
+        )
+    } else {
+        format!(", Keys: {}", s.keys)
+    }
+}
+
+/// Logs the two stats lines at INFO; `extra` is appended to the first. The status line
+/// lists keys by name.
 pub fn log_stats(snapshot: &PoolStatsSnapshot, idle_by_key: &[(PoolKey, usize)], extra: &str) {
     log::info!("{}{extra}", format_stats_line(snapshot));
     log::info!("{}", format_status_line(idle_by_key));
+}
+
+/// Idle counts by key name, sorted, for the status line.
+pub fn named_idle_by_key<K: fmt::Display>(idle_by_key: Vec<(K, usize)>) -> Vec<(PoolKey, usize)> {
+    let mut named: Vec<(PoolKey, usize)> = idle_by_key.into_iter().map(|(k, n)| (k.to_string().into(), n)).collect();
+    named.sort_unstable();
+    named
 }
 
 fn percent(part: u64, whole: u64) -> f64 {
@@ -358,7 +502,8 @@ mod format_tests {
 
     #[test]
     fn stats_line_matches_the_documented_format() {
-        let s = PoolStatsSnapshot { total: 15, active: 3, reused: 8, new: 7, cleaned: 2, idle: 4 };
+        let s =
+            PoolStatsSnapshot { total: 15, active: 3, reused: 8, new: 7, cleaned: 2, idle: 4, ..Default::default() };
         assert_eq!(
             format_stats_line(&s),
             "[Pool Stats] Total: 15, Active: 3, Reused: 8, New: 7, Cleaned: 2, \
@@ -379,6 +524,8 @@ mod format_tests {
     fn status_line_matches_the_documented_format() {
         let status = [(PoolKey::from("example.com:80"), 5), (PoolKey::from("127.0.0.1:8080"), 3)];
         assert_eq!(format_status_line(&status), r#"[Pool Status] {"example.com:80": 5, "127.0.0.1:8080": 3}"#);
+        let named = named_idle_by_key(vec![("b:1", 1), ("a:1", 2)]);
+        assert_eq!(format_status_line(&named), r#"[Pool Status] {"a:1": 2, "b:1": 1}"#);
         assert_eq!(format_status_line(&[]), "[Pool Status] {}");
     }
 
@@ -394,6 +541,9 @@ mod format_tests {
         c.record_new();
         c.record_new();
         c.record_reused();
+        c.record_warmed();
+        c.record_unused();
+        c.record_unpooled();
         c.record_checkout();
         c.record_checkout();
         c.record_checkin();
@@ -403,6 +553,10 @@ mod format_tests {
         let s = c.snapshot();
         assert_eq!((s.total, s.new, s.reused), (3, 2, 1));
         assert_eq!((s.active, s.cleaned, s.idle), (0, 4, 0));
+        assert_eq!((s.warmed, s.unused, s.unpooled, s.ended), (1, 1, 1, 0));
+        let line = format!("{}{}", format_stats_line(&s), format_stats_extra(&s, true));
+        assert!(line.starts_with("[Pool Stats] Total: 3, Active: 0, Reused: 1, New: 2, Cleaned: 4, "), "{line}");
+        assert!(line.ends_with(", Warmed: 1, Unused: 1, Unpooled: 1, Lookups: 0, Keys: 0"), "{line}");
     }
 
     #[test]

@@ -39,7 +39,29 @@ for_every_engine!(
     counters_follow_takes_gives_and_cleaning,
     stress_on_one_key,
     stress_on_64_keys,
+    checkout_creates_the_key_and_shares_its_state,
+    quiet_empty_keys_are_forgotten_and_come_back_fresh,
+    many_keys_come_and_go,
 );
+
+/// The engine under test, keyed by name, with no per-key state of its own.
+fn new_pool<T: Send + 'static>(kind: PoolType, settings: PoolSettings) -> Arc<dyn IdlePool<PoolKey, (), T>> {
+    super::new_pool(kind, settings)
+}
+
+/// Idle counts by key, sorted (the engines list them in no particular order).
+fn idle_by_key<T>(pool: &Arc<dyn IdlePool<PoolKey, (), T>>) -> Vec<(PoolKey, usize)> {
+    let mut lens = pool.idle_by_key();
+    lens.sort_unstable();
+    lens
+}
+
+/// A sweep whose entries the caller closes, and counts as cleaned, as the server does.
+fn sweep<T>(pool: &Arc<dyn IdlePool<PoolKey, (), T>>, now: Instant) -> Vec<(PoolKey, Idle<T>)> {
+    let expired = pool.sweep(now);
+    pool.counters().record_cleaned(expired.len() as u64);
+    expired
+}
 
 fn settings() -> PoolSettings {
     PoolSettings {
@@ -170,17 +192,17 @@ fn sweep_removes_expired_and_keeps_order(kind: PoolType) {
     pool.give(&b, entry(5, t0).returned_at(secs(t0, 101))).unwrap(); // past its lifetime
     pool.give(&b, entry(6, secs(t0, 101))).unwrap();
 
-    let swept = ids(pool.sweep(secs(t0, 101)));
+    let swept = ids(sweep(&pool, secs(t0, 101)));
     // At t0+101 everything on `a` has idled too long.
     assert_eq!(swept, [(a.clone(), 1), (a.clone(), 2), (a.clone(), 3), (a.clone(), 4), (b.clone(), 5)]);
-    assert_eq!(pool.idle_by_key(), [(b.clone(), 1)]);
+    assert_eq!(idle_by_key(&pool), [(b.clone(), 1)]);
 
     pool.give(&a, entry(7, t0)).unwrap();
     pool.give(&a, entry(8, secs(t0, 5))).unwrap();
     pool.give(&a, entry(9, t0)).unwrap();
     pool.give(&a, entry(10, secs(t0, 6))).unwrap();
-    assert_eq!(ids(pool.sweep(secs(t0, 12))), [(a.clone(), 7), (a.clone(), 9)]);
-    assert!(pool.sweep(secs(t0, 12)).is_empty());
+    assert_eq!(ids(sweep(&pool, secs(t0, 12))), [(a.clone(), 7), (a.clone(), 9)]);
+    assert!(sweep(&pool, secs(t0, 12)).is_empty());
     let left: Vec<_> = (0..2).map(|_| pool.take_at(&a, secs(t0, 12)).unwrap().value).collect();
     assert_eq!(left, [10, 8]);
     assert_eq!(pool.counters().snapshot().cleaned, 7);
@@ -195,7 +217,7 @@ fn drain_empties_every_key(kind: PoolType) {
     pool.give(&b, entry(3, t0)).unwrap();
     assert_eq!(ids(pool.drain()), [(a.clone(), 1), (a.clone(), 2), (b.clone(), 3)]);
     assert_eq!(pool.idle_total(), 0);
-    assert!(pool.idle_by_key().is_empty());
+    assert!(idle_by_key(&pool).is_empty());
     assert!(pool.take_at(&a, t0).is_none());
     // Draining is not cleaning: nothing expired.
     assert_eq!(pool.counters().snapshot().cleaned, 0);
@@ -213,8 +235,8 @@ fn idle_by_key_lists_non_empty_keys_sorted(kind: PoolType) {
         pool.give(&key(name), entry(id as u32, t0)).unwrap();
     }
     pool.take_at(&key("c:3"), t0).unwrap();
-    assert_eq!(pool.idle_by_key(), [(key("a:1"), 1), (key("b:2"), 2)]);
-    assert_eq!(format_status_line(&pool.idle_by_key()), r#"[Pool Status] {"a:1": 1, "b:2": 2}"#);
+    assert_eq!(idle_by_key(&pool), [(key("a:1"), 1), (key("b:2"), 2)]);
+    assert_eq!(format_status_line(&idle_by_key(&pool)), r#"[Pool Status] {"a:1": 1, "b:2": 2}"#);
 }
 
 fn counters_follow_takes_gives_and_cleaning(kind: PoolType) {
@@ -229,10 +251,74 @@ fn counters_follow_takes_gives_and_cleaning(kind: PoolType) {
     }
     pool.give(&a, entry(3, secs(t0, 20))).unwrap();
     assert_eq!(pool.take_at(&a, secs(t0, 20)).unwrap().value, 3);
+    counters.record_reused();
     counters.record_checkout();
     assert!(pool.take_at(&a, secs(t0, 20)).is_none()); // the other three idled 20s
     counters.record_cleaned(1); // the caller found a dead one of its own
-    assert_eq!(counters.snapshot(), PoolStatsSnapshot { total: 4, active: 1, reused: 1, new: 3, cleaned: 4, idle: 0 });
+    assert_eq!(
+        counters.snapshot(),
+        PoolStatsSnapshot { total: 4, active: 1, reused: 1, new: 3, cleaned: 4, idle: 0, ..Default::default() }
+    );
+}
+
+fn checkout_creates_the_key_and_shares_its_state(kind: PoolType) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let pool: Arc<dyn IdlePool<PoolKey, AtomicU64, u32>> = super::new_pool(kind, settings());
+    let (a, t0) = (key("a:1"), Instant::now());
+    assert_eq!(pool.key_count(), 0);
+    let (state, found) = pool.checkout(&a, t0);
+    assert!(found.is_none());
+    state.fetch_add(5, Ordering::Relaxed);
+    assert_eq!(pool.key_count(), 1);
+    pool.give(&a, entry(1, t0)).unwrap();
+    let (again, found) = pool.checkout(&a, t0);
+    assert_eq!((again.load(Ordering::Relaxed), found.map(|e| e.value)), (5, Some(1)));
+    assert_eq!(pool.state(&a).load(Ordering::Relaxed), 5);
+    let keys = pool.keys();
+    assert_eq!(keys.len(), 1);
+    assert_eq!((&keys[0].0, keys[0].1.load(Ordering::Relaxed), keys[0].2), (&a, 5, 0));
+}
+
+fn quiet_empty_keys_are_forgotten_and_come_back_fresh(kind: PoolType) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let pool: Arc<dyn IdlePool<PoolKey, AtomicU64, u32>> = super::new_pool(kind, settings());
+    let (busy, idle, quiet, t0) = (key("busy:1"), key("idle:1"), key("quiet:1"), Instant::now());
+    pool.state(&busy).store(1, Ordering::Relaxed); // in use: not quiet
+    pool.give(&idle, entry(1, t0)).unwrap(); // holds an idle entry
+    pool.state(&quiet);
+    assert_eq!(pool.forget_where(&|s| s.load(Ordering::Relaxed) == 0), 1);
+    assert_eq!(pool.key_count(), 2);
+    let mut left: Vec<_> = pool.keys().into_iter().map(|(k, _, _)| k).collect();
+    left.sort_unstable();
+    assert_eq!(left, [busy.clone(), idle.clone()]);
+    // A forgotten key comes back with fresh state and works as before.
+    assert_eq!(pool.state(&quiet).load(Ordering::Relaxed), 0);
+    pool.give(&quiet, entry(2, t0)).unwrap();
+    assert_eq!(pool.take_at(&quiet, t0).unwrap().value, 2);
+    assert_eq!(pool.take_at(&idle, t0).unwrap().value, 1);
+    assert_eq!(pool.forget_where(&|s| s.load(Ordering::Relaxed) == 0), 2); // `busy` is in use
+    assert_eq!(pool.key_count(), 1);
+    assert_eq!(pool.forget_where(&|_| true), 1);
+    assert_eq!((pool.key_count(), pool.idle_total()), (0, 0));
+}
+
+/// Ten thousand keys in and out: the table grows, lookups keep finding every key, and
+/// forgetting them all leaves nothing behind.
+fn many_keys_come_and_go(kind: PoolType) {
+    let wide = PoolSettings { max_idle_total: 100_000, ..settings() };
+    let pool = new_pool::<u32>(kind, wide);
+    let t0 = Instant::now();
+    let keys: Vec<PoolKey> = (0..10_000).map(|i| key(&format!("10.{}.{}.1:443", i / 256, i % 256))).collect();
+    for (id, k) in keys.iter().enumerate() {
+        pool.give(k, entry(id as u32, t0)).unwrap();
+    }
+    assert_eq!((pool.key_count(), pool.idle_total()), (10_000, 10_000));
+    for (id, k) in keys.iter().enumerate() {
+        assert_eq!(pool.take_at(k, t0).map(|e| e.value), Some(id as u32), "{k}");
+    }
+    assert_eq!(pool.forget_where(&|_| true), 10_000);
+    assert_eq!(pool.key_count(), 0);
+    assert!(pool.keys().is_empty());
 }
 
 mod stress {
@@ -346,7 +432,7 @@ mod stress {
     }
 
     pub(super) fn run(kind: PoolType, key_count: usize) {
-        let pool = new_pool::<Tracked>(kind, SETTINGS);
+        let pool = super::new_pool::<Tracked>(kind, SETTINGS);
         let ledger = Arc::new(Ledger::new());
         let keys: Vec<PoolKey> = (0..key_count).map(|i| key(&format!("10.0.0.{i}:443"))).collect();
 
@@ -391,7 +477,7 @@ mod stress {
         assert!(violations.is_empty(), "{kind}: {violations:#?}");
     }
 
-    fn worker(pool: &dyn IdlePool<Tracked>, ledger: &Arc<Ledger>, keys: &[PoolKey], seed: u64) -> Tally {
+    fn worker(pool: &dyn IdlePool<PoolKey, (), Tracked>, ledger: &Arc<Ledger>, keys: &[PoolKey], seed: u64) -> Tally {
         let mut rng = XorShift(0x9E37_79B9_7F4A_7C15 ^ (seed + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9));
         let mut tally = Tally::default();
         let mut held: Vec<Idle<Tracked>> = Vec::new();
@@ -403,6 +489,7 @@ mod stress {
                 0..45 => {
                     if let Some(entry) = pool.take(key) {
                         ledger.moved(entry.value.id, IDLE, HELD, "take");
+                        counters.record_reused();
                         counters.record_checkout();
                         tally.taken += 1;
                         held.push(entry);
@@ -431,11 +518,17 @@ mod stress {
                         ledger.violation(format!("caps exceeded: {on_key} on {key}, {total} in all"));
                     }
                 }
-                90..94 => {
-                    for (_, entry) in pool.sweep(now) {
+                90..93 => {
+                    let swept = pool.sweep(now);
+                    counters.record_cleaned(swept.len() as u64);
+                    for (_, entry) in swept {
                         ledger.moved(entry.value.id, IDLE, HELD, "sweep");
                         tally.swept += 1;
                     }
+                }
+                93..94 => {
+                    // Keys with nothing idle are forgotten; gives racing this recreate them.
+                    pool.forget_where(&|_| true);
                 }
                 _ => {
                     // The caller found a connection dead and closed it.
@@ -500,6 +593,7 @@ mod model {
         GiveBack(Index),
         Take(usize),
         Sweep,
+        Forget,
         Advance(u64),
     }
 
@@ -509,6 +603,7 @@ mod model {
             2 => any::<Index>().prop_map(Op::GiveBack),
             3 => (0..KEYS.len()).prop_map(Op::Take),
             1 => Just(Op::Sweep),
+            1 => Just(Op::Forget),
             2 => (1..20u64).prop_map(Op::Advance),
         ]
     }
@@ -517,6 +612,8 @@ mod model {
     #[derive(Default)]
     struct Model {
         stacks: BTreeMap<PoolKey, Vec<Idle<u32>>>,
+        /// Keys the pool holds: created by a give, forgotten once empty.
+        keys: std::collections::BTreeSet<PoolKey>,
         reused: u64,
         cleaned: u64,
     }
@@ -528,6 +625,7 @@ mod model {
 
         fn give(&mut self, key: &PoolKey, entry: Idle<u32>) -> Result<(), Idle<u32>> {
             let s = settings();
+            self.keys.insert(key.clone());
             let len = self.stacks.get(key).map_or(0, Vec::len);
             if len >= s.max_idle_per_key || self.total() >= s.max_idle_total {
                 return Err(entry);
@@ -560,6 +658,11 @@ mod model {
             expired
         }
 
+        fn forget(&mut self) {
+            let stacks = &self.stacks;
+            self.keys.retain(|key| stacks.get(key).is_some_and(|stack| !stack.is_empty()));
+        }
+
         fn idle_by_key(&self) -> Vec<(PoolKey, usize)> {
             self.stacks
                 .iter()
@@ -581,7 +684,7 @@ mod model {
             let keys: Vec<PoolKey> = KEYS.iter().map(|k| key(k)).collect();
             let engines: Vec<_> = [PoolType::Lock, PoolType::LockFree, PoolType::HighPerf]
                 .into_iter()
-                .map(|kind| (kind, new_pool::<u32>(kind, settings())))
+                .map(|kind| (kind, super::new_pool::<u32>(kind, settings())))
                 .collect();
             let mut model = Model::default();
             let mut held: Vec<(PoolKey, Idle<u32>)> = Vec::new();
@@ -610,21 +713,32 @@ mod model {
                     Op::Take(k) => {
                         let expected = model.take(&keys[k], now);
                         for (kind, pool) in &engines {
-                            prop_assert_eq!(&pool.take_at(&keys[k], now), &expected, "{} take", kind);
+                            let got = pool.take_at(&keys[k], now);
+                            if got.is_some() {
+                                pool.counters().record_reused();
+                            }
+                            prop_assert_eq!(&got, &expected, "{} take", kind);
                         }
                         held.extend(expected.map(|e| (keys[k].clone(), e)));
                     }
                     Op::Sweep => {
                         let expected = sorted(model.sweep(now));
                         for (kind, pool) in &engines {
-                            prop_assert_eq!(&sorted(pool.sweep(now)), &expected, "{} sweep", kind);
+                            prop_assert_eq!(&sorted(sweep(pool, now)), &expected, "{} sweep", kind);
+                        }
+                    }
+                    Op::Forget => {
+                        model.forget();
+                        for (_, pool) in &engines {
+                            pool.forget_where(&|_| true);
                         }
                     }
                     Op::Advance(s) => now += Duration::from_secs(s),
                 }
                 for (kind, pool) in &engines {
                     let stats = pool.counters().snapshot();
-                    prop_assert_eq!(pool.idle_by_key(), model.idle_by_key(), "{} idle_by_key", kind);
+                    prop_assert_eq!(idle_by_key(pool), model.idle_by_key(), "{} idle_by_key", kind);
+                    prop_assert_eq!(pool.key_count(), model.keys.len(), "{} key_count", kind);
                     prop_assert_eq!(pool.idle_total(), model.total(), "{} idle_total", kind);
                     prop_assert_eq!(
                         (stats.reused, stats.cleaned, stats.idle),

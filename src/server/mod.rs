@@ -1,6 +1,7 @@
 //! The AnyTLS server: accepts TLS, authenticates, and serves each session's
 //! streams by dialing their destinations.
 
+pub mod dial;
 pub mod fallback;
 pub mod limits;
 pub mod outbound;
@@ -179,7 +180,7 @@ pub async fn run_with_users(
     }
     maintenance.abort();
     let closed = pool.close_idle();
-    crate::pool::log_stats(&pool.stats(), &pool.idle_by_target(), &format!(", Warmed: {}", pool.warmed()));
+    crate::pool::log_stats(&pool.stats(), &pool.idle_by_target(), &pool.stats_line_extra());
     log::info!("shut down: sessions closed, {closed} warm outbound connections closed");
 }
 
@@ -242,7 +243,7 @@ async fn maintain_pool(pool: OutboundPool, stats_interval: Duration) {
         tokio::select! {
             _ = sweep.tick() => pool.maintain(),
             _ = stats.tick() => {
-                crate::pool::log_stats(&pool.stats(), &pool.idle_by_target(), &format!(", Warmed: {}", pool.warmed()));
+                crate::pool::log_stats(&pool.stats(), &pool.idle_by_target(), &pool.stats_line_extra());
             }
         }
     }

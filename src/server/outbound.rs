@@ -1,17 +1,15 @@
 //! Serving one stream: read its destination, dial it, answer SYNACK, relay.
 
-use std::io;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
+pub use super::dial::{DialError, Dialer};
 use super::limits::StreamTicket;
 use super::outbound_pool::OutboundPool;
 use super::udp::{UdpSettings, serve_udp};
 use crate::proto::Address;
-use crate::proto::address::Host;
 use crate::proto::udp::is_udp_over_tcp;
 use crate::session::{Stream, relay};
 
@@ -20,64 +18,8 @@ use crate::session::{Stream, relay};
 /// refused, and a dial still going is answered "ok" (a later failure then ends the
 /// stream with FIN).
 const SYNACK_BUDGET: Duration = Duration::from_millis(2500);
-/// How much earlier than the SYNACK deadline a wait for a pool slot gives up.
-const SLOT_WAIT_MARGIN: Duration = Duration::from_millis(250);
 /// Longest destination in SOCKS form: type, length, 255-byte name, port.
 const MAX_ADDRESS_LEN: usize = 1 + 1 + 255 + 2;
-
-/// Why an outbound dial failed, worded so clients can map it to SOCKS codes
-/// ("refused", "timed out", "unreachable").
-#[derive(Debug, thiserror::Error)]
-pub enum DialError {
-    #[error("dial {0}: connection refused")]
-    Refused(String),
-    #[error("dial {0}: timed out")]
-    TimedOut(String),
-    #[error("dial {0}: host unreachable ({1})")]
-    Unreachable(String, String),
-    #[error("dial {0}: {1}")]
-    Other(String, io::Error),
-}
-
-/// Opens outbound TCP connections.
-#[derive(Debug, Clone)]
-pub struct Dialer {
-    pub connect_timeout: Duration,
-}
-
-impl Dialer {
-    pub async fn connect(&self, destination: &Address) -> Result<TcpStream, DialError> {
-        let target = destination.to_string();
-        let attempt = async {
-            let stream = match &destination.host {
-                Host::Ip(ip) => TcpStream::connect((*ip, destination.port)).await,
-                Host::Domain(name) => TcpStream::connect((name.as_str(), destination.port)).await,
-            };
-            stream.map_err(|err| classify(&target, err))
-        };
-        let stream = tokio::time::timeout(self.connect_timeout, attempt)
-            .await
-            .map_err(|_| DialError::TimedOut(target.clone()))??;
-        let _ = stream.set_nodelay(true);
-        Ok(stream)
-    }
-}
-
-fn classify(target: &str, err: io::Error) -> DialError {
-    use io::ErrorKind::*;
-    match err.kind() {
-        ConnectionRefused => DialError::Refused(target.to_string()),
-        TimedOut => DialError::TimedOut(target.to_string()),
-        HostUnreachable | NetworkUnreachable | AddrNotAvailable => {
-            DialError::Unreachable(target.to_string(), err.to_string())
-        }
-        // Name resolution failures come back as uncategorised errors.
-        _ if err.to_string().contains("lookup") || err.to_string().contains("resolve") => {
-            DialError::Unreachable(target.to_string(), err.to_string())
-        }
-        _ => DialError::Other(target.to_string(), err),
-    }
-}
 
 /// Reads the destination from the stream's first data; returns it with whatever
 /// payload followed it in the same frames.
@@ -131,9 +73,8 @@ pub async fn serve_stream(
         return serve_udp(stream, early_payload, udp, peer).await;
     }
     let Some(destination) = super::policy::admit(&mut stream, destination, &peer).await else { return };
-    // A wait for a free slot ends a little before the SYNACK deadline, so that an
-    // exhausted target is refused in the SYNACK rather than answered "ok" and dropped.
-    let dial = pool.acquire_waiting_until(&destination, synack_deadline - SLOT_WAIT_MARGIN);
+    // The pool never refuses: past its per-target limit it dials unpooled.
+    let dial = pool.acquire(&destination);
     tokio::pin!(dial);
     let answered_early;
     let dialed = tokio::select! {
@@ -204,7 +145,6 @@ pub(crate) mod test_support {
             max_idle_total: 4,
             max_idle_time: Duration::from_secs(60),
             max_lifetime: Duration::from_secs(60),
-            max_waiters_per_target: 4,
         };
         let pool = OutboundPool::new(settings, Dialer { connect_timeout });
         let gate = Arc::new(Gate::new(ServerLimits::default()));
@@ -252,7 +192,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_exhausted_target_is_refused_by_synack_within_the_budget() {
+    async fn streams_beyond_the_per_target_limit_all_open() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let target = Address::socket(listener.local_addr().unwrap());
         let _keep_accepting = tokio::spawn(async move {
@@ -261,17 +201,18 @@ mod tests {
                 held.push(tcp);
             }
         });
-        // One slot, and a connect timeout longer than the SYNACK budget.
+        // One pooled slot; five held streams.
         let (client, _server) = test_support::session_pair_with(1, Duration::from_secs(5), UdpSettings::default());
         let mut first = bytes::BytesMut::new();
         target.encode(&mut first);
         let first = first.freeze();
-        let mut holder = client.open_stream(first.clone()).await.unwrap();
-        holder.wait_open().await.unwrap();
-        let mut waiter = client.open_stream(first).await.unwrap();
-        let started = tokio::time::Instant::now();
-        let answer = waiter.wait_open().await;
-        assert_eq!(answer, Err(OpenError::Refused(format!("outbound pool for {target} exhausted"))));
-        assert!(started.elapsed() < Duration::from_secs(3), "refused within the 3 s rule");
+        let mut held = Vec::new();
+        for _ in 0..5 {
+            let mut stream = client.open_stream(first.clone()).await.unwrap();
+            let started = tokio::time::Instant::now();
+            assert_eq!(stream.wait_open().await, Ok(()));
+            assert!(started.elapsed() < Duration::from_secs(1), "opened without waiting for a slot");
+            held.push(stream);
+        }
     }
 }

@@ -1,120 +1,228 @@
 //! The server's outbound pool: warm TCP connections per target, dialed ahead of
-//! demand, and a per-target limit with a fair wait queue.
+//! demand once a target shows repeated demand.
 //!
 //! Safety rule: a connection that has carried one client's stream is never handed
 //! to another (it holds that client's TLS or HTTP state); it is closed when its
 //! stream ends. What the pool hands out are warm connections: dialed, never used.
-//! For every target that saw traffic within the idle window, the pool keeps
-//! `min_idle` warm ones ready, refilled in the background after each take.
+//!
+//! - **Never refuses.** `max_per_target` bounds what the pool *manages* for a target
+//!   (connections in use that it dialed, warm ones, warm dials in flight). A stream
+//!   beyond it is dialed unpooled: a plain connection, counted as `unpooled`. So no
+//!   user can exhaust a target for the others; they all still get through.
+//! - **Warming pays for itself.** A target is warmed only from its second stream within
+//!   the idle window, and its warm set follows its observed rate: it starts at one, grows
+//!   by one each time a stream finds no warm connection ready (demand outpaced the set),
+//!   and shrinks by one each time a warm connection is closed unused (expired, or found
+//!   dead), never above `min_idle`. Sequential traffic thus keeps one warm connection,
+//!   bursts get as many as they use. Warm connections closed unused are counted. All warm
+//!   connections, idle or being dialed, stay within `max_idle_total`.
+//! - **A warm connection whose peer has closed is never handed out**, even when a
+//!   greeting is queued in front of the FIN (see [`is_alive`]).
+//! - Names are resolved once per target name per [`super::dial::NAME_TTL`].
+//!
+//! Each target's state ([`Target`]: its limit count, demand and counters) lives in the
+//! engine's slot for that target, keyed by [`Address`]: an acquire is one engine lookup,
+//! with no lock of this module's own and no allocation once the target is known. Targets
+//! quiet for the idle window with nothing in use are forgotten by [`OutboundPool::maintain`].
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::outbound::{DialError, Dialer};
-use crate::pool::{Idle, IdlePool, KeyStats, PoolKey, PoolSettings, PoolStatsSnapshot, PoolType, new_pool};
+use super::dial::{DialError, Dialer, NameCache};
+use crate::pool::{
+    Idle, IdlePool, KeyCounters, KeyStats, PoolCounters, PoolKey, PoolSettings, PoolStatsSnapshot, PoolType,
+    named_idle_by_key, new_pool, reserve_slot,
+};
 use crate::proto::Address;
 
 /// Limits of the outbound pool, from the command line.
 #[derive(Debug, Clone)]
 pub struct OutboundSettings {
     pub pool_type: PoolType,
-    /// Connections (in use + warm) per target.
+    /// Connections the pool manages per target (in use + warm + warming); streams
+    /// beyond it are dialed unpooled, never refused.
     pub max_per_target: usize,
-    /// Warm connections kept per recently used target.
+    /// Warm connections kept at most per busy target.
     pub min_idle: usize,
-    /// Warm connections across all targets (bounds file descriptors).
+    /// Warm connections across all targets, idle or being dialed: a hard cap (it bounds
+    /// the file descriptors warming may spend).
     pub max_idle_total: usize,
     pub max_idle_time: Duration,
     pub max_lifetime: Duration,
-    /// Streams allowed to wait for a full target; more fail at once.
-    pub max_waiters_per_target: usize,
 }
 
-/// A connection handed to one stream. Dropping it closes the connection and frees
-/// its slot for the target.
+/// A connection handed to one stream. Dropping it closes the connection and gives
+/// back its place under the target's limit.
 pub struct Outbound {
     pub tcp: TcpStream,
     /// Whether it came warm from the pool.
     pub reused: bool,
+    /// Whether the pool manages it (false: dialed beyond the per-target limit).
+    pub pooled: bool,
     _slot: Slot,
 }
 
-/// A target slot that also keeps the pool's and the target's Active gauges honest.
+/// A stream's hold on its target: keeps the Active gauges and the managed count honest.
 struct Slot {
-    _permit: OwnedSemaphorePermit,
-    pool: Option<Arc<Inner>>,
     target: Arc<Target>,
+    shared: Arc<Shared>,
+    pooled: bool,
 }
 
 impl Slot {
-    fn checked_out(permit: OwnedSemaphorePermit, pool: &Arc<Inner>, target: &Arc<Target>) -> Slot {
-        pool.idle.counters().record_checkout();
-        target.active.fetch_add(1, Ordering::Relaxed);
-        Slot { _permit: permit, pool: Some(pool.clone()), target: target.clone() }
+    fn checked_out(target: &Arc<Target>, shared: &Arc<Shared>, pooled: bool) -> Slot {
+        shared.counters.record_checkout();
+        KeyCounters::bump(&target.counters.active);
+        Slot { target: target.clone(), shared: shared.clone(), pooled }
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Some(pool) = &self.pool {
-            pool.idle.counters().record_checkin();
-            // The connection is closed with its stream (never reused).
-            pool.ended.fetch_add(1, Ordering::Relaxed);
+        self.shared.counters.record_checkin();
+        KeyCounters::drop_one(&self.target.counters.active);
+        // The connection is closed with its stream (never reused).
+        self.shared.counters.record_ended();
+        if self.pooled {
+            self.target.managed.fetch_sub(1, Ordering::Relaxed);
         }
-        self.target.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
+/// A warm connection, parked in the engine. It holds a place under its target's limit
+/// and under the global warm cap; dropping it unused (expired, dead, refused by a full
+/// pool, shutdown) gives both back and counts it as closed unused.
 struct WarmConnection {
     tcp: TcpStream,
-    permit: OwnedSemaphorePermit,
+    ticket: WarmTicket,
 }
 
+struct WarmTicket {
+    target: Arc<Target>,
+    shared: Arc<Shared>,
+    /// Set once a connection exists: only then is dropping the ticket "closed unused".
+    dialed: bool,
+    /// Set when a stream took the connection and, with it, the place under the limit.
+    handed_over: bool,
+}
+
+impl WarmTicket {
+    fn new(target: &Arc<Target>, shared: &Arc<Shared>) -> WarmTicket {
+        target.warm.fetch_add(1, Ordering::Relaxed);
+        WarmTicket { target: target.clone(), shared: shared.clone(), dialed: false, handed_over: false }
+    }
+
+    /// The warm connection goes to a stream: its place under the global warm cap is
+    /// freed (on drop), its place under the target's limit passes to the stream's slot.
+    fn into_slot(mut self) -> Slot {
+        self.handed_over = true;
+        Slot::checked_out(&self.target, &self.shared, true)
+    }
+}
+
+impl Drop for WarmTicket {
+    fn drop(&mut self) {
+        self.shared.warm.fetch_sub(1, Ordering::Relaxed);
+        self.target.warm.fetch_sub(1, Ordering::Relaxed);
+        if self.handed_over {
+            return;
+        }
+        self.target.managed.fetch_sub(1, Ordering::Relaxed);
+        if self.dialed {
+            // One warm connection more than the target used: the warm set shrinks.
+            let _ = self.target.goal.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |g| g.checked_sub(1));
+            self.shared.counters.record_unused();
+            KeyCounters::bump(&self.target.counters.unused);
+            KeyCounters::bump(&self.target.counters.cleaned);
+        }
+    }
+}
+
+/// One target's state, kept in the engine's slot for the target.
+#[derive(Default)]
 struct Target {
-    address: Address,
-    slots: Arc<Semaphore>,
-    waiters: AtomicUsize,
-    /// Milliseconds since the pool's epoch of the last stream to this target.
-    last_demand_ms: AtomicU64,
+    /// Connections the pool manages for this target: in use (pooled), warm, warming.
+    managed: AtomicU64,
+    /// Warm connections of this target, idle or being dialed.
+    warm: AtomicU64,
+    /// Warm connections this target should have (its warm set's size).
+    goal: AtomicU64,
+    demand: Demand,
     refilling: AtomicBool,
-    /// For the API: connections dialed (on demand or warm), served warm, cleaned, in use.
-    created: AtomicU64,
-    reused: AtomicU64,
-    cleaned: AtomicU64,
-    active: AtomicU64,
+    /// Per target, `cleaned` counts warm connections closed unused (expired, dead).
+    counters: KeyCounters,
+}
+
+/// Streams per window (the idle window): the current one and the one before.
+/// Races between threads rotating at the same moment may lose a count; the result
+/// only sizes a warm set.
+#[derive(Default)]
+struct Demand {
+    window_start_ms: AtomicU64,
+    this_window: AtomicU64,
+    last_window: AtomicU64,
+    last_ms: AtomicU64,
+}
+
+impl Demand {
+    fn record(&self, now_ms: u64, window_ms: u64) {
+        self.rotate(now_ms, window_ms);
+        self.this_window.fetch_add(1, Ordering::Relaxed);
+        self.last_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    fn rotate(&self, now_ms: u64, window_ms: u64) {
+        let start = self.window_start_ms.load(Ordering::Relaxed);
+        let elapsed = now_ms.saturating_sub(start);
+        if elapsed < window_ms.max(1) {
+            return;
+        }
+        if self.window_start_ms.compare_exchange(start, now_ms, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            let finished = self.this_window.swap(0, Ordering::Relaxed);
+            // A window with no stream in between means the rate is now zero.
+            let previous = if elapsed < 2 * window_ms.max(1) { finished } else { 0 };
+            self.last_window.store(previous, Ordering::Relaxed);
+        }
+    }
+
+    /// Streams per window, as the busier of the current and the last window.
+    fn rate(&self, now_ms: u64, window_ms: u64) -> u64 {
+        self.rotate(now_ms, window_ms);
+        self.this_window.load(Ordering::Relaxed).max(self.last_window.load(Ordering::Relaxed))
+    }
+
+    fn last_ms(&self) -> u64 {
+        self.last_ms.load(Ordering::Relaxed)
+    }
+}
+
+/// What the pool counts beside the engine (which counts idle entries and the expired ones
+/// a take drops): shared with every connection handed out, so a connection can count its
+/// own end without reaching back into the pool.
+#[derive(Default)]
+struct Shared {
+    counters: PoolCounters,
+    /// Warm connections idle or being dialed: the number `max_idle_total` caps.
+    warm: AtomicU64,
 }
 
 struct Inner {
     settings: OutboundSettings,
     dialer: Dialer,
-    idle: Arc<dyn IdlePool<WarmConnection>>,
-    targets: Mutex<HashMap<PoolKey, Arc<Target>>>,
+    names: NameCache,
+    idle: Arc<dyn IdlePool<Address, Target, WarmConnection>>,
+    shared: Arc<Shared>,
     epoch: Instant,
-    /// Warm connections dialed ahead of demand (not part of New, which counts dials
-    /// a stream had to wait for).
-    warmed: AtomicU64,
-    /// Used connections closed when their stream ended.
-    ended: AtomicU64,
 }
 
 /// Cheap to clone; clones share the pool.
 #[derive(Clone)]
 pub struct OutboundPool {
     inner: Arc<Inner>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum AcquireError {
-    #[error(transparent)]
-    Dial(#[from] DialError),
-    #[error("outbound pool for {0} exhausted")]
-    Exhausted(String),
 }
 
 impl OutboundPool {
@@ -129,10 +237,9 @@ impl OutboundPool {
             idle: new_pool(settings.pool_type, engine_settings),
             settings,
             dialer,
-            targets: Mutex::new(HashMap::new()),
+            names: NameCache::default(),
+            shared: Arc::default(),
             epoch: Instant::now(),
-            warmed: AtomicU64::new(0),
-            ended: AtomicU64::new(0),
         };
         OutboundPool { inner: Arc::new(inner) }
     }
@@ -141,74 +248,74 @@ impl OutboundPool {
         &self.inner.settings
     }
 
-    /// A connection to `address` for one stream: a live warm one if there is one,
-    /// else a new dial, waiting for a slot when the target is at its limit (at most
-    /// the connect timeout).
-    pub async fn acquire(&self, address: &Address) -> Result<Outbound, AcquireError> {
-        let slot_deadline = tokio::time::Instant::now() + self.inner.dialer.connect_timeout;
-        self.acquire_waiting_until(address, slot_deadline).await
-    }
-
-    /// As [`OutboundPool::acquire`], but a wait for a free slot ends at `slot_deadline`
-    /// (or the connect timeout, if sooner): the server must answer the SYN within the
-    /// client's 3 s rule, so an exhausted target is reported while it still can be.
-    pub async fn acquire_waiting_until(
-        &self,
-        address: &Address,
-        slot_deadline: tokio::time::Instant,
-    ) -> Result<Outbound, AcquireError> {
+    /// A connection to `address` for one stream: a live warm one if there is one, else
+    /// a new dial — pooled while the target is under its limit, unpooled beyond it.
+    /// Only the dial itself can fail.
+    pub async fn acquire(&self, address: &Address) -> Result<Outbound, DialError> {
         let inner = &self.inner;
-        let (key, target) = inner.target(address);
-        target.last_demand_ms.store(inner.now_ms(), Ordering::Relaxed);
-        while let Some(entry) = inner.idle.take(&key) {
-            if is_alive(&entry.value.tcp) {
-                inner.refill_soon(&key, &target);
-                target.reused.fetch_add(1, Ordering::Relaxed);
-                let WarmConnection { tcp, permit } = entry.value;
-                return Ok(Outbound { tcp, reused: true, _slot: Slot::checked_out(permit, inner, &target) });
+        let (target, mut found) = inner.idle.checkout(address, Instant::now());
+        inner.size_warm_set(&target, found.is_some());
+        while let Some(entry) = found {
+            let WarmConnection { tcp, ticket } = entry.value;
+            if is_alive(&tcp) {
+                inner.shared.counters.record_reused();
+                KeyCounters::bump(&target.counters.reused);
+                let slot = ticket.into_slot();
+                inner.refill_soon(address, &target);
+                return Ok(Outbound { tcp, reused: true, pooled: true, _slot: slot });
             }
-            inner.idle.counters().record_cleaned(1);
-            target.cleaned.fetch_add(1, Ordering::Relaxed);
+            // Dropping the ticket counts it closed unused.
+            inner.shared.counters.record_cleaned(1);
+            found = inner.idle.take(address);
         }
-        let permit = inner.wait_for_slot(&key, &target, slot_deadline).await?;
-        let tcp = inner.dialer.connect(address).await?;
-        inner.idle.counters().record_new();
-        target.created.fetch_add(1, Ordering::Relaxed);
-        let slot = Slot::checked_out(permit, inner, &target);
-        inner.refill_soon(&key, &target);
-        Ok(Outbound { tcp, reused: false, _slot: slot })
+        let pooled = reserve_slot(&target.managed, inner.settings.max_per_target as u64);
+        let tcp = match inner.dialer.connect_with(address, Some(&inner.names)).await {
+            Ok(tcp) => tcp,
+            Err(err) => {
+                if pooled {
+                    target.managed.fetch_sub(1, Ordering::Relaxed);
+                }
+                return Err(err);
+            }
+        };
+        if pooled {
+            inner.shared.counters.record_new();
+            KeyCounters::bump(&target.counters.created);
+        } else {
+            inner.shared.counters.record_unpooled();
+            KeyCounters::bump(&target.counters.unpooled);
+            log::debug!("{address}: over {} pooled connections: dialed unpooled", inner.settings.max_per_target);
+        }
+        let slot = Slot::checked_out(&target, &inner.shared, pooled);
+        inner.refill_soon(address, &target);
+        Ok(Outbound { tcp, reused: false, pooled, _slot: slot })
     }
 
-    /// Dials warm connections for `address` now (start-up `--warmup`).
+    /// Dials warm connections for `address` now (start-up `--warmup`): the target counts
+    /// as busy enough for `min_idle` of them.
     pub fn warm_up(&self, address: &Address) {
-        let (key, target) = self.inner.target(address);
-        target.last_demand_ms.store(self.inner.now_ms(), Ordering::Relaxed);
-        self.inner.refill_soon(&key, &target);
+        let target = self.inner.idle.state(address);
+        target.demand.record(self.inner.now_ms(), self.inner.window_ms());
+        target.goal.store(self.inner.settings.min_idle as u64, Ordering::Relaxed);
+        self.inner.refill_soon(address, &target);
     }
 
-    /// Closes expired warm connections, lets quiet targets go, and tops up the
-    /// targets still in use. Call periodically.
+    /// Closes expired warm connections, forgets quiet targets with nothing in use, and
+    /// tops up the targets still in use. Call periodically.
     pub fn maintain(&self) {
         let inner = &self.inner;
         let expired = inner.idle.sweep(Instant::now());
-        let quiet_after = inner.settings.max_idle_time.as_millis() as u64;
-        let now = inner.now_ms();
-        let mut targets = inner.targets.lock().expect("targets lock");
-        for (key, _) in &expired {
-            if let Some(target) = targets.get(key) {
-                target.cleaned.fetch_add(1, Ordering::Relaxed);
+        inner.shared.counters.record_cleaned(expired.len() as u64);
+        drop(expired); // each counts itself closed unused
+        let (now, window) = (inner.now_ms(), inner.window_ms());
+        let quiet = |target: &Target| now.saturating_sub(target.demand.last_ms()) > window;
+        // Forget a target only when nothing of it is left, so its limit holds.
+        inner.idle.forget_where(&|target| quiet(target) && target.managed.load(Ordering::Relaxed) == 0);
+        for (address, target, _) in inner.idle.keys() {
+            if !quiet(&target) {
+                inner.refill_soon(&address, &target);
             }
         }
-        drop(expired);
-        targets.retain(|key, target| {
-            let quiet = now.saturating_sub(target.last_demand_ms.load(Ordering::Relaxed)) > quiet_after;
-            let unused = target.slots.available_permits() == inner.settings.max_per_target;
-            if !quiet {
-                inner.refill_soon(key, target);
-            }
-            // Forget a target only when nothing of it is left, so its limit holds.
-            !(quiet && unused)
-        });
     }
 
     /// Closes every warm connection (shutdown).
@@ -216,46 +323,75 @@ impl OutboundPool {
         self.inner.idle.drain().len()
     }
 
+    /// The pool's counters in the one vocabulary (see [`PoolStatsSnapshot`]).
     pub fn stats(&self) -> PoolStatsSnapshot {
-        self.inner.idle.counters().snapshot()
+        let engine = self.inner.idle.counters().snapshot();
+        let mut s = self.inner.shared.counters.snapshot();
+        s.idle = engine.idle;
+        s.cleaned += engine.cleaned; // expired entries a take dropped
+        s.lookups = self.inner.names.lookups();
+        s.keys = self.inner.idle.key_count() as u64;
+        s
     }
 
+    /// Warm connections dialed ahead of demand.
     pub fn warmed(&self) -> u64 {
-        self.inner.warmed.load(Ordering::Relaxed)
+        self.stats().warmed
     }
 
-    /// Warm connections per target.
+    /// Warm connections closed without ever carrying a stream.
+    pub fn unused(&self) -> u64 {
+        self.stats().unused
+    }
+
+    /// Streams dialed beyond the per-target limit, outside the pool.
+    pub fn unpooled(&self) -> u64 {
+        self.stats().unpooled
+    }
+
+    /// Name lookups sent to the system resolver.
+    pub fn lookups(&self) -> u64 {
+        self.inner.names.lookups()
+    }
+
+    /// Warm connections idle or being dialed now (what `max_idle_total` caps).
+    pub fn warm_now(&self) -> u64 {
+        self.inner.shared.warm.load(Ordering::Relaxed)
+    }
+
+    /// Targets the pool holds now.
+    pub fn key_count(&self) -> usize {
+        self.inner.idle.key_count()
+    }
+
+    /// What the `[Pool Stats]` line appends after its standard fields.
+    pub fn stats_line_extra(&self) -> String {
+        crate::pool::format_stats_extra(&self.stats(), true)
+    }
+
+    /// Warm connections per target, sorted by target.
     pub fn idle_by_target(&self) -> Vec<(PoolKey, usize)> {
-        self.inner.idle.idle_by_key()
+        named_idle_by_key(self.inner.idle.idle_by_key())
     }
 
     pub fn idle_count(&self, address: &Address) -> usize {
-        self.inner.idle.idle_count(&address.to_string().into())
+        self.inner.idle.idle_count(address)
     }
 
     /// Used connections closed when their stream ended.
     pub fn ended(&self) -> u64 {
-        self.inner.ended.load(Ordering::Relaxed)
+        self.stats().ended
     }
 
-    /// Counters of every target the pool tracks (those used within the idle window),
-    /// sorted by target.
+    /// Counters of every target the pool holds (those used within the idle window, or
+    /// with connections in use), sorted by target.
     pub fn per_target_stats(&self) -> Vec<KeyStats> {
-        let targets: Vec<(PoolKey, Arc<Target>)> = {
-            let targets = self.inner.targets.lock().expect("targets lock");
-            targets.iter().map(|(key, target)| (key.clone(), target.clone())).collect()
-        };
-        let mut stats: Vec<KeyStats> = targets
+        let mut stats: Vec<KeyStats> = self
+            .inner
+            .idle
+            .keys()
             .into_iter()
-            .map(|(key, target)| KeyStats {
-                idle: self.inner.idle.idle_count(&key) as u64,
-                active: target.active.load(Ordering::Relaxed),
-                created: target.created.load(Ordering::Relaxed),
-                reused: target.reused.load(Ordering::Relaxed),
-                cleaned: target.cleaned.load(Ordering::Relaxed),
-                waiters: target.waiters.load(Ordering::Relaxed) as u64,
-                key,
-            })
+            .map(|(address, target, idle)| target.counters.stats(address.to_string(), idle))
             .collect();
         stats.sort_by(|a, b| a.key.cmp(&b.key));
         stats
@@ -264,22 +400,12 @@ impl OutboundPool {
 
 impl crate::api::PoolSource for OutboundPool {
     fn connection_pool_stats(&self) -> crate::api::stats::ConnectionPoolStats {
-        let s = self.stats();
-        let warmed = self.warmed();
-        crate::api::stats::ConnectionPoolStats {
-            pool: "outbound",
-            pool_type: self.settings().pool_type.to_string(),
-            total_created: s.new + warmed,
-            total_reused: s.reused,
-            total_closed: s.cleaned + self.ended(),
-            current_active: s.active,
-            current_idle: s.idle,
-            cache_hits: s.reused,
-            cache_misses: s.new,
-            hit_rate: crate::api::stats::hit_rate(s.reused, s.new),
-            warmed,
-            targets: self.per_target_stats().into_iter().map(Into::into).collect(),
-        }
+        crate::api::stats::ConnectionPoolStats::from_snapshot(
+            "outbound",
+            self.settings().pool_type.to_string(),
+            &self.stats(),
+            self.per_target_stats(),
+        )
     }
 }
 
@@ -288,85 +414,76 @@ impl Inner {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    fn target(&self, address: &Address) -> (PoolKey, Arc<Target>) {
-        let key: PoolKey = address.to_string().into();
-        let mut targets = self.targets.lock().expect("targets lock");
-        let target = targets.entry(key.clone()).or_insert_with(|| {
-            Arc::new(Target {
-                address: address.clone(),
-                slots: Arc::new(Semaphore::new(self.settings.max_per_target)),
-                waiters: AtomicUsize::new(0),
-                last_demand_ms: AtomicU64::new(0),
-                refilling: AtomicBool::new(false),
-                created: AtomicU64::new(0),
-                reused: AtomicU64::new(0),
-                cleaned: AtomicU64::new(0),
-                active: AtomicU64::new(0),
-            })
-        });
-        (key, target.clone())
+    /// The idle window: how long a target's demand is remembered.
+    fn window_ms(&self) -> u64 {
+        self.settings.max_idle_time.as_millis() as u64
     }
 
-    /// A slot for a new connection; waits in FIFO order until `deadline` when the
-    /// target is full, and refuses at once when too many already wait.
-    async fn wait_for_slot(
-        &self,
-        key: &PoolKey,
-        target: &Target,
-        deadline: tokio::time::Instant,
-    ) -> Result<OwnedSemaphorePermit, AcquireError> {
-        if let Ok(permit) = target.slots.clone().try_acquire_owned() {
-            return Ok(permit);
-        }
-        let exhausted = || AcquireError::Exhausted(key.to_string());
-        if target.waiters.fetch_add(1, Ordering::AcqRel) >= self.settings.max_waiters_per_target {
-            target.waiters.fetch_sub(1, Ordering::AcqRel);
-            return Err(exhausted());
-        }
-        let deadline = deadline.min(tokio::time::Instant::now() + self.dialer.connect_timeout);
-        let waited = tokio::time::timeout_at(deadline, target.slots.clone().acquire_owned()).await;
-        target.waiters.fetch_sub(1, Ordering::AcqRel);
-        match waited {
-            Ok(Ok(permit)) => Ok(permit),
-            _ => {
-                log::warn!("outbound pool for {key} exhausted ({} connections)", self.settings.max_per_target);
-                Err(exhausted())
-            }
+    /// Counts a stream to `target` and sizes its warm set: one from the second stream in
+    /// the idle window, one more when a stream found none ready (`served_warm` false) while
+    /// the target was already warmed, at most `min_idle`. (It shrinks in [`WarmTicket`]'s
+    /// drop.)
+    fn size_warm_set(&self, target: &Target, served_warm: bool) {
+        target.demand.record(self.now_ms(), self.window_ms());
+        let max = self.settings.min_idle as u64;
+        let goal = target.goal.load(Ordering::Relaxed);
+        let wanted = if goal == 0 {
+            u64::from(target.demand.rate(self.now_ms(), self.window_ms()) >= 2)
+        } else if !served_warm {
+            goal + 1
+        } else {
+            goal
+        };
+        if wanted.min(max) > goal {
+            let _ = target.goal.compare_exchange(goal, wanted.min(max), Ordering::Relaxed, Ordering::Relaxed);
         }
     }
 
-    /// Starts a background refill of `key`'s warm connections unless one is running.
-    fn refill_soon(self: &Arc<Self>, key: &PoolKey, target: &Arc<Target>) {
-        if self.settings.min_idle == 0 || self.idle.idle_count(key) >= self.settings.min_idle {
+    /// How many warm connections `target` should have now.
+    fn warm_goal(&self, target: &Target) -> u64 {
+        target.goal.load(Ordering::Relaxed).min(self.settings.min_idle as u64)
+    }
+
+    /// Starts a background refill of `address`'s warm connections unless one is running.
+    fn refill_soon(self: &Arc<Self>, address: &Address, target: &Arc<Target>) {
+        if target.warm.load(Ordering::Relaxed) >= self.warm_goal(target) {
             return;
         }
         if target.refilling.swap(true, Ordering::AcqRel) {
             return;
         }
-        let (pool, key, target) = (self.clone(), key.clone(), target.clone());
+        let (pool, address, target) = (self.clone(), address.clone(), target.clone());
         tokio::spawn(async move {
-            pool.refill(&key, &target).await;
+            pool.refill(&address, &target).await;
             target.refilling.store(false, Ordering::Release);
         });
     }
 
-    async fn refill(&self, key: &PoolKey, target: &Target) {
-        while self.idle.idle_count(key) < self.settings.min_idle {
-            // Warm connections never take the slot a waiting stream needs.
-            if target.waiters.load(Ordering::Acquire) > 0 {
+    async fn refill(&self, address: &Address, target: &Arc<Target>) {
+        while target.warm.load(Ordering::Relaxed) < self.warm_goal(target) {
+            // A warm dial takes a place under the target's limit and under the global cap
+            // before it starts, so dials in flight count against both.
+            if !reserve_slot(&target.managed, self.settings.max_per_target as u64) {
                 return;
             }
-            let Ok(permit) = target.slots.clone().try_acquire_owned() else { return };
-            match self.dialer.connect(&target.address).await {
+            if !reserve_slot(&self.shared.warm, self.settings.max_idle_total as u64) {
+                target.managed.fetch_sub(1, Ordering::Relaxed);
+                return;
+            }
+            let mut ticket = WarmTicket::new(target, &self.shared);
+            match self.dialer.connect_with(address, Some(&self.names)).await {
                 Ok(tcp) => {
-                    self.warmed.fetch_add(1, Ordering::Relaxed);
-                    target.created.fetch_add(1, Ordering::Relaxed);
-                    if self.idle.give(key, Idle::new(WarmConnection { tcp, permit })).is_err() {
-                        return; // the global idle cap is reached
+                    ticket.dialed = true;
+                    self.shared.counters.record_warmed();
+                    KeyCounters::bump(&target.counters.warmed);
+                    KeyCounters::bump(&target.counters.created);
+                    if self.idle.give(address, Idle::new(WarmConnection { tcp, ticket })).is_err() {
+                        return; // the per-target idle cap is reached
                     }
                 }
                 Err(err) => {
-                    log::debug!("warming {key}: {err}");
+                    drop(ticket); // gives back both places; nothing was dialed
+                    log::debug!("warming {address}: {err}");
                     return;
                 }
             }
@@ -374,10 +491,14 @@ impl Inner {
     }
 }
 
-/// Whether an idle connection is still usable, without waiting: closed or reset by
-/// the peer means dead; bytes already waiting (a greeting) are fine and stay queued
-/// for the client.
+/// Whether an idle connection is still usable, without waiting. The TCP state comes
+/// first: a peer that sent FIN moves the socket to CLOSE_WAIT even when a greeting it
+/// sent before is still queued, which a peek would mistake for life. Then a peek: closed
+/// or reset means dead; bytes waiting (a greeting) are fine and stay queued for the client.
 fn is_alive(tcp: &TcpStream) -> bool {
+    if peer_has_closed(tcp) {
+        return false;
+    }
     let mut probe = [0u8; 1];
     let mut buf = tokio::io::ReadBuf::new(&mut probe);
     let mut cx = Context::from_waker(Waker::noop());
@@ -388,9 +509,39 @@ fn is_alive(tcp: &TcpStream) -> bool {
     }
 }
 
+/// Whether the socket has left ESTABLISHED (CLOSE_WAIT after the peer's FIN, CLOSE after
+/// a reset), read with `getsockopt(TCP_INFO)`.
+#[cfg(target_os = "linux")]
+fn peer_has_closed(tcp: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    /// `TCP_ESTABLISHED` from the kernel's `include/net/tcp_states.h`.
+    const TCP_ESTABLISHED: u8 = 1;
+    // SAFETY: tcp_info is plain old data, so all-zero is a valid value; getsockopt writes
+    // at most `len` bytes into it and reports how many.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    rc == 0 && info.tcpi_state != TCP_ESTABLISHED
+}
+
+/// Elsewhere only the peek is available.
+#[cfg(not(target_os = "linux"))]
+fn peer_has_closed(_tcp: &TcpStream) -> bool {
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
@@ -402,7 +553,6 @@ mod tests {
             max_idle_total: 64,
             max_idle_time: Duration::from_secs(60),
             max_lifetime: Duration::from_secs(600),
-            max_waiters_per_target: 4,
         }
     }
 
@@ -442,19 +592,68 @@ mod tests {
             let first = pool.acquire(&address).await.unwrap();
             assert!(!first.reused);
             drop(first); // closed, never pooled
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(pool.idle_count(&address), 0, "{engine}: a target seen once is not warmed");
+            drop(pool.acquire(&address).await.unwrap());
             for _ in 0..5 {
                 wait_until("warm connections", || pool.idle_count(&address) >= 1).await;
                 let outbound = pool.acquire(&address).await.unwrap();
                 assert!(outbound.reused, "{engine}: served warm");
             }
             let stats = pool.stats();
-            assert_eq!((stats.new, stats.reused), (1, 5), "{engine}");
-            wait_until("refill to the minimum", || pool.idle_count(&address) == 2).await;
+            assert_eq!((stats.new, stats.reused), (2, 5), "{engine}");
+            wait_until("refill", || pool.idle_count(&address) == 1).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(pool.idle_count(&address), 1, "{engine}: sequential streams keep one warm");
             let [target] = pool.per_target_stats().try_into().expect("one target");
             assert_eq!(target.key.as_ref(), address.to_string(), "{engine}");
-            assert_eq!((target.reused, target.active, target.idle, target.waiters), (5, 0, 2, 0), "{engine}");
-            assert_eq!(target.created, 1 + pool.warmed(), "{engine}: on demand + warm");
-            assert_eq!(pool.ended(), 6, "{engine}: every used connection was closed");
+            assert_eq!((target.reused, target.active, target.idle), (5, 0, 1), "{engine}");
+            assert_eq!(target.created, 2 + pool.warmed(), "{engine}: on demand + warm");
+            assert_eq!(pool.ended(), 7, "{engine}: every used connection was closed");
+            assert_eq!(pool.unused(), 0, "{engine}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_burst_grows_the_warm_set_and_unused_connections_shrink_it() {
+        for engine in ENGINES {
+            let (address, _held) = holding_target().await;
+            let mut short = settings(engine, 50, 4);
+            short.max_idle_time = Duration::from_millis(300);
+            let pool = pool(short);
+            drop(pool.acquire(&address).await.unwrap());
+            drop(pool.acquire(&address).await.unwrap());
+            wait_until("one warm", || pool.idle_count(&address) == 1).await;
+            // Eight at once: one is served warm, the others find none ready.
+            let burst: Vec<_> =
+                futures_util::future::join_all((0..8).map(|_| pool.acquire(&address))).await.into_iter().collect();
+            drop(burst);
+            wait_until("a bigger warm set", || pool.idle_count(&address) == 4).await;
+            // Nobody comes: every warm connection expires unused and the set shrinks to none.
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            pool.maintain();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!((pool.idle_count(&address), pool.warm_now()), (0, 0), "{engine}: no refill after expiry");
+            assert_eq!(pool.unused(), 4, "{engine}");
+        }
+    }
+
+    #[tokio::test]
+    async fn streams_beyond_the_per_target_limit_are_dialed_unpooled_never_refused() {
+        for engine in ENGINES {
+            let (address, held) = holding_target().await;
+            let pool = pool(settings(engine, 2, 0));
+            let dials = (0..10).map(|_| pool.acquire(&address));
+            let streams: Vec<Outbound> =
+                futures_util::future::join_all(dials).await.into_iter().map(|r| r.expect("never refused")).collect();
+            assert_eq!(streams.iter().filter(|s| s.pooled).count(), 2, "{engine}");
+            assert_eq!(pool.unpooled(), 8, "{engine}");
+            assert_eq!(pool.stats().active, 10, "{engine}");
+            wait_until("all connected", || held.lock().unwrap().len() == 10).await;
+            drop(streams);
+            assert_eq!(pool.stats().active, 0, "{engine}");
+            // The places came back: the next stream is pooled again.
+            assert!(pool.acquire(&address).await.unwrap().pooled, "{engine}");
         }
     }
 
@@ -471,8 +670,30 @@ mod tests {
         let server = tokio::spawn(async move { listener.accept().await.unwrap() });
         let outbound = pool.acquire(&address).await.unwrap();
         assert!(!outbound.reused);
-        assert_eq!(pool.stats().cleaned, 1);
+        assert_eq!((pool.stats().cleaned, pool.unused()), (1, 1));
         drop(server);
+    }
+
+    #[tokio::test]
+    async fn a_warm_connection_closed_after_a_greeting_is_not_handed_out() {
+        for engine in ENGINES {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = Address::socket(listener.local_addr().unwrap());
+            let pool = pool(settings(engine, 10, 1));
+            pool.warm_up(&address);
+            let (mut accepted, _) = listener.accept().await.unwrap();
+            wait_until("warm connection", || pool.idle_count(&address) == 1).await;
+            // SMTP-style: a greeting, then the idle connection is closed. The FIN sits
+            // behind the greeting in the receive queue.
+            accepted.write_all(b"220 hello\r\n").await.unwrap();
+            drop(accepted);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let server = tokio::spawn(async move { listener.accept().await.unwrap() });
+            let outbound = pool.acquire(&address).await.unwrap();
+            assert!(!outbound.reused, "{engine}: a closed connection was handed out");
+            assert_eq!(pool.stats().cleaned, 1, "{engine}");
+            drop(server);
+        }
     }
 
     #[tokio::test]
@@ -493,61 +714,81 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_full_target_makes_streams_wait_then_fail_with_a_clear_error() {
-        let (address, _held) = holding_target().await;
-        let pool = pool(settings(PoolType::HighPerf, 2, 0));
-        let a = pool.acquire(&address).await.unwrap();
-        let _b = pool.acquire(&address).await.unwrap();
-        // A waiter gets the slot as soon as one frees.
-        let waiter = {
-            let (pool, address) = (pool.clone(), address.clone());
-            tokio::spawn(async move { pool.acquire(&address).await })
-        };
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        drop(a);
-        let _c = waiter.await.unwrap().unwrap();
-        // With nothing freed, the wait ends at the connect timeout.
-        let started = Instant::now();
-        let err = pool.acquire(&address).await.err().unwrap();
-        assert_eq!(err.to_string(), format!("outbound pool for {address} exhausted"));
-        assert!(started.elapsed() >= Duration::from_millis(400));
-    }
-
-    #[tokio::test]
-    async fn waiters_beyond_the_cap_fail_at_once() {
-        let (address, _held) = holding_target().await;
-        let pool = pool(settings(PoolType::Lock, 1, 0));
-        let _only = pool.acquire(&address).await.unwrap();
-        let mut waiting = Vec::new();
+    async fn warm_connections_in_all_never_exceed_the_total_cap_even_while_dialing() {
+        let mut capped = settings(PoolType::HighPerf, 10, 5);
+        capped.max_idle_total = 3;
+        let pool = pool(capped);
+        let mut targets = Vec::new();
         for _ in 0..4 {
-            let (pool, address) = (pool.clone(), address.clone());
-            waiting.push(tokio::spawn(async move { pool.acquire(&address).await.is_ok() }));
+            let (address, held) = holding_target().await;
+            // Six streams each: every target would like five warm connections.
+            for _ in 0..6 {
+                drop(pool.acquire(&address).await.unwrap());
+                assert!(pool.warm_now() <= 3, "warm connections (idle or dialing) over the cap");
+            }
+            targets.push((address, held));
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let started = Instant::now();
-        assert!(pool.acquire(&address).await.is_err());
-        assert!(started.elapsed() < Duration::from_millis(100), "refused without waiting");
-        for waiter in waiting {
-            assert!(!waiter.await.unwrap());
+        let deadline = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < deadline {
+            assert!(pool.warm_now() <= 3, "warm connections (idle or dialing) over the cap");
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        let idle: usize = targets.iter().map(|(address, _)| pool.idle_count(address)).sum();
+        assert_eq!((idle, pool.warm_now()), (3, 3));
     }
 
     #[tokio::test]
-    async fn idle_connections_expire_and_quiet_targets_are_let_go() {
+    async fn idle_connections_expire_are_counted_unused_and_quiet_targets_are_let_go() {
         let (address, held) = holding_target().await;
         let mut short = settings(PoolType::LockFree, 10, 3);
         short.max_idle_time = Duration::from_millis(200);
         let pool = pool(short);
-        drop(pool.acquire(&address).await.unwrap());
+        pool.warm_up(&address);
         wait_until("warm connections", || pool.idle_count(&address) == 3).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         pool.maintain();
         assert_eq!(pool.idle_count(&address), 0);
-        assert_eq!(pool.stats().cleaned, 3);
-        // The target went quiet: no refill.
+        assert_eq!((pool.stats().cleaned, pool.unused()), (3, 3));
+        // The target went quiet: no refill, and it is forgotten.
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(pool.idle_count(&address), 0);
-        assert_eq!(held.lock().unwrap().len(), 4);
+        assert!(pool.per_target_stats().is_empty());
+        assert_eq!(held.lock().unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn targets_named_once_are_never_warmed_and_are_forgotten_when_quiet() {
+        for engine in ENGINES {
+            let mut short = settings(engine, 10, 5);
+            short.max_idle_time = Duration::from_millis(100);
+            let pool = pool(short);
+            let mut targets = Vec::new();
+            for _ in 0..40 {
+                let (address, held) = holding_target().await;
+                drop(pool.acquire(&address).await.unwrap());
+                targets.push((address, held));
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            assert_eq!((pool.warmed(), pool.warm_now()), (0, 0), "{engine}: no warm dial for a target named once");
+            assert_eq!(pool.key_count(), 40, "{engine}");
+            pool.maintain();
+            assert_eq!(pool.key_count(), 0, "{engine}: quiet targets are forgotten");
+            let connections: usize = targets.iter().map(|(_, held)| held.lock().unwrap().len()).sum();
+            assert_eq!(connections, 40, "{engine}: one connection per stream, nothing more");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_name_is_looked_up_once_for_many_streams() {
+        let (address, _held) = holding_target().await;
+        let by_name = Address::domain("localhost", address.port);
+        let pool = pool(settings(PoolType::Lock, 10, 0));
+        for _ in 0..5 {
+            // localhost may resolve to ::1 first, where nothing listens; the lookup is
+            // what is counted here.
+            let _ = pool.acquire(&by_name).await;
+        }
+        assert_eq!(pool.lookups(), 1);
     }
 
     #[tokio::test]
