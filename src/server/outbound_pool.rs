@@ -496,7 +496,7 @@ impl Inner {
 /// sent before is still queued, which a peek would mistake for life. Then a peek: closed
 /// or reset means dead; bytes waiting (a greeting) are fine and stay queued for the client.
 fn is_alive(tcp: &TcpStream) -> bool {
-    if peer_has_closed(tcp) {
+    if crate::tcp_state::peer_closed(tcp) {
         return false;
     }
     let mut probe = [0u8; 1];
@@ -507,35 +507,6 @@ fn is_alive(tcp: &TcpStream) -> bool {
         Poll::Ready(Ok(n)) => n > 0,
         Poll::Ready(Err(_)) => false,
     }
-}
-
-/// Whether the socket has left ESTABLISHED (CLOSE_WAIT after the peer's FIN, CLOSE after
-/// a reset), read with `getsockopt(TCP_INFO)`.
-#[cfg(target_os = "linux")]
-fn peer_has_closed(tcp: &TcpStream) -> bool {
-    use std::os::fd::AsRawFd;
-    /// `TCP_ESTABLISHED` from the kernel's `include/net/tcp_states.h`.
-    const TCP_ESTABLISHED: u8 = 1;
-    // SAFETY: tcp_info is plain old data, so all-zero is a valid value; getsockopt writes
-    // at most `len` bytes into it and reports how many.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    let rc = unsafe {
-        libc::getsockopt(
-            tcp.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        )
-    };
-    rc == 0 && info.tcpi_state != TCP_ESTABLISHED
-}
-
-/// Elsewhere only the peek is available.
-#[cfg(not(target_os = "linux"))]
-fn peer_has_closed(_tcp: &TcpStream) -> bool {
-    false
 }
 
 #[cfg(test)]
