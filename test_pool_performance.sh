@@ -79,9 +79,9 @@ variants=(direct)
 declare -A socks=([direct]="") server_pid=() client_pid=()
 for pool in lock lockfree highperf; do
     pool_args="--pool-type $pool --stats-interval-secs $stats_interval"
-    # The server's per-target cap (default 100) would fail the hold workload's streams
-    # beyond it ("outbound pool ... exhausted"); the peer has no cap, so lift it.
-    if ! start_our_pair "$pool" "$pool_args --max-outbound-connections 1000" "$pool_args"; then
+    # Default flags otherwise: the per-target cap (100) no longer refuses the hold
+    # workload's streams beyond it, they are dialed outside the pool.
+    if ! start_our_pair "$pool" "$pool_args" "$pool_args"; then
         echo "SKIP pool-type $pool: $PAIR_ERROR" >&2
         continue
     fi
