@@ -200,3 +200,88 @@ machine_info() { # one line: cores and CPU model
     model=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
     echo "nproc=$(nproc) cpu=\"${model:-unknown}\" kernel=$(uname -r)"
 }
+
+# --- long runs: memory, file descriptors, CPU, sing-box (scripts/endurance.sh, bench-memory.sh) ---
+
+rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; } # rss_kib PID
+fd_count() { find "/proc/$1/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l; }    # fd_count PID
+# cpu_ticks PID: user + system CPU time of PID in clock ticks (getconf CLK_TCK per second).
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; } # mib KIB: one decimal
+
+# raise_fd_limit [WANT]: lifts this shell's open-files limit (and so its children's) to
+# WANT (default 65536) when allowed (root may raise the hard limit), else to the hard
+# limit. Sets FD_LIMIT to the soft limit in force. Not in $(...): that is a subshell.
+raise_fd_limit() {
+    local want=${1:-65536} hard
+    hard=$(ulimit -Hn)
+    if [ "$hard" != unlimited ] && [ "$hard" -lt "$want" ]; then
+        ulimit -Hn "$want" 2>/dev/null || want=$hard
+    fi
+    ulimit -Sn "$want" 2>/dev/null || ulimit -Sn "$(ulimit -Hn)" 2>/dev/null || true
+    FD_LIMIT=$(ulimit -Sn)
+}
+
+# wait_log LOG PATTERN SECONDS [PID]: waits until LOG has a line matching PATTERN
+# (grep -E); non-zero on timeout or when PID exits first.
+wait_log() {
+    local log=$1 pattern=$2 deadline=$((SECONDS + $3)) pid=${4:-}
+    until grep -qE "$pattern" "$log" 2>/dev/null; do
+        [ -z "$pid" ] || kill -0 "$pid" 2>/dev/null || grep -qE "$pattern" "$log" 2>/dev/null || return 1
+        [ "$SECONDS" -lt "$deadline" ] || return 1
+        sleep 0.1
+    done
+}
+
+# start_targets_on LOGNAME LISTEN: like start_targets, on LISTEN (e.g. 0.0.0.0:0, so that
+# the echo and HTTP ports answer at every 127.x.y.z). Sets TARGET_*, TARGET_PID.
+start_targets_on() {
+    local log="$BENCH_WORK/$1.log" line=""
+    start_bg "$1" "$BIN/anytls-bench" target --listen "$2"
+    TARGET_PID=$BG_PID
+    for _ in $(seq 50); do
+        [ -s "$log" ] && line=$(head -n1 "$log") && [ -n "$line" ] && break
+        sleep 0.1
+    done
+    TARGET_ECHO=$(sed -nE 's/.*"echo":"([^"]+)".*/\1/p' <<<"$line")
+    TARGET_HTTP=$(sed -nE 's/.*"http":"([^"]+)".*/\1/p' <<<"$line")
+    TARGET_BULK=$(sed -nE 's/.*"bulk":"([^"]+)".*/\1/p' <<<"$line")
+    [ -n "$TARGET_ECHO" ] || die "anytls-bench target printed no addresses: ${line:-nothing} ($(tail -n1 "$log"))"
+    # A target bound on 0.0.0.0 is reached at 127.0.0.1.
+    TARGET_ECHO=${TARGET_ECHO/0.0.0.0/127.0.0.1} TARGET_HTTP=${TARGET_HTTP/0.0.0.0/127.0.0.1}
+    TARGET_BULK=${TARGET_BULK/0.0.0.0/127.0.0.1}
+}
+
+singbox_installed() { [ -n "${SING_BOX:-}" ] && [ -x "$SING_BOX" ]; }
+
+# start_singbox_pair NAME: sing-box server + sing-box client (scripts/peers/), with a
+# fresh self-signed certificate. Sets PAIR_* like start_our_pair.
+start_singbox_pair() {
+    local name=$1 sport cport
+    read -r sport cport < <(free_ports 2)
+    PAIR_ERROR=""
+    if ! openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
+        -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
+        -keyout "$BENCH_WORK/$name-key.pem" -out "$BENCH_WORK/$name-cert.pem" >/dev/null 2>&1; then
+        PAIR_ERROR="openssl could not make a certificate"
+        return 1
+    fi
+    start_bg "$name-server" "$BENCH_REPO/scripts/peers/singbox-server.sh" "$sport" "$BENCH_PASSWORD" \
+        "$BENCH_WORK/$name-cert.pem" "$BENCH_WORK/$name-key.pem" "$BENCH_WORK/$name-server"
+    PAIR_SERVER_PID=$BG_PID
+    if ! wait_port "$sport" 20 "$PAIR_SERVER_PID" 2>/dev/null; then
+        PAIR_ERROR="sing-box server: $(why_exited "$name-server")"
+        return 1
+    fi
+    start_bg "$name-client" "$BENCH_REPO/scripts/peers/singbox-client.sh" "$cport" "$sport" "$BENCH_PASSWORD" \
+        "$BENCH_WORK/$name-client"
+    PAIR_CLIENT_PID=$BG_PID
+    if ! wait_port "$cport" 20 "$PAIR_CLIENT_PID" 2>/dev/null; then
+        PAIR_ERROR="sing-box client: $(why_exited "$name-client")"
+        return 1
+    fi
+    PAIR_SOCKS="127.0.0.1:$cport"
+}
+
+# json_num KEY JSON: the first number after "KEY": in JSON ("" when absent).
+json_num() { grep -oE "\"$1\":-?[0-9.]+" <<<"$2" | head -n1 | cut -d: -f2; }

@@ -1,5 +1,9 @@
 //! `anytls-client`: a local SOCKS5/SOCKS4/HTTP proxy that tunnels over AnyTLS.
 
+// jemalloc gives memory back after waves of load; glibc malloc kept growing (docs/memory.md).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
