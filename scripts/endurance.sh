@@ -5,7 +5,8 @@
 #   scripts/endurance.sh            # waves of 5,000 streams, 45 s idle (~6 min, + sing-box)
 #   scripts/endurance.sh --quick    # waves of 1,000 streams, 15 s idle (< 3 min; CI)
 #   options: --no-build (use the release binaries as they are), --no-peer (skip sing-box);
-#   BIN_DIR=DIR runs the binaries in DIR (implies --no-build)
+#   BIN_DIR=DIR runs the binaries in DIR (implies --no-build); ENDURANCE_PEER_ONLY=1 runs
+#   only the sing-box sequence (full run)
 #
 # The sequence: a warm-up wave, an idle period (the baseline: RSS and file descriptors of
 # server and client), six waves, another idle period. Each wave (anytls-bench quiet) opens
@@ -107,7 +108,7 @@ wave() {
     put "$pair" "after_server_rss_$w" "$(rss_kib "$spid")"
     put "$pair" "after_client_rss_$w" "$(rss_kib "$cpid")"
     put "$pair" "after_server_fds_$w" "$(fd_count "$spid")"
-    kill -9 "$stall_pid" 2>/dev/null
+    { kill -9 "$stall_pid"; wait "$stall_pid"; } 2>/dev/null
     out=$(cat "$BENCH_WORK/$pair-wave-$w.json")
     [ -n "$out" ] || out="{\"refused\":$streams,\"first_refusal\":\"anytls-bench quiet printed nothing: $(tail -n1 "$BENCH_WORK/$pair-wave-$w.err")\"}"
     put "$pair" "refused_$w" "$(json_num refused "$out")"
@@ -143,6 +144,7 @@ client $(mib "$(rss_kib "$cpid")") MiB $(fd_count "$cpid") fds"
 sequence() { # sequence PAIR: warm-up wave, idle (baseline), six waves, idle (final)
     local pair=$1 w
     put "$pair" start_server_rss "$(rss_kib "$PAIR_SERVER_PID")"
+    put "$pair" start_client_rss "$(rss_kib "$PAIR_CLIENT_PID")"
     wave "$pair" 0 "$PAIR_SOCKS" "$PAIR_SERVER_PID" "$PAIR_CLIENT_PID"
     idle "$pair" baseline "$PAIR_SERVER_PID" "$PAIR_CLIENT_PID"
     for w in $(seq 1 $waves); do
@@ -154,10 +156,12 @@ sequence() { # sequence PAIR: warm-up wave, idle (baseline), six waves, idle (fi
 }
 
 # --- our pair: default caps, short timers -------------------------------------------------
-# shellcheck disable=SC2086
-start_our_pair ours "$server_timers" "$(echo $client_timers)" || die "our pair: $PAIR_ERROR"
-sequence ours
 ours_server_log="$BENCH_WORK/ours-server.log" ours_client_log="$BENCH_WORK/ours-client.log"
+if [ "${ENDURANCE_PEER_ONLY:-0}" != 1 ]; then
+    # shellcheck disable=SC2086
+    start_our_pair ours "$server_timers" "$(echo $client_timers)" || die "our pair: $PAIR_ERROR"
+    sequence ours
+fi
 
 # --- sing-box, same sequence, for comparison --------------------------------------------
 if [ $peer = 1 ]; then
@@ -172,7 +176,8 @@ if [ $peer = 1 ]; then
 fi
 
 # --- report ------------------------------------------------------------------------------
-pairs=(ours)
+pairs=()
+[ -n "$(get ours start_server_rss)" ] && pairs+=(ours)
 [ -n "$(get singbox start_server_rss)" ] && pairs+=(singbox)
 echo
 echo "endurance $([ $quick = 1 ] && echo --quick || echo full): waves of $streams streams (+$stall stalling), \
@@ -207,16 +212,20 @@ for p in "${pairs[@]}"; do
 $(mib "$(get "$p" baseline_server_rss)") MiB $(get "$p" baseline_server_fds) fds, client $(mib "$(get "$p" baseline_client_rss)") MiB \
 $(get "$p" baseline_client_fds) fds; final (after $idle s idle): server $(mib "$(get "$p" final_server_rss)") MiB \
 $(get "$p" final_server_fds) fds, client $(mib "$(get "$p" final_client_rss)") MiB $(get "$p" final_client_fds) fds"
-    held=$(get "$p" held_server_rss_$waves) base=$(get "$p" baseline_server_rss)
-    [ -n "$held" ] && [ -n "$base" ] && echo "$p: server RSS per held stream (wave $waves): \
-$(awk -v h="$held" -v b="$base" -v n="$((streams + stall))" 'BEGIN { printf "%.1f", (h - b) / n }') KiB; client \
-$(awk -v h="$(get "$p" held_client_rss_$waves)" -v b="$(get "$p" baseline_client_rss)" -v n="$((streams + stall))" \
+    # Per held stream: the warm-up wave (all held) over the fresh process (start).
+    held=$(get "$p" held_server_rss_0) base=$(get "$p" start_server_rss)
+    [ -n "$held" ] && [ -n "$base" ] && echo "$p: RSS per held stream (warm-up wave over start): server \
+$(awk -v h="$held" -v b="$base" -v n="$((streams + stall))" 'BEGIN { printf "%.1f", (h - b) / n }') KiB, client \
+$(awk -v h="$(get "$p" held_client_rss_0)" -v b="$(get "$p" start_client_rss)" -v n="$((streams + stall))" \
     'BEGIN { printf "%.1f", (h - b) / n }') KiB"
 done
-echo "ours: last stats: server $(pool_stats_line "$ours_server_log" | sed 's/.*\[Pool Stats\] //')"
-echo "ours: last stats: client $(pool_stats_line "$ours_client_log" | sed 's/.*\[Pool Stats\] //')"
+if [ -s "$ours_server_log" ]; then
+    echo "ours: last stats: server $(pool_stats_line "$ours_server_log" | sed 's/.*\[Pool Stats\] //')"
+    echo "ours: last stats: client $(pool_stats_line "$ours_client_log" | sed 's/.*\[Pool Stats\] //')"
+fi
 
 # --- checks (ours only) --------------------------------------------------------------------
+if [ "${ENDURANCE_PEER_ONLY:-0}" = 1 ]; then log "done in $((SECONDS - started)) s (sing-box only)"; exit 0; fi
 status=0
 check() { # check CONDITION MESSAGE
     if ! eval "$1"; then echo "FAIL: $2" >&2; status=1; fi
