@@ -1,25 +1,34 @@
 #!/usr/bin/env bash
 # Usage: ./test_pool_performance.sh [--quick] [--runs R] [--no-build]
 #
-# Runs the same three anytls-bench workloads
-#   bulk  (throughput: download then upload over a few parallel streams),
-#   rr    (request/response, a NEW stream per request: streams/s and latency),
-#   hold  (many long-lived streams with a trickle of traffic: failures)
+# Runs the same anytls-bench workloads
+#   bulk   (throughput: download then upload over a few parallel streams),
+#   rr     (request/response, a NEW stream per request: streams/s and latency),
+#   hold   (many long-lived streams with a trickle of traffic: failures),
+#   open1 / openN  (new-stream latency on warm sessions: `hold` streams opened one at a
+#          time, then N at once; the time from the SOCKS connect to the proxy's "connected"
+#          answer, which for AnyTLS includes the server's SYNACK, so the outbound dial
+#          or warm connection; N = 1,000, 200 in --quick)
 # against, in one invocation and interleaved round by round:
 #   direct                      (no proxy: the baseline),
 #   lock / lockfree / highperf  (our pair, --pool-type X given to server and client),
-#   peer                        (the crates.io `anytls` 0.5.3 pair, when installed).
-# Per variant: throughput (Gbit/s), new streams/s, latency p50/p90/p99, peak RSS of
-# server and client (VmHWM), TIME_WAIT sockets added by the rr workload, and TCP
-# connections opened per 1,000 rr requests (/proc/net/snmp ActiveOpens: system-wide, so
-# other activity on the machine adds noise).
+#   crate / sing-box / mihomo   (the crates.io `anytls` 0.5.3, sing-box and mihomo pairs,
+#                                each when installed; "SKIP <peer>: why" otherwise).
+# Per variant: throughput (Gbit/s), new streams/s, latency p50/p90/p99, CPU time of the
+# server and of the client (user + system from /proc/PID/stat around every run) per GiB
+# moved (bulk) and per 1,000 requests (rr), peak RSS of server and client (VmHWM),
+# TIME_WAIT sockets added by the rr workload, and TCP connections opened per 1,000 rr
+# requests (/proc/net/snmp ActiveOpens: system-wide, so other activity adds noise).
 # Our server runs with --max-outbound-connections 1000 (hold opens 400 streams to one target;
 # the default cap of 100 would fail some of them by design).
 # Both of our binaries log pool statistics every 2 s (--stats-interval-secs 2); the table
 # shows the reuse rate of the server's last [Pool Stats] line (counted over the whole run).
 # Prints a markdown table with ratios against direct; writes results/pool-performance.json
-# and results/pool-performance.svg. Medians over R rounds.
-#   default: 3 rounds (a few minutes);  --quick: smaller workloads, 3 rounds, < 2 minutes.
+# and results/pool-performance.svg. Medians over R rounds; the load average is recorded
+# with every run.
+#   default: 3 rounds (a few minutes);  --quick: smaller workloads, 2 rounds, ~2 minutes.
+# A workload is one name in `workloads` plus its case in run_one (and its numbers in
+# scripts/pool-report.py).
 # A pool type the binaries reject is reported as "SKIP pool-type X: <error>".
 # Exit status: 0 when the runs happened (slow numbers or failed requests are reported, not
 # fatal), 1 when no variant of ours could run, 2 on a build or set-up error.
@@ -28,23 +37,28 @@ here="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=scripts/bench-lib.sh
 . "$here/scripts/bench-lib.sh"
 
-runs=3 quick=0 build=1
+runs=3 quick=0 build=1 runs_given=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) quick=1 ;;
-        --runs) runs=$2; shift ;;
+        --runs) runs=$2; runs_given=1; shift ;;
         --no-build) build=0 ;;
-        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
     shift
 done
 if [ $quick = 1 ]; then
+    [ "$runs_given" = 1 ] || runs=2
     bulk=(--bytes 128M --streams 2) rr=(--requests 400 --concurrency 16 --size 1K)
     hold=(--streams 100 --seconds 2 --interval-ms 250) max_seconds=20
+    open1=(--streams 30 --open-concurrency 1 --seconds 1 --interval-ms 1000)
+    openn=(--streams 200 --open-concurrency 200 --seconds 1 --interval-ms 1000)
 else
     bulk=(--bytes 512M --streams 4) rr=(--requests 2000 --concurrency 32 --size 1K)
     hold=(--streams 400 --seconds 6 --interval-ms 500) max_seconds=45
+    open1=(--streams 200 --open-concurrency 1 --seconds 2 --interval-ms 1000)
+    openn=(--streams 1000 --open-concurrency 1000 --seconds 3 --interval-ms 1000)
 fi
 rr_requests=${rr[1]}
 
@@ -74,16 +88,16 @@ for pool in lock lockfree highperf; do
     socks[$pool]=$PAIR_SOCKS server_pid[$pool]=$PAIR_SERVER_PID client_pid[$pool]=$PAIR_CLIENT_PID
 done
 [ ${#variants[@]} -gt 1 ] || { echo "no pool type of ours could run" >&2; exit 1; }
-if peer_installed; then
-    if start_peer_pair peer; then
-        variants+=(peer)
-        socks[peer]=$PAIR_SOCKS server_pid[peer]=$PAIR_SERVER_PID client_pid[peer]=$PAIR_CLIENT_PID
+for kind in "${PEER_KINDS[@]}"; do
+    if ! peer_installed "$kind"; then
+        echo "SKIP $kind: not installed (scripts/install-peers.sh)" >&2
+    elif start_peer_pair "$kind" "$kind"; then
+        variants+=("$kind")
+        socks[$kind]=$PAIR_SOCKS server_pid[$kind]=$PAIR_SERVER_PID client_pid[$kind]=$PAIR_CLIENT_PID
     else
-        echo "SKIP peer: $PAIR_ERROR" >&2
+        echo "SKIP $kind: $PAIR_ERROR" >&2
     fi
-else
-    echo "SKIP peer: crates.io anytls not installed (scripts/install-peers.sh)" >&2
-fi
+done
 
 # --- measuring ---------------------------------------------------------------------
 results="$BENCH_WORK/results.jsonl"
@@ -97,39 +111,52 @@ field() {
     [ -n "$v" ] && printf '%.2f' "$v" || printf '?'
 }
 
+mode_of() { case "$1" in open*) echo hold ;; *) echo "$1" ;; esac; } # workload -> anytls-bench mode
+is_ours() { case "$1" in lock | lockfree | highperf) return 0 ;; esac; return 1; }
+cpu_of() { [ -n "${1:-}" ] && cpu_seconds "$1"; } # cpu_of [PID]: "" for direct
+delta() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "") print "null"; else printf "%.2f", b - a }'; }
+
 run_one() { # run_one ROUND VARIANT WORKLOAD: one anytls-bench run, one JSONL line
-    local round=$1 v=$2 w=$3 route target args tw0 ao0 out rc summary
+    local round=$1 v=$2 w=$3 route target args tw0 ao0 out rc summary s0 c0 scpu ccpu
     if [ -n "${socks[$v]}" ]; then route=(--socks "${socks[$v]}"); else route=(--direct); fi
     case "$w" in
         bulk) target=$bulk_addr args=("${bulk[@]}") ;;
         rr) target=$http_addr args=("${rr[@]}") ;;
         hold) target=$echo_addr args=("${hold[@]}") ;;
+        open1) target=$echo_addr args=("${open1[@]}") ;;
+        openn) target=$echo_addr args=("${openn[@]}") ;;
     esac
     tw0=$(time_wait) ao0=$(active_opens)
-    out=$("$BIN/anytls-bench" "$w" "${route[@]}" --target "$target" "${args[@]}" --json --max-seconds "$max_seconds" \
+    s0=$(cpu_of "${server_pid[$v]:-}") c0=$(cpu_of "${client_pid[$v]:-}")
+    out=$("$BIN/anytls-bench" "$(mode_of "$w")" "${route[@]}" --target "$target" "${args[@]}" --json --max-seconds "$max_seconds" \
         2>>"$BENCH_WORK/bench-stderr.log")
     rc=$?
+    scpu=$(delta "$s0" "$(cpu_of "${server_pid[$v]:-}")") ccpu=$(delta "$c0" "$(cpu_of "${client_pid[$v]:-}")")
     local tw=$(($(time_wait) - tw0)) ao=$(($(active_opens) - ao0))
     [ -n "$out" ] || out='{"failed":1,"first_error":"anytls-bench printed nothing"}'
-    printf '{"round":%s,"variant":"%s","workload":"%s","exit":%s,"time_wait_delta":%s,"active_opens_delta":%s,"result":%s}\n' \
-        "$round" "$v" "$w" "$rc" "$tw" "$ao" "$out" >>"$results"
+    printf '{"round":%s,"variant":"%s","workload":"%s","exit":%s,"time_wait_delta":%s,"active_opens_delta":%s,"server_cpu_s":%s,"client_cpu_s":%s,"loadavg":%s,"result":%s}\n' \
+        "$round" "$v" "$w" "$rc" "$tw" "$ao" "$scpu" "$ccpu" "$(cut -d' ' -f1 /proc/loadavg)" "$out" >>"$results"
     case "$w" in
         bulk) summary="down $(field gbit_per_sec "$out" '"download":\{') Gbit/s, up $(field gbit_per_sec "$out" '"upload":\{') Gbit/s" ;;
         rr) summary="$(field streams_per_sec "$out") streams/s, p99 $(field p99 "$out") ms, +$tw TIME_WAIT, $ao opens" ;;
         hold) summary="$(field opened "$out") opened, echo p99 $(field p99 "$out" '"echo_ms":\{') ms" ;;
+        open*) summary="$(field opened "$out") opened, open p50 $(field p50 "$out" '"open_ms":\{') ms p99 $(field p99 "$out" '"open_ms":\{') ms" ;;
     esac
     local failed
     failed=$(grep -oE '"failed":[0-9]+' <<<"$out" | tail -n1 | cut -d: -f2)
     [ "${failed:-0}" != 0 ] && summary+=", $failed FAILED"
+    [ "$scpu" != null ] && summary+=", CPU s server $scpu client $ccpu"
     step=$((step + 1))
     printf '[%3d/%d %3ds] round %d %-8s %-4s %s\n' "$step" "$total" $((SECONDS - started)) "$round" "$v" "$w" "$summary" >&2
 }
 
+workloads=(bulk rr hold open1 openn)
 n=${#variants[@]}
-total=$((runs * n * 3)) step=0
-echo "pool performance: variants ${variants[*]}; $runs round(s)$([ $quick = 1 ] && echo ' (quick)'); $(machine_info)" >&2
+total=$((runs * n * ${#workloads[@]})) step=0
+load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
+echo "pool performance: variants ${variants[*]}; $runs round(s)$([ $quick = 1 ] && echo ' (quick)'); $(machine_info); load $load_before" >&2
 for round in $(seq "$runs"); do
-    for w in bulk rr hold; do
+    for w in "${workloads[@]}"; do
         # Rotate the order every round so no variant always goes first.
         for i in $(seq 0 $((n - 1))); do
             run_one "$round" "${variants[$(((i + round - 1) % n))]}" "$w"
@@ -150,11 +177,11 @@ for v in "${variants[@]}"; do
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$v" "$(vm_hwm_kib "${server_pid[$v]}")" "$(vm_hwm_kib "${client_pid[$v]}")" \
         "" "$(pool_stat "$slog" "Reuse rate")" "$(pool_stats_line "$slog" | sed 's/.*\[Pool Stats\] //')" \
         "$(pool_stats_line "$clog" | sed 's/.*\[Pool Stats\] //')" >>"$rss"
-    [ "$v" = peer ] || [ -n "$(pool_stats_line "$slog")" ] || echo "NOTE $v: the server logged no [Pool Stats] line" >&2
+    ! is_ours "$v" || [ -n "$(pool_stats_line "$slog")" ] || echo "NOTE $v: the server logged no [Pool Stats] line" >&2
 done
 mkdir -p "$here/results"
 python3 "$here/scripts/pool-report.py" "$results" "$rss" --out-dir "$here/results" --rr-requests "$rr_requests" \
-    --quick "$quick" --runs "$runs" --nproc "$(nproc)" \
+    --quick "$quick" --runs "$runs" --nproc "$(nproc)" --load "$load_before -> $(cut -d' ' -f1-3 /proc/loadavg)" \
     --cpu "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')" || die "pool-report.py failed"
 # Slow numbers and failed requests are reported above; a proxy that died is an error.
 dead=()

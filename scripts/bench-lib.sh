@@ -123,29 +123,74 @@ start_our_pair() {
     PAIR_SOCKS="127.0.0.1:$cport"
 }
 
+# The third-party pairs, by kind: the crates.io `anytls` 0.5.3 crate, sing-box, mihomo
+# (scripts/peers/*.sh start them; scripts/install-peers.sh installs them).
+PEER_KINDS=(crate sing-box mihomo)
+declare -A PEER_LABEL=([crate]="crates.io anytls 0.5.3" [sing-box]="sing-box" [mihomo]="mihomo")
+
+# peer_installed [KIND]: whether KIND's binaries are there (default: crate).
 peer_installed() {
-    [ -n "${ANYTLS_PEER_SERVER:-}" ] && [ -x "$ANYTLS_PEER_SERVER" ] &&
-        [ -n "${ANYTLS_PEER_CLIENT:-}" ] && [ -x "$ANYTLS_PEER_CLIENT" ]
+    case "${1:-crate}" in
+        crate) [ -n "${ANYTLS_PEER_SERVER:-}" ] && [ -x "$ANYTLS_PEER_SERVER" ] &&
+            [ -n "${ANYTLS_PEER_CLIENT:-}" ] && [ -x "$ANYTLS_PEER_CLIENT" ] ;;
+        sing-box) [ -n "${SING_BOX:-}" ] && [ -x "$SING_BOX" ] ;;
+        mihomo) [ -n "${MIHOMO:-}" ] && [ -x "$MIHOMO" ] ;;
+        *) return 1 ;;
+    esac
 }
 
-# start_peer_pair NAME: the crates.io `anytls` 0.5.3 server + client (scripts/peers/).
+# bench_pki: a self-signed localhost certificate for the Go servers, made once
+# ($BENCH_WORK/pki/cert.pem, key.pem); non-zero without openssl.
+bench_pki() {
+    [ -s "$BENCH_WORK/pki/key.pem" ] && return 0
+    mkdir -p "$BENCH_WORK/pki"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
+        -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
+        -keyout "$BENCH_WORK/pki/key.pem" -out "$BENCH_WORK/pki/cert.pem" >/dev/null 2>&1
+}
+
+# start_peer_pair NAME [KIND]: a third-party server + client of KIND (default crate), with
+# the same PAIR_* results as start_our_pair. The client skips certificate checks.
 start_peer_pair() {
-    local name=$1 sport cport
+    local name=$1 kind=${2:-crate} sport cport peers="$BENCH_REPO/scripts/peers"
     read -r sport cport < <(free_ports 2)
     PAIR_ERROR=""
-    start_bg "$name-server" "$BENCH_REPO/scripts/peers/anytls-crate-server.sh" "$sport" "$BENCH_PASSWORD"
+    case "$kind" in
+        crate) start_bg "$name-server" "$peers/anytls-crate-server.sh" "$sport" "$BENCH_PASSWORD" ;;
+        sing-box | mihomo)
+            bench_pki || { PAIR_ERROR="openssl could not make a certificate for the $kind server"; return 1; }
+            local script=${kind//-/}
+            start_bg "$name-server" "$peers/$script-server.sh" "$sport" "$BENCH_PASSWORD" \
+                "$BENCH_WORK/pki/cert.pem" "$BENCH_WORK/pki/key.pem" "$BENCH_WORK/$name-server.d" ;;
+        *) PAIR_ERROR="unknown peer kind $kind"; return 1 ;;
+    esac
     PAIR_SERVER_PID=$BG_PID
     if ! wait_port "$sport" 20 "$PAIR_SERVER_PID" 2>/dev/null; then
-        PAIR_ERROR="peer server: $(why_exited "$name-server")"
+        PAIR_ERROR="$kind server: $(why_exited "$name-server")"
         return 1
     fi
-    start_bg "$name-client" "$BENCH_REPO/scripts/peers/anytls-crate-client.sh" "$cport" "$sport" "$BENCH_PASSWORD"
+    case "$kind" in
+        crate) start_bg "$name-client" "$peers/anytls-crate-client.sh" "$cport" "$sport" "$BENCH_PASSWORD" ;;
+        *) start_bg "$name-client" "$peers/${kind//-/}-client.sh" "$cport" "$sport" "$BENCH_PASSWORD" \
+            "$BENCH_WORK/$name-client.d" ;;
+    esac
     PAIR_CLIENT_PID=$BG_PID
     if ! wait_port "$cport" 20 "$PAIR_CLIENT_PID" 2>/dev/null; then
-        PAIR_ERROR="peer client: $(why_exited "$name-client")"
+        PAIR_ERROR="$kind client: $(why_exited "$name-client")"
         return 1
     fi
     PAIR_SOCKS="127.0.0.1:$cport"
+}
+
+# cpu_seconds PID: user + system CPU time the process (all its threads) used so far,
+# from /proc/PID/stat (clock ticks; 0.01 s on Linux); "" when it is gone.
+CLK_TCK=$(getconf CLK_TCK 2>/dev/null || echo 100)
+cpu_seconds() {
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 0
+    # The command name (field 2) may hold spaces: count fields after its closing paren.
+    stat=${stat##*) }
+    awk -v t="$CLK_TCK" '{ printf "%.2f", ($12 + $13) / t }' <<<"$stat"
 }
 
 find_nginx() { command -v nginx || { [ -x /usr/sbin/nginx ] && echo /usr/sbin/nginx; } || true; }
@@ -205,8 +250,6 @@ machine_info() { # one line: cores and CPU model
 
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; } # rss_kib PID
 fd_count() { find "/proc/$1/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l; }    # fd_count PID
-# cpu_ticks PID: user + system CPU time of PID in clock ticks (getconf CLK_TCK per second).
-cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; } # mib KIB: one decimal
 
 # raise_fd_limit [WANT]: lifts this shell's open-files limit (and so its children's) to
@@ -252,36 +295,9 @@ start_targets_on() {
     TARGET_BULK=${TARGET_BULK/0.0.0.0/127.0.0.1}
 }
 
-singbox_installed() { [ -n "${SING_BOX:-}" ] && [ -x "$SING_BOX" ]; }
-
-# start_singbox_pair NAME: sing-box server + sing-box client (scripts/peers/), with a
-# fresh self-signed certificate. Sets PAIR_* like start_our_pair.
-start_singbox_pair() {
-    local name=$1 sport cport
-    read -r sport cport < <(free_ports 2)
-    PAIR_ERROR=""
-    if ! openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
-        -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
-        -keyout "$BENCH_WORK/$name-key.pem" -out "$BENCH_WORK/$name-cert.pem" >/dev/null 2>&1; then
-        PAIR_ERROR="openssl could not make a certificate"
-        return 1
-    fi
-    start_bg "$name-server" "$BENCH_REPO/scripts/peers/singbox-server.sh" "$sport" "$BENCH_PASSWORD" \
-        "$BENCH_WORK/$name-cert.pem" "$BENCH_WORK/$name-key.pem" "$BENCH_WORK/$name-server"
-    PAIR_SERVER_PID=$BG_PID
-    if ! wait_port "$sport" 20 "$PAIR_SERVER_PID" 2>/dev/null; then
-        PAIR_ERROR="sing-box server: $(why_exited "$name-server")"
-        return 1
-    fi
-    start_bg "$name-client" "$BENCH_REPO/scripts/peers/singbox-client.sh" "$cport" "$sport" "$BENCH_PASSWORD" \
-        "$BENCH_WORK/$name-client"
-    PAIR_CLIENT_PID=$BG_PID
-    if ! wait_port "$cport" 20 "$PAIR_CLIENT_PID" 2>/dev/null; then
-        PAIR_ERROR="sing-box client: $(why_exited "$name-client")"
-        return 1
-    fi
-    PAIR_SOCKS="127.0.0.1:$cport"
-}
+# sing-box's pair through start_peer_pair (the endurance run compares against it).
+singbox_installed() { peer_installed sing-box; }
+start_singbox_pair() { start_peer_pair "$1" sing-box; } # start_singbox_pair NAME: sets PAIR_*
 
 # json_num KEY JSON: the first number after "KEY": in JSON ("" when absent).
 json_num() { grep -oE "\"$1\":-?[0-9.]+" <<<"$2" | head -n1 | cut -d: -f2; }

@@ -64,14 +64,13 @@ sleep "$idle"
 final_s=$(rss_kib "$spid") final_c=$(rss_kib "$cpid")
 log "after $idle s idle: server $(mib "$final_s") MiB, client $(mib "$final_c") MiB"
 
-ticks=$(getconf CLK_TCK)
 cpu=() down=() up=()
 for _ in 1 2 3; do
-    t0=$(($(cpu_ticks "$spid") + $(cpu_ticks "$cpid")))
+    t0=$(awk -v s="$(cpu_seconds "$spid")" -v c="$(cpu_seconds "$cpid")" 'BEGIN { print s + c }')
     out=$("$BIN/anytls-bench" bulk --socks "$PAIR_SOCKS" --target "$TARGET_BULK" --bytes 512M --streams 4 \
         --max-seconds 120 --json)
-    t1=$(($(cpu_ticks "$spid") + $(cpu_ticks "$cpid")))
-    cpu+=("$(awk -v t=$((t1 - t0)) -v hz="$ticks" 'BEGIN { printf "%.2f", t / hz }')") # 1 GiB moved
+    t1=$(awk -v s="$(cpu_seconds "$spid")" -v c="$(cpu_seconds "$cpid")" 'BEGIN { print s + c }')
+    cpu+=("$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')") # 1 GiB moved
     down+=("$(grep -oE '"download":\{[^}]*' <<<"$out" | grep -oE '"gbit_per_sec":[0-9.]+' | cut -d: -f2)")
     up+=("$(grep -oE '"upload":\{[^}]*' <<<"$out" | grep -oE '"gbit_per_sec":[0-9.]+' | cut -d: -f2)")
 done

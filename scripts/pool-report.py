@@ -3,8 +3,10 @@
 against direct, results/pool-performance.json and a hand-written SVG bar chart.
 
 Inputs: the JSONL of runs (one anytls-bench --json result per line, wrapped with round,
-variant, workload and the socket counters) and a TSV of `variant  server_kib  client_kib
-note` (VmHWM). Standard library only.
+variant, workload, the socket counters, the CPU seconds the pair's server and client used
+during the run and the load average) and a TSV of `variant  server_kib  client_kib
+note` (VmHWM). CPU per unit of work: bulk in seconds per GiB moved (both directions),
+rr in seconds per 1,000 requests; medians over rounds. Standard library only.
 """
 import argparse
 import json
@@ -22,7 +24,9 @@ p.add_argument("--quick", default="0")
 p.add_argument("--runs", type=int, default=0)
 p.add_argument("--nproc", type=int, default=0)
 p.add_argument("--cpu", default="")
+p.add_argument("--load", default="")
 a = p.parse_args()
+GIB = float(1 << 30)
 
 runs = [json.loads(line) for line in open(a.results) if line.strip()]
 variants = []
@@ -59,6 +63,34 @@ def median_of(variant, workload, *path, wrapper=False):
     return statistics.median(values) if values else None
 
 
+def cpu_per_unit(variant, workload, unit_of):
+    """Medians of server, client and pair CPU seconds per unit of work (unit_of(result)).
+    Bulk runs with a failed transfer are left out: the CPU spent on a transfer whose bytes
+    are not counted would inflate the figure (the Go pairs end a stream at the first FIN,
+    so the upload's reply, sent after the upload's end, never arrives)."""
+    per = {"server": [], "client": [], "pair": []}
+    for r in runs:
+        if r["variant"] != variant or r["workload"] != workload:
+            continue
+        if workload == "bulk" and dig(r["result"], "failed"):
+            continue
+        units, sc, cc = unit_of(r["result"]), r.get("server_cpu_s"), r.get("client_cpu_s")
+        if not units or sc is None or cc is None:
+            continue
+        per["server"].append(sc / units)
+        per["client"].append(cc / units)
+        per["pair"].append((sc + cc) / units)
+    return {k: (statistics.median(v) if v else None) for k, v in per.items()}
+
+
+def gib_moved(result):
+    return ((dig(result, "download", "bytes") or 0) + (dig(result, "upload", "bytes") or 0)) / GIB
+
+
+def thousands_of_requests(result):
+    return (dig(result, "ok") or 0) / 1000
+
+
 def total_of(variant, workload, *path):
     return sum(dig(r["result"], *path) or 0 for r in runs if r["variant"] == variant and r["workload"] == workload)
 
@@ -73,10 +105,17 @@ for v in variants:
         "streams_per_sec": median_of(v, "rr", "streams_per_sec"),
         "latency_ms": {q: median_of(v, "rr", "latency_ms", q) for q in ("p50", "p90", "p99", "max")},
         "hold_echo_p99_ms": median_of(v, "hold", "echo_ms", "p99"),
+        "bulk_cpu_s_per_gib": cpu_per_unit(v, "bulk", gib_moved),
+        "rr_cpu_s_per_1000_requests": cpu_per_unit(v, "rr", thousands_of_requests),
+        "median_loadavg": statistics.median([r["loadavg"] for r in runs if r["variant"] == v and r.get("loadavg")]
+                                            or [0]),
         "hold_open_p99_ms": median_of(v, "hold", "open_ms", "p99"),
+        # New-stream latency: streams opened one at a time, then N at once (open1/openn).
+        "open_latency_ms": {w: {q: median_of(v, w, "open_ms", q) for q in ("p50", "p99")} for w in ("open1", "openn")},
+        "open_concurrency": {w: median_of(v, w, "streams") for w in ("open1", "openn")},
         "time_wait_per_rr_run": median_of(v, "rr", "time_wait_delta", wrapper=True),
         "tcp_opens_per_1000_requests": (opens / rr_ok * 1000) if opens is not None and rr_ok else None,
-        "failures": {w: total_of(v, w, "failed") for w in ("bulk", "rr", "hold")},
+        "failures": {w: total_of(v, w, "failed") for w in ("bulk", "rr", "hold", "open1", "openn")},
         "first_errors": sorted({dig(r["result"], "first_error") for r in runs
                                 if r["variant"] == v and dig(r["result"], "first_error")})[:3],
         "peak_rss_mib": {k: rss.get(v, {}).get(k) for k in ("server_mib", "client_mib")},
@@ -103,11 +142,20 @@ def cell(x, r=None, digits=2):
 
 
 names = {"direct": "direct", "lock": "ours lock", "lockfree": "ours lockfree", "highperf": "ours highperf",
-         "peer": "crates.io anytls 0.5.3"}
+         "crate": "crates.io anytls 0.5.3", "sing-box": "sing-box", "mihomo": "mihomo"}
+ours_variants = [v for v in variants if v in ("lock", "lockfree", "highperf")]
+peer_variants = [v for v in variants if v not in ours_variants and v != "direct"]
+def pair_text(cpu):
+    if cpu["server"] is None:
+        return "-"
+    return f"{cpu['server']:.2f} / {cpu['client']:.2f}"
+
+
 print()
 print("| variant | down Gbit/s | up Gbit/s | new streams/s | p50 ms | p90 ms | p99 ms | hold echo p99 ms "
+      "| bulk CPU s/GiB server / client | rr CPU s/1k req server / client "
       "| RSS server / client MiB | TIME_WAIT per rr run | TCP opens / 1k req | server reuse % | failures bulk/rr/hold |")
-print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 for v in variants:
     s = summary[v]
     lat = s["latency_ms"]
@@ -119,20 +167,59 @@ for v in variants:
           f"| {cell(s['upload_gbit_per_sec'], ratio(v, 'upload_gbit_per_sec'))} "
           f"| {cell(s['streams_per_sec'], ratio(v, 'streams_per_sec'), 0)} "
           f"| {cell(lat['p50'], ratio(v, 'latency_ms', 'p50'))} | {cell(lat['p90'], ratio(v, 'latency_ms', 'p90'))} "
-          f"| {cell(lat['p99'], ratio(v, 'latency_ms', 'p99'))} | {cell(s['hold_echo_p99_ms'])} | {mem_text} "
+          f"| {cell(lat['p99'], ratio(v, 'latency_ms', 'p99'))} | {cell(s['hold_echo_p99_ms'])} "
+          f"| {pair_text(s['bulk_cpu_s_per_gib'])} | {pair_text(s['rr_cpu_s_per_1000_requests'])} | {mem_text} "
           f"| {cell(s['time_wait_per_rr_run'], None, 0)} | {cell(s['tcp_opens_per_1000_requests'], None, 0)} "
           f"| {cell(s['server_reuse_pct'], None, 1)} | {f['bulk']}/{f['rr']}/{f['hold']} |")
 print()
 print("Medians over rounds; (N x) = ratio to direct. TIME_WAIT and TCP opens are system-wide counters "
       f"sampled around each rr run of {a.rr_requests} requests. Server reuse % = the reuse rate of the "
       "server's last [Pool Stats] line: streams served by a warm connection, over the whole run.")
+
+if any(summary[v]["open_latency_ms"]["open1"]["p50"] is not None for v in variants):
+    n = next((summary[v]["open_concurrency"]["openn"] for v in variants if summary[v]["open_concurrency"]["openn"]), None)
+    print()
+    print(f"New-stream latency (ms from SOCKS connect to the proxy's answer), one at a time and {n:.0f} at once:")
+    print()
+    print(f"| variant | 1 at a time p50 | p99 | {n:.0f} at once p50 | p99 | failures |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for v in variants:
+        o, f = summary[v]["open_latency_ms"], summary[v]["failures"]
+        print(f"| {names.get(v, v)} | {cell(o['open1']['p50'])} | {cell(o['open1']['p99'])} | {cell(o['openn']['p50'])} "
+              f"| {cell(o['openn']['p99'])} | {f['open1']}/{f['openn']} |")
+
+
+def best(candidates, key, lowest=False):
+    scored = [(key(summary[v]), v) for v in candidates if key(summary[v]) is not None]
+    if not scored:
+        return None, None
+    value, v = (min if lowest else max)(scored)
+    return v, value
+
+
+comparison = {}
+for what, key, lowest in [("download Gbit/s", lambda s: s["download_gbit_per_sec"], False),
+                          ("new streams/s", lambda s: s["streams_per_sec"], False),
+                          ("bulk pair CPU s/GiB", lambda s: s["bulk_cpu_s_per_gib"]["pair"], True),
+                          ("rr pair CPU s/1k requests", lambda s: s["rr_cpu_s_per_1000_requests"]["pair"], True)]:
+    ours_v, ours_x = best(ours_variants, key, lowest)
+    peer_v, peer_x = best(peer_variants, key, lowest)
+    r = (ours_x / peer_x) if ours_x is not None and peer_x else None
+    comparison[what] = {"ours": ours_v, "ours_value": ours_x, "best_peer": peer_v, "best_peer_value": peer_x,
+                        "ratio": r}
+    if ours_v and peer_v:
+        print(f"{what}: best of ours {names[ours_v]} {ours_x:.2f}, best peer {names.get(peer_v, peer_v)} "
+              f"{peer_x:.2f} -> ours/peer {r:.2f}x")
+print("CPU = user + system seconds of each process during the run (/proc/PID/stat), per GiB moved (bulk, both "
+      f"directions; runs with a failed transfer left out) and per 1,000 completed requests (rr). "
+      f"Load average {a.load}.")
 for v in variants:
     for err in summary[v]["first_errors"]:
         print(f"  {names.get(v, v)}: first error seen: {err}")
 
 machine = {"nproc": a.nproc, "cpu": a.cpu}
 out = {"machine": machine, "quick": a.quick == "1", "rounds": a.runs, "rr_requests": a.rr_requests,
-       "variants": summary, "runs": runs}
+       "loadavg_before_after": a.load, "variants": summary, "ours_vs_best_peer": comparison, "runs": runs}
 json_path = os.path.join(a.out_dir, "pool-performance.json")
 with open(json_path, "w") as f:
     json.dump(out, f, indent=2)
@@ -143,15 +230,19 @@ panels = [
     ("Download throughput", "Gbit/s", lambda s: s["download_gbit_per_sec"]),
     ("New streams per second (rr)", "streams/s", lambda s: s["streams_per_sec"]),
     ("rr latency p99 (lower is better)", "ms", lambda s: s["latency_ms"]["p99"]),
+    ("Bulk CPU, pair (lower is better)", "CPU s per GiB", lambda s: s["bulk_cpu_s_per_gib"]["pair"]),
+    ("rr CPU, pair (lower is better)", "CPU s per 1,000 requests", lambda s: s["rr_cpu_s_per_1000_requests"]["pair"]),
 ]
-colors = {"direct": "#7f7f7f", "lock": "#1f77b4", "lockfree": "#2ca02c", "highperf": "#9467bd", "peer": "#d62728"}
-pw, ph, margin, top = 300, 240, 40, 50
+colors = {"direct": "#7f7f7f", "lock": "#1f77b4", "lockfree": "#17becf", "highperf": "#9467bd", "crate": "#d62728",
+          "sing-box": "#ff7f0e", "mihomo": "#2ca02c"}
+pw, ph, margin, top = 260, 240, 40, 50
 width, height = margin + len(panels) * (pw + margin), top + ph + 90
 svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
        f'font-family="sans-serif" font-size="11">',
        f'<rect width="{width}" height="{height}" fill="white"/>',
        f'<text x="{margin}" y="22" font-size="15" font-weight="bold">anytls-rs pool performance '
-       f'({"quick, " if a.quick == "1" else ""}medians of {a.runs} rounds; nproc {a.nproc})</text>']
+       f'({"quick, " if a.quick == "1" else ""}medians of {a.runs} rounds; nproc {a.nproc}; '
+       f'load average {escape(a.load)})</text>']
 for i, (title, unit, get) in enumerate(panels):
     x0 = margin + i * (pw + margin)
     values = [(v, get(summary[v])) for v in variants]

@@ -19,7 +19,9 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-cargo build --release --quiet --bin anytls-server --bin anytls-client
+# Not --quiet: a first build takes minutes, and cargo's progress shows it is working.
+echo "building the release binaries (the first build takes a few minutes; later ones seconds)..." >&2
+cargo build --release --bin anytls-server --bin anytls-client
 bin=target/release
 log_dir=$(mktemp -d)
 cleanup() {
@@ -29,7 +31,9 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-"$bin/anytls-server" -l "127.0.0.1:$server_port" -p "$password" "$@" 2> >(tee "$log_dir/server.log" >&2) &
+# The password travels in the environment, not on the command line (`ps` shows that).
+export ANYTLS_PASSWORD=$password
+"$bin/anytls-server" -l "127.0.0.1:$server_port" "$@" 2> >(tee "$log_dir/server.log" >&2) &
 server_pid=$!
 fingerprint=""
 for _ in $(seq 1 100); do
@@ -40,8 +44,7 @@ for _ in $(seq 1 100); do
 done
 [ -n "$fingerprint" ] || { echo "anytls-server did not start in 10 s" >&2; exit 1; }
 
-"$bin/anytls-client" -l "127.0.0.1:$proxy_port" -s "127.0.0.1:$server_port" -p "$password" \
-    --pin-sha256 "$fingerprint" &
+"$bin/anytls-client" -l "127.0.0.1:$proxy_port" -s "127.0.0.1:$server_port" --pin-sha256 "$fingerprint" &
 client_pid=$!
 sleep 0.3
 kill -0 "$client_pid" 2>/dev/null || { echo "anytls-client exited; see above" >&2; exit 1; }

@@ -322,3 +322,29 @@ async fn insecure_and_private_ca_trust_modes_work() {
     })
     .await;
 }
+
+/// An SSH-like stream that carries nothing for several heartbeat intervals survives on
+/// loopback, where each heartbeat's answer arrives within the same millisecond.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_stream_survives_several_heartbeats_on_loopback() {
+    bounded(Duration::from_secs(60), "quiet stream", async {
+        let server = start_server(PASSWORD, &[]).await;
+        let pin = server.fingerprint.clone().unwrap();
+        let heartbeat = ["--heartbeat-interval-secs", "1", "--heartbeat-timeout-secs", "1"];
+        let client = start_client(server.addr, PASSWORD, &[&["--pin-sha256", &pin][..], &heartbeat].concat()).await;
+        let echo = spawn_echo().await;
+        let mut tcp = socks5_open(client.addr, echo).await;
+        let mut back = [0u8; 5];
+        tcp.write_all(b"hello").await.unwrap();
+        tcp.read_exact(&mut back).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        tcp.write_all(b"again").await.unwrap();
+        let answered = tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut back)).await;
+        let log = client.process.log();
+        assert!(matches!(answered, Ok(Ok(_))), "the quiet stream was dropped; client log:\n{log}");
+        assert_eq!(&back, b"again");
+        assert_eq!(count_lines(&log, "no answer to a heartbeat"), 0, "{log}");
+        assert!(count_lines(&log, "heartbeat") >= 3, "fewer than 3 heartbeats in 8 s of quiet:\n{log}");
+    })
+    .await;
+}

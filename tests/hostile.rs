@@ -279,24 +279,30 @@ async fn probes_are_closed_silently_and_slow_clients_at_the_deadline() {
     .await;
 }
 
-/// More connections in the handshake phase than `--max-handshakes` are dropped at
-/// once; the ones in progress keep their deadline.
+/// More connections in the handshake phase than `--max-handshakes` wait for a place
+/// (in a waiting room of three times the cap), keeping the deadline they got at accept;
+/// past the waiting room they are dropped at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn handshakes_over_the_cap_are_dropped_at_once() {
+async fn handshakes_over_the_cap_wait_and_past_the_waiting_room_are_dropped_at_once() {
     bounded(Duration::from_secs(60), "handshake cap", async {
         let (server, client) = pair(&["--max-handshakes", "4", "--handshake-timeout-secs", "3"]).await;
         let echo = spawn_echo().await;
         let healthy = Healthy::start(client.addr, echo, Duration::from_millis(20)).await;
         let mut silent = Vec::new();
-        for _ in 0..4 {
+        for _ in 0..16 {
             silent.push(TcpStream::connect(server.addr).await.unwrap());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
         let started = Instant::now();
         let mut extra = TcpStream::connect(server.addr).await.unwrap();
         let (_, closed) = read_until_closed(&mut extra, Duration::from_secs(1)).await;
-        assert!(closed && started.elapsed() < Duration::from_millis(900), "the fifth was not dropped at once");
-        assert!(server.process.log_shows("4 handshakes already in progress", Duration::from_secs(1)).await);
+        assert!(closed && started.elapsed() < Duration::from_millis(900), "the 17th was not dropped at once");
+        assert!(
+            server.process.log_shows("12 connections already wait for a handshake place", Duration::from_secs(1)).await
+        );
+        // The 12 waiting ones were not dropped: they end at their deadline (3 s from accept).
+        let (_, early) = read_until_closed(&mut silent[15], Duration::from_millis(1500)).await;
+        assert!(!early, "a waiting connection was dropped before its deadline");
         let rounds = healthy.rounds();
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(healthy.rounds() > rounds, "the healthy stream stalled while handshakes were capped");
@@ -515,6 +521,117 @@ async fn one_hundred_stalled_streams_hold_bounded_server_memory() {
         assert!(healthy.rounds() > rounds_before, "the healthy stream stalled along with the others");
         assert!(grown_mib < BOUND_MIB, "100 stalled streams grew the server by {grown_mib} MiB");
         drop(stalled);
+        healthy.finish().await;
+    })
+    .await;
+}
+
+/// Open file descriptors of a process.
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|dir| dir.count()).unwrap_or(0)
+}
+
+/// A target that accepts connections, with a small receive buffer, and never reads.
+async fn spawn_sink_that_never_reads() -> SocketAddr {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1024).unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            held.push(tcp);
+        }
+    });
+    addr
+}
+
+/// Authenticated sessions push 64 KiB frames on many streams at a target that never
+/// reads. Each session's buffered data is held to its share of the memory budget (the
+/// session stops being read), other users go on, and once the attacker leaves its
+/// streams are released at once: file descriptors back within seconds, not after the
+/// stream idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_flood_at_a_target_that_never_reads_is_held_to_the_memory_budget() {
+    // Without the budget each stalled stream held its whole queue, 8 frames of
+    // 64 KiB (500 streams: over 250 MiB); with 1 MiB per session it is 10 MiB
+    // plus what each relay holds. `ANYTLS_FLOOD=20x100,4096` runs the hardening
+    // pass's attack at the default share instead (docs/hardening.md), bound 400 MiB.
+    let scale = std::env::var("ANYTLS_FLOOD").unwrap_or_else(|_| "10x50,1024".into());
+    let parse = |text: &str| -> Option<(usize, u32, String)> {
+        let (shape, share) = text.split_once(',')?;
+        let (sessions, streams) = shape.split_once('x')?;
+        Some((sessions.parse().ok()?, streams.parse().ok()?, share.to_string()))
+    };
+    let (sessions, streams, share_kib) = parse(&scale).expect("ANYTLS_FLOOD=sessionsxstreams,SHARE_KIB");
+    let bound_mib: u64 = if scale == "10x50,1024" { 100 } else { 400 };
+    bounded(Duration::from_secs(150), "upload flood", async {
+        let (server, client) = pair(&["--session-buffer-kib", &share_kib, "--max-outbound-connections", "10000"]).await;
+        let pid = server.process.pid();
+        let sink = spawn_sink_that_never_reads().await;
+        let echo = spawn_echo().await;
+        let healthy = Healthy::start(client.addr, echo, Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (rss_before, fds_before) = (rss_kib(pid), fd_count(pid));
+        let server_addr = server.addr;
+        let attackers: Vec<_> = (0..sessions)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let mut raw = RawSession::ready(server_addr).await;
+                    for sid in 1..=streams {
+                        raw.open_stream(sid, sink, b"").await;
+                    }
+                    let mut round = BytesMut::new();
+                    for sid in 1..=streams {
+                        Frame::new(Command::Push, sid, vec![7u8; 65_535]).encode(&mut round).unwrap();
+                    }
+                    // Until the server stops reading this session (or 64 rounds, 200 MiB).
+                    for _ in 0..64 {
+                        let write = tokio::time::timeout(Duration::from_secs(2), raw.tls.write_all(&round));
+                        if !matches!(write.await, Ok(Ok(()))) {
+                            break;
+                        }
+                    }
+                    raw
+                })
+            })
+            .collect();
+        let mut held = Vec::new();
+        for attacker in attackers {
+            held.push(attacker.await.expect("attacker"));
+        }
+        let mut peak = rss_before;
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            peak = peak.max(rss_kib(pid));
+        }
+        let grown_mib = peak.saturating_sub(rss_before) / 1024;
+        let fds_during = fd_count(pid);
+        announce(&format!(
+            "NOTE upload flood, {sessions} sessions x {streams} streams: server RSS {} -> {} MiB (+{grown_mib} MiB), \
+             fds {fds_before} -> {fds_during}",
+            rss_before / 1024,
+            peak / 1024
+        ));
+        let rounds_before = healthy.rounds();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(healthy.rounds() > rounds_before, "the healthy stream stalled along with the flood");
+        assert!(grown_mib < bound_mib, "the flood grew the server by {grown_mib} MiB");
+
+        // The attacker's process goes away: its kernel resets connections with unread
+        // data (the server's settings and answers here).
+        for raw in &held {
+            raw.tls.get_ref().0.set_zero_linger().unwrap();
+        }
+        drop(held);
+        let left_at = Instant::now();
+        while fd_count(pid) > fds_before + 5 && left_at.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let fds_after = fd_count(pid);
+        announce(&format!("NOTE upload flood over: fds {fds_after} after {:?}", left_at.elapsed()));
+        assert!(fds_after <= fds_before + 5, "fds {fds_before} -> {fds_after} 10 s after the attacker left");
         healthy.finish().await;
     })
     .await;
@@ -778,14 +895,18 @@ async fn a_silently_dropped_session_is_detected_by_heartbeat_and_replaced() {
 
 /// Out of file descriptors (`ulimit -n 64`): a flood of connections makes accept fail;
 /// the server logs it, backs off instead of spinning, and serves again once the flood
-/// is gone.
+/// is gone. `--max-handshakes` is set above the limit: the default (a share of the fd
+/// limit) would close the flood before the descriptors run out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fd_exhaustion_is_logged_and_retried_with_back_off() {
     bounded(Duration::from_secs(60), "fd exhaustion", async {
         let mut command = std::process::Command::new("bash");
         let server_bin = env!("CARGO_BIN_EXE_anytls-server");
         command
-            .args(["-c", &format!("ulimit -n 64 && exec {server_bin} -l 127.0.0.1:0 -p {PASSWORD}")])
+            .args([
+                "-c",
+                &format!("ulimit -n 64 && exec {server_bin} -l 127.0.0.1:0 -p {PASSWORD} --max-handshakes 1000"),
+            ])
             .env("RUST_LOG", OUR_LOG_FILTER);
         let mut process = Process::spawn("anytls-server (ulimit -n 64)", command);
         let addr = process

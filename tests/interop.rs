@@ -441,7 +441,7 @@ async fn crate_client_to_our_server() {
         let report = peer_client_to_our_server(pairing, "anytls-crate-client.sh", &binaries, false).await;
         announce(&format!(
             "NOTE interop {pairing}: the crate client splits its authentication block over 3 TLS records \
-             (contract §1.3, rejected by sing-box and mihomo servers); our server reassembles it, so requests work"
+             (docs/protocol.md §1, rejected by sing-box and mihomo servers); our server reassembles it, so requests work"
         ));
         report.assert_passed(
             pairing,
@@ -473,11 +473,11 @@ async fn our_client_to_crate_server() {
         let report = our_client_to_peer_server(pairing, "anytls-crate-server.sh", &binaries, false).await;
         announce(&format!(
             "NOTE interop {pairing}: the crate server allows one stream per session until the client FINs it \
-             (contract pitfall 6); like the reference client, ours does not answer the server's FIN with a FIN \
-             (contract §2), so the crate server refuses the next stream on that session"
+             (docs/protocol.md §9, pitfall 6); like the reference client, ours does not answer the server's FIN with a FIN \
+             (docs/protocol.md §2), so the crate server refuses the next stream on that session"
         ));
         let one_stream = "the crate server (0.5.3) frees a session's single stream slot only on the client's FIN, \
-             which the contract says a FIN is not answered with; it refuses the next stream ('session stream \
+             which docs/protocol.md §2 says a FIN is not answered with; it refuses the next stream ('session stream \
              limit reached'), so our client answers that request with SOCKS5 code 1";
         let refused: &[&str] = &["Can't complete SOCKS5 connection", "code 1", "never opened stream 2"];
         report.assert_passed(
@@ -498,7 +498,7 @@ async fn our_client_to_crate_server() {
 // ---------------------------------------------------------------------------------------
 // FIN semantics with reference peers: FIN ends the whole stream and is not answered
 
-/// Reference clients do not answer the server's FIN with a FIN (contract §2). Our server
+/// Reference clients do not answer the server's FIN with a FIN (docs/protocol.md §2). Our server
 /// must retire such a stream at its own FIN; otherwise it would stay open until the
 /// session ends and count against --max-streams-per-session, and once the limit is
 /// reached every new stream on that session would be refused.

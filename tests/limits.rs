@@ -44,7 +44,12 @@ async fn streams_over_max_streams_are_refused_and_a_place_frees_up_when_one_ends
         let b = socks5_open(client.addr, echo).await;
         let (code, _c) = socks5_connect(client.addr, "127.0.0.1", echo.port()).await.unwrap();
         assert_eq!(code, SOCKS5_GENERAL, "third stream refused");
-        assert!(server.process.log_shows("too many streams on this server (limit 2)", Duration::from_secs(5)).await);
+        assert!(
+            server
+                .process
+                .log_shows("too many streams on this server (limit 2, --max-streams)", Duration::from_secs(5))
+                .await
+        );
         echo_roundtrip(b, b"still fine").await;
         drop(a);
         // The place comes back once the server's relay for `a` has ended.
@@ -85,6 +90,40 @@ async fn a_quiet_stream_is_ended_after_the_idle_timeout_and_a_busy_one_is_not() 
         busy.write_all(b"last").await.unwrap();
         busy.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"last");
+    })
+    .await;
+}
+
+/// The caps that hold descriptors are shares of the descriptor limit: under a hard
+/// limit of 1,024 (`ulimit -n` sets both), 64 reserved, then 1/16 each for handshakes
+/// and warm connections and 7/16 each for sessions and streams; the soft limit is raised
+/// to the hard one; an explicit flag wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_caps_are_shares_of_the_descriptor_limit_and_flags_win() {
+    bounded(Duration::from_secs(30), "derived caps", async {
+        let server_bin = env!("CARGO_BIN_EXE_anytls-server");
+        let launch = |limits: &str, flags: &str| {
+            let mut command = std::process::Command::new("bash");
+            command
+                .args(["-c", &format!("{limits} && exec {server_bin} -l 127.0.0.1:0 -p {PASSWORD} {flags}")])
+                .env("RUST_LOG", OUR_LOG_FILTER);
+            Process::spawn("anytls-server (small fd limit)", command)
+        };
+        let mut derived = launch("ulimit -n 1024", "");
+        let line = derived
+            .wait_for(STARTUP_TIMEOUT, "fd line", |line| line.contains("file descriptors:").then(|| line.to_string()))
+            .await;
+        for expected in
+            ["1024", "--max-handshakes 60", "--max-sessions 420", "--max-streams 420", "--max-idle-total 60"]
+        {
+            assert!(line.contains(expected), "{expected:?} missing from {line:?}");
+        }
+        let mut raised = launch("ulimit -Sn 256 && ulimit -Hn 2048", "--max-sessions 7");
+        let line = raised
+            .wait_for(STARTUP_TIMEOUT, "fd line", |line| line.contains("file descriptors:").then(|| line.to_string()))
+            .await;
+        assert!(line.contains("2048 (soft limit raised from 256"), "{line}");
+        assert!(line.contains("--max-sessions 7,") && line.contains("--max-streams 868"), "{line}");
     })
     .await;
 }

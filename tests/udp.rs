@@ -36,6 +36,7 @@ async fn start_server() -> SocketAddr {
         connect_timeout: Duration::from_secs(2),
         handshake_timeout: Duration::from_secs(5),
         max_handshakes: 16,
+        probe: Default::default(),
         max_streams_per_session: 64,
         outbound: OutboundSettings {
             pool_type: PoolType::Lock,
@@ -82,6 +83,7 @@ async fn start_client(server: SocketAddr) -> SocketAddr {
         credentials: None,
         idle_check_interval: Duration::from_secs(30),
         stats_interval: Duration::from_secs(600),
+        local_handshake_timeout: Duration::from_secs(10),
     };
     tokio::spawn(client::run(listener, config));
     addr

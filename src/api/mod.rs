@@ -4,6 +4,8 @@
 //! - `GET /api/connection-pool-stats`: [`stats::ConnectionPoolStats`] as JSON.
 //! - `GET /api/memory-pool-stats`: [`stats::MemoryPoolStats`] as JSON.
 //! - `GET /api/events`: server-sent events, one [`stats::Snapshot`] a second (the page's feed).
+//! - `GET /api/users`: [`stats::UsersStats`] (server): per-user counters, authentication
+//!   failures, outbound policy refusals.
 //! - `GET /metrics`: the Prometheus text exposition of the same numbers.
 //! - `GET /`: the live page (`page.html`, compiled into the binary: no CDN, no files).
 //!
@@ -13,9 +15,14 @@
 //! `?token=TOKEN`. Without a token on a non-loopback address anyone who can reach the port
 //! sees the targets the proxy talks to, so that case logs a warning.
 //!
+//! The port guards itself: at most `--api-max-connections` connections at once (more get
+//! `503` and are closed), and a request's header must arrive within
+//! `--api-header-timeout-secs` (a client trickling bytes is closed).
+//!
 //! The API only reads counters; it shares nothing with the proxy's data path but the
 //! atomics it loads, and runs on the same runtime as the proxy (a request costs microseconds).
 
+pub mod handshakes;
 pub mod stats;
 
 use std::convert::Infallible;
@@ -31,7 +38,11 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Json, Response};
 use axum::routing::get;
 use futures_util::Stream;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::pool::buffers::{BufferPoolMode, relay_buffer_pool_mode, relay_buffer_stats};
 use stats::{ConnectionPoolStats, MemoryPoolStats, Snapshot};
@@ -50,7 +61,43 @@ pub trait PoolSource: Send + Sync + 'static {
 #[derive(Clone)]
 struct ApiState {
     source: Arc<dyn PoolSource>,
-    token: Option<Arc<str>>,
+    /// SHA-256 of the token: requests are checked by comparing digests, which takes the
+    /// same time whatever the length of the guess or of the token.
+    token_digest: Option<[u8; 32]>,
+}
+
+/// Default for `--api-max-connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+/// Default for `--api-header-timeout-secs`.
+pub const DEFAULT_HEADER_TIMEOUT_SECS: u64 = 10;
+
+/// How the API guards itself.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    /// Required as `Authorization: Bearer TOKEN` or `?token=TOKEN`; none means open.
+    pub token: Option<String>,
+    /// Connections served at once (a live page holds one for as long as it is open).
+    /// More are answered `503` and closed, so idle or slow clients cannot pile up.
+    pub max_connections: usize,
+    /// A request's whole header must arrive within this time (slow-loris), and an idle
+    /// keep-alive connection is closed after it.
+    pub header_timeout: Duration,
+}
+
+impl Default for ApiSettings {
+    fn default() -> ApiSettings {
+        ApiSettings {
+            token: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_timeout: Duration::from_secs(DEFAULT_HEADER_TIMEOUT_SECS),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("--api: cannot listen on {address}: {source}")]
+    Listen { address: String, source: std::io::Error },
 }
 
 /// The address `--api VALUE` means: a bare port is on loopback, anything else as given.
@@ -64,12 +111,17 @@ pub fn api_listen_address(value: &str) -> String {
 
 /// Binds `--api`'s address and serves the API in the background; returns the bound
 /// address, which is also logged as `api on ADDR` (so `:0` works).
-pub async fn start(value: &str, token: Option<String>, source: Arc<dyn PoolSource>) -> Result<SocketAddr, String> {
+pub async fn start(value: &str, settings: ApiSettings, source: Arc<dyn PoolSource>) -> Result<SocketAddr, ApiError> {
     let address = api_listen_address(value);
-    let listener = TcpListener::bind(&address).await.map_err(|e| format!("--api: cannot listen on {address}: {e}"))?;
-    let bound = listener.local_addr().map_err(|e| e.to_string())?;
-    let token = token.filter(|t| !t.is_empty());
-    log::info!("api on {bound} (http://{bound}/){}", if token.is_some() { ", bearer token required" } else { "" });
+    let listen_error = |source| ApiError::Listen { address: address.clone(), source };
+    let listener = TcpListener::bind(&address).await.map_err(listen_error)?;
+    let bound = listener.local_addr().map_err(listen_error)?;
+    let token = settings.token.clone().filter(|t| !t.is_empty());
+    log::info!(
+        "api on {bound} (http://{bound}/), at most {} connections{}",
+        settings.max_connections,
+        if token.is_some() { ", bearer token required" } else { "" }
+    );
     if token.is_none() && !bound.ip().is_loopback() {
         log::warn!(
             "api on {bound} is reachable from other machines and has no --api-token: anyone who can \
@@ -77,23 +129,59 @@ pub async fn start(value: &str, token: Option<String>, source: Arc<dyn PoolSourc
         );
     }
     let app = router(source, token);
-    tokio::spawn(async move {
-        if let Err(err) = axum::serve(listener, app).await {
-            log::warn!("api on {bound} stopped: {err}");
-        }
-    });
+    tokio::spawn(serve(listener, app, settings));
     Ok(bound)
+}
+
+/// Answer to a connection over the cap: written without waiting, then closed.
+const BUSY: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\nConnection: close\r\n\r\n";
+
+/// Accepts API connections and serves each with hyper's HTTP/1.1, under the
+/// connection cap and the header timeout (axum's own `serve` has neither).
+async fn serve(listener: TcpListener, app: Router, settings: ApiSettings) {
+    let slots = Arc::new(Semaphore::new(settings.max_connections));
+    let mut refused_since_log = 0u64;
+    let mut last_log: Option<tokio::time::Instant> = None;
+    loop {
+        let (tcp, peer) = crate::accept::accept_with_backoff(&listener).await;
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Never wait on a refused client: one non-blocking write, then close.
+            let _ = tcp.try_write(BUSY);
+            refused_since_log += 1;
+            if last_log.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                log::warn!(
+                    "api: {refused_since_log} connections refused at the cap of {} (latest from {peer})",
+                    settings.max_connections
+                );
+                refused_since_log = 0;
+                last_log = Some(tokio::time::Instant::now());
+            }
+            continue;
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let header_timeout = settings.header_timeout;
+        tokio::spawn(async move {
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new()).header_read_timeout(header_timeout);
+            if let Err(err) = http.serve_connection(TokioIo::new(tcp), service).await {
+                log::debug!("api: {peer}: {err}");
+            }
+            drop(slot);
+        });
+    }
 }
 
 /// The routes, behind the token check when a token is set.
 fn router(source: Arc<dyn PoolSource>, token: Option<String>) -> Router {
-    let state = ApiState { source, token: token.map(Arc::from) };
+    let state = ApiState { source, token_digest: token.map(|token| digest(token.as_bytes())) };
     Router::new()
         .route("/", get(page))
         .route("/api/connection-pool-stats", get(connection_pool_stats))
         .route("/api/memory-pool-stats", get(memory_pool_stats))
         .route("/api/events", get(events))
         .route("/metrics", get(metrics))
+        .route("/api/users", get(users))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state)
 }
@@ -111,8 +199,33 @@ async fn memory_pool_stats() -> Json<MemoryPoolStats> {
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {
-    let body = stats::render_prometheus(&snapshot(&state));
+    let mut body = stats::render_prometheus(&snapshot(&state));
+    handshakes::render_prometheus(&mut body);
+    body.push_str(&users_stats().map(|users| stats::render_user_metrics(&users)).unwrap_or_default());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
+}
+
+/// The server's users, when the binary has shown them ([`show_users`]).
+static USERS: std::sync::OnceLock<Arc<crate::server::users::Users>> = std::sync::OnceLock::new();
+
+/// Makes the API show `users` (`/api/users`, the page, `/metrics`).
+pub fn show_users(users: Arc<crate::server::users::Users>) {
+    let _ = USERS.set(users);
+}
+
+fn users_stats() -> Option<stats::UsersStats> {
+    use crate::server::policy::{Refusal, refused_total};
+    let users = USERS.get()?;
+    Some(stats::UsersStats {
+        users: users.report(),
+        auth_failures: users.auth_failures(),
+        policy_refused: Refusal::ALL.iter().map(|r| (r.label(), refused_total(*r))).collect(),
+    })
+}
+
+/// `null` on the client, which has no users.
+async fn users() -> Json<Option<stats::UsersStats>> {
+    Json(users_stats())
 }
 
 /// One snapshot now, then one every [`EVENT_INTERVAL`], until the browser goes away.
@@ -137,16 +250,16 @@ fn memory_stats() -> MemoryPoolStats {
 
 /// Lets a request through when no token is set, or when it carries the token.
 async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
-    let Some(token) = &state.token else { return next.run(request).await };
+    let Some(expected) = &state.token_digest else { return next.run(request).await };
     let bearer = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
+        .and_then(bearer_token)
         .map(str::to_string);
     let query = request.uri().query().and_then(token_in_query);
     let presented = bearer.or(query);
-    if presented.is_some_and(|given| same_secret(given.as_bytes(), token.as_bytes())) {
+    if presented.is_some_and(|given| same_digest(&digest(given.as_bytes()), expected)) {
         return next.run(request).await;
     }
     let mut refused =
@@ -154,6 +267,13 @@ async fn require_token(State(state): State<ApiState>, request: Request, next: Ne
             .into_response();
     refused.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     refused
+}
+
+/// The token of an `Authorization: Bearer TOKEN` value; the scheme is case-insensitive
+/// (RFC 9110 §11.1), so `bearer` and `BEARER` work too.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim_start())
 }
 
 /// The `token` parameter of a query string, percent-decoded.
@@ -184,10 +304,14 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Compares without stopping at the first difference, so the time taken does not tell an
-/// attacker how much of a guess was right.
-fn same_secret(given: &[u8], expected: &[u8]) -> bool {
-    given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |diff, (a, b)| diff | (a ^ b)) == 0
+fn digest(secret: &[u8]) -> [u8; 32] {
+    Sha256::digest(secret).into()
+}
+
+/// Compares two digests without stopping at the first difference. Digests have one
+/// length, so neither the time nor the answer depends on the length of a guess.
+fn same_digest(given: &[u8; 32], expected: &[u8; 32]) -> bool {
+    given.iter().zip(expected).fold(0u8, |diff, (a, b)| diff | (a ^ b)) == 0
 }
 
 #[cfg(test)]
@@ -210,9 +334,20 @@ mod tests {
     }
 
     #[test]
-    fn secrets_compare_whole() {
-        assert!(same_secret(b"abc", b"abc"));
-        assert!(!same_secret(b"abd", b"abc"));
-        assert!(!same_secret(b"ab", b"abc"));
+    fn tokens_compare_by_digest() {
+        let expected = digest(b"abc");
+        assert!(same_digest(&digest(b"abc"), &expected));
+        assert!(!same_digest(&digest(b"abd"), &expected));
+        assert!(!same_digest(&digest(b"ab"), &expected));
+        assert!(!same_digest(&digest(b"abcd"), &expected));
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("BEARER   abc"), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer"), None);
     }
 }

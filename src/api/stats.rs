@@ -191,6 +191,51 @@ pub fn render_prometheus(s: &Snapshot) -> String {
     out
 }
 
+// ---------------------------------------------------------------------------------------
+// Users and the outbound policy (server only): `/api/users` and the `user="NAME"` metrics.
+
+/// The server's users at one moment, with what the outbound policy refused.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UsersStats {
+    /// Every user seen since start-up, by name (`active: false` once removed by a reload).
+    pub users: Vec<crate::server::users::UserReport>,
+    /// Wrong passwords: they match no user, so they are counted for the server as a whole.
+    pub auth_failures: u64,
+    /// Streams and UDP datagrams refused by the outbound policy, per reason.
+    pub policy_refused: std::collections::BTreeMap<&'static str, u64>,
+}
+
+/// The users section of `/metrics`.
+pub fn render_user_metrics(s: &UsersStats) -> String {
+    use crate::server::users::UserReport;
+    let mut out = String::new();
+    type Field = fn(&UserReport) -> u64;
+    let per_user: [(&str, &str, &str, Field); 5] = [
+        ("anytls_user_active", "gauge", "1 while the user is configured, 0 once removed by a reload.", |u| {
+            u.active as u64
+        }),
+        ("anytls_user_sessions", "gauge", "Sessions of the user open now.", |u| u.sessions),
+        ("anytls_user_streams_total", "counter", "Streams the user opened.", |u| u.streams),
+        ("anytls_user_bytes_up_total", "counter", "Bytes from the user's sessions (client to server).", |u| u.bytes_up),
+        ("anytls_user_bytes_down_total", "counter", "Bytes to the user's sessions (server to client).", |u| {
+            u.bytes_down
+        }),
+    ];
+    for (name, kind, help, field) in per_user {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for user in &s.users {
+            let _ = writeln!(out, "{name}{{user=\"{}\"}} {}", label_value(&user.user), field(user));
+        }
+    }
+    let name = "anytls_policy_refused_total";
+    let _ =
+        writeln!(out, "# HELP {name} Streams and UDP datagrams refused by the outbound policy.\n# TYPE {name} counter");
+    for (reason, count) in &s.policy_refused {
+        let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {count}");
+    }
+    out
+}
+
 /// Escapes a label value as the exposition format requires: backslash, quote, newline.
 fn label_value(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
@@ -279,6 +324,27 @@ mod tests {
         assert!(text.contains("anytls_pool_target_idle{pool=\"outbound\",target=\"a\\\"b:80\"} 3\n"));
         assert!(text.contains("anytls_buffer_pool_free_buffers{size=\"65536\"} 4\n"));
         assert!(text.contains("anytls_buffer_pool_enabled 1\n"));
+    }
+
+    #[test]
+    fn user_metrics_are_labelled_by_name() {
+        use crate::server::users::UserReport;
+        let stats = UsersStats {
+            users: vec![UserReport {
+                user: "al\"ice".into(),
+                active: true,
+                sessions: 1,
+                streams: 4,
+                bytes_up: 10,
+                bytes_down: 20,
+            }],
+            auth_failures: 3,
+            policy_refused: [("own_address", 2)].into_iter().collect(),
+        };
+        let text = render_user_metrics(&stats);
+        assert!(text.contains("anytls_user_streams_total{user=\"al\\\"ice\"} 4\n"), "{text}");
+        assert!(text.contains("anytls_user_bytes_down_total{user=\"al\\\"ice\"} 20\n"), "{text}");
+        assert!(text.contains("anytls_policy_refused_total{reason=\"own_address\"} 2\n"), "{text}");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use rustls::pki_types::ServerName;
 
 use anytls_rs::client::failover::Policy;
@@ -28,7 +28,7 @@ use anytls_rs::pool::PoolType;
 use anytls_rs::pool::buffers::{BufferPoolMode, set_relay_buffer_pool};
 use anytls_rs::proto::address::Host;
 use anytls_rs::proto::{PaddingScheme, PasswordHash};
-use anytls_rs::session::SessionConfig;
+use anytls_rs::session::{BufferBudget, SessionConfig};
 
 /// AnyTLS client. The local port speaks SOCKS5, SOCKS4/4a and HTTP proxy.
 /// The server's certificate is verified unless --insecure or --pin-sha256 is given.
@@ -36,108 +36,166 @@ use anytls_rs::session::SessionConfig;
 #[command(version)]
 struct Args {
     /// Local proxy address.
-    #[arg(short = 'l', long = "listen", default_value = "127.0.0.1:1080")]
+    #[arg(
+        short = 'l',
+        long = "listen",
+        default_value = "127.0.0.1:1080",
+        value_name = "ADDR",
+        help_heading = "Local proxy"
+    )]
     listen: String,
     /// Server as HOST:PORT, or an anytls://password@host:port/?sni=..&insecure=1 link.
     /// Repeat for several servers, in order of preference (see --policy).
-    #[arg(short = 's', long = "server", required = true)]
+    #[arg(short = 's', long = "server", required = true, value_name = "HOST:PORT|LINK", help_heading = "Servers")]
     servers: Vec<String>,
     /// With several servers: failover (the first healthy one, in the order given) or
     /// round-robin (rotate over the healthy ones, per new connection).
-    #[arg(long, value_enum, default_value_t = Policy::Failover)]
+    #[arg(long, value_enum, default_value_t = Policy::Failover, value_name = "POLICY", help_heading = "Servers")]
     policy: Policy,
     /// Consecutive failures (no session, or a session that died opening a stream) after
     /// which a server is taken out of use and probed instead.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_name = "N", help_heading = "Servers")]
     fallback_threshold: u32,
     /// How often a server taken out of use is probed (a new session), in seconds.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_name = "SECS", help_heading = "Servers")]
     probe_interval_secs: u64,
-    /// Password (may instead be given in the link).
-    #[arg(short = 'p', long = "password")]
+    /// Password (may instead be given in the link). Visible in `ps`: prefer
+    /// ANYTLS_PASSWORD, --password-file or --config.
+    #[arg(
+        short = 'p',
+        long = "password",
+        value_name = "PASSWORD",
+        env = "ANYTLS_PASSWORD",
+        hide_env_values = true,
+        help_heading = "Servers"
+    )]
     password: Option<String>,
     /// TLS server name to send and verify (default: the server's host name).
-    #[arg(long)]
+    #[arg(long, value_name = "NAME", help_heading = "Server certificate")]
     sni: Option<String>,
     /// Accept any server certificate (encryption without authentication).
-    #[arg(long)]
+    #[arg(long, help_heading = "Server certificate")]
     insecure: bool,
     /// Extra trusted CA certificate (PEM) for private servers.
-    #[arg(long = "ca")]
+    #[arg(long = "ca", value_name = "FILE", help_heading = "Server certificate")]
     ca: Vec<PathBuf>,
     /// Accept exactly the certificate with this SHA-256 fingerprint (64 hex digits).
-    #[arg(long = "pin-sha256", conflicts_with = "insecure")]
+    #[arg(long = "pin-sha256", conflicts_with = "insecure", value_name = "HEX", help_heading = "Server certificate")]
     pin_sha256: Option<String>,
     /// Username local SOCKS5 clients must give (with --socks-pass).
-    #[arg(long, requires = "socks_pass")]
+    #[arg(long, requires = "socks_pass", value_name = "NAME", help_heading = "Local proxy")]
     socks_user: Option<String>,
     /// Password local SOCKS5 clients must give (with --socks-user).
-    #[arg(long, requires = "socks_user")]
+    #[arg(long, requires = "socks_user", value_name = "PASSWORD", help_heading = "Local proxy")]
     socks_pass: Option<String>,
     /// Timeout for connecting to the server (TCP and TLS each), in seconds.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_name = "SECS", help_heading = "Sessions")]
     connect_timeout_secs: u64,
     /// Close sessions idle longer than this, in seconds.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_name = "SECS", help_heading = "Sessions")]
     idle_session_timeout_secs: u64,
     /// How often idle sessions are checked, in seconds.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_name = "SECS", help_heading = "Sessions")]
     idle_session_check_interval_secs: u64,
     /// Idle sessions the idle check always leaves open (the newest ones).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_name = "N", help_heading = "Sessions")]
     min_idle_session: usize,
     /// Streams one session carries at once (1 = one TLS connection per active stream,
     /// as the reference client; more multiplexes).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_name = "N", help_heading = "Sessions")]
     max_streams_per_session: usize,
     /// Idle sessions kept at most.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_name = "N", help_heading = "Sessions")]
     max_idle_sessions: usize,
     /// Session pool engine: lock (a mutex), lockfree (arc-swap + epoch stacks), highperf (sharded).
-    #[arg(long, value_enum, default_value_t = PoolType::LockFree)]
+    #[arg(long, value_enum, default_value_t = PoolType::LockFree, value_name = "ENGINE", help_heading = "Sessions")]
     pool_type: PoolType,
     /// How often pool statistics are logged, in seconds.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 60, value_name = "SECS", help_heading = "Monitoring")]
     stats_interval_secs: u64,
     /// A TCP stream with no data either way for this long is ended, in seconds (0 = never).
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 300, value_name = "SECS", help_heading = "Sessions")]
     stream_idle_timeout_secs: u64,
     /// A session with open streams that received nothing for this long sends a
     /// heartbeat to the server (v2 servers), in seconds (0 = never).
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_name = "SECS", help_heading = "Sessions")]
     heartbeat_interval_secs: u64,
     /// No answer this long after a heartbeat: the connection is taken as silently
     /// dropped, its streams fail and the session is replaced, in seconds.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_name = "SECS", help_heading = "Sessions")]
     heartbeat_timeout_secs: u64,
     /// On SIGINT/SIGTERM: stop accepting, then give connections in flight this long to
     /// finish before closing the sessions and exiting, in seconds.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_name = "SECS", help_heading = "Sessions")]
     shutdown_timeout_secs: u64,
     /// Serve the monitoring API and live page on ADDR (a bare PORT means 127.0.0.1:PORT).
     /// Off unless given.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", help_heading = "Monitoring")]
     api: Option<String>,
     /// Token the API requires: `Authorization: Bearer TOKEN`, or `?token=TOKEN` in a browser.
-    #[arg(long, requires = "api")]
+    #[arg(long, value_name = "TOKEN", env = "ANYTLS_API_TOKEN", hide_env_values = true, help_heading = "Monitoring")]
     api_token: Option<String>,
-    /// Relay reads into pooled 64 KiB buffers (on) or a fresh buffer per read (off).
-    #[arg(long, value_enum, default_value_t = BufferPoolMode::Off)]
+    /// Relay reads into pooled 64 KiB buffers (on) or into the relay's own reused buffer (off).
+    #[arg(long, value_enum, default_value_t = BufferPoolMode::Off, value_name = "on|off", help_heading = "Monitoring")]
     buffer_pool: BufferPoolMode,
+    /// Read flags from a TOML file: each flag's long name is a key (`listen = "…"`,
+    /// `server = ["…"]`); flags given here win.
+    #[arg(long, value_name = "FILE", help_heading = "Servers")]
+    config: Option<PathBuf>,
+    /// Read the password from the first line of FILE (keeps it out of `ps`).
+    #[arg(long, value_name = "FILE", conflicts_with = "password", help_heading = "Servers")]
+    password_file: Option<PathBuf>,
+    /// Stream data received from servers and not yet written to local connections,
+    /// across all sessions, in MiB; a session over its share stops being read
+    /// [default: 1/16 of physical memory, 64..1024].
+    #[arg(long, value_name = "MIB", help_heading = "Sessions")]
+    buffer_budget_mib: Option<usize>,
+    /// The same, for one session, in KiB.
+    #[arg(long, value_name = "KIB", default_value_t = 4096, help_heading = "Sessions")]
+    session_buffer_kib: usize,
+
+    // The local and API edges (kept together at the end).
+    /// A local connection that has not sent its whole greeting and request (SOCKS5,
+    /// SOCKS4 or HTTP) within this many seconds is closed.
+    #[arg(long, default_value_t = 10, value_name = "SECS", help_heading = "Local proxy")]
+    local_handshake_timeout_secs: u64,
+    /// API connections served at once; more are answered 503 and closed.
+    #[arg(long, default_value_t = anytls_rs::api::DEFAULT_MAX_CONNECTIONS, value_name = "N", help_heading = "Monitoring")]
+    api_max_connections: usize,
+    /// An API client must send a request's whole header within this many seconds.
+    #[arg(long, default_value_t = anytls_rs::api::DEFAULT_HEADER_TIMEOUT_SECS, value_name = "SECS", help_heading = "Monitoring")]
+    api_header_timeout_secs: u64,
 }
 
 fn main() -> ExitCode {
     anytls_rs::logging::init();
     // Reference command lines use Go-style flags such as `-sni`.
-    let args = Args::parse_from(anytls_rs::cli::accept_single_dash_long_flags(
-        std::env::args(),
-        &["sni", "insecure", "ca", "pin-sha256"],
-    ));
+    let argv =
+        anytls_rs::cli::accept_single_dash_long_flags(std::env::args(), &["sni", "insecure", "ca", "pin-sha256"]);
+    let mut args = match anytls_rs::config::command_line_with_config(argv, &Args::command()) {
+        Ok(full) => Args::parse_from(full),
+        Err(why) => return anytls_rs::cli::exit_with("anytls-client", Err(why)),
+    };
+    if let Some(file) = &args.password_file {
+        match anytls_rs::config::read_secret_lines(file) {
+            Ok(lines) => args.password = lines.into_iter().next(),
+            Err(why) => return anytls_rs::cli::exit_with("anytls-client", Err(format!("--password-file: {why}"))),
+        }
+    }
     anytls_rs::cli::exit_with("anytls-client", run(args))
 }
 
 #[tokio::main]
 async fn run(args: Args) -> Result<(), String> {
+    if args.api_token.is_some() && args.api.is_none() {
+        log::warn!("--api-token (or ANYTLS_API_TOKEN) without --api: there is no API to protect");
+    }
+    // Each local connection holds two descriptors (its own and, usually, a session's).
+    log::info!("file descriptors: {}", anytls_rs::resources::raise_fd_limit());
+    let buffers = BufferBudget::new(
+        args.buffer_budget_mib.map_or_else(anytls_rs::resources::default_buffer_budget, |mib| mib << 20),
+        args.session_buffer_kib << 10,
+    );
     let pool_settings = SessionPoolSettings {
         pool_type: args.pool_type,
         idle_timeout: Duration::from_secs(args.idle_session_timeout_secs),
@@ -148,7 +206,7 @@ async fn run(args: Args) -> Result<(), String> {
     let mut pools = Vec::new();
     let mut described = Vec::new();
     for server in &args.servers {
-        let (connector, trust) = connector_for(server, &args)?;
+        let (connector, trust) = connector_for(server, &args, &buffers)?;
         described.push(format!("{} ({})", connector.server, describe_trust(&trust)));
         pools.push(SessionPool::new(connector, pool_settings.clone()));
     }
@@ -163,19 +221,35 @@ async fn run(args: Args) -> Result<(), String> {
             .zip(args.socks_pass.clone())
             .map(|(username, password)| Credentials { username, password }),
         idle_check_interval: Duration::from_secs(args.idle_session_check_interval_secs.max(1)),
+        local_handshake_timeout: Duration::from_secs(args.local_handshake_timeout_secs.max(1)),
     };
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    if !bound.ip().is_loopback() && config.credentials.is_none() {
+        log::warn!(
+            "proxy on {bound} is reachable from other machines and has no --socks-user/--socks-pass: anyone \
+             who can reach it can use the tunnel"
+        );
+    }
     let policy = if described.len() > 1 { format!(", policy {:?}", args.policy) } else { String::new() };
-    log::info!(
-        "SOCKS5/SOCKS4/HTTP proxy on {}, server {}{policy}",
-        listener.local_addr().map_err(|e| e.to_string())?,
-        described.join(", ")
-    );
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    log::info!("SOCKS5/SOCKS4/HTTP proxy on {local}, server {}{policy}", described.join(", "));
+    if config.credentials.is_none() && !local.ip().is_loopback() {
+        log::warn!(
+            "proxy on {local} is reachable from other machines and has no --socks-user: anyone who can \
+             reach it can use the server through it"
+        );
+    }
     set_relay_buffer_pool(args.buffer_pool);
     if let Some(api) = &args.api {
-        anytls_rs::api::start(api, args.api_token.clone(), config.servers.clone()).await?;
+        let settings = anytls_rs::api::ApiSettings {
+            token: args.api_token.clone(),
+            max_connections: args.api_max_connections.max(1),
+            header_timeout: Duration::from_secs(args.api_header_timeout_secs.max(1)),
+        };
+        anytls_rs::api::start(api, settings, config.servers.clone()).await.map_err(|e| e.to_string())?;
     }
     let shutdown = async {
         let signal = anytls_rs::shutdown::signal().await;
@@ -187,21 +261,21 @@ async fn run(args: Args) -> Result<(), String> {
 
 /// The connector for one `-s` value: a link's password, SNI and `insecure` win over
 /// nothing, the command line's flags win over the link's.
-fn connector_for(server: &str, args: &Args) -> Result<(Connector, Trust), String> {
-    let (server, link_password, link_sni, link_insecure) = if server.starts_with("anytls://") {
-        let link = parse_link(server)?;
-        (link.server, link.password, link.sni, link.insecure)
+fn connector_for(server: &str, args: &Args, buffers: &BufferBudget) -> Result<(Connector, Trust), String> {
+    let (server, link_password, link_sni, link_insecure, link_pin) = if server.starts_with("anytls://") {
+        let link = parse_link(server).map_err(|e| e.to_string())?;
+        (link.server, link.password, link.sni, link.insecure, link.pin_sha256)
     } else {
         let address = parse_server(server, 443).ok_or_else(|| format!("bad server address {server:?}"))?;
-        (address, None, None, false)
+        (address, None, None, false, None)
     };
     let password = args
         .password
         .clone()
         .or(link_password)
         .ok_or_else(|| format!("no password for {server}: give -p or put it in the anytls:// link"))?;
-    let trust = if let Some(pin) = &args.pin_sha256 {
-        Trust::Pin(parse_pin(pin)?)
+    let trust = if let Some(pin) = args.pin_sha256.as_ref().or(link_pin.as_ref()) {
+        Trust::Pin(parse_pin(pin).map_err(|e| e.to_string())?)
     } else if args.insecure || link_insecure {
         Trust::Insecure
     } else {
@@ -217,13 +291,14 @@ fn connector_for(server: &str, args: &Args) -> Result<(Connector, Trust), String
     let connector = Connector {
         server,
         server_name,
-        tls: tokio_rustls::TlsConnector::from(client_config(&trust)?),
+        tls: tokio_rustls::TlsConnector::from(client_config(&trust).map_err(|e| e.to_string())?),
         password: PasswordHash::of(&password),
         session_config: SessionConfig {
             padding: Arc::new(ArcSwap::from_pointee(PaddingScheme::default())),
             stream_idle_timeout: secs_or_never(args.stream_idle_timeout_secs),
             heartbeat_interval: secs_or_never(args.heartbeat_interval_secs),
             heartbeat_timeout: Duration::from_secs(args.heartbeat_timeout_secs.max(1)),
+            buffers: buffers.clone(),
             ..SessionConfig::default()
         },
         connect_timeout: Duration::from_secs(args.connect_timeout_secs),

@@ -12,16 +12,25 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use std::net::IpAddr;
+use std::sync::Arc;
 
+use clap::{CommandFactory, Parser};
+
+use anytls_rs::config;
 use anytls_rs::pool::PoolType;
 use anytls_rs::pool::buffers::{BufferPoolMode, set_relay_buffer_pool};
 use anytls_rs::proto::{Address, PaddingScheme, PasswordHash};
+use anytls_rs::resources::ServerCaps;
+use anytls_rs::server::fallback::{FallbackSettings, ProbeSettings};
 use anytls_rs::server::limits::ServerLimits;
 use anytls_rs::server::outbound_pool::OutboundSettings;
-use anytls_rs::server::tls::Identity;
+use anytls_rs::server::policy::{self, Cidr, Policy};
+use anytls_rs::server::tls::{CertificateSlot, Identity};
 use anytls_rs::server::udp::UdpSettings;
+use anytls_rs::server::users::{UserEntry, Users};
 use anytls_rs::server::{self, ServerConfig};
+use anytls_rs::session::BufferBudget;
 
 /// AnyTLS server. Without --cert/--key it makes a self-signed certificate and logs
 /// its SHA-256 fingerprint (give that to clients with --pin-sha256).
@@ -29,105 +38,289 @@ use anytls_rs::server::{self, ServerConfig};
 #[command(version)]
 struct Args {
     /// Address to listen on.
-    #[arg(short = 'l', long = "listen", default_value = "0.0.0.0:8443")]
+    #[arg(
+        short = 'l',
+        long = "listen",
+        default_value = "0.0.0.0:8443",
+        value_name = "ADDR",
+        help_heading = "Listening and TLS"
+    )]
     listen: String,
-    /// Password; repeat for several users.
-    #[arg(short = 'p', long = "password", required = true)]
+    /// Password of an unnamed user; repeat for several. Visible in `ps`: prefer
+    /// ANYTLS_PASSWORD, --password-file, or users in --config.
+    #[arg(
+        short = 'p',
+        long = "password",
+        value_name = "PASSWORD",
+        env = "ANYTLS_PASSWORD",
+        hide_env_values = true,
+        help_heading = "Configuration, users and secrets"
+    )]
     passwords: Vec<String>,
     /// Certificate chain (PEM). Needs --key.
-    #[arg(long, requires = "key")]
+    #[arg(long, requires = "key", value_name = "FILE", help_heading = "Listening and TLS")]
     cert: Option<PathBuf>,
     /// Private key (PEM). Needs --cert.
-    #[arg(long, requires = "cert")]
+    #[arg(long, requires = "cert", value_name = "FILE", help_heading = "Listening and TLS")]
     key: Option<PathBuf>,
     /// Padding scheme file sent to clients (default: the reference's scheme).
-    #[arg(long)]
+    #[arg(long, value_name = "FILE", help_heading = "Listening and TLS")]
     padding_scheme: Option<PathBuf>,
     /// Timeout for each outbound connection, in seconds.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_name = "SECS", help_heading = "Outbound connections")]
     connect_timeout_secs: u64,
     /// Time a client has to finish TLS and authenticate, in seconds.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_name = "SECS", help_heading = "Listening and TLS")]
     handshake_timeout_secs: u64,
-    /// Connections allowed in the TLS/authentication phase at once; more are dropped.
-    #[arg(long, default_value_t = 512)]
-    max_handshakes: usize,
+    /// Connections allowed in the TLS/authentication phase at once; more are dropped
+    /// [default: 1/16 of the file-descriptor limit].
+    #[arg(long, value_name = "N", help_heading = "Listening and TLS")]
+    max_handshakes: Option<usize>,
     /// Streams one session may have open at once.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_name = "N", help_heading = "Limits")]
     max_streams_per_session: usize,
     /// Outbound pool engine: lock (a mutex), lockfree (arc-swap + epoch stacks), highperf (sharded).
-    #[arg(long, value_enum, default_value_t = PoolType::LockFree)]
+    #[arg(long, value_enum, default_value_t = PoolType::LockFree, value_name = "ENGINE", help_heading = "Outbound pool")]
     pool_type: PoolType,
     /// Outbound connections (in use + warm) per target; more streams wait, then fail.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_name = "N", help_heading = "Outbound pool")]
     max_outbound_connections: usize,
     /// Warm connections idle longer than this are closed, and targets quiet this long are let go.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 300, value_name = "SECS", help_heading = "Outbound pool")]
     max_idle_time_secs: u64,
     /// Warm connections kept ready per recently used target (0 = dial on demand only).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_name = "N", help_heading = "Outbound pool")]
     min_idle_connections: usize,
     /// Warm connections older than this are closed, in seconds.
-    #[arg(long, default_value_t = 1800)]
+    #[arg(long, default_value_t = 1800, value_name = "SECS", help_heading = "Outbound pool")]
     max_lifetime_secs: u64,
-    /// Warm connections across all targets (bounds file descriptors).
-    #[arg(long, default_value_t = 1024)]
-    max_idle_total: usize,
+    /// Warm connections across all targets [default: 1/16 of the file-descriptor
+    /// limit, at most 1024].
+    #[arg(long, value_name = "N", help_heading = "Outbound pool")]
+    max_idle_total: Option<usize>,
     /// Targets to warm up at start-up: host:port,host:port.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_name = "HOST:PORT,...", help_heading = "Outbound pool")]
     warmup: Vec<String>,
     /// How often pool statistics are logged, in seconds.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 60, value_name = "SECS", help_heading = "Monitoring")]
     stats_interval_secs: u64,
     /// UDP-over-TCP streams with no datagram either way for this long are closed, in seconds.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 60, value_name = "SECS", help_heading = "Limits")]
     udp_idle_timeout_secs: u64,
     /// Authenticated sessions at once; one more gets an Alert and is closed (checked
-    /// after authentication; unauthenticated connections count under --max-handshakes).
-    #[arg(long, default_value_t = 4096)]
-    max_sessions: usize,
-    /// Streams at once across all sessions; more are refused (SYNACK error).
-    #[arg(long, default_value_t = 65536)]
-    max_streams: usize,
+    /// after authentication; unauthenticated connections count under --max-handshakes)
+    /// [default: 7/16 of the file-descriptor limit].
+    #[arg(long, value_name = "N", help_heading = "Limits")]
+    max_sessions: Option<usize>,
+    /// Streams at once across all sessions; more are refused (SYNACK error)
+    /// [default: 7/16 of the file-descriptor limit].
+    #[arg(long, value_name = "N", help_heading = "Limits")]
+    max_streams: Option<usize>,
     /// A TCP stream with no data either way for this long is ended, in seconds (0 = never).
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 300, value_name = "SECS", help_heading = "Limits")]
     stream_idle_timeout_secs: u64,
     /// On SIGINT/SIGTERM: stop accepting, then give streams in flight this long to
     /// finish before closing everything and exiting, in seconds.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_name = "SECS", help_heading = "Limits")]
     shutdown_timeout_secs: u64,
     /// Serve the monitoring API and live page on ADDR (a bare PORT means 127.0.0.1:PORT).
     /// Off unless given.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", help_heading = "Monitoring")]
     api: Option<String>,
     /// Token the API requires: `Authorization: Bearer TOKEN`, or `?token=TOKEN` in a browser.
-    #[arg(long, requires = "api")]
+    #[arg(long, value_name = "TOKEN", env = "ANYTLS_API_TOKEN", hide_env_values = true, help_heading = "Monitoring")]
     api_token: Option<String>,
-    /// Relay reads into pooled 64 KiB buffers (on) or a fresh buffer per read (off).
-    #[arg(long, value_enum, default_value_t = BufferPoolMode::Off)]
+    /// Relay reads into pooled 64 KiB buffers (on) or into the relay's own reused buffer (off).
+    #[arg(long, value_enum, default_value_t = BufferPoolMode::Off, value_name = "on|off", help_heading = "Outbound pool")]
     buffer_pool: BufferPoolMode,
+    /// Read flags from a TOML file: each flag's long name is a key (`listen = "…"`,
+    /// `max-sessions = 100`), plus [[users]] tables; flags given here win. Re-read on SIGHUP.
+    #[arg(long, value_name = "FILE", help_heading = "Configuration, users and secrets")]
+    config: Option<PathBuf>,
+    /// A named user; repeat for several (config: [[users]] name = "…" password = "…").
+    #[arg(long = "user", value_name = "NAME:PASSWORD", help_heading = "Configuration, users and secrets")]
+    users: Vec<String>,
+    /// Read passwords of unnamed users from FILE, one per line (keeps them out of `ps`).
+    #[arg(long, value_name = "FILE", help_heading = "Configuration, users and secrets")]
+    password_file: Option<PathBuf>,
+    /// Refuse streams (TCP and UDP) to this address range, after name resolution; repeat.
+    #[arg(long, value_name = "CIDR", help_heading = "Outbound connections")]
+    deny: Vec<String>,
+    /// Refuse streams to loopback, RFC 1918, link-local (169.254.169.254) and ULA addresses.
+    #[arg(long, help_heading = "Outbound connections")]
+    deny_private: bool,
+    /// Stream data received and not yet written out, across all sessions, in MiB; a
+    /// session over its share stops being read [default: 1/16 of physical memory,
+    /// 64..1024].
+    #[arg(long, value_name = "MIB", help_heading = "Limits")]
+    buffer_budget_mib: Option<usize>,
+    /// The same, for one session, in KiB.
+    #[arg(long, value_name = "KIB", default_value_t = 4096, help_heading = "Limits")]
+    session_buffer_kib: usize,
+
+    // The API's edge (kept together at the end).
+    /// API connections served at once; more are answered 503 and closed.
+    #[arg(long, default_value_t = anytls_rs::api::DEFAULT_MAX_CONNECTIONS, value_name = "N", help_heading = "Monitoring")]
+    api_max_connections: usize,
+    /// An API client must send a request's whole header within this many seconds.
+    #[arg(long, default_value_t = anytls_rs::api::DEFAULT_HEADER_TIMEOUT_SECS, value_name = "SECS", help_heading = "Monitoring")]
+    api_header_timeout_secs: u64,
+    /// Hand connections that do not authenticate (browsers, probes, wrong passwords) to
+    /// this web server, bytes and all, instead of closing them. Off unless given.
+    #[arg(long, value_name = "HOST:PORT")]
+    fallback: Option<String>,
+    /// ALPN protocols the fallback site speaks, in order of preference; a client offering
+    /// none of them gets no ALPN. Add h2 only if the site speaks HTTP/2 in clear (h2c).
+    #[arg(long, value_delimiter = ',', default_value = "http/1.1", requires = "fallback")]
+    fallback_alpn: Vec<String>,
+    /// Without --cert/--key: the self-signed certificate names this host (the site's
+    /// name) instead of localhost.
+    #[arg(long, value_name = "NAME", conflicts_with = "cert")]
+    self_signed_name: Option<String>,
+    /// Handshakes one source address (IPv6: one /64) may have in progress at once; more
+    /// wait for a place until their deadline [default: a quarter of --max-handshakes,
+    /// at least 16].
+    #[arg(long)]
+    max_handshakes_per_source: Option<usize>,
+    /// Relays to the --fallback site at once; one more is closed silently.
+    #[arg(long, default_value_t = 1024, requires = "fallback")]
+    max_fallback_connections: usize,
 }
 
 fn main() -> ExitCode {
     anytls_rs::logging::init();
     // Reference command lines use Go-style flags such as `-padding-scheme`.
-    let args = Args::parse_from(anytls_rs::cli::accept_single_dash_long_flags(
-        std::env::args(),
-        &["padding-scheme", "cert", "key"],
-    ));
-    anytls_rs::cli::exit_with("anytls-server", run(args))
+    let argv = anytls_rs::cli::accept_single_dash_long_flags(std::env::args(), &["padding-scheme", "cert", "key"]);
+    let args = match config::command_line_with_config(argv.clone(), &Args::command()) {
+        Ok(full) => Args::parse_from(full),
+        Err(why) => return anytls_rs::cli::exit_with("anytls-server", Err(why)),
+    };
+    anytls_rs::cli::exit_with("anytls-server", run(args, argv))
+}
+
+/// The flags again, as at start-up: the same command line, the config file read anew.
+fn reread_args(argv: &[String]) -> Result<Args, String> {
+    let full = config::command_line_with_config(argv.to_vec(), &Args::command())?;
+    Args::try_parse_from(full).map_err(|e| e.to_string().trim().to_string())
+}
+
+/// Every user the flags name: `--user`s, then `-p`/ANYTLS_PASSWORD and --password-file.
+fn user_entries(args: &Args) -> Result<Vec<UserEntry>, String> {
+    let mut entries = args.users.iter().map(|user| UserEntry::parse(user)).collect::<Result<Vec<_>, _>>()?;
+    let mut passwords = args.passwords.clone();
+    if let Some(file) = &args.password_file {
+        passwords.extend(config::read_secret_lines(file).map_err(|e| format!("--password-file: {e}"))?);
+    }
+    entries.extend(UserEntry::unnamed(passwords.iter().map(|p| PasswordHash::of(p))));
+    Ok(entries)
+}
+
+fn outbound_policy(args: &Args, own: Vec<std::net::SocketAddr>) -> Result<Policy, String> {
+    let deny = args.deny.iter().map(|range| Cidr::parse(range).map_err(|e| format!("--deny: {e}")));
+    Ok(Policy { own, deny: deny.collect::<Result<_, _>>()?, deny_private: args.deny_private })
+}
+
+/// Re-reads the config (SIGHUP): users and certificate, all or nothing.
+fn reload(argv: &[String], users: &Users, certificate: &CertificateSlot) -> Result<String, String> {
+    let args = reread_args(argv)?;
+    let entries = user_entries(&args)?;
+    let identity = match (&args.cert, &args.key) {
+        (Some(cert), Some(key)) => Some(Identity::from_files(cert, key).map_err(|e| e.to_string())?),
+        _ => None,
+    };
+    // Check the certificate fully before touching the users, so a bad one changes nothing.
+    let certified = identity.map(|identity| identity.certified_key().map_err(|e| e.to_string())).transpose()?;
+    let summary = users.replace(entries)?;
+    if let Some(certified) = certified {
+        certificate.replace_key(certified);
+    }
+    Ok(format!(
+        "{} users ({} kept, added: {}, removed: {}), certificate {}",
+        users.len(),
+        summary.kept,
+        list_or_none(&summary.added),
+        list_or_none(&summary.removed),
+        certificate.fingerprint()
+    ))
+}
+
+fn list_or_none(names: &[String]) -> String {
+    if names.is_empty() { "none".into() } else { names.join(", ") }
+}
+
+/// Reloads on every SIGHUP until the process ends.
+#[cfg(unix)]
+fn reload_on_sighup(argv: Vec<String>, users: Arc<Users>, certificate: Arc<CertificateSlot>) -> Result<(), String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = signal(SignalKind::hangup()).map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            match reload(&argv, &users, &certificate) {
+                Ok(what) => log::info!("SIGHUP: reloaded: {what}"),
+                Err(why) => log::error!("SIGHUP: reload refused, the running configuration stays: {why}"),
+            }
+        }
+    });
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn reload_on_sighup(_: Vec<String>, _: Arc<Users>, _: Arc<CertificateSlot>) -> Result<(), String> {
+    Ok(())
 }
 
 #[tokio::main]
-async fn run(args: Args) -> Result<(), String> {
+async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
+    let fds = anytls_rs::resources::raise_fd_limit();
+    let caps = ServerCaps::for_fd_limit(fds.limit);
+    let max_handshakes = args.max_handshakes.unwrap_or(caps.handshakes).max(1);
+    let max_sessions = args.max_sessions.unwrap_or(caps.sessions).max(1);
+    let max_streams = args.max_streams.unwrap_or(caps.streams).max(1);
+    let max_idle_total = args.max_idle_total.unwrap_or(caps.warm);
+    log::info!(
+        "file descriptors: {fds}; --max-handshakes {max_handshakes}, --max-sessions {max_sessions}, \
+         --max-streams {max_streams}, --max-idle-total {max_idle_total} (defaults are shares of the limit)"
+    );
+    let buffers = BufferBudget::new(
+        args.buffer_budget_mib.map_or_else(anytls_rs::resources::default_buffer_budget, |mib| mib << 20),
+        args.session_buffer_kib << 10,
+    );
+    log::info!(
+        "buffered stream data: at most {} MiB in all (--buffer-budget-mib), {} KiB per session (--session-buffer-kib)",
+        buffers.global_bytes() >> 20,
+        buffers.per_session() >> 10
+    );
+    let users = Arc::new(Users::new(user_entries(&args)?)?);
+    let self_signed = args.cert.is_none() || args.key.is_none();
     let identity = match (&args.cert, &args.key) {
         (Some(cert), Some(key)) => Identity::from_files(cert, key).map_err(|e| e.to_string())?,
         _ => {
-            let identity = Identity::self_signed().map_err(|e| e.to_string())?;
-            log::info!("self-signed certificate for localhost, SHA-256 fingerprint {}", identity.fingerprint());
+            let (identity, name) = match &args.self_signed_name {
+                Some(name) => (Identity::self_signed_named(name), name.as_str()),
+                None => (Identity::self_signed(), "localhost"),
+            };
+            let identity = identity.map_err(|e| e.to_string())?;
+            log::info!("self-signed certificate for {name}, SHA-256 fingerprint {}", identity.fingerprint());
             identity
         }
     };
+    let fallback = match &args.fallback {
+        Some(target) => {
+            Address::parse_host_port(target).ok_or_else(|| format!("--fallback: bad host:port {target:?}"))?;
+            let mut fallback = FallbackSettings::new(target);
+            fallback.alpn = args.fallback_alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+            fallback.max_connections = args.max_fallback_connections.max(1);
+            if args.cert.is_none() {
+                log::warn!(
+                    "--fallback with a self-signed certificate: browsers will warn before showing the site; \
+                     give the site's certificate with --cert/--key (see docs/probe-resistance.md)"
+                );
+            }
+            Some(fallback)
+        }
+        None => None,
+    };
+    let (tls, certificate) = identity.reloadable_server_config().map_err(|e| e.to_string())?;
     let padding = match &args.padding_scheme {
         Some(path) => {
             let raw = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -144,18 +337,19 @@ async fn run(args: Args) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let config = ServerConfig {
-        tls: identity.server_config().map_err(|e| e.to_string())?,
-        passwords: args.passwords.iter().map(|p| PasswordHash::of(p)).collect(),
+        tls,
+        passwords: Vec::new(),
         padding,
         connect_timeout: Duration::from_secs(args.connect_timeout_secs),
         handshake_timeout: Duration::from_secs(args.handshake_timeout_secs),
-        max_handshakes: args.max_handshakes,
+        max_handshakes,
+        probe: ProbeSettings { fallback, max_handshakes_per_source: args.max_handshakes_per_source },
         max_streams_per_session: args.max_streams_per_session,
         outbound: OutboundSettings {
             pool_type: args.pool_type,
             max_per_target: args.max_outbound_connections.max(1),
             min_idle: args.min_idle_connections,
-            max_idle_total: args.max_idle_total,
+            max_idle_total,
             max_idle_time: Duration::from_secs(args.max_idle_time_secs),
             max_lifetime: Duration::from_secs(args.max_lifetime_secs),
             max_waiters_per_target: args.max_outbound_connections.max(1) * 4,
@@ -164,28 +358,95 @@ async fn run(args: Args) -> Result<(), String> {
         stats_interval: Duration::from_secs(args.stats_interval_secs.max(1)),
         udp: UdpSettings { idle_timeout: Duration::from_secs(args.udp_idle_timeout_secs.max(1)) },
     };
-    log::info!(
-        "listening on {} ({} user{})",
-        listener.local_addr().map_err(|e| e.to_string())?,
-        config.passwords.len(),
-        if config.passwords.len() == 1 { "" } else { "s" }
-    );
+
     let limits = ServerLimits {
-        max_sessions: args.max_sessions.max(1),
-        max_streams: args.max_streams.max(1),
+        max_sessions,
+        max_streams,
         stream_idle_timeout: (args.stream_idle_timeout_secs > 0)
             .then(|| Duration::from_secs(args.stream_idle_timeout_secs)),
         drain_timeout: Duration::from_secs(args.shutdown_timeout_secs),
+        buffers,
     };
     set_relay_buffer_pool(args.buffer_pool);
     let pool = server::new_outbound_pool(&config);
+    let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    let mut own = vec![bound];
+    anytls_rs::api::show_users(users.clone());
     if let Some(api) = &args.api {
-        anytls_rs::api::start(api, args.api_token.clone(), std::sync::Arc::new(pool.clone())).await?;
+        let settings = anytls_rs::api::ApiSettings {
+            token: args.api_token.clone(),
+            max_connections: args.api_max_connections.max(1),
+            header_timeout: Duration::from_secs(args.api_header_timeout_secs.max(1)),
+        };
+        own.push(
+            anytls_rs::api::start(api, settings, std::sync::Arc::new(pool.clone())).await.map_err(|e| e.to_string())?,
+        );
+    } else if args.api_token.is_some() {
+        log::warn!("--api-token (or ANYTLS_API_TOKEN) without --api: there is no API to protect");
     }
+    let policy = outbound_policy(&args, own)?;
+    log_policy(&policy);
+    policy::install(policy);
+    reload_on_sighup(argv, users.clone(), certificate.clone())?;
+    log::info!(
+        "listening on {bound} ({} user{}: {})",
+        users.len(),
+        if users.len() == 1 { "" } else { "s" },
+        users.names().join(", ")
+    );
+    print_client_command(bound, &args, self_signed.then(|| certificate.fingerprint()));
     let shutdown = async {
         let signal = anytls_rs::shutdown::signal().await;
         log::info!("{signal} received");
     };
-    server::run_until(listener, config, pool, limits, shutdown).await;
+    server::run_with_users(listener, config, users, pool, limits, shutdown).await;
     Ok(())
+}
+
+fn log_policy(policy: &Policy) {
+    let own: Vec<String> = policy.own.iter().map(|a| a.to_string()).collect();
+    let deny: Vec<String> = policy.deny.iter().map(|c| c.to_string()).collect();
+    log::info!(
+        "outbound policy: refusing the server's own {}{}{}",
+        own.join(", "),
+        if deny.is_empty() { String::new() } else { format!(", --deny {}", deny.join(" ")) },
+        if policy.deny_private { ", private addresses (--deny-private)" } else { "" }
+    );
+}
+
+/// Prints (stdout) a client command line and an `anytls://` link for this server. The
+/// password is shown only on a terminal; elsewhere (logs, journald) it stays `PASSWORD`.
+fn print_client_command(bound: std::net::SocketAddr, args: &Args, pin: Option<String>) {
+    use std::io::IsTerminal;
+    let host = client_facing_ip(bound.ip());
+    let server = std::net::SocketAddr::new(host, bound.port());
+    let first_password = args.users.first().and_then(|u| u.split_once(':')).map(|(_, p)| p.to_string());
+    let password = first_password.or_else(|| args.passwords.first().cloned());
+    let password = match password {
+        Some(password) if std::io::stdout().is_terminal() => password,
+        _ => "PASSWORD".to_string(),
+    };
+    let trust = pin.as_ref().map(|pin| format!(" --pin-sha256 {pin}")).unwrap_or_default();
+    let query = pin.as_ref().map(|pin| format!("?pin-sha256={pin}")).unwrap_or_default();
+    println!("client command: anytls-client -l 127.0.0.1:1080 -s {server} -p '{password}'{trust}");
+    println!("client link: anytls://{}@{server}/{query}", percent_encode(&password));
+}
+
+/// The address a client would use: the listen address, or for a wildcard listen the
+/// address of the route out (no packet is sent), or loopback.
+fn client_facing_ip(listen: IpAddr) -> IpAddr {
+    if !listen.is_unspecified() {
+        return listen;
+    }
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").and_then(|s| s.connect("192.0.2.1:9").map(|()| s));
+    probe.and_then(|s| s.local_addr()).map(|a| a.ip()).unwrap_or(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
+}
+
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

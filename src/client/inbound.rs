@@ -5,6 +5,10 @@ use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
+
+use super::error::OpenFailure;
 use crate::proto::Address;
 
 /// Largest HTTP request head we accept.
@@ -38,55 +42,6 @@ pub struct Request {
     pub early_data: BytesMut,
 }
 
-/// Why a stream could not be opened, as proxy protocols can say it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
-    General,
-    NetworkUnreachable,
-    HostUnreachable,
-    Refused,
-    TimedOut,
-}
-
-impl Failure {
-    /// Maps a server's SYNACK error text (or our own error text) to a reply code.
-    pub fn from_error_text(text: &str) -> Failure {
-        let text = text.to_ascii_lowercase();
-        if text.contains("refused") {
-            Failure::Refused
-        } else if text.contains("timed out") || text.contains("timeout") || text.contains("deadline") {
-            Failure::TimedOut
-        } else if text.contains("network unreachable") || text.contains("network is unreachable") {
-            Failure::NetworkUnreachable
-        } else if text.contains("unreachable")
-            || text.contains("resolve")
-            || text.contains("lookup")
-            || text.contains("no such host")
-        {
-            Failure::HostUnreachable
-        } else {
-            Failure::General
-        }
-    }
-
-    fn socks5_code(self) -> u8 {
-        match self {
-            Failure::General => 0x01,
-            Failure::NetworkUnreachable => 0x03,
-            Failure::HostUnreachable => 0x04,
-            Failure::Refused => 0x05,
-            Failure::TimedOut => 0x06,
-        }
-    }
-
-    fn http_status(self) -> &'static str {
-        match self {
-            Failure::TimedOut => "504 Gateway Timeout",
-            _ => "502 Bad Gateway",
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum InboundError {
     #[error("local client: {0}")]
@@ -97,18 +52,62 @@ pub enum InboundError {
     AuthFailed,
     #[error("local client asked for an unsupported command {0}")]
     Unsupported(u8),
+    #[error("local client sent a bad HTTP proxy request: {0}")]
+    BadHttp(#[from] HeadError),
+    #[error("local client sent no proxy authorization, or a wrong one")]
+    ProxyAuthRequired,
+    #[error("local client sent no complete request within {0:?}")]
+    TimedOut(Duration),
+}
+
+/// Why an HTTP proxy request head was refused. The texts never quote the request: its
+/// URL may carry credentials (`http://user:pw@host/`), and these texts are logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HeadError {
+    #[error("the head is not text")]
+    NotText,
+    #[error("malformed request line")]
+    BadRequestLine,
+    #[error("not a proxy request (origin-form target); use CONNECT for https")]
+    NotProxyRequest,
+    #[error("CONNECT target: {0}")]
+    BadConnectTarget(AuthorityError),
+    #[error("URL authority: {0}")]
+    BadUrlAuthority(AuthorityError),
+}
+
+/// What is wrong with a `[userinfo@]host[:port]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthorityError {
+    #[error("no host")]
+    NoHost,
+    #[error("no port (CONNECT needs host:port)")]
+    NoPort,
+    #[error("the port is not a number from 1 to 65535")]
+    BadPort,
+    #[error("the host is neither an IP address nor a valid domain name")]
+    BadHost,
 }
 
 /// Reads the request of whichever protocol the client speaks, answering the
-/// protocol's own negotiation (SOCKS5 methods and authentication) on the way.
-pub async fn read_request(tcp: &mut TcpStream, credentials: Option<&Credentials>) -> Result<Request, InboundError> {
-    let mut buf = BytesMut::with_capacity(1024);
-    fill(tcp, &mut buf, 1).await?;
-    match buf[0] {
-        5 => socks5(tcp, buf, credentials).await,
-        4 => socks4(tcp, buf).await,
-        _ => http(tcp, buf).await,
-    }
+/// protocol's own negotiation (SOCKS5 methods and authentication) on the way. A client
+/// that has not finished its request `within` this time is given up on: an idle local
+/// connection would otherwise hold a file descriptor for as long as it likes.
+pub async fn read_request(
+    tcp: &mut TcpStream,
+    credentials: Option<&Credentials>,
+    within: Duration,
+) -> Result<Request, InboundError> {
+    let read = async {
+        let mut buf = BytesMut::with_capacity(1024);
+        fill(tcp, &mut buf, 1).await?;
+        match buf[0] {
+            5 => socks5(tcp, buf, credentials).await,
+            4 => socks4(tcp, buf, credentials).await,
+            _ => http(tcp, buf, credentials).await,
+        }
+    };
+    tokio::time::timeout(within, read).await.unwrap_or(Err(InboundError::TimedOut(within)))
 }
 
 impl Request {
@@ -128,17 +127,18 @@ impl Request {
     }
 
     /// Tells the local client why the stream could not be opened.
-    pub async fn reply_failure(&self, tcp: &mut TcpStream, failure: Failure, detail: &str) -> std::io::Result<()> {
+    pub async fn reply_failure(&self, tcp: &mut TcpStream, failure: &OpenFailure) -> std::io::Result<()> {
+        let reply = failure.reply();
         match self.protocol {
             Protocol::Socks5 | Protocol::Socks5UdpAssociate => {
-                tcp.write_all(&[5, failure.socks5_code(), 0, 1, 0, 0, 0, 0, 0, 0]).await
+                tcp.write_all(&[5, reply.socks5, 0, 1, 0, 0, 0, 0, 0, 0]).await
             }
             Protocol::Socks4 => tcp.write_all(&[0, 0x5b, 0, 0, 0, 0, 0, 0]).await,
             Protocol::HttpConnect | Protocol::HttpForward => {
-                let body = format!("{detail}\n");
+                let body = format!("{failure}\n");
                 let response = format!(
                     "HTTP/1.1 {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    failure.http_status(),
+                    reply.http,
                     body.len()
                 );
                 tcp.write_all(response.as_bytes()).await
@@ -190,7 +190,9 @@ async fn socks5(
         let user = String::from_utf8_lossy(&buf[2..2 + user_len]).into_owned();
         let pass = String::from_utf8_lossy(&buf[3 + user_len..3 + user_len + pass_len]).into_owned();
         buf.advance(3 + user_len + pass_len);
-        let accepted = credentials.is_none_or(|c| c.username == user && c.password == pass);
+        let accepted = credentials.is_none_or(|c| {
+            same_bytes(c.username.as_bytes(), user.as_bytes()) & same_bytes(c.password.as_bytes(), pass.as_bytes())
+        });
         tcp.write_all(&[1, if accepted { 0 } else { 1 }]).await?;
         if !accepted {
             return Err(InboundError::AuthFailed);
@@ -229,8 +231,17 @@ async fn socks5(
     }
 }
 
-async fn socks4(tcp: &mut TcpStream, mut buf: BytesMut) -> Result<Request, InboundError> {
+async fn socks4(
+    tcp: &mut TcpStream,
+    mut buf: BytesMut,
+    credentials: Option<&Credentials>,
+) -> Result<Request, InboundError> {
     fill(tcp, &mut buf, 8).await?;
+    // SOCKS4 carries no password: with credentials configured it is refused outright.
+    if credentials.is_some() {
+        tcp.write_all(&[0, 0x5b, 0, 0, 0, 0, 0, 0]).await?;
+        return Err(InboundError::AuthFailed);
+    }
     if buf[1] != 1 {
         tcp.write_all(&[0, 0x5b, 0, 0, 0, 0, 0, 0]).await?;
         return Err(InboundError::Unsupported(buf[1]));
@@ -264,7 +275,11 @@ async fn read_until_nul(tcp: &mut TcpStream, buf: &mut BytesMut, from: usize) ->
     }
 }
 
-async fn http(tcp: &mut TcpStream, mut buf: BytesMut) -> Result<Request, InboundError> {
+async fn http(
+    tcp: &mut TcpStream,
+    mut buf: BytesMut,
+    credentials: Option<&Credentials>,
+) -> Result<Request, InboundError> {
     let head_end = loop {
         if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break pos + 4;
@@ -277,48 +292,86 @@ async fn http(tcp: &mut TcpStream, mut buf: BytesMut) -> Result<Request, Inbound
         fill(tcp, &mut buf, want).await?;
     };
     let head = buf.split_to(head_end);
-    match parse_http_head(&head) {
-        Ok(request) => {
-            let (protocol, destination, mut early_data) = request;
-            early_data.extend_from_slice(&buf);
-            Ok(Request { protocol, destination, early_data })
-        }
+    let parsed = match parse_http_head(&head) {
+        Ok(parsed) => parsed,
         Err(why) => {
-            tcp.write_all(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n").await?;
-            Err(InboundError::Malformed(why))
+            tcp.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await?;
+            return Err(why.into());
         }
+    };
+    if let Some(credentials) = credentials
+        && !parsed.proxy_authorization.as_deref().is_some_and(|given| basic_matches(given, credentials))
+    {
+        tcp.write_all(
+            b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"anytls\"\r\n\
+              Content-Length: 0\r\nConnection: close\r\n\r\n",
+        )
+        .await?;
+        return Err(InboundError::ProxyAuthRequired);
     }
+    let mut early_data = parsed.early_data;
+    early_data.extend_from_slice(&buf);
+    Ok(Request { protocol: parsed.protocol, destination: parsed.destination, early_data })
+}
+
+/// A parsed proxy request head.
+#[derive(Debug)]
+struct HttpHead {
+    protocol: Protocol,
+    destination: Address,
+    /// For a forwarded request: the head rewritten to origin form.
+    early_data: BytesMut,
+    /// The `Proxy-Authorization` value, checked when the port has credentials.
+    proxy_authorization: Option<String>,
 }
 
 /// Parses a proxy request head: `CONNECT host:port`, or an absolute-form request
 /// rewritten to origin form with `Connection: close` (one request per connection,
-/// since the next one may be for another host).
-fn parse_http_head(head: &[u8]) -> Result<(Protocol, Address, BytesMut), String> {
-    let text = std::str::from_utf8(head).map_err(|_| "HTTP head is not text".to_string())?;
+/// since the next one may be for another host). Credentials in the URL
+/// (`http://user:pw@host/`, RFC 9110 §4.2.4 forbids sending them) are dropped: they
+/// are neither part of the destination nor forwarded.
+fn parse_http_head(head: &[u8]) -> Result<HttpHead, HeadError> {
+    let text = std::str::from_utf8(head).map_err(|_| HeadError::NotText)?;
     let mut lines = text.split("\r\n");
     let request_line = lines.next().unwrap_or_default();
     let mut parts = request_line.split(' ');
-    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next()) else {
-        return Err(format!("bad request line {request_line:?}"));
+    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(HeadError::BadRequestLine);
     };
+    if method.is_empty() || !version.starts_with("HTTP/") {
+        return Err(HeadError::BadRequestLine);
+    }
+    let header_lines: Vec<&str> = lines.filter(|line| !line.is_empty()).collect();
+    let header_name = |line: &str| line.split(':').next().unwrap_or_default().trim().to_ascii_lowercase();
+    let proxy_authorization = header_lines
+        .iter()
+        .find(|line| header_name(line) == "proxy-authorization")
+        .and_then(|line| line.split_once(':'))
+        .map(|(_, value)| value.trim().to_string());
     if method.eq_ignore_ascii_case("CONNECT") {
-        let destination =
-            crate::client::link::parse_server(target, 443).ok_or_else(|| format!("bad CONNECT target {target:?}"))?;
-        return Ok((Protocol::HttpConnect, destination, BytesMut::new()));
+        let destination = parse_authority(target, None).map_err(HeadError::BadConnectTarget)?;
+        return Ok(HttpHead {
+            protocol: Protocol::HttpConnect,
+            destination,
+            early_data: BytesMut::new(),
+            proxy_authorization,
+        });
     }
     let rest = target
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("not a proxy request (target {target:?}); use CONNECT for https"))?;
-    let (authority, path) = match rest.find('/') {
-        Some(slash) => (&rest[..slash], &rest[slash..]),
-        None => (rest, "/"),
-    };
-    let destination =
-        crate::client::link::parse_server(authority, 80).ok_or_else(|| format!("bad host {authority:?}"))?;
+        .get(..7)
+        .filter(|scheme| scheme.eq_ignore_ascii_case("http://"))
+        .map(|_| &target[7..])
+        .ok_or(HeadError::NotProxyRequest)?;
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let path = path.split('#').next().unwrap_or_default();
+    let path = if path.starts_with('/') { path.to_string() } else { format!("/{path}") };
+    let destination = parse_authority(authority, Some(80)).map_err(HeadError::BadUrlAuthority)?;
     let mut out = BytesMut::with_capacity(head.len());
     out.put_slice(format!("{method} {path} {version}\r\n").as_bytes());
-    for line in lines.filter(|l| !l.is_empty()) {
-        let name = line.split(':').next().unwrap_or_default().trim().to_ascii_lowercase();
+    for line in header_lines {
+        let name = header_name(line);
         if name.starts_with("proxy-") || name == "connection" || name == "keep-alive" {
             continue;
         }
@@ -326,7 +379,105 @@ fn parse_http_head(head: &[u8]) -> Result<(Protocol, Address, BytesMut), String>
         out.put_slice(b"\r\n");
     }
     out.put_slice(b"Connection: close\r\n\r\n");
-    Ok((Protocol::HttpForward, destination, out))
+    Ok(HttpHead { protocol: Protocol::HttpForward, destination, early_data: out, proxy_authorization })
+}
+
+/// Parses `[userinfo@]host[:port]` strictly: userinfo is dropped, the host is an IPv4
+/// address, a bracketed IPv6 address or a syntactically valid domain name, and the port
+/// is 1–65535 (required when there is no `default_port`, as for CONNECT).
+fn parse_authority(authority: &str, default_port: Option<u16>) -> Result<Address, AuthorityError> {
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_userinfo, host_port)| host_port);
+    let (host, port) = split_host_port(host_port)?;
+    let port = match port {
+        None | Some("") => default_port.ok_or(AuthorityError::NoPort)?,
+        Some(digits) => parse_port(digits)?,
+    };
+    if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        let ip: Ipv6Addr = v6.parse().map_err(|_| AuthorityError::BadHost)?;
+        return Ok(Address::socket((ip, port).into()));
+    }
+    if host.is_empty() {
+        return Err(AuthorityError::NoHost);
+    }
+    if let Ok(ip) = host.parse::<Ipv4Addr>() {
+        return Ok(Address::socket((ip, port).into()));
+    }
+    if !is_domain_name(host) {
+        return Err(AuthorityError::BadHost);
+    }
+    Ok(Address::domain(host, port))
+}
+
+/// `host`, `host:port`, `[v6]` or `[v6]:port` into the host (brackets kept) and the port text.
+fn split_host_port(text: &str) -> Result<(&str, Option<&str>), AuthorityError> {
+    if text.starts_with('[') {
+        let close = text.find(']').ok_or(AuthorityError::BadHost)?;
+        let (host, after) = text.split_at(close + 1);
+        return match after {
+            "" => Ok((host, None)),
+            _ => Ok((host, Some(after.strip_prefix(':').ok_or(AuthorityError::BadHost)?))),
+        };
+    }
+    match text.rsplit_once(':') {
+        Some((host, _)) if host.contains(':') => Err(AuthorityError::BadHost),
+        Some((host, port)) => Ok((host, Some(port))),
+        None => Ok((text, None)),
+    }
+}
+
+/// A port as decimal digits, 1–65535.
+fn parse_port(digits: &str) -> Result<u16, AuthorityError> {
+    if digits.is_empty() || digits.len() > 5 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(AuthorityError::BadPort);
+    }
+    match digits.parse::<u32>() {
+        Ok(port @ 1..=65535) => Ok(port as u16),
+        _ => Err(AuthorityError::BadPort),
+    }
+}
+
+/// LDH labels (plus `_`, which real names use) of 1–63 characters, 253 in all, an
+/// optional final dot.
+fn is_domain_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// Whether a `Proxy-Authorization` value is `Basic base64(user:pass)` for `credentials`
+/// (the scheme is case-insensitive, RFC 9110 §11.1).
+fn basic_matches(value: &str, credentials: &Credentials) -> bool {
+    let Some((scheme, encoded)) = value.trim().split_once(' ') else { return false };
+    let expected = base64(format!("{}:{}", credentials.username, credentials.password).as_bytes());
+    scheme.eq_ignore_ascii_case("basic") && same_bytes(encoded.trim().as_bytes(), expected.as_bytes())
+}
+
+/// Compares without stopping at the first difference.
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
+/// Standard base64 with padding (RFC 4648 §4), for the one Basic credential we expect.
+fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -335,36 +486,109 @@ mod tests {
 
     #[test]
     fn connect_head_gives_the_target() {
-        let (protocol, destination, early) =
-            parse_http_head(b"CONNECT example.com:443 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        assert_eq!(protocol, Protocol::HttpConnect);
-        assert_eq!(destination.to_string(), "example.com:443");
-        assert!(early.is_empty());
+        let head = parse_http_head(b"CONNECT example.com:443 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        assert_eq!(head.protocol, Protocol::HttpConnect);
+        assert_eq!(head.destination.to_string(), "example.com:443");
+        assert!(head.early_data.is_empty());
+        let v6 = parse_http_head(b"CONNECT [::1]:8443 HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!(v6.destination.to_string(), "[::1]:8443");
     }
 
     #[test]
     fn absolute_request_is_rewritten_to_origin_form() {
         let head = b"GET http://127.0.0.1:8080/a?b=c HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nProxy-Connection: keep-alive\r\nAccept: */*\r\n\r\n";
-        let (protocol, destination, early) = parse_http_head(head).unwrap();
-        assert_eq!(protocol, Protocol::HttpForward);
-        assert_eq!(destination.to_string(), "127.0.0.1:8080");
+        let parsed = parse_http_head(head).unwrap();
+        assert_eq!(parsed.protocol, Protocol::HttpForward);
+        assert_eq!(parsed.destination.to_string(), "127.0.0.1:8080");
         assert_eq!(
-            &early[..],
+            &parsed.early_data[..],
             b"GET /a?b=c HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nAccept: */*\r\nConnection: close\r\n\r\n"
         );
+        let query_only = parse_http_head(b"GET HTTP://example.com?q=1 HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!(query_only.destination.to_string(), "example.com:80");
+        assert!(query_only.early_data.starts_with(b"GET /?q=1 HTTP/1.1\r\n"));
     }
 
     #[test]
     fn origin_form_requests_are_refused() {
-        assert!(parse_http_head(b"GET / HTTP/1.1\r\n\r\n").is_err());
-        assert!(parse_http_head(b"garbage\r\n\r\n").is_err());
+        assert_eq!(parse_http_head(b"GET / HTTP/1.1\r\n\r\n").unwrap_err(), HeadError::NotProxyRequest);
+        assert_eq!(parse_http_head(b"garbage\r\n\r\n").unwrap_err(), HeadError::BadRequestLine);
+        assert_eq!(parse_http_head(b"GET http://a/ HTTP/1.1 extra\r\n\r\n").unwrap_err(), HeadError::BadRequestLine);
     }
 
     #[test]
-    fn server_error_texts_map_to_socks_codes() {
-        assert_eq!(Failure::from_error_text("dial 1.2.3.4:1: connection refused").socks5_code(), 5);
-        assert_eq!(Failure::from_error_text("dial x: timed out").socks5_code(), 6);
-        assert_eq!(Failure::from_error_text("dial x: host unreachable (lookup failed)").socks5_code(), 4);
-        assert_eq!(Failure::from_error_text("outbound pool exhausted").socks5_code(), 1);
+    fn credentials_in_the_url_are_dropped_and_never_quoted() {
+        let parsed =
+            parse_http_head(b"GET http://alice:s3cret@example.com:8080/x HTTP/1.1\r\nHost: example.com\r\n\r\n")
+                .unwrap();
+        assert_eq!(parsed.destination.to_string(), "example.com:8080");
+        assert!(!String::from_utf8_lossy(&parsed.early_data).contains("s3cret"));
+        let connect = parse_http_head(b"CONNECT alice:s3cret@example.com:443 HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!(connect.destination.to_string(), "example.com:443");
+        // A refused request's error text does not carry the URL either.
+        let err = parse_http_head(b"GET http://alice:s3cret@bad_host!/ HTTP/1.1\r\n\r\n").unwrap_err();
+        assert!(!InboundError::from(err).to_string().contains("s3cret"));
+        let err = parse_http_head(b"CONNECT alice:s3cret HTTP/1.1\r\n\r\n").unwrap_err();
+        assert!(!InboundError::from(err).to_string().contains("s3cret"), "{err}");
+    }
+
+    #[test]
+    fn connect_targets_are_parsed_strictly() {
+        let target = |t: &str| parse_authority(t, None);
+        assert_eq!(target("127.0.0.1:99999"), Err(AuthorityError::BadPort));
+        assert_eq!(target("127.0.0.1:0"), Err(AuthorityError::BadPort));
+        assert_eq!(target("example.com:+443"), Err(AuthorityError::BadPort));
+        assert_eq!(target("example.com:0443x"), Err(AuthorityError::BadPort));
+        assert_eq!(target("example.com"), Err(AuthorityError::NoPort));
+        assert_eq!(target(":443"), Err(AuthorityError::NoHost));
+        assert_eq!(target("exa mple.com:443"), Err(AuthorityError::BadHost));
+        assert_eq!(target("-bad.example:443"), Err(AuthorityError::BadHost));
+        assert_eq!(target("a..b:443"), Err(AuthorityError::BadHost));
+        assert_eq!(target("::1:443"), Err(AuthorityError::BadHost));
+        assert_eq!(target("[::1:443"), Err(AuthorityError::BadHost));
+        assert_eq!(target("[not-v6]:443"), Err(AuthorityError::BadHost));
+        assert_eq!(target(&format!("{}:443", "a".repeat(64))), Err(AuthorityError::BadHost));
+        assert_eq!(target("example.com:65535").unwrap().to_string(), "example.com:65535");
+        assert_eq!(target("_srv.example.com.:1").unwrap().to_string(), "_srv.example.com.:1");
+        assert_eq!(target("10.0.0.1:22").unwrap(), Address::socket("10.0.0.1:22".parse().unwrap()));
+        assert_eq!(parse_authority("example.com:", Some(80)).unwrap().to_string(), "example.com:80");
+        assert!(matches!(
+            parse_http_head(b"CONNECT 127.0.0.1:99999 HTTP/1.1\r\n\r\n"),
+            Err(HeadError::BadConnectTarget(AuthorityError::BadPort))
+        ));
+    }
+
+    #[test]
+    fn basic_proxy_credentials_are_checked() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"Aladdin:open sesame"), "QWxhZGRpbjpvcGVuIHNlc2FtZQ==");
+        let credentials = Credentials { username: "Aladdin".into(), password: "open sesame".into() };
+        assert!(basic_matches("Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ==", &credentials));
+        assert!(basic_matches("basic  QWxhZGRpbjpvcGVuIHNlc2FtZQ==", &credentials));
+        assert!(!basic_matches("Basic QWxhZGRpbjpvcGVuIHNlc2FtZR==", &credentials));
+        assert!(!basic_matches("Bearer QWxhZGRpbjpvcGVuIHNlc2FtZQ==", &credentials));
+        assert!(!basic_matches("", &credentials));
+    }
+
+    #[tokio::test]
+    async fn a_silent_local_client_is_given_up_on_at_the_deadline() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _silent = TcpStream::connect(addr).await.unwrap();
+        let (mut accepted, _) = listener.accept().await.unwrap();
+        let started = std::time::Instant::now();
+        let result = read_request(&mut accepted, None, Duration::from_millis(200)).await;
+        assert!(matches!(result, Err(InboundError::TimedOut(_))), "{result:?}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+
+        // Half a SOCKS5 greeting is no better than none.
+        let mut partial = TcpStream::connect(addr).await.unwrap();
+        partial.write_all(&[5, 1]).await.unwrap();
+        let (mut accepted, _) = listener.accept().await.unwrap();
+        let result = read_request(&mut accepted, None, Duration::from_millis(200)).await;
+        assert!(matches!(result, Err(InboundError::TimedOut(_))), "{result:?}");
     }
 }

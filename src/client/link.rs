@@ -1,6 +1,21 @@
-//! `anytls://[password@]host[:port]/?sni=NAME&insecure=0|1` links.
+//! `anytls://[password@]host[:port]/?sni=NAME&insecure=0|1&pin-sha256=HEX` links.
+//! `pin-sha256` (this project's addition, printed by `anytls-server` for a self-signed
+//! certificate) accepts exactly the certificate with that SHA-256; other clients ignore it.
 
 use crate::proto::Address;
+
+/// Why a link was not understood; the texts name the part that is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    #[error("not an anytls:// link: {0}")]
+    NotALink(String),
+    #[error("bad server address in link: {0}")]
+    BadServer(String),
+    #[error("bad percent-encoding in {0:?}")]
+    BadPercentEncoding(String),
+    #[error("percent-decoded text is not UTF-8: {0:?}")]
+    NotUtf8(String),
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Link {
@@ -8,11 +23,12 @@ pub struct Link {
     pub server: Address,
     pub sni: Option<String>,
     pub insecure: bool,
+    pub pin_sha256: Option<String>,
 }
 
 /// Parses a link; the password is percent-decoded, the port defaults to 443.
-pub fn parse_link(text: &str) -> Result<Link, String> {
-    let rest = text.strip_prefix("anytls://").ok_or_else(|| format!("not an anytls:// link: {text}"))?;
+pub fn parse_link(text: &str) -> Result<Link, LinkError> {
+    let rest = text.strip_prefix("anytls://").ok_or_else(|| LinkError::NotALink(text.to_string()))?;
     let (authority, query) = match rest.split_once('?') {
         Some((authority, query)) => (authority, query),
         None => (rest, ""),
@@ -22,14 +38,15 @@ pub fn parse_link(text: &str) -> Result<Link, String> {
         Some((password, host_port)) => (Some(percent_decode(password)?), host_port),
         None => (None, authority),
     };
-    let server = parse_server(host_port, 443).ok_or_else(|| format!("bad server address in link: {host_port}"))?;
-    let mut link = Link { password, server, sni: None, insecure: false };
+    let server = parse_server(host_port, 443).ok_or_else(|| LinkError::BadServer(host_port.to_string()))?;
+    let mut link = Link { password, server, sni: None, insecure: false, pin_sha256: None };
     for pair in query.split('#').next().unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         let value = percent_decode(value)?;
         match key {
             "sni" if !value.is_empty() => link.sni = Some(value),
             "insecure" => link.insecure = value == "1" || value == "true",
+            "pin-sha256" if !value.is_empty() => link.pin_sha256 = Some(value),
             _ => {}
         }
     }
@@ -48,21 +65,22 @@ pub fn parse_server(text: &str, default_port: u16) -> Option<Address> {
     Some(Address::domain(host, default_port))
 }
 
-fn percent_decode(text: &str) -> Result<String, String> {
+fn percent_decode(text: &str) -> Result<String, LinkError> {
+    let bad = || LinkError::BadPercentEncoding(text.to_string());
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = text.get(i + 1..i + 3).ok_or_else(|| format!("bad percent-encoding in {text:?}"))?;
-            out.push(u8::from_str_radix(hex, 16).map_err(|_| format!("bad percent-encoding in {text:?}"))?);
+            let hex = text.get(i + 1..i + 3).ok_or_else(bad)?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
             i += 3;
         } else {
             out.push(bytes[i]);
             i += 1;
         }
     }
-    String::from_utf8(out).map_err(|_| format!("percent-decoded text is not UTF-8: {text:?}"))
+    String::from_utf8(out).map_err(|_| LinkError::NotUtf8(text.to_string()))
 }
 
 #[cfg(test)]
@@ -80,6 +98,8 @@ mod tests {
         assert_eq!(link.server.to_string(), "example.com:8443");
         assert_eq!(link.sni.as_deref(), Some("cdn.example"));
         assert!(link.insecure);
+        let pinned = parse_link("anytls://pw@127.0.0.1:8443/?pin-sha256=ab12").unwrap();
+        assert_eq!(pinned.pin_sha256.as_deref(), Some("ab12"));
     }
 
     #[test]
@@ -92,7 +112,9 @@ mod tests {
 
     #[test]
     fn bad_links_are_clear_errors() {
-        assert!(parse_link("http://x").unwrap_err().contains("not an anytls"));
-        assert!(parse_link("anytls://%zz@h:1").unwrap_err().contains("percent"));
+        assert!(matches!(parse_link("http://x"), Err(LinkError::NotALink(_))));
+        assert!(matches!(parse_link("anytls://%zz@h:1"), Err(LinkError::BadPercentEncoding(_))));
+        assert!(matches!(parse_link("anytls://%FF@h:1"), Err(LinkError::NotUtf8(_))));
+        assert!(parse_link("http://x").unwrap_err().to_string().contains("not an anytls"));
     }
 }

@@ -1,6 +1,7 @@
 //! The AnyTLS client: a local proxy port whose connections travel as streams over
 //! pooled TLS sessions to the server.
 
+pub mod error;
 pub mod failover;
 pub mod inbound;
 pub mod link;
@@ -17,7 +18,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::session::{OpenError, Stream, relay};
 use crate::shutdown::InFlight;
-use inbound::{Credentials, Failure, Request};
+use error::OpenFailure;
+use inbound::{Credentials, InboundError};
 use servers::{ServerLease, Servers};
 
 pub struct ClientConfig {
@@ -28,6 +30,8 @@ pub struct ClientConfig {
     pub idle_check_interval: Duration,
     /// How often the pool statistics are logged.
     pub stats_interval: Duration,
+    /// How long a local client has to finish its greeting and request.
+    pub local_handshake_timeout: Duration,
 }
 
 /// Serves the local port until the task is dropped.
@@ -92,9 +96,22 @@ async fn maintain_pool(config: Arc<ClientConfig>) {
     }
 }
 
-async fn serve_connection(mut tcp: TcpStream, config: &ClientConfig) -> Result<(), String> {
+/// Why serving one local connection ended early. Logged at DEBUG: what went wrong is
+/// the local client's business, and the open failures that matter are logged where
+/// they happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Request(#[from] InboundError),
+    #[error("local connection: {0}")]
+    Local(#[from] std::io::Error),
+    #[error("{destination}: relay ended: {error}")]
+    Relay { destination: String, error: String },
+}
+
+async fn serve_connection(mut tcp: TcpStream, config: &ClientConfig) -> Result<(), ServeError> {
     let _ = tcp.set_nodelay(true);
-    let request = inbound::read_request(&mut tcp, config.credentials.as_ref()).await.map_err(|e| e.to_string())?;
+    let request = inbound::read_request(&mut tcp, config.credentials.as_ref(), config.local_handshake_timeout).await?;
     if request.is_udp_associate() {
         return udp::serve_associate(tcp, request, config).await;
     }
@@ -104,14 +121,14 @@ async fn serve_connection(mut tcp: TcpStream, config: &ClientConfig) -> Result<(
     first_data.extend_from_slice(&request.early_data);
     let (lease, stream) = match open_stream(config, first_data.freeze(), &destination).await {
         Ok(opened) => opened,
-        Err(failed) => return reply_failure(&mut tcp, &request, failed.failure, &failed.detail).await,
+        Err(failure) => return Ok(request.reply_failure(&mut tcp, &failure).await?),
     };
-    request.reply_success(&mut tcp).await.map_err(|e| e.to_string())?;
+    request.reply_success(&mut tcp).await?;
     log::debug!("{destination}: stream {} open", stream.id());
     let (stats, error) = relay(stream, tcp).await;
     release(config, lease);
     match error {
-        Some(error) => Err(format!("{destination}: relay ended: {error}")),
+        Some(error) => Err(ServeError::Relay { destination, error }),
         None => {
             log::debug!("{destination}: {} bytes up, {} down", stats.sent, stats.received);
             Ok(())
@@ -124,12 +141,6 @@ fn release(config: &ClientConfig, lease: ServerLease) {
     config.servers.release(lease);
 }
 
-/// Why no stream could be opened, as the local client is told.
-struct OpenFailed {
-    failure: Failure,
-    detail: String,
-}
-
 /// Opens a stream whose first data is `first_data` (destination and any request that
 /// must not wait for SYNACK) and waits for the server's answer. A reused session may
 /// have died while idle; then one fresh session is tried.
@@ -137,7 +148,7 @@ async fn open_stream(
     config: &ClientConfig,
     first_data: Bytes,
     destination: &str,
-) -> Result<(ServerLease, Stream), OpenFailed> {
+) -> Result<(ServerLease, Stream), OpenFailure> {
     let servers = &config.servers;
     let mut attempts = 0;
     loop {
@@ -146,7 +157,7 @@ async fn open_stream(
             Ok(lease) => lease,
             Err(why) => {
                 log::warn!("{destination}: no session to the server: {why}");
-                return Err(OpenFailed { failure: Failure::General, detail: why });
+                return Err(why.into());
             }
         };
         let opened = match lease.lease.session.open_stream(first_data.clone()).await {
@@ -163,7 +174,7 @@ async fn open_stream(
                 servers.opened(lease.server);
                 servers.release(lease);
                 log::info!("{destination}: refused by the server: {text}");
-                return Err(OpenFailed { failure: Failure::from_error_text(&text), detail: text });
+                return Err(OpenError::Refused(text).into());
             }
             Err(OpenError::Session(closed)) if lease.lease.reused && attempts < 2 => {
                 log::debug!("{destination}: reused session was dead ({closed}); retrying on a new one");
@@ -175,13 +186,8 @@ async fn open_stream(
                 servers.failed(lease.server);
                 servers.release(lease);
                 log::warn!("{destination}: {err}");
-                let detail = err.to_string();
-                return Err(OpenFailed { failure: Failure::from_error_text(&detail), detail });
+                return Err(err.into());
             }
         }
     }
-}
-
-async fn reply_failure(tcp: &mut TcpStream, request: &Request, failure: Failure, detail: &str) -> Result<(), String> {
-    request.reply_failure(tcp, failure, detail).await.map_err(|e| e.to_string())
 }

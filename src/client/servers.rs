@@ -6,6 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::error::ConnectError;
 use super::failover::{Policy, ServerSet};
 use super::sessions::{Lease, SessionPool};
 use crate::pool::{KeyStats, PoolKey, PoolStatsSnapshot};
@@ -44,8 +45,8 @@ impl Servers {
 
     /// A session from the server the policy picks; a failure to get one counts against
     /// that server.
-    pub async fn acquire(&self) -> Result<ServerLease, String> {
-        let server = self.set().pick().ok_or("no server configured")?;
+    pub async fn acquire(&self) -> Result<ServerLease, ConnectError> {
+        let server = self.set().pick().ok_or(ConnectError::NoServer)?;
         let pool = &self.pools[server];
         match pool.acquire().await {
             Ok(lease) => Ok(ServerLease { server, lease }),

@@ -11,6 +11,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use super::error::ConnectError;
 use crate::pool::{Idle, IdlePool, KeyStats, PoolKey, PoolSettings, PoolStatsSnapshot, PoolType, new_pool};
 use crate::proto::auth::encode_auth_block;
 use crate::proto::{Address, PasswordHash};
@@ -27,24 +28,31 @@ pub struct Connector {
 }
 
 impl Connector {
-    pub async fn connect(&self) -> Result<Session, String> {
+    pub async fn connect(&self) -> Result<Session, ConnectError> {
         let server = self.server.to_string();
-        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(server.as_str()))
+        let after = self.connect_timeout;
+        let tcp = tokio::time::timeout(after, TcpStream::connect(server.as_str()))
             .await
-            .map_err(|_| format!("connect to server {server}: timed out"))?
-            .map_err(|err| format!("connect to server {server}: {err}"))?;
+            .map_err(|_| ConnectError::TcpTimeout { server: server.clone(), after })?
+            .map_err(|source| ConnectError::Tcp { server: server.clone(), source })?;
         let _ = tcp.set_nodelay(true);
         let handshake = self.tls.connect(self.server_name.clone(), tcp);
-        let mut tls = tokio::time::timeout(self.connect_timeout, handshake)
+        let mut tls = tokio::time::timeout(after, handshake)
             .await
-            .map_err(|_| format!("TLS handshake with {server}: timed out"))?
-            .map_err(|err| format!("{server}: {}", super::tls::explain_handshake_error(&err)))?;
+            .map_err(|_| ConnectError::TlsTimeout { server: server.clone(), after })?
+            .map_err(|err| ConnectError::Tls {
+                server: server.clone(),
+                explanation: super::tls::explain_handshake_error(&err),
+            })?;
         // One write, one TLS record: reference servers read the block in one go.
         let scheme = self.session_config.padding.load_full();
         let mut block = BytesMut::new();
         encode_auth_block(&self.password, scheme.auth_padding_len(&mut rand::rng()), &mut block);
-        tls.write_all(&block).await.map_err(|err| format!("{server}: send authentication: {err}"))?;
-        tls.flush().await.map_err(|err| format!("{server}: send authentication: {err}"))?;
+        let authenticate = async {
+            tls.write_all(&block).await?;
+            tls.flush().await
+        };
+        authenticate.await.map_err(|source| ConnectError::Authenticate { server, source })?;
         Ok(Session::client(tls, self.session_config.clone()))
     }
 }
@@ -94,7 +102,7 @@ impl SessionPool {
     }
 
     /// The newest idle session still alive and with room for a stream, or a new one.
-    pub async fn acquire(&self) -> Result<Lease, String> {
+    pub async fn acquire(&self) -> Result<Lease, ConnectError> {
         while let Some(entry) = self.idle.take(&self.key) {
             let session = entry.value;
             session.pooled().store(false, Ordering::Release);
@@ -235,6 +243,7 @@ mod tests {
             connect_timeout: Duration::from_secs(2),
             handshake_timeout: Duration::from_secs(5),
             max_handshakes: 16,
+            probe: Default::default(),
             max_streams_per_session: 64,
             outbound: OutboundSettings {
                 pool_type: PoolType::Lock,

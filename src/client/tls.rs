@@ -22,11 +22,28 @@ pub enum Trust {
     Insecure,
 }
 
+/// Why the client's TLS settings could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TrustError {
+    #[error("--pin-sha256 wants 64 hex digits, got {0:?}")]
+    BadPin(String),
+    #[error("cannot read CA file {}: {source}", path.display())]
+    CaFileUnreadable { path: std::path::PathBuf, source: rustls::pki_types::pem::Error },
+    #[error("CA file {} holds no certificate", path.display())]
+    CaFileEmpty { path: std::path::PathBuf },
+    #[error("CA file {}: {source}", path.display())]
+    CaRejected { path: std::path::PathBuf, source: rustls::Error },
+    #[error("TLS settings: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("TLS certificate verifier: {0}")]
+    Verifier(#[from] rustls::client::VerifierBuilderError),
+}
+
 /// Parses a pin given as 64 hex digits, colons allowed.
-pub fn parse_pin(text: &str) -> Result<[u8; 32], String> {
+pub fn parse_pin(text: &str) -> Result<[u8; 32], TrustError> {
     let hex: String = text.chars().filter(|c| *c != ':').collect();
     if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(format!("--pin-sha256 wants 64 hex digits, got {text:?}"));
+        return Err(TrustError::BadPin(text.to_string()));
     }
     let mut pin = [0u8; 32];
     for (i, byte) in pin.iter_mut().enumerate() {
@@ -35,11 +52,10 @@ pub fn parse_pin(text: &str) -> Result<[u8; 32], String> {
     Ok(pin)
 }
 
-pub fn client_config(trust: &Trust) -> Result<Arc<rustls::ClientConfig>, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|err| err.to_string())?;
+pub fn client_config(trust: &Trust) -> Result<Arc<rustls::ClientConfig>, TrustError> {
+    let provider = Arc::new(crate::crypto::provider());
+    let builder =
+        rustls::ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
     let check = match trust {
         Trust::Roots { extra_ca } => {
             let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
@@ -48,8 +64,7 @@ pub fn client_config(trust: &Trust) -> Result<Arc<rustls::ClientConfig>, String>
                 trusted_leaves.extend(add_ca_file(&mut roots, path)?);
             }
             let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .build()
-                .map_err(|err| err.to_string())?;
+                .build()?;
             Check::WebPki { webpki, trusted_leaves }
         }
         Trust::Pin(pin) => Check::Pin(*pin),
@@ -61,15 +76,15 @@ pub fn client_config(trust: &Trust) -> Result<Arc<rustls::ClientConfig>, String>
 }
 
 /// Adds a CA file's certificates to `roots` and returns them.
-fn add_ca_file(roots: &mut rustls::RootCertStore, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+fn add_ca_file(roots: &mut rustls::RootCertStore, path: &Path) -> Result<Vec<CertificateDer<'static>>, TrustError> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|err| format!("cannot read CA file {}: {err}", path.display()))?;
+        .map_err(|source| TrustError::CaFileUnreadable { path: path.to_path_buf(), source })?;
     if certs.is_empty() {
-        return Err(format!("CA file {} holds no certificate", path.display()));
+        return Err(TrustError::CaFileEmpty { path: path.to_path_buf() });
     }
     for cert in &certs {
-        roots.add(cert.clone()).map_err(|err| format!("CA file {}: {err}", path.display()))?;
+        roots.add(cert.clone()).map_err(|source| TrustError::CaRejected { path: path.to_path_buf(), source })?;
     }
     Ok(certs)
 }
@@ -197,7 +212,7 @@ mod verifier_tests {
         for cert in &trusted {
             roots.add(cert.clone()).unwrap();
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(crate::crypto::provider());
         let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
             .build()
             .unwrap();
@@ -221,7 +236,7 @@ mod verifier_tests {
     fn a_pin_accepts_exactly_its_certificate() {
         let (cert, other) = (ca_as_leaf(), ca_as_leaf());
         let pin: [u8; 32] = Sha256::digest(cert.as_ref()).into();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(crate::crypto::provider());
         let verifier = Verifier { check: Check::Pin(pin), provider };
         let name = ServerName::try_from("any.example").unwrap();
         verifier.verify_server_cert(&cert, &[], &name, &[], UnixTime::now()).unwrap();

@@ -1,4 +1,4 @@
-//! SOCKS5 UDP ASSOCIATE on the local proxy port, carried as UDP over TCP (contract §5).
+//! SOCKS5 UDP ASSOCIATE on the local proxy port, carried as UDP over TCP (docs/protocol.md §5).
 //!
 //! Each association gets its own UDP socket on the IP its control connection arrived at,
 //! and one stream to `sp.v2.udp-over-tcp.arpa` with per-packet addresses, so one
@@ -18,8 +18,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
-use super::inbound::{Failure, Request};
-use super::{ClientConfig, open_stream};
+use super::error::OpenFailure;
+use super::inbound::Request;
+use super::{ClientConfig, ServeError, open_stream};
 use crate::proto::Address;
 use crate::proto::address::Host;
 use crate::proto::udp::{self, Framing, decode_packet, magic_destination, packet_bytes};
@@ -65,26 +66,23 @@ pub fn socks5_datagram(from: &Address, payload: &[u8]) -> Bytes {
 }
 
 /// Serves one UDP ASSOCIATE until its control connection closes.
-pub async fn serve_associate(mut tcp: TcpStream, request: Request, config: &ClientConfig) -> Result<(), String> {
-    let (local, app) = match (tcp.local_addr(), tcp.peer_addr()) {
-        (Ok(local), Ok(peer)) => (local, peer),
-        (Err(err), _) | (_, Err(err)) => return Err(format!("UDP ASSOCIATE: {err}")),
-    };
+pub async fn serve_associate(mut tcp: TcpStream, request: Request, config: &ClientConfig) -> Result<(), ServeError> {
+    let (local, app) = (tcp.local_addr()?, tcp.peer_addr()?);
     let socket = match UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await {
         Ok(socket) => socket,
         Err(err) => {
-            let detail = format!("cannot bind a UDP socket on {}: {err}", local.ip());
-            log::warn!("{app}: {detail}");
-            return super::reply_failure(&mut tcp, &request, Failure::General, &detail).await;
+            let failure = OpenFailure::Local(format!("cannot bind a UDP socket on {}: {err}", local.ip()));
+            log::warn!("{app}: {failure}");
+            return Ok(request.reply_failure(&mut tcp, &failure).await?);
         }
     };
-    let bound = socket.local_addr().map_err(|err| err.to_string())?;
+    let bound = socket.local_addr()?;
     let label = format!("UDP for {app}");
     let (lease, stream) = match open_stream(config, uot_first_data(), &label).await {
         Ok(opened) => opened,
-        Err(failed) => return super::reply_failure(&mut tcp, &request, failed.failure, &failed.detail).await,
+        Err(failure) => return Ok(request.reply_failure(&mut tcp, &failure).await?),
     };
-    reply_bound(&mut tcp, bound).await.map_err(|err| format!("{label}: {err}"))?;
+    reply_bound(&mut tcp, bound).await?;
     log::debug!("{label}: associated on {bound}, stream {}", stream.id());
 
     let sender = AppFilter::new(&request.destination, app.ip());

@@ -27,7 +27,7 @@ pub const TIER_SIZES: [usize; 3] = [4 * 1024, 64 * 1024, 128 * 1024];
 pub enum BufferPoolMode {
     /// Reuse 64 KiB read buffers from the pool.
     On,
-    /// A fresh buffer for every read (measured to be as fast; see docs/observability.md).
+    /// Each relay reads into its own reused buffer (measured to be as fast; see docs/observability.md).
     #[default]
     Off,
 }

@@ -1,6 +1,6 @@
 //! The AnyTLS wire format as pure code over bytes: no sockets, no tokio.
 //!
-//! Everything here follows `shared/anytls-protocol.md`; the session layer
+//! Everything here follows `docs/protocol.md`; the session layer
 //! (`crate::session`) and the two services compose it with I/O.
 
 pub mod address;

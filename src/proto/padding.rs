@@ -146,7 +146,7 @@ impl PaddingScheme {
     }
 }
 
-/// Walks drawn sizes over a payload, as the contract's §6 describes.
+/// Walks drawn sizes over a payload, as docs/protocol.md §6 describes.
 pub fn plan_records(sizes: &[RecordSize], payload_len: usize) -> RecordPlan {
     let mut plan = Vec::with_capacity(sizes.len() + 1);
     let mut remaining = payload_len;

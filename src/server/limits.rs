@@ -5,13 +5,19 @@
 //! with `--max-handshakes` (connections still authenticating) they bound the work a
 //! flood of clients can cause: at most `max_handshakes + max_sessions` TLS connections
 //! and `max_streams` outbound connections are held at once.
+//!
+//! [`HandshakeSlots`] shares `--max-handshakes` between source addresses, so that one
+//! address holding silent connections cannot lock every other client out.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
+use crate::session::BufferBudget;
 use crate::shutdown::{InFlight, InFlightGuard};
 
 /// Limits and shutdown behaviour; the binary's `--help` documents each.
@@ -27,6 +33,8 @@ pub struct ServerLimits {
     pub stream_idle_timeout: Option<Duration>,
     /// How long streams in flight may go on after a shutdown signal.
     pub drain_timeout: Duration,
+    /// Stream data received from clients and not yet written to its destination.
+    pub buffers: BufferBudget,
 }
 
 impl Default for ServerLimits {
@@ -36,6 +44,7 @@ impl Default for ServerLimits {
             max_streams: 65536,
             stream_idle_timeout: Some(Duration::from_secs(300)),
             drain_timeout: Duration::from_secs(10),
+            buffers: BufferBudget::default(),
         }
     }
 }
@@ -75,10 +84,9 @@ impl Gate {
 
     /// A place for a new authenticated session, or the reason there is none.
     pub fn admit_session(&self) -> Result<OwnedSemaphorePermit, String> {
-        self.sessions
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| format!("too many sessions on this server (limit {})", self.limits.max_sessions))
+        self.sessions.clone().try_acquire_owned().map_err(|_| {
+            format!("too many sessions on this server (limit {}, --max-sessions)", self.limits.max_sessions)
+        })
     }
 
     /// A place for a new stream, or the reason (sent to the client as SYNACK error).
@@ -86,11 +94,9 @@ impl Gate {
         if self.draining.load(Ordering::Acquire) {
             return Err("server is shutting down".into());
         }
-        let permit = self
-            .streams
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| format!("too many streams on this server (limit {})", self.limits.max_streams))?;
+        let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
+            format!("too many streams on this server (limit {}, --max-streams)", self.limits.max_streams)
+        })?;
         Ok(StreamTicket { _permit: permit, _in_flight: self.in_flight.start() })
     }
 
@@ -114,6 +120,165 @@ impl Gate {
     }
 }
 
+/// Places for connections in the TLS/authentication phase: `total` in all, at most
+/// `per_source` of them for one source (an IPv4 address, or an IPv6 /64, which one
+/// host can fill with addresses at will).
+///
+/// A connection that finds no place waits for one (in order, per source and then in
+/// all) until its handshake deadline, in a waiting room of three times `total`: a burst
+/// of real clients, even thousands behind one address, is served as places free up, as
+/// the reference serves it, while a flood of silent connections from one address holds
+/// its share and a bounded number of waiting descriptors, and the rest is dropped.
+pub struct HandshakeSlots {
+    total: Arc<Semaphore>,
+    per_source: usize,
+    waiting: Arc<Semaphore>,
+    max_waiting: usize,
+    /// Each source's places; an entry lives while a connection of that source holds
+    /// or waits for a place.
+    sources: Mutex<HashMap<SourceKey, Arc<Semaphore>>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum SourceKey {
+    V4([u8; 4]),
+    V6Prefix([u8; 8]),
+}
+
+impl SourceKey {
+    fn of(ip: IpAddr) -> SourceKey {
+        match ip {
+            IpAddr::V4(v4) => SourceKey::V4(v4.octets()),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => SourceKey::V4(v4.octets()),
+                None => SourceKey::V6Prefix(v6.octets()[..8].try_into().expect("8 of 16 bytes")),
+            },
+        }
+    }
+}
+
+/// Why a connection got no handshake place.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HandshakeRefusal {
+    /// The waiting room is full (this many wait), or the deadline passed while every
+    /// place was taken.
+    Full(usize),
+    /// The deadline passed while this connection's source held its whole share.
+    SourceFull(usize),
+}
+
+impl std::fmt::Display for HandshakeRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandshakeRefusal::Full(n) => {
+                write!(f, "{n} connections already wait for a handshake place (--max-handshakes)")
+            }
+            HandshakeRefusal::SourceFull(n) => {
+                write!(f, "{n} handshakes from this source already in progress (--max-handshakes-per-source)")
+            }
+        }
+    }
+}
+
+/// A connection's place in the handshake phase; dropping it frees the place.
+pub struct HandshakeSlot {
+    slots: Arc<HandshakeSlots>,
+    key: SourceKey,
+    _source: Option<OwnedSemaphorePermit>,
+    _total: OwnedSemaphorePermit,
+}
+
+impl HandshakeSlots {
+    /// `per_source` of `None` takes the default share: a quarter of `total`, but at
+    /// least 16 (a few NATed users can start sessions together), never more than `total`.
+    pub fn new(total: usize, per_source: Option<usize>) -> HandshakeSlots {
+        let total = total.max(1);
+        let per_source = per_source.unwrap_or((total / 4).max(16)).clamp(1, total);
+        let max_waiting = total.saturating_mul(3);
+        HandshakeSlots {
+            total: Arc::new(Semaphore::new(total)),
+            per_source,
+            waiting: Arc::new(Semaphore::new(max_waiting)),
+            max_waiting,
+            sources: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn per_source(&self) -> usize {
+        self.per_source
+    }
+
+    /// A place for a connection from `source`, waiting for one until `deadline` if
+    /// none is free; or why there is none.
+    pub async fn admit(
+        self: &Arc<Self>,
+        source: IpAddr,
+        deadline: tokio::time::Instant,
+    ) -> Result<HandshakeSlot, HandshakeRefusal> {
+        let key = SourceKey::of(source);
+        let mine = {
+            let mut sources = self.sources.lock().expect("handshake slots lock");
+            sources.entry(key).or_insert_with(|| Arc::new(Semaphore::new(self.per_source))).clone()
+        };
+        if let Ok(source_place) = mine.clone().try_acquire_owned()
+            && let Ok(total) = self.total.clone().try_acquire_owned()
+        {
+            return Ok(HandshakeSlot { slots: self.clone(), key, _source: Some(source_place), _total: total });
+        }
+        self.wait_for_place(key, mine, deadline).await
+    }
+
+    async fn wait_for_place(
+        self: &Arc<Self>,
+        key: SourceKey,
+        mine: Arc<Semaphore>,
+        deadline: tokio::time::Instant,
+    ) -> Result<HandshakeSlot, HandshakeRefusal> {
+        let forget = ForgetSource { slots: self.clone(), key };
+        let Ok(_waiting) = self.waiting.clone().try_acquire_owned() else {
+            return Err(HandshakeRefusal::Full(self.max_waiting));
+        };
+        let source = tokio::time::timeout_at(deadline, mine.acquire_owned())
+            .await
+            .map_err(|_| HandshakeRefusal::SourceFull(self.per_source))?
+            .expect("never closed");
+        let total = tokio::time::timeout_at(deadline, self.total.clone().acquire_owned())
+            .await
+            .map_err(|_| HandshakeRefusal::Full(self.max_waiting))?
+            .expect("never closed");
+        std::mem::forget(forget);
+        Ok(HandshakeSlot { slots: self.clone(), key, _source: Some(source), _total: total })
+    }
+
+    /// Drops the source's entry once nothing holds or waits for its places.
+    fn forget_if_unused(&self, key: SourceKey) {
+        let mut sources = self.sources.lock().expect("handshake slots lock");
+        if sources.get(&key).is_some_and(|mine| Arc::strong_count(mine) == 1) {
+            sources.remove(&key);
+        }
+    }
+}
+
+/// Forgets a source's entry when a wait for its place ends without one.
+struct ForgetSource {
+    slots: Arc<HandshakeSlots>,
+    key: SourceKey,
+}
+
+impl Drop for ForgetSource {
+    fn drop(&mut self) {
+        self.slots.forget_if_unused(self.key);
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        // The permits go first, so the source's semaphore is referenced by the map only.
+        self._source.take();
+        self.slots.forget_if_unused(self.key);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,6 +298,92 @@ mod tests {
         assert!(gate.admit_stream().err().unwrap().contains("too many streams on this server"));
         drop(a);
         assert!(gate.admit_stream().is_ok());
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    /// Admits or refuses within 50 ms.
+    async fn admit(slots: &Arc<HandshakeSlots>, source: &str) -> Result<HandshakeSlot, HandshakeRefusal> {
+        slots.admit(ip(source), tokio::time::Instant::now() + Duration::from_millis(50)).await
+    }
+
+    #[tokio::test]
+    async fn one_source_holds_at_most_its_share_and_others_still_get_in() {
+        let slots = Arc::new(HandshakeSlots::new(8, Some(3)));
+        let mut flood = Vec::new();
+        for _ in 0..3 {
+            flood.push(admit(&slots, "127.0.0.2").await.unwrap());
+        }
+        assert_eq!(admit(&slots, "127.0.0.2").await.err(), Some(HandshakeRefusal::SourceFull(3)));
+        let mut others = Vec::new();
+        for i in 3..8 {
+            others.push(admit(&slots, &format!("127.0.0.{i}")).await.unwrap());
+        }
+        assert_eq!(admit(&slots, "127.0.0.9").await.err(), Some(HandshakeRefusal::Full(24)));
+        drop(flood);
+        assert!(admit(&slots, "127.0.0.2").await.is_ok(), "places come back when connections finish");
+        drop(others);
+        assert!(slots.sources.lock().unwrap().is_empty(), "no entry left for sources with no connection");
+    }
+
+    #[tokio::test]
+    async fn a_burst_from_one_source_waits_for_places_instead_of_being_dropped() {
+        let slots = Arc::new(HandshakeSlots::new(4, Some(2)));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let mut burst = tokio::task::JoinSet::new();
+        for _ in 0..12 {
+            let slots = slots.clone();
+            burst.spawn(async move {
+                let slot = slots.admit(ip("127.0.0.2"), deadline).await?;
+                tokio::time::sleep(Duration::from_millis(20)).await; // the handshake
+                drop(slot);
+                Ok::<(), HandshakeRefusal>(())
+            });
+        }
+        while let Some(done) = burst.join_next().await {
+            assert_eq!(done.unwrap(), Ok(()), "every connection of the burst got a place in turn");
+        }
+        assert!(slots.sources.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn past_the_waiting_room_connections_are_dropped_at_once() {
+        let slots = Arc::new(HandshakeSlots::new(1, Some(1)));
+        let _held = admit(&slots, "127.0.0.2").await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let waiting: Vec<_> = (0..3)
+            .map(|_| {
+                let slots = slots.clone();
+                tokio::spawn(async move { slots.admit(ip("127.0.0.3"), deadline).await.map(drop) })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = std::time::Instant::now();
+        assert_eq!(admit(&slots, "127.0.0.4").await.err(), Some(HandshakeRefusal::Full(3)));
+        assert!(started.elapsed() < Duration::from_millis(40), "dropped without waiting");
+        for wait in waiting {
+            wait.abort();
+        }
+    }
+
+    #[tokio::test]
+    async fn ipv6_sources_are_grouped_by_their_64_prefix_and_mapped_v4_is_v4() {
+        let slots = Arc::new(HandshakeSlots::new(8, Some(1)));
+        let _a = admit(&slots, "2001:db8:1:2::1").await.unwrap();
+        assert!(admit(&slots, "2001:db8:1:2:ffff::9").await.is_err(), "same /64");
+        let _b = admit(&slots, "2001:db8:1:3::1").await.unwrap();
+        let _c = admit(&slots, "192.0.2.7").await.unwrap();
+        assert!(admit(&slots, "::ffff:192.0.2.7").await.is_err(), "mapped form is the same source");
+    }
+
+    #[test]
+    fn the_default_share_is_a_quarter_but_at_least_sixteen() {
+        assert_eq!(HandshakeSlots::new(512, None).per_source(), 128);
+        assert_eq!(HandshakeSlots::new(40, None).per_source(), 16);
+        assert_eq!(HandshakeSlots::new(4, None).per_source(), 4);
+        assert_eq!(HandshakeSlots::new(4, Some(9)).per_source(), 4);
     }
 
     #[tokio::test]

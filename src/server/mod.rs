@@ -1,32 +1,37 @@
 //! The AnyTLS server: accepts TLS, authenticates, and serves each session's
 //! streams by dialing their destinations.
 
+pub mod fallback;
 pub mod limits;
 pub mod outbound;
 pub mod outbound_pool;
+pub mod policy;
 pub mod tls;
 pub mod udp;
+pub mod users;
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
+use tokio::time::Instant;
 
+use crate::api::handshakes::{HANDSHAKES, HandshakeCounters};
 use crate::proto::Frame;
 use crate::proto::PaddingScheme;
 use crate::proto::PasswordHash;
-use crate::proto::auth::{AuthParse, parse_auth_block};
 use crate::proto::frame::Command;
 use crate::session::{Session, SessionConfig, Stream, StreamHandler};
-use limits::{Gate, ServerLimits};
+use fallback::{Fallback, FirstData, ProbeSettings, TlsFront};
+use limits::{Gate, HandshakeRefusal, HandshakeSlot, HandshakeSlots, ServerLimits};
 use outbound::Dialer;
 use outbound_pool::{OutboundPool, OutboundSettings};
+use users::{CountedIo, SessionCount, User, UserEntry, Users};
 
 /// Everything the server needs to run.
 pub struct ServerConfig {
@@ -38,6 +43,8 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Connections allowed to be in the handshake/authentication phase at once.
     pub max_handshakes: usize,
+    /// What meets connections that do not authenticate, and their share per source.
+    pub probe: ProbeSettings,
     pub max_streams_per_session: usize,
     pub outbound: OutboundSettings,
     /// Targets to warm up at start-up.
@@ -63,6 +70,7 @@ pub fn new_outbound_pool(config: &ServerConfig) -> OutboundPool {
 /// Accepts connections until `shutdown` resolves, then stops accepting, lets streams
 /// in flight finish (at most `limits.drain_timeout`), closes every session and the
 /// outbound pool's warm connections, and logs the final pool statistics.
+/// `config.passwords` are the users (unnamed).
 pub async fn run_until(
     listener: TcpListener,
     config: ServerConfig,
@@ -70,63 +78,90 @@ pub async fn run_until(
     limits: ServerLimits,
     shutdown: impl Future<Output = ()>,
 ) {
-    let acceptor = TlsAcceptor::from(config.tls.clone());
+    let users = Users::new(UserEntry::unnamed(config.passwords.clone())).expect("at least one password");
+    run_with_users(listener, config, Arc::new(users), pool, limits, shutdown).await
+}
+
+/// As [`run_until`], with named users that a reload may change while it runs: the
+/// sessions of a user removed from `users` are closed (`config.passwords` is unused).
+pub async fn run_with_users(
+    listener: TcpListener,
+    config: ServerConfig,
+    users: Arc<Users>,
+    pool: OutboundPool,
+    limits: ServerLimits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let door = Arc::new(Door {
+        tls: TlsFront::new(config.tls.clone(), config.probe.fallback.as_ref()),
+        fallback: config.probe.fallback.clone().map(Fallback::new),
+    });
     let config = Arc::new(config);
     let session_config = SessionConfig {
         padding: Arc::new(ArcSwap::from_pointee(config.padding.clone())),
         max_streams: config.max_streams_per_session,
         stream_idle_timeout: limits.stream_idle_timeout,
+        buffers: limits.buffers.clone(),
         ..SessionConfig::default()
     };
     let gate = Arc::new(Gate::new(limits));
-    let handshakes = Arc::new(Semaphore::new(config.max_handshakes));
+    let slots = Arc::new(HandshakeSlots::new(config.max_handshakes, config.probe.max_handshakes_per_source));
+    crate::api::handshakes::show_in_metrics();
     log_pool_configuration(&config);
+    log_probe_configuration(&config, &slots);
     for target in &config.warmup {
         pool.warm_up(target);
     }
     let maintenance = tokio::spawn(maintain_pool(pool.clone(), config.stats_interval));
+    let refusals = Arc::new(std::sync::Mutex::new(RefusalLog::default()));
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = crate::accept::accept_with_backoff(&listener) => accepted,
             () = &mut shutdown => break,
         };
-        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-            log::warn!("{peer}: dropped, {} handshakes already in progress", config.max_handshakes);
-            continue;
-        };
-        let acceptor = acceptor.clone();
+        let slots = slots.clone();
+        let refusals = refusals.clone();
+        let door = door.clone();
         let config = config.clone();
         let session_config = session_config.clone();
         let pool = pool.clone();
         let gate = gate.clone();
+        let users = users.clone();
         tokio::spawn(async move {
-            let authenticated =
-                tokio::time::timeout(config.handshake_timeout, handshake(tcp, peer, &acceptor, &config)).await;
-            drop(permit);
-            let (tls, leftover) = match authenticated {
-                Ok(Ok(done)) => done,
-                Ok(Err(why)) => {
-                    log::warn!("{peer}: {why}");
-                    return;
-                }
-                Err(_) => {
-                    log::warn!("{peer}: no authentication within {:?}", config.handshake_timeout);
-                    return;
-                }
+            let deadline = Instant::now() + config.handshake_timeout;
+            let slot = match slots.admit(peer.ip(), deadline).await {
+                Ok(slot) => slot,
+                Err(why) => return refusals.lock().expect("refusal log lock").note(peer, &why),
+            };
+            let Some((tls, leftover, user)) = authenticate(tcp, peer, &door, &config, &users, deadline, slot).await
+            else {
+                return;
             };
             let _session_place = match gate.admit_session() {
                 Ok(place) => place,
                 Err(why) => return refuse_session(tls, peer, &why).await,
             };
-            let handler = stream_handler(gate.clone(), pool, config.udp, peer.to_string());
+            let _counted = SessionCount::new(user.counters.clone());
+            let handler = count_streams(&user, stream_handler(gate.clone(), pool, config.udp, peer.to_string()));
+            let client_socket = tls.get_ref().0.as_raw_fd();
+            let tls = CountedIo::new(tls, user.counters.clone());
             let session = Session::server(tls, session_config, leftover, handler);
-            log::debug!("{peer}: session open");
+            log::debug!("{peer}: session open (user {})", user.name);
             let reason = tokio::select! {
                 reason = session.closed() => reason,
                 () = gate.closing() => {
                     session.close("server shutting down");
                     "server shutting down".into()
+                }
+                () = user.revoked() => {
+                    session.close("user removed by a reload");
+                    log::info!("{peer}: session of user {} closed: removed by a reload", user.name);
+                    "user removed by a reload".into()
+                }
+                () = client_gone(client_socket) => {
+                    session.close("the client closed the connection");
+                    "the client closed the connection".into()
                 }
             };
             log::debug!("{peer}: session closed: {reason}");
@@ -160,6 +195,15 @@ fn stream_handler(gate: Arc<Gate>, pool: OutboundPool, udp: udp::UdpSettings, pe
                 let _ = stream.send_synack(Err(why)).await;
             });
         }
+    })
+}
+
+/// Counts each stream the session opens for its user, then hands it on.
+fn count_streams(user: &User, handler: StreamHandler) -> StreamHandler {
+    let counters = user.counters.clone();
+    Arc::new(move |stream: Stream| {
+        counters.streams.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        handler(stream)
     })
 }
 
@@ -206,31 +250,130 @@ async fn maintain_pool(pool: OutboundPool, stats_interval: Duration) {
 
 type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
 
-/// TLS, then the authentication block. A wrong password gets no answer at all.
-async fn handshake(
-    tcp: TcpStream,
-    peer: SocketAddr,
-    acceptor: &TlsAcceptor,
-    config: &ServerConfig,
-) -> Result<(TlsStream, BytesMut), String> {
-    let _ = tcp.set_nodelay(true);
-    let mut tls = acceptor.accept(tcp).await.map_err(|err| format!("TLS handshake failed: {err}"))?;
-    let mut buf = BytesMut::with_capacity(1024);
+/// Resolves once the client's socket shows that it closed or reset the connection.
+/// A session whose streams' destinations stopped reading stops reading its client
+/// (backpressure), so it would not see the close itself: without this, a client
+/// that filled its buffers and left would hold them, and their outbound connections,
+/// until the stream idle timeout. `socket` stays open while the session runs, and
+/// this is polled only until the session ends.
+async fn client_gone(socket: std::os::fd::RawFd) {
+    let mut check = tokio::time::interval(Duration::from_secs(2));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        match parse_auth_block(&buf, &config.passwords) {
-            AuthParse::Accepted { user, block_len } => {
-                log::debug!("{peer}: authenticated as user {user}");
-                let _ = buf.split_to(block_len);
-                return Ok((tls, buf));
-            }
-            AuthParse::Rejected => return Err("authentication failed (wrong password)".into()),
-            AuthParse::Incomplete { needed } => {
-                buf.reserve(needed.saturating_sub(buf.len()));
-                let read = tls.read_buf(&mut buf).await.map_err(|err| format!("read failed: {err}"))?;
-                if read == 0 {
-                    return Err("closed before authenticating".into());
-                }
-            }
+        check.tick().await;
+        if crate::tcp_state::peer_closed_fd(socket) {
+            return;
         }
     }
+}
+
+/// What meets a new connection: TLS, then the fallback site for those that do not
+/// authenticate.
+struct Door {
+    tls: TlsFront,
+    fallback: Option<Fallback>,
+}
+
+/// TLS, then the authentication block, all before `deadline`. An authenticated client
+/// gets its session; anything else goes to the fallback site or is closed silently (see
+/// [`fallback`]), counted and logged at DEBUG only.
+async fn authenticate(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    door: &Door,
+    config: &ServerConfig,
+    users: &Users,
+    deadline: Instant,
+    slot: HandshakeSlot,
+) -> Option<(TlsStream, BytesMut, Arc<User>)> {
+    let _ = tcp.set_nodelay(true);
+    let mut tls = match tokio::time::timeout_at(deadline, door.tls.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(err)) => {
+            log::debug!("{peer}: TLS handshake failed: {err}");
+            return None;
+        }
+        Err(_) => {
+            HandshakeCounters::count(&HANDSHAKES.auth_timeouts);
+            log::debug!("{peer}: no authentication within {:?} (TLS unfinished)", config.handshake_timeout);
+            return None;
+        }
+    };
+    let accepted = users.current();
+    let read = match fallback::read_first_data(&mut tls, accepted.hashes(), deadline).await {
+        FirstData::Authenticated { user, leftover } => {
+            let user = accepted.user(user);
+            log::debug!("{peer}: authenticated as user {}", user.name);
+            return Some((tls, leftover, user));
+        }
+        FirstData::Invalid { read, why } => {
+            HandshakeCounters::count(&HANDSHAKES.auth_failures);
+            log::debug!("{peer}: authentication failed ({why}) after {} bytes", read.len());
+            read
+        }
+        FirstData::TimedOut { read } => {
+            HandshakeCounters::count(&HANDSHAKES.auth_timeouts);
+            log::debug!("{peer}: no authentication within {:?}", config.handshake_timeout);
+            read
+        }
+        FirstData::Gone(why) => {
+            log::debug!("{peer}: {why}");
+            return None;
+        }
+    };
+    if let Some(fallback) = &door.fallback
+        && let Some(site) = fallback.open(peer).await
+    {
+        // Out of the handshake phase: the site's own limits apply from here.
+        drop(slot);
+        fallback::relay(tls, site, read, peer).await;
+        return None;
+    }
+    let silent = read.is_empty();
+    fallback::linger_then_close(tls, deadline, silent).await;
+    None
+}
+
+/// Connections dropped at accept are logged at WARN at most once per [`RefusalLog::EVERY`]
+/// (with the number dropped since), so a flood cannot flood the log.
+#[derive(Default)]
+struct RefusalLog {
+    last: Option<Instant>,
+    since: u64,
+}
+
+impl RefusalLog {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn note(&mut self, peer: SocketAddr, why: &HandshakeRefusal) {
+        HandshakeCounters::count(match why {
+            HandshakeRefusal::Full(_) => &HANDSHAKES.refused_full,
+            HandshakeRefusal::SourceFull(_) => &HANDSHAKES.refused_source_full,
+        });
+        self.since += 1;
+        if self.last.is_some_and(|last| last.elapsed() < Self::EVERY) {
+            log::debug!("{peer}: dropped, {why}");
+            return;
+        }
+        let more = self.since - 1;
+        let more = if more > 0 { format!(" ({more} more dropped since the last warning)") } else { String::new() };
+        log::warn!("{peer}: dropped, {why}{more}");
+        self.last = Some(Instant::now());
+        self.since = 0;
+    }
+}
+
+fn log_probe_configuration(config: &ServerConfig, slots: &HandshakeSlots) {
+    let unauthenticated = match &config.probe.fallback {
+        Some(fallback) => {
+            format!("relayed to the fallback site {} (at most {} at once)", fallback.target, fallback.max_connections)
+        }
+        None => "closed silently".to_string(),
+    };
+    log::info!(
+        "unauthenticated connections are {unauthenticated}; at most {} handshakes at once, {} per source \
+         when places run short",
+        config.max_handshakes,
+        slots.per_source()
+    );
 }

@@ -130,6 +130,7 @@ pub async fn serve_stream(
         // UDP over TCP has its own sockets; the outbound TCP pool is not involved.
         return serve_udp(stream, early_payload, udp, peer).await;
     }
+    let Some(destination) = super::policy::admit(&mut stream, destination, &peer).await else { return };
     // A wait for a free slot ends a little before the SYNACK deadline, so that an
     // exhausted target is refused in the SYNACK rather than answered "ok" and dropped.
     let dial = pool.acquire_waiting_until(&destination, synack_deadline - SLOT_WAIT_MARGIN);

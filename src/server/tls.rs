@@ -1,10 +1,17 @@
 //! The server's TLS identity: certificate files, or a self-signed certificate.
+//!
+//! The certificate can be replaced while the server runs (SIGHUP): the rustls
+//! configuration asks a [`CertificateSlot`] for the certificate at each handshake, so new
+//! connections get the new one and established sessions are untouched.
 
 use std::path::Path;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use sha2::{Digest, Sha256};
 
 #[derive(Debug, thiserror::Error)]
@@ -43,18 +50,98 @@ impl Identity {
         Ok(Identity { chain: vec![certified.cert.der().clone()], key })
     }
 
+    /// A fresh self-signed certificate for `name` alone (`--self-signed-name`), with `name`
+    /// as its common name and a validity of about a year from yesterday: it names the
+    /// site the server stands for, not `localhost` or rcgen's defaults, which give it away.
+    pub fn self_signed_named(name: &str) -> Result<Identity, TlsSetupError> {
+        let mut params = rcgen::CertificateParams::new(vec![name.to_string()])?;
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let days = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|since| since.as_secs() / 86_400)
+            .unwrap_or(0) as i64;
+        let (from, to) = (civil_date(days - 1), civil_date(days + 364));
+        params.not_before = rcgen::date_time_ymd(from.0, from.1, from.2);
+        params.not_after = rcgen::date_time_ymd(to.0, to.1, to.2);
+        let key = rcgen::KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        let key = PrivateKeyDer::try_from(key.serialize_der()).expect("rcgen emits PKCS#8");
+        Ok(Identity { chain: vec![cert.der().clone()], key })
+    }
+
     /// Lowercase hex SHA-256 of the leaf certificate: what `--pin-sha256` takes.
     pub fn fingerprint(&self) -> String {
         certificate_fingerprint(&self.chain[0])
     }
 
     pub fn server_config(self) -> Result<Arc<rustls::ServerConfig>, TlsSetupError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(crate::crypto::provider());
         let config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
             .with_single_cert(self.chain, self.key)?;
         Ok(Arc::new(config))
+    }
+}
+
+/// (year, month, day) of a day counted from 1970-01-01 (Howard Hinnant's `civil_from_days`).
+fn civil_date(days: i64) -> (i32, u8, u8) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u8;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
+    let year = (yoe + era * 400 + i64::from(month <= 2)) as i32;
+    (year, month, day)
+}
+
+impl Identity {
+    /// The certificate and key checked and ready to serve (the key must match).
+    pub fn certified_key(self) -> Result<Arc<CertifiedKey>, TlsSetupError> {
+        let provider = crate::crypto::provider();
+        let key = CertifiedKey::from_der(self.chain, self.key, &provider)?;
+        Ok(Arc::new(key))
+    }
+
+    /// A server configuration whose certificate can be swapped later through the slot.
+    pub fn reloadable_server_config(self) -> Result<(Arc<rustls::ServerConfig>, Arc<CertificateSlot>), TlsSetupError> {
+        let slot = Arc::new(CertificateSlot(ArcSwap::new(self.certified_key()?)));
+        let provider = Arc::new(crate::crypto::provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_cert_resolver(slot.clone());
+        Ok((Arc::new(config), slot))
+    }
+}
+
+/// The certificate new handshakes get.
+#[derive(Debug)]
+pub struct CertificateSlot(ArcSwap<CertifiedKey>);
+
+impl CertificateSlot {
+    pub fn replace(&self, identity: Identity) -> Result<(), TlsSetupError> {
+        self.0.store(identity.certified_key()?);
+        Ok(())
+    }
+
+    pub fn replace_key(&self, key: Arc<CertifiedKey>) {
+        self.0.store(key);
+    }
+
+    /// Fingerprint of the leaf certificate served now.
+    pub fn fingerprint(&self) -> String {
+        certificate_fingerprint(&self.0.load().cert[0])
+    }
+}
+
+impl ResolvesServerCert for CertificateSlot {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.load_full())
     }
 }
 
@@ -71,6 +158,34 @@ mod tests {
         let identity = Identity::self_signed().unwrap();
         assert_eq!(identity.fingerprint().len(), 64);
         identity.server_config().unwrap();
+    }
+
+    #[test]
+    fn a_named_self_signed_certificate_names_the_site_and_a_plausible_year() {
+        let identity = Identity::self_signed_named("www.example.org").unwrap();
+        let der = identity.chain[0].as_ref();
+        let has = |needle: &[u8]| der.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"www.example.org"));
+        assert!(!has(b"localhost") && !has(b"rcgen"), "no default names left in the certificate");
+        identity.server_config().unwrap();
+        assert_eq!(civil_date(0), (1970, 1, 1));
+        assert_eq!(civil_date(20_513), (2026, 3, 1));
+        assert_eq!(civil_date(11_016), (2000, 2, 29));
+    }
+
+    #[test]
+    fn the_slot_serves_the_certificate_it_was_last_given() {
+        let first = Identity::self_signed().unwrap();
+        let first_print = first.fingerprint();
+        let (_config, slot) = first.reloadable_server_config().unwrap();
+        assert_eq!(slot.fingerprint(), first_print);
+        let second = Identity::self_signed().unwrap();
+        let second_print = second.fingerprint();
+        slot.replace(second).unwrap();
+        assert_eq!(slot.fingerprint(), second_print);
+        let mismatched = Identity { key: Identity::self_signed().unwrap().key, ..Identity::self_signed().unwrap() };
+        assert!(slot.replace(mismatched).is_err(), "a key that does not match its certificate is refused");
+        assert_eq!(slot.fingerprint(), second_print);
     }
 
     #[test]

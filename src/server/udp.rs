@@ -1,4 +1,4 @@
-//! Serving a UDP-over-TCP stream (contract §5, sing-box UoT v2).
+//! Serving a UDP-over-TCP stream (docs/protocol.md §5, sing-box UoT v2).
 //!
 //! The stream's request is read before SYNACK, as reference clients send it without
 //! waiting (answering first would deadlock them); a malformed request is refused in the
@@ -264,6 +264,11 @@ impl Outbound {
     /// An IP for `address`; names are looked up once per stream, IPv4 preferred (the
     /// common case for services that listen on one family only).
     async fn resolve(&mut self, address: &Address) -> Result<IpAddr, String> {
+        let ip = self.lookup(address).await?;
+        super::policy::check_udp(SocketAddr::new(ip, address.port)).map(|()| ip)
+    }
+
+    async fn lookup(&mut self, address: &Address) -> Result<IpAddr, String> {
         let name = match &address.host {
             Host::Ip(ip) => return Ok(*ip),
             Host::Domain(name) => name,

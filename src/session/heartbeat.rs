@@ -23,25 +23,35 @@ use super::Shared;
 use crate::proto::Frame;
 use crate::proto::frame::Command;
 
-/// When the session last received bytes: one relaxed store per read.
+/// What the reader received: when it last did (to notice silence) and how many reads
+/// it has made (to notice an answer). The answer check counts reads rather than
+/// comparing times, so an answer that lands within the same clock tick as its request
+/// (loopback, a LAN) still counts; a truncated timestamp once made it count as none.
 pub(super) struct LastReceived {
     start: Instant,
-    ms: AtomicU64,
+    nanos: AtomicU64,
+    reads: AtomicU64,
 }
 
 impl Default for LastReceived {
     fn default() -> LastReceived {
-        LastReceived { start: Instant::now(), ms: AtomicU64::new(0) }
+        LastReceived { start: Instant::now(), nanos: AtomicU64::new(0), reads: AtomicU64::new(0) }
     }
 }
 
 impl LastReceived {
+    /// One read went through: a relaxed store and a relaxed add.
     pub(super) fn touch(&self) {
-        self.ms.store(self.start.elapsed().as_millis() as u64, Relaxed);
+        self.nanos.store(self.start.elapsed().as_nanos() as u64, Relaxed);
+        self.reads.fetch_add(1, Relaxed);
     }
 
     fn at(&self) -> Instant {
-        self.start + Duration::from_millis(self.ms.load(Relaxed))
+        self.start + Duration::from_nanos(self.nanos.load(Relaxed))
+    }
+
+    pub(super) fn reads(&self) -> u64 {
+        self.reads.load(Relaxed)
     }
 }
 
@@ -65,12 +75,14 @@ pub(super) async fn run(weak: Weak<Shared>, interval: Duration) {
         }
         let timeout = shared.config.heartbeat_timeout;
         log::debug!("nothing from the server for {quiet_for:?}: heartbeat");
+        // Read before the request is queued: any read after this point is an answer
+        // (or other traffic, which proves the connection alive just as well).
+        let reads_before = shared.last_received.reads();
         shared.send_control(Frame::control(Command::HeartRequest, 0));
-        let sent_at = Instant::now();
         drop(shared);
         tokio::time::sleep(timeout).await;
         let Some(shared) = weak.upgrade() else { return };
-        if shared.last_received.at() < sent_at {
+        if shared.last_received.reads() == reads_before {
             log::warn!("server silent for {:?} and no answer to a heartbeat: session closed", interval + timeout);
             shared.close(&format!("no answer to a heartbeat within {timeout:?} (connection silently dropped?)"));
             return;

@@ -8,6 +8,7 @@
 //! large write so TLS records are filled. Both roles (client, server) share this code;
 //! only frame handling differs.
 
+mod budget;
 mod heartbeat;
 mod idle;
 mod reader;
@@ -28,6 +29,7 @@ use tokio::sync::{mpsc, watch};
 use crate::proto::frame::Command;
 use crate::proto::{Frame, PaddingScheme, Settings};
 
+pub use budget::BufferBudget;
 pub use relay::{RelayStats, relay};
 pub use stream::{OpenError, Stream, StreamReader, StreamWriter};
 
@@ -79,6 +81,8 @@ pub struct SessionConfig {
     pub heartbeat_interval: Option<Duration>,
     /// Client: nothing received this long after a heartbeat closes the session.
     pub heartbeat_timeout: Duration,
+    /// Bounds stream data received but not yet consumed (see `budget.rs`).
+    pub buffers: BufferBudget,
 }
 
 impl Default for SessionConfig {
@@ -93,6 +97,7 @@ impl Default for SessionConfig {
             stream_idle_timeout: None,
             heartbeat_interval: None,
             heartbeat_timeout: Duration::from_secs(10),
+            buffers: BufferBudget::default(),
         }
     }
 }
@@ -113,7 +118,8 @@ enum Outgoing {
 /// Events for one stream, in wire order.
 #[derive(Debug)]
 enum StreamEvent {
-    Data(Bytes),
+    /// Data, and its charge against the memory budget.
+    Data(Bytes, budget::Charge),
     Fin,
     SynAck(Result<(), String>),
 }
@@ -141,6 +147,8 @@ struct Shared {
     peer_spoke: AtomicBool,
     /// When the reader last received bytes (see `heartbeat.rs`).
     last_received: heartbeat::LastReceived,
+    /// This session's share of the buffer budget.
+    budget: budget::SessionBudget,
     closed: watch::Sender<Option<Arc<str>>>,
 }
 
@@ -249,6 +257,7 @@ impl Session {
             Role::Client => Some(config.padding.load_full()),
             Role::Server => None,
         };
+        let budget = config.buffers.for_session();
         let shared = Arc::new(Shared {
             role,
             config,
@@ -263,6 +272,7 @@ impl Session {
             pooled: AtomicBool::new(false),
             peer_spoke: AtomicBool::new(false),
             last_received: heartbeat::LastReceived::default(),
+            budget,
             closed: watch::Sender::new(None),
         });
         let (read_half, write_half) = tokio::io::split(io);

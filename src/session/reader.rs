@@ -63,7 +63,16 @@ async fn dispatch(frame: Frame, shared: &Arc<Shared>, handler: Option<&StreamHan
             let sender = shared.streams.lock().expect("streams lock").get(&sid).cloned();
             // Data for an unknown (or already finished) stream is dropped.
             if let Some(sender) = sender {
-                deliver(shared, sid, &sender, StreamEvent::Data(detach(frame.data))).await;
+                let data = detach(frame.data);
+                let charge = match shared.budget.try_charge(data.len()) {
+                    Some(charge) => charge,
+                    // Over budget: this session stops reading until its consumers catch up.
+                    None => match until_closed(shared, shared.budget.charge(data.len())).await {
+                        Some(charge) => charge,
+                        None => return Ok(()),
+                    },
+                };
+                deliver(shared, sid, &sender, StreamEvent::Data(data, charge)).await;
             }
         }
         Command::Fin => {
@@ -82,10 +91,25 @@ async fn dispatch(frame: Frame, shared: &Arc<Shared>, handler: Option<&StreamHan
 }
 
 /// Waits for room in the stream's queue (backpressure); a stream whose reader is
-/// gone is forgotten.
+/// gone is forgotten. A close ends the wait: a stream that stopped reading must not
+/// keep a closed session's reader (and its connection) alive.
 async fn deliver(shared: &Shared, sid: u32, sender: &mpsc::Sender<StreamEvent>, event: StreamEvent) {
-    if sender.send(event).await.is_err() {
+    let event = match sender.try_send(event) {
+        Ok(()) => return,
+        Err(mpsc::error::TrySendError::Closed(_)) => return shared.remove_stream(sid),
+        Err(mpsc::error::TrySendError::Full(event)) => event,
+    };
+    if let Some(Err(_)) = until_closed(shared, sender.send(event)).await {
         shared.remove_stream(sid);
+    }
+}
+
+/// Runs `wait` unless the session closes first (`None`).
+async fn until_closed<T>(shared: &Shared, wait: impl Future<Output = T>) -> Option<T> {
+    let mut closed = shared.closed.subscribe();
+    tokio::select! {
+        done = wait => Some(done),
+        _ = closed.wait_for(|state| state.is_some()) => None,
     }
 }
 
@@ -129,7 +153,10 @@ fn on_server_frame(frame: Frame, shared: &Arc<Shared>, handler: Option<&StreamHa
             }
             if streams.len() >= shared.config.max_streams {
                 drop(streams);
-                log::warn!("stream {sid} refused: session already has {} streams", shared.config.max_streams);
+                log::warn!(
+                    "stream {sid} refused: session already has {} streams (--max-streams-per-session)",
+                    shared.config.max_streams
+                );
                 refuse_stream(shared, sid, "too many streams on this session");
                 return Ok(());
             }

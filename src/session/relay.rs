@@ -50,6 +50,7 @@ enum FirstEnd {
 pub async fn relay(stream: Stream, tcp: TcpStream) -> (RelayStats, Option<String>) {
     let half_close = stream.half_close();
     let idle = IdleWatch::new(stream.idle_timeout());
+    let session_closed = stream.session_closed();
     let (mut stream_reader, mut stream_writer) = stream.split();
     let (mut tcp_reader, mut tcp_writer) = tcp.into_split();
     // Counted outside the two directions so an error still reports what went through.
@@ -78,16 +79,19 @@ pub async fn relay(stream: Stream, tcp: TcpStream) -> (RelayStats, Option<String
         Ok::<FirstEnd, RelayError>(FirstEnd::Peers)
     };
     let expired = async { RelayError::Idle(idle.expired().await) };
+    let session_closed = async { RelayError::Session(session_closed.await) };
     let outcome = if half_close {
         tokio::select! {
             both = async { tokio::try_join!(upstream, downstream) } => both.map(|_| ()),
             idle = expired => Err(idle),
+            closed = session_closed => Err(closed),
         }
     } else {
         let first = tokio::select! {
             ended = upstream => ended,
             ended = downstream => ended,
             idle = expired => Err(idle),
+            closed = session_closed => Err(closed),
         };
         first.map(|end| {
             if let FirstEnd::Peers = end {

@@ -30,7 +30,14 @@ pub struct Stream {
 impl Stream {
     pub(super) fn new(id: u32, shared: Arc<Shared>, events: mpsc::Receiver<StreamEvent>) -> Stream {
         Stream {
-            reader: StreamReader { id, shared: shared.clone(), events, pending: None, fin_received: false },
+            reader: StreamReader {
+                id,
+                shared: shared.clone(),
+                events,
+                pending: None,
+                consumed: None,
+                fin_received: false,
+            },
             writer: StreamWriter { id, shared, fin_sent: false },
         }
     }
@@ -48,6 +55,17 @@ impl Stream {
     /// How long the relay lets this stream sit without data (the session's setting).
     pub fn idle_timeout(&self) -> Option<std::time::Duration> {
         self.writer.shared.config.stream_idle_timeout
+    }
+
+    /// Resolves once the stream's session has closed, so a relay blocked on its TCP
+    /// side (a target that neither reads nor writes) still ends with the session.
+    pub fn session_closed(&self) -> impl Future<Output = SessionClosed> + Send + 'static {
+        let shared = self.writer.shared.clone();
+        let mut closed = shared.closed.subscribe();
+        async move {
+            let _ = closed.wait_for(|state| state.is_some()).await;
+            shared.closed_error()
+        }
     }
 
     pub fn split(self) -> (StreamReader, StreamWriter) {
@@ -108,8 +126,9 @@ impl Stream {
                     self.writer.fin_sent = true;
                     return Err(OpenError::Refused(text));
                 }
-                Some(StreamEvent::Data(data)) => {
+                Some(StreamEvent::Data(data, charge)) => {
                     self.reader.pending = Some(data);
+                    self.reader.consumed = Some(charge);
                     return Ok(());
                 }
                 Some(StreamEvent::Fin) => {
@@ -147,6 +166,9 @@ pub struct StreamReader {
     shared: Arc<Shared>,
     events: mpsc::Receiver<StreamEvent>,
     pending: Option<Bytes>,
+    /// The budget charge of the chunk last handed out: returned when the consumer
+    /// asks for the next one, so a chunk still being written out counts too.
+    consumed: Option<super::budget::Charge>,
     fin_received: bool,
 }
 
@@ -156,12 +178,16 @@ impl StreamReader {
         if let Some(data) = self.pending.take() {
             return Ok(Some(data));
         }
+        self.consumed = None;
         if self.fin_received {
             return Ok(None);
         }
         loop {
             match self.events.recv().await {
-                Some(StreamEvent::Data(data)) => return Ok(Some(data)),
+                Some(StreamEvent::Data(data, charge)) => {
+                    self.consumed = Some(charge);
+                    return Ok(Some(data));
+                }
                 Some(StreamEvent::Fin) => {
                     self.fin_received = true;
                     return Ok(None);
@@ -204,7 +230,7 @@ impl StreamWriter {
         Ok(())
     }
 
-    /// The peer ended the whole stream: no FIN is owed (the contract: FIN is never
+    /// The peer ended the whole stream: no FIN is owed (docs/protocol.md §2: FIN is never
     /// answered with FIN).
     pub fn forget_fin(&mut self) {
         self.fin_sent = true;

@@ -436,3 +436,101 @@ async fn a_session_we_close_ourselves_is_not_blamed_on_the_password() {
     client.close("idle timeout");
     assert_eq!(&*client.closed().await, "idle timeout");
 }
+
+#[tokio::test]
+async fn a_quiet_stream_survives_several_heartbeats_on_a_fast_link() {
+    // In-memory pipes answer within microseconds: the case where a heartbeat's answer
+    // lands in the same clock tick as its request.
+    let config = SessionConfig {
+        heartbeat_interval: Some(Duration::from_millis(100)),
+        heartbeat_timeout: Duration::from_millis(100),
+        ..SessionConfig::default()
+    };
+    let (client, _server) = pair(config);
+    let mut stream = client.open_stream(Bytes::new()).await.unwrap();
+    stream.wait_open().await.unwrap();
+    let reads_when_quiet = client.shared.last_received.reads();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!client.is_closed(), "closed: {:?}", client.shared.close_reason());
+    let answers = client.shared.last_received.reads() - reads_when_quiet;
+    assert!(answers >= 3, "only {answers} heartbeat answers in 1.5 s of quiet");
+    stream.write(Bytes::from_static(b"still here")).await.unwrap();
+    assert_eq!(&stream.read().await.unwrap().unwrap()[..], b"still here");
+}
+
+/// Waits until nothing but `weak` itself refers to a session: every task has ended.
+async fn wait_for_every_task_to_end(weak: &std::sync::Weak<Shared>, side: &str) {
+    let ended = async {
+        while weak.upgrade().is_some() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(3), ended).await.unwrap_or_else(|_| {
+        panic!("{side}: {} references left 3 s after close", weak.strong_count());
+    });
+}
+
+/// A server that takes streams and never reads them: its reader blocks on a full
+/// stream queue, the pipe fills, then the client's writer and its stream writes block.
+#[tokio::test]
+async fn a_hard_close_ends_every_task_and_fails_a_blocked_write() {
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let handler: StreamHandler = {
+        let held = held.clone();
+        Arc::new(move |stream| held.lock().unwrap().push(stream))
+    };
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let server = Session::server(b, SessionConfig::default(), BytesMut::new(), handler);
+    let client = Session::client(a, SessionConfig::default());
+    let mut stream = client.open_stream(Bytes::new()).await.unwrap();
+    let writes = tokio::spawn(async move {
+        let chunk = Bytes::from(vec![0u8; 65_535]);
+        loop {
+            if let Err(err) = stream.write(chunk.clone()).await {
+                return err;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!writes.is_finished(), "the writes should be blocked by now");
+    let (client_tasks, server_tasks) = (Arc::downgrade(&client.shared), Arc::downgrade(&server.shared));
+    client.close("test: hard close");
+    server.close("test: hard close");
+    let err = tokio::time::timeout(Duration::from_secs(2), writes).await.expect("blocked write ended").unwrap();
+    assert!(err.0.contains("hard close"), "{err}");
+    drop((client, server));
+    held.lock().unwrap().clear();
+    wait_for_every_task_to_end(&client_tasks, "client").await;
+    wait_for_every_task_to_end(&server_tasks, "server").await;
+}
+
+/// A relay whose target neither reads nor writes is blocked on both TCP directions;
+/// the session closing must still end it.
+#[tokio::test]
+async fn a_relay_blocked_on_a_silent_target_ends_when_its_session_closes() {
+    let (to_target, _silent_target) = tcp_pair().await;
+    let to_target = Mutex::new(Some(to_target));
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let done_tx = Mutex::new(Some(done_tx));
+    let handler: StreamHandler = Arc::new(move |mut stream: Stream| {
+        let (tcp, done) = (to_target.lock().unwrap().take().unwrap(), done_tx.lock().unwrap().take().unwrap());
+        tokio::spawn(async move {
+            stream.send_synack(Ok(())).await.unwrap();
+            let _ = done.send(relay(stream, tcp).await);
+        });
+    });
+    let (a, b) = tokio::io::duplex(PIPE);
+    let server = Session::server(b, SessionConfig::default(), BytesMut::new(), handler);
+    let client = Session::client(a, SessionConfig::default());
+    let mut stream = client.open_stream(Bytes::new()).await.unwrap();
+    stream.wait_open().await.unwrap();
+    // More than the target's socket buffers take: the relay's TCP write blocks.
+    let _writes = tokio::spawn(async move {
+        let chunk = Bytes::from(vec![0u8; 65_535]);
+        while stream.write(chunk.clone()).await.is_ok() {}
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.close("test: session closed under a blocked relay");
+    let (_, error) = tokio::time::timeout(Duration::from_secs(2), done_rx).await.expect("relay ended").unwrap();
+    assert!(error.as_deref().unwrap_or_default().contains("blocked relay"), "{error:?}");
+}

@@ -1,0 +1,129 @@
+//! Process resources — file descriptors and memory — and the default caps derived
+//! from them.
+//!
+//! Fixed defaults were wrong both ways: 4,096 sessions refused the 4,097th user on a
+//! machine that could carry ten times that, while under `ulimit -n 1024` warm
+//! connections alone could take every descriptor and stop `accept`. So the binaries
+//! raise the soft descriptor limit to the hard one (as servers do) and split what
+//! they get: a fixed reserve, then fixed shares per kind of connection, so that no
+//! kind can take the descriptors another needs and, together, they never exceed the
+//! limit. A flag given explicitly wins over its derived default.
+
+/// Descriptors kept out of every share: standard streams, listeners, the API,
+/// name lookups, log files.
+const RESERVED_FDS: u64 = 64;
+
+/// The process's descriptor limit after [`raise_fd_limit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FdLimit {
+    /// The soft limit now in force.
+    pub limit: u64,
+    /// The soft limit before, when it was raised.
+    pub raised_from: Option<u64>,
+}
+
+impl std::fmt::Display for FdLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.raised_from {
+            Some(before) => write!(f, "{} (soft limit raised from {before} to the hard limit)", self.limit),
+            None => write!(f, "{}", self.limit),
+        }
+    }
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit and returns what is in force.
+pub fn raise_fd_limit() -> FdLimit {
+    let mut current = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut current) } != 0 {
+        return FdLimit { limit: 1024, raised_from: None };
+    }
+    if current.rlim_cur >= current.rlim_max {
+        return FdLimit { limit: current.rlim_cur, raised_from: None };
+    }
+    let raised = libc::rlimit { rlim_cur: current.rlim_max, rlim_max: current.rlim_max };
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+        FdLimit { limit: raised.rlim_cur, raised_from: Some(current.rlim_cur) }
+    } else {
+        FdLimit { limit: current.rlim_cur, raised_from: None }
+    }
+}
+
+/// The server's caps that count descriptors, each a share of the usable ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerCaps {
+    /// Connections in TLS/authentication at once: 1/16.
+    pub handshakes: usize,
+    /// Authenticated sessions: 7/16.
+    pub sessions: usize,
+    /// Streams across all sessions (each holds one outbound socket): 7/16.
+    pub streams: usize,
+    /// Warm outbound connections across all targets: 1/16, and never more than
+    /// 1,024 (warm connections are a convenience, not a service).
+    pub warm: usize,
+}
+
+impl ServerCaps {
+    pub fn for_fd_limit(limit: u64) -> ServerCaps {
+        let usable = limit.saturating_sub(RESERVED_FDS).max(64);
+        let share = |sixteenths: u64| (usable * sixteenths / 16).max(1) as usize;
+        ServerCaps { handshakes: share(1), sessions: share(7), streams: share(7), warm: share(1).min(1024) }
+    }
+}
+
+/// Physical memory in bytes, if the system says.
+pub fn physical_memory() -> Option<u64> {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let (pages, page_size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    (pages > 0 && page_size > 0).then(|| pages as u64 * page_size as u64)
+}
+
+/// Default for buffered stream data across all sessions: 1/16 of physical memory,
+/// between 64 MiB and 1 GiB (see `session::budget`).
+pub fn default_buffer_budget() -> usize {
+    const MIB: u64 = 1 << 20;
+    let memory = physical_memory().unwrap_or(1024 * MIB);
+    (memory / 16).clamp(64 * MIB, 1024 * MIB) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_never_exceed_the_limit_together() {
+        for limit in [256, 1024, 20_000, 1 << 20] {
+            let caps = ServerCaps::for_fd_limit(limit);
+            let total = caps.handshakes + caps.sessions + caps.streams + caps.warm;
+            assert!(total as u64 <= limit, "{limit}: {caps:?}");
+        }
+    }
+
+    #[test]
+    fn a_common_hard_limit_carries_five_thousand_users() {
+        let caps = ServerCaps::for_fd_limit(20_000);
+        assert_eq!(caps, ServerCaps { handshakes: 1246, sessions: 8722, streams: 8722, warm: 1024 });
+    }
+
+    #[test]
+    fn a_small_limit_keeps_warm_connections_small() {
+        let caps = ServerCaps::for_fd_limit(1024);
+        assert_eq!(caps.warm, 60);
+        assert!(caps.sessions >= 400, "{caps:?}");
+    }
+
+    #[test]
+    fn raising_is_idempotent_and_reports_what_is_in_force() {
+        let first = raise_fd_limit();
+        let second = raise_fd_limit();
+        assert_eq!(second, FdLimit { limit: first.limit, raised_from: None });
+        assert!(first.limit >= 64);
+    }
+
+    #[test]
+    fn the_buffer_budget_stays_in_its_bounds() {
+        let budget = default_buffer_budget();
+        assert!((64 << 20..=1 << 30).contains(&budget), "{budget}");
+    }
+}
