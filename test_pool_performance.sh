@@ -192,3 +192,84 @@ for v in "${variants[@]}"; do
 done
 echo "done in $((SECONDS - started)) s" >&2
 [ ${#dead[@]} = 0 ] || { echo "ERROR: exited during the run: ${dead[*]} (KEEP=1 keeps the logs)" >&2; exit 1; }
+
+# --- concurrency and many targets (new workloads, reported after the table) ----------------
+# concurrency: N streams held open together through a FRESH pair with default flags (ours:
+#   no flag beyond the listen address and password; sing-box's pair when installed), quiet
+#   for 5 s, then echoing again (anytls-bench quiet). Reports refused/dropped streams and
+#   RSS per held stream: (RSS with all N held - RSS before) / N, server and client.
+#   Full run: 10,000 streams; --quick: 2,000. Needs 2 fds per stream in the client and in the
+#   server (one session per stream, as the reference client does): the open-files limit is
+#   raised first (up to 65,536 where allowed, else to the hard limit) and, when even that is
+#   too low, the wave is cut to what fits, with a note.
+# many targets: request/response over thousands of distinct destinations (127.x.y.z:PORT of
+#   one target listening on 0.0.0.0), through each pair above: per-target pool state is
+#   where engines differ. Full run: 8,000 requests over 8,000 targets; --quick: 1,000.
+if [ $quick = 1 ]; then conc_streams=2000 many_targets=1000; else conc_streams=10000 many_targets=8000; fi
+echo >&2
+raise_fd_limit 65536
+echo "concurrency and many targets: open-files limit $FD_LIMIT" >&2
+conc_note=""
+if [ $((conc_streams * 2 + 512)) -gt "$FD_LIMIT" ]; then
+    conc_note=" (cut from $conc_streams: the open-files limit $FD_LIMIT holds 2 fds per stream + 512)"
+    conc_streams=$(((FD_LIMIT - 512) / 2 / 500 * 500))
+fi
+start_targets_on wide-target 0.0.0.0:0
+wide_echo=$TARGET_ECHO wide_http_port=${TARGET_HTTP##*:}
+conc_rows=()
+concurrency_of() { # concurrency_of LABEL: PAIR_* set; one quiet wave, one table row
+    local label=$1 s0 c0 s1 c1 out log="$BENCH_WORK/conc-$1.err"
+    sleep 1
+    s0=$(rss_kib "$PAIR_SERVER_PID") c0=$(rss_kib "$PAIR_CLIENT_PID") s1="" c1=""
+    "$BIN/anytls-bench" quiet --socks "$PAIR_SOCKS" --target "$wide_echo" --streams "$conc_streams" --quiet-secs 5 \
+        --max-seconds 240 --json >"$BENCH_WORK/conc-$label.json" 2>"$log" &
+    local qpid=$!
+    if wait_log "$log" '^held [0-9]+ streams' 230 "$qpid"; then
+        s1=$(rss_kib "$PAIR_SERVER_PID") c1=$(rss_kib "$PAIR_CLIENT_PID")
+    fi
+    wait "$qpid"
+    out=$(cat "$BENCH_WORK/conc-$label.json")
+    local why
+    why=$(grep -oE '"first_[a-z]+":"[^"]*"' <<<"$out" | head -n1 | cut -d'"' -f4 | cut -c1-80)
+    per() { [ -n "$2" ] && awk -v a="$1" -v b="$2" -v n="$conc_streams" 'BEGIN { printf "%.1f", (b - a) / n }' || echo "?"; }
+    conc_rows+=("| $label | $conc_streams | $(json_num survived "$out") | $(json_num refused "$out") | \
+$(json_num dropped "$out") | $(mib "$s1") | $(per "$s0" "$s1") | $(mib "$c1") | $(per "$c0" "$c1") | $why |")
+    echo "concurrency $label: $(sed -E 's/"open_ms".*//' <<<"$out")" >&2
+}
+if start_our_pair conc-ours "" ""; then
+    concurrency_of ours
+    kill "$PAIR_SERVER_PID" "$PAIR_CLIENT_PID" 2>/dev/null
+else
+    echo "SKIP concurrency ours: $PAIR_ERROR" >&2
+fi
+if singbox_installed; then
+    if start_singbox_pair conc-singbox; then
+        concurrency_of sing-box
+        kill "$PAIR_SERVER_PID" "$PAIR_CLIENT_PID" 2>/dev/null
+    else
+        echo "SKIP concurrency sing-box: $PAIR_ERROR" >&2
+    fi
+else
+    echo "SKIP concurrency sing-box: not installed (scripts/install-peers.sh)" >&2
+fi
+many_rows=()
+for v in "${variants[@]}"; do
+    if [ -n "${socks[$v]}" ]; then route=(--socks "${socks[$v]}"); else route=(--direct); fi
+    out=$("$BIN/anytls-bench" rr "${route[@]}" --target "127.0.0.1:$wide_http_port" --requests "$many_targets" \
+        --distinct-targets "$many_targets" --concurrency 32 --max-seconds 120 --json 2>>"$BENCH_WORK/bench-stderr.log")
+    many_rows+=("| $v | $many_targets | $(json_num ok "$out") | $(json_num failed "$out") | \
+$(printf '%.0f' "$(json_num streams_per_sec "$out")") | $(grep -oE '"p99":[0-9.]+' <<<"$out" | head -n1 | cut -d: -f2) |")
+    echo "many targets $v: $out" >&2
+done
+echo
+echo "Concurrency: $conc_streams streams held together$conc_note, quiet 5 s, default flags ($(date -u +%F), $(nproc) cores)"
+echo
+echo "| pair | streams | survived | refused | dropped | server RSS held MiB | server KiB/stream | client RSS held MiB | client KiB/stream | first error |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+printf '%s\n' "${conc_rows[@]}"
+echo
+echo "Many targets: $many_targets requests (1 KiB responses), each to a different destination, 32 at a time"
+echo
+echo "| variant | requests | ok | failed | streams/s | latency p99 ms |"
+echo "| --- | --- | --- | --- | --- | --- |"
+printf '%s\n' "${many_rows[@]}"

@@ -245,3 +245,59 @@ machine_info() { # one line: cores and CPU model
     model=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
     echo "nproc=$(nproc) cpu=\"${model:-unknown}\" kernel=$(uname -r)"
 }
+
+# --- long runs: memory, file descriptors, CPU, sing-box (scripts/endurance.sh, bench-memory.sh) ---
+
+rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; } # rss_kib PID
+fd_count() { find "/proc/$1/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l; }    # fd_count PID
+mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; } # mib KIB: one decimal
+
+# raise_fd_limit [WANT]: lifts this shell's open-files limit (and so its children's) to
+# WANT (default 65536) when allowed (root may raise the hard limit), else to the hard
+# limit. Sets FD_LIMIT to the soft limit in force. Not in $(...): that is a subshell.
+raise_fd_limit() {
+    local want=${1:-65536} hard
+    hard=$(ulimit -Hn)
+    if [ "$hard" != unlimited ] && [ "$hard" -lt "$want" ]; then
+        ulimit -Hn "$want" 2>/dev/null || want=$hard
+    fi
+    ulimit -Sn "$want" 2>/dev/null || ulimit -Sn "$(ulimit -Hn)" 2>/dev/null || true
+    FD_LIMIT=$(ulimit -Sn)
+}
+
+# wait_log LOG PATTERN SECONDS [PID]: waits until LOG has a line matching PATTERN
+# (grep -E); non-zero on timeout or when PID exits first.
+wait_log() {
+    local log=$1 pattern=$2 deadline=$((SECONDS + $3)) pid=${4:-}
+    until grep -qE "$pattern" "$log" 2>/dev/null; do
+        [ -z "$pid" ] || kill -0 "$pid" 2>/dev/null || grep -qE "$pattern" "$log" 2>/dev/null || return 1
+        [ "$SECONDS" -lt "$deadline" ] || return 1
+        sleep 0.1
+    done
+}
+
+# start_targets_on LOGNAME LISTEN: like start_targets, on LISTEN (e.g. 0.0.0.0:0, so that
+# the echo and HTTP ports answer at every 127.x.y.z). Sets TARGET_*, TARGET_PID.
+start_targets_on() {
+    local log="$BENCH_WORK/$1.log" line=""
+    start_bg "$1" "$BIN/anytls-bench" target --listen "$2"
+    TARGET_PID=$BG_PID
+    for _ in $(seq 50); do
+        [ -s "$log" ] && line=$(head -n1 "$log") && [ -n "$line" ] && break
+        sleep 0.1
+    done
+    TARGET_ECHO=$(sed -nE 's/.*"echo":"([^"]+)".*/\1/p' <<<"$line")
+    TARGET_HTTP=$(sed -nE 's/.*"http":"([^"]+)".*/\1/p' <<<"$line")
+    TARGET_BULK=$(sed -nE 's/.*"bulk":"([^"]+)".*/\1/p' <<<"$line")
+    [ -n "$TARGET_ECHO" ] || die "anytls-bench target printed no addresses: ${line:-nothing} ($(tail -n1 "$log"))"
+    # A target bound on 0.0.0.0 is reached at 127.0.0.1.
+    TARGET_ECHO=${TARGET_ECHO/0.0.0.0/127.0.0.1} TARGET_HTTP=${TARGET_HTTP/0.0.0.0/127.0.0.1}
+    TARGET_BULK=${TARGET_BULK/0.0.0.0/127.0.0.1}
+}
+
+# sing-box's pair through start_peer_pair (the endurance run compares against it).
+singbox_installed() { peer_installed sing-box; }
+start_singbox_pair() { start_peer_pair "$1" sing-box; } # start_singbox_pair NAME: sets PAIR_*
+
+# json_num KEY JSON: the first number after "KEY": in JSON ("" when absent).
+json_num() { grep -oE "\"$1\":-?[0-9.]+" <<<"$2" | head -n1 | cut -d: -f2; }

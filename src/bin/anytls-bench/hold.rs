@@ -165,7 +165,7 @@ async fn hold_one(
 }
 
 /// A message that names its stream and sequence number, so crossed streams show.
-fn message(id: usize, seq: u64) -> [u8; MESSAGE_LEN] {
+pub fn message(id: usize, seq: u64) -> [u8; MESSAGE_LEN] {
     let mut m = [b'.'; MESSAGE_LEN];
     let text = format!("stream {id} message {seq}");
     let n = text.len().min(MESSAGE_LEN);

@@ -6,6 +6,7 @@
 
 mod bulk;
 mod hold;
+mod quiet;
 mod report;
 mod route;
 mod rr;
@@ -20,6 +21,7 @@ use clap::{Args, Parser, Subcommand};
 
 use bulk::{Bulk, Direction};
 use hold::Hold;
+use quiet::Quiet;
 use route::Route;
 use rr::Rr;
 
@@ -42,6 +44,9 @@ enum Command {
     Rr(RrArgs),
     /// N concurrent long-lived streams with a trickle of traffic; reports failures.
     Hold(HoldArgs),
+    /// A wave of N streams held open together and silent for a while, then echoing
+    /// again: counts refused and dropped streams.
+    Quiet(QuietArgs),
 }
 
 #[derive(Args, Debug)]
@@ -114,6 +119,13 @@ struct RrArgs {
     /// Response body size in bytes (suffixes K, M, G).
     #[arg(long, default_value = "1K", value_parser = parse_size)]
     size: u64,
+    /// Spread the requests over this many destinations 127.0.0.1, 127.0.0.2, … (with
+    /// --target's port; the target must listen on 0.0.0.0). 0: --target only.
+    #[arg(long, default_value_t = 0)]
+    distinct_targets: u32,
+    /// With --distinct-targets: the index of the first request's destination.
+    #[arg(long, default_value_t = 0)]
+    target_offset: u64,
 }
 
 #[derive(Args, Debug)]
@@ -132,6 +144,31 @@ struct HoldArgs {
     /// Streams being opened at once.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
     open_concurrency: u64,
+}
+
+#[derive(Args, Debug)]
+struct QuietArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Streams held open together.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=200_000))]
+    streams: u64,
+    /// How long every stream stays silent once all are open, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    quiet_secs: f64,
+    /// Streams being opened at once.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    open_concurrency: u64,
+    /// Echo target expected to stop answering during the wave (its streams are
+    /// reported apart and do not fail the run).
+    #[arg(long, value_name = "ADDR", requires = "stall_streams")]
+    stall_target: Option<SocketAddr>,
+    /// Extra streams to --stall-target.
+    #[arg(long, default_value_t = 0, requires = "stall_target")]
+    stall_streams: u64,
+    /// Time an open or an echo may take before the stream counts as failed, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    echo_timeout_secs: f64,
 }
 
 /// Where the load goes.
@@ -168,8 +205,30 @@ fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(1 << shift).ok_or_else(|| format!("size too large: {s:?}"))
 }
 
+/// Raises the soft limit on open files to the hard one: a big `quiet` or `hold` needs
+/// one descriptor per stream (and the in-process target another), far above the usual
+/// soft limit of 1,024. Returns the limit in force.
+fn raise_fd_limit() -> u64 {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    limit.rlim_cur
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let fds = raise_fd_limit();
+    log::debug!("open files limit: {fds}");
     let cli = Cli::parse();
     match run(cli.command) {
         Ok(true) => ExitCode::SUCCESS,
@@ -189,6 +248,7 @@ async fn run(command: Command) -> Result<bool, String> {
         Command::Bulk(a) => (&a.run, |t| t.bulk),
         Command::Rr(a) => (&a.run, |t| t.http),
         Command::Hold(a) => (&a.run, |t| t.echo),
+        Command::Quiet(a) => (&a.run, |t| t.echo),
     };
     let target = match run_args.target {
         TargetSpec::Addr(addr) => addr,
@@ -208,9 +268,18 @@ async fn run(command: Command) -> Result<bool, String> {
                 .await
         }
         Command::Rr(a) => {
-            Rr { route, target, requests: a.requests, concurrency: a.concurrency as usize, size: a.size, deadline }
-                .run()
-                .await
+            Rr {
+                route,
+                target,
+                requests: a.requests,
+                concurrency: a.concurrency as usize,
+                size: a.size,
+                distinct_targets: a.distinct_targets,
+                target_offset: a.target_offset,
+                deadline,
+            }
+            .run()
+            .await
         }
         Command::Hold(a) => {
             Hold {
@@ -220,6 +289,21 @@ async fn run(command: Command) -> Result<bool, String> {
                 seconds: a.seconds.max(0.0),
                 interval: Duration::from_millis(a.interval_ms),
                 open_concurrency: a.open_concurrency as usize,
+                deadline,
+            }
+            .run()
+            .await
+        }
+        Command::Quiet(a) => {
+            Quiet {
+                route,
+                target,
+                streams: a.streams as usize,
+                quiet: Duration::from_secs_f64(a.quiet_secs.max(0.0)),
+                open_concurrency: a.open_concurrency as usize,
+                stall_target: a.stall_target,
+                stall_streams: a.stall_streams as usize,
+                echo_timeout: Duration::from_secs_f64(a.echo_timeout_secs.max(0.001)),
                 deadline,
             }
             .run()
@@ -298,6 +382,35 @@ mod tests {
         let cli = parse(&["hold", "--socks", "127.0.0.1:1", "--streams", "10", "--seconds", "2"]).unwrap();
         let Command::Hold(a) = cli.command else { panic!("not hold") };
         assert_eq!((a.streams, a.seconds, a.interval_ms, a.open_concurrency), (10, 2.0, 1000, 64));
+    }
+
+    #[test]
+    fn quiet_defaults_and_stall_options_go_together() {
+        let cli = parse(&["quiet", "--socks", "127.0.0.1:1", "--streams", "5000", "--quiet-secs", "12"]).unwrap();
+        let Command::Quiet(a) = cli.command else { panic!("not quiet") };
+        assert_eq!((a.streams, a.quiet_secs, a.open_concurrency, a.stall_streams), (5000, 12.0, 64, 0));
+        assert_eq!(a.stall_target, None);
+        assert!(parse(&["quiet", "--direct", "--stall-streams", "3"]).is_err());
+        assert!(parse(&["quiet", "--direct", "--stall-target", "127.0.0.1:9"]).is_err());
+        let cli = parse(&["quiet", "--direct", "--stall-target", "127.0.0.1:9", "--stall-streams", "3"]).unwrap();
+        let Command::Quiet(a) = cli.command else { panic!("not quiet") };
+        assert_eq!((a.stall_target, a.stall_streams), (Some("127.0.0.1:9".parse().unwrap()), 3));
+    }
+
+    #[test]
+    fn rr_distinct_targets() {
+        let cli = parse(&["rr", "--direct", "--distinct-targets", "20000"]).unwrap();
+        let Command::Rr(a) = cli.command else { panic!("not rr") };
+        assert_eq!(a.distinct_targets, 20_000);
+    }
+
+    #[test]
+    fn the_fd_limit_is_raised_to_the_hard_limit() {
+        let fds = raise_fd_limit();
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit writes the struct we pass.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }, 0);
+        assert_eq!((fds, limit.rlim_cur), (limit.rlim_max, limit.rlim_max));
     }
 
     #[test]

@@ -21,6 +21,11 @@ pub struct Rr {
     pub requests: u64,
     pub concurrency: usize,
     pub size: u64,
+    /// Spread the requests over this many distinct target addresses (0: just `target`).
+    pub distinct_targets: u32,
+    /// Where in the `distinct_targets` addresses the first request goes (so that
+    /// successive runs can walk through all of them).
+    pub target_offset: u64,
     pub deadline: Instant,
 }
 
@@ -40,10 +45,20 @@ impl Rr {
         for _ in 0..self.concurrency.max(1) {
             let (route, target, size, requests, deadline) =
                 (self.route, self.target, self.size, self.requests, self.deadline);
+            let (distinct, offset) = (self.distinct_targets, self.target_offset);
             let next = next.clone();
             workers.spawn(async move {
                 let mut result = WorkerResult::default();
-                while next.fetch_add(1, Ordering::Relaxed) < requests && Instant::now() < deadline {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= requests || Instant::now() >= deadline {
+                        break;
+                    }
+                    let target = if distinct == 0 {
+                        target
+                    } else {
+                        loopback_target(offset.wrapping_add(i), distinct, target.port())
+                    };
                     let t0 = Instant::now();
                     let outcome = timeout_at(deadline.into(), one_request(route, target, size)).await;
                     match outcome.unwrap_or_else(|_| Err("stopped at --max-seconds".into())) {
@@ -77,8 +92,12 @@ impl Rr {
         let latency = Latency::of(&mut latencies);
         let rate = per_sec(done, elapsed);
 
+        let spread = match self.distinct_targets {
+            0 => String::new(),
+            n => format!(", {n} distinct targets"),
+        };
         let mut human = format!(
-            "rr {} (concurrency {}, {} B each): {done}/{} ok, {failed} failed in {:.2} s = {rate:.0} streams/s; \
+            "rr {} (concurrency {}, {} B each{spread}): {done}/{} ok, {failed} failed in {:.2} s = {rate:.0} streams/s; \
              latency ms p50 {:.2} p90 {:.2} p99 {:.2} max {:.2}",
             self.route,
             self.concurrency,
@@ -102,6 +121,7 @@ impl Rr {
             ("requests", Value::Int(self.requests)),
             ("concurrency", Value::Int(self.concurrency as u64)),
             ("size", Value::Int(self.size)),
+            ("distinct_targets", Value::Int(u64::from(self.distinct_targets))),
             ("ok", Value::Int(done)),
             ("failed", Value::Int(failed)),
             ("not_sent", Value::Int(missing)),
@@ -123,6 +143,17 @@ impl Rr {
         }
         Report { human, json: Value::Obj(json), ok: failed == 0 && missing == 0 }
     }
+}
+
+/// Request `i`'s target among `distinct` loopback addresses: 127.0.0.1, 127.0.0.2, …
+/// (all of 127.0.0.0/8 is this host, so a target listening on 0.0.0.0:`port` answers
+/// at each; the proxy sees `distinct` different destinations).
+pub fn loopback_target(i: u64, distinct: u32, port: u16) -> SocketAddr {
+    // 127.0.0.1 ..= 127.255.255.254: skips the network and broadcast addresses.
+    const HOSTS: u64 = (1 << 24) - 2;
+    let host = (i % u64::from(distinct)) % HOSTS + 1;
+    let ip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(127, 0, 0, 0)) + host as u32);
+    SocketAddr::from((ip, port))
 }
 
 /// One stream: connect, `GET /bytes/size`, read to EOF, check the body length.
@@ -157,5 +188,23 @@ async fn one_request(route: Route, target: SocketAddr, size: u64) -> Result<(), 
         (true, true) => Ok(()),
         (true, false) => Err(format!("body of {body} bytes, expected {size}")),
         (false, _) => Err(format!("connection closed after {} bytes, before the response head ended", head.len())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distinct_targets_cycle_through_loopback_addresses() {
+        let at = |i| loopback_target(i, 70_000, 8080).to_string();
+        assert_eq!(at(0), "127.0.0.1:8080");
+        assert_eq!(at(1), "127.0.0.2:8080");
+        assert_eq!(at(255), "127.0.1.0:8080");
+        assert_eq!(at(69_999), "127.1.17.112:8080");
+        assert_eq!(at(70_000), "127.0.0.1:8080");
+        let all: std::collections::HashSet<_> = (0..70_000).map(|i| loopback_target(i, 70_000, 1)).collect();
+        assert_eq!(all.len(), 70_000);
+        assert_eq!(loopback_target((1 << 24) - 3, u32::MAX, 1).to_string(), "127.255.255.254:1");
     }
 }
