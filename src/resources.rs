@@ -5,9 +5,11 @@
 //! machine that could carry ten times that, while under `ulimit -n 1024` warm
 //! connections alone could take every descriptor and stop `accept`. So the binaries
 //! raise the soft descriptor limit to the hard one (as servers do) and split what
-//! they get: a fixed reserve, then fixed shares per kind of connection, so that no
-//! kind can take the descriptors another needs and, together, they never exceed the
-//! limit. A flag given explicitly wins over its derived default.
+//! they get: a fixed reserve, a small share warm connections can never exceed, and the
+//! rest shared by client connections and streams (one descriptor each, whatever the mix:
+//! one stream per session needs two per stream, a multiplexing client far fewer), so
+//! that together they never exceed the limit. A flag given explicitly wins over its
+//! derived default.
 
 /// Descriptors kept out of every share: standard streams, listeners, the API,
 /// name lookups, log files.
@@ -50,25 +52,25 @@ pub fn raise_fd_limit() -> FdLimit {
     }
 }
 
-/// The server's caps that count descriptors, each a share of the usable ones.
+/// The server's caps derived from the descriptor limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerCaps {
-    /// Connections in TLS/authentication at once: 1/16.
+    /// Descriptors shared by client connections (authenticating or in session) and
+    /// streams (each holds one outbound socket): all the usable ones but the warm share.
+    pub descriptors: usize,
+    /// Connections in TLS/authentication at once (a bound on work, 1/16 of the usable
+    /// descriptors; they hold shared descriptors too).
     pub handshakes: usize,
-    /// Authenticated sessions: 7/16.
-    pub sessions: usize,
-    /// Streams across all sessions (each holds one outbound socket): 7/16.
-    pub streams: usize,
-    /// Warm outbound connections across all targets: 1/16, and never more than
-    /// 1,024 (warm connections are a convenience, not a service).
+    /// Warm outbound connections across all targets: 1/32, and never more than 1,024
+    /// (warm connections are a convenience, not a service).
     pub warm: usize,
 }
 
 impl ServerCaps {
     pub fn for_fd_limit(limit: u64) -> ServerCaps {
-        let usable = limit.saturating_sub(RESERVED_FDS).max(64);
-        let share = |sixteenths: u64| (usable * sixteenths / 16).max(1) as usize;
-        ServerCaps { handshakes: share(1), sessions: share(7), streams: share(7), warm: share(1).min(1024) }
+        let usable = limit.saturating_sub(RESERVED_FDS).max(64) as usize;
+        let warm = (usable / 32).clamp(1, 1024);
+        ServerCaps { descriptors: usable - warm, handshakes: (usable / 16).max(1), warm }
     }
 }
 
@@ -95,22 +97,21 @@ mod tests {
     fn shares_never_exceed_the_limit_together() {
         for limit in [256, 1024, 20_000, 1 << 20] {
             let caps = ServerCaps::for_fd_limit(limit);
-            let total = caps.handshakes + caps.sessions + caps.streams + caps.warm;
-            assert!(total as u64 <= limit, "{limit}: {caps:?}");
+            assert!((caps.descriptors + caps.warm) as u64 <= limit, "{limit}: {caps:?}");
         }
     }
 
     #[test]
-    fn a_common_hard_limit_carries_five_thousand_users() {
+    fn a_common_hard_limit_carries_nine_thousand_streams_at_one_session_each() {
         let caps = ServerCaps::for_fd_limit(20_000);
-        assert_eq!(caps, ServerCaps { handshakes: 1246, sessions: 8722, streams: 8722, warm: 1024 });
+        assert_eq!(caps, ServerCaps { descriptors: 19_313, handshakes: 1246, warm: 623 });
+        assert!(caps.descriptors >= 2 * 9_500);
     }
 
     #[test]
     fn a_small_limit_keeps_warm_connections_small() {
         let caps = ServerCaps::for_fd_limit(1024);
-        assert_eq!(caps.warm, 60);
-        assert!(caps.sessions >= 400, "{caps:?}");
+        assert_eq!((caps.warm, caps.descriptors), (30, 930));
     }
 
     #[test]

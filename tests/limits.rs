@@ -94,10 +94,10 @@ async fn a_quiet_stream_is_ended_after_the_idle_timeout_and_a_busy_one_is_not() 
     .await;
 }
 
-/// The caps that hold descriptors are shares of the descriptor limit: under a hard
-/// limit of 1,024 (`ulimit -n` sets both), 64 reserved, then 1/16 each for handshakes
-/// and warm connections and 7/16 each for sessions and streams; the soft limit is raised
-/// to the hard one; an explicit flag wins.
+/// The caps follow the descriptor limit: under a hard limit of 1,024 (`ulimit -n` sets
+/// both), 64 reserved, 1/32 for warm connections, the rest shared by client connections
+/// and streams, handshakes a sixteenth; the soft limit is raised to the hard one; an
+/// explicit flag wins.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_caps_are_shares_of_the_descriptor_limit_and_flags_win() {
     bounded(Duration::from_secs(30), "derived caps", async {
@@ -113,9 +113,14 @@ async fn default_caps_are_shares_of_the_descriptor_limit_and_flags_win() {
         let line = derived
             .wait_for(STARTUP_TIMEOUT, "fd line", |line| line.contains("file descriptors:").then(|| line.to_string()))
             .await;
-        for expected in
-            ["1024", "--max-handshakes 60", "--max-sessions 420", "--max-streams 420", "--max-idle-total 60"]
-        {
+        for expected in [
+            "1024",
+            "930 shared",
+            "--max-handshakes 60",
+            "--max-sessions 930",
+            "--max-streams 930",
+            "--max-idle-total 30",
+        ] {
             assert!(line.contains(expected), "{expected:?} missing from {line:?}");
         }
         let mut raised = launch("ulimit -Sn 256 && ulimit -Hn 2048", "--max-sessions 7");
@@ -123,7 +128,51 @@ async fn default_caps_are_shares_of_the_descriptor_limit_and_flags_win() {
             .wait_for(STARTUP_TIMEOUT, "fd line", |line| line.contains("file descriptors:").then(|| line.to_string()))
             .await;
         assert!(line.contains("2048 (soft limit raised from 256"), "{line}");
-        assert!(line.contains("--max-sessions 7,") && line.contains("--max-streams 868"), "{line}");
+        assert!(line.contains("--max-sessions 7,") && line.contains("--max-streams 1922"), "{line}");
+    })
+    .await;
+}
+
+/// Client connections and streams share the descriptors left after the reserve and the
+/// warm share: under `ulimit -n 128` (64 usable, 2 warm, 62 shared), 40 sessions with
+/// one stream each need 80 and the last ones are refused, each with a clear reason in
+/// the log, while those admitted keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_and_streams_share_the_descriptor_budget() {
+    bounded(Duration::from_secs(60), "descriptor budget", async {
+        let server_bin = env!("CARGO_BIN_EXE_anytls-server");
+        let mut command = std::process::Command::new("bash");
+        command
+            .args(["-c", &format!("ulimit -n 128 && exec {server_bin} -l 127.0.0.1:0 -p {PASSWORD}")])
+            .env("RUST_LOG", OUR_LOG_FILTER);
+        let mut process = Process::spawn("anytls-server (ulimit -n 128)", command);
+        let addr = process
+            .wait_for(STARTUP_TIMEOUT, "`listening on`", |line| {
+                line.split("listening on ").nth(1)?.split(' ').next()?.parse::<std::net::SocketAddr>().ok()
+            })
+            .await;
+        assert!(process.log().contains("62 shared by client connections and streams"), "{}", process.log());
+        let pin = process
+            .log()
+            .lines()
+            .find_map(|l| Some(l.split("SHA-256 fingerprint ").nth(1)?.trim().to_string()))
+            .unwrap();
+        let client = start_client(addr, PASSWORD, &["--pin-sha256", &pin]).await;
+        let echo = spawn_echo().await;
+        let mut open = Vec::new();
+        let mut refused = 0;
+        for _ in 0..40 {
+            match socks5_connect(client.addr, "127.0.0.1", echo.port()).await {
+                Ok((SOCKS5_OK, tcp)) => open.push(tcp),
+                _ => refused += 1,
+            }
+        }
+        assert!((25..=31).contains(&open.len()) && refused >= 9, "{} open, {refused} refused", open.len());
+        assert!(process.log_shows("descriptors for connections and streams in use", Duration::from_secs(2)).await);
+        for tcp in open.drain(..3) {
+            echo_roundtrip(tcp, b"still served").await;
+        }
+        drop(process);
     })
     .await;
 }

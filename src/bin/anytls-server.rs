@@ -281,12 +281,14 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
     let fds = anytls_rs::resources::raise_fd_limit();
     let caps = ServerCaps::for_fd_limit(fds.limit);
     let max_handshakes = args.max_handshakes.unwrap_or(caps.handshakes).max(1);
-    let max_sessions = args.max_sessions.unwrap_or(caps.sessions).max(1);
-    let max_streams = args.max_streams.unwrap_or(caps.streams).max(1);
+    let max_sessions = args.max_sessions.unwrap_or(caps.descriptors).max(1);
+    let max_streams = args.max_streams.unwrap_or(caps.descriptors).max(1);
     let max_idle_total = args.max_idle_total.unwrap_or(caps.warm);
     log::info!(
-        "file descriptors: {fds}; --max-handshakes {max_handshakes}, --max-sessions {max_sessions}, \
-         --max-streams {max_streams}, --max-idle-total {max_idle_total} (defaults are shares of the limit)"
+        "file descriptors: {fds}; {} shared by client connections and streams, --max-handshakes \
+         {max_handshakes}, --max-sessions {max_sessions}, --max-streams {max_streams}, --max-idle-total \
+         {max_idle_total} (defaults derived from the limit)",
+        caps.descriptors
     );
     let buffers = BufferBudget::new(
         args.buffer_budget_mib.map_or_else(anytls_rs::resources::default_buffer_budget, |mib| mib << 20),
@@ -367,6 +369,7 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
     let limits = ServerLimits {
         max_sessions,
         max_streams,
+        descriptors: caps.descriptors,
         stream_idle_timeout: (args.stream_idle_timeout_secs > 0)
             .then(|| Duration::from_secs(args.stream_idle_timeout_secs)),
         drain_timeout: Duration::from_secs(args.shutdown_timeout_secs),

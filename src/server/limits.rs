@@ -33,6 +33,9 @@ pub struct ServerLimits {
     pub stream_idle_timeout: Option<Duration>,
     /// How long streams in flight may go on after a shutdown signal.
     pub drain_timeout: Duration,
+    /// File descriptors shared by client connections (from accept on) and streams:
+    /// the one bound that holds whatever the mix of the two.
+    pub descriptors: usize,
     /// Stream data received from clients and not yet written to its destination.
     pub buffers: BufferBudget,
 }
@@ -45,6 +48,7 @@ impl Default for ServerLimits {
             stream_idle_timeout: Some(Duration::from_secs(300)),
             drain_timeout: Duration::from_secs(10),
             buffers: BufferBudget::default(),
+            descriptors: Semaphore::MAX_PERMITS,
         }
     }
 }
@@ -54,6 +58,7 @@ pub struct Gate {
     limits: ServerLimits,
     sessions: Arc<Semaphore>,
     streams: Arc<Semaphore>,
+    descriptors: Arc<Semaphore>,
     in_flight: InFlight,
     draining: AtomicBool,
     /// Set once the drain is over: every session closes.
@@ -63,6 +68,7 @@ pub struct Gate {
 /// A stream's place under the caps; dropping it frees the place.
 pub struct StreamTicket {
     _permit: OwnedSemaphorePermit,
+    _descriptor: OwnedSemaphorePermit,
     _in_flight: InFlightGuard,
 }
 
@@ -71,6 +77,7 @@ impl Gate {
         Gate {
             sessions: Arc::new(Semaphore::new(limits.max_sessions.max(1))),
             streams: Arc::new(Semaphore::new(limits.max_streams.max(1))),
+            descriptors: Arc::new(Semaphore::new(limits.descriptors.clamp(1, Semaphore::MAX_PERMITS))),
             limits,
             in_flight: InFlight::default(),
             draining: AtomicBool::new(false),
@@ -80,6 +87,19 @@ impl Gate {
 
     pub fn limits(&self) -> &ServerLimits {
         &self.limits
+    }
+
+    /// A descriptor for a client connection just accepted (held from the handshake to
+    /// the session's end), or the reason there is none: it is closed at once.
+    pub fn admit_connection(&self) -> Result<OwnedSemaphorePermit, String> {
+        self.descriptors.clone().try_acquire_owned().map_err(|_| self.out_of_descriptors())
+    }
+
+    fn out_of_descriptors(&self) -> String {
+        format!(
+            "all {} descriptors for connections and streams in use (raise the open-files limit)",
+            self.limits.descriptors
+        )
     }
 
     /// A place for a new authenticated session, or the reason there is none.
@@ -97,7 +117,8 @@ impl Gate {
         let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
             format!("too many streams on this server (limit {}, --max-streams)", self.limits.max_streams)
         })?;
-        Ok(StreamTicket { _permit: permit, _in_flight: self.in_flight.start() })
+        let descriptor = self.descriptors.clone().try_acquire_owned().map_err(|_| self.out_of_descriptors())?;
+        Ok(StreamTicket { _permit: permit, _descriptor: descriptor, _in_flight: self.in_flight.start() })
     }
 
     /// Stops taking streams and waits for those in flight, at most the drain time;
@@ -165,6 +186,8 @@ pub enum HandshakeRefusal {
     Full(usize),
     /// The deadline passed while this connection's source held its whole share.
     SourceFull(usize),
+    /// No file descriptor left for another connection (the text says which budget).
+    NoDescriptor(String),
 }
 
 impl std::fmt::Display for HandshakeRefusal {
@@ -176,6 +199,7 @@ impl std::fmt::Display for HandshakeRefusal {
             HandshakeRefusal::SourceFull(n) => {
                 write!(f, "{n} handshakes from this source already in progress (--max-handshakes-per-source)")
             }
+            HandshakeRefusal::NoDescriptor(why) => f.write_str(why),
         }
     }
 }
@@ -298,6 +322,17 @@ mod tests {
         assert!(gate.admit_stream().err().unwrap().contains("too many streams on this server"));
         drop(a);
         assert!(gate.admit_stream().is_ok());
+    }
+
+    #[test]
+    fn connections_and_streams_share_the_descriptors() {
+        let gate = Gate::new(ServerLimits { descriptors: 3, ..ServerLimits::default() });
+        let connection = gate.admit_connection().unwrap();
+        let (stream, _other) = (gate.admit_stream().unwrap(), gate.admit_stream().unwrap());
+        assert!(gate.admit_connection().unwrap_err().contains("all 3 descriptors"));
+        assert!(gate.admit_stream().err().unwrap().contains("all 3 descriptors"));
+        drop((connection, stream));
+        assert!(gate.admit_connection().is_ok() && gate.admit_stream().is_ok());
     }
 
     fn ip(text: &str) -> IpAddr {

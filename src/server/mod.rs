@@ -121,6 +121,13 @@ pub async fn run_with_users(
             accepted = crate::accept::accept_with_backoff(&listener) => accepted,
             () = &mut shutdown => break,
         };
+        let descriptor = match gate.admit_connection() {
+            Ok(descriptor) => descriptor,
+            Err(why) => {
+                refusals.lock().expect("refusal log lock").note(peer, &HandshakeRefusal::NoDescriptor(why));
+                continue;
+            }
+        };
         let slots = slots.clone();
         let refusals = refusals.clone();
         let door = door.clone();
@@ -130,6 +137,7 @@ pub async fn run_with_users(
         let gate = gate.clone();
         let users = users.clone();
         tokio::spawn(async move {
+            let _descriptor = descriptor;
             let deadline = Instant::now() + config.handshake_timeout;
             let slot = match slots.admit(peer.ip(), deadline).await {
                 Ok(slot) => slot,
@@ -348,7 +356,7 @@ impl RefusalLog {
 
     fn note(&mut self, peer: SocketAddr, why: &HandshakeRefusal) {
         HandshakeCounters::count(match why {
-            HandshakeRefusal::Full(_) => &HANDSHAKES.refused_full,
+            HandshakeRefusal::Full(_) | HandshakeRefusal::NoDescriptor(_) => &HANDSHAKES.refused_full,
             HandshakeRefusal::SourceFull(_) => &HANDSHAKES.refused_source_full,
         });
         self.since += 1;
