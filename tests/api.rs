@@ -268,31 +268,6 @@ async fn an_api_open_to_other_machines_without_a_token_is_warned_about() {
     .await;
 }
 
-/// Why the browser check cannot run here, if it cannot: no chromium, no node, or
-/// playwright-core neither installed nor installable.
-fn browser_missing(dir: &std::path::Path) -> Option<String> {
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    if !std::path::Path::new(&chromium).exists() {
-        return Some(format!("{chromium} not found (apt-get install -y chromium, or scripts/install-browser.sh)"));
-    }
-    let runs = |program: &str, args: &[&str]| {
-        std::process::Command::new(program)
-            .args(args)
-            .current_dir(dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|status| status.success())
-    };
-    if !runs("node", &["--version"]) {
-        return Some("node not found".into());
-    }
-    if !dir.join("node_modules/playwright-core").exists() && !runs("npm", &["ci", "--no-audit", "--no-fund"]) {
-        return Some("playwright-core is not installed and `npm ci` in tests/browser failed".into());
-    }
-    None
-}
-
 #[tokio::test]
 async fn live_page_renders_and_updates_in_headless_chromium() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -159,20 +159,6 @@ async fn tls_from(source: IpAddr, server: SocketAddr) -> std::io::Result<TlsStre
 
 fn loopback(last: u8) -> IpAddr {
     IpAddr::from([127, 0, 0, last])
-}
-
-/// Reads until EOF, error or `limit`; returns the bytes and whether the peer closed.
-async fn read_until_closed<R: AsyncRead + Unpin>(io: &mut R, limit: Duration) -> (Vec<u8>, bool) {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        match tokio::time::timeout_at(deadline, io.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return (out, true),
-            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
-            Err(_) => return (out, false),
-        }
-    }
 }
 
 /// A GET over TLS from `source`; returns the whole response.
@@ -453,31 +439,6 @@ async fn without_fallback_a_wrong_password_is_not_closed_at_byte_34() {
         assert!(server.process.log_shows("wrong password", Duration::from_secs(1)).await);
     })
     .await;
-}
-
-/// Why the browser check cannot run here, if it cannot: no chromium, no node, or
-/// playwright-core neither installed nor installable (the same rule as tests/api.rs).
-fn browser_missing(dir: &std::path::Path) -> Option<String> {
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    if !std::path::Path::new(&chromium).exists() {
-        return Some(format!("{chromium} not found (apt-get install -y chromium, or scripts/install-browser.sh)"));
-    }
-    let runs = |program: &str, args: &[&str]| {
-        std::process::Command::new(program)
-            .args(args)
-            .current_dir(dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|status| status.success())
-    };
-    if !runs("node", &["--version"]) {
-        return Some("node not found".into());
-    }
-    if !dir.join("node_modules/playwright-core").exists() && !runs("npm", &["ci", "--no-audit", "--no-fund"]) {
-        return Some("playwright-core is not installed and `npm ci` in tests/browser failed".into());
-    }
-    None
 }
 
 /// A real browser opening the server's port sees the site's page, over HTTP/1.1.

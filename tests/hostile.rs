@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -80,20 +80,6 @@ async fn tls_connect(addr: SocketAddr) -> TlsStream<TcpStream> {
     let tcp = TcpStream::connect(addr).await.expect("connect to server");
     let connector = TlsConnector::from(client_config(&Trust::Insecure).expect("TLS config"));
     connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await.expect("TLS handshake")
-}
-
-/// Reads until EOF, error or `limit`; returns the bytes and whether the peer closed.
-async fn read_until_closed<R: AsyncRead + Unpin>(io: &mut R, limit: Duration) -> (Vec<u8>, bool) {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        match tokio::time::timeout_at(deadline, io.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return (out, true),
-            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
-            Err(_) => return (out, false),
-        }
-    }
 }
 
 /// An authenticated AnyTLS session driven frame by frame.

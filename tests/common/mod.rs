@@ -671,3 +671,42 @@ pub async fn curl_socks5(proxy: SocketAddr, url: &str) -> (i32, Vec<u8>, String)
     .await
     .expect("curl thread")
 }
+
+/// Reads until EOF, error or `limit`; returns the bytes and whether the peer closed.
+pub async fn read_until_closed<R: tokio::io::AsyncRead + Unpin>(io: &mut R, limit: Duration) -> (Vec<u8>, bool) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, io.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (out, true),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => return (out, false),
+        }
+    }
+}
+
+/// Why the browser check cannot run here, if it cannot: no chromium, no node, or
+/// playwright-core neither installed nor installable in `dir` (tests/browser).
+pub fn browser_missing(dir: &std::path::Path) -> Option<String> {
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if !std::path::Path::new(&chromium).exists() {
+        return Some(format!("{chromium} not found (apt-get install -y chromium, or scripts/install-browser.sh)"));
+    }
+    let runs = |program: &str, args: &[&str]| {
+        std::process::Command::new(program)
+            .args(args)
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
+    };
+    if !runs("node", &["--version"]) {
+        return Some("node not found".into());
+    }
+    if !dir.join("node_modules/playwright-core").exists() && !runs("npm", &["ci", "--no-audit", "--no-fund"]) {
+        return Some("playwright-core is not installed and `npm ci` in tests/browser failed".into());
+    }
+    None
+}
