@@ -201,7 +201,8 @@ echo "done in $((SECONDS - started)) s" >&2
 #   Full run: 10,000 streams; --quick: 2,000. Needs 2 fds per stream in the client and in the
 #   server (one session per stream, as the reference client does): the open-files limit is
 #   raised first (up to 65,536 where allowed, else to the hard limit) and, when even that is
-#   too low, the wave is cut to what fits, with a note.
+#   too low for the server's default --max-sessions (7/16 of it) to cover the wave, the
+#   wave is cut to fit, with a note.
 # many targets: request/response over thousands of distinct destinations (127.x.y.z:PORT of
 #   one target listening on 0.0.0.0), through each pair above: per-target pool state is
 #   where engines differ. Full run: 8,000 requests over 8,000 targets; --quick: 1,000.
@@ -210,9 +211,11 @@ echo >&2
 raise_fd_limit 65536
 echo "concurrency and many targets: open-files limit $FD_LIMIT" >&2
 conc_note=""
-if [ $((conc_streams * 2 + 512)) -gt "$FD_LIMIT" ]; then
-    conc_note=" (cut from $conc_streams: the open-files limit $FD_LIMIT holds 2 fds per stream + 512)"
-    conc_streams=$(((FD_LIMIT - 512) / 2 / 500 * 500))
+# The server's default session cap is 7/16 of its open-files limit (2 fds per session and
+# its outbound connection, plus room): a wave above it would be refused by design.
+if [ $((conc_streams * 16 / 7)) -gt "$FD_LIMIT" ]; then
+    conc_note=" (cut from $conc_streams: the open-files limit $FD_LIMIT gives a default --max-sessions of $((FD_LIMIT * 7 / 16)))"
+    conc_streams=$((FD_LIMIT * 7 / 16 / 500 * 500))
 fi
 start_targets_on wide-target 0.0.0.0:0
 wide_echo=$TARGET_ECHO wide_http_port=${TARGET_HTTP##*:}
