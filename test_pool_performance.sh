@@ -201,8 +201,9 @@ echo "done in $((SECONDS - started)) s" >&2
 #   Full run: 10,000 streams; --quick: 2,000. Needs 2 fds per stream in the client and in the
 #   server (one session per stream, as the reference client does): the open-files limit is
 #   raised first (up to 65,536 where allowed, else to the hard limit) and, when even that is
-#   too low for the server's default --max-sessions (7/16 of it) to cover the wave, the
-#   wave is cut to fit, with a note.
+#   too low for the server's descriptors shared by connections and streams to cover the
+#   wave (2 per stream, plus room for the bench's own and the client's), the wave is cut
+#   to fit, with a note.
 # many targets: request/response over thousands of distinct destinations (127.x.y.z:PORT of
 #   one target listening on 0.0.0.0), through each pair above: per-target pool state is
 #   where engines differ. Full run: 8,000 requests over 8,000 targets; --quick: 1,000.
@@ -211,11 +212,15 @@ echo >&2
 raise_fd_limit 65536
 echo "concurrency and many targets: open-files limit $FD_LIMIT" >&2
 conc_note=""
-# The server's default session cap is 7/16 of its open-files limit (2 fds per session and
-# its outbound connection, plus room): a wave above it would be refused by design.
-if [ $((conc_streams * 16 / 7)) -gt "$FD_LIMIT" ]; then
-    conc_note=" (cut from $conc_streams: the open-files limit $FD_LIMIT gives a default --max-sessions of $((FD_LIMIT * 7 / 16)))"
-    conc_streams=$((FD_LIMIT * 7 / 16 / 500 * 500))
+# The server shares its open-files limit, less 64 reserved and 1/32 for warm connections
+# (at most 1,024), between client connections and streams (src/resources.rs): one session
+# per stream takes 2, so a wave above half of that would be refused by design.
+usable=$((FD_LIMIT - 64)) warm=$(((FD_LIMIT - 64) / 32))
+[ "$warm" -le 1024 ] || warm=1024
+shared=$((usable - warm))
+if [ $((conc_streams * 2 + 512)) -gt "$shared" ]; then
+    conc_note=" (cut from $conc_streams: the open-files limit $FD_LIMIT leaves the server $shared descriptors for connections and streams, 2 per stream)"
+    conc_streams=$(((shared - 512) / 2 / 100 * 100))
 fi
 start_targets_on wide-target 0.0.0.0:0
 wide_echo=$TARGET_ECHO wide_http_port=${TARGET_HTTP##*:}
