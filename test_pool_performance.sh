@@ -263,10 +263,22 @@ fi
 many_rows=()
 for v in "${variants[@]}"; do
     if [ -n "${socks[$v]}" ]; then route=(--socks "${socks[$v]}"); else route=(--direct); fi
+    # Our servers' warm connections over the workload (counters from their stats lines,
+    # logged every $stats_interval s): dialed ahead of demand, and closed unused.
+    slog="$BENCH_WORK/$v-server.log" warm0="" unused0=""
+    if [ -f "$slog" ]; then warm0=$(pool_stat "$slog" Warmed) unused0=$(pool_stat "$slog" Unused); fi
+    tw0=$(time_wait)
     out=$("$BIN/anytls-bench" rr "${route[@]}" --target "127.0.0.1:$wide_http_port" --requests "$many_targets" \
         --distinct-targets "$many_targets" --concurrency 32 --max-seconds 120 --json 2>>"$BENCH_WORK/bench-stderr.log")
+    tw_per_k=$(awk -v t="$(($(time_wait) - tw0))" -v n="$many_targets" 'BEGIN { printf "%.0f", t * 1000 / n }')
+    warmed="-" unused="-"
+    if [ -n "$warm0" ]; then
+        sleep $((stats_interval + 1))
+        warmed=$(($(pool_stat "$slog" Warmed) - warm0)) unused=$(($(pool_stat "$slog" Unused) - ${unused0:-0}))
+    fi
     many_rows+=("| $v | $many_targets | $(json_num ok "$out") | $(json_num failed "$out") | \
-$(printf '%.0f' "$(json_num streams_per_sec "$out")") | $(grep -oE '"p99":[0-9.]+' <<<"$out" | head -n1 | cut -d: -f2) |")
+$(printf '%.0f' "$(json_num streams_per_sec "$out")") | $(grep -oE '"p99":[0-9.]+' <<<"$out" | head -n1 | cut -d: -f2) | \
+$tw_per_k | $warmed | $unused |")
     echo "many targets $v: $out" >&2
 done
 echo
@@ -278,6 +290,6 @@ printf '%s\n' "${conc_rows[@]}"
 echo
 echo "Many targets: $many_targets requests (1 KiB responses), each to a different destination, 32 at a time"
 echo
-echo "| variant | requests | ok | failed | streams/s | latency p99 ms |"
-echo "| --- | --- | --- | --- | --- | --- |"
+echo "| variant | requests | ok | failed | streams/s | latency p99 ms | TIME_WAIT per 1k req | warm dialed | warm closed unused |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 printf '%s\n' "${many_rows[@]}"
