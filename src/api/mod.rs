@@ -205,22 +205,18 @@ async fn metrics(State(state): State<ApiState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 
-/// The server's users, when the binary has shown them ([`show_users`]).
-static USERS: std::sync::OnceLock<Arc<crate::server::users::Users>> = std::sync::OnceLock::new();
+/// Where the server's users come from, once the binary has shown them ([`show_users`]).
+/// A function rather than the server's types, so the API does not depend on the server.
+type UsersSource = Box<dyn Fn() -> stats::UsersStats + Send + Sync>;
+static USERS: std::sync::OnceLock<UsersSource> = std::sync::OnceLock::new();
 
-/// Makes the API show `users` (`/api/users`, the page, `/metrics`).
-pub fn show_users(users: Arc<crate::server::users::Users>) {
-    let _ = USERS.set(users);
+/// Makes the API show the users `source` reports (`/api/users`, the page, `/metrics`).
+pub fn show_users(source: impl Fn() -> stats::UsersStats + Send + Sync + 'static) {
+    let _ = USERS.set(Box::new(source));
 }
 
 fn users_stats() -> Option<stats::UsersStats> {
-    use crate::server::policy::{Refusal, refused_total};
-    let users = USERS.get()?;
-    Some(stats::UsersStats {
-        users: users.report(),
-        auth_failures: users.auth_failures(),
-        policy_refused: Refusal::ALL.iter().map(|r| (r.label(), refused_total(*r))).collect(),
-    })
+    USERS.get().map(|source| source())
 }
 
 /// `null` on the client, which has no users.

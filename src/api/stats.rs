@@ -275,11 +275,23 @@ pub fn render_prometheus(s: &Snapshot) -> String {
 // ---------------------------------------------------------------------------------------
 // Users and the outbound policy (server only): `/api/users` and the `user="NAME"` metrics.
 
+/// One user's counters, as the API shows them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UserReport {
+    pub user: String,
+    /// Whether the user is in the current configuration (false: removed by a reload).
+    pub active: bool,
+    pub sessions: u64,
+    pub streams: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
 /// The server's users at one moment, with what the outbound policy refused.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct UsersStats {
     /// Every user seen since start-up, by name (`active: false` once removed by a reload).
-    pub users: Vec<crate::server::users::UserReport>,
+    pub users: Vec<UserReport>,
     /// Wrong passwords: they match no user, so they are counted for the server as a whole.
     pub auth_failures: u64,
     /// Streams and UDP datagrams refused by the outbound policy, per reason.
@@ -288,7 +300,6 @@ pub struct UsersStats {
 
 /// The users section of `/metrics`.
 pub fn render_user_metrics(s: &UsersStats) -> String {
-    use crate::server::users::UserReport;
     let mut out = String::new();
     type Field = fn(&UserReport) -> u64;
     let per_user: [(&str, &str, &str, Field); 5] = [
@@ -457,7 +468,6 @@ mod tests {
 
     #[test]
     fn user_metrics_are_labelled_by_name() {
-        use crate::server::users::UserReport;
         let stats = UsersStats {
             users: vec![UserReport {
                 user: "al\"ice".into(),

@@ -380,7 +380,10 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
     let pool = server::new_outbound_pool(&config);
     let bound = listener.local_addr().map_err(|e| e.to_string())?;
     let mut own = vec![bound];
-    anytls_rs::api::show_users(users.clone());
+    anytls_rs::api::show_users({
+        let users = users.clone();
+        move || users.stats()
+    });
     if let Some(api) = &args.api {
         let settings = anytls_rs::api::ApiSettings {
             token: args.api_token.clone(),

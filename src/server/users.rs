@@ -15,10 +15,10 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
-use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
+use crate::api::stats::UserReport;
 use crate::proto::PasswordHash;
 
 /// A user as configured: a name and its password's hash.
@@ -71,18 +71,6 @@ impl User {
         let mut watch = self.revoked.subscribe();
         let _ = watch.wait_for(|revoked| *revoked).await;
     }
-}
-
-/// One user's counters, as the API shows them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct UserReport {
-    pub user: String,
-    /// Whether the user is in the current configuration (false: removed by a reload).
-    pub active: bool,
-    pub sessions: u64,
-    pub streams: u64,
-    pub bytes_up: u64,
-    pub bytes_down: u64,
 }
 
 #[derive(Debug, Default)]
@@ -191,6 +179,16 @@ impl Users {
     }
 
     /// Wrong passwords so far (they match no user, so they are not per user).
+    /// Everyone's counters and what the outbound policy refused, for the API.
+    pub fn stats(&self) -> crate::api::stats::UsersStats {
+        use super::policy::{Refusal, refused_total};
+        crate::api::stats::UsersStats {
+            users: self.report(),
+            auth_failures: self.auth_failures(),
+            policy_refused: Refusal::ALL.iter().map(|r| (r.label(), refused_total(*r))).collect(),
+        }
+    }
+
     pub fn auth_failures(&self) -> u64 {
         crate::api::handshakes::HANDSHAKES.auth_failures.load(Ordering::Relaxed)
     }
