@@ -43,7 +43,9 @@ impl Targets {
 /// free ones, port P uses P, P+1, P+2) and serves them on background tasks.
 pub async fn start(listen: SocketAddr) -> io::Result<Targets> {
     let port = |i: u16| if listen.port() == 0 { 0 } else { listen.port() + i };
-    let bind = |i: u16| TcpListener::bind(SocketAddr::new(listen.ip(), port(i)));
+    // The proxies' backlog, so a burst measures them rather than the targets' queue.
+    let bind =
+        |i: u16| async move { anytls_rs::accept::listen(&SocketAddr::new(listen.ip(), port(i)).to_string()).await };
     let (echo, http, bulk) = (bind(0).await?, bind(1).await?, bind(2).await?);
     let targets = Targets { echo: echo.local_addr()?, http: http.local_addr()?, bulk: bulk.local_addr()? };
     tokio::spawn(accept_forever(echo, serve_echo));
