@@ -15,31 +15,8 @@ use tokio::net::TcpStream;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-/// The address a binary logged as `api on ADDR`.
-async fn api_address(process: &mut Process) -> SocketAddr {
-    process
-        .wait_for(STARTUP_TIMEOUT, "`api on` line", |line| {
-            let rest = line.split("api on ").nth(1)?;
-            rest.split(' ').next()?.parse().ok()
-        })
-        .await
-}
-
-/// A bare-bones HTTP/1.1 GET (one request per connection); the status code and the body.
-async fn get(api: SocketAddr, path: &str, bearer: Option<&str>) -> (u16, String) {
-    let mut tcp = TcpStream::connect(api).await.unwrap_or_else(|err| panic!("connect to api {api}: {err}"));
-    let auth = bearer.map(|token| format!("Authorization: Bearer {token}\r\n")).unwrap_or_default();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {api}\r\n{auth}Connection: close\r\n\r\n");
-    tcp.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tcp.read_to_end(&mut raw).await.unwrap();
-    let (head, body) = split_http_response(&raw);
-    let status = head.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
-    (status, String::from_utf8_lossy(&body).into_owned())
-}
-
 async fn get_json(api: SocketAddr, path: &str) -> Value {
-    let (status, body) = get(api, path, None).await;
+    let (status, body) = api_get(api, path, None).await;
     assert_eq!(status, 200, "GET {path}: {body}");
     serde_json::from_str(&body).unwrap_or_else(|err| panic!("GET {path}: not JSON ({err}): {body}"))
 }
@@ -144,7 +121,7 @@ async fn every_endpoint_answers_and_the_numbers_follow_the_traffic() {
             for field in ["current_size", "peak_size", "total_allocated", "total_returned"] {
                 assert!(memory["tiers"][1].get(field).is_some(), "{field} missing: {memory}");
             }
-            let (status, page) = get(api, "/", None).await;
+            let (status, page) = api_get(api, "/", None).await;
             assert_eq!(status, 200);
             assert!(page.contains("<canvas") && page.contains("/api/events"), "the live page: {page}");
             assert!(!page.contains("https://"), "the page loads nothing from elsewhere");
@@ -188,14 +165,14 @@ async fn every_endpoint_answers_and_the_numbers_follow_the_traffic() {
         }
 
         // The metrics say the same as the JSON.
-        let (status, metrics) = get(server_api, "/metrics", None).await;
+        let (status, metrics) = api_get(server_api, "/metrics", None).await;
         assert_eq!(status, 200);
         assert!(metrics.contains("# TYPE anytls_pool_connections_reused_total counter"));
         let reused = sample(&metrics, "anytls_pool_connections_reused_total{pool=\"outbound\"}");
         assert!(reused >= n(&server_stats, "total_reused") as f64, "{metrics}");
         let series = format!("anytls_pool_target_reused_total{{pool=\"outbound\",target=\"{target_name}\"}}");
         assert!(sample(&metrics, &series) >= 4.0);
-        let (_, metrics) = get(client_api, "/metrics", None).await;
+        let (_, metrics) = api_get(client_api, "/metrics", None).await;
         assert!(sample(&metrics, "anytls_pool_cache_hits_total{pool=\"sessions\"}") >= 4.0, "{metrics}");
         assert!(sample(&metrics, "anytls_buffer_pool_allocated_total{size=\"65536\"}") >= 5.0, "{metrics}");
 
@@ -224,7 +201,7 @@ async fn with_the_buffer_pool_on_relay_reads_reuse_buffers() {
             assert_eq!(n(tier, "buffer_size"), 65536);
             assert!(n(tier, "total_reused") > n(tier, "total_allocated"), "reads reuse buffers: {memory}");
             assert!(n(tier, "peak_size") >= n(tier, "current_size") && n(tier, "current_size") >= 1, "{memory}");
-            let (_, metrics) = get(api, "/metrics", None).await;
+            let (_, metrics) = api_get(api, "/metrics", None).await;
             assert_eq!(sample(&metrics, "anytls_buffer_pool_enabled"), 1.0);
         }
     })
@@ -237,12 +214,12 @@ async fn with_a_token_every_endpoint_refuses_requests_without_it() {
         let mut server = start_server(PASSWORD, &["--api", "127.0.0.1:0", "--api-token", "s3cret/+"]).await;
         let api = api_address(&mut server.process).await;
         for path in ["/", "/api/connection-pool-stats", "/api/memory-pool-stats", "/metrics", "/api/events"] {
-            assert_eq!(get(api, path, None).await.0, 401, "{path} without a token");
-            assert_eq!(get(api, path, Some("wrong")).await.0, 401, "{path} with a wrong token");
+            assert_eq!(api_get(api, path, None).await.0, 401, "{path} without a token");
+            assert_eq!(api_get(api, path, Some("wrong")).await.0, 401, "{path} with a wrong token");
             if path != "/api/events" {
-                assert_eq!(get(api, path, Some("s3cret/+")).await.0, 200, "{path} with the bearer token");
+                assert_eq!(api_get(api, path, Some("s3cret/+")).await.0, 200, "{path} with the bearer token");
                 let query = format!("{path}?token=s3cret%2F%2B");
-                assert_eq!(get(api, &query, None).await.0, 200, "{path} with ?token=");
+                assert_eq!(api_get(api, &query, None).await.0, 200, "{path} with ?token=");
             }
         }
         assert!(!server.process.log().contains("no --api-token"), "loopback: no warning");

@@ -62,24 +62,8 @@ fn after(line: &str, marker: &str) -> Option<SocketAddr> {
     rest[..rest.find([' ', ',', ')']).unwrap_or(rest.len())].parse().ok()
 }
 
-async fn api_of(process: &mut Process) -> SocketAddr {
-    process.wait_for(STARTUP_TIMEOUT, "`api on` line", |line| after(line, "api on ")).await
-}
-
-/// A bare HTTP/1.1 GET: status and body.
-async fn get(api: SocketAddr, path: &str, bearer: Option<&str>) -> (u16, String) {
-    let mut tcp = TcpStream::connect(api).await.unwrap();
-    let auth = bearer.map(|token| format!("Authorization: Bearer {token}\r\n")).unwrap_or_default();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {api}\r\n{auth}Connection: close\r\n\r\n");
-    tcp.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tcp.read_to_end(&mut raw).await.unwrap();
-    let (head, body) = split_http_response(&raw);
-    (head.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0), String::from_utf8_lossy(&body).into())
-}
-
 async fn users_json(api: SocketAddr) -> Value {
-    let (status, body) = get(api, "/api/users", None).await;
+    let (status, body) = api_get(api, "/api/users", None).await;
     assert_eq!(status, 200, "{body}");
     serde_json::from_str(&body).unwrap()
 }
@@ -159,7 +143,7 @@ async fn the_example_server_config_loads_and_command_line_flags_win() {
         );
         assert!(log.contains("max 7 connections per target"), "{log}");
         assert!(addr.ip().is_loopback());
-        let api = api_of(&mut server).await;
+        let api = api_address(&mut server).await;
         assert!(api.ip().is_loopback() && api.port() != 9090, "--api from the command line: {api}");
         // Alice's password from the file works; her stream to loopback is refused by the
         // file's deny-private (which needs an authenticated session to be reached at all).
@@ -246,7 +230,7 @@ async fn secrets_from_the_environment_and_files_stay_out_of_the_command_line() {
             &[("ANYTLS_PASSWORD", password), ("ANYTLS_API_TOKEN", token)],
         )
         .await;
-        let api = api_of(&mut server).await;
+        let api = api_address(&mut server).await;
         let file = dir.path().join("client.password");
         std::fs::write(&file, format!("{password}\n")).unwrap();
         let pin = fingerprint(&server);
@@ -271,8 +255,8 @@ async fn secrets_from_the_environment_and_files_stay_out_of_the_command_line() {
             assert!(!line.contains(password) && !line.contains(token), "{}: {line}", process.name());
         }
         // The token from the environment guards the API.
-        assert_eq!(get(api, "/api/users", None).await.0, 401);
-        assert_eq!(get(api, "/api/users", Some(token)).await.0, 200);
+        assert_eq!(api_get(api, "/api/users", None).await.0, 401);
+        assert_eq!(api_get(api, "/api/users", Some(token)).await.0, 200);
         // A password from a server-side file works the same way.
         let server_file = dir.path().join("server.passwords");
         std::fs::write(&server_file, "first-from-file\nsecond-from-file\n").unwrap();
@@ -294,7 +278,7 @@ async fn per_user_counters_show_in_the_api_and_metrics() {
         let (mut server, addr) =
             server(&["-l", "127.0.0.1:0", "--api", "127.0.0.1:0", "--user", "alice:pw-a", "--user", "bob:pw-b"], &[])
                 .await;
-        let api = api_of(&mut server).await;
+        let api = api_address(&mut server).await;
         let echo = spawn_echo().await;
         let (_alice, alice_proxy) = client_of(&server, addr, "pw-a").await;
         let (_bob, bob_proxy) = client_of(&server, addr, "pw-b").await;
@@ -323,14 +307,14 @@ async fn per_user_counters_show_in_the_api_and_metrics() {
         }
         assert!(a["bytes_up"].as_u64() > b["bytes_up"].as_u64() && a["active"] == true, "{json}");
         assert!(json["auth_failures"].as_u64().unwrap() >= 1, "{json}");
-        let (status, metrics) = get(api, "/metrics", None).await;
+        let (status, metrics) = api_get(api, "/metrics", None).await;
         assert_eq!(status, 200);
         assert_eq!(sample(&metrics, "anytls_user_streams_total{user=\"alice\"}"), Some(3.0), "{metrics}");
         assert_eq!(sample(&metrics, "anytls_user_streams_total{user=\"bob\"}"), Some(1.0), "{metrics}");
         assert!(sample(&metrics, "anytls_user_bytes_down_total{user=\"alice\"}").unwrap() >= 300_000.0);
         assert!(sample(&metrics, "anytls_auth_failures_total{reason=\"invalid\"}").unwrap() >= 1.0, "{metrics}");
         // The live page asks /api/users for its users table.
-        let (_, page) = get(api, "/", None).await;
+        let (_, page) = api_get(api, "/", None).await;
         assert!(page.contains("/api/users") && page.contains("id=\"users\""));
     })
     .await
@@ -465,7 +449,7 @@ const LOOPBACK_FORMS: [&str; 6] = ["127.0.0.1", "localhost", "0.0.0.0", "2130706
 async fn the_servers_own_ports_are_refused_in_every_spelling() {
     bounded(LIMIT, "own ports", async {
         let (mut server, addr) = server(&["-l", "127.0.0.1:0", "-p", "pw", "--api", "127.0.0.1:0"], &[]).await;
-        let api = api_of(&mut server).await;
+        let api = api_address(&mut server).await;
         let (_client, proxy) = client_of(&server, addr, "pw").await;
         let echo = spawn_echo().await;
         let mut refused = 0;
@@ -482,7 +466,7 @@ async fn the_servers_own_ports_are_refused_in_every_spelling() {
         }
         let log = server.log();
         assert!(count_lines(&log, "is the server's own address") >= refused, "{log}");
-        let (_, metrics) = get(api, "/metrics", None).await;
+        let (_, metrics) = api_get(api, "/metrics", None).await;
         assert_eq!(sample(&metrics, "anytls_policy_refused_total{reason=\"own_address\"}"), Some(refused as f64));
     })
     .await
@@ -569,7 +553,7 @@ async fn deny_rules_refuse_udp_datagrams() {
         let denied = udp_echo_on("127.0.0.2").await;
         let (mut server, addr) =
             server(&["-l", "127.0.0.1:0", "-p", "pw", "--deny", "127.0.0.2/32", "--api", "127.0.0.1:0"], &[]).await;
-        let api = api_of(&mut server).await;
+        let api = api_address(&mut server).await;
         let (_client, proxy) = client_of(&server, addr, "pw").await;
         let (_control, relay) = associate(proxy).await;
         let app = UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -585,7 +569,7 @@ async fn deny_rules_refuse_udp_datagrams() {
             udp_round_trip(&app, relay, "localhost", allowed.port(), b"three").await.as_deref(),
             Some(&b"three"[..])
         );
-        let (_, metrics) = get(api, "/metrics", None).await;
+        let (_, metrics) = api_get(api, "/metrics", None).await;
         assert_eq!(sample(&metrics, "anytls_policy_refused_total{reason=\"deny\"}"), Some(3.0), "{metrics}");
         assert!(server.log().contains("refused by outbound policy: 127.0.0.2:"), "{}", server.log());
     })

@@ -58,16 +58,6 @@ async fn pair_with(server_args: &[&str], client_args: &[&str]) -> (Server, Clien
     (server, client)
 }
 
-/// The address a binary logged as `api on ADDR`.
-async fn api_address(process: &mut Process) -> SocketAddr {
-    process
-        .wait_for(STARTUP_TIMEOUT, "`api on` line", |line| {
-            let rest = line.split("api on ").nth(1)?;
-            rest.split(' ').next()?.parse().ok()
-        })
-        .await
-}
-
 /// One request on its own connection; the whole answer (the API closes after it).
 async fn request(addr: SocketAddr, head: &str) -> String {
     let mut tcp = TcpStream::connect(addr).await.unwrap();

@@ -187,24 +187,6 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0 // USER_HZ is 100 on Linux
 }
 
-/// `GET path` on the plain-HTTP API.
-async fn api_get(api: SocketAddr, path: &str) -> String {
-    let mut tcp = TcpStream::connect(api).await.unwrap();
-    tcp.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
-    let raw = read_all(&mut tcp).await;
-    split_http_response(&raw).1.into_iter().map(char::from).collect()
-}
-
-async fn api_address(server: &mut Server) -> SocketAddr {
-    server
-        .process
-        .wait_for(STARTUP_TIMEOUT, "API address", |line| {
-            let rest = line.split("api on ").nth(1)?;
-            rest.split(' ').next()?.parse().ok()
-        })
-        .await
-}
-
 async fn server_with_fallback(site: SocketAddr, extra: &[&str]) -> Server {
     let target = site.to_string();
     let mut args = vec!["--fallback", target.as_str(), "--self-signed-name", "www.example.test"];
@@ -258,7 +240,7 @@ async fn whatever_does_not_authenticate_reaches_the_site_bytes_and_all() {
     bounded(Duration::from_secs(60), "bytes to the site", async {
         let site = Site::start().await;
         let mut server = server_with_fallback(site.addr, &["--api", "0"]).await;
-        let api = api_address(&mut server).await;
+        let api = api_address(&mut server.process).await;
         let source = loopback(1);
 
         // Random bytes, then a half-close: the site gets exactly them and answers 400.
@@ -320,7 +302,7 @@ async fn whatever_does_not_authenticate_reaches_the_site_bytes_and_all() {
         assert!(median < Duration::from_millis(50), "median delay to the site {median:?}");
 
         // Counted in /metrics, and no per-connection line above DEBUG.
-        let metrics = api_get(api, "/metrics").await;
+        let metrics = api_get(api, "/metrics", None).await.1;
         assert!(sample(&metrics, "anytls_fallback_connections_total{result=\"relayed\"}") >= 23.0, "{metrics}");
         assert!(sample(&metrics, "anytls_auth_failures_total{reason=\"invalid\"}") >= 23.0, "{metrics}");
         let noisy: Vec<_> = server

@@ -710,3 +710,26 @@ pub fn browser_missing(dir: &std::path::Path) -> Option<String> {
     }
     None
 }
+
+/// The address a binary logged as `api on ADDR`.
+pub async fn api_address(process: &mut Process) -> SocketAddr {
+    process
+        .wait_for(STARTUP_TIMEOUT, "`api on` line", |line| {
+            let rest = line.split("api on ").nth(1)?;
+            rest.split(' ').next()?.parse().ok()
+        })
+        .await
+}
+
+/// A bare-bones HTTP/1.1 GET (one request per connection); the status code and the body.
+pub async fn api_get(api: SocketAddr, path: &str, bearer: Option<&str>) -> (u16, String) {
+    let mut tcp = TcpStream::connect(api).await.unwrap_or_else(|err| panic!("connect to api {api}: {err}"));
+    let auth = bearer.map(|token| format!("Authorization: Bearer {token}\r\n")).unwrap_or_default();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {api}\r\n{auth}Connection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tcp.read_to_end(&mut raw).await.unwrap();
+    let (head, body) = split_http_response(&raw);
+    let status = head.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
