@@ -89,16 +89,7 @@ for pool in lock lockfree highperf; do
     socks[$pool]=$PAIR_SOCKS server_pid[$pool]=$PAIR_SERVER_PID client_pid[$pool]=$PAIR_CLIENT_PID
 done
 [ ${#variants[@]} -gt 1 ] || { echo "no pool type of ours could run" >&2; exit 1; }
-for kind in "${PEER_KINDS[@]}"; do
-    if ! peer_installed "$kind"; then
-        echo "SKIP $kind: not installed (scripts/install-peers.sh)" >&2
-    elif start_peer_pair "$kind" "$kind"; then
-        variants+=("$kind")
-        socks[$kind]=$PAIR_SOCKS server_pid[$kind]=$PAIR_SERVER_PID client_pid[$kind]=$PAIR_CLIENT_PID
-    else
-        echo "SKIP $kind: $PAIR_ERROR" >&2
-    fi
-done
+add_peer_variants
 
 # --- measuring ---------------------------------------------------------------------
 results="$BENCH_WORK/results.jsonl"

@@ -301,3 +301,20 @@ start_singbox_pair() { start_peer_pair "$1" sing-box; } # start_singbox_pair NAM
 
 # json_num KEY JSON: the first number after "KEY": in JSON ("" when absent).
 json_num() { grep -oE "\"$1\":-?[0-9.]+" <<<"$2" | head -n1 | cut -d: -f2; }
+
+# add_peer_variants: starts each installed third-party pair (PEER_KINDS) and appends it to
+# the caller's variants list and its socks / server_pid / client_pid maps; a peer that is
+# missing or does not start gets a SKIP line on stderr.
+add_peer_variants() {
+    local kind
+    for kind in "${PEER_KINDS[@]}"; do
+        if ! peer_installed "$kind"; then
+            echo "SKIP $kind: not installed (scripts/install-peers.sh)" >&2
+        elif start_peer_pair "$kind" "$kind"; then
+            variants+=("$kind")
+            socks[$kind]=$PAIR_SOCKS server_pid[$kind]=$PAIR_SERVER_PID client_pid[$kind]=$PAIR_CLIENT_PID
+        else
+            echo "SKIP $kind: $PAIR_ERROR" >&2
+        fi
+    done
+}

@@ -74,16 +74,7 @@ if [ -n "$baseline" ]; then
     variants+=(baseline)
     socks[baseline]=$PAIR_SOCKS server_pid[baseline]=$PAIR_SERVER_PID client_pid[baseline]=$PAIR_CLIENT_PID
 fi
-for kind in "${PEER_KINDS[@]}"; do
-    if ! peer_installed "$kind"; then
-        echo "SKIP $kind: not installed (scripts/install-peers.sh)" >&2
-    elif start_peer_pair "$kind" "$kind"; then
-        variants+=("$kind")
-        socks[$kind]=$PAIR_SOCKS server_pid[$kind]=$PAIR_SERVER_PID client_pid[$kind]=$PAIR_CLIENT_PID
-    else
-        echo "SKIP $kind: $PAIR_ERROR" >&2
-    fi
-done
+add_peer_variants
 
 fetch() { # fetch VARIANT [curl args...]: prints "speed_bytes_per_s size_bytes", rc of curl
     local via=()

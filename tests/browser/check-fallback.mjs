@@ -4,7 +4,7 @@
 //
 // Usage: node check-fallback.mjs URL MARKER
 // Exit 0 when the page passes; 1 with a reason otherwise. CHROMIUM overrides the browser.
-import { chromium } from "playwright-core";
+import { launchChromium } from "./launch.mjs";
 
 const [url, marker] = process.argv.slice(2);
 if (!url || !marker) {
@@ -13,11 +13,7 @@ if (!url || !marker) {
 }
 
 const fail = (why) => { throw new Error(why); };
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run"],
-});
+const browser = await launchChromium();
 try {
   // The server's certificate is self-signed, as a test site's would be.
   const context = await browser.newContext({ ignoreHTTPSErrors: true });

@@ -4,7 +4,7 @@
 //
 // Usage: node check-page.mjs URL SCREENSHOT.png
 // Exit 0 when the page passes; 1 with a reason otherwise. CHROMIUM overrides the browser.
-import { chromium } from "playwright-core";
+import { launchChromium } from "./launch.mjs";
 
 const [url, screenshot] = process.argv.slice(2);
 if (!url || !screenshot) {
@@ -13,11 +13,7 @@ if (!url || !screenshot) {
 }
 
 const fail = (why) => { throw new Error(why); };
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run"],
-});
+const browser = await launchChromium();
 try {
   const page = await browser.newPage({ viewport: { width: 390, height: 844 }, deviceScaleFactor: 2 });
   const errors = [];
