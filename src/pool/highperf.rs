@@ -23,7 +23,6 @@
 //!   `RETIRED` and starts over with a fresh one.
 
 use std::collections::HashMap;
-use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::ptr;
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
@@ -33,12 +32,12 @@ use std::time::Instant;
 
 use crossbeam_utils::CachePadded;
 
-use super::{Idle, IdlePool, Key, KeyState, PoolCounters, PoolSettings, reserve_slot};
+use super::{Idle, IdlePool, Key, KeyHasher, KeyState, PoolCounters, PoolSettings, reserve_slot};
 
 /// `len` of a forgotten slot: above any cap, so no give can reserve a place on it.
 const RETIRED: u64 = u64::MAX;
 
-/// One shard: the slots of the keys that hash to it, by their (keyed, SipHash) hash, so a
+/// One shard: the slots of the keys that hash to it, by their (seeded) hash, so a
 /// key is hashed once per operation: for the shard and for the map. Keys whose hashes
 /// collide share an entry and are told apart by comparison.
 type Shard<K, S, T> = CachePadded<Mutex<ShardMap<K, S, T>>>;
@@ -68,7 +67,7 @@ impl Hasher for PreHashed {
 pub struct HighPerfPool<K, S, T> {
     settings: PoolSettings,
     shards: Box<[Shard<K, S, T>]>,
-    hasher: RandomState,
+    hasher: KeyHasher,
     counters: PoolCounters,
 }
 
@@ -175,7 +174,7 @@ impl<K: Key, S: KeyState, T> HighPerfPool<K, S, T> {
         HighPerfPool {
             settings,
             shards: (0..shards).map(|_| CachePadded::new(Mutex::new(HashMap::default()))).collect(),
-            hasher: RandomState::new(),
+            hasher: KeyHasher::default(),
             counters: PoolCounters::default(),
         }
     }

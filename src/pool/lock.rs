@@ -8,11 +8,11 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
-use super::{Idle, IdlePool, Key, KeyState, PoolCounters, PoolSettings};
+use super::{Idle, IdlePool, Key, KeyHasher, KeyState, PoolCounters, PoolSettings};
 
 pub struct LockPool<K, S, T> {
     settings: PoolSettings,
-    slots: Mutex<HashMap<K, Slot<S, T>>>,
+    slots: Mutex<HashMap<K, Slot<S, T>, KeyHasher>>,
     counters: PoolCounters,
 }
 
@@ -30,10 +30,10 @@ impl<S: Default, T> Slot<S, T> {
 
 impl<K: Key, S: KeyState, T> LockPool<K, S, T> {
     pub fn new(settings: PoolSettings) -> Self {
-        LockPool { settings, slots: Mutex::new(HashMap::new()), counters: PoolCounters::default() }
+        LockPool { settings, slots: Mutex::new(HashMap::default()), counters: PoolCounters::default() }
     }
 
-    fn slots(&self) -> MutexGuard<'_, HashMap<K, Slot<S, T>>> {
+    fn slots(&self) -> MutexGuard<'_, HashMap<K, Slot<S, T>, KeyHasher>> {
         // Every method leaves the map consistent before it can panic, so a poisoned lock
         // still guards a usable map; refusing it would only turn one panic into many.
         self.slots.lock().unwrap_or_else(PoisonError::into_inner)

@@ -47,7 +47,6 @@
 //!   may end up below the pushed-back entries: both only cost a fresh connection, never a
 //!   lost or duplicated one.
 
-use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::mem::ManuallyDrop;
 use std::ptr;
@@ -59,7 +58,7 @@ use arc_swap::ArcSwap;
 use crossbeam_epoch::{self as epoch, Atomic, Owned, Shared};
 use crossbeam_utils::CachePadded;
 
-use super::{Idle, IdlePool, Key, KeyState, PoolCounters, PoolSettings, reserve_slot};
+use super::{Idle, IdlePool, Key, KeyHasher, KeyState, PoolCounters, PoolSettings, reserve_slot};
 
 /// `len` of a forgotten slot: above any cap, so no give can reserve a place on it.
 const RETIRED: u64 = u64::MAX;
@@ -76,7 +75,7 @@ pub struct LockFreePool<K, S, T> {
     /// Serialises changes to the key set; lookups, takes and gives never take it.
     writer: Mutex<()>,
     keys: AtomicUsize,
-    hasher: RandomState,
+    hasher: KeyHasher,
     counters: PoolCounters,
 }
 
@@ -267,7 +266,7 @@ impl<K: Key, S: KeyState, T> LockFreePool<K, S, T> {
             table: ArcSwap::from_pointee(Table::with_buckets(INITIAL_BUCKETS)),
             writer: Mutex::new(()),
             keys: AtomicUsize::new(0),
-            hasher: RandomState::new(),
+            hasher: KeyHasher::default(),
             counters: PoolCounters::default(),
         }
     }
