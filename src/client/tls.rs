@@ -89,10 +89,27 @@ fn add_ca_file(roots: &mut rustls::RootCertStore, path: &Path) -> Result<Vec<Cer
     Ok(certs)
 }
 
-/// Explains a failed handshake in terms of the flags that fix it.
+/// The server's certificate is not the pinned one.
+#[derive(thiserror::Error)]
+#[error("certificate does not match --pin-sha256")]
+struct PinMismatch;
+
+// rustls shows a custom certificate error with `Debug`: let that be the sentence.
+impl std::fmt::Debug for PinMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+/// Explains a failed handshake in terms of the flags that fix it. The certificate case is
+/// recognised by the rustls error inside the I/O error, not by its wording.
 pub fn explain_handshake_error(err: &std::io::Error) -> String {
     let text = err.to_string();
-    if text.contains("certificate") || text.contains("UnknownIssuer") || text.contains("NotValidForName") {
+    let rejected_certificate = matches!(
+        err.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::InvalidCertificate(_))
+    );
+    if rejected_certificate {
         format!(
             "TLS: the server's certificate was not accepted ({text}). Pass --ca FILE for a private CA, \
              --pin-sha256 HEX with the fingerprint the server logs at start-up, or --insecure to skip checks"
@@ -137,7 +154,9 @@ impl ServerCertVerifier for Verifier {
             Check::Pin(pin) if Sha256::digest(end_entity.as_ref())[..] == pin[..] => {
                 Ok(ServerCertVerified::assertion())
             }
-            Check::Pin(_) => Err(rustls::Error::General("certificate does not match --pin-sha256".into())),
+            Check::Pin(_) => Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
+                rustls::OtherError(Arc::new(PinMismatch)),
+            ))),
             Check::WebPki { webpki, trusted_leaves } => {
                 let verdict = webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now);
                 if verdict.is_err() && trusted_leaves.iter().any(|leaf| leaf.as_ref() == end_entity.as_ref()) {
@@ -185,6 +204,26 @@ mod tests {
         let colons: Vec<String> = hex.as_bytes().chunks(2).map(|c| String::from_utf8_lossy(c).into()).collect();
         assert_eq!(parse_pin(&colons.join(":")).unwrap(), pin);
         assert!(parse_pin("abc").is_err());
+    }
+
+    #[test]
+    fn a_rejected_certificate_is_explained_by_its_type_not_its_wording() {
+        let rejected =
+            |cause| std::io::Error::new(std::io::ErrorKind::InvalidData, rustls::Error::InvalidCertificate(cause));
+        for cause in [
+            rustls::CertificateError::UnknownIssuer,
+            rustls::CertificateError::Other(rustls::OtherError(Arc::new(PinMismatch))),
+        ] {
+            assert!(explain_handshake_error(&rejected(cause)).contains("--pin-sha256 HEX"));
+        }
+        // Text that merely mentions certificates is not a certificate rejection.
+        let other = std::io::Error::other("peer sent no certificate request");
+        assert!(explain_handshake_error(&other).starts_with("TLS handshake failed"));
+        let alert = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(rustls::AlertDescription::HandshakeFailure),
+        );
+        assert!(explain_handshake_error(&alert).starts_with("TLS handshake failed"));
     }
 
     #[test]
@@ -241,6 +280,6 @@ mod verifier_tests {
         let name = ServerName::try_from("any.example").unwrap();
         verifier.verify_server_cert(&cert, &[], &name, &[], UnixTime::now()).unwrap();
         let err = verifier.verify_server_cert(&other, &[], &name, &[], UnixTime::now()).unwrap_err();
-        assert!(err.to_string().contains("--pin-sha256"), "{err}");
+        assert!(err.to_string().contains("does not match --pin-sha256"), "{err}");
     }
 }
