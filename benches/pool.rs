@@ -15,6 +15,9 @@
 //! "elements" are acquires summed over all threads, so elem/s is acquires per CPU-second,
 //! and the time per element is the CPU cost of one acquire. Thread start-up is kept out of
 //! the timing by a barrier.
+//!
+//! The bench allocates with jemalloc, as both binaries do: a `give` in `lockfree` and
+//! `highperf` allocates a node, and that cost is the production allocator's.
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -26,6 +29,9 @@ use std::time::{Duration, Instant};
 use anytls_rs::pool::{Idle, IdlePool, KeyCounters, PoolSettings, PoolType, new_pool, reserve_slot};
 use anytls_rs::proto::Address;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 const ENGINES: [PoolType; 3] = [PoolType::Lock, PoolType::LockFree, PoolType::HighPerf];
 const THREADS: [usize; 3] = [1, 2, 8];
