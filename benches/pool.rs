@@ -16,6 +16,10 @@
 //! and the time per element is the CPU cost of one acquire. Thread start-up is kept out of
 //! the timing by a barrier.
 //!
+//! `refill_handoff` prices how the server starts a refill after a warm take: a task spawned
+//! per refill (what it does) against a message to one long-lived refill worker, beside the
+//! loopback dial (connect, accept, close) that every refill then makes.
+//!
 //! The bench allocates with jemalloc, as both binaries do: a `give` in `lockfree` and
 //! `highperf` allocates a node, and that cost is the production allocator's.
 
@@ -234,5 +238,78 @@ fn insert_100k_keys(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, insert_100k_keys, acquire_path);
+/// What handing a refill to the runtime costs, next to the dial the refill makes: a task
+/// spawned per refill (it clones the target's address and state, as the server's does)
+/// against a message to one worker task, and a loopback connect + accept + close.
+fn refill_handoff(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let address = Address::domain("www.example.com", 443);
+    let state = Arc::new(Target::default());
+    let mut group = c.benchmark_group("refill_handoff");
+    group.measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(500)).sample_size(10);
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("spawn_per_refill", |b| {
+        b.iter_custom(|iters| {
+            runtime.block_on(async {
+                let done = Arc::new(tokio::sync::Semaphore::new(0));
+                let started = process_cpu_time();
+                for _ in 0..iters {
+                    let (address, state, done) = (address.clone(), state.clone(), done.clone());
+                    tokio::spawn(async move {
+                        black_box((&address, &state));
+                        done.add_permits(1);
+                    });
+                }
+                drop(done.acquire_many(iters as u32).await.unwrap());
+                process_cpu_time() - started
+            })
+        })
+    });
+    group.bench_function("message_to_worker", |b| {
+        b.iter_custom(|iters| {
+            runtime.block_on(async {
+                let (refills, queue) = flume::unbounded::<(Address, Arc<Target>)>();
+                let done = Arc::new(tokio::sync::Semaphore::new(0));
+                let worker_done = done.clone();
+                let worker = tokio::spawn(async move {
+                    while let Ok(refill) = queue.recv_async().await {
+                        black_box(refill);
+                        worker_done.add_permits(1);
+                    }
+                });
+                let started = process_cpu_time();
+                for _ in 0..iters {
+                    refills.send((address.clone(), state.clone())).unwrap();
+                }
+                drop(done.acquire_many(iters as u32).await.unwrap());
+                let used = process_cpu_time() - started;
+                drop(refills);
+                worker.await.unwrap();
+                used
+            })
+        })
+    });
+    group.bench_function("loopback_dial", |b| {
+        b.iter_custom(|iters| {
+            runtime.block_on(async {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let target = listener.local_addr().unwrap();
+                let acceptor = tokio::spawn(async move {
+                    for _ in 0..iters {
+                        drop(listener.accept().await.unwrap());
+                    }
+                });
+                let started = process_cpu_time();
+                for _ in 0..iters {
+                    drop(tokio::net::TcpStream::connect(target).await.unwrap());
+                }
+                acceptor.await.unwrap();
+                process_cpu_time() - started
+            })
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, insert_100k_keys, acquire_path, refill_handoff);
 criterion_main!(benches);
