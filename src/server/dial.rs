@@ -330,9 +330,12 @@ mod tests {
     #[tokio::test]
     async fn a_dial_that_gives_up_does_not_cancel_the_lookup() {
         let names = NameCache::default();
-        // Polled once (the lookup starts), then dropped, as a dial's connect timeout does.
-        let gave_up = tokio::time::timeout(Duration::ZERO, names.resolve("localhost", 80)).await;
-        assert!(gave_up.is_err(), "the zero timeout fires before any lookup can end");
+        {
+            // Polled once (the lookup starts), then dropped, as a dial's connect timeout does.
+            let mut dial = std::pin::pin!(names.resolve("localhost", 80));
+            let first = std::future::poll_fn(|cx| std::task::Poll::Ready(dial.as_mut().poll(cx))).await;
+            assert!(first.is_pending(), "no lookup ends within its first poll");
+        }
         let addrs = names.resolve("localhost", 80).await.unwrap();
         assert!(addrs.iter().all(|a| a.ip().is_loopback()), "{addrs:?}");
         assert_eq!(names.lookups(), 1, "the second dial waited on the first one's lookup");
