@@ -3,18 +3,24 @@
 //! The outbound pool dials through here; [`super::outbound`] serves streams on top of the
 //! pool. Keeping the dialer apart lets both depend on it without depending on each other.
 //!
-//! Names are resolved once per [`NAME_TTL`] and the answers reused: a proxy carrying
-//! browsing traffic dials the same few names over and over, and each lookup is a round trip
-//! to the system resolver (and a UDP socket) that an answer a few seconds old saves.
+//! Names are resolved by the system resolver (getaddrinfo, on tokio's blocking pool) once per
+//! [`NAME_TTL`] and the answers reused: a proxy carrying browsing traffic dials the same few
+//! names over and over, and each lookup is a round trip to the resolver that an answer a few
+//! seconds old saves. Dials that miss on a name already being looked up wait for that lookup
+//! instead of sending their own (single-flight), so a burst of streams to one new name costs
+//! one lookup. getaddrinfo does not tell the records' TTL, hence the fixed [`NAME_TTL`];
+//! hickory-resolver, which does, was measured against it and not taken (docs/benchmarks.md,
+//! "Name resolution").
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
 use crate::proto::Address;
 use crate::proto::address::Host;
@@ -35,8 +41,26 @@ pub enum DialError {
     TimedOut(String),
     #[error("dial {0}: host unreachable ({1})")]
     Unreachable(String, String),
+    /// The name did not resolve. Worded as "host unreachable", which clients map to SOCKS
+    /// code 4, as they do for Go servers' "no such host".
+    #[error("dial {0}: host unreachable ({1})")]
+    Unresolved(String, ResolveError),
     #[error("dial {0}: {1}")]
     Other(String, io::Error),
+}
+
+/// Why a name gave no addresses. Cloned to every dial that waited on the same lookup.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ResolveError {
+    /// The resolver failed (no such name, no answer, a malformed name).
+    #[error("{0}")]
+    Lookup(Arc<io::Error>),
+    /// The resolver answered with no addresses.
+    #[error("no addresses")]
+    NoAddresses,
+    /// The lookup task ended without an answer (the runtime is shutting down).
+    #[error("lookup abandoned")]
+    Abandoned,
 }
 
 /// Opens outbound TCP connections.
@@ -55,15 +79,13 @@ impl Dialer {
     pub async fn connect_with(&self, destination: &Address, names: Option<&NameCache>) -> Result<TcpStream, DialError> {
         let target = destination.to_string();
         let attempt = async {
-            let stream = match (&destination.host, names) {
-                (Host::Ip(ip), _) => TcpStream::connect((*ip, destination.port)).await,
-                (Host::Domain(name), Some(names)) => match names.resolve(name, destination.port).await {
-                    Ok(addrs) => connect_first(&addrs).await,
-                    Err(err) => Err(err),
-                },
-                (Host::Domain(name), None) => TcpStream::connect((name.as_str(), destination.port)).await,
-            };
-            stream.map_err(|err| classify(&target, err))
+            let addrs = match (&destination.host, names) {
+                (Host::Ip(ip), _) => Ok(vec![SocketAddr::new(*ip, destination.port)]),
+                (Host::Domain(name), Some(names)) => names.resolve(name, destination.port).await,
+                (Host::Domain(name), None) => lookup(name.clone()).await.map(|ips| with_port(&ips, destination.port)),
+            }
+            .map_err(|err| DialError::Unresolved(target.clone(), err))?;
+            connect_first(&addrs).await.map_err(|err| classify(&target, err))
         };
         let stream = tokio::time::timeout(self.connect_timeout, attempt)
             .await
@@ -74,8 +96,9 @@ impl Dialer {
 }
 
 /// Tries the addresses in the resolver's order, as `TcpStream::connect` does.
+/// `addrs` is never empty: an empty answer is a [`ResolveError::NoAddresses`].
 async fn connect_first(addrs: &[SocketAddr]) -> io::Result<TcpStream> {
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "lookup: no addresses");
+    let mut last = io::Error::new(io::ErrorKind::InvalidInput, "no addresses to dial");
     for addr in addrs {
         match TcpStream::connect(addr).await {
             Ok(stream) => return Ok(stream),
@@ -85,6 +108,8 @@ async fn connect_first(addrs: &[SocketAddr]) -> io::Result<TcpStream> {
     Err(last)
 }
 
+/// Sorts a connect error by its kind; name resolution failed earlier, as
+/// [`DialError::Unresolved`], so nothing here reads the error's text.
 fn classify(target: &str, err: io::Error) -> DialError {
     use io::ErrorKind::*;
     match err.kind() {
@@ -93,69 +118,146 @@ fn classify(target: &str, err: io::Error) -> DialError {
         HostUnreachable | NetworkUnreachable | AddrNotAvailable => {
             DialError::Unreachable(target.to_string(), err.to_string())
         }
-        // Name resolution failures come back as uncategorised errors.
-        _ if err.to_string().contains("lookup") || err.to_string().contains("resolve") => {
-            DialError::Unreachable(target.to_string(), err.to_string())
-        }
         _ => DialError::Other(target.to_string(), err),
     }
 }
 
-/// A name's addresses (port 0) and when they were looked up.
-type Answers = HashMap<String, (Arc<[SocketAddr]>, Instant)>;
+/// One getaddrinfo call for `name` (addresses with port 0).
+async fn lookup(name: String) -> Result<Arc<[SocketAddr]>, ResolveError> {
+    let found: Arc<[SocketAddr]> =
+        tokio::net::lookup_host((name.as_str(), 0)).await.map_err(|err| ResolveError::Lookup(Arc::new(err)))?.collect();
+    if found.is_empty() {
+        return Err(ResolveError::NoAddresses);
+    }
+    Ok(found)
+}
 
-/// Resolved names, each reused for [`NAME_TTL`]. Failures are not cached (the next dial
-/// asks again). Two dials that miss at the same moment may both look the name up; that is
-/// rare and costs one extra lookup.
-#[derive(Debug, Default)]
+fn with_port(ips: &[SocketAddr], port: u16) -> Vec<SocketAddr> {
+    ips.iter().map(|addr| SocketAddr::new(addr.ip(), port)).collect()
+}
+
+/// What the lookup in flight will send its waiters: `None` until it ends.
+type Outcome = Option<Result<Arc<[SocketAddr]>, ResolveError>>;
+
+/// A name's state in the cache.
+#[derive(Debug)]
+enum Slot {
+    /// Addresses (port 0), reused until `expires`.
+    Ready { ips: Arc<[SocketAddr]>, expires: Instant },
+    /// Being looked up; `id` tells this lookup from a later one for the same name.
+    Pending { id: u64, answer: watch::Receiver<Outcome> },
+}
+
+type Slots = HashMap<String, Slot>;
+
+/// Resolved names, each reused for a fixed TTL ([`NAME_TTL`]), at most [`MAX_NAMES`] of them.
+///
+/// A miss starts one lookup, in a task of its own so that a dial giving up (its connect
+/// timeout) does not cancel the lookup others wait on; every dial for that name meanwhile
+/// waits for it. A failure reaches every waiter and is not cached: the next dial asks again,
+/// as a failure may be passing (a resolver timeout). Single-flight already keeps a name that
+/// keeps failing at one lookup in flight at a time.
+#[derive(Debug)]
 pub struct NameCache {
-    answers: Mutex<Answers>,
+    slots: Arc<Mutex<Slots>>,
     lookups: AtomicU64,
+    ttl: Duration,
+    max_names: usize,
+}
+
+impl Default for NameCache {
+    fn default() -> Self {
+        Self::new(NAME_TTL, MAX_NAMES)
+    }
 }
 
 impl NameCache {
+    fn new(ttl: Duration, max_names: usize) -> Self {
+        NameCache { slots: Arc::default(), lookups: AtomicU64::new(0), ttl, max_names }
+    }
+
     /// Lookups sent to the system resolver so far.
     pub fn lookups(&self) -> u64 {
         self.lookups.load(Ordering::Relaxed)
     }
 
     /// The addresses of `name`, with `port`.
-    pub async fn resolve(&self, name: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
-        let now = Instant::now();
-        let cached =
-            self.answers().get(name).filter(|(_, at)| now.duration_since(*at) < NAME_TTL).map(|(a, _)| a.clone());
-        let ips = match cached {
-            Some(ips) => ips,
-            None => {
-                self.lookups.fetch_add(1, Ordering::Relaxed);
-                let found: Arc<[SocketAddr]> = tokio::net::lookup_host((name, 0)).await?.collect();
-                self.remember(name, found.clone(), now);
-                found
+    pub async fn resolve(&self, name: &str, port: u16) -> Result<Vec<SocketAddr>, ResolveError> {
+        let mut answer = {
+            let mut slots = lock(&self.slots);
+            match slots.get(name) {
+                Some(Slot::Ready { ips, expires }) if Instant::now() < *expires => return Ok(with_port(ips, port)),
+                // A lookup whose task is gone (has_changed fails) cannot answer: start another.
+                Some(Slot::Pending { answer, .. }) if answer.has_changed().is_ok() => answer.clone(),
+                _ => self.start_lookup(&mut slots, name),
             }
         };
-        Ok(ips.iter().map(|addr| SocketAddr::new(addr.ip(), port)).collect())
+        let outcome = match answer.wait_for(Option::is_some).await {
+            Ok(outcome) => outcome.clone(),
+            Err(_) => None,
+        };
+        let ips = outcome.unwrap_or(Err(ResolveError::Abandoned))?;
+        Ok(with_port(&ips, port))
     }
 
-    fn remember(&self, name: &str, ips: Arc<[SocketAddr]>, now: Instant) {
-        let mut answers = self.answers();
-        if answers.len() >= MAX_NAMES && !answers.contains_key(name) {
-            answers.retain(|_, (_, at)| now.duration_since(*at) < NAME_TTL);
-            if answers.len() >= MAX_NAMES {
-                answers.clear();
+    /// Marks `name` pending and spawns its lookup; returns where its answer will come.
+    fn start_lookup(&self, slots: &mut Slots, name: &str) -> watch::Receiver<Outcome> {
+        let id = self.lookups.fetch_add(1, Ordering::Relaxed);
+        self.make_room(slots, name);
+        let (tell, answer) = watch::channel(None);
+        slots.insert(name.to_owned(), Slot::Pending { id, answer: answer.clone() });
+        let (slots, ttl, name) = (self.slots.clone(), self.ttl, name.to_owned());
+        tokio::spawn(async move {
+            let outcome = lookup(name.clone()).await;
+            let mut slots = lock(&slots);
+            // Only this lookup's own slot is settled: it may have been evicted meanwhile.
+            if let Some(slot) = slots.get_mut(&name)
+                && matches!(slot, Slot::Pending { id: pending, .. } if *pending == id)
+            {
+                match &outcome {
+                    Ok(ips) => *slot = Slot::Ready { ips: ips.clone(), expires: Instant::now() + ttl },
+                    Err(_) => {
+                        slots.remove(&name);
+                    }
+                }
             }
-        }
-        answers.insert(name.to_owned(), (ips, now));
+            drop(slots);
+            let _ = tell.send(Some(outcome));
+        });
+        answer
     }
 
-    fn answers(&self) -> std::sync::MutexGuard<'_, Answers> {
-        // Inserts and removals leave the map whole; a panic elsewhere cannot corrupt it.
-        self.answers.lock().unwrap_or_else(PoisonError::into_inner)
+    /// Keeps the map under `max_names` before `name` goes in: expired answers go first, then
+    /// everything (dials waiting on an evicted lookup still get its answer).
+    fn make_room(&self, slots: &mut Slots, name: &str) {
+        if slots.len() < self.max_names || slots.contains_key(name) {
+            return;
+        }
+        let now = Instant::now();
+        slots.retain(|_, slot| !matches!(slot, Slot::Ready { expires, .. } if *expires <= now));
+        if slots.len() >= self.max_names {
+            slots.clear();
+        }
     }
+}
+
+fn lock(slots: &Mutex<Slots>) -> MutexGuard<'_, Slots> {
+    // Inserts and removals leave the map whole; a panic elsewhere cannot corrupt it.
+    slots.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A name the system resolver fails on without asking the network: getaddrinfo is never
+    /// reached (the name cannot be a C string), but the failure comes back through the same
+    /// lookup path as "no such host" does.
+    const UNRESOLVABLE: &str = "no\0such.host";
+
+    fn held(names: &NameCache) -> usize {
+        lock(&names.slots).len()
+    }
 
     #[tokio::test]
     async fn a_name_is_looked_up_once_per_ttl() {
@@ -173,5 +275,110 @@ mod tests {
         let addrs = names.resolve("localhost", 7).await.unwrap();
         assert!(addrs.iter().all(|a| a.port() == 7 && a.ip().is_loopback()), "{addrs:?}");
         assert_eq!(names.lookups(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_on_one_new_name_sends_one_lookup() {
+        let names = Arc::new(NameCache::default());
+        let burst: Vec<_> = (0..1000u16)
+            .map(|i| {
+                let names = names.clone();
+                tokio::spawn(async move { names.resolve("localhost", i).await })
+            })
+            .collect();
+        for (i, dial) in burst.into_iter().enumerate() {
+            let addrs = dial.await.unwrap().unwrap();
+            assert!(addrs.iter().all(|a| a.port() == i as u16 && a.ip().is_loopback()), "{addrs:?}");
+        }
+        assert_eq!(names.lookups(), 1);
+    }
+
+    // current_thread: the waiters all run before the lookup's task can finish, so every one
+    // of them joins the one lookup (a failure is not cached, so a late one would ask again).
+    #[tokio::test]
+    async fn a_failed_lookup_reaches_every_waiter_and_is_not_cached() {
+        let names = Arc::new(NameCache::default());
+        let burst: Vec<_> = (0..100)
+            .map(|_| {
+                let names = names.clone();
+                tokio::spawn(async move { names.resolve(UNRESOLVABLE, 80).await })
+            })
+            .collect();
+        for dial in burst {
+            let outcome = dial.await.unwrap();
+            assert!(matches!(outcome, Err(ResolveError::Lookup(_))), "{outcome:?}");
+        }
+        assert_eq!(names.lookups(), 1);
+        assert_eq!(held(&names), 0, "a failure is not kept");
+        assert!(names.resolve(UNRESOLVABLE, 80).await.is_err());
+        assert_eq!(names.lookups(), 2, "the next dial asks again");
+    }
+
+    #[tokio::test]
+    async fn a_name_that_does_not_resolve_is_a_typed_dial_error() {
+        let dialer = Dialer { connect_timeout: Duration::from_secs(2) };
+        let target = Address::domain(UNRESOLVABLE, 80);
+        let names = NameCache::default();
+        for cache in [None, Some(&names)] {
+            let err = dialer.connect_with(&target, cache).await.unwrap_err();
+            assert!(matches!(err, DialError::Unresolved(_, ResolveError::Lookup(_))), "{err:?}");
+            // The wire text clients map to SOCKS code 4 ("host unreachable").
+            assert!(err.to_string().contains("host unreachable"), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dial_that_gives_up_does_not_cancel_the_lookup() {
+        let names = NameCache::default();
+        {
+            // Polled once (the lookup starts), then dropped, as a dial's connect timeout does.
+            let mut dial = std::pin::pin!(names.resolve("localhost", 80));
+            let first = std::future::poll_fn(|cx| std::task::Poll::Ready(dial.as_mut().poll(cx))).await;
+            assert!(first.is_pending(), "no lookup ends within its first poll");
+        }
+        let addrs = names.resolve("localhost", 80).await.unwrap();
+        assert!(addrs.iter().all(|a| a.ip().is_loopback()), "{addrs:?}");
+        assert_eq!(names.lookups(), 1, "the second dial waited on the first one's lookup");
+    }
+
+    #[tokio::test]
+    async fn an_answer_is_looked_up_again_after_its_ttl() {
+        let ttl = Duration::from_millis(300);
+        let names = NameCache::new(ttl, MAX_NAMES);
+        names.resolve("localhost", 80).await.unwrap();
+        names.resolve("localhost", 80).await.unwrap();
+        assert_eq!(names.lookups(), 1);
+        tokio::time::sleep(ttl + Duration::from_millis(100)).await;
+        names.resolve("localhost", 80).await.unwrap();
+        assert_eq!(names.lookups(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_cache_holds_at_most_max_names() {
+        let max = 8;
+        let names = NameCache::new(NAME_TTL, max);
+        // IP literals resolve without the network and are kept like names.
+        for i in 0..100 {
+            names.resolve(&format!("127.0.1.{i}"), 80).await.unwrap();
+            assert!(held(&names) <= max, "{} names held", held(&names));
+        }
+        assert_eq!(names.lookups(), 100);
+        names.resolve("127.0.1.99", 80).await.unwrap();
+        assert_eq!(names.lookups(), 100, "the newest name is still held");
+    }
+
+    #[tokio::test]
+    async fn expired_answers_are_dropped_first_when_full() {
+        let ttl = Duration::from_millis(200);
+        let names = NameCache::new(ttl, 4);
+        for i in 0..3 {
+            names.resolve(&format!("127.0.2.{i}"), 80).await.unwrap();
+        }
+        tokio::time::sleep(ttl + Duration::from_millis(100)).await;
+        names.resolve("127.0.2.3", 80).await.unwrap();
+        names.resolve("127.0.2.4", 80).await.unwrap(); // full: the three expired ones go
+        assert_eq!(held(&names), 2);
+        names.resolve("127.0.2.3", 80).await.unwrap();
+        assert_eq!(names.lookups(), 5, "the live answer survived the eviction");
     }
 }
