@@ -70,9 +70,11 @@ pub async fn serve_stream(
     };
     if is_udp_over_tcp(&destination) {
         // UDP over TCP has its own sockets; the outbound TCP pool is not involved.
-        return serve_udp(stream, early_payload, udp, peer).await;
+        return serve_udp(stream, early_payload, udp, peer, pool.names().clone()).await;
     }
-    let Some(destination) = super::policy::admit(&mut stream, destination, &peer).await else { return };
+    let Some(destination) = super::policy::admit(&mut stream, destination, &peer, pool.names()).await else {
+        return;
+    };
     // The pool never refuses: past its per-target limit it dials unpooled.
     let dial = pool.acquire(&destination);
     tokio::pin!(dial);
@@ -129,15 +131,17 @@ pub(crate) mod test_support {
     /// A client session against an in-process server session whose streams go through
     /// the real `serve_stream`. Both handles are returned: dropping one closes its session.
     pub(crate) fn session_pair(udp: UdpSettings) -> (Session, Session) {
-        session_pair_with(4, Duration::from_secs(2), udp)
+        let (client, server, _pool) = session_pair_with(4, Duration::from_secs(2), udp);
+        (client, server)
     }
 
-    /// As [`session_pair`], with a per-target limit and connect timeout of choice.
+    /// As [`session_pair`], with a per-target limit and connect timeout of choice; also
+    /// returns the server's pool.
     pub(crate) fn session_pair_with(
         max_per_target: usize,
         connect_timeout: Duration,
         udp: UdpSettings,
-    ) -> (Session, Session) {
+    ) -> (Session, Session, OutboundPool) {
         let settings = OutboundSettings {
             pool_type: PoolType::Lock,
             max_per_target,
@@ -148,13 +152,14 @@ pub(crate) mod test_support {
         };
         let pool = OutboundPool::new(settings, Dialer { connect_timeout });
         let gate = Arc::new(Gate::new(ServerLimits::default()));
+        let server_pool = pool.clone();
         let handler: StreamHandler = Arc::new(move |stream| {
             let ticket = gate.admit_stream().expect("room for test streams");
-            tokio::spawn(serve_stream(stream, pool.clone(), udp, "test".into(), ticket));
+            tokio::spawn(serve_stream(stream, server_pool.clone(), udp, "test".into(), ticket));
         });
         let (a, b) = tokio::io::duplex(1 << 20);
         let server = Session::server(b, SessionConfig::default(), BytesMut::new(), handler);
-        (Session::client(a, SessionConfig::default()), server)
+        (Session::client(a, SessionConfig::default()), server, pool)
     }
 }
 
@@ -202,7 +207,8 @@ mod tests {
             }
         });
         // One pooled slot; five held streams.
-        let (client, _server) = test_support::session_pair_with(1, Duration::from_secs(5), UdpSettings::default());
+        let (client, _server, _pool) =
+            test_support::session_pair_with(1, Duration::from_secs(5), UdpSettings::default());
         let mut first = bytes::BytesMut::new();
         target.encode(&mut first);
         let first = first.freeze();

@@ -18,7 +18,8 @@
 //!   connections, idle or being dialed, stay within `max_idle_total`.
 //! - **A warm connection whose peer has closed is never handed out**, even when a
 //!   greeting is queued in front of the FIN (see [`is_alive`]).
-//! - Names are resolved once per target name per [`super::dial::NAME_TTL`].
+//! - Names are resolved once per target name per [`super::dial::NAME_TTL`], in the one
+//!   [`NameCache`] the outbound policy and UDP streams share ([`OutboundPool::names`]).
 //!
 //! Each target's state ([`Target`]: its limit count, demand and counters) lives in the
 //! engine's slot for that target, keyed by [`Address`]: an acquire is one engine lookup,
@@ -213,7 +214,7 @@ struct Shared {
 struct Inner {
     settings: OutboundSettings,
     dialer: Dialer,
-    names: NameCache,
+    names: Arc<NameCache>,
     idle: Arc<dyn IdlePool<Address, Target, WarmConnection>>,
     shared: Arc<Shared>,
     epoch: Instant,
@@ -237,7 +238,7 @@ impl OutboundPool {
             idle: new_pool(settings.pool_type, engine_settings),
             settings,
             dialer,
-            names: NameCache::default(),
+            names: Arc::default(),
             shared: Arc::default(),
             epoch: Instant::now(),
         };
@@ -347,6 +348,12 @@ impl OutboundPool {
     /// Streams dialed beyond the per-target limit, outside the pool.
     pub fn unpooled(&self) -> u64 {
         self.stats().unpooled
+    }
+
+    /// The server's one name cache: the pool's dials, the outbound policy's checks and UDP
+    /// streams all resolve through it, so every lookup is shared and counted.
+    pub fn names(&self) -> &Arc<NameCache> {
+        &self.inner.names
     }
 
     /// Name lookups sent to the system resolver.

@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
+use super::dial::NameCache;
 use crate::proto::Address;
 use crate::proto::address::Host;
 use crate::session::Stream;
@@ -169,7 +170,12 @@ impl Policy {
 
     /// Checks a destination: its address, or every address its name resolves to. Returns
     /// the destination to dial: as given, or (with deny rules) the checked address of a name.
-    pub async fn check_destination(&self, destination: Address) -> Result<Address, (Refusal, String)> {
+    /// Names are resolved through `names`, the server's shared cache.
+    pub async fn check_destination(
+        &self,
+        destination: Address,
+        names: &NameCache,
+    ) -> Result<Address, (Refusal, String)> {
         let port = destination.port;
         let name = match &destination.host {
             Host::Ip(ip) => return self.check(SocketAddr::new(*ip, port)).map(|()| destination),
@@ -181,10 +187,9 @@ impl Policy {
         if !self.needs_addresses(port) {
             return Ok(destination);
         }
-        let lookup = tokio::net::lookup_host((name.as_str(), port));
+        let lookup = names.resolve(name, port);
         // A name that does not resolve is left to the dial, which reports it as usual.
         let Ok(Ok(found)) = tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await else { return Ok(destination) };
-        let found: Vec<SocketAddr> = found.collect();
         for address in &found {
             self.check(*address).map_err(|(why, text)| (why, format!("{name}: {text}")))?;
         }
@@ -312,12 +317,12 @@ fn count(reason: Refusal) {
 
 /// The TCP stream hook: the destination to dial (see [`Policy::check_destination`]), or
 /// None when the stream has been refused with a SYNACK error naming the policy.
-pub async fn admit(stream: &mut Stream, destination: Address, peer: &str) -> Option<Address> {
+pub async fn admit(stream: &mut Stream, destination: Address, peer: &str, names: &NameCache) -> Option<Address> {
     let policy = current();
     if policy.is_empty() {
         return Some(destination);
     }
-    match policy.check_destination(destination).await {
+    match policy.check_destination(destination, names).await {
         Ok(destination) => Some(destination),
         Err((reason, why)) => {
             count(reason);
@@ -453,24 +458,41 @@ mod tests {
     #[tokio::test]
     async fn names_are_checked_by_what_they_resolve_to() {
         let policy = Policy { own: vec!["127.0.0.1:9090".parse().unwrap()], ..Policy::default() };
+        let names = NameCache::default();
         for name in ["localhost", "2130706433", "0x7f000001", "::ffff:127.0.0.1"] {
-            let refused = policy.check_destination(Address::domain(name, 9090)).await;
+            let refused = policy.check_destination(Address::domain(name, 9090), &names).await;
             assert!(matches!(refused, Err((Refusal::Own, _))), "{name}: {refused:?}");
         }
         // Other ports: names are dialed as names, numeric ones as the address they spell.
         let localhost = Address::domain("localhost", 9091);
-        assert_eq!(policy.check_destination(localhost.clone()).await, Ok(localhost));
-        let numeric = policy.check_destination(Address::domain("0x7f000001", 9091)).await;
+        assert_eq!(policy.check_destination(localhost.clone(), &names).await, Ok(localhost));
+        let numeric = policy.check_destination(Address::domain("0x7f000001", 9091), &names).await;
         assert_eq!(numeric, Ok(Address::socket("127.0.0.1:9091".parse().unwrap())));
         let deny = Policy { deny: vec![Cidr::parse("127.0.0.0/8").unwrap()], ..Policy::default() };
-        assert!(matches!(deny.check_destination(Address::domain("localhost", 1)).await, Err((Refusal::Deny, _))));
+        assert!(matches!(
+            deny.check_destination(Address::domain("localhost", 1), &names).await,
+            Err((Refusal::Deny, _))
+        ));
     }
 
     #[tokio::test]
     async fn with_deny_rules_a_name_is_dialed_at_the_address_that_was_checked() {
         let deny = Policy { deny: vec![Cidr::parse("192.0.2.0/24").unwrap()], ..Policy::default() };
-        let pinned = deny.check_destination(Address::domain("localhost", 80)).await.unwrap();
+        let names = NameCache::default();
+        let pinned = deny.check_destination(Address::domain("localhost", 80), &names).await.unwrap();
         assert!(matches!(pinned.host, Host::Ip(ip) if ip.is_loopback()), "{pinned:?}");
         assert_eq!(pinned.port, 80);
+    }
+
+    #[tokio::test]
+    async fn checks_resolve_through_the_shared_cache_once_per_name() {
+        let deny = Policy { deny: vec![Cidr::parse("192.0.2.0/24").unwrap()], ..Policy::default() };
+        let names = NameCache::default();
+        let checks = (0..50).map(|_| deny.check_destination(Address::domain("localhost", 80), &names));
+        for checked in futures_util::future::join_all(checks).await {
+            assert!(matches!(checked, Ok(Address { host: Host::Ip(ip), .. }) if ip.is_loopback()), "{checked:?}");
+        }
+        deny.check_destination(Address::domain("localhost", 443), &names).await.unwrap();
+        assert_eq!(names.lookups(), 1, "50 concurrent checks and one later, one lookup");
     }
 }

@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::dial::NameCache;
 use crate::proto::Address;
 use crate::proto::address::Host;
 use crate::proto::udp::{Framing, MAX_PAYLOAD, Request, decode_packet, packet_bytes};
@@ -56,9 +57,16 @@ impl Default for UdpSettings {
 
 /// Serves one UoT stream to the end. `early` holds bytes that followed the stream's
 /// destination (normally the request itself).
-pub async fn serve_udp(mut stream: Stream, early: BytesMut, settings: UdpSettings, peer: String) {
+/// Names are resolved through `names`, the server's shared cache.
+pub async fn serve_udp(
+    mut stream: Stream,
+    early: BytesMut,
+    settings: UdpSettings,
+    peer: String,
+    names: Arc<NameCache>,
+) {
     let id = stream.id();
-    let setup = tokio::time::timeout(SETUP_BUDGET, set_up(&mut stream, early)).await;
+    let setup = tokio::time::timeout(SETUP_BUDGET, set_up(&mut stream, early, names)).await;
     let (mut outbound, buf) = match setup {
         Ok(Ok(ready)) => ready,
         Ok(Err(why)) => {
@@ -95,7 +103,7 @@ pub async fn serve_udp(mut stream: Stream, early: BytesMut, settings: UdpSetting
 
 /// Reads the request (it may be split over frames or share them with packets) and
 /// prepares the sockets; returns them with the bytes after the request.
-async fn set_up(stream: &mut Stream, mut buf: BytesMut) -> Result<(Outbound, BytesMut), String> {
+async fn set_up(stream: &mut Stream, mut buf: BytesMut, names: Arc<NameCache>) -> Result<(Outbound, BytesMut), String> {
     let request = loop {
         match Request::decode(&buf) {
             Ok(Some((request, used))) => {
@@ -112,7 +120,7 @@ async fn set_up(stream: &mut Stream, mut buf: BytesMut) -> Result<(Outbound, Byt
             Err(err) => return Err(err.to_string()),
         }
     };
-    let outbound = Outbound::open(request).await?;
+    let outbound = Outbound::open(request, names).await?;
     Ok((outbound, buf))
 }
 
@@ -191,14 +199,17 @@ struct Outbound {
     receivers: Vec<AbortOnDrop>,
     replies: mpsc::Sender<Bytes>,
     queue: Option<mpsc::Receiver<Bytes>>,
+    /// This stream's names: each keeps the address it first resolved to for the stream's
+    /// life (a peer does not move mid-conversation); misses go to the shared `names`.
     resolved: HashMap<String, IpAddr>,
+    names: Arc<NameCache>,
     idle: Arc<Activity>,
     up: u64,
 }
 
 impl Outbound {
     /// Binds the socket the stream needs first, so a failure can still be refused.
-    async fn open(request: Request) -> Result<Outbound, String> {
+    async fn open(request: Request, names: Arc<NameCache>) -> Result<Outbound, String> {
         let (replies, queue) = mpsc::channel(PACKET_QUEUE);
         let mut outbound = Outbound {
             framing: request.framing,
@@ -209,6 +220,7 @@ impl Outbound {
             replies,
             queue: Some(queue),
             resolved: HashMap::new(),
+            names,
             idle: Arc::new(Activity::new()),
             up: 0,
         };
@@ -276,12 +288,11 @@ impl Outbound {
         if let Some(ip) = self.resolved.get(name) {
             return Ok(*ip);
         }
-        let lookup = tokio::net::lookup_host((name.as_str(), address.port));
+        let lookup = self.names.resolve(name, address.port);
         let found: Vec<SocketAddr> = tokio::time::timeout(RESOLVE_TIMEOUT, lookup)
             .await
             .map_err(|_| format!("resolve {name}: timed out"))?
-            .map_err(|err| format!("resolve {name}: {err}"))?
-            .collect();
+            .map_err(|err| format!("resolve {name}: {err}"))?;
         let ip = found
             .iter()
             .find(|addr| addr.is_ipv4())
@@ -418,6 +429,19 @@ mod tests {
             assert_eq!(packet.peer, Some(peer));
             assert_eq!(&packet.payload[..], text.as_bytes());
         }
+    }
+
+    #[tokio::test]
+    async fn names_resolve_through_the_servers_shared_cache() {
+        let (client, _server, pool) =
+            crate::server::outbound::test_support::session_pair_with(4, Duration::from_secs(2), UdpSettings::default());
+        let echo = udp_echo().await;
+        let request = Request { framing: Framing::Connected, destination: Address::domain("localhost", echo.port()) };
+        for _ in 0..3 {
+            let mut stream = client.open_stream(first_data(&request)).await.unwrap();
+            stream.wait_open().await.unwrap();
+        }
+        assert_eq!(pool.lookups(), 1, "three UDP streams to one name, one lookup, counted by the server");
     }
 
     #[tokio::test]
