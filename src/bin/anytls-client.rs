@@ -230,22 +230,9 @@ async fn run(args: Args) -> Result<(), String> {
     };
     let listener =
         anytls_rs::accept::listen(&args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
-    let bound = listener.local_addr().map_err(|e| e.to_string())?;
-    if !bound.ip().is_loopback() && config.credentials.is_none() {
-        log::warn!(
-            "proxy on {bound} is reachable from other machines and has no --socks-user/--socks-pass: anyone \
-             who can reach it can use the tunnel"
-        );
-    }
     let policy = if described.len() > 1 { format!(", policy {:?}", args.policy) } else { String::new() };
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     log::info!("SOCKS5/SOCKS4/HTTP proxy on {local}, server {}{policy}", described.join(", "));
-    if config.credentials.is_none() && !local.ip().is_loopback() {
-        log::warn!(
-            "proxy on {local} is reachable from other machines and has no --socks-user: anyone who can \
-             reach it can use the server through it"
-        );
-    }
     set_relay_buffer_pool(args.buffer_pool);
     anytls_rs::api::stats::set_metrics_top_targets(args.metrics_top_targets);
     if let Some(api) = &args.api {

@@ -34,6 +34,17 @@ pub struct ClientConfig {
     pub local_handshake_timeout: Duration,
 }
 
+/// The warning owed when the proxy port can be reached from other machines and asks no
+/// password: anyone who reaches it uses the server (and its user's quota) through it.
+pub fn exposure_warning(local: std::net::SocketAddr, credentials: Option<&Credentials>) -> Option<String> {
+    (credentials.is_none() && !local.ip().is_loopback()).then(|| {
+        format!(
+            "proxy on {local} is reachable from other machines and has no --socks-user/--socks-pass: anyone \
+             who can reach it can use the server through it"
+        )
+    })
+}
+
 /// Serves the local port until the task is dropped.
 pub async fn run(listener: TcpListener, config: ClientConfig) {
     run_until(listener, config, Duration::from_secs(10), std::future::pending()).await
@@ -48,6 +59,11 @@ pub async fn run_until(
     drain_timeout: Duration,
     shutdown: impl Future<Output = ()>,
 ) {
+    if let Ok(local) = listener.local_addr()
+        && let Some(warning) = exposure_warning(local, config.credentials.as_ref())
+    {
+        log::warn!("{warning}");
+    }
     let config = Arc::new(config);
     let maintenance = tokio::spawn(maintain_pool(config.clone()));
     let probes = tokio::spawn(config.servers.clone().probe_forever());
@@ -188,6 +204,24 @@ async fn open_stream(
                 log::warn!("{destination}: {err}");
                 return Err(err.into());
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_proxy_port_open_beyond_loopback_without_a_password_is_warned_about() {
+        let credentials = Credentials { username: "u".into(), password: "p".into() };
+        for open in ["0.0.0.0:1080", "192.0.2.7:1080", "[::]:1080", "[2001:db8::1]:1080"] {
+            let warning = exposure_warning(open.parse().unwrap(), None);
+            assert!(warning.is_some_and(|w| w.contains("--socks-user")), "{open}");
+            assert_eq!(exposure_warning(open.parse().unwrap(), Some(&credentials)), None, "{open} with a password");
+        }
+        for private in ["127.0.0.1:1080", "127.0.0.2:1080", "[::1]:1080"] {
+            assert_eq!(exposure_warning(private.parse().unwrap(), None), None, "{private}");
         }
     }
 }
