@@ -74,6 +74,13 @@ impl ServerCaps {
     }
 }
 
+/// Local connections the client serves at once: each holds its own descriptor and, at
+/// worst, a session of its own (the client opens a session per concurrent stream, as the
+/// reference does), so half the usable descriptors.
+pub fn client_connections_for_fd_limit(limit: u64) -> usize {
+    (limit.saturating_sub(RESERVED_FDS).max(64) / 2) as usize
+}
+
 /// Physical memory in bytes, if the system says.
 pub fn physical_memory() -> Option<u64> {
     // SAFETY: sysconf has no memory-safety preconditions.
@@ -92,6 +99,13 @@ pub fn default_buffer_budget() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_client_serves_half_the_usable_descriptors_as_local_connections() {
+        assert_eq!(client_connections_for_fd_limit(20_000), 9_968);
+        assert_eq!(client_connections_for_fd_limit(1024), 480);
+        assert_eq!(client_connections_for_fd_limit(10), 32, "never below 32");
+    }
 
     #[test]
     fn shares_never_exceed_the_limit_together() {

@@ -35,6 +35,37 @@ async fn a_session_over_max_sessions_gets_an_alert_and_the_first_keeps_working()
     .await;
 }
 
+/// The client's own cap: past `--max-connections` local connections it stops accepting,
+/// so a new one waits in the listen queue (unanswered, not refused) and is served as soon
+/// as one ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_connections_over_the_clients_cap_wait_and_are_served_when_one_ends() {
+    bounded(Duration::from_secs(60), "client connection cap", async {
+        let (_server, client) = pair(&[], &["--max-connections", "2"]).await;
+        let echo = spawn_echo().await;
+        let first = socks5_open(client.addr, echo).await;
+        let second = socks5_open(client.addr, echo).await;
+        let mut third = tokio::net::TcpStream::connect(client.addr).await.expect("queued by the kernel, not refused");
+        third.write_all(&[5, 1, 0]).await.unwrap();
+        let mut method = [0u8; 2];
+        let early = tokio::time::timeout(Duration::from_millis(700), third.read_exact(&mut method)).await;
+        assert!(early.is_err(), "a third connection was served beyond --max-connections 2");
+        assert!(
+            client.process.log_shows("(--max-connections)", Duration::from_secs(5)).await,
+            "{}",
+            client.process.log()
+        );
+        echo_roundtrip(second, b"the two admitted keep working").await;
+        drop(first);
+        tokio::time::timeout(Duration::from_secs(5), third.read_exact(&mut method))
+            .await
+            .expect("served once a place was freed")
+            .unwrap();
+        assert_eq!(method, [5, 0]);
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_over_max_streams_are_refused_and_a_place_frees_up_when_one_ends() {
     bounded(Duration::from_secs(60), "max streams", async {

@@ -83,6 +83,7 @@ async fn start_client(server: SocketAddr) -> SocketAddr {
         idle_check_interval: Duration::from_secs(30),
         stats_interval: Duration::from_secs(600),
         local_handshake_timeout: Duration::from_secs(10),
+        max_connections: 64,
     };
     tokio::spawn(client::run(listener, config));
     addr

@@ -159,6 +159,10 @@ struct Args {
     /// SOCKS4 or HTTP) within this many seconds is closed.
     #[arg(long, default_value_t = 10, value_name = "SECS", help_heading = "Local proxy")]
     local_handshake_timeout_secs: u64,
+    /// Local connections served at once; more wait in the listen queue until one ends
+    /// (none is refused) [default: half the descriptors left after a reserve].
+    #[arg(long, value_name = "N", help_heading = "Local proxy")]
+    max_connections: Option<usize>,
     /// API connections served at once; more are answered 503 and closed.
     #[arg(long, default_value_t = anytls_rs::api::DEFAULT_MAX_CONNECTIONS, value_name = "N", help_heading = "Monitoring")]
     api_max_connections: usize,
@@ -196,7 +200,10 @@ async fn run(args: Args) -> Result<(), String> {
         log::warn!("--api-token (or ANYTLS_API_TOKEN) without --api: there is no API to protect");
     }
     // Each local connection holds two descriptors (its own and, usually, a session's).
-    log::info!("file descriptors: {}", anytls_rs::resources::raise_fd_limit());
+    let fds = anytls_rs::resources::raise_fd_limit();
+    let max_connections =
+        args.max_connections.unwrap_or_else(|| anytls_rs::resources::client_connections_for_fd_limit(fds.limit));
+    log::info!("file descriptors: {fds}; local connections at once: --max-connections {max_connections}");
     let buffers = BufferBudget::new(
         args.buffer_budget_mib.map_or_else(anytls_rs::resources::default_buffer_budget, |mib| mib << 20),
         args.session_buffer_kib << 10,
@@ -227,6 +234,7 @@ async fn run(args: Args) -> Result<(), String> {
             .map(|(username, password)| Credentials { username, password }),
         idle_check_interval: Duration::from_secs(args.idle_session_check_interval_secs.max(1)),
         local_handshake_timeout: Duration::from_secs(args.local_handshake_timeout_secs.max(1)),
+        max_connections: max_connections.max(1),
     };
     let listener =
         anytls_rs::accept::listen(&args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;

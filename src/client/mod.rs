@@ -11,16 +11,20 @@ pub mod tls;
 pub mod udp;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 
 use crate::session::{OpenError, Stream, relay};
 use crate::shutdown::InFlight;
 use error::OpenFailure;
 use inbound::{Credentials, InboundError};
 use servers::{ServerLease, Servers};
+
+/// How often the "connections full" warning may be repeated while the cap is reached.
+const FULL_WARNING_EVERY: Duration = Duration::from_secs(60);
 
 pub struct ClientConfig {
     /// The servers and the policy choosing among them (one server: no choice).
@@ -32,6 +36,9 @@ pub struct ClientConfig {
     pub stats_interval: Duration,
     /// How long a local client has to finish its greeting and request.
     pub local_handshake_timeout: Duration,
+    /// Local connections served at once. Beyond it the client stops accepting: new
+    /// connections wait in the listen queue until one ends, none is refused.
+    pub max_connections: usize,
 }
 
 /// The warning owed when the proxy port can be reached from other machines and asks no
@@ -68,8 +75,27 @@ pub async fn run_until(
     let maintenance = tokio::spawn(maintain_pool(config.clone()));
     let probes = tokio::spawn(config.servers.clone().probe_forever());
     let in_flight = InFlight::default();
+    let places = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let mut last_full_warning: Option<Instant> = None;
     tokio::pin!(shutdown);
     loop {
+        let place = match places.clone().try_acquire_owned() {
+            Ok(place) => place,
+            Err(_) => {
+                if last_full_warning.is_none_or(|at| at.elapsed() >= FULL_WARNING_EVERY) {
+                    last_full_warning = Some(Instant::now());
+                    log::warn!(
+                        "{} local connections open (--max-connections): new ones wait in the listen queue until \
+                         one ends",
+                        config.max_connections
+                    );
+                }
+                tokio::select! {
+                    place = places.clone().acquire_owned() => place.expect("the semaphore is never closed"),
+                    () = &mut shutdown => break,
+                }
+            }
+        };
         let (tcp, peer) = tokio::select! {
             accepted = crate::accept::accept_with_backoff(&listener) => accepted,
             () = &mut shutdown => break,
@@ -80,7 +106,7 @@ pub async fn run_until(
             if let Err(err) = serve_connection(tcp, &config).await {
                 log::debug!("{peer}: {err}");
             }
-            drop(connection);
+            drop((connection, place));
         });
     }
     drop(listener);
