@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Usage: ./test_pool_performance.sh [--quick] [--runs R] [--no-build] [--workloads "open1 openn"]
+#                                   [--extras "conc many names"]
 #
 # Runs the same anytls-bench workloads
 #   bulk   (throughput: download then upload over a few parallel streams),
@@ -28,7 +29,9 @@
 # with every run.
 #   default: 3 rounds (a few minutes);  --quick: smaller workloads, 2 rounds, ~2 minutes.
 # A workload is one name in `workloads` plus its case in run_one (and its numbers in
-# scripts/pool-report.py).
+# scripts/pool-report.py). --workloads "" runs none of them (no main table), e.g. with
+# --extras names to run only the many-names block. --extras picks the blocks run after
+# the main table (concurrency, many targets, many names: see below); default all three.
 # A pool type the binaries reject is reported as "SKIP pool-type X: <error>".
 # Exit status: 0 when the runs happened (slow numbers or failed requests are reported, not
 # fatal), 1 when no variant of ours could run, 2 on a build or set-up error.
@@ -37,14 +40,15 @@ here="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=scripts/bench-lib.sh
 . "$here/scripts/bench-lib.sh"
 
-runs=3 quick=0 build=1 runs_given=0 workloads=(bulk rr hold open1 openn)
+runs=3 quick=0 build=1 runs_given=0 workloads=(bulk rr hold open1 openn) extras=(conc many names)
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) quick=1 ;;
         --runs) runs=$2; runs_given=1; shift ;;
         --no-build) build=0 ;;
         --workloads) read -ra workloads <<<"$2"; shift ;; # a subset, in this order
-        -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+        --extras) read -ra extras <<<"$2"; shift ;;
+        -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
     shift
@@ -104,6 +108,7 @@ field() {
 }
 
 mode_of() { case "$1" in open*) echo hold ;; *) echo "$1" ;; esac; } # workload -> anytls-bench mode
+has_extra() { [[ " ${extras[*]} " == *" $1 "* ]]; } # has_extra conc|many|names: asked by --extras
 is_ours() { case "$1" in lock | lockfree | highperf) return 0 ;; esac; return 1; }
 cpu_of() { [ -n "${1:-}" ] && cpu_seconds "$1"; } # cpu_of [PID]: "" for direct
 delta() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "") print "null"; else printf "%.2f", b - a }'; }
@@ -158,7 +163,7 @@ done
 # --- peak memory, pool statistics, report --------------------------------------------
 vm_hwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo null; }
 # One more stats interval, so that the last [Pool Stats] lines count every run.
-sleep $((stats_interval + 1))
+[ ${#workloads[@]} = 0 ] || sleep $((stats_interval + 1))
 rss="$BENCH_WORK/rss.tsv"
 : >"$rss"
 for v in "${variants[@]}"; do
@@ -168,12 +173,17 @@ for v in "${variants[@]}"; do
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$v" "$(vm_hwm_kib "${server_pid[$v]}")" "$(vm_hwm_kib "${client_pid[$v]}")" \
         "" "$(pool_stat "$slog" "Reuse rate")" "$(pool_stats_line "$slog" | sed 's/.*\[Pool Stats\] //')" \
         "$(pool_stats_line "$clog" | sed 's/.*\[Pool Stats\] //')" >>"$rss"
-    ! is_ours "$v" || [ -n "$(pool_stats_line "$slog")" ] || echo "NOTE $v: the server logged no [Pool Stats] line" >&2
+    [ ${#workloads[@]} = 0 ] || ! is_ours "$v" || [ -n "$(pool_stats_line "$slog")" ] ||
+        echo "NOTE $v: the server logged no [Pool Stats] line" >&2
 done
 mkdir -p "$here/results"
-python3 "$here/scripts/pool-report.py" "$results" "$rss" --out-dir "$here/results" --rr-requests "$rr_requests" \
+if [ ${#workloads[@]} = 0 ]; then
+    echo "no main workloads (--workloads \"\"): no main table" >&2
+elif ! python3 "$here/scripts/pool-report.py" "$results" "$rss" --out-dir "$here/results" --rr-requests "$rr_requests" \
     --quick "$quick" --runs "$runs" --nproc "$(nproc)" --load "$load_before -> $(cut -d' ' -f1-3 /proc/loadavg)" \
-    --cpu "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')" || die "pool-report.py failed"
+    --cpu "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"; then
+    die "pool-report.py failed"
+fi
 # Slow numbers and failed requests are reported above; a proxy that died is an error.
 dead=()
 for v in "${variants[@]}"; do
@@ -198,7 +208,16 @@ echo "done in $((SECONDS - started)) s" >&2
 # many targets: request/response over thousands of distinct destinations (127.x.y.z:PORT of
 #   one target listening on 0.0.0.0), through each pair above: per-target pool state is
 #   where engines differ. Full run: 8,000 requests over 8,000 targets; --quick: 1,000.
-if [ $quick = 1 ]; then conc_streams=2000 many_targets=1000; else conc_streams=10000 many_targets=8000; fi
+# many names: the same with destinations sent as names t<i>.bench.test (anytls-bench rr
+#   --target-names), $names_repeat requests in a row per name (in flight together), through a
+#   FRESH pair of ours per engine whose server runs in a private mount namespace with
+#   /etc/hosts bind-mounted to a generated file (anytls-bench hosts): the server's name
+#   cache resolves every name through getaddrinfo, so its Lookups counter shows one lookup
+#   per name (single-flight under the repeats) or not. Direct runs the same count on the
+#   matching addresses, for TIME_WAIT. Needs root for unshare --mount; "SKIP many names:
+#   why" otherwise. Full run: 4,000 names; --quick: 500.
+if [ $quick = 1 ]; then conc_streams=2000 many_targets=1000 names_n=500; else conc_streams=10000 many_targets=8000 names_n=4000; fi
+names_repeat=2
 echo >&2
 raise_fd_limit 65536
 echo "concurrency and many targets: open-files limit $FD_LIMIT" >&2
@@ -235,24 +254,27 @@ concurrency_of() { # concurrency_of LABEL: PAIR_* set; one quiet wave, one table
 $(json_num dropped "$out") | $(mib "$s1") | $(per "$s0" "$s1") | $(mib "$c1") | $(per "$c0" "$c1") | $why |")
     echo "concurrency $label: $(sed -E 's/"open_ms".*//' <<<"$out")" >&2
 }
-if start_our_pair conc-ours "" ""; then
-    concurrency_of ours
-    kill "$PAIR_SERVER_PID" "$PAIR_CLIENT_PID" 2>/dev/null
-else
-    echo "SKIP concurrency ours: $PAIR_ERROR" >&2
-fi
-if singbox_installed; then
-    if start_singbox_pair conc-singbox; then
-        concurrency_of sing-box
+if has_extra conc; then
+    if start_our_pair conc-ours "" ""; then
+        concurrency_of ours
         kill "$PAIR_SERVER_PID" "$PAIR_CLIENT_PID" 2>/dev/null
     else
-        echo "SKIP concurrency sing-box: $PAIR_ERROR" >&2
+        echo "SKIP concurrency ours: $PAIR_ERROR" >&2
     fi
-else
-    echo "SKIP concurrency sing-box: not installed (scripts/install-peers.sh)" >&2
+    if singbox_installed; then
+        if start_singbox_pair conc-singbox; then
+            concurrency_of sing-box
+            kill "$PAIR_SERVER_PID" "$PAIR_CLIENT_PID" 2>/dev/null
+        else
+            echo "SKIP concurrency sing-box: $PAIR_ERROR" >&2
+        fi
+    else
+        echo "SKIP concurrency sing-box: not installed (scripts/install-peers.sh)" >&2
+    fi
 fi
-many_rows=()
-for v in "${variants[@]}"; do
+many_rows=() many_variants=()
+! has_extra many || many_variants=("${variants[@]}")
+for v in "${many_variants[@]}"; do
     if [ -n "${socks[$v]}" ]; then route=(--socks "${socks[$v]}"); else route=(--direct); fi
     # Our servers' warm connections over the workload (counters from their stats lines,
     # logged every $stats_interval s): dialed ahead of demand, and closed unused.
@@ -272,15 +294,104 @@ $(printf '%.0f' "$(json_num streams_per_sec "$out")") | $(grep -oE '"p99":[0-9.]
 $tw_per_k | $warmed | $unused |")
     echo "many targets $v: $out" >&2
 done
-echo
-echo "Concurrency: $conc_streams streams held together$conc_note, quiet 5 s, default flags ($(date -u +%F), $(nproc) cores)"
-echo
-echo "| pair | streams | survived | refused | dropped | server RSS held MiB | server KiB/stream | client RSS held MiB | client KiB/stream | first error |"
-echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
-printf '%s\n' "${conc_rows[@]}"
-echo
-echo "Many targets: $many_targets requests (1 KiB responses), each to a different destination, 32 at a time"
-echo
-echo "| variant | requests | ok | failed | streams/s | latency p99 ms | TIME_WAIT per 1k req | warm dialed | warm closed unused |"
-echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
-printf '%s\n' "${many_rows[@]}"
+names_rows=() names_skip=""
+names_suffix=bench.test names_hosts="$BENCH_WORK/hosts"
+if ! has_extra names; then
+    names_skip="not asked (--extras)"
+elif [ "$(id -u)" != 0 ]; then
+    names_skip="not root (unshare --mount and mount --bind need it)"
+elif ! { echo "127.0.0.1 localhost"; "$BIN/anytls-bench" hosts --distinct-targets "$names_n" --target-names "$names_suffix"; } \
+    >"$names_hosts"; then
+    names_skip="anytls-bench hosts failed"
+elif ! unshare --mount sh -c 'mount --bind "$0" /etc/hosts' "$names_hosts" 2>"$BENCH_WORK/unshare.err"; then
+    names_skip="unshare --mount failed: $(head -c 200 "$BENCH_WORK/unshare.err")"
+fi
+names_requests=$((names_n * names_repeat))
+names_bench=(--target "127.0.0.1:$wide_http_port" --requests "$names_requests" --distinct-targets "$names_n"
+    --repeat "$names_repeat" --concurrency 32 --max-seconds 90 --json)
+# names_row LABEL OUT TW [SLOG S0...]: one table row; S0 = Lookups Warmed Reused Unused before the run.
+names_row() {
+    local label=$1 out=$2 tw=$3 slog=${4:-} tw_per_k lookups="-" per_name="-" warmed="-" reused="-" unused="-" idle="-" pct="-" never="-"
+    tw_per_k=$(awk -v t="$tw" -v n="$names_requests" 'BEGIN { printf "%.0f", t * 1000 / n }')
+    if [ -n "$slog" ]; then
+        local v=() f
+        for f in Lookups Warmed Reused Unused; do v+=("$(pool_stat "$slog" "$f")"); done
+        lookups=$((${v[0]:-0} - $5)) warmed=$((${v[1]:-0} - $6)) reused=$((${v[2]:-0} - $7)) unused=$((${v[3]:-0} - $8))
+        # Warm connections neither handed out nor closed yet: still idle, and in a bounded
+        # workload never to be used (closed unused when the idle time runs out).
+        idle=$((warmed - reused - unused))
+        [ "$idle" -ge 0 ] || idle=0
+        per_name=$(awk -v l="$lookups" -v n="$names_n" 'BEGIN { printf "%.2f", l / n }')
+        pct=$(awk -v u="$unused" -v w="$warmed" 'BEGIN { if (w > 0) printf "%.0f%%", u * 100 / w; else print "-" }')
+        never=$(awk -v u="$((unused + idle))" -v w="$warmed" 'BEGIN { if (w > 0) printf "%.0f%%", u * 100 / w; else print "-" }')
+    fi
+    names_rows+=("| $label | $names_requests | $(json_num ok "$out") | $(json_num failed "$out") | $names_n | $lookups | \
+$per_name | $tw_per_k | $warmed | $reused | $unused | $pct | $idle | $never |")
+    echo "many names $label: $out" >&2
+}
+if [ -n "$names_skip" ]; then
+    has_extra names && echo "SKIP many names: $names_skip" >&2
+else
+    tw0=$(time_wait)
+    out=$("$BIN/anytls-bench" rr --direct "${names_bench[@]}" 2>>"$BENCH_WORK/bench-stderr.log")
+    names_row "direct (addresses)" "$out" $(($(time_wait) - tw0))
+    # The server execs in its own mount namespace: its PID is unshare's, so kill works.
+    # shellcheck disable=SC2016 # $0 and $@ belong to the inner sh
+    SERVER_PREFIX=(unshare --mount sh -c 'mount --bind "$0" /etc/hosts && exec "$@"' "$names_hosts")
+    for v in "${variants[@]}"; do
+        is_ours "$v" || continue
+        pool_args="--pool-type $v --stats-interval-secs $stats_interval"
+        if ! start_our_pair "names-$v" "$pool_args" "$pool_args"; then
+            echo "SKIP many names $v: $PAIR_ERROR" >&2
+            continue
+        fi
+        if [ "$(readlink "/proc/$PAIR_SERVER_PID/exe")" != "$(readlink -f "$BIN/anytls-server")" ]; then
+            echo "SKIP many names $v: PID $PAIR_SERVER_PID is not the server" >&2
+            kill "$PAIR_SERVER_PID" "$PAIR_CLIENT_PID" 2>/dev/null
+            continue
+        fi
+        slog="$BENCH_WORK/names-$v-server.log"
+        wait_log "$slog" '\[Pool Stats\]' $((stats_interval + 3)) "$PAIR_SERVER_PID" ||
+            echo "NOTE many names $v: no [Pool Stats] line yet" >&2
+        s0=()
+        for f in Lookups Warmed Reused Unused; do s0+=("$(pool_stat "$slog" "$f")"); done
+        tw0=$(time_wait)
+        out=$("$BIN/anytls-bench" rr --socks "$PAIR_SOCKS" --target-names "$names_suffix" "${names_bench[@]}" \
+            2>>"$BENCH_WORK/bench-stderr.log")
+        tw=$(($(time_wait) - tw0))
+        sleep $((stats_interval + 1)) # a stats line logged after the last request
+        names_row "$v" "$out" "$tw" "$slog" "${s0[0]:-0}" "${s0[1]:-0}" "${s0[2]:-0}" "${s0[3]:-0}"
+        kill "$PAIR_SERVER_PID" "$PAIR_CLIENT_PID" 2>/dev/null
+    done
+    SERVER_PREFIX=()
+fi
+if has_extra conc; then
+    echo
+    echo "Concurrency: $conc_streams streams held together$conc_note, quiet 5 s, default flags ($(date -u +%F), $(nproc) cores)"
+    echo
+    echo "| pair | streams | survived | refused | dropped | server RSS held MiB | server KiB/stream | client RSS held MiB | client KiB/stream | first error |"
+    echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    printf '%s\n' "${conc_rows[@]}"
+fi
+if has_extra many; then
+    echo
+    echo "Many targets: $many_targets requests (1 KiB responses), each to a different destination, 32 at a time"
+    echo
+    echo "| variant | requests | ok | failed | streams/s | latency p99 ms | TIME_WAIT per 1k req | warm dialed | warm closed unused |"
+    echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    printf '%s\n' "${many_rows[@]}"
+fi
+if ! has_extra names; then
+    :
+elif [ -n "$names_skip" ]; then
+    echo
+    echo "Many names: SKIP ($names_skip)"
+else
+    echo
+    echo "Many names: $names_requests requests over $names_n names t<i>.$names_suffix ($names_repeat in a row each, 32 at a time), \
+resolved by the server from a private /etc/hosts; direct: the same destinations as addresses"
+    echo
+    echo "| variant | requests | ok | failed | distinct names | lookups | lookups per name | TIME_WAIT per 1k req | warmed | served warm | closed unused | unused % of warmed | warm idle at end | never used % of warmed |"
+    echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    printf '%s\n' "${names_rows[@]}"
+fi

@@ -99,12 +99,15 @@ why_exited() {
 
 # start_our_pair NAME SERVER_ARGS CLIENT_ARGS: our server + client, extra args given as
 # two strings (word-split). Sets PAIR_*; returns 1 with PAIR_ERROR when one exits.
+# SERVER_PREFIX (an array, empty by default) goes before the server's command, e.g. a
+# wrapper that execs it (so that PAIR_SERVER_PID stays the server's).
+SERVER_PREFIX=()
 start_our_pair() {
     local name=$1 sargs=$2 cargs=$3 sport cport fp
     read -r sport cport < <(free_ports 2)
     PAIR_ERROR=""
     # shellcheck disable=SC2086
-    start_bg "$name-server" "$BIN/anytls-server" -l "127.0.0.1:$sport" -p "$BENCH_PASSWORD" $sargs
+    start_bg "$name-server" "${SERVER_PREFIX[@]}" "$BIN/anytls-server" -l "127.0.0.1:$sport" -p "$BENCH_PASSWORD" $sargs
     PAIR_SERVER_PID=$BG_PID
     if ! wait_port "$sport" 20 "$PAIR_SERVER_PID" 2>/dev/null; then
         PAIR_ERROR="server: $(why_exited "$name-server")"

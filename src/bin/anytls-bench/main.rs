@@ -47,6 +47,19 @@ enum Command {
     /// A wave of N streams held open together and silent for a while, then echoing
     /// again: counts refused and dropped streams.
     Quiet(QuietArgs),
+    /// Prints hosts-file lines `127.x.y.z t<i>.<SUFFIX>` for the names `rr --target-names`
+    /// sends, each at the address `rr` uses for the same destination without names.
+    Hosts(HostsArgs),
+}
+
+#[derive(Args, Debug)]
+struct HostsArgs {
+    /// How many names (as `rr --distinct-targets`).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    distinct_targets: u32,
+    /// The names' suffix (as `rr --target-names`).
+    #[arg(long, value_name = "SUFFIX", value_parser = rr::parse_name_suffix)]
+    target_names: String,
 }
 
 #[derive(Args, Debug)]
@@ -126,6 +139,26 @@ struct RrArgs {
     /// With --distinct-targets: the index of the first request's destination.
     #[arg(long, default_value_t = 0)]
     target_offset: u64,
+    /// With --distinct-targets: send this many requests in a row to each destination
+    /// (they are in flight together), then move to the next.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    repeat: u64,
+    /// With --distinct-targets and --socks: send destination i as the SOCKS5 name
+    /// `t<i>.<SUFFIX>` instead of its address, for the proxy's server to resolve (see the
+    /// `hosts` subcommand). Not with --direct: the bench would resolve the names itself,
+    /// and the baseline would no longer be the plain connection the proxies are compared to.
+    #[arg(long, value_name = "SUFFIX", value_parser = rr::parse_name_suffix, conflicts_with = "direct")]
+    target_names: Option<String>,
+}
+
+impl RrArgs {
+    /// What clap cannot say: names need destinations to name.
+    fn check(&self) -> Result<(), String> {
+        if self.target_names.is_some() && self.distinct_targets == 0 {
+            return Err("--target-names needs --distinct-targets N (names t0 .. t<N-1>)".into());
+        }
+        Ok(())
+    }
 }
 
 #[derive(Args, Debug)]
@@ -245,8 +278,17 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> Result<bool, String> {
     let (run_args, pick): (&RunArgs, fn(target::Targets) -> SocketAddr) = match &command {
         Command::Target(args) => return serve_targets(args.listen).await,
+        Command::Hosts(args) => {
+            for line in rr::hosts_lines(args.distinct_targets, &args.target_names) {
+                println!("{line}");
+            }
+            return Ok(true);
+        }
         Command::Bulk(a) => (&a.run, |t| t.bulk),
-        Command::Rr(a) => (&a.run, |t| t.http),
+        Command::Rr(a) => {
+            a.check()?;
+            (&a.run, |t| t.http)
+        }
         Command::Hold(a) => (&a.run, |t| t.echo),
         Command::Quiet(a) => (&a.run, |t| t.echo),
     };
@@ -261,7 +303,7 @@ async fn run(command: Command) -> Result<bool, String> {
     let json = run_args.json;
     let deadline = Instant::now() + Duration::from_secs(run_args.max_seconds);
     let report = match command {
-        Command::Target(_) => unreachable!("served above"),
+        Command::Target(_) | Command::Hosts(_) => unreachable!("done above"),
         Command::Bulk(a) => {
             Bulk { route, target, bytes: a.bytes, streams: a.streams as usize, direction: a.direction, deadline }
                 .run()
@@ -276,6 +318,8 @@ async fn run(command: Command) -> Result<bool, String> {
                 size: a.size,
                 distinct_targets: a.distinct_targets,
                 target_offset: a.target_offset,
+                repeat: a.repeat,
+                target_names: a.target_names,
                 deadline,
             }
             .run()
@@ -402,6 +446,43 @@ mod tests {
         let cli = parse(&["rr", "--direct", "--distinct-targets", "20000"]).unwrap();
         let Command::Rr(a) = cli.command else { panic!("not rr") };
         assert_eq!(a.distinct_targets, 20_000);
+        assert_eq!((a.repeat, a.target_names), (1, None));
+    }
+
+    #[test]
+    fn rr_target_names_go_through_socks_only_and_need_destinations() {
+        let cli = parse(&[
+            "rr",
+            "--socks",
+            "127.0.0.1:1080",
+            "--distinct-targets",
+            "500",
+            "--target-names",
+            "Bench.Test",
+            "--repeat",
+            "2",
+        ])
+        .unwrap();
+        let Command::Rr(a) = cli.command else { panic!("not rr") };
+        assert_eq!((a.distinct_targets, a.repeat, a.target_names.as_deref()), (500, 2, Some("bench.test")));
+        assert_eq!(a.check(), Ok(()));
+        let err = parse(&["rr", "--direct", "--distinct-targets", "5", "--target-names", "bench.test"]).unwrap_err();
+        assert!(err.to_string().contains("--direct"), "{err}");
+        assert!(parse(&["rr", "--socks", "127.0.0.1:1", "--distinct-targets", "5", "--target-names", "a..b"]).is_err());
+        assert!(parse(&["rr", "--direct", "--repeat", "0"]).is_err());
+        let cli = parse(&["rr", "--socks", "127.0.0.1:1", "--target-names", "bench.test"]).unwrap();
+        let Command::Rr(a) = cli.command else { panic!("not rr") };
+        assert!(a.check().unwrap_err().contains("--distinct-targets"));
+    }
+
+    #[test]
+    fn hosts_takes_a_count_and_a_suffix() {
+        let cli = parse(&["hosts", "--distinct-targets", "3", "--target-names", "bench.test"]).unwrap();
+        let Command::Hosts(a) = cli.command else { panic!("not hosts") };
+        assert_eq!((a.distinct_targets, a.target_names.as_str()), (3, "bench.test"));
+        assert!(parse(&["hosts", "--distinct-targets", "0", "--target-names", "bench.test"]).is_err());
+        assert!(parse(&["hosts", "--distinct-targets", "3"]).is_err());
+        assert!(parse(&["hosts", "--distinct-targets", "3", "--target-names", "bad_name"]).is_err());
     }
 
     #[test]

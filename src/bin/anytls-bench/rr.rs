@@ -1,6 +1,11 @@
 //! `rr`: request/response with a new stream per request (`GET /bytes/S`, keep-alive
 //! off), C at a time. Measures what a browser-like client feels: the cost of
 //! opening a stream through the proxy plus one small transfer.
+//!
+//! With `distinct_targets` the requests are spread over many loopback addresses; with
+//! `target_names` as well, each destination is sent as the name `t<index>.<suffix>`
+//! instead, which the proxy's server resolves (a hosts file from [`hosts_lines`] maps
+//! each name to the address the same index has without names).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,7 +17,7 @@ use tokio::task::JoinSet;
 use tokio::time::timeout_at;
 
 use crate::report::{Report, Value};
-use crate::route::Route;
+use crate::route::{Destination, Route};
 use crate::stats::{Latency, per_sec};
 
 pub struct Rr {
@@ -26,6 +31,11 @@ pub struct Rr {
     /// Where in the `distinct_targets` addresses the first request goes (so that
     /// successive runs can walk through all of them).
     pub target_offset: u64,
+    /// Consecutive requests to each destination before the next one (at least 1), so
+    /// that repeats of one destination are in flight together.
+    pub repeat: u64,
+    /// With `distinct_targets`: send destination `i` as the name `t<i>.<suffix>`.
+    pub target_names: Option<String>,
     pub deadline: Instant,
 }
 
@@ -45,7 +55,8 @@ impl Rr {
         for _ in 0..self.concurrency.max(1) {
             let (route, target, size, requests, deadline) =
                 (self.route, self.target, self.size, self.requests, self.deadline);
-            let (distinct, offset) = (self.distinct_targets, self.target_offset);
+            let (distinct, offset, repeat) = (self.distinct_targets, self.target_offset, self.repeat);
+            let names = self.target_names.clone();
             let next = next.clone();
             workers.spawn(async move {
                 let mut result = WorkerResult::default();
@@ -54,13 +65,17 @@ impl Rr {
                     if i >= requests || Instant::now() >= deadline {
                         break;
                     }
-                    let target = if distinct == 0 {
-                        target
-                    } else {
-                        loopback_target(offset.wrapping_add(i), distinct, target.port())
+                    let target = match (distinct, &names) {
+                        (0, _) => Destination::Addr(target),
+                        (n, None) => {
+                            Destination::Addr(loopback_target(target_index(i, offset, repeat, n), n, target.port()))
+                        }
+                        (n, Some(suffix)) => {
+                            Destination::Name(target_name(target_index(i, offset, repeat, n), suffix), target.port())
+                        }
                     };
                     let t0 = Instant::now();
-                    let outcome = timeout_at(deadline.into(), one_request(route, target, size)).await;
+                    let outcome = timeout_at(deadline.into(), one_request(route, &target, size)).await;
                     match outcome.unwrap_or_else(|_| Err("stopped at --max-seconds".into())) {
                         Ok(()) => result.latencies.push(t0.elapsed()),
                         Err(err) => {
@@ -92,9 +107,14 @@ impl Rr {
         let latency = Latency::of(&mut latencies);
         let rate = per_sec(done, elapsed);
 
-        let spread = match self.distinct_targets {
-            0 => String::new(),
-            n => format!(", {n} distinct targets"),
+        let spread = match (self.distinct_targets, &self.target_names) {
+            (0, _) => String::new(),
+            (n, None) => format!(", {n} distinct targets"),
+            (n, Some(suffix)) => format!(", {n} distinct names t<i>.{suffix}"),
+        };
+        let spread = match self.repeat {
+            0 | 1 => spread,
+            r => format!("{spread}, {r} in a row each"),
         };
         let mut human = format!(
             "rr {} (concurrency {}, {} B each{spread}): {done}/{} ok, {failed} failed in {:.2} s = {rate:.0} streams/s; \
@@ -122,6 +142,7 @@ impl Rr {
             ("concurrency", Value::Int(self.concurrency as u64)),
             ("size", Value::Int(self.size)),
             ("distinct_targets", Value::Int(u64::from(self.distinct_targets))),
+            ("repeat", Value::Int(self.repeat.max(1))),
             ("ok", Value::Int(done)),
             ("failed", Value::Int(failed)),
             ("not_sent", Value::Int(missing)),
@@ -138,6 +159,9 @@ impl Rr {
                 ]),
             ),
         ];
+        if let Some(suffix) = &self.target_names {
+            json.push(("target_names", Value::Str(suffix.clone())));
+        }
         if let Some(err) = first_error {
             json.push(("first_error", Value::Str(err)));
         }
@@ -156,9 +180,45 @@ pub fn loopback_target(i: u64, distinct: u32, port: u16) -> SocketAddr {
     SocketAddr::from((ip, port))
 }
 
+/// Which of `distinct` destinations request `i` goes to: `repeat` requests in a row to
+/// each, starting at destination `offset`, round and round.
+pub fn target_index(i: u64, offset: u64, repeat: u64, distinct: u32) -> u64 {
+    offset.wrapping_add(i / repeat.max(1)) % u64::from(distinct.max(1))
+}
+
+/// Destination `index`'s name: `t<index>.<suffix>`.
+pub fn target_name(index: u64, suffix: &str) -> String {
+    format!("t{index}.{suffix}")
+}
+
+/// A hosts file's lines for the first `distinct` names: `127.x.y.z t<index>.<suffix>`,
+/// each name at the address its index has without names ([`loopback_target`]).
+pub fn hosts_lines(distinct: u32, suffix: &str) -> impl Iterator<Item = String> + '_ {
+    (0..u64::from(distinct))
+        .map(move |index| format!("{} {}", loopback_target(index, distinct, 0).ip(), target_name(index, suffix)))
+}
+
+/// Checks a name suffix for `t<index>.<suffix>`: dot-separated labels of letters, digits
+/// and inner hyphens, 1-63 bytes each, short enough that every name fits SOCKS5's 255
+/// bytes ("t" + 10 digits + "." leave 243).
+pub fn parse_name_suffix(s: &str) -> Result<String, String> {
+    let label_ok = |label: &str| {
+        (1..=63).contains(&label.len())
+            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+    };
+    if s.is_empty() || s.len() > 243 || !s.split('.').all(label_ok) {
+        return Err(format!(
+            "not a name suffix: {s:?} (dot-separated labels of letters, digits and inner hyphens, e.g. bench.test)"
+        ));
+    }
+    Ok(s.to_ascii_lowercase())
+}
+
 /// One stream: connect, `GET /bytes/size`, read to EOF, check the body length.
-async fn one_request(route: Route, target: SocketAddr, size: u64) -> Result<(), String> {
-    let mut tcp = route.connect(target).await.map_err(|e| format!("connect: {e}"))?;
+async fn one_request(route: Route, target: &Destination, size: u64) -> Result<(), String> {
+    let mut tcp = route.connect_to(target).await.map_err(|e| format!("connect: {e}"))?;
     let request = format!("GET /bytes/{size} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n");
     tcp.write_all(request.as_bytes()).await.map_err(|e| format!("request: {e}"))?;
     let mut buf = vec![0u8; 64 * 1024];
@@ -206,5 +266,46 @@ mod tests {
         let all: std::collections::HashSet<_> = (0..70_000).map(|i| loopback_target(i, 70_000, 1)).collect();
         assert_eq!(all.len(), 70_000);
         assert_eq!(loopback_target((1 << 24) - 3, u32::MAX, 1).to_string(), "127.255.255.254:1");
+    }
+
+    #[test]
+    fn repeats_come_in_a_row_and_wrap_with_the_offset() {
+        let order = |offset, repeat, n| (0..7).map(|i| target_index(i, offset, repeat, n)).collect::<Vec<_>>();
+        assert_eq!(order(0, 1, 3), [0, 1, 2, 0, 1, 2, 0]);
+        assert_eq!(order(0, 2, 3), [0, 0, 1, 1, 2, 2, 0]);
+        assert_eq!(order(2, 3, 3), [2, 2, 2, 0, 0, 0, 1]);
+        assert_eq!(order(5, 0, 4), order(5, 1, 4), "repeat 0 counts as 1");
+    }
+
+    #[test]
+    fn every_name_maps_to_the_address_of_its_index() {
+        let lines: Vec<String> = hosts_lines(70_000, "bench.test").collect();
+        assert_eq!(lines.len(), 70_000);
+        assert_eq!(lines[0], "127.0.0.1 t0.bench.test");
+        assert_eq!(lines[255], "127.0.1.0 t255.bench.test");
+        for i in [0u64, 1, 254, 255, 69_999, 70_000, 123_457] {
+            // The request's name and the address the same request gets without names.
+            let index = target_index(i, 0, 1, 70_000);
+            let (ip, name) = lines[index as usize].split_once(' ').unwrap();
+            assert_eq!(name, target_name(index, "bench.test"));
+            assert_eq!(ip, loopback_target(i, 70_000, 80).ip().to_string(), "request {i}");
+        }
+        let names: std::collections::HashSet<_> = lines.iter().map(|l| l.split_once(' ').unwrap().1).collect();
+        assert_eq!(names.len(), 70_000);
+    }
+
+    #[test]
+    fn name_suffixes_are_checked() {
+        assert_eq!(parse_name_suffix("bench.test"), Ok("bench.test".into()));
+        assert_eq!(parse_name_suffix("A-1.Example"), Ok("a-1.example".into()));
+        assert_eq!(parse_name_suffix(&"a".repeat(63)), Ok("a".repeat(63)));
+        let longest = ["a".repeat(63), "b".repeat(63), "c".repeat(63), "d".repeat(51)].join(".");
+        assert_eq!(longest.len(), 243);
+        assert!(parse_name_suffix(&longest).is_ok());
+        assert!(target_name(u64::from(u32::MAX), &longest).len() <= 255, "the longest name fits SOCKS5");
+        for bad in ["", ".", "bench.", ".test", "a..b", "-a.test", "a-.test", "a_b.test", "a b", &"a".repeat(64)] {
+            assert!(parse_name_suffix(bad).is_err(), "{bad:?}");
+        }
+        assert!(parse_name_suffix(&format!("{longest}a")).is_err());
     }
 }
