@@ -214,10 +214,12 @@ echo "done in $((SECONDS - started)) s" >&2
 #   /etc/hosts bind-mounted to a generated file (anytls-bench hosts): the server's name
 #   cache resolves every name through getaddrinfo, so its Lookups counter shows one lookup
 #   per name (single-flight under the repeats) or not. Direct runs the same count on the
-#   matching addresses, for TIME_WAIT. Needs root for unshare --mount; "SKIP many names:
-#   why" otherwise. Full run: 4,000 names; --quick: 500.
+#   matching addresses, for TIME_WAIT. Then, on the same pair, $names_back_n other names
+#   (t<i>.back.test) visited $names_back_visits times each, one visit after another: targets
+#   that come back, which warming is for. Needs root for unshare --mount; "SKIP many
+#   names: why" otherwise. Full run: 4,000 names; --quick: 500.
 if [ $quick = 1 ]; then conc_streams=2000 many_targets=1000 names_n=500; else conc_streams=10000 many_targets=8000 names_n=4000; fi
-names_repeat=2
+names_repeat=2 names_back_n=50 names_back_visits=20
 echo >&2
 raise_fd_limit 65536
 echo "concurrency and many targets: open-files limit $FD_LIMIT" >&2
@@ -300,32 +302,35 @@ if ! has_extra names; then
     names_skip="not asked (--extras)"
 elif [ "$(id -u)" != 0 ]; then
     names_skip="not root (unshare --mount and mount --bind need it)"
-elif ! { echo "127.0.0.1 localhost"; "$BIN/anytls-bench" hosts --distinct-targets "$names_n" --target-names "$names_suffix"; } \
-    >"$names_hosts"; then
+elif ! { echo "127.0.0.1 localhost"; "$BIN/anytls-bench" hosts --distinct-targets "$names_n" --target-names "$names_suffix" &&
+    "$BIN/anytls-bench" hosts --distinct-targets "$names_back_n" --target-names back.test; } >"$names_hosts"; then
     names_skip="anytls-bench hosts failed"
 elif ! unshare --mount sh -c 'mount --bind "$0" /etc/hosts' "$names_hosts" 2>"$BENCH_WORK/unshare.err"; then
     names_skip="unshare --mount failed: $(head -c 200 "$BENCH_WORK/unshare.err")"
 fi
-names_requests=$((names_n * names_repeat))
+names_requests=$((names_n * names_repeat)) names_back_requests=$((names_back_n * names_back_visits))
 names_bench=(--target "127.0.0.1:$wide_http_port" --requests "$names_requests" --distinct-targets "$names_n"
     --repeat "$names_repeat" --concurrency 32 --max-seconds 90 --json)
-# names_row LABEL OUT TW [SLOG S0...]: one table row; S0 = Lookups Warmed Reused Unused before the run.
+names_back_bench=(--target "127.0.0.1:$wide_http_port" --requests "$names_back_requests"
+    --distinct-targets "$names_back_n" --concurrency 32 --max-seconds 90 --json)
+# names_row LABEL OUT TW REQUESTS NAMES [SLOG S0...]: one table row; S0 = Lookups Warmed Reused
+# Unused before the run.
 names_row() {
-    local label=$1 out=$2 tw=$3 slog=${4:-} tw_per_k lookups="-" per_name="-" warmed="-" reused="-" unused="-" idle="-" pct="-" never="-"
-    tw_per_k=$(awk -v t="$tw" -v n="$names_requests" 'BEGIN { printf "%.0f", t * 1000 / n }')
+    local label=$1 out=$2 tw=$3 requests=$4 names=$5 slog=${6:-} tw_per_k lookups="-" per_name="-" warmed="-" reused="-" unused="-" idle="-" pct="-" never="-"
+    tw_per_k=$(awk -v t="$tw" -v n="$requests" 'BEGIN { printf "%.0f", t * 1000 / n }')
     if [ -n "$slog" ]; then
         local v=() f
         for f in Lookups Warmed Reused Unused; do v+=("$(pool_stat "$slog" "$f")"); done
-        lookups=$((${v[0]:-0} - $5)) warmed=$((${v[1]:-0} - $6)) reused=$((${v[2]:-0} - $7)) unused=$((${v[3]:-0} - $8))
+        lookups=$((${v[0]:-0} - $7)) warmed=$((${v[1]:-0} - $8)) reused=$((${v[2]:-0} - $9)) unused=$((${v[3]:-0} - ${10}))
         # Warm connections neither handed out nor closed yet: still idle, and in a bounded
         # workload never to be used (closed unused when the idle time runs out).
         idle=$((warmed - reused - unused))
         [ "$idle" -ge 0 ] || idle=0
-        per_name=$(awk -v l="$lookups" -v n="$names_n" 'BEGIN { printf "%.2f", l / n }')
+        per_name=$(awk -v l="$lookups" -v n="$names" 'BEGIN { printf "%.2f", l / n }')
         pct=$(awk -v u="$unused" -v w="$warmed" 'BEGIN { if (w > 0) printf "%.0f%%", u * 100 / w; else print "-" }')
         never=$(awk -v u="$((unused + idle))" -v w="$warmed" 'BEGIN { if (w > 0) printf "%.0f%%", u * 100 / w; else print "-" }')
     fi
-    names_rows+=("| $label | $names_requests | $(json_num ok "$out") | $(json_num failed "$out") | $names_n | $lookups | \
+    names_rows+=("| $label | $requests | $(json_num ok "$out") | $(json_num failed "$out") | $names | $lookups | \
 $per_name | $tw_per_k | $warmed | $reused | $unused | $pct | $idle | $never |")
     echo "many names $label: $out" >&2
 }
@@ -334,7 +339,7 @@ if [ -n "$names_skip" ]; then
 else
     tw0=$(time_wait)
     out=$("$BIN/anytls-bench" rr --direct "${names_bench[@]}" 2>>"$BENCH_WORK/bench-stderr.log")
-    names_row "direct (addresses)" "$out" $(($(time_wait) - tw0))
+    names_row "direct (addresses)" "$out" $(($(time_wait) - tw0)) "$names_requests" "$names_n"
     # The server execs in its own mount namespace: its PID is unshare's, so kill works.
     # shellcheck disable=SC2016 # $0 and $@ belong to the inner sh
     SERVER_PREFIX=(unshare --mount sh -c 'mount --bind "$0" /etc/hosts && exec "$@"' "$names_hosts")
@@ -360,7 +365,16 @@ else
             2>>"$BENCH_WORK/bench-stderr.log")
         tw=$(($(time_wait) - tw0))
         sleep $((stats_interval + 1)) # a stats line logged after the last request
-        names_row "$v" "$out" "$tw" "$slog" "${s0[0]:-0}" "${s0[1]:-0}" "${s0[2]:-0}" "${s0[3]:-0}"
+        names_row "$v, $names_repeat in a row" "$out" "$tw" "$names_requests" "$names_n" "$slog" "${s0[0]:-0}" "${s0[1]:-0}" "${s0[2]:-0}" "${s0[3]:-0}"
+        # Targets that come back: the same counters over the second shape.
+        s0=()
+        for f in Lookups Warmed Reused Unused; do s0+=("$(pool_stat "$slog" "$f")"); done
+        tw0=$(time_wait)
+        out=$("$BIN/anytls-bench" rr --socks "$PAIR_SOCKS" --target-names back.test "${names_back_bench[@]}" \
+            2>>"$BENCH_WORK/bench-stderr.log")
+        tw=$(($(time_wait) - tw0))
+        sleep $((stats_interval + 1))
+        names_row "$v, $names_back_visits visits" "$out" "$tw" "$names_back_requests" "$names_back_n" "$slog" "${s0[0]:-0}" "${s0[1]:-0}" "${s0[2]:-0}" "${s0[3]:-0}"
         kill "$PAIR_SERVER_PID" "$PAIR_CLIENT_PID" 2>/dev/null
     done
     SERVER_PREFIX=()
@@ -389,7 +403,8 @@ elif [ -n "$names_skip" ]; then
 else
     echo
     echo "Many names: $names_requests requests over $names_n names t<i>.$names_suffix ($names_repeat in a row each, 32 at a time), \
-resolved by the server from a private /etc/hosts; direct: the same destinations as addresses"
+then $names_back_requests over $names_back_n names t<i>.back.test ($names_back_visits visits each, one after another), resolved \
+by the server from a private /etc/hosts; direct: the first shape's destinations as addresses"
     echo
     echo "| variant | requests | ok | failed | distinct names | lookups | lookups per name | TIME_WAIT per 1k req | warmed | served warm | closed unused | unused % of warmed | warm idle at end | never used % of warmed |"
     echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"

@@ -42,6 +42,7 @@ const THREADS: [usize; 3] = [1, 2, 8];
 const CHURN_KEYS: u32 = 100_000;
 const MAX_PER_TARGET: u64 = 100;
 const WINDOW_MS: u64 = 300_000;
+const WARM_AFTER_MS: u64 = 1000;
 
 /// The server's per-target state (`server::outbound_pool::Target`), field for field.
 #[derive(Default)]
@@ -53,6 +54,9 @@ struct Target {
     this_window: AtomicU64,
     last_window: AtomicU64,
     last_ms: AtomicU64,
+    run_start_ms_plus_one: AtomicU64,
+    ended: AtomicU64,
+    returns: AtomicU64,
     refilling: AtomicBool,
     counters: KeyCounters,
 }
@@ -87,7 +91,8 @@ fn target(i: u32) -> Address {
 /// refill's give of a fresh warm entry.
 fn acquire(engine: &dyn IdlePool<Address, Target, u64>, address: &Address, now_ms: u64) {
     let (target, found) = engine.checkout(address, Instant::now());
-    // Demand: rotate the window if due, count the stream.
+    // Demand: rotate the window if due, start a new run after a quiet window, count the
+    // stream.
     let start = target.window_start_ms.load(Ordering::Relaxed);
     if now_ms.saturating_sub(start) >= WINDOW_MS
         && target.window_start_ms.compare_exchange(start, now_ms, Ordering::Relaxed, Ordering::Relaxed).is_ok()
@@ -95,12 +100,25 @@ fn acquire(engine: &dyn IdlePool<Address, Target, u64>, address: &Address, now_m
         let finished = target.this_window.swap(0, Ordering::Relaxed);
         target.last_window.store(finished, Ordering::Relaxed);
     }
+    let run_start = target.run_start_ms_plus_one.load(Ordering::Relaxed);
+    if run_start == 0 || now_ms.saturating_sub(target.last_ms.load(Ordering::Relaxed)) > WINDOW_MS {
+        target.run_start_ms_plus_one.store(now_ms + 1, Ordering::Relaxed);
+        target.ended.store(0, Ordering::Relaxed);
+        target.returns.store(0, Ordering::Relaxed);
+    }
+    if target.ended.load(Ordering::Relaxed) > 0 {
+        target.returns.fetch_add(1, Ordering::Relaxed);
+    }
     target.this_window.fetch_add(1, Ordering::Relaxed);
     target.last_ms.store(now_ms, Ordering::Relaxed);
-    // Warm set sizing: from the second stream, one more after a miss.
+    // Warm set sizing: once demand is repeated (lasted, or came back twice), one more
+    // after a miss.
     let goal = target.goal.load(Ordering::Relaxed);
     let wanted = if goal == 0 {
-        u64::from(target.this_window.load(Ordering::Relaxed) >= 2)
+        let start = target.run_start_ms_plus_one.load(Ordering::Relaxed).saturating_sub(1);
+        let lasted = now_ms.saturating_sub(start) >= WARM_AFTER_MS;
+        let came_back = target.returns.load(Ordering::Relaxed) >= 2;
+        u64::from(target.this_window.load(Ordering::Relaxed) >= 2 && (lasted || came_back))
     } else {
         goal + u64::from(found.is_none())
     };
@@ -121,6 +139,7 @@ fn acquire(engine: &dyn IdlePool<Address, Target, u64>, address: &Address, now_m
     KeyCounters::bump(&target.counters.active);
     // The stream ends: its connection is closed, its place freed.
     KeyCounters::drop_one(&target.counters.active);
+    target.ended.fetch_add(1, Ordering::Relaxed);
     target.managed.fetch_sub(1, Ordering::Relaxed);
     // The refill: a warm entry takes a place and goes into the pool.
     if !target.refilling.load(Ordering::Relaxed) && reserve_slot(&target.managed, MAX_PER_TARGET) {

@@ -105,7 +105,9 @@ async fn start_watched_pair(server_args: &[&str], client_args: &[&str]) -> (Serv
 async fn every_endpoint_answers_and_the_numbers_follow_the_traffic() {
     bounded(LIMIT, "api endpoints", async {
         let target = spawn_echo().await;
-        let (server, server_api, client, client_api) = start_watched_pair(&[], &[]).await;
+        // Warming from the second stream whenever it comes, so the counts below are exact
+        // (by default demand must be repeated first: see server::outbound_pool's tests).
+        let (server, server_api, client, client_api) = start_watched_pair(&["--warm-after-ms", "0"], &[]).await;
 
         for (api, pool) in [(server_api, "outbound"), (client_api, "sessions")] {
             let stats = get_json(api, "/api/connection-pool-stats").await;

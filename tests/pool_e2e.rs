@@ -69,6 +69,10 @@ async fn warm_reuse_then_idle_cleanup(pool_type: &str) {
             pool_type,
             "--min-idle-connections",
             "2",
+            // Demand must last 300 ms before the target is warmed: the third stream below
+            // comes at least that long after the first.
+            "--warm-after-ms",
+            "300",
             "--max-idle-time-secs",
             "2",
             "--stats-interval-secs",
@@ -98,11 +102,12 @@ async fn warm_reuse_then_idle_cleanup(pool_type: &str) {
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
 
-    // Server: one dial while the first stream waited, every later stream served warm.
+    // Server: dials until the demand has lasted 300 ms (at most the first three streams,
+    // 150 ms or more apart), every later stream served warm.
     let server_stats = wait_stats(&server.process, "Total >= 10", |s| s.total >= REQUESTS).await;
     assert_eq!(server_stats.total, REQUESTS, "{pool_type}: {server_stats:?}");
-    assert!(server_stats.new <= 2, "{pool_type}: New stays near the minimum: {server_stats:?}");
-    assert!(server_stats.reused >= REQUESTS - 2, "{pool_type}: Reused grows: {server_stats:?}");
+    assert!(server_stats.new <= 3, "{pool_type}: New stays near the minimum: {server_stats:?}");
+    assert!(server_stats.reused >= REQUESTS - 3, "{pool_type}: Reused grows: {server_stats:?}");
     assert!(server.process.log().contains("Reuse rate: "), "reuse rate is logged");
     // Client: sequential requests ride one session.
     let client_stats = wait_stats(&client.process, "Total >= 10", |s| s.total >= REQUESTS).await;

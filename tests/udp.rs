@@ -45,6 +45,7 @@ async fn start_server() -> SocketAddr {
             max_idle_total: 10,
             max_idle_time: Duration::from_secs(60),
             max_lifetime: Duration::from_secs(60),
+            warm_after: Duration::ZERO,
         },
         warmup: vec![],
         stats_interval: Duration::from_secs(600),

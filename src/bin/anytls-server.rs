@@ -89,10 +89,15 @@ struct Args {
     /// Warm connections idle longer than this are closed, and targets quiet this long are let go.
     #[arg(long, default_value_t = 300, value_name = "SECS", help_heading = "Outbound pool")]
     max_idle_time_secs: u64,
-    /// Warm connections kept ready at most per busy target: a target is warmed from its
-    /// second stream within the idle window, as many as it uses (0 = never warm).
+    /// Warm connections kept ready at most per busy target: a target is warmed once its
+    /// demand has lasted (see --warm-after-ms), as many as it uses (0 = never warm).
     #[arg(long, default_value_t = 5, value_name = "N", help_heading = "Outbound pool")]
     min_idle_connections: usize,
+    /// A target is warmed once a second stream comes at least this long after its first
+    /// (within the idle window), or two start after an earlier one ended: streams that
+    /// all come at once are one visit.
+    #[arg(long, default_value_t = anytls_rs::server::outbound_pool::DEFAULT_WARM_AFTER.as_millis() as u64, value_name = "MS", help_heading = "Outbound pool")]
+    warm_after_ms: u64,
     /// Warm connections older than this are closed, in seconds.
     #[arg(long, default_value_t = 1800, value_name = "SECS", help_heading = "Outbound pool")]
     max_lifetime_secs: u64,
@@ -360,6 +365,7 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
             max_idle_total,
             max_idle_time: Duration::from_secs(args.max_idle_time_secs),
             max_lifetime: Duration::from_secs(args.max_lifetime_secs),
+            warm_after: Duration::from_millis(args.warm_after_ms),
         },
         warmup,
         stats_interval: Duration::from_secs(args.stats_interval_secs.max(1)),

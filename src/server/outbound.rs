@@ -149,6 +149,7 @@ pub(crate) mod test_support {
             max_idle_total: 4,
             max_idle_time: Duration::from_secs(60),
             max_lifetime: Duration::from_secs(60),
+            warm_after: Duration::ZERO,
         };
         let pool = OutboundPool::new(settings, Dialer { connect_timeout });
         let gate = Arc::new(Gate::new(ServerLimits::default()));

@@ -9,8 +9,13 @@
 //!   (connections in use that it dialed, warm ones, warm dials in flight). A stream
 //!   beyond it is dialed unpooled: a plain connection, counted as `unpooled`. So no
 //!   user can exhaust a target for the others; they all still get through.
-//! - **Warming pays for itself.** A target is warmed only from its second stream within
-//!   the idle window, and its warm set follows its observed rate: it starts at one, grows
+//! - **Warming pays for itself.** A target is warmed only once its demand is repeated:
+//!   a second stream within the idle window at least `warm_after` (1 s) after its first,
+//!   or two streams that started after an earlier one had ended (the target came back). The
+//!   connection refilled after a target's last stream is never used, so warming a target
+//!   that came once for a burst (a page load's parallel connections, two requests sent
+//!   together) would waste every connection it dials; a target that comes back, or keeps
+//!   coming, wastes one per run. Its warm set follows its observed rate: it starts at one, grows
 //!   by one each time a stream finds no warm connection ready (demand outpaced the set),
 //!   and shrinks by one each time a warm connection is closed unused (expired, or found
 //!   dead), never above `min_idle`. Sequential traffic thus keeps one warm connection,
@@ -54,7 +59,19 @@ pub struct OutboundSettings {
     pub max_idle_total: usize,
     pub max_idle_time: Duration,
     pub max_lifetime: Duration,
+    /// How long a target's demand must have lasted (from its first stream) before it is
+    /// warmed: streams that all come at once are one visit, not repeated demand.
+    pub warm_after: Duration,
 }
+
+/// Streams started after an earlier one of the target had ended that count as repeated
+/// demand however quickly they come: a client working through a sequence, not a burst
+/// whose streams all start together.
+const RETURNS: u64 = 2;
+
+/// Default of [`OutboundSettings::warm_after`]: longer than a burst of parallel
+/// connections, shorter than the gap between two visits of a returning client.
+pub const DEFAULT_WARM_AFTER: Duration = Duration::from_secs(1);
 
 /// A connection handed to one stream. Dropping it closes the connection and gives
 /// back its place under the target's limit.
@@ -86,6 +103,7 @@ impl Drop for Slot {
     fn drop(&mut self) {
         self.shared.counters.record_checkin();
         KeyCounters::drop_one(&self.target.counters.active);
+        self.target.demand.record_end();
         // The connection is closed with its stream (never reused).
         self.shared.counters.record_ended();
         if self.pooled {
@@ -167,13 +185,50 @@ struct Demand {
     this_window: AtomicU64,
     last_window: AtomicU64,
     last_ms: AtomicU64,
+    /// When the current run of demand began (its first stream after a quiet idle window),
+    /// plus one: 0 means no stream yet.
+    run_start_ms_plus_one: AtomicU64,
+    /// Streams of the current run that ended.
+    ended: AtomicU64,
+    /// Streams of the current run that started after one of them had ended.
+    returns: AtomicU64,
 }
 
 impl Demand {
+    /// Counts a stream starting at `now_ms`.
     fn record(&self, now_ms: u64, window_ms: u64) {
         self.rotate(now_ms, window_ms);
+        let run_start = self.run_start_ms_plus_one.load(Ordering::Relaxed);
+        if run_start == 0 || now_ms.saturating_sub(self.last_ms.load(Ordering::Relaxed)) > window_ms {
+            self.run_start_ms_plus_one.store(now_ms + 1, Ordering::Relaxed);
+            self.ended.store(0, Ordering::Relaxed);
+            self.returns.store(0, Ordering::Relaxed);
+        }
+        if self.ended.load(Ordering::Relaxed) > 0 {
+            self.returns.fetch_add(1, Ordering::Relaxed);
+        }
         self.this_window.fetch_add(1, Ordering::Relaxed);
         self.last_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// Counts a stream's end.
+    fn record_end(&self) {
+        self.ended.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether the current run is repeated demand: streams spread over `warm_after`, or
+    /// [`RETURNS`] streams that came after an earlier one had ended.
+    fn is_repeated(&self, now_ms: u64, window_ms: u64, warm_after_ms: u64) -> bool {
+        self.rate(now_ms, window_ms) >= 2
+            && (self.lasted_ms(now_ms) >= warm_after_ms || self.returns.load(Ordering::Relaxed) >= RETURNS)
+    }
+
+    /// How long the current run of demand has lasted.
+    fn lasted_ms(&self, now_ms: u64) -> u64 {
+        match self.run_start_ms_plus_one.load(Ordering::Relaxed) {
+            0 => 0,
+            start => now_ms.saturating_sub(start - 1),
+        }
     }
 
     fn rotate(&self, now_ms: u64, window_ms: u64) {
@@ -426,16 +481,17 @@ impl Inner {
         self.settings.max_idle_time.as_millis() as u64
     }
 
-    /// Counts a stream to `target` and sizes its warm set: one from the second stream in
-    /// the idle window, one more when a stream found none ready (`served_warm` false) while
-    /// the target was already warmed, at most `min_idle`. (It shrinks in [`WarmTicket`]'s
-    /// drop.)
+    /// Counts a stream to `target` and sizes its warm set:
+    /// one once its demand is repeated ([`Demand::is_repeated`]), one more when a stream
+    /// found none ready (`served_warm` false) while the target was already warmed, at most
+    /// `min_idle`. (It shrinks in [`WarmTicket`]'s drop.)
     fn size_warm_set(&self, target: &Target, served_warm: bool) {
-        target.demand.record(self.now_ms(), self.window_ms());
+        let (now, window) = (self.now_ms(), self.window_ms());
+        target.demand.record(now, window);
         let max = self.settings.min_idle as u64;
         let goal = target.goal.load(Ordering::Relaxed);
         let wanted = if goal == 0 {
-            u64::from(target.demand.rate(self.now_ms(), self.window_ms()) >= 2)
+            u64::from(target.demand.is_repeated(now, window, self.settings.warm_after.as_millis() as u64))
         } else if !served_warm {
             goal + 1
         } else {
@@ -531,6 +587,7 @@ mod tests {
             max_idle_total: 64,
             max_idle_time: Duration::from_secs(60),
             max_lifetime: Duration::from_secs(600),
+            warm_after: Duration::ZERO,
         }
     }
 
@@ -589,6 +646,45 @@ mod tests {
             assert_eq!(target.created, 2 + pool.warmed(), "{engine}: on demand + warm");
             assert_eq!(pool.ended(), 7, "{engine}: every used connection was closed");
             assert_eq!(pool.unused(), 0, "{engine}");
+        }
+    }
+
+    #[tokio::test]
+    async fn streams_that_come_at_once_are_one_visit_and_only_lasting_demand_is_warmed() {
+        for engine in ENGINES {
+            let (address, _held) = holding_target().await;
+            let mut lasting = settings(engine, 10, 2);
+            lasting.warm_after = Duration::from_millis(300);
+            let pool = pool(lasting);
+            // Two streams together, as a client fetching two things from one host at once:
+            // no warm dial, which nobody would have taken.
+            let together = futures_util::future::join(pool.acquire(&address), pool.acquire(&address)).await;
+            drop(together);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!((pool.warmed(), pool.idle_count(&address)), (0, 0), "{engine}: a burst was warmed");
+            // The target comes back after warm_after: now it is warmed, and the warm
+            // connection serves the next stream.
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            drop(pool.acquire(&address).await.unwrap());
+            wait_until("a warm connection", || pool.idle_count(&address) == 1).await;
+            assert!(pool.acquire(&address).await.unwrap().reused, "{engine}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_target_that_comes_back_twice_is_repeated_demand_however_quick() {
+        for engine in ENGINES {
+            let (address, _held) = holding_target().await;
+            let mut slow = settings(engine, 10, 2);
+            slow.warm_after = Duration::from_secs(60);
+            let pool = pool(slow);
+            drop(pool.acquire(&address).await.unwrap());
+            drop(pool.acquire(&address).await.unwrap());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(pool.warmed(), 0, "{engine}: one return is not yet a sequence");
+            drop(pool.acquire(&address).await.unwrap());
+            wait_until("a warm connection", || pool.idle_count(&address) == 1).await;
+            assert!(pool.acquire(&address).await.unwrap().reused, "{engine}");
         }
     }
 
