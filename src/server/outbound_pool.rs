@@ -15,8 +15,8 @@
 //!   connection refilled after a target's last stream is never used, so warming a target
 //!   that came once for a burst (a page load's parallel connections, two requests sent
 //!   together) would waste every connection it dials; a target that comes back, or keeps
-//!   coming, wastes one per run. Its warm set follows its observed rate: it starts at one, grows
-//!   by one each time a stream finds no warm connection ready (demand outpaced the set),
+//!   coming, wastes one per run. Its warm set follows its observed rate: it starts at
+//!   one, grows by one each time a stream finds no warm connection ready (demand outpaced the set),
 //!   and shrinks by one each time a warm connection is closed unused (expired, or found
 //!   dead), never above `min_idle`. Sequential traffic thus keeps one warm connection,
 //!   bursts get as many as they use. Warm connections closed unused are counted. All warm
@@ -60,7 +60,8 @@ pub struct OutboundSettings {
     pub max_idle_time: Duration,
     pub max_lifetime: Duration,
     /// How long a target's demand must have lasted (from its first stream) before it is
-    /// warmed: streams that all come at once are one visit, not repeated demand.
+    /// warmed, unless it came back sooner (see `Demand::is_repeated`): streams that all
+    /// come at once are one visit, not repeated demand.
     pub warm_after: Duration,
 }
 
