@@ -6,8 +6,8 @@
 //! place of the TCP connection: one `checkout` (key lookup, the target's state and a warm
 //! take), the demand and limit bookkeeping on the target's atomics, then the refill's give of
 //! a fresh warm entry. [`Target`] here mirrors the server's per-target state field for field
-//! (its demand window, managed count and counters); only the dial and the liveness check
-//! (syscalls) are left out.
+//! (managed count, counters, and the server's own `WarmDemand` for the demand bookkeeping);
+//! only the dial and the liveness check (syscalls) are left out.
 //!
 //! **Time is CPU time, not wall time**: the process's CPU time over the timed region (all
 //! worker threads together), so that other jobs on a loaded machine do not inflate it, and
@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use anytls_rs::pool::{Idle, IdlePool, KeyCounters, PoolSettings, PoolType, new_pool, reserve_slot};
 use anytls_rs::proto::Address;
+use anytls_rs::server::outbound_pool::WarmDemand;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
 #[global_allocator]
@@ -43,20 +44,16 @@ const CHURN_KEYS: u32 = 100_000;
 const MAX_PER_TARGET: u64 = 100;
 const WINDOW_MS: u64 = 300_000;
 const WARM_AFTER_MS: u64 = 1000;
+/// The server's default `--min-idle-connections`: the largest warm set.
+const MIN_IDLE: u64 = 5;
 
-/// The server's per-target state (`server::outbound_pool::Target`), field for field.
+/// The server's per-target state (`server::outbound_pool::Target`), field for field; its
+/// demand bookkeeping is the server's own [`WarmDemand`].
 #[derive(Default)]
 struct Target {
     managed: AtomicU64,
     warm: AtomicU64,
-    goal: AtomicU64,
-    window_start_ms: AtomicU64,
-    this_window: AtomicU64,
-    last_window: AtomicU64,
-    last_ms: AtomicU64,
-    run_start_ms_plus_one: AtomicU64,
-    ended: AtomicU64,
-    returns: AtomicU64,
+    demand: WarmDemand,
     refilling: AtomicBool,
     counters: KeyCounters,
 }
@@ -91,40 +88,7 @@ fn target(i: u32) -> Address {
 /// refill's give of a fresh warm entry.
 fn acquire(engine: &dyn IdlePool<Address, Target, u64>, address: &Address, now_ms: u64) {
     let (target, found) = engine.checkout(address, Instant::now());
-    // Demand: rotate the window if due, start a new run after a quiet window, count the
-    // stream.
-    let start = target.window_start_ms.load(Ordering::Relaxed);
-    if now_ms.saturating_sub(start) >= WINDOW_MS
-        && target.window_start_ms.compare_exchange(start, now_ms, Ordering::Relaxed, Ordering::Relaxed).is_ok()
-    {
-        let finished = target.this_window.swap(0, Ordering::Relaxed);
-        target.last_window.store(finished, Ordering::Relaxed);
-    }
-    let run_start = target.run_start_ms_plus_one.load(Ordering::Relaxed);
-    if run_start == 0 || now_ms.saturating_sub(target.last_ms.load(Ordering::Relaxed)) > WINDOW_MS {
-        target.run_start_ms_plus_one.store(now_ms + 1, Ordering::Relaxed);
-        target.ended.store(0, Ordering::Relaxed);
-        target.returns.store(0, Ordering::Relaxed);
-    }
-    if target.ended.load(Ordering::Relaxed) > 0 {
-        target.returns.fetch_add(1, Ordering::Relaxed);
-    }
-    target.this_window.fetch_add(1, Ordering::Relaxed);
-    target.last_ms.store(now_ms, Ordering::Relaxed);
-    // Warm set sizing: once demand is repeated (lasted, or came back twice), one more
-    // after a miss.
-    let goal = target.goal.load(Ordering::Relaxed);
-    let wanted = if goal == 0 {
-        let start = target.run_start_ms_plus_one.load(Ordering::Relaxed).saturating_sub(1);
-        let lasted = now_ms.saturating_sub(start) >= WARM_AFTER_MS;
-        let came_back = target.returns.load(Ordering::Relaxed) >= 2;
-        u64::from(target.this_window.load(Ordering::Relaxed) >= 2 && (lasted || came_back))
-    } else {
-        goal + u64::from(found.is_none())
-    };
-    if wanted.min(5) > goal {
-        let _ = target.goal.compare_exchange(goal, wanted.min(5), Ordering::Relaxed, Ordering::Relaxed);
-    }
+    target.demand.record_stream(now_ms, WINDOW_MS, WARM_AFTER_MS, MIN_IDLE, found.is_some());
     match found {
         Some(entry) => {
             black_box(entry.value);
@@ -139,7 +103,7 @@ fn acquire(engine: &dyn IdlePool<Address, Target, u64>, address: &Address, now_m
     KeyCounters::bump(&target.counters.active);
     // The stream ends: its connection is closed, its place freed.
     KeyCounters::drop_one(&target.counters.active);
-    target.ended.fetch_add(1, Ordering::Relaxed);
+    target.demand.record_end();
     target.managed.fetch_sub(1, Ordering::Relaxed);
     // The refill: a warm entry takes a place and goes into the pool.
     if !target.refilling.load(Ordering::Relaxed) && reserve_slot(&target.managed, MAX_PER_TARGET) {

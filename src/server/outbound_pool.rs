@@ -154,7 +154,7 @@ impl Drop for WarmTicket {
         self.target.managed.fetch_sub(1, Ordering::Relaxed);
         if self.dialed {
             // One warm connection more than the target used: the warm set shrinks.
-            let _ = self.target.goal.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |g| g.checked_sub(1));
+            self.target.demand.shrink();
             self.shared.counters.record_unused();
             KeyCounters::bump(&self.target.counters.unused);
             KeyCounters::bump(&self.target.counters.cleaned);
@@ -169,12 +169,67 @@ struct Target {
     managed: AtomicU64,
     /// Warm connections of this target, idle or being dialed.
     warm: AtomicU64,
-    /// Warm connections this target should have (its warm set's size).
-    goal: AtomicU64,
-    demand: Demand,
+    /// Its demand and the warm set that earns.
+    demand: WarmDemand,
     refilling: AtomicBool,
     /// Per target, `cleaned` counts warm connections closed unused (expired, dead).
     counters: KeyCounters,
+}
+
+/// A target's demand and the size of the warm set it has earned. Public so that
+/// `benches/pool.rs` times the server's own bookkeeping rather than a copy of it.
+#[derive(Default)]
+pub struct WarmDemand {
+    /// Warm connections the target should have (its warm set's size).
+    goal: AtomicU64,
+    demand: Demand,
+}
+
+impl WarmDemand {
+    /// Counts a stream starting at `now_ms` and sizes the warm set: one once the demand is
+    /// repeated (`Demand::is_repeated`), one more when a stream found none ready
+    /// (`served_warm` false) while the target was already warmed, at most `max`. (It
+    /// shrinks in [`WarmDemand::shrink`].)
+    pub fn record_stream(&self, now_ms: u64, window_ms: u64, warm_after_ms: u64, max: u64, served_warm: bool) {
+        self.demand.record(now_ms, window_ms);
+        let goal = self.goal.load(Ordering::Relaxed);
+        let wanted = if goal == 0 {
+            u64::from(self.demand.is_repeated(now_ms, window_ms, warm_after_ms))
+        } else if !served_warm {
+            goal + 1
+        } else {
+            goal
+        };
+        if wanted.min(max) > goal {
+            let _ = self.goal.compare_exchange(goal, wanted.min(max), Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a stream's end.
+    pub fn record_end(&self) {
+        self.demand.record_end();
+    }
+
+    /// Counts one stream and asks for `size` warm connections at once (start-up warming).
+    fn warm_up(&self, now_ms: u64, window_ms: u64, size: u64) {
+        self.demand.record(now_ms, window_ms);
+        self.goal.store(size, Ordering::Relaxed);
+    }
+
+    /// One warm connection more than the target used: the warm set shrinks by one.
+    fn shrink(&self) {
+        let _ = self.goal.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |g| g.checked_sub(1));
+    }
+
+    /// The warm set's size, at most `max`.
+    fn goal(&self, max: u64) -> u64 {
+        self.goal.load(Ordering::Relaxed).min(max)
+    }
+
+    /// When the target's last stream started.
+    fn last_ms(&self) -> u64 {
+        self.demand.last_ms()
+    }
 }
 
 /// Streams per window (the idle window): the current one and the one before.
@@ -352,8 +407,7 @@ impl OutboundPool {
     /// as busy enough for `min_idle` of them.
     pub fn warm_up(&self, address: &Address) {
         let target = self.inner.idle.state(address);
-        target.demand.record(self.inner.now_ms(), self.inner.window_ms());
-        target.goal.store(self.inner.settings.min_idle as u64, Ordering::Relaxed);
+        target.demand.warm_up(self.inner.now_ms(), self.inner.window_ms(), self.inner.settings.min_idle as u64);
         self.inner.refill_soon(address, &target);
     }
 
@@ -482,30 +536,16 @@ impl Inner {
         self.settings.max_idle_time.as_millis() as u64
     }
 
-    /// Counts a stream to `target` and sizes its warm set:
-    /// one once its demand is repeated ([`Demand::is_repeated`]), one more when a stream
-    /// found none ready (`served_warm` false) while the target was already warmed, at most
-    /// `min_idle`. (It shrinks in [`WarmTicket`]'s drop.)
+    /// Counts a stream to `target` and sizes its warm set ([`WarmDemand::record_stream`]).
     fn size_warm_set(&self, target: &Target, served_warm: bool) {
-        let (now, window) = (self.now_ms(), self.window_ms());
-        target.demand.record(now, window);
+        let warm_after = self.settings.warm_after.as_millis() as u64;
         let max = self.settings.min_idle as u64;
-        let goal = target.goal.load(Ordering::Relaxed);
-        let wanted = if goal == 0 {
-            u64::from(target.demand.is_repeated(now, window, self.settings.warm_after.as_millis() as u64))
-        } else if !served_warm {
-            goal + 1
-        } else {
-            goal
-        };
-        if wanted.min(max) > goal {
-            let _ = target.goal.compare_exchange(goal, wanted.min(max), Ordering::Relaxed, Ordering::Relaxed);
-        }
+        target.demand.record_stream(self.now_ms(), self.window_ms(), warm_after, max, served_warm);
     }
 
     /// How many warm connections `target` should have now.
     fn warm_goal(&self, target: &Target) -> u64 {
-        target.goal.load(Ordering::Relaxed).min(self.settings.min_idle as u64)
+        target.demand.goal(self.settings.min_idle as u64)
     }
 
     /// Starts a background refill of `address`'s warm connections unless one is running.
