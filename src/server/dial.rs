@@ -132,6 +132,12 @@ async fn lookup(name: String) -> Result<Arc<[SocketAddr]>, ResolveError> {
     Ok(found)
 }
 
+/// The one address to use of a name's answers when only one is used (a checked dial, a
+/// UDP peer): IPv4 first, as services often listen on one family only.
+pub fn ipv4_first(addrs: &[SocketAddr]) -> Option<SocketAddr> {
+    addrs.iter().find(|addr| addr.is_ipv4()).or(addrs.first()).copied()
+}
+
 fn with_port(ips: &[SocketAddr], port: u16) -> Vec<SocketAddr> {
     ips.iter().map(|addr| SocketAddr::new(addr.ip(), port)).collect()
 }
@@ -380,5 +386,14 @@ mod tests {
         assert_eq!(held(&names), 2);
         names.resolve("127.0.2.3", 80).await.unwrap();
         assert_eq!(names.lookups(), 5, "the live answer survived the eviction");
+    }
+
+    #[test]
+    fn one_address_is_picked_ipv4_first() {
+        let v6: SocketAddr = "[::1]:80".parse().unwrap();
+        let v4: SocketAddr = "127.0.0.1:80".parse().unwrap();
+        assert_eq!(ipv4_first(&[v6, v4]), Some(v4));
+        assert_eq!(ipv4_first(&[v6]), Some(v6));
+        assert_eq!(ipv4_first(&[]), None);
     }
 }

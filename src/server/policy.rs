@@ -194,9 +194,7 @@ impl Policy {
             self.check(*address).map_err(|(why, text)| (why, format!("{name}: {text}")))?;
         }
         let pin = self.deny_private || !self.deny.is_empty();
-        // IPv4 first, as the UDP path: services often listen on one family only.
-        let first = found.iter().find(|a| a.is_ipv4()).or(found.first());
-        match first {
+        match super::dial::ipv4_first(&found) {
             Some(address) if pin => Ok(Address::socket(SocketAddr::new(normalise(address.ip()), port))),
             _ => Ok(destination),
         }

@@ -293,11 +293,8 @@ impl Outbound {
             .await
             .map_err(|_| format!("resolve {name}: timed out"))?
             .map_err(|err| format!("resolve {name}: {err}"))?;
-        let ip = found
-            .iter()
-            .find(|addr| addr.is_ipv4())
-            .or(found.first())
-            .map(SocketAddr::ip)
+        let ip = super::dial::ipv4_first(&found)
+            .map(|addr| addr.ip())
             .ok_or_else(|| format!("resolve {name}: no address"))?;
         if self.resolved.len() >= RESOLVE_CACHE {
             self.resolved.clear();
