@@ -137,6 +137,15 @@ mod tests {
     }
 
     #[test]
+    fn the_fd_limit_is_raised_to_the_hard_limit() {
+        let fds = raise_fd_limit();
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit writes the struct we pass.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }, 0);
+        assert_eq!((fds.limit, limit.rlim_cur), (limit.rlim_max, limit.rlim_max));
+    }
+
+    #[test]
     fn the_buffer_budget_stays_in_its_bounds() {
         let budget = default_buffer_budget();
         assert!((64 << 20..=1 << 30).contains(&budget), "{budget}");

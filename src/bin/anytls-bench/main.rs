@@ -238,29 +238,11 @@ fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(1 << shift).ok_or_else(|| format!("size too large: {s:?}"))
 }
 
-/// Raises the soft limit on open files to the hard one: a big `quiet` or `hold` needs
-/// one descriptor per stream (and the in-process target another), far above the usual
-/// soft limit of 1,024. Returns the limit in force.
-fn raise_fd_limit() -> u64 {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return 0;
-        }
-        if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                limit = raised;
-            }
-        }
-    }
-    limit.rlim_cur
-}
-
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let fds = raise_fd_limit();
+    // A big `quiet` or `hold` needs one descriptor per stream (and the in-process target
+    // another), far above the usual soft limit of 1,024.
+    let fds = anytls_rs::resources::raise_fd_limit();
     log::debug!("open files limit: {fds}");
     let cli = Cli::parse();
     match run(cli.command) {
@@ -483,15 +465,6 @@ mod tests {
         assert!(parse(&["hosts", "--distinct-targets", "0", "--target-names", "bench.test"]).is_err());
         assert!(parse(&["hosts", "--distinct-targets", "3"]).is_err());
         assert!(parse(&["hosts", "--distinct-targets", "3", "--target-names", "bad_name"]).is_err());
-    }
-
-    #[test]
-    fn the_fd_limit_is_raised_to_the_hard_limit() {
-        let fds = raise_fd_limit();
-        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        // SAFETY: getrlimit writes the struct we pass.
-        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }, 0);
-        assert_eq!((fds, limit.rlim_cur), (limit.rlim_max, limit.rlim_max));
     }
 
     #[test]
