@@ -68,7 +68,7 @@ pub struct ServerCaps {
 
 impl ServerCaps {
     pub fn for_fd_limit(limit: u64) -> ServerCaps {
-        let usable = limit.saturating_sub(RESERVED_FDS).max(64) as usize;
+        let usable = usable_fds(limit) as usize;
         let warm = (usable / 32).clamp(1, 1024);
         ServerCaps { descriptors: usable - warm, handshakes: (usable / 16).max(1), warm }
     }
@@ -78,7 +78,12 @@ impl ServerCaps {
 /// worst, a session of its own (the client opens a session per concurrent stream, as the
 /// reference does), so half the usable descriptors.
 pub fn client_connections_for_fd_limit(limit: u64) -> usize {
-    (limit.saturating_sub(RESERVED_FDS).max(64) / 2) as usize
+    (usable_fds(limit) / 2) as usize
+}
+
+/// Descriptors left for connections under `limit` after the reserve (never below 64).
+fn usable_fds(limit: u64) -> u64 {
+    limit.saturating_sub(RESERVED_FDS).max(64)
 }
 
 /// Physical memory in bytes, if the system says.
