@@ -9,6 +9,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod crypto;
+pub mod keepalive;
 pub mod logging;
 pub mod pool;
 pub mod proto;

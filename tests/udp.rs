@@ -34,6 +34,7 @@ async fn start_server() -> SocketAddr {
         passwords: vec![PasswordHash::of("pw")],
         padding: PaddingScheme::default(),
         connect_timeout: Duration::from_secs(2),
+        keepalive: Default::default(),
         handshake_timeout: Duration::from_secs(5),
         max_handshakes: 16,
         probe: Default::default(),
@@ -70,6 +71,7 @@ async fn start_client(server: SocketAddr) -> SocketAddr {
         password: PasswordHash::of("pw"),
         session_config: SessionConfig::default(),
         connect_timeout: Duration::from_secs(2),
+        keepalive: Default::default(),
     };
     let settings = SessionPoolSettings {
         pool_type: PoolType::LockFree,

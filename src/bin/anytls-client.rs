@@ -153,6 +153,12 @@ struct Args {
     /// The same, for one session, in KiB.
     #[arg(long, value_name = "KIB", default_value_t = 4096, help_heading = "Sessions")]
     session_buffer_kib: usize,
+    /// One stream's data held in each direction, in KiB: past it the local connection is
+    /// not read until the server takes what was sent.
+    #[arg(long, default_value_t = (anytls_rs::session::DEFAULT_STREAM_BUFFER >> 10) as u64, value_name = "KIB", help_heading = "Sessions")]
+    stream_buffer_kib: u64,
+    #[command(flatten)]
+    keepalive: anytls_rs::cli::KeepaliveArgs,
 
     // The local and API edges (kept together at the end).
     /// A local connection that has not sent its whole greeting and request (SOCKS5,
@@ -299,9 +305,11 @@ fn connector_for(server: &str, args: &Args, buffers: &BufferBudget) -> Result<(C
             heartbeat_interval: secs_or_never(args.heartbeat_interval_secs),
             heartbeat_timeout: Duration::from_secs(args.heartbeat_timeout_secs.max(1)),
             buffers: buffers.clone(),
+            stream_buffer: (args.stream_buffer_kib.max(4) << 10) as usize,
             ..SessionConfig::default()
         },
         connect_timeout: Duration::from_secs(args.connect_timeout_secs),
+        keepalive: args.keepalive.keepalive(),
     };
     Ok((connector, trust))
 }

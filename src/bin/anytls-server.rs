@@ -76,9 +76,32 @@ struct Args {
     /// [default: 1/16 of the file-descriptor limit].
     #[arg(long, value_name = "N", help_heading = "Listening and TLS")]
     max_handshakes: Option<usize>,
-    /// Streams one session may have open at once.
+    /// Streams one session may have open at once: each counts from its SYN until its
+    /// relay has ended, whatever frames arrive.
     #[arg(long, default_value_t = 1024, value_name = "N", help_heading = "Limits")]
     max_streams_per_session: usize,
+    /// Sessions one user may have at once [default: --max-sessions split between the
+    /// users, at most 4 ways: all for one user, half each for two, a quarter for 4 or more].
+    #[arg(long, value_name = "N", help_heading = "Limits")]
+    max_sessions_per_user: Option<usize>,
+    /// Streams one user may have at once across its sessions [default: --max-streams,
+    /// within the descriptors, split as for --max-sessions-per-user].
+    #[arg(long, value_name = "N", help_heading = "Limits")]
+    max_streams_per_user: Option<usize>,
+    /// Once one direction of a stream has ended (FIN), the stream is ended after this
+    /// long with no data, in seconds (0 = only --stream-idle-timeout-secs).
+    #[arg(long, default_value_t = 60, value_name = "SECS", help_heading = "Limits")]
+    half_close_timeout_secs: u64,
+    /// A session with no stream that received nothing for this long is closed, in
+    /// seconds (0 = never); clients close their own idle sessions far sooner.
+    #[arg(long, default_value_t = 300, value_name = "SECS", help_heading = "Limits")]
+    idle_session_timeout_secs: u64,
+    /// One stream's data held in each direction, in KiB: past it the stream's socket is
+    /// not read until the other side catches up.
+    #[arg(long, default_value_t = (anytls_rs::session::DEFAULT_STREAM_BUFFER >> 10) as u64, value_name = "KIB", help_heading = "Limits")]
+    stream_buffer_kib: u64,
+    #[command(flatten)]
+    keepalive: anytls_rs::cli::KeepaliveArgs,
     /// Outbound pool engine: lock (a mutex), lockfree (arc-swap + epoch stacks), highperf (sharded).
     #[arg(long, value_enum, default_value_t = PoolType::LockFree, value_name = "ENGINE", help_heading = "Outbound pool")]
     pool_type: PoolType,
@@ -370,16 +393,22 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
         warmup,
         stats_interval: Duration::from_secs(args.stats_interval_secs.max(1)),
         udp: UdpSettings { idle_timeout: Duration::from_secs(args.udp_idle_timeout_secs.max(1)) },
+        keepalive: args.keepalive.keepalive(),
     };
 
+    let secs_or_never = |secs: u64| (secs > 0).then(|| Duration::from_secs(secs));
     let limits = ServerLimits {
         max_sessions,
         max_streams,
+        max_sessions_per_user: args.max_sessions_per_user.map(|n| n.max(1)),
+        max_streams_per_user: args.max_streams_per_user.map(|n| n.max(1)),
         descriptors: caps.descriptors,
-        stream_idle_timeout: (args.stream_idle_timeout_secs > 0)
-            .then(|| Duration::from_secs(args.stream_idle_timeout_secs)),
+        stream_idle_timeout: secs_or_never(args.stream_idle_timeout_secs),
+        half_close_timeout: secs_or_never(args.half_close_timeout_secs),
+        idle_session_timeout: secs_or_never(args.idle_session_timeout_secs),
         drain_timeout: Duration::from_secs(args.shutdown_timeout_secs),
         buffers,
+        stream_buffer: (args.stream_buffer_kib.max(4) << 10) as usize,
     };
     set_relay_buffer_pool(args.buffer_pool);
     anytls_rs::api::stats::set_metrics_top_targets(args.metrics_top_targets);

@@ -30,6 +30,8 @@ pub struct Connector {
     pub password: PasswordHash,
     pub session_config: SessionConfig,
     pub connect_timeout: Duration,
+    /// Keepalive and user timeout on the connection to the server.
+    pub keepalive: crate::keepalive::Keepalive,
 }
 
 impl Connector {
@@ -41,6 +43,7 @@ impl Connector {
             .map_err(|_| ConnectError::TcpTimeout { server: server.clone(), after })?
             .map_err(|source| ConnectError::Tcp { server: server.clone(), source })?;
         let _ = tcp.set_nodelay(true);
+        self.keepalive.apply(&tcp);
         let handshake = self.tls.connect(self.server_name.clone(), tcp);
         let mut tls = tokio::time::timeout(after, handshake)
             .await
@@ -298,6 +301,7 @@ mod tests {
             passwords: vec![PasswordHash::of("pw")],
             padding: PaddingScheme::default(),
             connect_timeout: Duration::from_secs(2),
+            keepalive: Default::default(),
             handshake_timeout: Duration::from_secs(5),
             max_handshakes: 16,
             probe: Default::default(),
@@ -327,6 +331,7 @@ mod tests {
             password: PasswordHash::of("pw"),
             session_config: SessionConfig::default(),
             connect_timeout: Duration::from_secs(2),
+            keepalive: Default::default(),
         };
         SessionPool::new(connector, settings)
     }

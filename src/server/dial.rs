@@ -11,6 +11,15 @@
 //! one lookup. getaddrinfo does not tell the records' TTL, hence the fixed [`NAME_TTL`];
 //! hickory-resolver, which does, was measured against it and not taken (docs/benchmarks.md,
 //! "Name resolution").
+//!
+//! Each getaddrinfo call holds one of tokio's blocking threads until the resolver answers
+//! or gives up (10 s and more for a resolver that never answers), so lookups are bounded:
+//! [`MAX_LOOKUPS`] in flight in all, half of them for one user and
+//! [`MAX_LOOKUPS_PER_SESSION`] for one session ([`LookupOwner`]). Their places are taken
+//! in order (tokio's semaphores are fair) and held by the lookup itself until getaddrinfo
+//! returns, even when the dial that wanted it gave up. So one user resolving names that
+//! never answer holds at most 32 blocking threads (half the places), everyone else's
+//! lookups go straight to a free place, and cached names take no place at all.
 
 use std::collections::HashMap;
 use std::io;
@@ -20,7 +29,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::proto::Address;
 use crate::proto::address::Host;
@@ -30,6 +39,39 @@ use crate::proto::address::Host;
 pub const NAME_TTL: Duration = Duration::from_secs(60);
 /// Names kept at most; past it, expired answers are dropped first, then all.
 const MAX_NAMES: usize = 10_000;
+/// Lookups in flight at once, in all: far below tokio's blocking pool (512 threads).
+pub const MAX_LOOKUPS: usize = 64;
+/// Lookups in flight at once for one user: the other half is always left to the others.
+pub const MAX_LOOKUPS_PER_USER: usize = MAX_LOOKUPS / 2;
+/// Lookups in flight at once for one session.
+pub const MAX_LOOKUPS_PER_SESSION: usize = 8;
+
+/// Whose lookups these are: one session of one user, each with its bound on lookups in
+/// flight. Clones share the bounds.
+#[derive(Debug, Clone)]
+pub struct LookupOwner {
+    session: Arc<Semaphore>,
+    user: Arc<Semaphore>,
+}
+
+impl LookupOwner {
+    /// A user's bound, shared by all its sessions.
+    pub fn user_bound() -> Arc<Semaphore> {
+        Arc::new(Semaphore::new(MAX_LOOKUPS_PER_USER))
+    }
+
+    /// A new session of the user whose bound is `user`.
+    pub fn session_of(user: &Arc<Semaphore>) -> LookupOwner {
+        LookupOwner { session: Arc::new(Semaphore::new(MAX_LOOKUPS_PER_SESSION)), user: user.clone() }
+    }
+
+    /// Places for one lookup: the session's, then the user's, waiting in order.
+    async fn admit(&self) -> [OwnedSemaphorePermit; 2] {
+        let session = self.session.clone().acquire_owned().await.expect("never closed");
+        let user = self.user.clone().acquire_owned().await.expect("never closed");
+        [session, user]
+    }
+}
 
 /// Why an outbound dial failed, worded so clients can map it to SOCKS codes
 /// ("refused", "timed out", "unreachable").
@@ -67,6 +109,7 @@ pub enum ResolveError {
 #[derive(Debug, Clone)]
 pub struct Dialer {
     pub connect_timeout: Duration,
+    pub keepalive: crate::keepalive::Keepalive,
 }
 
 impl Dialer {
@@ -75,13 +118,18 @@ impl Dialer {
         self.connect_with(destination, None).await
     }
 
-    /// As [`Dialer::connect`], with names answered from `names` when it has them.
-    pub async fn connect_with(&self, destination: &Address, names: Option<&NameCache>) -> Result<TcpStream, DialError> {
+    /// As [`Dialer::connect`], with names answered from `names` (as `owner`'s lookups)
+    /// when it has them.
+    pub async fn connect_with(
+        &self,
+        destination: &Address,
+        names: Option<(&NameCache, &LookupOwner)>,
+    ) -> Result<TcpStream, DialError> {
         let target = destination.to_string();
         let attempt = async {
             let addrs = match (&destination.host, names) {
                 (Host::Ip(ip), _) => Ok(vec![SocketAddr::new(*ip, destination.port)]),
-                (Host::Domain(name), Some(names)) => names.resolve(name, destination.port).await,
+                (Host::Domain(name), Some((names, owner))) => names.resolve(name, destination.port, owner).await,
                 (Host::Domain(name), None) => lookup(name.clone()).await.map(|ips| with_port(&ips, destination.port)),
             }
             .map_err(|err| DialError::Unresolved(target.clone(), err))?;
@@ -91,6 +139,7 @@ impl Dialer {
             .await
             .map_err(|_| DialError::TimedOut(target.clone()))??;
         let _ = stream.set_nodelay(true);
+        self.keepalive.apply(&stream);
         Ok(stream)
     }
 }
@@ -169,6 +218,10 @@ pub struct NameCache {
     lookups: AtomicU64,
     ttl: Duration,
     max_names: usize,
+    /// Places for lookups in flight, in all ([`MAX_LOOKUPS`]).
+    in_flight: Arc<Semaphore>,
+    /// The server's own lookups (warm connections), bounded as one user's session.
+    own: LookupOwner,
 }
 
 impl Default for NameCache {
@@ -179,7 +232,24 @@ impl Default for NameCache {
 
 impl NameCache {
     fn new(ttl: Duration, max_names: usize) -> Self {
-        NameCache { slots: Arc::default(), lookups: AtomicU64::new(0), ttl, max_names }
+        NameCache {
+            slots: Arc::default(),
+            lookups: AtomicU64::new(0),
+            ttl,
+            max_names,
+            in_flight: Arc::new(Semaphore::new(MAX_LOOKUPS)),
+            own: LookupOwner::session_of(&LookupOwner::user_bound()),
+        }
+    }
+
+    /// The owner of the server's own lookups (warm-up and refills, tests).
+    pub fn own(&self) -> &LookupOwner {
+        &self.own
+    }
+
+    /// Lookups in flight now.
+    pub fn lookups_in_flight(&self) -> usize {
+        MAX_LOOKUPS - self.in_flight.available_permits()
     }
 
     /// Lookups sent to the system resolver so far.
@@ -187,16 +257,27 @@ impl NameCache {
         self.lookups.load(Ordering::Relaxed)
     }
 
-    /// The addresses of `name`, with `port`.
-    pub async fn resolve(&self, name: &str, port: u16) -> Result<Vec<SocketAddr>, ResolveError> {
-        let mut answer = {
-            let mut slots = lock(&self.slots);
-            match slots.get(name) {
-                Some(Slot::Ready { ips, expires }) if Instant::now() < *expires => return Ok(with_port(ips, port)),
-                // A lookup whose task is gone (has_changed fails) cannot answer: start another.
-                Some(Slot::Pending { answer, .. }) if answer.has_changed().is_ok() => answer.clone(),
-                _ => self.start_lookup(&mut slots, name),
+    /// The addresses of `name`, with `port`; a lookup it needs is one of `owner`'s.
+    pub async fn resolve(&self, name: &str, port: u16, owner: &LookupOwner) -> Result<Vec<SocketAddr>, ResolveError> {
+        let mut places = None;
+        let mut answer = loop {
+            {
+                let mut slots = lock(&self.slots);
+                match slots.get(name) {
+                    Some(Slot::Ready { ips, expires }) if Instant::now() < *expires => {
+                        return Ok(with_port(ips, port));
+                    }
+                    // A lookup whose task is gone (has_changed fails) cannot answer: start another.
+                    Some(Slot::Pending { answer, .. }) if answer.has_changed().is_ok() => break answer.clone(),
+                    _ => {}
+                }
+                if let Some(places) = places.take() {
+                    break self.start_lookup(&mut slots, name, places);
+                }
             }
+            // A miss: wait for the owner's places outside the lock, then look again (another
+            // dial may have started the same lookup meanwhile).
+            places = Some(owner.admit().await);
         };
         let outcome = match answer.wait_for(Option::is_some).await {
             Ok(outcome) => outcome.clone(),
@@ -206,15 +287,23 @@ impl NameCache {
         Ok(with_port(&ips, port))
     }
 
-    /// Marks `name` pending and spawns its lookup; returns where its answer will come.
-    fn start_lookup(&self, slots: &mut Slots, name: &str) -> watch::Receiver<Outcome> {
+    /// Marks `name` pending and spawns its lookup, which holds the owner's `places` and one
+    /// of [`MAX_LOOKUPS`] until getaddrinfo returns; returns where its answer will come.
+    fn start_lookup(
+        &self,
+        slots: &mut Slots,
+        name: &str,
+        places: [OwnedSemaphorePermit; 2],
+    ) -> watch::Receiver<Outcome> {
         let id = self.lookups.fetch_add(1, Ordering::Relaxed);
         self.make_room(slots, name);
         let (tell, answer) = watch::channel(None);
         slots.insert(name.to_owned(), Slot::Pending { id, answer: answer.clone() });
-        let (slots, ttl, name) = (self.slots.clone(), self.ttl, name.to_owned());
+        let (slots, ttl, name, in_flight) = (self.slots.clone(), self.ttl, name.to_owned(), self.in_flight.clone());
         tokio::spawn(async move {
+            let _in_flight = in_flight.acquire_owned().await.expect("never closed");
             let outcome = lookup(name.clone()).await;
+            drop(places);
             let mut slots = lock(&slots);
             // Only this lookup's own slot is settled: it may have been evicted meanwhile.
             if let Some(slot) = slots.get_mut(&name)
@@ -270,15 +359,15 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let names = NameCache::default();
-        let dialer = Dialer { connect_timeout: Duration::from_secs(2) };
+        let dialer = Dialer { connect_timeout: Duration::from_secs(2), keepalive: Default::default() };
         let target = Address::domain("localhost", port);
         for _ in 0..3 {
-            let tcp = dialer.connect_with(&target, Some(&names)).await;
+            let tcp = dialer.connect_with(&target, Some((&names, names.own()))).await;
             // localhost may resolve to ::1 first; what matters is that it was looked up once.
             drop(tcp);
         }
         assert_eq!(names.lookups(), 1);
-        let addrs = names.resolve("localhost", 7).await.unwrap();
+        let addrs = names.resolve("localhost", 7, names.own()).await.unwrap();
         assert!(addrs.iter().all(|a| a.port() == 7 && a.ip().is_loopback()), "{addrs:?}");
         assert_eq!(names.lookups(), 1);
     }
@@ -289,7 +378,7 @@ mod tests {
         let burst: Vec<_> = (0..1000u16)
             .map(|i| {
                 let names = names.clone();
-                tokio::spawn(async move { names.resolve("localhost", i).await })
+                tokio::spawn(async move { names.resolve("localhost", i, names.own()).await })
             })
             .collect();
         for (i, dial) in burst.into_iter().enumerate() {
@@ -307,7 +396,7 @@ mod tests {
         let burst: Vec<_> = (0..100)
             .map(|_| {
                 let names = names.clone();
-                tokio::spawn(async move { names.resolve(UNRESOLVABLE, 80).await })
+                tokio::spawn(async move { names.resolve(UNRESOLVABLE, 80, names.own()).await })
             })
             .collect();
         for dial in burst {
@@ -316,16 +405,16 @@ mod tests {
         }
         assert_eq!(names.lookups(), 1);
         assert_eq!(held(&names), 0, "a failure is not kept");
-        assert!(names.resolve(UNRESOLVABLE, 80).await.is_err());
+        assert!(names.resolve(UNRESOLVABLE, 80, names.own()).await.is_err());
         assert_eq!(names.lookups(), 2, "the next dial asks again");
     }
 
     #[tokio::test]
     async fn a_name_that_does_not_resolve_is_a_typed_dial_error() {
-        let dialer = Dialer { connect_timeout: Duration::from_secs(2) };
+        let dialer = Dialer { connect_timeout: Duration::from_secs(2), keepalive: Default::default() };
         let target = Address::domain(UNRESOLVABLE, 80);
         let names = NameCache::default();
-        for cache in [None, Some(&names)] {
+        for cache in [None, Some((&names, names.own()))] {
             let err = dialer.connect_with(&target, cache).await.unwrap_err();
             assert!(matches!(err, DialError::Unresolved(_, ResolveError::Lookup(_))), "{err:?}");
             // The wire text clients map to SOCKS code 4 ("host unreachable").
@@ -338,11 +427,11 @@ mod tests {
         let names = NameCache::default();
         {
             // Polled once (the lookup starts), then dropped, as a dial's connect timeout does.
-            let mut dial = std::pin::pin!(names.resolve("localhost", 80));
+            let mut dial = std::pin::pin!(names.resolve("localhost", 80, names.own()));
             let first = std::future::poll_fn(|cx| std::task::Poll::Ready(dial.as_mut().poll(cx))).await;
             assert!(first.is_pending(), "no lookup ends within its first poll");
         }
-        let addrs = names.resolve("localhost", 80).await.unwrap();
+        let addrs = names.resolve("localhost", 80, names.own()).await.unwrap();
         assert!(addrs.iter().all(|a| a.ip().is_loopback()), "{addrs:?}");
         assert_eq!(names.lookups(), 1, "the second dial waited on the first one's lookup");
     }
@@ -351,11 +440,11 @@ mod tests {
     async fn an_answer_is_looked_up_again_after_its_ttl() {
         let ttl = Duration::from_millis(300);
         let names = NameCache::new(ttl, MAX_NAMES);
-        names.resolve("localhost", 80).await.unwrap();
-        names.resolve("localhost", 80).await.unwrap();
+        names.resolve("localhost", 80, names.own()).await.unwrap();
+        names.resolve("localhost", 80, names.own()).await.unwrap();
         assert_eq!(names.lookups(), 1);
         tokio::time::sleep(ttl + Duration::from_millis(100)).await;
-        names.resolve("localhost", 80).await.unwrap();
+        names.resolve("localhost", 80, names.own()).await.unwrap();
         assert_eq!(names.lookups(), 2);
     }
 
@@ -365,11 +454,11 @@ mod tests {
         let names = NameCache::new(NAME_TTL, max);
         // IP literals resolve without the network and are kept like names.
         for i in 0..100 {
-            names.resolve(&format!("127.0.1.{i}"), 80).await.unwrap();
+            names.resolve(&format!("127.0.1.{i}"), 80, names.own()).await.unwrap();
             assert!(held(&names) <= max, "{} names held", held(&names));
         }
         assert_eq!(names.lookups(), 100);
-        names.resolve("127.0.1.99", 80).await.unwrap();
+        names.resolve("127.0.1.99", 80, names.own()).await.unwrap();
         assert_eq!(names.lookups(), 100, "the newest name is still held");
     }
 
@@ -378,13 +467,13 @@ mod tests {
         let ttl = Duration::from_millis(200);
         let names = NameCache::new(ttl, 4);
         for i in 0..3 {
-            names.resolve(&format!("127.0.2.{i}"), 80).await.unwrap();
+            names.resolve(&format!("127.0.2.{i}"), 80, names.own()).await.unwrap();
         }
         tokio::time::sleep(ttl + Duration::from_millis(100)).await;
-        names.resolve("127.0.2.3", 80).await.unwrap();
-        names.resolve("127.0.2.4", 80).await.unwrap(); // full: the three expired ones go
+        names.resolve("127.0.2.3", 80, names.own()).await.unwrap();
+        names.resolve("127.0.2.4", 80, names.own()).await.unwrap(); // full: the three expired ones go
         assert_eq!(held(&names), 2);
-        names.resolve("127.0.2.3", 80).await.unwrap();
+        names.resolve("127.0.2.3", 80, names.own()).await.unwrap();
         assert_eq!(names.lookups(), 5, "the live answer survived the eviction");
     }
 

@@ -7,7 +7,10 @@
 //! and `max_streams` outbound connections are held at once.
 //!
 //! [`HandshakeSlots`] shares `--max-handshakes` between source addresses, so that one
-//! address holding silent connections cannot lock every other client out.
+//! address holding silent connections cannot lock every other client out; after
+//! authentication, each user holds at most its share of the sessions and of the streams
+//! ([`Gate::user_share`]), so that one user at its share cannot refuse another user's
+//! session or stream.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -17,8 +20,13 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
+use super::users::UserCounters;
 use crate::session::BufferBudget;
 use crate::shutdown::{InFlight, InFlightGuard};
+
+/// The default shares split the server's budget this many ways at most: one user holds at
+/// most all of it alone, half with two users, a third with three, a quarter with more.
+pub const USER_SHARE_PARTS: usize = 4;
 
 /// Limits and shutdown behaviour; the binary's `--help` documents each.
 #[derive(Debug, Clone)]
@@ -29,8 +37,17 @@ pub struct ServerLimits {
     pub max_sessions: usize,
     /// Streams across all sessions at once; more are refused with a SYNACK error.
     pub max_streams: usize,
+    /// Sessions one user may have at once (`None`: its share, see [`Gate::user_share`]).
+    pub max_sessions_per_user: Option<usize>,
+    /// Streams one user may have at once, across its sessions (`None`: its share).
+    pub max_streams_per_user: Option<usize>,
     /// A stream with no data either way for this long is ended (`None`: never).
     pub stream_idle_timeout: Option<Duration>,
+    /// Once one direction of a stream has ended (FIN), the other is ended after this long
+    /// with no data (`None`: only the stream idle timeout applies).
+    pub half_close_timeout: Option<Duration>,
+    /// A session with no stream that received nothing for this long is closed.
+    pub idle_session_timeout: Option<Duration>,
     /// How long streams in flight may go on after a shutdown signal.
     pub drain_timeout: Duration,
     /// File descriptors shared by client connections (from accept on) and streams:
@@ -38,6 +55,8 @@ pub struct ServerLimits {
     pub descriptors: usize,
     /// Stream data received from clients and not yet written to its destination.
     pub buffers: BufferBudget,
+    /// One stream's data held in each direction (`SessionConfig::stream_buffer`).
+    pub stream_buffer: usize,
 }
 
 impl Default for ServerLimits {
@@ -45,9 +64,14 @@ impl Default for ServerLimits {
         ServerLimits {
             max_sessions: 4096,
             max_streams: 65536,
+            max_sessions_per_user: None,
+            max_streams_per_user: None,
             stream_idle_timeout: Some(Duration::from_secs(300)),
+            half_close_timeout: Some(Duration::from_secs(60)),
+            idle_session_timeout: Some(Duration::from_secs(300)),
             drain_timeout: Duration::from_secs(10),
             buffers: BufferBudget::default(),
+            stream_buffer: crate::session::DEFAULT_STREAM_BUFFER,
             descriptors: Semaphore::MAX_PERMITS,
         }
     }
@@ -65,11 +89,64 @@ pub struct Gate {
     closing: watch::Sender<bool>,
 }
 
-/// A stream's place under the caps; dropping it frees the place.
+/// A stream's place under the caps and in its user's share; dropping it frees the place.
 pub struct StreamTicket {
     _permit: OwnedSemaphorePermit,
     _descriptor: OwnedSemaphorePermit,
+    _held: Held,
     _in_flight: InFlightGuard,
+}
+
+/// A session's place under the cap and in its user's share.
+pub struct SessionPlace {
+    _permit: OwnedSemaphorePermit,
+    _held: Held,
+}
+
+/// What one user may hold at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserShare {
+    pub sessions: usize,
+    pub streams: usize,
+}
+
+/// One session or stream counted in its user's live count, until dropped.
+struct Held {
+    counters: Arc<UserCounters>,
+    kind: HeldKind,
+}
+
+#[derive(Clone, Copy)]
+enum HeldKind {
+    Session,
+    Stream,
+}
+
+impl HeldKind {
+    fn count(self, counters: &UserCounters) -> &std::sync::atomic::AtomicU64 {
+        match self {
+            HeldKind::Session => &counters.sessions,
+            HeldKind::Stream => &counters.open_streams,
+        }
+    }
+}
+
+impl Held {
+    /// Counts one more for the user, unless it already holds `share`.
+    fn take(counters: &Arc<UserCounters>, kind: HeldKind, share: usize) -> Option<Held> {
+        let count = kind.count(counters);
+        if count.fetch_add(1, Ordering::AcqRel) >= share as u64 {
+            count.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Held { counters: counters.clone(), kind })
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.kind.count(&self.counters).fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Gate {
@@ -102,15 +179,34 @@ impl Gate {
         )
     }
 
-    /// A place for a new authenticated session, or the reason there is none.
-    pub fn admit_session(&self) -> Result<OwnedSemaphorePermit, String> {
-        self.sessions.clone().try_acquire_owned().map_err(|_| {
-            format!("too many sessions on this server (limit {}, --max-sessions)", self.limits.max_sessions)
-        })
+    /// What one user may hold while `users` users are configured: the flags, or else the
+    /// server's sessions and streams (each within the descriptors) split
+    /// `min(users, USER_SHARE_PARTS)` ways.
+    pub fn user_share(&self, users: usize) -> UserShare {
+        let parts = users.clamp(1, USER_SHARE_PARTS);
+        let limits = &self.limits;
+        let split = |budget: usize| (budget.min(limits.descriptors) / parts).max(1);
+        UserShare {
+            sessions: limits.max_sessions_per_user.unwrap_or_else(|| split(limits.max_sessions)),
+            streams: limits.max_streams_per_user.unwrap_or_else(|| split(limits.max_streams)),
+        }
     }
 
-    /// A place for a new stream, or the reason (sent to the client as SYNACK error).
-    pub fn admit_stream(&self) -> Result<StreamTicket, String> {
+    /// A place for a new authenticated session of the user with `counters` (one of
+    /// `users`), or the reason there is none.
+    pub fn admit_session(&self, counters: &Arc<UserCounters>, users: usize) -> Result<SessionPlace, String> {
+        let permit = self.sessions.clone().try_acquire_owned().map_err(|_| {
+            format!("too many sessions on this server (limit {}, --max-sessions)", self.limits.max_sessions)
+        })?;
+        let share = self.user_share(users).sessions;
+        let held = Held::take(counters, HeldKind::Session, share)
+            .ok_or_else(|| format!("too many sessions for this user (limit {share}, --max-sessions-per-user)"))?;
+        Ok(SessionPlace { _permit: permit, _held: held })
+    }
+
+    /// A place for a new stream of the user with `counters` (one of `users`), or the
+    /// reason (sent to the client as SYNACK error).
+    pub fn admit_stream(&self, counters: &Arc<UserCounters>, users: usize) -> Result<StreamTicket, String> {
         if self.draining.load(Ordering::Acquire) {
             return Err("server is shutting down".into());
         }
@@ -118,7 +214,11 @@ impl Gate {
             format!("too many streams on this server (limit {}, --max-streams)", self.limits.max_streams)
         })?;
         let descriptor = self.descriptors.clone().try_acquire_owned().map_err(|_| self.out_of_descriptors())?;
-        Ok(StreamTicket { _permit: permit, _descriptor: descriptor, _in_flight: self.in_flight.start() })
+        // Within the server's caps, the user's share decides (a refusal gives both back).
+        let share = self.user_share(users).streams;
+        let held = Held::take(counters, HeldKind::Stream, share)
+            .ok_or_else(|| format!("too many streams for this user (limit {share}, --max-streams-per-user)"))?;
+        Ok(StreamTicket { _permit: permit, _descriptor: descriptor, _held: held, _in_flight: self.in_flight.start() })
     }
 
     /// Stops taking streams and waits for those in flight, at most the drain time;
@@ -311,28 +411,61 @@ mod tests {
         Gate::new(ServerLimits { max_sessions, max_streams, ..ServerLimits::default() })
     }
 
+    fn user() -> Arc<UserCounters> {
+        Arc::new(UserCounters::default())
+    }
+
     #[test]
     fn caps_hold_and_places_come_back_when_dropped() {
-        let gate = gate(1, 2);
-        let session = gate.admit_session().unwrap();
-        assert!(gate.admit_session().unwrap_err().contains("too many sessions"));
+        let (gate, alice) = (gate(1, 2), user());
+        let session = gate.admit_session(&alice, 1).unwrap();
+        assert!(gate.admit_session(&alice, 1).err().unwrap().contains("too many sessions"));
         drop(session);
-        assert!(gate.admit_session().is_ok());
-        let (a, _b) = (gate.admit_stream().unwrap(), gate.admit_stream().unwrap());
-        assert!(gate.admit_stream().err().unwrap().contains("too many streams on this server"));
+        assert!(gate.admit_session(&alice, 1).is_ok());
+        let (a, _b) = (gate.admit_stream(&alice, 1).unwrap(), gate.admit_stream(&alice, 1).unwrap());
+        assert!(gate.admit_stream(&alice, 1).err().unwrap().contains("too many streams on this server"));
         drop(a);
-        assert!(gate.admit_stream().is_ok());
+        assert!(gate.admit_stream(&alice, 1).is_ok());
     }
 
     #[test]
     fn connections_and_streams_share_the_descriptors() {
-        let gate = Gate::new(ServerLimits { descriptors: 3, ..ServerLimits::default() });
+        let (gate, alice) = (Gate::new(ServerLimits { descriptors: 3, ..ServerLimits::default() }), user());
         let connection = gate.admit_connection().unwrap();
-        let (stream, _other) = (gate.admit_stream().unwrap(), gate.admit_stream().unwrap());
+        let (stream, _other) = (gate.admit_stream(&alice, 1).unwrap(), gate.admit_stream(&alice, 1).unwrap());
         assert!(gate.admit_connection().unwrap_err().contains("all 3 descriptors"));
-        assert!(gate.admit_stream().err().unwrap().contains("all 3 descriptors"));
+        assert!(gate.admit_stream(&alice, 1).err().unwrap().contains("all 3 descriptors"));
         drop((connection, stream));
-        assert!(gate.admit_connection().is_ok() && gate.admit_stream().is_ok());
+        assert!(gate.admit_connection().is_ok() && gate.admit_stream(&alice, 1).is_ok());
+    }
+
+    #[test]
+    fn one_user_at_its_share_leaves_the_others_their_places() {
+        let gate =
+            Gate::new(ServerLimits { max_sessions: 8, max_streams: 100, descriptors: 40, ..ServerLimits::default() });
+        assert_eq!(gate.user_share(1), UserShare { sessions: 8, streams: 40 }, "alone: everything");
+        assert_eq!(gate.user_share(2), UserShare { sessions: 4, streams: 20 });
+        assert_eq!(gate.user_share(9), UserShare { sessions: 2, streams: 10 }, "never less than a quarter");
+        let (greedy, other) = (user(), user());
+        let held: Vec<_> = (0..20).map(|_| gate.admit_stream(&greedy, 2).unwrap()).collect();
+        assert!(gate.admit_stream(&greedy, 2).err().unwrap().contains("too many streams for this user (limit 20"));
+        assert_eq!(greedy.open_streams.load(Ordering::Relaxed), 20, "a refusal takes nothing");
+        let others: Vec<_> = (0..20).map(|_| gate.admit_stream(&other, 2).unwrap()).collect();
+        drop(held);
+        assert_eq!(greedy.open_streams.load(Ordering::Relaxed), 0);
+        drop(others);
+        let sessions: Vec<_> = (0..4).map(|_| gate.admit_session(&greedy, 2).unwrap()).collect();
+        assert!(gate.admit_session(&greedy, 2).err().unwrap().contains("too many sessions for this user"));
+        assert!(gate.admit_session(&other, 2).is_ok());
+        assert_eq!(greedy.sessions.load(Ordering::Relaxed), 4);
+        drop(sessions);
+    }
+
+    #[test]
+    fn the_share_flags_override_the_split() {
+        let limits =
+            ServerLimits { max_sessions_per_user: Some(3), max_streams_per_user: Some(7), ..ServerLimits::default() };
+        assert_eq!(Gate::new(limits).user_share(1), UserShare { sessions: 3, streams: 7 });
     }
 
     fn ip(text: &str) -> IpAddr {
@@ -423,14 +556,14 @@ mod tests {
 
     #[tokio::test]
     async fn draining_refuses_new_streams_and_waits_for_old_ones() {
-        let gate = Arc::new(gate(1, 8));
-        let ticket = gate.admit_stream().unwrap();
+        let (gate, alice) = (Arc::new(gate(1, 8)), user());
+        let ticket = gate.admit_stream(&alice, 1).unwrap();
         let drained = tokio::spawn({
             let gate = gate.clone();
             async move { gate.drain().await }
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(gate.admit_stream().err().unwrap(), "server is shutting down");
+        assert_eq!(gate.admit_stream(&alice, 1).err().unwrap(), "server is shutting down");
         assert!(!*gate.closing.borrow(), "sessions stay open while streams drain");
         drop(ticket);
         assert_eq!(drained.await.unwrap(), 0);

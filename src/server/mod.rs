@@ -32,7 +32,7 @@ use fallback::{Fallback, FirstData, ProbeSettings, TlsFront};
 use limits::{Gate, HandshakeRefusal, HandshakeSlot, HandshakeSlots, ServerLimits};
 use outbound::Dialer;
 use outbound_pool::{OutboundPool, OutboundSettings};
-use users::{CountedIo, SessionCount, User, UserEntry, Users};
+use users::{CountedIo, User, UserEntry, Users};
 
 /// Everything the server needs to run.
 pub struct ServerConfig {
@@ -54,6 +54,8 @@ pub struct ServerConfig {
     pub stats_interval: Duration,
     /// UDP-over-TCP streams.
     pub udp: udp::UdpSettings,
+    /// Keepalive and user timeout on client connections and outbound connections.
+    pub keepalive: crate::keepalive::Keepalive,
 }
 
 /// Accepts connections until the task is dropped, with the default [`ServerLimits`].
@@ -65,7 +67,10 @@ pub async fn run(listener: TcpListener, config: ServerConfig) {
 /// The outbound pool `config` asks for, for a caller that wants to watch it (`--api`)
 /// before handing it to [`run_until`].
 pub fn new_outbound_pool(config: &ServerConfig) -> OutboundPool {
-    OutboundPool::new(config.outbound.clone(), Dialer { connect_timeout: config.connect_timeout })
+    OutboundPool::new(
+        config.outbound.clone(),
+        Dialer { connect_timeout: config.connect_timeout, keepalive: config.keepalive },
+    )
 }
 
 /// Accepts connections until `shutdown` resolves, then stops accepting, lets streams
@@ -102,10 +107,20 @@ pub async fn run_with_users(
         padding: Arc::new(ArcSwap::from_pointee(config.padding.clone())),
         max_streams: config.max_streams_per_session,
         stream_idle_timeout: limits.stream_idle_timeout,
+        half_close_timeout: limits.half_close_timeout,
+        idle_session_timeout: limits.idle_session_timeout,
+        stream_buffer: limits.stream_buffer,
         buffers: limits.buffers.clone(),
         ..SessionConfig::default()
     };
     let gate = Arc::new(Gate::new(limits));
+    let share = gate.user_share(users.len());
+    log::info!(
+        "per user ({} users): at most {} sessions (--max-sessions-per-user), {} streams (--max-streams-per-user)",
+        users.len(),
+        share.sessions,
+        share.streams
+    );
     let slots = Arc::new(HandshakeSlots::new(config.max_handshakes, config.probe.max_handshakes_per_source));
     crate::api::handshakes::show_in_metrics();
     log_pool_configuration(&config);
@@ -147,12 +162,11 @@ pub async fn run_with_users(
             else {
                 return;
             };
-            let _session_place = match gate.admit_session() {
+            let _session_place = match gate.admit_session(&user.counters, users.len()) {
                 Ok(place) => place,
                 Err(why) => return refuse_session(tls, peer, &why).await,
             };
-            let _counted = SessionCount::new(user.counters.clone());
-            let handler = count_streams(&user, stream_handler(gate.clone(), pool, config.udp, peer.to_string()));
+            let handler = count_streams(&user, stream_handler(&gate, &user, &users, pool, config.udp, peer));
             let client_socket = tls.get_ref().0.as_raw_fd();
             let tls = CountedIo::new(tls, user.counters.clone());
             let session = Session::server(tls, session_config, leftover, handler);
@@ -192,11 +206,21 @@ pub async fn run_with_users(
     log::info!("shut down: sessions closed, {closed} warm outbound connections closed");
 }
 
-/// Each new stream gets a place under the server-wide caps, or a SYNACK error.
-fn stream_handler(gate: Arc<Gate>, pool: OutboundPool, udp: udp::UdpSettings, peer: String) -> StreamHandler {
-    Arc::new(move |mut stream: Stream| match gate.admit_stream() {
+/// Each new stream gets a place under the server-wide caps and in its user's share, or
+/// a SYNACK error.
+fn stream_handler(
+    gate: &Arc<Gate>,
+    user: &User,
+    users: &Arc<Users>,
+    pool: OutboundPool,
+    udp: udp::UdpSettings,
+    peer: SocketAddr,
+) -> StreamHandler {
+    let (gate, counters, users, peer) = (gate.clone(), user.counters.clone(), users.clone(), peer.to_string());
+    let lookups = outbound::LookupOwner::session_of(&user.lookups);
+    Arc::new(move |mut stream: Stream| match gate.admit_stream(&counters, users.len()) {
         Ok(ticket) => {
-            tokio::spawn(outbound::serve_stream(stream, pool.clone(), udp, peer.clone(), ticket));
+            tokio::spawn(outbound::serve_stream(stream, pool.clone(), udp, peer.clone(), ticket, lookups.clone()));
         }
         Err(why) => {
             log::warn!("{peer}: stream {} refused: {why}", stream.id());
@@ -296,6 +320,7 @@ async fn authenticate(
     slot: HandshakeSlot,
 ) -> Option<(TlsStream, BytesMut, Arc<User>)> {
     let _ = tcp.set_nodelay(true);
+    config.keepalive.apply(&tcp);
     let mut tls = match tokio::time::timeout_at(deadline, door.tls.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(err)) => {

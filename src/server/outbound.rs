@@ -5,7 +5,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
-pub use super::dial::{DialError, Dialer};
+pub use super::dial::{DialError, Dialer, LookupOwner};
 use super::limits::StreamTicket;
 use super::outbound_pool::OutboundPool;
 use super::udp::{UdpSettings, serve_udp};
@@ -50,13 +50,15 @@ fn no_destination_in_time() -> String {
 }
 
 /// Serves one stream to the end. `peer` names the client in logs; `_ticket` is the
-/// stream's place under the server's caps, given back when the stream ends.
+/// stream's place under the server's caps, given back when the stream ends; names it
+/// needs are `lookups`'s (its session's).
 pub async fn serve_stream(
     mut stream: Stream,
     pool: OutboundPool,
     udp: UdpSettings,
     peer: String,
     _ticket: StreamTicket,
+    lookups: LookupOwner,
 ) {
     let synack_deadline = tokio::time::Instant::now() + SYNACK_BUDGET;
     let destination = tokio::time::timeout_at(synack_deadline, read_destination(&mut stream)).await;
@@ -70,13 +72,14 @@ pub async fn serve_stream(
     };
     if is_udp_over_tcp(&destination) {
         // UDP over TCP has its own sockets; the outbound TCP pool is not involved.
-        return serve_udp(stream, early_payload, udp, peer, pool.names().clone()).await;
+        return serve_udp(stream, early_payload, udp, peer, pool.names().clone(), lookups).await;
     }
-    let Some(destination) = super::policy::admit(&mut stream, destination, &peer, pool.names()).await else {
+    let admitted = super::policy::admit(&mut stream, destination, &peer, pool.names(), &lookups).await;
+    let Some(destination) = admitted else {
         return;
     };
     // The pool never refuses: past its per-target limit it dials unpooled.
-    let dial = pool.acquire(&destination);
+    let dial = pool.acquire(&destination, &lookups);
     tokio::pin!(dial);
     let answered_early;
     let dialed = tokio::select! {
@@ -151,12 +154,14 @@ pub(crate) mod test_support {
             max_lifetime: Duration::from_secs(60),
             warm_after: Duration::ZERO,
         };
-        let pool = OutboundPool::new(settings, Dialer { connect_timeout });
+        let pool = OutboundPool::new(settings, Dialer { connect_timeout, keepalive: Default::default() });
         let gate = Arc::new(Gate::new(ServerLimits::default()));
         let server_pool = pool.clone();
+        let user = Arc::new(crate::server::users::UserCounters::default());
         let handler: StreamHandler = Arc::new(move |stream| {
-            let ticket = gate.admit_stream().expect("room for test streams");
-            tokio::spawn(serve_stream(stream, server_pool.clone(), udp, "test".into(), ticket));
+            let ticket = gate.admit_stream(&user, 1).expect("room for test streams");
+            let lookups = server_pool.names().own().clone();
+            tokio::spawn(serve_stream(stream, server_pool.clone(), udp, "test".into(), ticket, lookups));
         });
         let (a, b) = tokio::io::duplex(1 << 20);
         let server = Session::server(b, SessionConfig::default(), BytesMut::new(), handler);

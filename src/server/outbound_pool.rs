@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 
-use super::dial::{DialError, Dialer, NameCache};
+use super::dial::{DialError, Dialer, LookupOwner, NameCache};
 use crate::pool::{
     Idle, IdlePool, KeyCounters, KeyStats, PoolCounters, PoolKey, PoolSettings, PoolStatsSnapshot, PoolType,
     named_idle_by_key, new_pool, reserve_slot,
@@ -361,9 +361,9 @@ impl OutboundPool {
     }
 
     /// A connection to `address` for one stream: a live warm one if there is one, else
-    /// a new dial — pooled while the target is under its limit, unpooled beyond it.
-    /// Only the dial itself can fail.
-    pub async fn acquire(&self, address: &Address) -> Result<Outbound, DialError> {
+    /// a new dial — pooled while the target is under its limit, unpooled beyond it; a name
+    /// it must look up is one of `owner`'s lookups. Only the dial itself can fail.
+    pub async fn acquire(&self, address: &Address, owner: &LookupOwner) -> Result<Outbound, DialError> {
         let inner = &self.inner;
         let (target, mut found) = inner.idle.checkout(address, Instant::now());
         inner.size_warm_set(&target, found.is_some());
@@ -381,7 +381,7 @@ impl OutboundPool {
             found = inner.idle.take(address);
         }
         let pooled = reserve_slot(&target.managed, inner.settings.max_per_target as u64);
-        let tcp = match inner.dialer.connect_with(address, Some(&inner.names)).await {
+        let tcp = match inner.dialer.connect_with(address, Some((&inner.names, owner))).await {
             Ok(tcp) => tcp,
             Err(err) => {
                 if pooled {
@@ -575,7 +575,7 @@ impl Inner {
                 return;
             }
             let mut ticket = WarmTicket::new(target, &self.shared);
-            match self.dialer.connect_with(address, Some(&self.names)).await {
+            match self.dialer.connect_with(address, Some((&self.names, self.names.own()))).await {
                 Ok(tcp) => {
                     ticket.dialed = true;
                     self.shared.counters.record_warmed();
@@ -633,7 +633,10 @@ mod tests {
     }
 
     fn pool(settings: OutboundSettings) -> OutboundPool {
-        OutboundPool::new(settings, Dialer { connect_timeout: Duration::from_millis(500) })
+        OutboundPool::new(
+            settings,
+            Dialer { connect_timeout: Duration::from_millis(500), keepalive: Default::default() },
+        )
     }
 
     /// A target that accepts and keeps every connection, counting them.
@@ -665,15 +668,15 @@ mod tests {
         for engine in ENGINES {
             let (address, _held) = holding_target().await;
             let pool = pool(settings(engine, 10, 2));
-            let first = pool.acquire(&address).await.unwrap();
+            let first = pool.acquire(&address, pool.names().own()).await.unwrap();
             assert!(!first.reused);
             drop(first); // closed, never pooled
             tokio::time::sleep(Duration::from_millis(50)).await;
             assert_eq!(pool.idle_count(&address), 0, "{engine}: a target seen once is not warmed");
-            drop(pool.acquire(&address).await.unwrap());
+            drop(pool.acquire(&address, pool.names().own()).await.unwrap());
             for _ in 0..5 {
                 wait_until("warm connections", || pool.idle_count(&address) >= 1).await;
-                let outbound = pool.acquire(&address).await.unwrap();
+                let outbound = pool.acquire(&address, pool.names().own()).await.unwrap();
                 assert!(outbound.reused, "{engine}: served warm");
             }
             let stats = pool.stats();
@@ -699,16 +702,20 @@ mod tests {
             let pool = pool(lasting);
             // Two streams together, as a client fetching two things from one host at once:
             // no warm dial, which nobody would have taken.
-            let together = futures_util::future::join(pool.acquire(&address), pool.acquire(&address)).await;
+            let together = futures_util::future::join(
+                pool.acquire(&address, pool.names().own()),
+                pool.acquire(&address, pool.names().own()),
+            )
+            .await;
             drop(together);
             tokio::time::sleep(Duration::from_millis(100)).await;
             assert_eq!((pool.warmed(), pool.idle_count(&address)), (0, 0), "{engine}: a burst was warmed");
             // The target comes back after warm_after: now it is warmed, and the warm
             // connection serves the next stream.
             tokio::time::sleep(Duration::from_millis(250)).await;
-            drop(pool.acquire(&address).await.unwrap());
+            drop(pool.acquire(&address, pool.names().own()).await.unwrap());
             wait_until("a warm connection", || pool.idle_count(&address) == 1).await;
-            assert!(pool.acquire(&address).await.unwrap().reused, "{engine}");
+            assert!(pool.acquire(&address, pool.names().own()).await.unwrap().reused, "{engine}");
         }
     }
 
@@ -719,13 +726,13 @@ mod tests {
             let mut slow = settings(engine, 10, 2);
             slow.warm_after = Duration::from_secs(60);
             let pool = pool(slow);
-            drop(pool.acquire(&address).await.unwrap());
-            drop(pool.acquire(&address).await.unwrap());
+            drop(pool.acquire(&address, pool.names().own()).await.unwrap());
+            drop(pool.acquire(&address, pool.names().own()).await.unwrap());
             tokio::time::sleep(Duration::from_millis(50)).await;
             assert_eq!(pool.warmed(), 0, "{engine}: one return is not yet a sequence");
-            drop(pool.acquire(&address).await.unwrap());
+            drop(pool.acquire(&address, pool.names().own()).await.unwrap());
             wait_until("a warm connection", || pool.idle_count(&address) == 1).await;
-            assert!(pool.acquire(&address).await.unwrap().reused, "{engine}");
+            assert!(pool.acquire(&address, pool.names().own()).await.unwrap().reused, "{engine}");
         }
     }
 
@@ -736,12 +743,15 @@ mod tests {
             let mut short = settings(engine, 50, 4);
             short.max_idle_time = Duration::from_millis(300);
             let pool = pool(short);
-            drop(pool.acquire(&address).await.unwrap());
-            drop(pool.acquire(&address).await.unwrap());
+            drop(pool.acquire(&address, pool.names().own()).await.unwrap());
+            drop(pool.acquire(&address, pool.names().own()).await.unwrap());
             wait_until("one warm", || pool.idle_count(&address) == 1).await;
             // Eight at once: one is served warm, the others find none ready.
             let burst: Vec<_> =
-                futures_util::future::join_all((0..8).map(|_| pool.acquire(&address))).await.into_iter().collect();
+                futures_util::future::join_all((0..8).map(|_| pool.acquire(&address, pool.names().own())))
+                    .await
+                    .into_iter()
+                    .collect();
             drop(burst);
             wait_until("a bigger warm set", || pool.idle_count(&address) == 4).await;
             // Nobody comes: every warm connection expires unused and the set shrinks to none.
@@ -758,7 +768,7 @@ mod tests {
         for engine in ENGINES {
             let (address, held) = holding_target().await;
             let pool = pool(settings(engine, 2, 0));
-            let dials = (0..10).map(|_| pool.acquire(&address));
+            let dials = (0..10).map(|_| pool.acquire(&address, pool.names().own()));
             let streams: Vec<Outbound> =
                 futures_util::future::join_all(dials).await.into_iter().map(|r| r.expect("never refused")).collect();
             assert_eq!(streams.iter().filter(|s| s.pooled).count(), 2, "{engine}");
@@ -768,7 +778,7 @@ mod tests {
             drop(streams);
             assert_eq!(pool.stats().active, 0, "{engine}");
             // The places came back: the next stream is pooled again.
-            assert!(pool.acquire(&address).await.unwrap().pooled, "{engine}");
+            assert!(pool.acquire(&address, pool.names().own()).await.unwrap().pooled, "{engine}");
         }
     }
 
@@ -783,7 +793,7 @@ mod tests {
         drop(accepted); // the target closes it while idle
         tokio::time::sleep(Duration::from_millis(50)).await;
         let server = tokio::spawn(async move { listener.accept().await.unwrap() });
-        let outbound = pool.acquire(&address).await.unwrap();
+        let outbound = pool.acquire(&address, pool.names().own()).await.unwrap();
         assert!(!outbound.reused);
         assert_eq!((pool.stats().cleaned, pool.unused()), (1, 1));
         drop(server);
@@ -804,7 +814,7 @@ mod tests {
             drop(accepted);
             tokio::time::sleep(Duration::from_millis(50)).await;
             let server = tokio::spawn(async move { listener.accept().await.unwrap() });
-            let outbound = pool.acquire(&address).await.unwrap();
+            let outbound = pool.acquire(&address, pool.names().own()).await.unwrap();
             assert!(!outbound.reused, "{engine}: a closed connection was handed out");
             assert_eq!(pool.stats().cleaned, 1, "{engine}");
             drop(server);
@@ -821,7 +831,7 @@ mod tests {
         accepted.write_all(b"220 hello\r\n").await.unwrap();
         wait_until("warm connection", || pool.idle_count(&address) == 1).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let mut outbound = pool.acquire(&address).await.unwrap();
+        let mut outbound = pool.acquire(&address, pool.names().own()).await.unwrap();
         assert!(outbound.reused);
         let mut greeting = [0u8; 11];
         outbound.tcp.read_exact(&mut greeting).await.unwrap();
@@ -838,7 +848,7 @@ mod tests {
             let (address, held) = holding_target().await;
             // Six streams each: every target would like five warm connections.
             for _ in 0..6 {
-                drop(pool.acquire(&address).await.unwrap());
+                drop(pool.acquire(&address, pool.names().own()).await.unwrap());
                 assert!(pool.warm_now() <= 3, "warm connections (idle or dialing) over the cap");
             }
             targets.push((address, held));
@@ -880,7 +890,7 @@ mod tests {
             let mut targets = Vec::new();
             for _ in 0..40 {
                 let (address, held) = holding_target().await;
-                drop(pool.acquire(&address).await.unwrap());
+                drop(pool.acquire(&address, pool.names().own()).await.unwrap());
                 targets.push((address, held));
             }
             tokio::time::sleep(Duration::from_millis(150)).await;
@@ -901,7 +911,7 @@ mod tests {
         for _ in 0..5 {
             // localhost may resolve to ::1 first, where nothing listens; the lookup is
             // what is counted here.
-            let _ = pool.acquire(&by_name).await;
+            let _ = pool.acquire(&by_name, pool.names().own()).await;
         }
         assert_eq!(pool.lookups(), 1);
     }
@@ -912,7 +922,7 @@ mod tests {
         let address = Address::socket(listener.local_addr().unwrap());
         drop(listener);
         let pool = pool(settings(PoolType::Lock, 10, 2));
-        let err = pool.acquire(&address).await.err().unwrap();
+        let err = pool.acquire(&address, pool.names().own()).await.err().unwrap();
         assert!(err.to_string().contains("connection refused"), "{err}");
         assert_eq!(pool.stats().active, 0);
     }

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use super::dial::NameCache;
+use super::dial::{LookupOwner, NameCache};
 use crate::proto::Address;
 use crate::proto::address::Host;
 use crate::session::Stream;
@@ -175,6 +175,7 @@ impl Policy {
         &self,
         destination: Address,
         names: &NameCache,
+        lookups: &LookupOwner,
     ) -> Result<Address, (Refusal, String)> {
         let port = destination.port;
         let name = match &destination.host {
@@ -187,7 +188,7 @@ impl Policy {
         if !self.needs_addresses(port) {
             return Ok(destination);
         }
-        let lookup = names.resolve(name, port);
+        let lookup = names.resolve(name, port, lookups);
         // A name that does not resolve is left to the dial, which reports it as usual.
         let Ok(Ok(found)) = tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await else { return Ok(destination) };
         for address in &found {
@@ -315,12 +316,18 @@ fn count(reason: Refusal) {
 
 /// The TCP stream hook: the destination to dial (see [`Policy::check_destination`]), or
 /// None when the stream has been refused with a SYNACK error naming the policy.
-pub async fn admit(stream: &mut Stream, destination: Address, peer: &str, names: &NameCache) -> Option<Address> {
+pub async fn admit(
+    stream: &mut Stream,
+    destination: Address,
+    peer: &str,
+    names: &NameCache,
+    lookups: &LookupOwner,
+) -> Option<Address> {
     let policy = current();
     if policy.is_empty() {
         return Some(destination);
     }
-    match policy.check_destination(destination, names).await {
+    match policy.check_destination(destination, names, lookups).await {
         Ok(destination) => Some(destination),
         Err((reason, why)) => {
             count(reason);
@@ -458,17 +465,17 @@ mod tests {
         let policy = Policy { own: vec!["127.0.0.1:9090".parse().unwrap()], ..Policy::default() };
         let names = NameCache::default();
         for name in ["localhost", "2130706433", "0x7f000001", "::ffff:127.0.0.1"] {
-            let refused = policy.check_destination(Address::domain(name, 9090), &names).await;
+            let refused = policy.check_destination(Address::domain(name, 9090), &names, names.own()).await;
             assert!(matches!(refused, Err((Refusal::Own, _))), "{name}: {refused:?}");
         }
         // Other ports: names are dialed as names, numeric ones as the address they spell.
         let localhost = Address::domain("localhost", 9091);
-        assert_eq!(policy.check_destination(localhost.clone(), &names).await, Ok(localhost));
-        let numeric = policy.check_destination(Address::domain("0x7f000001", 9091), &names).await;
+        assert_eq!(policy.check_destination(localhost.clone(), &names, names.own()).await, Ok(localhost));
+        let numeric = policy.check_destination(Address::domain("0x7f000001", 9091), &names, names.own()).await;
         assert_eq!(numeric, Ok(Address::socket("127.0.0.1:9091".parse().unwrap())));
         let deny = Policy { deny: vec![Cidr::parse("127.0.0.0/8").unwrap()], ..Policy::default() };
         assert!(matches!(
-            deny.check_destination(Address::domain("localhost", 1), &names).await,
+            deny.check_destination(Address::domain("localhost", 1), &names, names.own()).await,
             Err((Refusal::Deny, _))
         ));
     }
@@ -477,7 +484,7 @@ mod tests {
     async fn with_deny_rules_a_name_is_dialed_at_the_address_that_was_checked() {
         let deny = Policy { deny: vec![Cidr::parse("192.0.2.0/24").unwrap()], ..Policy::default() };
         let names = NameCache::default();
-        let pinned = deny.check_destination(Address::domain("localhost", 80), &names).await.unwrap();
+        let pinned = deny.check_destination(Address::domain("localhost", 80), &names, names.own()).await.unwrap();
         assert!(matches!(pinned.host, Host::Ip(ip) if ip.is_loopback()), "{pinned:?}");
         assert_eq!(pinned.port, 80);
     }
@@ -486,11 +493,11 @@ mod tests {
     async fn checks_resolve_through_the_shared_cache_once_per_name() {
         let deny = Policy { deny: vec![Cidr::parse("192.0.2.0/24").unwrap()], ..Policy::default() };
         let names = NameCache::default();
-        let checks = (0..50).map(|_| deny.check_destination(Address::domain("localhost", 80), &names));
+        let checks = (0..50).map(|_| deny.check_destination(Address::domain("localhost", 80), &names, names.own()));
         for checked in futures_util::future::join_all(checks).await {
             assert!(matches!(checked, Ok(Address { host: Host::Ip(ip), .. }) if ip.is_loopback()), "{checked:?}");
         }
-        deny.check_destination(Address::domain("localhost", 443), &names).await.unwrap();
+        deny.check_destination(Address::domain("localhost", 443), &names, names.own()).await.unwrap();
         assert_eq!(names.lookups(), 1, "50 concurrent checks and one later, one lookup");
     }
 }

@@ -2,7 +2,11 @@
 //!
 //! The stream's request is read before SYNACK, as reference clients send it without
 //! waiting (answering first would deadlock them); a malformed request is refused in the
-//! SYNACK. Each stream gets its own UDP socket, so replies reach exactly the stream that
+//! SYNACK. The reference client may also send the request only with the first datagram
+//! (sing's lazy UDP-over-TCP connection), seconds later: a request not there within the
+//! SYNACK budget is answered "ok" (reference clients drop a session whose SYN goes
+//! unanswered for 3 s) and still waited for, up to the UDP idle timeout; if it then
+//! turns out bad, the stream ends with FIN. Each stream gets its own UDP socket, so replies reach exactly the stream that
 //! asked and one client cannot see another's datagrams. A v4 socket is bound at once; a
 //! v6 one only when a packet is for an IPv6 peer (hosts without IPv6 still serve v4).
 //! The stream ends on FIN, on a malformed packet, or after an idle time with no
@@ -25,7 +29,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::dial::NameCache;
+use super::dial::{LookupOwner, NameCache};
 use crate::proto::Address;
 use crate::proto::address::Host;
 use crate::proto::udp::{Framing, MAX_PAYLOAD, Request, decode_packet, packet_bytes};
@@ -56,36 +60,59 @@ impl Default for UdpSettings {
 }
 
 /// Serves one UoT stream to the end. `early` holds bytes that followed the stream's
-/// destination (normally the request itself).
-/// Names are resolved through `names`, the server's shared cache.
+/// destination (normally the request itself). Names are resolved through `names`, the
+/// server's shared cache, as `lookups`'s.
 pub async fn serve_udp(
-    mut stream: Stream,
+    stream: Stream,
     early: BytesMut,
     settings: UdpSettings,
     peer: String,
     names: Arc<NameCache>,
+    lookups: LookupOwner,
 ) {
     let id = stream.id();
-    let setup = tokio::time::timeout(SETUP_BUDGET, set_up(&mut stream, early, names)).await;
-    let (mut outbound, buf) = match setup {
-        Ok(Ok(ready)) => ready,
-        Ok(Err(why)) => {
-            log::warn!("{peer}: stream {id}: {why}");
-            let _ = stream.send_synack(Err(why)).await;
-            return;
-        }
-        Err(_) => {
-            let why = "UDP request not received in time".to_string();
-            log::warn!("{peer}: stream {id}: {why}");
-            let _ = stream.send_synack(Err(why)).await;
-            return;
+    let (mut reader, mut writer) = stream.split();
+    // The setup borrows the reader only until it is done.
+    let (mut outbound, buf) = {
+        let setup = set_up(&mut reader, early, names, lookups);
+        tokio::pin!(setup);
+        let in_budget = tokio::select! {
+            ready = &mut setup => Some(ready),
+            () = tokio::time::sleep(SETUP_BUDGET) => None,
+        };
+        match in_budget {
+            Some(Ok(ready)) => {
+                if writer.send_synack(Ok(())).await.is_err() {
+                    return;
+                }
+                ready
+            }
+            Some(Err(why)) => {
+                log::warn!("{peer}: stream {id}: {why}");
+                let _ = writer.send_synack(Err(why)).await;
+                return;
+            }
+            None => {
+                // Keep the client's session: say yes now, and go on waiting for the request.
+                if writer.send_synack(Ok(())).await.is_err() {
+                    return;
+                }
+                log::debug!("{peer}: stream {id}: no UDP request within {SETUP_BUDGET:?}: answered, still waiting");
+                match tokio::time::timeout(settings.idle_timeout, &mut setup).await {
+                    Ok(Ok(ready)) => ready,
+                    Ok(Err(why)) => {
+                        log::warn!("{peer}: stream {id}: {why}");
+                        return; // dropping the writer sends FIN
+                    }
+                    Err(_) => {
+                        log::warn!("{peer}: stream {id}: UDP request not received within {:?}", settings.idle_timeout);
+                        return;
+                    }
+                }
+            }
         }
     };
-    if stream.send_synack(Ok(())).await.is_err() {
-        return;
-    }
     log::debug!("{peer}: stream {id}: UDP ({}) open", outbound.describe());
-    let (mut reader, mut writer) = stream.split();
     let mut queue = outbound.queue.take().expect("queue taken once");
     let activity = outbound.idle.clone();
     let why = tokio::select! {
@@ -103,7 +130,12 @@ pub async fn serve_udp(
 
 /// Reads the request (it may be split over frames or share them with packets) and
 /// prepares the sockets; returns them with the bytes after the request.
-async fn set_up(stream: &mut Stream, mut buf: BytesMut, names: Arc<NameCache>) -> Result<(Outbound, BytesMut), String> {
+async fn set_up(
+    stream: &mut StreamReader,
+    mut buf: BytesMut,
+    names: Arc<NameCache>,
+    lookups: LookupOwner,
+) -> Result<(Outbound, BytesMut), String> {
     let request = loop {
         match Request::decode(&buf) {
             Ok(Some((request, used))) => {
@@ -120,7 +152,7 @@ async fn set_up(stream: &mut Stream, mut buf: BytesMut, names: Arc<NameCache>) -
             Err(err) => return Err(err.to_string()),
         }
     };
-    let outbound = Outbound::open(request, names).await?;
+    let outbound = Outbound::open(request, names, lookups).await?;
     Ok((outbound, buf))
 }
 
@@ -203,13 +235,14 @@ struct Outbound {
     /// life (a peer does not move mid-conversation); misses go to the shared `names`.
     resolved: HashMap<String, IpAddr>,
     names: Arc<NameCache>,
+    lookups: LookupOwner,
     idle: Arc<Activity>,
     up: u64,
 }
 
 impl Outbound {
     /// Binds the socket the stream needs first, so a failure can still be refused.
-    async fn open(request: Request, names: Arc<NameCache>) -> Result<Outbound, String> {
+    async fn open(request: Request, names: Arc<NameCache>, lookups: LookupOwner) -> Result<Outbound, String> {
         let (replies, queue) = mpsc::channel(PACKET_QUEUE);
         let mut outbound = Outbound {
             framing: request.framing,
@@ -221,6 +254,7 @@ impl Outbound {
             queue: Some(queue),
             resolved: HashMap::new(),
             names,
+            lookups,
             idle: Arc::new(Activity::new()),
             up: 0,
         };
@@ -288,7 +322,7 @@ impl Outbound {
         if let Some(ip) = self.resolved.get(name) {
             return Ok(*ip);
         }
-        let lookup = self.names.resolve(name, address.port);
+        let lookup = self.names.resolve(name, address.port, &self.lookups);
         let found: Vec<SocketAddr> = tokio::time::timeout(RESOLVE_TIMEOUT, lookup)
             .await
             .map_err(|_| format!("resolve {name}: timed out"))?

@@ -48,8 +48,12 @@ impl UserEntry {
 /// What one user did; shared by all its sessions, kept across reloads.
 #[derive(Debug, Default)]
 pub struct UserCounters {
+    /// Sessions open now (counted by the session's place, `limits::SessionPlace`).
     pub sessions: AtomicU64,
+    /// Streams opened so far.
     pub streams: AtomicU64,
+    /// Streams open now: from their SYN until their relay has ended.
+    pub open_streams: AtomicU64,
     /// Bytes of the user's sessions, client to server (frames, as received after TLS).
     pub bytes_up: AtomicU64,
     /// Bytes of the user's sessions, server to client.
@@ -62,6 +66,8 @@ pub struct User {
     pub name: String,
     hash: PasswordHash,
     pub counters: Arc<UserCounters>,
+    /// The user's bound on name lookups in flight, shared by its sessions.
+    pub lookups: Arc<tokio::sync::Semaphore>,
     revoked: watch::Sender<bool>,
 }
 
@@ -134,6 +140,7 @@ impl Users {
                     summary.added.push(entry.name.clone());
                     Arc::new(User {
                         counters: self.counters_of(&entry.name),
+                        lookups: super::dial::LookupOwner::user_bound(),
                         name: entry.name,
                         hash: entry.hash.clone(),
                         revoked: watch::Sender::new(false),
@@ -226,22 +233,6 @@ fn check_entries(entries: &[UserEntry]) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-/// A session's counters while it lives: counted in on creation, out on drop.
-pub struct SessionCount(Arc<UserCounters>);
-
-impl SessionCount {
-    pub fn new(counters: Arc<UserCounters>) -> SessionCount {
-        counters.sessions.fetch_add(1, Ordering::Relaxed);
-        SessionCount(counters)
-    }
-}
-
-impl Drop for SessionCount {
-    fn drop(&mut self) {
-        self.0.sessions.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// A session's connection, counting its bytes into its user's counters as they pass

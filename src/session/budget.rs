@@ -12,6 +12,12 @@
 //!
 //! So buffered stream data is bounded by `global + sessions × reserve`, and a session
 //! never holds more than `per_session`.
+//!
+//! Each stream is held to its own bound as well ([`DEFAULT_STREAM_BUFFER`]), charged
+//! first: one stalled stream stops its session's reader at a few frames, not at the
+//! session's whole share. The same bound caps what a stream may hand the session's
+//! writer (its send window, in `stream.rs`), so both directions of both binaries read a
+//! socket only while the stream's queue is under it.
 
 use std::sync::Arc;
 
@@ -30,6 +36,10 @@ pub struct BufferBudget {
 pub const DEFAULT_PER_SESSION: usize = 4 << 20;
 /// Four full frames per session never wait on the global budget.
 pub const DEFAULT_RESERVE: usize = 256 << 10;
+/// Per stream and direction: two full frames, one being written out while the next
+/// arrives (measured in docs/hardening.md: a bulk stream as fast as with 4 MiB, and a
+/// thousand stalled uploads within 100 MiB on each side).
+pub const DEFAULT_STREAM_BUFFER: usize = 128 << 10;
 
 impl BufferBudget {
     /// `global_bytes` across all sessions, `per_session` for one; the reserve is the
@@ -58,8 +68,13 @@ impl BufferBudget {
         self.per_session
     }
 
-    pub(super) fn for_session(&self) -> SessionBudget {
-        SessionBudget { budget: self.clone(), session: Arc::new(Semaphore::new(self.per_session)) }
+    /// A session's share; each of its streams may hold at most `stream_bound` bytes.
+    pub(super) fn for_session(&self, stream_bound: usize) -> SessionBudget {
+        SessionBudget {
+            budget: self.clone(),
+            session: Arc::new(Semaphore::new(self.per_session)),
+            stream_bound: stream_bound.clamp(1, u32::MAX as usize),
+        }
     }
 }
 
@@ -73,18 +88,23 @@ impl Default for BufferBudget {
 pub(super) struct SessionBudget {
     budget: BufferBudget,
     session: Arc<Semaphore>,
+    /// Each stream's semaphore holds this many permits (`SessionConfig::stream_buffer`).
+    stream_bound: usize,
 }
 
 /// Bytes charged for one queued chunk, returned when dropped.
 #[derive(Debug)]
 pub(super) struct Charge {
+    _stream: OwnedSemaphorePermit,
     _session: OwnedSemaphorePermit,
     _global: Option<OwnedSemaphorePermit>,
 }
 
 impl SessionBudget {
-    /// Charges `len` bytes at once if they fit, without waiting.
-    pub(super) fn try_charge(&self, len: usize) -> Option<Charge> {
+    /// Charges `len` bytes to `stream` (its bound) and this session at once if they fit,
+    /// without waiting.
+    pub(super) fn try_charge(&self, len: usize, stream: &Arc<Semaphore>) -> Option<Charge> {
+        let in_stream = stream.clone().try_acquire_many_owned(self.stream_chargeable(len)).ok()?;
         let len = self.chargeable(len);
         let session = self.session.clone().try_acquire_many_owned(len).ok()?;
         let global = if self.within_reserve() {
@@ -92,12 +112,14 @@ impl SessionBudget {
         } else {
             Some(self.budget.global.clone().try_acquire_many_owned(len).ok()?)
         };
-        Some(Charge { _session: session, _global: global })
+        Some(Charge { _stream: in_stream, _session: session, _global: global })
     }
 
     /// Charges `len` bytes, waiting until they fit (cancel-safe: nothing is held
     /// if the future is dropped).
-    pub(super) async fn charge(&self, len: usize) -> Charge {
+    pub(super) async fn charge(&self, len: usize, stream: &Arc<Semaphore>) -> Charge {
+        let in_stream =
+            stream.clone().acquire_many_owned(self.stream_chargeable(len)).await.expect("the bound is never closed");
         let len = self.chargeable(len);
         let session = self.session.clone().acquire_many_owned(len).await.expect("the budget is never closed");
         let global = if self.within_reserve() {
@@ -105,7 +127,12 @@ impl SessionBudget {
         } else {
             Some(self.budget.global.clone().acquire_many_owned(len).await.expect("the budget is never closed"))
         };
-        Charge { _session: session, _global: global }
+        Charge { _stream: in_stream, _session: session, _global: global }
+    }
+
+    /// A chunk larger than the stream's whole bound goes through alone.
+    fn stream_chargeable(&self, len: usize) -> u32 {
+        len.clamp(1, self.stream_bound) as u32
     }
 
     /// A chunk larger than the whole share still goes through, alone.
@@ -132,27 +159,33 @@ mod tests {
     use super::*;
 
     const KIB: usize = 1024;
+    /// A stream bound that never binds, for the session-level cases.
+    const BIG: usize = 1 << 30;
+
+    fn roomy() -> Arc<Semaphore> {
+        Arc::new(Semaphore::new(BIG))
+    }
 
     #[test]
     fn a_session_is_held_to_its_share() {
         let budget = BufferBudget::new(1 << 30, 128 * KIB);
-        let session = budget.for_session();
-        let first = session.try_charge(64 * KIB).unwrap();
-        let _second = session.try_charge(64 * KIB).unwrap();
-        assert!(session.try_charge(1).is_none(), "the share is full");
+        let session = budget.for_session(BIG);
+        let first = session.try_charge(64 * KIB, &roomy()).unwrap();
+        let _second = session.try_charge(64 * KIB, &roomy()).unwrap();
+        assert!(session.try_charge(1, &roomy()).is_none(), "the share is full");
         drop(first);
-        assert!(session.try_charge(64 * KIB).is_some(), "a consumed chunk frees its bytes");
+        assert!(session.try_charge(64 * KIB, &roomy()).is_some(), "a consumed chunk frees its bytes");
     }
 
     #[test]
     fn within_the_reserve_nothing_is_charged_globally() {
         let budget = BufferBudget::new(64 * KIB, 4 << 20);
-        let session = budget.for_session();
-        let held: Vec<_> = (0..4).map(|_| session.try_charge(64 * KIB).unwrap()).collect();
+        let session = budget.for_session(BIG);
+        let held: Vec<_> = (0..4).map(|_| session.try_charge(64 * KIB, &roomy()).unwrap()).collect();
         assert_eq!((budget.global_in_use(), session.in_use()), (0, 256 * KIB));
-        let beyond = session.try_charge(64 * KIB).unwrap();
+        let beyond = session.try_charge(64 * KIB, &roomy()).unwrap();
         assert_eq!(budget.global_in_use(), 64 * KIB);
-        assert!(session.try_charge(1).is_none(), "the global budget is full");
+        assert!(session.try_charge(1, &roomy()).is_none(), "the global budget is full");
         drop((held, beyond));
         assert_eq!((budget.global_in_use(), session.in_use()), (0, 0));
     }
@@ -160,27 +193,43 @@ mod tests {
     #[tokio::test]
     async fn a_full_global_budget_stalls_the_greedy_session_not_a_small_one() {
         let budget = BufferBudget::new(512 * KIB, 4 << 20);
-        let greedy = budget.for_session();
+        let greedy = budget.for_session(BIG);
         let mut held = Vec::new();
-        while let Some(charge) = greedy.try_charge(64 * KIB) {
+        while let Some(charge) = greedy.try_charge(64 * KIB, &roomy()) {
             held.push(charge);
         }
         assert_eq!(greedy.in_use(), 768 * KIB, "its reserve plus the whole global budget");
-        let waiting = tokio::time::timeout(Duration::from_millis(100), greedy.charge(64 * KIB)).await;
+        let waiting = tokio::time::timeout(Duration::from_millis(100), greedy.charge(64 * KIB, &roomy())).await;
         assert!(waiting.is_err(), "the greedy session waits");
-        let small = budget.for_session();
-        let _fits = small.try_charge(64 * KIB).expect("another session still gets its reserve");
+        let small = budget.for_session(BIG);
+        let _fits = small.try_charge(64 * KIB, &roomy()).expect("another session still gets its reserve");
         held.pop();
-        let freed = tokio::time::timeout(Duration::from_secs(1), greedy.charge(64 * KIB)).await;
+        let freed = tokio::time::timeout(Duration::from_secs(1), greedy.charge(64 * KIB, &roomy())).await;
         assert!(freed.is_ok(), "a consumed chunk lets the greedy session go on");
     }
 
     #[test]
     fn an_oversized_chunk_goes_through_alone() {
         let budget = BufferBudget::new(1 << 30, 16 * KIB);
-        let session = budget.for_session();
-        let charge = session.try_charge(64 * KIB).expect("clamped to the whole share");
-        assert!(session.try_charge(1).is_none());
+        let session = budget.for_session(BIG);
+        let charge = session.try_charge(64 * KIB, &roomy()).expect("clamped to the whole share");
+        assert!(session.try_charge(1, &roomy()).is_none());
         drop(charge);
+    }
+
+    #[tokio::test]
+    async fn one_stream_is_held_to_its_bound_and_its_neighbours_are_not() {
+        let budget = BufferBudget::new(1 << 30, 4 << 20);
+        let session = budget.for_session(128 * KIB);
+        let (stalled, other) = (Arc::new(Semaphore::new(128 * KIB)), Arc::new(Semaphore::new(128 * KIB)));
+        let held: Vec<_> = (0..2).map(|_| session.try_charge(64 * KIB, &stalled).unwrap()).collect();
+        assert!(session.try_charge(1, &stalled).is_none(), "the stream's bound is full");
+        let waiting = tokio::time::timeout(Duration::from_millis(50), session.charge(1, &stalled)).await;
+        assert!(waiting.is_err(), "its next chunk waits");
+        assert!(session.try_charge(64 * KIB, &other).is_some(), "another stream of the session still fits");
+        drop(held);
+        assert!(session.try_charge(128 * KIB, &stalled).is_some(), "consumed chunks free the stream's bytes");
+        let big = Arc::new(Semaphore::new(128 * KIB));
+        assert!(session.try_charge(1 << 20, &big).is_some(), "a chunk over the bound goes through alone");
     }
 }

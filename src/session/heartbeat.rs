@@ -1,4 +1,5 @@
-//! Client heartbeats: noticing a connection that went silent without closing.
+//! Liveness: client heartbeats notice a connection that went silent without closing,
+//! and the server reaps sessions left idle ([`reap_when_idle`]).
 //!
 //! A TLS connection can vanish without a FIN (a NAT entry expires, a middlebox drops
 //! the flow, the server's host loses power). TCP then tells nobody until its own
@@ -69,7 +70,7 @@ pub(super) async fn run(weak: Weak<Shared>, interval: Duration) {
             return;
         }
         let quiet_for = shared.last_received.at().elapsed();
-        let busy = !shared.streams.lock().expect("streams lock").is_empty();
+        let busy = shared.live_streams.load(std::sync::atomic::Ordering::Acquire) > 0;
         if !busy || *shared.peer_version.borrow() < 2 || quiet_for < interval {
             continue;
         }
@@ -85,6 +86,36 @@ pub(super) async fn run(weak: Weak<Shared>, interval: Duration) {
         if shared.last_received.reads() == reads_before {
             log::warn!("server silent for {:?} and no answer to a heartbeat: session closed", interval + timeout);
             shared.close(&format!("no answer to a heartbeat within {timeout:?} (connection silently dropped?)"));
+            return;
+        }
+    }
+}
+
+/// Server: closes the session once it has had no stream alive and received nothing for
+/// `timeout`. Without it a client that vanished (its link cut, no FIN, no RST) or that
+/// keeps a connection doing nothing holds a descriptor and a session place until TCP
+/// keepalive notices, if it is on at all. Checked a few times per timeout; holds no
+/// strong reference between checks.
+pub(super) async fn reap_when_idle(weak: Weak<Shared>, timeout: Duration) {
+    let period = (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(15));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Idle since when: the later of the last bytes received and the last stream seen.
+    let mut last_busy = tokio::time::Instant::now();
+    loop {
+        tick.tick().await;
+        let Some(shared) = weak.upgrade() else { return };
+        if shared.close_reason().is_some() {
+            return;
+        }
+        if shared.live_streams.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            last_busy = tokio::time::Instant::now();
+            continue;
+        }
+        let idle_since = last_busy.max(shared.last_received.at());
+        if idle_since.elapsed() >= timeout {
+            log::debug!("no stream and nothing received for {timeout:?}: idle session closed");
+            shared.close(&format!("idle: no stream and nothing received for {timeout:?}"));
             return;
         }
     }

@@ -17,19 +17,19 @@ mod stream;
 mod writer;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use crate::proto::frame::Command;
 use crate::proto::{Frame, PaddingScheme, Settings};
 
-pub use budget::BufferBudget;
+pub use budget::{BufferBudget, DEFAULT_STREAM_BUFFER};
 pub use relay::{RelayStats, relay};
 pub use stream::{OpenError, Stream, StreamReader, StreamWriter};
 
@@ -67,8 +67,18 @@ pub struct SessionConfig {
     pub client_name: String,
     /// Data chunks queued per stream before the reader waits (backpressure).
     pub stream_queue: usize,
-    /// Server: streams a session may have open at once; SYNs beyond it are refused.
+    /// Bytes of one stream's data held in each direction: received and not yet taken by
+    /// its consumer, or given to the writer and not yet written out. Past it the stream's
+    /// sender waits, so a relay stops reading its socket (see `budget.rs`).
+    pub stream_buffer: usize,
+    /// Server: streams a session may have open at once; SYNs beyond it are refused. A
+    /// stream counts from its SYN until its relay has ended, whatever frames arrive.
     pub max_streams: usize,
+    /// Server: a session with no open stream that received nothing for this long is
+    /// closed (`None`: never). Clients send heartbeats only while streams are open, and
+    /// close their own idle sessions long before this; what it reaps are sessions whose
+    /// client vanished or keeps a connection open doing nothing.
+    pub idle_session_timeout: Option<Duration>,
     /// Client: how long a stream on a session of unknown version waits for the
     /// server's SYNACK before assuming a v1 server (which never sends one).
     pub v1_grace: Duration,
@@ -76,6 +86,9 @@ pub struct SessionConfig {
     pub open_timeout: Duration,
     /// A relayed stream with no data either way for this long is ended (`None`: never).
     pub stream_idle_timeout: Option<Duration>,
+    /// Once one direction of a relayed stream has ended, it is ended after this long
+    /// with no data (`None`: only `stream_idle_timeout`).
+    pub half_close_timeout: Option<Duration>,
     /// Client: a session with open streams that received nothing for this long sends a
     /// heartbeat (v2 servers only; `None`: never). See `heartbeat.rs`.
     pub heartbeat_interval: Option<Duration>,
@@ -91,10 +104,13 @@ impl Default for SessionConfig {
             padding: Arc::new(ArcSwap::from_pointee(PaddingScheme::default())),
             client_name: format!("anytls-rs/{}", env!("CARGO_PKG_VERSION")),
             stream_queue: 8,
+            stream_buffer: DEFAULT_STREAM_BUFFER,
             max_streams: 1024,
+            idle_session_timeout: None,
             v1_grace: Duration::from_secs(2),
             open_timeout: Duration::from_secs(10),
             stream_idle_timeout: None,
+            half_close_timeout: None,
             heartbeat_interval: None,
             heartbeat_timeout: Duration::from_secs(10),
             buffers: BufferBudget::default(),
@@ -110,6 +126,8 @@ pub struct SessionClosed(pub Arc<str>);
 #[derive(Debug)]
 enum Outgoing {
     Frame(Frame),
+    /// A stream's data, holding its share of the stream's send window until written out.
+    Data(Frame, OwnedSemaphorePermit),
     /// Already-encoded frames that must go out in one write (the client's first
     /// Settings + SYN + destination).
     Raw(Bytes),
@@ -129,7 +147,11 @@ struct Shared {
     config: SessionConfig,
     data_tx: mpsc::Sender<Outgoing>,
     control_tx: mpsc::Sender<Outgoing>,
-    streams: Mutex<HashMap<u32, mpsc::Sender<StreamEvent>>>,
+    /// Streams that can still receive: FIN or a close removes them.
+    streams: Mutex<HashMap<u32, Inbox>>,
+    /// Streams alive (see [`StreamSlot`]): the per-session cap counts these, not
+    /// `streams`, so a FIN cannot free a place whose dial or relay is still going.
+    live_streams: AtomicUsize,
     next_stream_id: AtomicU32,
     /// The peer's protocol version: 0 until known.
     peer_version: watch::Sender<u8>,
@@ -203,6 +225,33 @@ impl Shared {
     fn remove_stream(&self, id: u32) {
         self.streams.lock().expect("streams lock").remove(&id);
     }
+
+    /// Registers a new stream `id` able to receive, and the slot that counts it alive.
+    fn new_stream(self: &Arc<Self>, id: u32) -> Stream {
+        let (events_tx, events_rx) = mpsc::channel(self.config.stream_queue);
+        let received = Arc::new(Semaphore::new(self.config.stream_buffer.max(1)));
+        self.streams.lock().expect("streams lock").insert(id, Inbox { events: events_tx, received });
+        self.live_streams.fetch_add(1, Ordering::AcqRel);
+        let slot = Arc::new(StreamSlot(self.clone()));
+        Stream::new(id, self.clone(), events_rx, slot)
+    }
+}
+
+/// Where the reader delivers one stream's events, and the bound on its received bytes.
+#[derive(Clone)]
+struct Inbox {
+    events: mpsc::Sender<StreamEvent>,
+    received: Arc<Semaphore>,
+}
+
+/// Held by both halves of a stream: the stream counts as alive until both are gone,
+/// that is until its relay (and any dial before it) has ended.
+struct StreamSlot(Arc<Shared>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.live_streams.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A handle to a running session; clones share it. When the last handle is
@@ -257,13 +306,14 @@ impl Session {
             Role::Client => Some(config.padding.load_full()),
             Role::Server => None,
         };
-        let budget = config.buffers.for_session();
+        let budget = config.buffers.for_session(config.stream_buffer);
         let shared = Arc::new(Shared {
             role,
             config,
             data_tx,
             control_tx,
             streams: Mutex::new(HashMap::new()),
+            live_streams: AtomicUsize::new(0),
             next_stream_id: AtomicU32::new(1),
             peer_version: watch::Sender::new(0),
             settings_sent: AtomicBool::new(false),
@@ -280,6 +330,9 @@ impl Session {
         tokio::spawn(reader::run(read_half, leftover, handler, shared.clone()));
         if let (Role::Client, Some(interval)) = (role, shared.config.heartbeat_interval) {
             tokio::spawn(heartbeat::run(Arc::downgrade(&shared), interval));
+        }
+        if let (Role::Server, Some(timeout)) = (role, shared.config.idle_session_timeout) {
+            tokio::spawn(heartbeat::reap_when_idle(Arc::downgrade(&shared), timeout));
         }
         Session { _last_handle: Arc::new(CloseOnDrop(shared.clone())), shared }
     }
@@ -305,9 +358,9 @@ impl Session {
         self.shared.close(reason);
     }
 
-    /// Streams currently open on this session.
+    /// Streams alive on this session: from their SYN until their relay has ended.
     pub fn open_streams(&self) -> usize {
-        self.shared.streams.lock().expect("streams lock").len()
+        self.shared.live_streams.load(Ordering::Acquire)
     }
 
     /// The pool-membership flag, owned by whichever pool holds the session.
@@ -336,8 +389,7 @@ impl Session {
         }
         let _in_order = self.shared.open_order.lock().await;
         let id = self.shared.next_stream_id.fetch_add(1, Ordering::Relaxed);
-        let (events_tx, events_rx) = mpsc::channel(self.shared.config.stream_queue);
-        self.shared.streams.lock().expect("streams lock").insert(id, events_tx);
+        let stream = self.shared.new_stream(id);
 
         let mut raw = BytesMut::with_capacity(64 + first_data.len());
         if !self.shared.settings_sent.swap(true, Ordering::AcqRel) {
@@ -350,7 +402,6 @@ impl Session {
             Frame::new(Command::Settings, 0, settings.encode()).encode(&mut raw).expect("small frame");
         }
         Frame::control(Command::Syn, id).encode(&mut raw).expect("empty frame");
-        let stream = Stream::new(id, self.shared.clone(), events_rx);
         let mut first_data = first_data;
         while !first_data.is_empty() {
             let chunk = first_data.split_to(first_data.len().min(crate::proto::MAX_FRAME_DATA));

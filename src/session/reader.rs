@@ -7,8 +7,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, ReadHalf};
 use tokio::sync::mpsc;
 
-use super::stream::Stream;
-use super::{HALF_CLOSE_KEY, Role, Shared, StreamEvent, StreamHandler};
+use super::{HALF_CLOSE_KEY, Inbox, Role, Shared, StreamEvent, StreamHandler};
 use crate::proto::frame::Command;
 use crate::proto::{Frame, FrameDecoder, PaddingScheme, Settings};
 
@@ -17,6 +16,8 @@ const READ_CHUNK: usize = 64 * 1024 + 512;
 /// Payloads smaller than this are copied out of the read buffer, so a stalled
 /// stream holding a few small chunks does not pin whole read buffers.
 const COPY_BELOW: usize = 4096;
+/// Small pushes are joined up to this size (one frame's worth).
+const JOIN_LIMIT: usize = crate::proto::MAX_FRAME_DATA;
 
 pub(super) async fn run<IO: AsyncRead>(
     mut io: ReadHalf<IO>,
@@ -26,12 +27,32 @@ pub(super) async fn run<IO: AsyncRead>(
 ) {
     let mut decoder = FrameDecoder::new();
     let mut closed = shared.closed.subscribe();
+    let mut small = SmallPushes::default();
     let reason = 'session: loop {
         while let Some(frame) = decoder.decode(&mut buf) {
             shared.peer_spoke.store(true, Ordering::Relaxed);
-            if let Err(reason) = dispatch(frame, &shared, handler.as_ref()).await {
+            // Small pushes to one stream in a row are joined into one chunk: a peer
+            // sending one-byte frames then costs one queue entry and one write to the
+            // destination per read, not per frame.
+            let is_small_push = frame.command == Command::Push && frame.data.len() < COPY_BELOW;
+            if is_small_push && small.join(&frame) {
+                continue;
+            }
+            if let Err(reason) = small.flush(&shared).await {
                 break 'session reason;
             }
+            let handled = if is_small_push {
+                small.start(&frame);
+                Ok(())
+            } else {
+                dispatch(frame, &shared, handler.as_ref()).await
+            };
+            if let Err(reason) = handled {
+                break 'session reason;
+            }
+        }
+        if let Err(reason) = small.flush(&shared).await {
+            break reason;
         }
         if let Some(reason) = shared.close_reason() {
             break reason.to_string();
@@ -55,30 +76,49 @@ pub(super) async fn run<IO: AsyncRead>(
     shared.close_by_peer(&reason);
 }
 
+/// Small pushes to one stream in a row, copied together until another frame comes or
+/// the bytes read so far are all decoded.
+#[derive(Default)]
+struct SmallPushes {
+    joined: Option<(u32, BytesMut)>,
+}
+
+impl SmallPushes {
+    /// Adds a small push to the chunk being joined, if it is for the same stream and fits.
+    fn join(&mut self, frame: &Frame) -> bool {
+        match &mut self.joined {
+            Some((sid, data)) if *sid == frame.stream_id && data.len() + frame.data.len() <= JOIN_LIMIT => {
+                data.extend_from_slice(&frame.data);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn start(&mut self, frame: &Frame) {
+        let mut data = BytesMut::with_capacity(frame.data.len().max(256));
+        data.extend_from_slice(&frame.data);
+        self.joined = Some((frame.stream_id, data));
+    }
+
+    /// Queues the joined chunk, if any, for its stream.
+    async fn flush(&mut self, shared: &Arc<Shared>) -> Result<(), String> {
+        match self.joined.take() {
+            Some((sid, data)) => push(sid, data.freeze(), shared).await,
+            None => Ok(()),
+        }
+    }
+}
+
 /// Handles one frame. An `Err` closes the session with that reason.
 async fn dispatch(frame: Frame, shared: &Arc<Shared>, handler: Option<&StreamHandler>) -> Result<(), String> {
     let sid = frame.stream_id;
     match frame.command {
-        Command::Push => {
-            let sender = shared.streams.lock().expect("streams lock").get(&sid).cloned();
-            // Data for an unknown (or already finished) stream is dropped.
-            if let Some(sender) = sender {
-                let data = detach(frame.data);
-                let charge = match shared.budget.try_charge(data.len()) {
-                    Some(charge) => charge,
-                    // Over budget: this session stops reading until its consumers catch up.
-                    None => match until_closed(shared, shared.budget.charge(data.len())).await {
-                        Some(charge) => charge,
-                        None => return Ok(()),
-                    },
-                };
-                deliver(shared, sid, &sender, StreamEvent::Data(data, charge)).await;
-            }
-        }
+        Command::Push => push(sid, detach(frame.data), shared).await?,
         Command::Fin => {
-            let sender = shared.streams.lock().expect("streams lock").remove(&sid);
-            if let Some(sender) = sender {
-                deliver(shared, sid, &sender, StreamEvent::Fin).await;
+            let inbox = shared.streams.lock().expect("streams lock").remove(&sid);
+            if let Some(inbox) = inbox {
+                deliver(shared, sid, &inbox.events, StreamEvent::Fin).await;
             }
         }
         Command::Waste | Command::HeartResponse => {}
@@ -87,6 +127,23 @@ async fn dispatch(frame: Frame, shared: &Arc<Shared>, handler: Option<&StreamHan
         _ if shared.role == Role::Server => on_server_frame(frame, shared, handler)?,
         _ => on_client_frame(frame, shared).await?,
     }
+    Ok(())
+}
+
+/// Queues stream data, charged to the stream's bound and the session's budget; over
+/// either, this session stops reading until the stream's consumer catches up. Data for
+/// an unknown (or already finished) stream is dropped.
+async fn push(sid: u32, data: Bytes, shared: &Arc<Shared>) -> Result<(), String> {
+    let inbox = shared.streams.lock().expect("streams lock").get(&sid).cloned();
+    let Some(inbox) = inbox else { return Ok(()) };
+    let charge = match shared.budget.try_charge(data.len(), &inbox.received) {
+        Some(charge) => charge,
+        None => match until_closed(shared, shared.budget.charge(data.len(), &inbox.received)).await {
+            Some(charge) => charge,
+            None => return Ok(()),
+        },
+    };
+    deliver(shared, sid, &inbox.events, StreamEvent::Data(data, charge)).await;
     Ok(())
 }
 
@@ -147,12 +204,17 @@ fn on_server_frame(frame: Frame, shared: &Arc<Shared>, handler: Option<&StreamHa
                 return Ok(());
             };
             let sid = frame.stream_id;
-            let mut streams = shared.streams.lock().expect("streams lock");
-            if streams.contains_key(&sid) {
+            if sid == 0 {
+                // Id 0 is the session's own (Settings, heartbeats): never a stream.
+                refuse_stream(shared, sid, "stream id 0 is reserved");
+                return Ok(());
+            }
+            if shared.streams.lock().expect("streams lock").contains_key(&sid) {
                 return Ok(()); // a SYN for an open stream is ignored
             }
-            if streams.len() >= shared.config.max_streams {
-                drop(streams);
+            // Counted alive, not by inbox: a FIN'd stream still dialing or relaying holds
+            // its place (only this reader adds streams, so the check cannot race).
+            if shared.live_streams.load(Ordering::Acquire) >= shared.config.max_streams {
                 log::warn!(
                     "stream {sid} refused: session already has {} streams (--max-streams-per-session)",
                     shared.config.max_streams
@@ -160,10 +222,7 @@ fn on_server_frame(frame: Frame, shared: &Arc<Shared>, handler: Option<&StreamHa
                 refuse_stream(shared, sid, "too many streams on this session");
                 return Ok(());
             }
-            let (events_tx, events_rx) = mpsc::channel(shared.config.stream_queue);
-            streams.insert(sid, events_tx);
-            drop(streams);
-            handler(Stream::new(sid, shared.clone(), events_rx));
+            handler(shared.new_stream(sid));
         }
         _ => log::debug!("ignoring {:?} from a client", frame.command),
     }
@@ -181,8 +240,8 @@ fn refuse_stream(shared: &Shared, sid: u32, why: &str) {
 async fn on_client_frame(frame: Frame, shared: &Arc<Shared>) -> Result<(), String> {
     match frame.command {
         Command::SynAck => {
-            let sender = shared.streams.lock().expect("streams lock").get(&frame.stream_id).cloned();
-            if let Some(sender) = sender {
+            let inbox = shared.streams.lock().expect("streams lock").get(&frame.stream_id).cloned();
+            if let Some(Inbox { events: sender, .. }) = inbox {
                 let result = if frame.data.is_empty() {
                     Ok(())
                 } else {

@@ -49,7 +49,7 @@ enum FirstEnd {
 /// received is not answered with one.
 pub async fn relay(stream: Stream, tcp: TcpStream) -> (RelayStats, Option<String>) {
     let half_close = stream.half_close();
-    let idle = IdleWatch::new(stream.idle_timeout());
+    let idle = IdleWatch::new(stream.idle_timeout(), stream.half_close_timeout());
     let session_closed = stream.session_closed();
     let (mut stream_reader, mut stream_writer) = stream.split();
     let (mut tcp_reader, mut tcp_writer) = tcp.into_split();
@@ -62,6 +62,7 @@ pub async fn relay(stream: Stream, tcp: TcpStream) -> (RelayStats, Option<String
             let buf = crate::pool::buffers::read_chunk(&mut tcp_reader, &mut own_buffer, TCP_READ_CHUNK).await?;
             if buf.is_empty() {
                 stream_writer.finish().await?;
+                idle.half_closed();
                 return Ok::<FirstEnd, RelayError>(FirstEnd::Ours);
             }
             sent.fetch_add(buf.len() as u64, Relaxed);
@@ -75,6 +76,7 @@ pub async fn relay(stream: Stream, tcp: TcpStream) -> (RelayStats, Option<String
             idle.touch();
             tcp_writer.write_all(&data).await?;
         }
+        idle.half_closed();
         tcp_writer.shutdown().await?;
         Ok::<FirstEnd, RelayError>(FirstEnd::Peers)
     };

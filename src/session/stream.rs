@@ -3,9 +3,9 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 
-use super::{Outgoing, SessionClosed, Shared, StreamEvent};
+use super::{Outgoing, SessionClosed, Shared, StreamEvent, StreamSlot};
 use crate::proto::frame::Command;
 use crate::proto::{Frame, MAX_FRAME_DATA};
 
@@ -28,7 +28,13 @@ pub struct Stream {
 }
 
 impl Stream {
-    pub(super) fn new(id: u32, shared: Arc<Shared>, events: mpsc::Receiver<StreamEvent>) -> Stream {
+    pub(super) fn new(
+        id: u32,
+        shared: Arc<Shared>,
+        events: mpsc::Receiver<StreamEvent>,
+        slot: Arc<StreamSlot>,
+    ) -> Stream {
+        let window = Arc::new(Semaphore::new(shared.config.stream_buffer.max(1)));
         Stream {
             reader: StreamReader {
                 id,
@@ -37,8 +43,9 @@ impl Stream {
                 pending: None,
                 consumed: None,
                 fin_received: false,
+                _slot: slot.clone(),
             },
-            writer: StreamWriter { id, shared, fin_sent: false },
+            writer: StreamWriter { id, shared, fin_sent: false, window, _slot: slot },
         }
     }
 
@@ -55,6 +62,11 @@ impl Stream {
     /// How long the relay lets this stream sit without data (the session's setting).
     pub fn idle_timeout(&self) -> Option<std::time::Duration> {
         self.writer.shared.config.stream_idle_timeout
+    }
+
+    /// The same, once one direction has ended.
+    pub fn half_close_timeout(&self) -> Option<std::time::Duration> {
+        self.writer.shared.config.half_close_timeout
     }
 
     /// Resolves once the stream's session has closed, so a relay blocked on its TCP
@@ -140,23 +152,9 @@ impl Stream {
         }
     }
 
-    /// Server: answers the SYN (v2 peers only; a v1 client is not sent SYNACK).
-    /// On failure the stream is closed with the error text and nothing else is sent.
+    /// Server: answers the SYN (see [`StreamWriter::send_synack`]).
     pub async fn send_synack(&mut self, result: Result<(), String>) -> Result<(), SessionClosed> {
-        let shared = &self.writer.shared;
-        let failed = result.is_err();
-        if *shared.peer_version.borrow() >= 2 {
-            let data = result.err().unwrap_or_default();
-            let mut data = Bytes::from(data.into_bytes());
-            data.truncate(MAX_FRAME_DATA);
-            let frame = Frame::new(Command::SynAck, self.writer.id, data);
-            shared.data_tx.send(Outgoing::Frame(frame)).await.map_err(|_| shared.closed_error())?;
-            if failed {
-                // The error SYNACK closes the stream for the client: no FIN follows.
-                self.writer.fin_sent = true;
-            }
-        }
-        Ok(())
+        self.writer.send_synack(result).await
     }
 }
 
@@ -170,6 +168,7 @@ pub struct StreamReader {
     /// asks for the next one, so a chunk still being written out counts too.
     consumed: Option<super::budget::Charge>,
     fin_received: bool,
+    _slot: Arc<StreamSlot>,
 }
 
 impl StreamReader {
@@ -211,6 +210,11 @@ pub struct StreamWriter {
     id: u32,
     shared: Arc<Shared>,
     fin_sent: bool,
+    /// Bytes this stream may have queued for the session's writer and not yet written
+    /// out (`SessionConfig::stream_buffer`): the sender waits past it, so a relay stops
+    /// reading its socket when the session cannot send.
+    window: Arc<Semaphore>,
+    _slot: Arc<StreamSlot>,
 }
 
 impl StreamWriter {
@@ -218,13 +222,37 @@ impl StreamWriter {
         self.id
     }
 
-    /// Sends data, split into frames of at most 65,535 bytes (no copy).
+    /// Sends data, split into frames of at most 65,535 bytes (no copy), each waiting
+    /// for room in the stream's send window.
     pub async fn write(&mut self, mut data: Bytes) -> Result<(), SessionClosed> {
+        let bound = self.shared.config.stream_buffer.clamp(1, u32::MAX as usize);
         while !data.is_empty() {
             let chunk = data.split_to(data.len().min(MAX_FRAME_DATA));
+            // A chunk larger than the whole window goes alone.
+            let room = self.window.clone().acquire_many_owned(chunk.len().min(bound) as u32);
+            let room = room.await.expect("the window is never closed");
             let frame = Frame::new(Command::Push, self.id, chunk);
-            if self.shared.data_tx.send(Outgoing::Frame(frame)).await.is_err() {
+            if self.shared.data_tx.send(Outgoing::Data(frame, room)).await.is_err() {
                 return Err(self.shared.closed_error());
+            }
+        }
+        Ok(())
+    }
+
+    /// Server: answers the SYN (v2 peers only; a v1 client is not sent SYNACK).
+    /// On failure the stream is closed with the error text and nothing else is sent.
+    pub async fn send_synack(&mut self, result: Result<(), String>) -> Result<(), SessionClosed> {
+        let shared = &self.shared;
+        let failed = result.is_err();
+        if *shared.peer_version.borrow() >= 2 {
+            let data = result.err().unwrap_or_default();
+            let mut data = Bytes::from(data.into_bytes());
+            data.truncate(MAX_FRAME_DATA);
+            let frame = Frame::new(Command::SynAck, self.id, data);
+            shared.data_tx.send(Outgoing::Frame(frame)).await.map_err(|_| shared.closed_error())?;
+            if failed {
+                // The error SYNACK closes the stream for the client: no FIN follows.
+                self.fin_sent = true;
             }
         }
         Ok(())

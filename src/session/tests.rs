@@ -534,3 +534,131 @@ async fn a_relay_blocked_on_a_silent_target_ends_when_its_session_closes() {
     let (_, error) = tokio::time::timeout(Duration::from_secs(2), done_rx).await.expect("relay ended").unwrap();
     assert!(error.as_deref().unwrap_or_default().contains("blocked relay"), "{error:?}");
 }
+
+/// A server session whose handler keeps every stream it is given, unanswered and unread,
+/// as a relay still dialing would; and the raw client in front of it, past Settings.
+async fn holding_server(config: SessionConfig) -> (Session, RawPeer, Arc<std::sync::Mutex<Vec<Stream>>>) {
+    let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let handler: StreamHandler = {
+        let held = held.clone();
+        Arc::new(move |stream| held.lock().unwrap().push(stream))
+    };
+    let (a, b) = tokio::io::duplex(PIPE);
+    let server = Session::server(b, config, BytesMut::new(), handler);
+    let mut peer = RawPeer::new(a);
+    let settings = Settings::new().with("v", "2").with("padding-md5", "75cff2ad89aadf5e257059ee571ebe11");
+    peer.send(&[Frame::new(Command::Settings, 0, settings.encode())]).await;
+    assert_eq!(peer.next().await.unwrap().command, Command::ServerSettings, "the default scheme: no update");
+    (server, peer, held)
+}
+
+#[tokio::test]
+async fn a_fin_does_not_free_the_place_of_a_stream_still_being_served() {
+    let config = SessionConfig { max_streams: 2, ..SessionConfig::default() };
+    let (server, mut peer, held) = holding_server(config).await;
+    // SYN, destination, FIN: the attack's shape. The streams' handlers still hold them.
+    for sid in 1..=2 {
+        peer.send(&[Frame::control(Command::Syn, sid), Frame::new(Command::Push, sid, &b"x"[..])]).await;
+        peer.send(&[Frame::control(Command::Fin, sid)]).await;
+    }
+    peer.send(&[Frame::control(Command::Syn, 3)]).await;
+    let refused = peer.next().await.unwrap();
+    assert_eq!((refused.command, refused.stream_id), (Command::SynAck, 3));
+    assert_eq!(&refused.data[..], b"too many streams on this session");
+    assert_eq!(server.open_streams(), 2);
+    // Their relays end: the places come back.
+    held.lock().unwrap().clear();
+    assert_eq!(server.open_streams(), 0);
+    peer.send(&[Frame::control(Command::Syn, 4), Frame::control(Command::HeartRequest, 0)]).await;
+    loop {
+        let frame = peer.next().await.unwrap();
+        assert_ne!(frame.command, Command::SynAck, "stream 4 refused");
+        if frame.command == Command::HeartResponse {
+            break;
+        }
+        assert_eq!(frame.command, Command::Fin, "the dropped streams' FINs, then the answer");
+    }
+    assert_eq!(held.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn stream_id_zero_is_refused_and_the_session_goes_on() {
+    let (_server, mut peer, held) = holding_server(SessionConfig::default()).await;
+    peer.send(&[Frame::control(Command::Syn, 0)]).await;
+    let refused = peer.next().await.unwrap();
+    assert_eq!(
+        (refused.command, refused.stream_id, &refused.data[..]),
+        (Command::SynAck, 0, &b"stream id 0 is reserved"[..])
+    );
+    assert!(held.lock().unwrap().is_empty());
+    peer.send(&[Frame::control(Command::Syn, 1), Frame::control(Command::HeartRequest, 0)]).await;
+    assert_eq!(peer.next().await.unwrap().command, Command::HeartResponse);
+    assert_eq!(held.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn an_idle_server_session_is_closed_and_a_busy_one_is_not() {
+    let timeout = Duration::from_millis(300);
+    let config = SessionConfig { idle_session_timeout: Some(timeout), ..SessionConfig::default() };
+    let (idle, _peer, _) = holding_server(config.clone()).await;
+    let started = tokio::time::Instant::now();
+    let reason = tokio::time::timeout(Duration::from_secs(3), idle.closed()).await.expect("idle session reaped");
+    assert!(reason.contains("idle"), "{reason}");
+    assert!(started.elapsed() >= timeout, "not before the timeout");
+
+    // A stream alive and silent keeps its session, however quiet.
+    let (busy, mut peer, _held) = holding_server(config).await;
+    peer.send(&[Frame::control(Command::Syn, 1)]).await;
+    tokio::time::sleep(timeout * 3).await;
+    assert!(!busy.is_closed(), "a session with a live stream was reaped");
+}
+
+#[tokio::test]
+async fn one_byte_pushes_in_a_row_reach_the_stream_as_few_chunks() {
+    let (_server, mut peer, held) = holding_server(SessionConfig::default()).await;
+    let mut frames = vec![Frame::control(Command::Syn, 1)];
+    frames.extend((0..4000u32).map(|i| Frame::new(Command::Push, 1, vec![(i % 251) as u8])));
+    frames.push(Frame::control(Command::Fin, 1));
+    peer.send(&frames).await;
+    let mut stream = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(stream) = held.lock().unwrap().pop() {
+                return stream;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let mut chunks = 0;
+    let mut data = Vec::new();
+    while let Some(chunk) = stream.read().await.unwrap() {
+        chunks += 1;
+        data.extend_from_slice(&chunk);
+    }
+    assert_eq!(data, (0..4000u32).map(|i| (i % 251) as u8).collect::<Vec<_>>(), "every byte, in order");
+    // 32,000 bytes on the wire arrive in a few pipe reads; without joining, 4,000 chunks.
+    assert!(chunks <= 16, "{chunks} chunks for 4,000 one-byte pushes");
+}
+
+#[tokio::test]
+async fn a_stream_queues_at_most_its_buffer_when_the_connection_does_not_drain() {
+    // The peer never reads: what one stream's writes are accepted before they wait is
+    // its send window, plus the pipe and the batch being written into it.
+    const PIPE_SMALL: usize = 64 * 1024;
+    let (a, b) = tokio::io::duplex(PIPE_SMALL);
+    let config = SessionConfig { v1_grace: Duration::from_millis(10), ..SessionConfig::default() };
+    let client = Session::client(a, config.clone());
+    let mut stream = client.open_stream(Bytes::new()).await.unwrap();
+    stream.wait_open().await.unwrap(); // assumes a v1 server after the grace time
+    let _peer = b; // open, never read
+    let chunk = Bytes::from(vec![5u8; 16 * 1024]);
+    let mut accepted = 0usize;
+    while tokio::time::timeout(Duration::from_millis(200), stream.write(chunk.clone())).await.is_ok() {
+        accepted += chunk.len();
+        assert!(accepted < 16 << 20, "writes never waited");
+    }
+    // Without the window: the session's 16-frame queue and a 256 KiB batch, over 500 KiB.
+    let bound = config.stream_buffer + PIPE_SMALL + chunk.len();
+    assert!(accepted <= bound, "{accepted} bytes accepted from one stream (bound {bound})");
+}

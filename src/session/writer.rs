@@ -14,12 +14,12 @@ use bytes::{Buf, Bytes, BytesMut};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tokio::io::{AsyncWrite, AsyncWriteExt, WriteHalf};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
 use super::{Outgoing, Shared};
-use crate::proto::PaddingScheme;
 use crate::proto::frame::{Command, HEADER_LEN, encode_header};
 use crate::proto::padding::Piece;
+use crate::proto::{Frame, PaddingScheme};
 
 /// Stop adding queued frames to a batch past this size: large enough for few
 /// syscalls, small enough to keep latency and memory low.
@@ -36,7 +36,7 @@ pub(super) async fn run<IO: AsyncWrite>(
     padding: Option<Arc<PaddingScheme>>,
     shared: Arc<Shared>,
 ) {
-    let mut batch = Batch { small: BytesMut::with_capacity(16 * 1024), parts: Vec::new(), len: 0 };
+    let mut batch = Batch { small: BytesMut::with_capacity(16 * 1024), parts: Vec::new(), len: 0, windows: Vec::new() };
     let mut closed = shared.closed.subscribe();
     // The authentication block was write 0.
     let mut write_index: u32 = 1;
@@ -75,6 +75,8 @@ pub(super) async fn run<IO: AsyncWrite>(
             _ = closed.wait_for(|state| state.is_some()) => break,
         };
         batch.len = 0;
+        // Written out: the streams may queue that much again.
+        batch.windows.clear();
         write_index = write_index.saturating_add(1);
         if let Err(err) = result {
             shared.close_by_peer(&format!("write failed: {err}"));
@@ -95,26 +97,35 @@ struct Batch {
     parts: Vec<Bytes>,
     /// Bytes in the batch.
     len: usize,
+    /// The send-window shares of the stream data in the batch, given back once it is written.
+    windows: Vec<OwnedSemaphorePermit>,
 }
 
 impl Batch {
     fn append(&mut self, item: Outgoing) {
         match item {
-            Outgoing::Frame(frame) if frame.data.len() >= COPY_BELOW => {
-                encode_header(frame.command, frame.stream_id, frame.data.len(), &mut self.small)
-                    .expect("frames are built within limits");
-                self.len += HEADER_LEN + frame.data.len();
-                self.parts.push(self.small.split().freeze());
-                self.parts.push(frame.data);
+            Outgoing::Data(frame, window) => {
+                self.windows.push(window);
+                self.append_frame(frame);
             }
-            Outgoing::Frame(frame) => {
-                self.len += frame.encoded_len();
-                frame.encode(&mut self.small).expect("frames are built within limits");
-            }
+            Outgoing::Frame(frame) => self.append_frame(frame),
             Outgoing::Raw(bytes) => {
                 self.len += bytes.len();
                 self.small.extend_from_slice(&bytes);
             }
+        }
+    }
+
+    fn append_frame(&mut self, frame: Frame) {
+        if frame.data.len() >= COPY_BELOW {
+            encode_header(frame.command, frame.stream_id, frame.data.len(), &mut self.small)
+                .expect("frames are built within limits");
+            self.len += HEADER_LEN + frame.data.len();
+            self.parts.push(self.small.split().freeze());
+            self.parts.push(frame.data);
+        } else {
+            self.len += frame.encoded_len();
+            frame.encode(&mut self.small).expect("frames are built within limits");
         }
     }
 
@@ -233,7 +244,7 @@ mod tests {
             Frame::new(Command::Fin, 1, Bytes::new()),
         ];
         let mut expected = BytesMut::new();
-        let mut batch = Batch { small: BytesMut::new(), parts: Vec::new(), len: 0 };
+        let mut batch = Batch { small: BytesMut::new(), parts: Vec::new(), len: 0, windows: Vec::new() };
         batch.append(Outgoing::Raw(Bytes::from_static(b"raw")));
         expected.extend_from_slice(b"raw");
         for frame in frames {
