@@ -16,11 +16,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 const LIMIT: Duration = Duration::from_secs(90);
 
-/// File descriptors `pid` holds now.
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|dir| dir.count()).unwrap_or(0)
-}
-
 /// Waits until `ok(fd_count)` holds, at most `limit`; returns the last count.
 async fn wait_fds(pid: u32, limit: Duration, ok: impl Fn(usize) -> bool) -> usize {
     let deadline = Instant::now() + limit;

@@ -179,14 +179,6 @@ fn sample(metrics: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("no sample {series} in:\n{metrics}"))
 }
 
-/// CPU time (user + system) of a process so far, from /proc/PID/stat.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
-    let fields: Vec<&str> = stat.rsplit_once(") ").expect("stat format").1.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    ticks / 100.0 // USER_HZ is 100 on Linux
-}
-
 async fn server_with_fallback(site: SocketAddr, extra: &[&str]) -> Server {
     let target = site.to_string();
     let mut args = vec!["--fallback", target.as_str(), "--self-signed-name", "www.example.test"];

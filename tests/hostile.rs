@@ -29,53 +29,6 @@ use common::*;
 // ---------------------------------------------------------------------------------------
 // Helpers
 
-/// A healthy client: one stream through our client, echoing 64 KiB rounds until
-/// stopped. Every round must come back intact.
-struct Healthy {
-    stop: Arc<AtomicBool>,
-    rounds: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Healthy {
-    async fn start(proxy: SocketAddr, echo: SocketAddr, pause: Duration) -> Healthy {
-        let stop = Arc::new(AtomicBool::new(false));
-        let rounds = Arc::new(AtomicU64::new(0));
-        let tcp = socks5_open(proxy, echo).await;
-        let task = tokio::spawn({
-            let (stop, rounds) = (stop.clone(), rounds.clone());
-            async move {
-                let (mut reader, mut writer) = tcp.into_split();
-                let data = payload(64 * 1024, 42);
-                let mut back = vec![0u8; data.len()];
-                while !stop.load(Ordering::Relaxed) {
-                    let (sent, received) = tokio::join!(writer.write_all(&data), reader.read_exact(&mut back));
-                    sent.expect("healthy stream: send");
-                    received.expect("healthy stream: receive");
-                    assert!(back == data, "healthy stream: echo differs");
-                    rounds.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(pause).await;
-                }
-            }
-        });
-        Healthy { stop, rounds, task }
-    }
-
-    /// Stops it and checks it kept going the whole time; returns its round count.
-    async fn finish(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("healthy stream stuck")
-            .expect("healthy stream failed");
-        self.rounds.load(Ordering::Relaxed)
-    }
-
-    fn rounds(&self) -> u64 {
-        self.rounds.load(Ordering::Relaxed)
-    }
-}
-
 async fn tls_connect(addr: SocketAddr) -> TlsStream<TcpStream> {
     let tcp = TcpStream::connect(addr).await.expect("connect to server");
     let connector = TlsConnector::from(client_config(&Trust::Insecure).expect("TLS config"));
@@ -159,24 +112,6 @@ impl RawSession {
         assert!(!answer.data.is_empty(), "expected an error SYNACK");
         String::from_utf8_lossy(&answer.data).into_owned()
     }
-}
-
-/// CPU time (user + system) of a process so far, from /proc/PID/stat.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
-    // Fields after the command name (which is in parentheses and may hold spaces).
-    let fields: Vec<&str> = stat.rsplit_once(") ").expect("stat format").1.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    ticks / 100.0 // USER_HZ is 100 on Linux
-}
-
-/// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:")?.trim().strip_suffix(" kB")?.trim().parse().ok())
-        .expect("VmRSS")
 }
 
 /// A pseudo-random byte string (no rand dependency needed in tests).
@@ -510,27 +445,6 @@ async fn one_hundred_stalled_streams_hold_bounded_server_memory() {
         healthy.finish().await;
     })
     .await;
-}
-
-/// Open file descriptors of a process.
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|dir| dir.count()).unwrap_or(0)
-}
-
-/// A target that accepts connections, with a small receive buffer, and never reads.
-async fn spawn_sink_that_never_reads() -> SocketAddr {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let listener = socket.listen(1024).unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((tcp, _)) = listener.accept().await {
-            held.push(tcp);
-        }
-    });
-    addr
 }
 
 /// Authenticated sessions push 64 KiB frames on many streams at a target that never
@@ -941,6 +855,203 @@ async fn fd_exhaustion_is_logged_and_retried_with_back_off() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         assert!(process.is_running());
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// One user against the others: stream places, shares, per-stream buffers
+
+/// A target that accepts every connection and keeps it open and silent, reading and
+/// dropping what comes, even after EOF: a stream whose client said FIN stays open on
+/// this side until someone times it out.
+async fn spawn_holding_target() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut sink = [0u8; 4096];
+                while matches!(tcp.read(&mut sink).await, Ok(n) if n > 0) {}
+                std::future::pending::<()>().await; // EOF read: hold the socket open anyway
+            });
+        }
+    });
+    addr
+}
+
+impl RawSession {
+    /// Authenticated as `password` and past Settings, announcing one-way FIN as our own
+    /// client does (so FIN ends only the client's direction).
+    async fn ready_half_close(server: SocketAddr, password: &str) -> RawSession {
+        let mut session = RawSession::open(server, password).await;
+        let settings = b"v=2\nclient=hostile-test\npadding-md5=x\nhalf-close=1";
+        session.send(&[Frame::new(Command::Settings, 0, &settings[..])]).await;
+        session
+    }
+
+    /// SYN, destination and FIN for streams `first..first + count`, in one write: the
+    /// shape whose FIN once freed the stream's place while its dial and relay went on.
+    async fn syn_push_fin(&mut self, first: u32, count: u32, target: SocketAddr) {
+        let mut destination = BytesMut::new();
+        Address::socket(target).encode(&mut destination);
+        let destination = destination.freeze();
+        let mut frames = Vec::new();
+        for sid in first..first + count {
+            frames.push(Frame::control(Command::Syn, sid));
+            frames.push(Frame::new(Command::Push, sid, destination.clone()));
+            frames.push(Frame::control(Command::Fin, sid));
+        }
+        self.send(&frames).await;
+    }
+
+    /// Reads answers until `count` SYNACKs came, or none for `quiet`: (opened, refusal
+    /// texts). Refusals of a flood may be missing: they go through the session's short
+    /// control queue, which drops replies when full rather than stall the reader.
+    async fn synacks(&mut self, count: usize, quiet: Duration) -> (usize, Vec<String>) {
+        let (mut opened, mut refused) = (0, Vec::new());
+        while opened + refused.len() < count {
+            let Some(frame) = self.next(quiet).await else {
+                break;
+            };
+            match frame.command {
+                Command::SynAck if frame.data.is_empty() => opened += 1,
+                Command::SynAck => refused.push(String::from_utf8_lossy(&frame.data).into_owned()),
+                _ => {}
+            }
+        }
+        (opened, refused)
+    }
+}
+
+/// SYN + destination + FIN, 500 times on one session, at a target that keeps its side
+/// open. Before, each FIN freed the stream's place in the session while its outbound
+/// connection stayed (one session held 9,487 streams); now a stream counts until its
+/// relay ends, so the session holds at most its cap, and the half-close timeout ends
+/// the FIN'd streams whose target stays silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syn_push_fin_in_a_loop_holds_at_most_the_session_cap() {
+    const CAP: usize = 64;
+    bounded(Duration::from_secs(60), "syn push fin", async {
+        let cap = CAP.to_string();
+        let (server, client) =
+            pair(&["--max-streams-per-session", &cap, "--half-close-timeout-secs", "4", "--min-idle-connections", "0"])
+                .await;
+        let pid = server.process.pid();
+        let (target, echo) = (spawn_holding_target().await, spawn_echo().await);
+        let healthy = Healthy::start(client.addr, echo, Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let fds_before = fd_count(pid);
+        let mut raw = RawSession::ready_half_close(server.addr, PASSWORD).await;
+        for batch in 0..10u32 {
+            raw.syn_push_fin(1 + batch * 50, 50, target).await;
+        }
+        let (opened, refused) = raw.synacks(500, Duration::from_millis(1500)).await;
+        let fds_during = fd_count(pid);
+        announce(&format!(
+            "NOTE SYN+PSH+FIN x500, cap {CAP}: {opened} opened, {} refusals seen; server fds {fds_before} -> \
+             {fds_during}",
+            refused.len()
+        ));
+        assert_eq!(opened, CAP, "FIN freed places: {opened} streams opened on one session");
+        assert!(refused.iter().all(|why| why == "too many streams on this session"), "{:?}", refused.first());
+        assert!(fds_during <= fds_before + CAP + 8, "server fds {fds_before} -> {fds_during}");
+        raw.assert_alive().await;
+
+        // The target never closes: the half-close timeout (4 s) ends the FIN'd streams.
+        let left_at = Instant::now();
+        while fd_count(pid) > fds_before + 4 && left_at.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let fds_after = fd_count(pid);
+        announce(&format!("NOTE half-closed streams ended: fds {fds_after} after {:?}", left_at.elapsed()));
+        assert!(fds_after <= fds_before + 4, "fds {fds_before} -> {fds_after}: half-closed streams kept");
+        // Their places are back: the session opens streams again.
+        raw.syn_push_fin(1000, 8, target).await;
+        assert_eq!(raw.synacks(8, Duration::from_secs(3)).await.0, 8);
+        healthy.finish().await;
+    })
+    .await;
+}
+
+/// Open + echo latencies of `count` streams through `proxy`, one after another; none may fail.
+async fn open_and_echo_latencies(proxy: SocketAddr, echo: SocketAddr, count: usize) -> Vec<Duration> {
+    let mut took = Vec::with_capacity(count);
+    for i in 0..count {
+        let started = Instant::now();
+        let (code, tcp) = socks5_connect(proxy, "127.0.0.1", echo.port()).await.expect("SOCKS5 to our client");
+        assert_eq!(code, SOCKS5_OK, "stream {i} refused");
+        tokio::time::timeout(Duration::from_secs(5), echo_roundtrip(tcp, b"ping")).await.expect("echo in time");
+        took.push(started.elapsed());
+    }
+    took.sort();
+    took
+}
+
+fn median(sorted: &[Duration]) -> Duration {
+    sorted[sorted.len() / 2]
+}
+
+/// Two users. Alice churns streams (SYN + destination + FIN at an echo, 4 sessions at a
+/// time), then floods FIN'd streams at a target that keeps them open, from 8 sessions:
+/// she reaches her share of the server's streams and is refused there. Bob's opens and
+/// echoes through our client meanwhile are none refused, and their median stays within
+/// twice the baseline taken just before (plus 2 ms for a shared 2-core machine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_user_at_its_share_refuses_no_stream_of_another() {
+    bounded(Duration::from_secs(120), "user shares", async {
+        // 400 streams server-wide: with two users (alice, and the -p user our client is)
+        // each may hold 200.
+        let (server, client) = pair(&["--user", "alice:alice-secret", "--max-streams", "400"]).await;
+        assert!(server.process.log_shows("200 streams (--max-streams-per-user)", STARTUP_TIMEOUT).await);
+        let (echo, holding) = (spawn_echo().await, spawn_holding_target().await);
+        let baseline = open_and_echo_latencies(client.addr, echo, 30).await;
+
+        // Churn: 4 sessions x 500 short streams, all sent at once.
+        let churners: Vec<_> = (0..4)
+            .map(|_| {
+                let addr = server.addr;
+                tokio::spawn(async move {
+                    let mut raw = RawSession::ready_half_close(addr, "alice-secret").await;
+                    for batch in 0..10u32 {
+                        raw.syn_push_fin(1 + batch * 50, 50, echo).await;
+                    }
+                    raw.synacks(500, Duration::from_secs(3)).await
+                })
+            })
+            .collect();
+        let during_churn = open_and_echo_latencies(client.addr, echo, 30).await;
+        let mut churned = 0;
+        for churner in churners {
+            let (opened, refused) = churner.await.unwrap();
+            assert!(refused.iter().all(|why| why.contains("for this user")), "{:?}", refused.first());
+            churned += opened;
+        }
+
+        // FIN flood: 8 sessions x 100 streams at a target that never closes.
+        let mut flood = Vec::new();
+        let mut alice_opened = 0;
+        for _ in 0..8 {
+            let mut raw = RawSession::ready_half_close(server.addr, "alice-secret").await;
+            raw.syn_push_fin(1, 100, holding).await;
+            let (opened, refused) = raw.synacks(100, Duration::from_secs(2)).await;
+            assert!(refused.iter().all(|why| why.contains("too many streams for this user (limit 200")), "{refused:?}");
+            alice_opened += opened;
+            flood.push(raw);
+        }
+        let during_flood = open_and_echo_latencies(client.addr, echo, 30).await;
+        announce(&format!(
+            "NOTE two users: alice churned {churned} streams, then holds {alice_opened} (share 200); bob open+echo \
+             median baseline {:?}, during churn {:?}, during the FIN flood {:?}",
+            median(&baseline),
+            median(&during_churn),
+            median(&during_flood)
+        ));
+        assert_eq!(alice_opened, 200, "alice reaches her share and no more");
+        let bound = median(&baseline) * 2 + Duration::from_millis(2);
+        assert!(median(&during_churn) <= bound, "bob slowed by the churn: {:?} > {bound:?}", median(&during_churn));
+        assert!(median(&during_flood) <= bound, "bob slowed by the flood: {:?} > {bound:?}", median(&during_flood));
+        drop(flood);
     })
     .await;
 }

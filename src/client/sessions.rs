@@ -61,6 +61,7 @@ impl Connector {
             tls.flush().await
         };
         authenticate.await.map_err(|source| ConnectError::Authenticate { server, source })?;
+        crate::session::limit_tls_buffer(tls.get_mut().1);
         Ok(Session::client(tls, self.session_config.clone()))
     }
 }

@@ -212,8 +212,10 @@ static RELAY_USES_POOL: AtomicBool = AtomicBool::new(false);
 /// reserved again (at most one allocation each; none when its chunks were all gone),
 /// counted so that both modes report their allocations.
 static UNPOOLED_RESERVES: AtomicU64 = AtomicU64::new(0);
-/// A relay's own read buffer holds this many reads before it is reserved again.
-const OWN_BUFFER_READS: usize = 4;
+/// A relay's own read buffer holds this many reads before it is reserved again: one, so
+/// it holds no more than the stream's send window lets through (a larger buffer stays
+/// resident per stalled stream however little of it is in use).
+const OWN_BUFFER_READS: usize = 1;
 
 /// Chooses, once at start-up, whether relay reads use the pool.
 pub fn set_relay_buffer_pool(mode: BufferPoolMode) {
@@ -259,7 +261,7 @@ pub async fn read_chunk<R: AsyncRead + Unpin>(
         UNPOOLED_RESERVES.fetch_add(1, Ordering::Relaxed);
         own.reserve(OWN_BUFFER_READS * max);
     }
-    reader.read_buf(own).await?;
+    reader.read_buf(&mut bytes::BufMut::limit(&mut *own, max)).await?;
     Ok(own.split().freeze())
 }
 

@@ -168,6 +168,8 @@ pub async fn run_with_users(
             };
             let handler = count_streams(&user, stream_handler(&gate, &user, &users, pool, config.udp, peer));
             let client_socket = tls.get_ref().0.as_raw_fd();
+            let mut tls = tls;
+            crate::session::limit_tls_buffer(tls.get_mut().1);
             let tls = CountedIo::new(tls, user.counters.clone());
             let session = Session::server(tls, session_config, leftover, handler);
             log::debug!("{peer}: session open (user {})", user.name);

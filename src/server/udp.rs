@@ -498,4 +498,51 @@ mod tests {
         let end = tokio::time::timeout(Duration::from_secs(5), stream.read()).await.expect("closed in time");
         assert_eq!(end.unwrap(), None, "FIN after the idle timeout");
     }
+
+    /// The reference client's lazy UoT connection: SYN and the magic destination first,
+    /// the request only with the first datagram, here 4 s later (past the 2.5 s SYNACK
+    /// budget). The stream is answered in time and then served.
+    #[tokio::test]
+    async fn a_request_that_comes_with_a_late_first_datagram_is_served() {
+        let (client, _server) = pair(UdpSettings::default());
+        let echo = udp_echo().await;
+        let mut destination = BytesMut::new();
+        magic_destination().encode(&mut destination);
+        let mut stream = client.open_stream(destination.freeze()).await.unwrap();
+        let started = tokio::time::Instant::now();
+        stream.wait_open().await.expect("answered ok while the request is still to come");
+        assert!(started.elapsed() < Duration::from_secs(3), "answered within the reference's 3 s");
+        tokio::time::sleep_until(started + Duration::from_secs(4)).await;
+        let request = Request { framing: Framing::Connected, destination: Address::socket(echo) };
+        let mut late = BytesMut::new();
+        request.encode(&mut late);
+        late.extend_from_slice(&packet_bytes(Framing::Connected, None, b"four seconds late").unwrap());
+        stream.write(late.freeze()).await.unwrap();
+        let packet = next_packet(&mut stream, Framing::Connected, &mut BytesMut::new()).await;
+        assert_eq!(&packet.payload[..], b"four seconds late");
+    }
+
+    #[tokio::test]
+    async fn a_late_request_that_is_malformed_ends_the_stream_with_fin() {
+        let (client, _server) = pair(UdpSettings::default());
+        let mut destination = BytesMut::new();
+        magic_destination().encode(&mut destination);
+        let mut stream = client.open_stream(destination.freeze()).await.unwrap();
+        stream.wait_open().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        stream.write(Bytes::from_static(&[7, 1, 127, 0, 0, 1, 0, 53])).await.unwrap();
+        let end = tokio::time::timeout(Duration::from_secs(5), stream.read()).await.expect("ended in time");
+        assert_eq!(end.unwrap(), None, "FIN: the SYNACK was already sent");
+    }
+
+    #[tokio::test]
+    async fn a_request_that_never_comes_ends_at_the_idle_timeout() {
+        let (client, _server) = pair(UdpSettings { idle_timeout: Duration::from_millis(500) });
+        let mut destination = BytesMut::new();
+        magic_destination().encode(&mut destination);
+        let mut stream = client.open_stream(destination.freeze()).await.unwrap();
+        stream.wait_open().await.unwrap();
+        let end = tokio::time::timeout(Duration::from_secs(5), stream.read()).await.expect("ended in time");
+        assert_eq!(end.unwrap(), None);
+    }
 }

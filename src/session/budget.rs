@@ -36,10 +36,11 @@ pub struct BufferBudget {
 pub const DEFAULT_PER_SESSION: usize = 4 << 20;
 /// Four full frames per session never wait on the global budget.
 pub const DEFAULT_RESERVE: usize = 256 << 10;
-/// Per stream and direction: two full frames, one being written out while the next
-/// arrives (measured in docs/hardening.md: a bulk stream as fast as with 4 MiB, and a
-/// thousand stalled uploads within 100 MiB on each side).
-pub const DEFAULT_STREAM_BUFFER: usize = 128 << 10;
+/// Per stream and direction: two TLS records' worth. Measured (docs/hardening.md): a bulk
+/// stream moves as fast as with 128 KiB (the kernel's socket buffers, not this, keep a
+/// link full), and a thousand stalled uploads stay within 100 MiB on each side, where
+/// 64 KiB already passed it.
+pub const DEFAULT_STREAM_BUFFER: usize = 32 << 10;
 
 impl BufferBudget {
     /// `global_bytes` across all sessions, `per_session` for one; the reserve is the

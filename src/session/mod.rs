@@ -31,7 +31,7 @@ use crate::proto::{Frame, PaddingScheme, Settings};
 
 pub use budget::{BufferBudget, DEFAULT_STREAM_BUFFER};
 pub use relay::{RelayStats, relay};
-pub use stream::{OpenError, Stream, StreamReader, StreamWriter};
+pub use stream::{OpenError, SendRoom, Stream, StreamReader, StreamWriter};
 
 /// Frames waiting for the writer. Bounded, so a peer that does not read stops our
 /// senders instead of growing memory: 16 frames of at most 64 KiB is 1 MiB per
@@ -47,6 +47,16 @@ const CONTROL_QUEUE: usize = 64;
 /// sender's direction (half-close). Other implementations ignore the key and treat
 /// FIN as the end of the whole stream, which is then what we do with them.
 pub const HALF_CLOSE_KEY: &str = "half-close";
+
+/// TLS records rustls may hold for a connection whose peer is not reading: one record.
+/// The kernel's socket buffer keeps a fast connection full; what rustls buffers on top
+/// is memory per stalled session (64 KiB by default), nothing more.
+const TLS_BUFFER: usize = 16 * 1024 + 256;
+
+/// Caps the TLS records a session's connection buffers in user space (see [`TLS_BUFFER`]).
+pub fn limit_tls_buffer<Side>(connection: &mut rustls::ConnectionCommon<Side>) {
+    connection.set_buffer_limit(Some(TLS_BUFFER));
+}
 
 /// Which end of the session we are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

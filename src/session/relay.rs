@@ -59,15 +59,21 @@ pub async fn relay(stream: Stream, tcp: TcpStream) -> (RelayStats, Option<String
     let upstream = async {
         let mut own_buffer = BytesMut::new();
         loop {
-            let buf = crate::pool::buffers::read_chunk(&mut tcp_reader, &mut own_buffer, TCP_READ_CHUNK).await?;
+            // Room first: a stream whose session cannot send stops reading its socket.
+            let room = stream_writer.reserve(TCP_READ_CHUNK).await;
+            // No read buffer is taken while the socket is quiet: a direction that carries
+            // nothing (the target of an upload) would otherwise hold one for its whole life.
+            tcp_reader.readable().await?;
+            let buf = crate::pool::buffers::read_chunk(&mut tcp_reader, &mut own_buffer, room.len()).await?;
             if buf.is_empty() {
+                drop(room);
                 stream_writer.finish().await?;
                 idle.half_closed();
                 return Ok::<FirstEnd, RelayError>(FirstEnd::Ours);
             }
             sent.fetch_add(buf.len() as u64, Relaxed);
             idle.touch();
-            stream_writer.write(buf).await?;
+            stream_writer.write_reserved(buf, room).await?;
         }
     };
     let downstream = async {

@@ -205,6 +205,20 @@ impl Drop for StreamReader {
     }
 }
 
+/// Room held in a stream's send window ([`StreamWriter::reserve`]).
+pub struct SendRoom(tokio::sync::OwnedSemaphorePermit);
+
+impl SendRoom {
+    /// Bytes of room held.
+    pub fn len(&self) -> usize {
+        self.0.num_permits()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.num_permits() == 0
+    }
+}
+
 /// The sending half. Dropping it without [`StreamWriter::finish`] still sends FIN.
 pub struct StreamWriter {
     id: u32,
@@ -225,16 +239,37 @@ impl StreamWriter {
     /// Sends data, split into frames of at most 65,535 bytes (no copy), each waiting
     /// for room in the stream's send window.
     pub async fn write(&mut self, mut data: Bytes) -> Result<(), SessionClosed> {
-        let bound = self.shared.config.stream_buffer.clamp(1, u32::MAX as usize);
         while !data.is_empty() {
             let chunk = data.split_to(data.len().min(MAX_FRAME_DATA));
-            // A chunk larger than the whole window goes alone.
-            let room = self.window.clone().acquire_many_owned(chunk.len().min(bound) as u32);
-            let room = room.await.expect("the window is never closed");
-            let frame = Frame::new(Command::Push, self.id, chunk);
-            if self.shared.data_tx.send(Outgoing::Data(frame, room)).await.is_err() {
-                return Err(self.shared.closed_error());
-            }
+            let room = self.reserve(chunk.len()).await;
+            self.write_reserved(chunk, room).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the stream's send window has room for `max` bytes (at most one frame;
+    /// a window smaller than that is taken whole) and holds it. A relay reserves before it
+    /// reads its socket, so it never holds a chunk it cannot queue.
+    pub async fn reserve(&self, max: usize) -> SendRoom {
+        let bound = self.shared.config.stream_buffer.clamp(1, u32::MAX as usize);
+        let wanted = max.clamp(1, MAX_FRAME_DATA).min(bound) as u32;
+        SendRoom(self.window.clone().acquire_many_owned(wanted).await.expect("the window is never closed"))
+    }
+
+    /// Sends `data` (at most one frame) in room reserved for it; room it does not use is
+    /// given back at once.
+    pub async fn write_reserved(&mut self, data: Bytes, mut room: SendRoom) -> Result<(), SessionClosed> {
+        debug_assert!(data.len() <= MAX_FRAME_DATA);
+        let used = (data.len().max(1) as u32).min(room.0.num_permits() as u32);
+        if let Some(unused) = room.0.split(room.0.num_permits() - used as usize) {
+            drop(unused);
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        let frame = Frame::new(Command::Push, self.id, data);
+        if self.shared.data_tx.send(Outgoing::Data(frame, room.0)).await.is_err() {
+            return Err(self.shared.closed_error());
         }
         Ok(())
     }

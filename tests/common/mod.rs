@@ -11,13 +11,13 @@ use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// Longest wait for a process to say it is ready.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -732,4 +732,93 @@ pub async fn api_get(api: SocketAddr, path: &str, bearer: Option<&str>) -> (u16,
     let (head, body) = split_http_response(&raw);
     let status = head.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
     (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+// ---------------------------------------------------------------------------------------
+// Watching a process under load, and a healthy stream beside the load
+
+/// A healthy client: one stream through our client, echoing 64 KiB rounds until
+/// stopped. Every round must come back intact.
+pub struct Healthy {
+    stop: Arc<AtomicBool>,
+    rounds: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Healthy {
+    pub async fn start(proxy: SocketAddr, echo: SocketAddr, pause: Duration) -> Healthy {
+        let stop = Arc::new(AtomicBool::new(false));
+        let rounds = Arc::new(AtomicU64::new(0));
+        let tcp = socks5_open(proxy, echo).await;
+        let task = tokio::spawn({
+            let (stop, rounds) = (stop.clone(), rounds.clone());
+            async move {
+                let (mut reader, mut writer) = tcp.into_split();
+                let data = payload(64 * 1024, 42);
+                let mut back = vec![0u8; data.len()];
+                while !stop.load(Ordering::Relaxed) {
+                    let (sent, received) = tokio::join!(writer.write_all(&data), reader.read_exact(&mut back));
+                    sent.expect("healthy stream: send");
+                    received.expect("healthy stream: receive");
+                    assert!(back == data, "healthy stream: echo differs");
+                    rounds.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        });
+        Healthy { stop, rounds, task }
+    }
+
+    /// Stops it and checks it kept going the whole time; returns its round count.
+    pub async fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("healthy stream stuck")
+            .expect("healthy stream failed");
+        self.rounds.load(Ordering::Relaxed)
+    }
+
+    pub fn rounds(&self) -> u64 {
+        self.rounds.load(Ordering::Relaxed)
+    }
+}
+
+/// CPU time (user + system) of a process so far, from /proc/PID/stat.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let fields: Vec<&str> = stat.rsplit_once(") ").expect("stat format").1.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0 // USER_HZ is 100 on Linux
+}
+
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:")?.trim().strip_suffix(" kB")?.trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// Open file descriptors of a process.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|dir| dir.count()).unwrap_or(0)
+}
+
+/// A target that accepts connections, with a small receive buffer, and never reads.
+pub async fn spawn_sink_that_never_reads() -> SocketAddr {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1024).unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            held.push(tcp);
+        }
+    });
+    addr
 }
