@@ -62,31 +62,9 @@ async fn clients_that_vanish_silently_are_released_within_the_keepalive_time() {
     };
     bounded(Duration::from_secs(150), "vanished clients", async {
         let idle = run_shape(Shape::IdleSessions, net).await;
-        announce(&format!(
-            "NOTE vanished (a) {CLIENTS} idle sessions, link cut ({net}/30): all server sockets to the client gone {:.1} s \
-             after the cut, fds back {:.1} s after (baseline {}, {} with the sessions, {} after); \
-             {}/{} server sockets had a keepalive timer before the cut",
-            idle.sessions_gone.as_secs_f64(),
-            idle.all_released.as_secs_f64(),
-            idle.baseline_fds,
-            idle.loaded_fds,
-            idle.final_fds,
-            idle.keepalive_timers,
-            idle.sessions
-        ));
+        announce(&idle.report(&format!("(a) {CLIENTS} idle sessions, link cut ({net}/30)")));
         let open = run_shape(Shape::OpenStreams, net).await;
-        announce(&format!(
-            "NOTE vanished (b) {CLIENTS} open streams, link cut: all server sockets to the client gone {:.1} s \
-             after the cut, outbound connections and fds back {:.1} s after (baseline {}, {} with the streams, \
-             {} after); {}/{} server sockets had a keepalive timer before the cut",
-            open.sessions_gone.as_secs_f64(),
-            open.all_released.as_secs_f64(),
-            open.baseline_fds,
-            open.loaded_fds,
-            open.final_fds,
-            open.keepalive_timers,
-            open.sessions
-        ));
+        announce(&open.report(&format!("(b) {CLIENTS} open streams, link cut")));
     })
     .await;
 }
@@ -121,6 +99,23 @@ struct Measured {
     sessions_gone: Duration,
     /// From the cut until sockets, outbound connections and descriptors were all back.
     all_released: Duration,
+}
+
+impl Measured {
+    fn report(&self, shape: &str) -> String {
+        format!(
+            "NOTE vanished {shape}: all server sockets to the client gone {:.1} s after the cut, outbound \
+             connections and fds back {:.1} s after (baseline {}, {} loaded, {} after); {}/{} server sockets had a \
+             keepalive timer before the cut",
+            self.sessions_gone.as_secs_f64(),
+            self.all_released.as_secs_f64(),
+            self.baseline_fds,
+            self.loaded_fds,
+            self.final_fds,
+            self.keepalive_timers,
+            self.sessions
+        )
+    }
 }
 
 async fn run_shape(shape: Shape, net: Ipv4Addr) -> Measured {
