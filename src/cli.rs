@@ -13,6 +13,11 @@ pub fn accept_single_dash_long_flags(args: impl IntoIterator<Item = String>, lon
         .collect()
 }
 
+/// A duration flag in seconds where 0 means "never" (or "off").
+pub fn secs_or_never(secs: u64) -> Option<std::time::Duration> {
+    (secs > 0).then(|| std::time::Duration::from_secs(secs))
+}
+
 /// How both binaries watch their TCP connections for a peer that vanished (see
 /// [`crate::keepalive`]); flattened into each binary's flags.
 #[derive(clap::Args, Debug, Clone)]
@@ -35,13 +40,11 @@ pub struct KeepaliveArgs {
 
 impl KeepaliveArgs {
     pub fn keepalive(&self) -> crate::keepalive::Keepalive {
-        use std::time::Duration;
-        let secs = |n: u64| (n > 0).then(|| Duration::from_secs(n));
         crate::keepalive::Keepalive {
-            idle: secs(self.tcp_keepalive_secs),
-            interval: Duration::from_secs(self.tcp_keepalive_interval_secs.max(1)),
+            idle: secs_or_never(self.tcp_keepalive_secs),
+            interval: std::time::Duration::from_secs(self.tcp_keepalive_interval_secs.max(1)),
             probes: self.tcp_keepalive_probes.max(1),
-            user_timeout: secs(self.tcp_user_timeout_secs),
+            user_timeout: secs_or_never(self.tcp_user_timeout_secs),
         }
     }
 }

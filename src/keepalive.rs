@@ -42,12 +42,6 @@ impl Keepalive {
     pub const OFF: Keepalive =
         Keepalive { idle: None, interval: Duration::from_secs(15), probes: 4, user_timeout: None };
 
-    /// The longest a silent peer's connection is kept once nothing more is heard from it
-    /// (with nothing in flight: the idle time plus every probe), if keepalive is on.
-    pub fn detects_silence_within(&self) -> Option<Duration> {
-        self.idle.map(|idle| idle + self.interval * self.probes)
-    }
-
     /// Sets the options on `tcp`. A failure is logged at DEBUG and otherwise ignored: the
     /// connection still works, it is only watched less closely.
     pub fn apply(&self, tcp: &TcpStream) {
@@ -90,7 +84,6 @@ mod tests {
         assert_eq!(socket.tcp_keepalive_interval().unwrap(), Duration::from_secs(3));
         assert_eq!(socket.tcp_keepalive_retries().unwrap(), 5);
         assert_eq!(socket.tcp_user_timeout().unwrap(), Some(Duration::from_millis(22_000)));
-        assert_eq!(keepalive.detects_silence_within(), Some(Duration::from_secs(22)));
     }
 
     #[tokio::test]
@@ -101,6 +94,5 @@ mod tests {
         let socket = SockRef::from(&tcp);
         assert!(!socket.keepalive().unwrap());
         assert_eq!(socket.tcp_user_timeout().unwrap(), None);
-        assert_eq!(Keepalive::OFF.detects_silence_within(), None);
     }
 }

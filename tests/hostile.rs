@@ -525,12 +525,8 @@ async fn an_upload_flood_at_a_target_that_never_reads_is_held_to_the_memory_budg
             raw.tls.get_ref().0.set_zero_linger().unwrap();
         }
         drop(held);
-        let left_at = Instant::now();
-        while fd_count(pid) > fds_before + 5 && left_at.elapsed() < Duration::from_secs(10) {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let fds_after = fd_count(pid);
-        announce(&format!("NOTE upload flood over: fds {fds_after} after {:?}", left_at.elapsed()));
+        let (fds_after, took) = fds_down_to(pid, fds_before + 5, Duration::from_secs(10)).await;
+        announce(&format!("NOTE upload flood over: fds {fds_after} after {took:?}"));
         assert!(fds_after <= fds_before + 5, "fds {fds_before} -> {fds_after} 10 s after the attacker left");
         healthy.finish().await;
     })
@@ -959,12 +955,8 @@ async fn syn_push_fin_in_a_loop_holds_at_most_the_session_cap() {
         raw.assert_alive().await;
 
         // The target never closes: the half-close timeout (4 s) ends the FIN'd streams.
-        let left_at = Instant::now();
-        while fd_count(pid) > fds_before + 4 && left_at.elapsed() < Duration::from_secs(10) {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let fds_after = fd_count(pid);
-        announce(&format!("NOTE half-closed streams ended: fds {fds_after} after {:?}", left_at.elapsed()));
+        let (fds_after, took) = fds_down_to(pid, fds_before + 4, Duration::from_secs(10)).await;
+        announce(&format!("NOTE half-closed streams ended: fds {fds_after} after {took:?}"));
         assert!(fds_after <= fds_before + 4, "fds {fds_before} -> {fds_after}: half-closed streams kept");
         // Their places are back: the session opens streams again.
         raw.syn_push_fin(1000, 8, target).await;

@@ -301,8 +301,8 @@ fn connector_for(server: &str, args: &Args, buffers: &BufferBudget) -> Result<(C
         password: PasswordHash::of(&password),
         session_config: SessionConfig {
             padding: Arc::new(ArcSwap::from_pointee(PaddingScheme::default())),
-            stream_idle_timeout: secs_or_never(args.stream_idle_timeout_secs),
-            heartbeat_interval: secs_or_never(args.heartbeat_interval_secs),
+            stream_idle_timeout: anytls_rs::cli::secs_or_never(args.stream_idle_timeout_secs),
+            heartbeat_interval: anytls_rs::cli::secs_or_never(args.heartbeat_interval_secs),
             heartbeat_timeout: Duration::from_secs(args.heartbeat_timeout_secs.max(1)),
             buffers: buffers.clone(),
             stream_buffer: (args.stream_buffer_kib.max(4) << 10) as usize,
@@ -312,11 +312,6 @@ fn connector_for(server: &str, args: &Args, buffers: &BufferBudget) -> Result<(C
         keepalive: args.keepalive.keepalive(),
     };
     Ok((connector, trust))
-}
-
-/// A duration flag where 0 means "never".
-fn secs_or_never(secs: u64) -> Option<Duration> {
-    (secs > 0).then(|| Duration::from_secs(secs))
 }
 
 fn describe_trust(trust: &Trust) -> &'static str {

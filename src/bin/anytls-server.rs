@@ -396,7 +396,7 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
         keepalive: args.keepalive.keepalive(),
     };
 
-    let secs_or_never = |secs: u64| (secs > 0).then(|| Duration::from_secs(secs));
+    use anytls_rs::cli::secs_or_never;
     let limits = ServerLimits {
         max_sessions,
         max_streams,

@@ -247,11 +247,6 @@ impl NameCache {
         &self.own
     }
 
-    /// Lookups in flight now.
-    pub fn lookups_in_flight(&self) -> usize {
-        MAX_LOOKUPS - self.in_flight.available_permits()
-    }
-
     /// Lookups sent to the system resolver so far.
     pub fn lookups(&self) -> u64 {
         self.lookups.load(Ordering::Relaxed)

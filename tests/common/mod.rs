@@ -807,6 +807,16 @@ pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map(|dir| dir.count()).unwrap_or(0)
 }
 
+/// Waits (at most `limit`) until `pid` has at most `bound` descriptors open; returns the
+/// count then and how long it took.
+pub async fn fds_down_to(pid: u32, bound: usize, limit: Duration) -> (usize, Duration) {
+    let started = Instant::now();
+    while fd_count(pid) > bound && started.elapsed() < limit {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (fd_count(pid), started.elapsed())
+}
+
 /// A target that accepts connections, with a small receive buffer, and never reads.
 pub async fn spawn_sink_that_never_reads() -> SocketAddr {
     let socket = TcpSocket::new_v4().unwrap();
