@@ -77,6 +77,9 @@ pub enum PoolType {
 }
 
 impl PoolType {
+    /// Every engine, in the order help text, scripts and benches list them.
+    pub const ALL: [PoolType; 3] = [PoolType::Lock, PoolType::LockFree, PoolType::HighPerf];
+
     /// The name used on the command line and in logs.
     pub fn name(self) -> &'static str {
         match self {
@@ -84,6 +87,11 @@ impl PoolType {
             PoolType::LockFree => "lockfree",
             PoolType::HighPerf => "highperf",
         }
+    }
+
+    /// The engines' names, comma-separated: what an error or help text lists.
+    pub fn names() -> String {
+        Self::ALL.map(PoolType::name).join(", ")
     }
 }
 
@@ -93,21 +101,16 @@ impl fmt::Display for PoolType {
     }
 }
 
-/// A pool type name that is not one of the three engines.
+/// A pool type name that is not one of the engines.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown pool type {0:?}: expected one of lock, lockfree, highperf")]
+#[error("unknown pool type {0:?}: expected one of {names}", names = PoolType::names())]
 pub struct UnknownPoolType(pub String);
 
 impl FromStr for PoolType {
     type Err = UnknownPoolType;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "lock" => Ok(PoolType::Lock),
-            "lockfree" => Ok(PoolType::LockFree),
-            "highperf" => Ok(PoolType::HighPerf),
-            other => Err(UnknownPoolType(other.to_owned())),
-        }
+        Self::ALL.into_iter().find(|kind| kind.name() == s).ok_or_else(|| UnknownPoolType(s.to_owned()))
     }
 }
 
@@ -567,7 +570,7 @@ mod format_tests {
 
     #[test]
     fn pool_type_parses_and_prints_its_three_names() {
-        for kind in [PoolType::Lock, PoolType::LockFree, PoolType::HighPerf] {
+        for kind in PoolType::ALL {
             assert_eq!(kind.to_string().parse::<PoolType>(), Ok(kind));
             let value = clap::ValueEnum::to_possible_value(&kind).unwrap();
             assert_eq!(value.get_name(), kind.name());
