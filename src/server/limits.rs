@@ -306,10 +306,11 @@ impl std::fmt::Display for HandshakeRefusal {
 
 /// A connection's place in the handshake phase; dropping it frees the place.
 pub struct HandshakeSlot {
-    slots: Arc<HandshakeSlots>,
-    key: SourceKey,
-    _source: Option<OwnedSemaphorePermit>,
+    // Fields drop in order: the permits first, so the source's semaphore is referenced
+    // by the map only when the guard looks at it.
+    _source: OwnedSemaphorePermit,
     _total: OwnedSemaphorePermit,
+    _forget: ForgetSource,
 }
 
 impl HandshakeSlots {
@@ -347,7 +348,8 @@ impl HandshakeSlots {
         if let Ok(source_place) = mine.clone().try_acquire_owned()
             && let Ok(total) = self.total.clone().try_acquire_owned()
         {
-            return Ok(HandshakeSlot { slots: self.clone(), key, _source: Some(source_place), _total: total });
+            let _forget = ForgetSource { slots: self.clone(), key };
+            return Ok(HandshakeSlot { _source: source_place, _total: total, _forget });
         }
         self.wait_for_place(key, mine, deadline).await
     }
@@ -370,8 +372,8 @@ impl HandshakeSlots {
             .await
             .map_err(|_| HandshakeRefusal::Full(self.max_waiting))?
             .expect("never closed");
-        std::mem::forget(forget);
-        Ok(HandshakeSlot { slots: self.clone(), key, _source: Some(source), _total: total })
+        // The guard goes into the slot, which forgets the source when it is dropped.
+        Ok(HandshakeSlot { _source: source, _total: total, _forget: forget })
     }
 
     /// Drops the source's entry once nothing holds or waits for its places.
@@ -391,14 +393,6 @@ struct ForgetSource {
 
 impl Drop for ForgetSource {
     fn drop(&mut self) {
-        self.slots.forget_if_unused(self.key);
-    }
-}
-
-impl Drop for HandshakeSlot {
-    fn drop(&mut self) {
-        // The permits go first, so the source's semaphore is referenced by the map only.
-        self._source.take();
         self.slots.forget_if_unused(self.key);
     }
 }
@@ -494,6 +488,22 @@ mod tests {
         assert!(admit(&slots, "127.0.0.2").await.is_ok(), "places come back when connections finish");
         drop(others);
         assert!(slots.sources.lock().unwrap().is_empty(), "no entry left for sources with no connection");
+    }
+
+    #[tokio::test]
+    async fn a_slot_won_by_waiting_leaves_no_reference_behind() {
+        let slots = Arc::new(HandshakeSlots::new(4, Some(1)));
+        let first = admit(&slots, "127.0.0.2").await.unwrap();
+        let waiter = tokio::spawn({
+            let slots = slots.clone();
+            async move { slots.admit(ip("127.0.0.2"), tokio::time::Instant::now() + Duration::from_secs(5)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(first);
+        let second = waiter.await.unwrap().expect("the waiter gets the freed place");
+        drop(second);
+        assert_eq!(Arc::strong_count(&slots), 1, "every slot and guard gave its reference back");
+        assert!(slots.sources.lock().unwrap().is_empty(), "no entry left for the source");
     }
 
     #[tokio::test]
