@@ -29,9 +29,14 @@ const WAIT: Duration = Duration::from_secs(5);
 async fn start_server() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let config = ServerConfig {
+    tokio::spawn(server::run(listener, server_config(vec![PasswordHash::of("pw")])));
+    addr
+}
+
+fn server_config(passwords: Vec<PasswordHash>) -> ServerConfig {
+    ServerConfig {
         tls: Identity::self_signed().unwrap().server_config().unwrap(),
-        passwords: vec![PasswordHash::of("pw")],
+        passwords,
         padding: PaddingScheme::default(),
         connect_timeout: Duration::from_secs(2),
         keepalive: Default::default(),
@@ -51,9 +56,18 @@ async fn start_server() -> SocketAddr {
         warmup: vec![],
         stats_interval: Duration::from_secs(600),
         udp: UdpSettings::default(),
-    };
-    tokio::spawn(server::run(listener, config));
-    addr
+    }
+}
+
+/// A library caller that passes no password gets an error, not a panic in its task.
+#[tokio::test]
+async fn a_server_without_passwords_returns_an_error() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let started = tokio::time::timeout(WAIT, server::run(listener, server_config(Vec::new()))).await;
+    match started {
+        Ok(Err(server::ServerError::Users(why))) => assert!(!why.is_empty()),
+        other => panic!("expected a users error at once, got {other:?}"),
+    }
 }
 
 /// Our client's proxy port, on IPv6 loopback where it exists: a SOCKS5 datagram carrying

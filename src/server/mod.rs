@@ -58,8 +58,16 @@ pub struct ServerConfig {
     pub keepalive: crate::keepalive::Keepalive,
 }
 
+/// Why a server could not start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServerError {
+    /// The passwords or users given cannot be served (none at all, one given twice).
+    #[error("users: {0}")]
+    Users(String),
+}
+
 /// Accepts connections until the task is dropped, with the default [`ServerLimits`].
-pub async fn run(listener: TcpListener, config: ServerConfig) {
+pub async fn run(listener: TcpListener, config: ServerConfig) -> Result<(), ServerError> {
     let pool = new_outbound_pool(&config);
     run_until(listener, config, pool, ServerLimits::default(), std::future::pending()).await
 }
@@ -76,16 +84,18 @@ pub fn new_outbound_pool(config: &ServerConfig) -> OutboundPool {
 /// Accepts connections until `shutdown` resolves, then stops accepting, lets streams
 /// in flight finish (at most `limits.drain_timeout`), closes every session and the
 /// outbound pool's warm connections, and logs the final pool statistics.
-/// `config.passwords` are the users (unnamed).
+/// `config.passwords` are the users (unnamed); with none, or one given twice, it returns
+/// [`ServerError::Users`] at once.
 pub async fn run_until(
     listener: TcpListener,
     config: ServerConfig,
     pool: OutboundPool,
     limits: ServerLimits,
     shutdown: impl Future<Output = ()>,
-) {
-    let users = Users::new(UserEntry::unnamed(config.passwords.clone())).expect("at least one password");
-    run_with_users(listener, config, Arc::new(users), pool, limits, shutdown).await
+) -> Result<(), ServerError> {
+    let users = Users::new(UserEntry::unnamed(config.passwords.clone())).map_err(ServerError::Users)?;
+    run_with_users(listener, config, Arc::new(users), pool, limits, shutdown).await;
+    Ok(())
 }
 
 /// As [`run_until`], with named users that a reload may change while it runs: the
