@@ -107,11 +107,22 @@ pub fn config_arguments(text: &str, command: &Command) -> Result<Vec<(String, St
 fn users(item: &Item) -> Result<Vec<String>, String> {
     let tables = item.as_array_of_tables().ok_or("`users` must be [[users]] tables with name and password")?;
     let mut out = Vec::new();
-    for table in tables.iter() {
+    for (i, table) in tables.iter().enumerate() {
         let field = |name: &str| table.get(name).and_then(Item::as_str).map(str::to_string);
         let (Some(name), Some(password)) = (field("name"), field("password")) else {
             return Err("each [[users]] needs `name` and `password` (strings)".into());
         };
+        // A colon would move into the password on the way through `--user NAME:PASSWORD`,
+        // and the user would be refused the password they were given.
+        if name.is_empty() || name.contains(':') {
+            return Err(format!(
+                "[[users]] #{}: name {name:?} cannot be empty or contain `:` (the password may)",
+                i + 1
+            ));
+        }
+        if password.is_empty() {
+            return Err(format!("[[users]] #{} ({name}): the password is empty", i + 1));
+        }
         if let Some(other) = table.iter().map(|(k, _)| k).find(|k| *k != "name" && *k != "password") {
             return Err(format!("unknown key `{other}` in [[users]] (name, password)"));
         }
@@ -273,6 +284,17 @@ password = "pw:with:colons"
         assert!(err.contains("needs `name` and `password`"), "{err}");
         let err = parse("config = \"x\"", &[]).unwrap_err();
         assert!(err.contains("cannot be set inside"), "{err}");
+    }
+
+    #[test]
+    fn a_user_name_with_a_colon_is_refused_not_split() {
+        let err = parse("[[users]]\nname = \"a:b\"\npassword = \"pw\"", &[]).unwrap_err();
+        assert!(err.contains("[[users]] #1") && err.contains("\"a:b\"") && err.contains("`:`"), "{err}");
+        let err = parse("[[users]]\nname = \"a\"\npassword = \"p\"\n[[users]]\nname = \"\"\npassword = \"q\"", &[])
+            .unwrap_err();
+        assert!(err.contains("[[users]] #2"), "{err}");
+        let err = parse("[[users]]\nname = \"a\"\npassword = \"\"", &[]).unwrap_err();
+        assert!(err.contains("password is empty"), "{err}");
     }
 
     #[test]
