@@ -11,6 +11,7 @@ pub mod config;
 pub mod crypto;
 pub mod keepalive;
 pub mod logging;
+pub mod metrics;
 pub mod pool;
 pub mod proto;
 pub mod resources;

@@ -101,6 +101,7 @@ async fn start_client(server: SocketAddr) -> SocketAddr {
         stats_interval: Duration::from_secs(600),
         local_handshake_timeout: Duration::from_secs(10),
         max_connections: 64,
+        relay_buffers: Default::default(),
     };
     tokio::spawn(client::run(listener, config));
     addr

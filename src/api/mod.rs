@@ -1,10 +1,10 @@
 //! The monitoring API (`--api ADDR`): the pools' statistics as JSON, as Prometheus metrics,
 //! and a live page, over plain HTTP/1.1 served by axum.
 //!
-//! - `GET /api/connection-pool-stats`: [`stats::ConnectionPoolStats`] as JSON.
-//! - `GET /api/memory-pool-stats`: [`stats::MemoryPoolStats`] as JSON.
-//! - `GET /api/events`: server-sent events, one [`stats::Snapshot`] a second (the page's feed).
-//! - `GET /api/users`: [`stats::UsersStats`] (server): per-user counters, authentication
+//! - `GET /api/connection-pool-stats`: [`ConnectionPoolStats`] as JSON.
+//! - `GET /api/memory-pool-stats`: [`MemoryPoolStats`] as JSON.
+//! - `GET /api/events`: server-sent events, one [`Snapshot`] a second (the page's feed).
+//! - `GET /api/users`: [`UsersStats`] (server): per-user counters, authentication
 //!   failures, outbound policy refusals.
 //! - `GET /metrics`: the Prometheus text exposition of the same numbers.
 //! - `GET /`: the live page (`page.html`, compiled into the binary: no CDN, no files).
@@ -19,16 +19,14 @@
 //! `503` and are closed), and a request's header must arrive within
 //! `--api-header-timeout-secs` (a client trickling bytes is closed).
 //!
-//! The API only reads counters; it shares nothing with the proxy's data path but the
-//! atomics it loads, and runs on the same runtime as the proxy (a request costs microseconds).
-
-pub mod handshakes;
-pub mod stats;
+//! The API only reads counters, through the service's [`MetricsSource`], and serves what
+//! the metrics room renders; it shares nothing with the proxy's data path but the atomics
+//! it loads, and runs on the same runtime as the proxy (a request costs microseconds).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Request, State};
@@ -44,8 +42,8 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::pool::buffers::{BufferPoolMode, relay_buffer_pool_mode, relay_buffer_stats};
-use stats::{ConnectionPoolStats, MemoryPoolStats, Snapshot};
+use crate::metrics::snapshot::DEFAULT_METRICS_TOP_TARGETS;
+use crate::metrics::{ConnectionPoolStats, MemoryPoolStats, MetricsSource, Snapshot, UsersStats};
 
 /// How often the live page gets a new snapshot.
 const EVENT_INTERVAL: Duration = Duration::from_secs(1);
@@ -53,14 +51,11 @@ const EVENT_INTERVAL: Duration = Duration::from_secs(1);
 /// The live page, compiled in.
 const PAGE: &str = include_str!("page.html");
 
-/// A pool the API can show: the server's outbound pool, the client's servers.
-pub trait PoolSource: Send + Sync + 'static {
-    fn connection_pool_stats(&self) -> ConnectionPoolStats;
-}
-
 #[derive(Clone)]
 struct ApiState {
-    source: Arc<dyn PoolSource>,
+    source: Arc<dyn MetricsSource>,
+    /// Targets with series of their own in `/metrics` (the most active).
+    top_targets: usize,
     /// SHA-256 of the token: requests are checked by comparing digests, which takes the
     /// same time whatever the length of the guess or of the token.
     token_digest: Option<[u8; 32]>,
@@ -82,6 +77,8 @@ pub struct ApiSettings {
     /// A request's whole header must arrive within this time (slow-loris), and an idle
     /// keep-alive connection is closed after it.
     pub header_timeout: Duration,
+    /// How many targets (the most active) get per-target series in `/metrics`.
+    pub metrics_top_targets: usize,
 }
 
 impl Default for ApiSettings {
@@ -90,6 +87,7 @@ impl Default for ApiSettings {
             token: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             header_timeout: Duration::from_secs(DEFAULT_HEADER_TIMEOUT_SECS),
+            metrics_top_targets: DEFAULT_METRICS_TOP_TARGETS,
         }
     }
 }
@@ -111,7 +109,7 @@ pub fn api_listen_address(value: &str) -> String {
 
 /// Binds `--api`'s address and serves the API in the background; returns the bound
 /// address, which is also logged as `api on ADDR` (so `:0` works).
-pub async fn start(value: &str, settings: ApiSettings, source: Arc<dyn PoolSource>) -> Result<SocketAddr, ApiError> {
+pub async fn start(value: &str, settings: ApiSettings, source: Arc<dyn MetricsSource>) -> Result<SocketAddr, ApiError> {
     let address = api_listen_address(value);
     let listen_error = |source| ApiError::Listen { address: address.clone(), source };
     let listener = TcpListener::bind(&address).await.map_err(listen_error)?;
@@ -128,7 +126,7 @@ pub async fn start(value: &str, settings: ApiSettings, source: Arc<dyn PoolSourc
              reach it sees the pool statistics and target names"
         );
     }
-    let app = router(source, token);
+    let app = router(source, settings.metrics_top_targets, token);
     tokio::spawn(serve(listener, app, settings));
     Ok(bound)
 }
@@ -173,8 +171,8 @@ async fn serve(listener: TcpListener, app: Router, settings: ApiSettings) {
 }
 
 /// The routes, behind the token check when a token is set.
-fn router(source: Arc<dyn PoolSource>, token: Option<String>) -> Router {
-    let state = ApiState { source, token_digest: token.map(|token| digest(token.as_bytes())) };
+fn router(source: Arc<dyn MetricsSource>, top_targets: usize, token: Option<String>) -> Router {
+    let state = ApiState { source, top_targets, token_digest: token.map(|token| digest(token.as_bytes())) };
     Router::new()
         .route("/", get(page))
         .route("/api/connection-pool-stats", get(connection_pool_stats))
@@ -194,34 +192,18 @@ async fn connection_pool_stats(State(state): State<ApiState>) -> Json<Connection
     Json(state.source.connection_pool_stats())
 }
 
-async fn memory_pool_stats() -> Json<MemoryPoolStats> {
-    Json(memory_stats())
+async fn memory_pool_stats(State(state): State<ApiState>) -> Json<MemoryPoolStats> {
+    Json(state.source.memory_pool_stats())
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {
-    let mut body = stats::render_prometheus(&snapshot(&state));
-    handshakes::render_prometheus(&mut body);
-    body.push_str(&users_stats().map(|users| stats::render_user_metrics(&users)).unwrap_or_default());
+    let body = crate::metrics::render_prometheus(state.source.as_ref(), state.top_targets);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 
-/// Where the server's users come from, once the binary has shown them ([`show_users`]).
-/// A function rather than the server's types, so the API does not depend on the server.
-type UsersSource = Box<dyn Fn() -> stats::UsersStats + Send + Sync>;
-static USERS: std::sync::OnceLock<UsersSource> = std::sync::OnceLock::new();
-
-/// Makes the API show the users `source` reports (`/api/users`, the page, `/metrics`).
-pub fn show_users(source: impl Fn() -> stats::UsersStats + Send + Sync + 'static) {
-    let _ = USERS.set(Box::new(source));
-}
-
-fn users_stats() -> Option<stats::UsersStats> {
-    USERS.get().map(|source| source())
-}
-
 /// `null` on the client, which has no users.
-async fn users() -> Json<Option<stats::UsersStats>> {
-    Json(users_stats())
+async fn users(State(state): State<ApiState>) -> Json<Option<UsersStats>> {
+    Json(state.source.users_stats())
 }
 
 /// One snapshot now, then one every [`EVENT_INTERVAL`], until the browser goes away.
@@ -236,12 +218,7 @@ async fn events(State(state): State<ApiState>) -> Sse<impl Stream<Item = Result<
 }
 
 fn snapshot(state: &ApiState) -> Snapshot {
-    let unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-    Snapshot { unix_ms, connections: state.source.connection_pool_stats(), memory: memory_stats() }
-}
-
-fn memory_stats() -> MemoryPoolStats {
-    MemoryPoolStats { enabled: relay_buffer_pool_mode() == BufferPoolMode::On, tiers: relay_buffer_stats() }
+    crate::metrics::snapshot(state.source.as_ref())
 }
 
 /// Lets a request through when no token is set, or when it carries the token.

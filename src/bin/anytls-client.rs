@@ -25,9 +25,9 @@ use anytls_rs::client::sessions::{Connector, SessionPool, SessionPoolSettings};
 use anytls_rs::client::tls::{Trust, client_config, parse_pin};
 use anytls_rs::client::{self, ClientConfig};
 use anytls_rs::pool::PoolType;
-use anytls_rs::pool::buffers::{BufferPoolMode, set_relay_buffer_pool};
 use anytls_rs::proto::address::Host;
 use anytls_rs::proto::{PaddingScheme, PasswordHash};
+use anytls_rs::session::buffers::{BufferPoolMode, RelayBuffers};
 use anytls_rs::session::{BufferBudget, SessionConfig};
 
 /// AnyTLS client. The local port speaks SOCKS5, SOCKS4/4a and HTTP proxy.
@@ -178,7 +178,7 @@ struct Args {
     /// Targets (server) or servers (client) that get per-target series in `/metrics`: the
     /// most active ones, so a server meeting many destinations keeps a bounded number of
     /// series.
-    #[arg(long, default_value_t = anytls_rs::api::stats::DEFAULT_METRICS_TOP_TARGETS, value_name = "N", help_heading = "Monitoring")]
+    #[arg(long, default_value_t = anytls_rs::metrics::snapshot::DEFAULT_METRICS_TOP_TARGETS, value_name = "N", help_heading = "Monitoring")]
     metrics_top_targets: usize,
 }
 
@@ -241,21 +241,21 @@ async fn run(args: Args) -> Result<(), String> {
         idle_check_interval: Duration::from_secs(args.idle_session_check_interval_secs.max(1)),
         local_handshake_timeout: Duration::from_secs(args.local_handshake_timeout_secs.max(1)),
         max_connections: max_connections.max(1),
+        relay_buffers: Arc::new(RelayBuffers::new(args.buffer_pool)),
     };
     let listener =
         anytls_rs::accept::listen(&args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let policy = if described.len() > 1 { format!(", policy {:?}", args.policy) } else { String::new() };
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     log::info!("SOCKS5/SOCKS4/HTTP proxy on {local}, server {}{policy}", described.join(", "));
-    set_relay_buffer_pool(args.buffer_pool);
-    anytls_rs::api::stats::set_metrics_top_targets(args.metrics_top_targets);
     if let Some(api) = &args.api {
         let settings = anytls_rs::api::ApiSettings {
             token: args.api_token.clone(),
             max_connections: args.api_max_connections.max(1),
             header_timeout: Duration::from_secs(args.api_header_timeout_secs.max(1)),
+            metrics_top_targets: args.metrics_top_targets,
         };
-        anytls_rs::api::start(api, settings, config.servers.clone()).await.map_err(|e| e.to_string())?;
+        anytls_rs::api::start(api, settings, config.metrics()).await.map_err(|e| e.to_string())?;
     }
     let shutdown = async {
         let signal = anytls_rs::shutdown::signal().await;

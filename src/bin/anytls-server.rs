@@ -19,18 +19,18 @@ use clap::{CommandFactory, Parser};
 
 use anytls_rs::config;
 use anytls_rs::pool::PoolType;
-use anytls_rs::pool::buffers::{BufferPoolMode, set_relay_buffer_pool};
 use anytls_rs::proto::{Address, PaddingScheme, PasswordHash};
 use anytls_rs::resources::ServerCaps;
 use anytls_rs::server::fallback::{FallbackSettings, ProbeSettings};
 use anytls_rs::server::limits::ServerLimits;
 use anytls_rs::server::outbound_pool::OutboundSettings;
-use anytls_rs::server::policy::{self, Cidr, Policy};
+use anytls_rs::server::policy::{Cidr, Policy};
 use anytls_rs::server::tls::{CertificateSlot, Identity};
 use anytls_rs::server::udp::UdpSettings;
 use anytls_rs::server::users::{UserEntry, Users};
-use anytls_rs::server::{self, ServerConfig};
+use anytls_rs::server::{self, ServerConfig, ServerContext};
 use anytls_rs::session::BufferBudget;
+use anytls_rs::session::buffers::BufferPoolMode;
 
 /// AnyTLS server. Without --cert/--key it makes a self-signed certificate and logs
 /// its SHA-256 fingerprint (give that to clients with --pin-sha256).
@@ -218,7 +218,7 @@ struct Args {
     /// Targets (server) or servers (client) that get per-target series in `/metrics`: the
     /// most active ones, so a server meeting many destinations keeps a bounded number of
     /// series.
-    #[arg(long, default_value_t = anytls_rs::api::stats::DEFAULT_METRICS_TOP_TARGETS, value_name = "N", help_heading = "Monitoring")]
+    #[arg(long, default_value_t = anytls_rs::metrics::snapshot::DEFAULT_METRICS_TOP_TARGETS, value_name = "N", help_heading = "Monitoring")]
     metrics_top_targets: usize,
 }
 
@@ -410,30 +410,23 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
         buffers,
         stream_buffer: (args.stream_buffer_kib.max(4) << 10) as usize,
     };
-    set_relay_buffer_pool(args.buffer_pool);
-    anytls_rs::api::stats::set_metrics_top_targets(args.metrics_top_targets);
-    let pool = server::new_outbound_pool(&config);
+    let context = Arc::new(ServerContext::from_config(&config, users.clone()).with_relay_buffers(args.buffer_pool));
     let bound = listener.local_addr().map_err(|e| e.to_string())?;
     let mut own = vec![bound];
-    anytls_rs::api::show_users({
-        let users = users.clone();
-        move || users.stats()
-    });
     if let Some(api) = &args.api {
         let settings = anytls_rs::api::ApiSettings {
             token: args.api_token.clone(),
             max_connections: args.api_max_connections.max(1),
             header_timeout: Duration::from_secs(args.api_header_timeout_secs.max(1)),
+            metrics_top_targets: args.metrics_top_targets,
         };
-        own.push(
-            anytls_rs::api::start(api, settings, std::sync::Arc::new(pool.clone())).await.map_err(|e| e.to_string())?,
-        );
+        own.push(anytls_rs::api::start(api, settings, context.clone()).await.map_err(|e| e.to_string())?);
     } else if args.api_token.is_some() {
         log::warn!("--api-token (or ANYTLS_API_TOKEN) without --api: there is no API to protect");
     }
     let policy = outbound_policy(&args, own)?;
     log_policy(&policy);
-    policy::install(policy);
+    context.policy.replace(policy);
     reload_on_sighup(argv, users.clone(), certificate.clone())?;
     log::info!(
         "listening on {bound} ({} user{}: {})",
@@ -446,7 +439,7 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
         let signal = anytls_rs::shutdown::signal().await;
         log::info!("{signal} received");
     };
-    server::run_with_users(listener, config, users, pool, limits, shutdown).await;
+    server::serve(listener, config, context, limits, shutdown).await;
     Ok(())
 }
 

@@ -17,6 +17,8 @@ use bytes::{Bytes, BytesMut};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
+use crate::metrics::{ConnectionPoolStats, MemoryPoolStats, MetricsSource};
+use crate::session::buffers::{BufferPoolMode, RelayBuffers};
 use crate::session::{OpenError, Stream, relay};
 use crate::shutdown::InFlight;
 use error::OpenFailure;
@@ -39,6 +41,32 @@ pub struct ClientConfig {
     /// Local connections served at once. Beyond it the client stops accepting: new
     /// connections wait in the listen queue until one ends, none is refused.
     pub max_connections: usize,
+    /// The read buffers of this client's relays (`--buffer-pool`).
+    pub relay_buffers: Arc<RelayBuffers>,
+}
+
+impl ClientConfig {
+    /// What the monitoring API shows of this client.
+    pub fn metrics(&self) -> Arc<dyn MetricsSource> {
+        Arc::new(ClientMetrics { servers: self.servers.clone(), relay_buffers: self.relay_buffers.clone() })
+    }
+}
+
+/// The client as the metrics room sees it: its session pools and its relay buffers.
+struct ClientMetrics {
+    servers: Arc<Servers>,
+    relay_buffers: Arc<RelayBuffers>,
+}
+
+impl MetricsSource for ClientMetrics {
+    fn connection_pool_stats(&self) -> ConnectionPoolStats {
+        self.servers.connection_pool_stats()
+    }
+
+    fn memory_pool_stats(&self) -> MemoryPoolStats {
+        let enabled = self.relay_buffers.mode() == BufferPoolMode::On;
+        MemoryPoolStats { enabled, tiers: self.relay_buffers.stats() }
+    }
 }
 
 /// The warning owed when the proxy port can be reached from other machines and asks no
@@ -121,7 +149,7 @@ pub async fn run_until(
     maintenance.abort();
     probes.abort();
     let closed = config.servers.close_idle();
-    crate::pool::log_stats(&config.servers.stats(), &config.servers.idle_by_server(), "");
+    crate::metrics::log_lines::log_stats(&config.servers.stats(), &config.servers.idle_by_server(), "");
     log::info!("shut down: {closed} idle sessions closed");
 }
 
@@ -133,7 +161,7 @@ async fn maintain_pool(config: Arc<ClientConfig>) {
     loop {
         tokio::select! {
             _ = sweep.tick() => config.servers.sweep(),
-            _ = stats.tick() => crate::pool::log_stats(&config.servers.stats(), &config.servers.idle_by_server(), ""),
+            _ = stats.tick() => crate::metrics::log_lines::log_stats(&config.servers.stats(), &config.servers.idle_by_server(), ""),
         }
     }
 }
@@ -167,7 +195,7 @@ async fn serve_connection(mut tcp: TcpStream, config: &ClientConfig) -> Result<(
     };
     request.reply_success(&mut tcp).await?;
     log::debug!("{destination}: stream {} open", stream.id());
-    let (stats, error) = relay(stream, tcp).await;
+    let (stats, error) = relay(stream, tcp, &config.relay_buffers).await;
     release(config, lease);
     match error {
         Some(error) => Err(ServeError::Relay { destination, error }),

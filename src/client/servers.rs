@@ -127,11 +127,12 @@ impl Servers {
     }
 }
 
-impl crate::api::PoolSource for Servers {
-    fn connection_pool_stats(&self) -> crate::api::stats::ConnectionPoolStats {
+impl Servers {
+    /// The session pools as the metrics room shows them.
+    pub fn connection_pool_stats(&self) -> crate::metrics::ConnectionPoolStats {
         let pool_type = self.pools.first().map(|pool| pool.pool_type().to_string()).unwrap_or_default();
         // Sessions outlive their streams; only the pool closes them (no `ended`).
-        crate::api::stats::ConnectionPoolStats::from_snapshot(
+        crate::metrics::ConnectionPoolStats::from_snapshot(
             "sessions",
             pool_type,
             &self.stats(),

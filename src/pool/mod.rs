@@ -24,7 +24,6 @@
 //! Entries are handed out LIFO: the most recently used connection is the one most likely still
 //! alive and warm, and the old ones at the bottom are left to expire.
 
-pub mod buffers;
 mod highperf;
 mod lock;
 mod lockfree;
@@ -436,113 +435,9 @@ pub struct KeyStats {
     pub unpooled: u64,
 }
 
-/// `[Pool Stats] Total: 15, Active: 3, Reused: 8, New: 7, Cleaned: 2, Reuse rate: 53.3%, Utilisation: 20.0%`
-pub fn format_stats_line(s: &PoolStatsSnapshot) -> String {
-    format!(
-        "[Pool Stats] Total: {}, Active: {}, Reused: {}, New: {}, Cleaned: {}, \
-         Reuse rate: {:.1}%, Utilisation: {:.1}%",
-        s.total,
-        s.active,
-        s.reused,
-        s.new,
-        s.cleaned,
-        percent(s.reused, s.reused + s.new),
-        percent(s.active, s.total),
-    )
-}
-
-/// The fields appended to the stats line after its standard ones (scripts parse the
-/// standard ones by name, so new ones only ever go at the end). The client has no warming
-/// and no unpooled path, so only `Keys` is shown for it.
-pub fn format_stats_extra(s: &PoolStatsSnapshot, server: bool) -> String {
-    if server {
-        format!(
-            ", Warmed: {}, Unused: {}, Unpooled: {}, Lookups: {}, Keys: {}",
-            s.warmed, s.unused, s.unpooled, s.lookups, s.keys
-        )
-    } else {
-        format!(", Keys: {}", s.keys)
-    }
-}
-
-/// Logs the two stats lines at INFO; `extra` is appended to the first. The status line
-/// lists keys by name.
-pub fn log_stats(snapshot: &PoolStatsSnapshot, idle_by_key: &[(PoolKey, usize)], extra: &str) {
-    log::info!("{}{extra}", format_stats_line(snapshot));
-    log::info!("{}", format_status_line(idle_by_key));
-}
-
-/// Idle counts by key name, sorted, for the status line.
-pub fn named_idle_by_key<K: fmt::Display>(idle_by_key: Vec<(K, usize)>) -> Vec<(PoolKey, usize)> {
-    let mut named: Vec<(PoolKey, usize)> = idle_by_key.into_iter().map(|(k, n)| (k.to_string().into(), n)).collect();
-    named.sort_unstable();
-    named
-}
-
-fn percent(part: u64, whole: u64) -> f64 {
-    if whole == 0 { 0.0 } else { part as f64 * 100.0 / whole as f64 }
-}
-
-/// `[Pool Status] {"example.com:80": 5, "127.0.0.1:8080": 3}`, in the order given.
-pub fn format_status_line(idle_by_key: &[(PoolKey, usize)]) -> String {
-    let entries: Vec<String> = idle_by_key.iter().map(|(key, n)| format!("{}: {n}", json_string(key))).collect();
-    format!("[Pool Status] {{{}}}", entries.join(", "))
-}
-
-/// Quotes `s` as a JSON string, so that a hostile host name cannot break the log line.
-fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
 #[cfg(test)]
 mod format_tests {
     use super::*;
-
-    #[test]
-    fn stats_line_matches_the_documented_format() {
-        let s =
-            PoolStatsSnapshot { total: 15, active: 3, reused: 8, new: 7, cleaned: 2, idle: 4, ..Default::default() };
-        assert_eq!(
-            format_stats_line(&s),
-            "[Pool Stats] Total: 15, Active: 3, Reused: 8, New: 7, Cleaned: 2, \
-             Reuse rate: 53.3%, Utilisation: 20.0%"
-        );
-    }
-
-    #[test]
-    fn stats_line_with_nothing_served_shows_zero_rates() {
-        assert_eq!(
-            format_stats_line(&PoolStatsSnapshot::default()),
-            "[Pool Stats] Total: 0, Active: 0, Reused: 0, New: 0, Cleaned: 0, \
-             Reuse rate: 0.0%, Utilisation: 0.0%"
-        );
-    }
-
-    #[test]
-    fn status_line_matches_the_documented_format() {
-        let status = [(PoolKey::from("example.com:80"), 5), (PoolKey::from("127.0.0.1:8080"), 3)];
-        assert_eq!(format_status_line(&status), r#"[Pool Status] {"example.com:80": 5, "127.0.0.1:8080": 3}"#);
-        let named = named_idle_by_key(vec![("b:1", 1), ("a:1", 2)]);
-        assert_eq!(format_status_line(&named), r#"[Pool Status] {"a:1": 2, "b:1": 1}"#);
-        assert_eq!(format_status_line(&[]), "[Pool Status] {}");
-    }
-
-    #[test]
-    fn status_line_escapes_quotes_backslashes_and_controls() {
-        let status = [(PoolKey::from("a\"b\\c\nd"), 1)];
-        assert_eq!(format_status_line(&status), r#"[Pool Status] {"a\"b\\c\u000ad": 1}"#);
-    }
 
     #[test]
     fn snapshot_totals_reused_and_new() {
@@ -563,7 +458,11 @@ mod format_tests {
         assert_eq!((s.total, s.new, s.reused), (3, 2, 1));
         assert_eq!((s.active, s.cleaned, s.idle), (0, 4, 0));
         assert_eq!((s.warmed, s.unused, s.unpooled, s.ended), (1, 1, 1, 0));
-        let line = format!("{}{}", format_stats_line(&s), format_stats_extra(&s, true));
+        let line = format!(
+            "{}{}",
+            crate::metrics::log_lines::format_stats_line(&s),
+            crate::metrics::log_lines::format_stats_extra(&s, true)
+        );
         assert!(line.starts_with("[Pool Stats] Total: 3, Active: 0, Reused: 1, New: 2, Cleaned: 4, "), "{line}");
         assert!(line.ends_with(", Warmed: 1, Unused: 1, Unpooled: 1, Lookups: 0, Keys: 0"), "{line}");
     }

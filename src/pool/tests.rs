@@ -236,7 +236,10 @@ fn idle_by_key_lists_non_empty_keys_sorted(kind: PoolType) {
     }
     pool.take_at(&key("c:3"), t0).unwrap();
     assert_eq!(idle_by_key(&pool), [(key("a:1"), 1), (key("b:2"), 2)]);
-    assert_eq!(format_status_line(&idle_by_key(&pool)), r#"[Pool Status] {"a:1": 1, "b:2": 2}"#);
+    assert_eq!(
+        crate::metrics::log_lines::format_status_line(&idle_by_key(&pool)),
+        r#"[Pool Status] {"a:1": 1, "b:2": 2}"#
+    );
 }
 
 fn counters_follow_takes_gives_and_cleaning(kind: PoolType) {

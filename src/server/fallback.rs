@@ -34,7 +34,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::api::handshakes::{HANDSHAKES, HandshakeCounters};
+use crate::metrics::HandshakeCounters;
 use crate::proto::PasswordHash;
 use crate::proto::auth::{AUTH_HASH_LEN, AuthParse, parse_auth_block};
 
@@ -175,9 +175,9 @@ impl Fallback {
 
     /// A place and a connection to the site; `None` (counted, logged at DEBUG) if all
     /// places are taken or the site cannot be reached.
-    pub async fn open(&self, peer: SocketAddr) -> Option<SiteConnection> {
+    pub async fn open(&self, peer: SocketAddr, handshakes: &HandshakeCounters) -> Option<SiteConnection> {
         let Ok(place) = self.places.clone().try_acquire_owned() else {
-            HandshakeCounters::count(&HANDSHAKES.fallback_full);
+            HandshakeCounters::count(&handshakes.fallback_full);
             log::debug!("{peer}: {} fallback relays open already: closing silently", self.settings.max_connections);
             return None;
         };
@@ -192,7 +192,7 @@ impl Fallback {
                     Ok(Err(err)) => err.to_string(),
                     _ => format!("no answer within {timeout:?}"),
                 };
-                HandshakeCounters::count(&HANDSHAKES.fallback_unreachable);
+                HandshakeCounters::count(&handshakes.fallback_unreachable);
                 log::debug!("{peer}: fallback {} unreachable ({why}): closing silently", self.settings.target);
                 None
             }
@@ -203,11 +203,16 @@ impl Fallback {
 /// Relays `client` to `site`: `already_read` first, then both ways. The client's close
 /// is passed on as a half-close (a request can still be answered); the site's close ends
 /// the relay, since nothing the client sends after it can reach the site.
-pub async fn relay<C>(client: C, site: SiteConnection, already_read: BytesMut, peer: SocketAddr)
-where
+pub async fn relay<C>(
+    client: C,
+    site: SiteConnection,
+    already_read: BytesMut,
+    peer: SocketAddr,
+    handshakes: &HandshakeCounters,
+) where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    HandshakeCounters::count(&HANDSHAKES.fallback_relayed);
+    HandshakeCounters::count(&handshakes.fallback_relayed);
     let SiteConnection { _place, mut site } = site;
     if !already_read.is_empty() && site.write_all(&already_read).await.is_err() {
         return;

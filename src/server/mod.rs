@@ -1,6 +1,7 @@
 //! The AnyTLS server: accepts TLS, authenticates, and serves each session's
 //! streams by dialing their destinations.
 
+pub mod context;
 pub mod dial;
 pub mod fallback;
 pub mod limits;
@@ -22,16 +23,16 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
-use crate::api::handshakes::{HANDSHAKES, HandshakeCounters};
+use crate::metrics::HandshakeCounters;
 use crate::proto::Frame;
 use crate::proto::PaddingScheme;
 use crate::proto::PasswordHash;
 use crate::proto::frame::Command;
 use crate::session::{Session, SessionConfig, Stream, StreamHandler};
+pub use context::ServerContext;
 use fallback::{Fallback, FirstData, ProbeSettings, TlsFront};
 use limits::{Gate, HandshakeRefusal, HandshakeSlot, HandshakeSlots, ServerLimits};
-use outbound::Dialer;
-use outbound_pool::{OutboundPool, OutboundSettings};
+use outbound_pool::OutboundSettings;
 use users::{CountedIo, User, UserEntry, Users};
 
 /// Everything the server needs to run.
@@ -66,48 +67,29 @@ pub enum ServerError {
     Users(String),
 }
 
-/// Accepts connections until the task is dropped, with the default [`ServerLimits`].
+/// Accepts connections until the task is dropped, with the default [`ServerLimits`] and
+/// a context of its own. `config.passwords` are the users (unnamed); with none, or one
+/// given twice, it returns [`ServerError::Users`] at once.
 pub async fn run(listener: TcpListener, config: ServerConfig) -> Result<(), ServerError> {
-    let pool = new_outbound_pool(&config);
-    run_until(listener, config, pool, ServerLimits::default(), std::future::pending()).await
-}
-
-/// The outbound pool `config` asks for, for a caller that wants to watch it (`--api`)
-/// before handing it to [`run_until`].
-pub fn new_outbound_pool(config: &ServerConfig) -> OutboundPool {
-    OutboundPool::new(
-        config.outbound.clone(),
-        Dialer { connect_timeout: config.connect_timeout, keepalive: config.keepalive },
-    )
+    let users = Users::new(UserEntry::unnamed(config.passwords.clone())).map_err(ServerError::Users)?;
+    let context = Arc::new(ServerContext::from_config(&config, Arc::new(users)));
+    serve(listener, config, context, ServerLimits::default(), std::future::pending()).await;
+    Ok(())
 }
 
 /// Accepts connections until `shutdown` resolves, then stops accepting, lets streams
 /// in flight finish (at most `limits.drain_timeout`), closes every session and the
-/// outbound pool's warm connections, and logs the final pool statistics.
-/// `config.passwords` are the users (unnamed); with none, or one given twice, it returns
-/// [`ServerError::Users`] at once.
-pub async fn run_until(
+/// outbound pool's warm connections, and logs the final pool statistics. The users are
+/// `context`'s, which a reload may change while it runs: the sessions of a user removed
+/// are closed (`config.passwords` is unused).
+pub async fn serve(
     listener: TcpListener,
     config: ServerConfig,
-    pool: OutboundPool,
-    limits: ServerLimits,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), ServerError> {
-    let users = Users::new(UserEntry::unnamed(config.passwords.clone())).map_err(ServerError::Users)?;
-    run_with_users(listener, config, Arc::new(users), pool, limits, shutdown).await;
-    Ok(())
-}
-
-/// As [`run_until`], with named users that a reload may change while it runs: the
-/// sessions of a user removed from `users` are closed (`config.passwords` is unused).
-pub async fn run_with_users(
-    listener: TcpListener,
-    config: ServerConfig,
-    users: Arc<Users>,
-    pool: OutboundPool,
+    context: Arc<ServerContext>,
     limits: ServerLimits,
     shutdown: impl Future<Output = ()>,
 ) {
+    let (users, pool) = (&context.users, &context.pool);
     let door = Arc::new(Door {
         tls: TlsFront::new(config.tls.clone(), config.probe.fallback.as_ref()),
         fallback: config.probe.fallback.clone().map(Fallback::new),
@@ -132,7 +114,6 @@ pub async fn run_with_users(
         share.streams
     );
     let slots = Arc::new(HandshakeSlots::new(config.max_handshakes, config.probe.max_handshakes_per_source));
-    crate::api::handshakes::show_in_metrics();
     log_pool_configuration(&config);
     log_probe_configuration(&config, &slots);
     for target in &config.warmup {
@@ -149,7 +130,11 @@ pub async fn run_with_users(
         let descriptor = match gate.admit_connection() {
             Ok(descriptor) => descriptor,
             Err(why) => {
-                refusals.lock().expect("refusal log lock").note(peer, &HandshakeRefusal::NoDescriptor(why));
+                refusals.lock().expect("refusal log lock").note(
+                    peer,
+                    &HandshakeRefusal::NoDescriptor(why),
+                    &context.handshakes,
+                );
                 continue;
             }
         };
@@ -158,17 +143,17 @@ pub async fn run_with_users(
         let door = door.clone();
         let config = config.clone();
         let session_config = session_config.clone();
-        let pool = pool.clone();
         let gate = gate.clone();
-        let users = users.clone();
+        let context = context.clone();
         tokio::spawn(async move {
+            let users = &context.users;
             let _descriptor = descriptor;
             let deadline = Instant::now() + config.handshake_timeout;
             let slot = match slots.admit(peer.ip(), deadline).await {
                 Ok(slot) => slot,
-                Err(why) => return refusals.lock().expect("refusal log lock").note(peer, &why),
+                Err(why) => return refusals.lock().expect("refusal log lock").note(peer, &why, &context.handshakes),
             };
-            let Some((tls, leftover, user)) = authenticate(tcp, peer, &door, &config, &users, deadline, slot).await
+            let Some((tls, leftover, user)) = authenticate(tcp, peer, &door, &config, &context, deadline, slot).await
             else {
                 return;
             };
@@ -176,7 +161,7 @@ pub async fn run_with_users(
                 Ok(place) => place,
                 Err(why) => return refuse_session(tls, peer, &why).await,
             };
-            let handler = count_streams(&user, stream_handler(&gate, &user, &users, pool, config.udp, peer));
+            let handler = count_streams(&user, stream_handler(&gate, &user, &context, config.udp, peer));
             let client_socket = tls.get_ref().0.as_raw_fd();
             let mut tls = tls;
             crate::session::limit_tls_buffer(tls.get_mut().1);
@@ -214,7 +199,7 @@ pub async fn run_with_users(
     }
     maintenance.abort();
     let closed = pool.close_idle();
-    crate::pool::log_stats(&pool.stats(), &pool.idle_by_target(), &pool.stats_line_extra());
+    crate::metrics::log_lines::log_stats(&pool.stats(), &pool.idle_by_target(), &pool.stats_line_extra());
     log::info!("shut down: sessions closed, {closed} warm outbound connections closed");
 }
 
@@ -223,16 +208,16 @@ pub async fn run_with_users(
 fn stream_handler(
     gate: &Arc<Gate>,
     user: &User,
-    users: &Arc<Users>,
-    pool: OutboundPool,
+    context: &Arc<ServerContext>,
     udp: udp::UdpSettings,
     peer: SocketAddr,
 ) -> StreamHandler {
-    let (gate, counters, users, peer) = (gate.clone(), user.counters.clone(), users.clone(), peer.to_string());
+    let (gate, counters, context, peer) = (gate.clone(), user.counters.clone(), context.clone(), peer.to_string());
     let lookups = outbound::LookupOwner::session_of(&user.lookups);
-    Arc::new(move |mut stream: Stream| match gate.admit_stream(&counters, users.len()) {
+    Arc::new(move |mut stream: Stream| match gate.admit_stream(&counters, context.users.len()) {
         Ok(ticket) => {
-            tokio::spawn(outbound::serve_stream(stream, pool.clone(), udp, peer.clone(), ticket, lookups.clone()));
+            let serve = outbound::serve_stream(stream, context.clone(), udp, peer.clone(), ticket, lookups.clone());
+            tokio::spawn(serve);
         }
         Err(why) => {
             log::warn!("{peer}: stream {} refused: {why}", stream.id());
@@ -279,7 +264,7 @@ fn log_pool_configuration(config: &ServerConfig) {
 }
 
 /// Sweeps the pool often enough for its idle time, and logs its statistics.
-async fn maintain_pool(pool: OutboundPool, stats_interval: Duration) {
+async fn maintain_pool(pool: outbound_pool::OutboundPool, stats_interval: Duration) {
     let sweep_every = (pool.settings().max_idle_time / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
     let mut sweep = tokio::time::interval(sweep_every);
     let mut stats = tokio::time::interval_at(tokio::time::Instant::now() + stats_interval, stats_interval);
@@ -287,7 +272,7 @@ async fn maintain_pool(pool: OutboundPool, stats_interval: Duration) {
         tokio::select! {
             _ = sweep.tick() => pool.maintain(),
             _ = stats.tick() => {
-                crate::pool::log_stats(&pool.stats(), &pool.idle_by_target(), &pool.stats_line_extra());
+                crate::metrics::log_lines::log_stats(&pool.stats(), &pool.idle_by_target(), &pool.stats_line_extra());
             }
         }
     }
@@ -327,10 +312,11 @@ async fn authenticate(
     peer: SocketAddr,
     door: &Door,
     config: &ServerConfig,
-    users: &Users,
+    context: &ServerContext,
     deadline: Instant,
     slot: HandshakeSlot,
 ) -> Option<(TlsStream, BytesMut, Arc<User>)> {
+    let handshakes = &context.handshakes;
     let _ = tcp.set_nodelay(true);
     config.keepalive.apply(&tcp);
     let mut tls = match tokio::time::timeout_at(deadline, door.tls.accept(tcp)).await {
@@ -340,12 +326,12 @@ async fn authenticate(
             return None;
         }
         Err(_) => {
-            HandshakeCounters::count(&HANDSHAKES.auth_timeouts);
+            HandshakeCounters::count(&handshakes.auth_timeouts);
             log::debug!("{peer}: no authentication within {:?} (TLS unfinished)", config.handshake_timeout);
             return None;
         }
     };
-    let accepted = users.current();
+    let accepted = context.users.current();
     let read = match fallback::read_first_data(&mut tls, accepted.hashes(), deadline).await {
         FirstData::Authenticated { user, leftover } => {
             let user = accepted.user(user);
@@ -353,12 +339,12 @@ async fn authenticate(
             return Some((tls, leftover, user));
         }
         FirstData::Invalid { read, why } => {
-            HandshakeCounters::count(&HANDSHAKES.auth_failures);
+            HandshakeCounters::count(&handshakes.auth_failures);
             log::debug!("{peer}: authentication failed ({why}) after {} bytes", read.len());
             read
         }
         FirstData::TimedOut { read } => {
-            HandshakeCounters::count(&HANDSHAKES.auth_timeouts);
+            HandshakeCounters::count(&handshakes.auth_timeouts);
             log::debug!("{peer}: no authentication within {:?}", config.handshake_timeout);
             read
         }
@@ -368,11 +354,11 @@ async fn authenticate(
         }
     };
     if let Some(fallback) = &door.fallback
-        && let Some(site) = fallback.open(peer).await
+        && let Some(site) = fallback.open(peer, handshakes).await
     {
         // Out of the handshake phase: the site's own limits apply from here.
         drop(slot);
-        fallback::relay(tls, site, read, peer).await;
+        fallback::relay(tls, site, read, peer, handshakes).await;
         return None;
     }
     let silent = read.is_empty();
@@ -391,10 +377,10 @@ struct RefusalLog {
 impl RefusalLog {
     const EVERY: Duration = Duration::from_secs(10);
 
-    fn note(&mut self, peer: SocketAddr, why: &HandshakeRefusal) {
+    fn note(&mut self, peer: SocketAddr, why: &HandshakeRefusal, handshakes: &HandshakeCounters) {
         HandshakeCounters::count(match why {
-            HandshakeRefusal::Full(_) | HandshakeRefusal::NoDescriptor(_) => &HANDSHAKES.refused_full,
-            HandshakeRefusal::SourceFull(_) => &HANDSHAKES.refused_source_full,
+            HandshakeRefusal::Full(_) | HandshakeRefusal::NoDescriptor(_) => &handshakes.refused_full,
+            HandshakeRefusal::SourceFull(_) => &handshakes.refused_source_full,
         });
         self.since += 1;
         if self.last.is_some_and(|last| last.elapsed() < Self::EVERY) {

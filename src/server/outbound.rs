@@ -1,13 +1,14 @@
 //! Serving one stream: read its destination, dial it, answer SYNACK, relay.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
+use super::ServerContext;
 pub use super::dial::{DialError, Dialer, LookupOwner};
 use super::limits::StreamTicket;
-use super::outbound_pool::OutboundPool;
 use super::udp::{UdpSettings, serve_udp};
 use crate::proto::Address;
 use crate::proto::udp::is_udp_over_tcp;
@@ -54,7 +55,7 @@ fn no_destination_in_time() -> String {
 /// needs are `lookups`'s (its session's).
 pub async fn serve_stream(
     mut stream: Stream,
-    pool: OutboundPool,
+    context: Arc<ServerContext>,
     udp: UdpSettings,
     peer: String,
     _ticket: StreamTicket,
@@ -72,11 +73,16 @@ pub async fn serve_stream(
     };
     if is_udp_over_tcp(&destination) {
         // UDP over TCP has its own sockets; the outbound TCP pool is not involved.
-        return serve_udp(stream, early_payload, udp, peer, pool.names().clone(), lookups).await;
+        return serve_udp(stream, early_payload, udp, peer, context.clone(), lookups).await;
     }
-    let admitted = super::policy::admit(&mut stream, destination, &peer, pool.names(), &lookups).await;
-    let Some(destination) = admitted else {
-        return;
+    let pool = &context.pool;
+    let destination = match context.policy.check_destination(destination, pool.names(), &lookups).await {
+        Ok(destination) => destination,
+        Err(why) => {
+            log::warn!("{peer}: stream {}: {why}", stream.id());
+            let _ = stream.send_synack(Err(why)).await;
+            return;
+        }
     };
     // The pool never refuses: past its per-target limit it dials unpooled.
     let dial = pool.acquire(&destination, &lookups);
@@ -110,7 +116,7 @@ pub async fn serve_stream(
     let how = if outbound.reused { "warm" } else { "new" };
     log::debug!("{peer}: stream {} -> {destination} ({how} connection)", stream.id());
     // The stream owns the connection until it ends; it is then closed, never pooled.
-    let (stats, error) = relay(stream, outbound.tcp).await;
+    let (stats, error) = relay(stream, outbound.tcp, &context.relay_buffers).await;
     match error {
         Some(error) => log::debug!("{peer}: {destination}: relay ended: {error}"),
         None => log::debug!("{peer}: {destination}: {} bytes up, {} down", stats.sent, stats.received),
@@ -126,6 +132,7 @@ pub(crate) mod test_support {
 
     use super::{Dialer, serve_stream};
     use crate::pool::PoolType;
+    use crate::server::ServerContext;
     use crate::server::limits::{Gate, ServerLimits};
     use crate::server::outbound_pool::{OutboundPool, OutboundSettings};
     use crate::server::udp::UdpSettings;
@@ -156,12 +163,16 @@ pub(crate) mod test_support {
         };
         let pool = OutboundPool::new(settings, Dialer { connect_timeout, keepalive: Default::default() });
         let gate = Arc::new(Gate::new(ServerLimits::default()));
-        let server_pool = pool.clone();
+        let users = crate::server::users::Users::new(crate::server::users::UserEntry::unnamed(vec![
+            crate::proto::PasswordHash::of("test"),
+        ]))
+        .expect("one user");
+        let context = Arc::new(ServerContext::new(Arc::new(users), pool.clone()));
         let user = Arc::new(crate::server::users::UserCounters::default());
         let handler: StreamHandler = Arc::new(move |stream| {
             let ticket = gate.admit_stream(&user, 1).expect("room for test streams");
-            let lookups = server_pool.names().own().clone();
-            tokio::spawn(serve_stream(stream, server_pool.clone(), udp, "test".into(), ticket, lookups));
+            let lookups = context.pool.names().own().clone();
+            tokio::spawn(serve_stream(stream, context.clone(), udp, "test".into(), ticket, lookups));
         });
         let (a, b) = tokio::io::duplex(1 << 20);
         let server = Session::server(b, SessionConfig::default(), BytesMut::new(), handler);

@@ -39,9 +39,10 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
 use super::dial::{DialError, Dialer, LookupOwner, NameCache};
+use crate::metrics::log_lines::named_idle_by_key;
 use crate::pool::{
-    Idle, IdlePool, KeyCounters, KeyStats, PoolCounters, PoolKey, PoolSettings, PoolStatsSnapshot, PoolType,
-    named_idle_by_key, new_pool, reserve_slot,
+    Idle, IdlePool, KeyCounters, KeyStats, PoolCounters, PoolKey, PoolSettings, PoolStatsSnapshot, PoolType, new_pool,
+    reserve_slot,
 };
 use crate::proto::Address;
 
@@ -483,7 +484,7 @@ impl OutboundPool {
 
     /// What the `[Pool Stats]` line appends after its standard fields.
     pub fn stats_line_extra(&self) -> String {
-        crate::pool::format_stats_extra(&self.stats(), true)
+        crate::metrics::log_lines::format_stats_extra(&self.stats(), true)
     }
 
     /// Warm connections per target, sorted by target.
@@ -515,9 +516,10 @@ impl OutboundPool {
     }
 }
 
-impl crate::api::PoolSource for OutboundPool {
-    fn connection_pool_stats(&self) -> crate::api::stats::ConnectionPoolStats {
-        crate::api::stats::ConnectionPoolStats::from_snapshot(
+impl OutboundPool {
+    /// The pool as the metrics room shows it.
+    pub fn connection_pool_stats(&self) -> crate::metrics::ConnectionPoolStats {
+        crate::metrics::ConnectionPoolStats::from_snapshot(
             "outbound",
             self.settings().pool_type.to_string(),
             &self.stats(),

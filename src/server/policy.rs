@@ -13,9 +13,8 @@
 //! `inet_aton` forms (`2130706433`, `0x7f000001`, `127.1`, `0177.0.0.1`) are IPv4 addresses.
 //! `0.0.0.0` and `::` reach the host itself, so they count as loopback.
 //!
-//! One policy serves the whole process (set at start-up by the binary, like the relay
-//! buffer mode), so the stream paths call it without threading it through every layer.
-//! Without one installed nothing is refused (library users and in-process tests).
+//! Each server holds its own [`OutboundPolicy`] in its context; `Policy::default()`
+//! refuses nothing (library users and in-process tests).
 //!
 //! A name is resolved once: with `--deny` or `--deny-private` the stream is dialed to the
 //! address that was checked (so a resolver that answers differently a moment later, DNS
@@ -33,7 +32,6 @@ use arc_swap::ArcSwap;
 use super::dial::{LookupOwner, NameCache};
 use crate::proto::Address;
 use crate::proto::address::Host;
-use crate::session::Stream;
 
 /// A name lookup for a check must leave time for the dial within the SYNACK budget.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -291,64 +289,69 @@ fn inet_aton_part(part: &str) -> Option<u64> {
 }
 
 // ---------------------------------------------------------------------------------------
-// The process's policy
+// One server's policy
 
-static POLICY: LazyLock<ArcSwap<Policy>> = LazyLock::new(|| ArcSwap::from_pointee(Policy::default()));
-static REFUSED: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
-
-/// Makes `policy` the one the stream paths apply.
-pub fn install(policy: Policy) {
-    POLICY.store(Arc::new(policy));
+/// A server's rules, replaceable while it runs, with what they refused. Each server has
+/// its own (in its [`super::ServerContext`]); it decides and counts, and its callers
+/// answer the client.
+#[derive(Default)]
+pub struct OutboundPolicy {
+    rules: ArcSwap<Policy>,
+    refused: [AtomicU64; Refusal::ALL.len()],
 }
 
-pub fn current() -> Arc<Policy> {
-    POLICY.load_full()
-}
-
-/// Streams (and UDP datagrams) refused so far, per reason.
-pub fn refused_total(reason: Refusal) -> u64 {
-    REFUSED[reason as usize].load(Ordering::Relaxed)
-}
-
-fn count(reason: Refusal) {
-    REFUSED[reason as usize].fetch_add(1, Ordering::Relaxed);
-}
-
-/// The TCP stream hook: the destination to dial (see [`Policy::check_destination`]), or
-/// None when the stream has been refused with a SYNACK error naming the policy.
-pub async fn admit(
-    stream: &mut Stream,
-    destination: Address,
-    peer: &str,
-    names: &NameCache,
-    lookups: &LookupOwner,
-) -> Option<Address> {
-    let policy = current();
-    if policy.is_empty() {
-        return Some(destination);
+impl OutboundPolicy {
+    pub fn new(rules: Policy) -> OutboundPolicy {
+        OutboundPolicy { rules: ArcSwap::from_pointee(rules), ..OutboundPolicy::default() }
     }
-    match policy.check_destination(destination, names, lookups).await {
-        Ok(destination) => Some(destination),
-        Err((reason, why)) => {
-            count(reason);
-            let why = format!("refused by outbound policy: {why}");
-            log::warn!("{peer}: stream {}: {why}", stream.id());
-            let _ = stream.send_synack(Err(why)).await;
-            None
+
+    pub fn rules(&self) -> Arc<Policy> {
+        self.rules.load_full()
+    }
+
+    /// Makes `rules` the ones applied to streams opened from now on.
+    pub fn replace(&self, rules: Policy) {
+        self.rules.store(Arc::new(rules));
+    }
+
+    /// Streams (and UDP datagrams) refused so far for `reason`.
+    pub fn refused(&self, reason: Refusal) -> u64 {
+        self.refused[reason as usize].load(Ordering::Relaxed)
+    }
+
+    fn count(&self, reason: Refusal) {
+        self.refused[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The destination a TCP stream may dial (see [`Policy::check_destination`]), or why
+    /// not, as the SYNACK's text.
+    pub async fn check_destination(
+        &self,
+        destination: Address,
+        names: &NameCache,
+        lookups: &LookupOwner,
+    ) -> Result<Address, String> {
+        let rules = self.rules();
+        if rules.is_empty() {
+            return Ok(destination);
         }
+        rules.check_destination(destination, names, lookups).await.map_err(|(reason, why)| {
+            self.count(reason);
+            format!("refused by outbound policy: {why}")
+        })
     }
-}
 
-/// The UDP hook, for an address already resolved: Err names the policy.
-pub fn check_udp(target: SocketAddr) -> Result<(), String> {
-    let policy = current();
-    if policy.is_empty() {
-        return Ok(());
+    /// Whether a UDP datagram may go to `target`, an address already resolved.
+    pub fn check_udp(&self, target: SocketAddr) -> Result<(), String> {
+        let rules = self.rules();
+        if rules.is_empty() {
+            return Ok(());
+        }
+        rules.check(target).map_err(|(reason, why)| {
+            self.count(reason);
+            format!("refused by outbound policy: {why}")
+        })
     }
-    policy.check(target).map_err(|(reason, why)| {
-        count(reason);
-        format!("refused by outbound policy: {why}")
-    })
 }
 
 #[cfg(test)]

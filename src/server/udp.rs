@@ -29,7 +29,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::dial::{LookupOwner, NameCache};
+use super::ServerContext;
+use super::dial::LookupOwner;
 use crate::proto::Address;
 use crate::proto::address::Host;
 use crate::proto::udp::{Framing, MAX_PAYLOAD, Request, decode_packet, packet_bytes};
@@ -60,21 +61,21 @@ impl Default for UdpSettings {
 }
 
 /// Serves one UoT stream to the end. `early` holds bytes that followed the stream's
-/// destination (normally the request itself). Names are resolved through `names`, the
-/// server's shared cache, as `lookups`'s.
+/// destination (normally the request itself). Names are resolved through the server's
+/// shared cache (its pool's), as `lookups`'s; each datagram's target passes its policy.
 pub async fn serve_udp(
     stream: Stream,
     early: BytesMut,
     settings: UdpSettings,
     peer: String,
-    names: Arc<NameCache>,
+    context: Arc<ServerContext>,
     lookups: LookupOwner,
 ) {
     let id = stream.id();
     let (mut reader, mut writer) = stream.split();
     // The setup borrows the reader only until it is done.
     let (mut outbound, buf) = {
-        let setup = set_up(&mut reader, early, names, lookups);
+        let setup = set_up(&mut reader, early, context, lookups);
         tokio::pin!(setup);
         let in_budget = tokio::select! {
             ready = &mut setup => Some(ready),
@@ -133,7 +134,7 @@ pub async fn serve_udp(
 async fn set_up(
     stream: &mut StreamReader,
     mut buf: BytesMut,
-    names: Arc<NameCache>,
+    context: Arc<ServerContext>,
     lookups: LookupOwner,
 ) -> Result<(Outbound, BytesMut), String> {
     let request = loop {
@@ -152,7 +153,7 @@ async fn set_up(
             Err(err) => return Err(err.to_string()),
         }
     };
-    let outbound = Outbound::open(request, names, lookups).await?;
+    let outbound = Outbound::open(request, context, lookups).await?;
     Ok((outbound, buf))
 }
 
@@ -232,9 +233,10 @@ struct Outbound {
     replies: mpsc::Sender<Bytes>,
     queue: Option<mpsc::Receiver<Bytes>>,
     /// This stream's names: each keeps the address it first resolved to for the stream's
-    /// life (a peer does not move mid-conversation); misses go to the shared `names`.
+    /// life (a peer does not move mid-conversation); misses go to the server's name cache.
     resolved: HashMap<String, IpAddr>,
-    names: Arc<NameCache>,
+    /// The server's: its name cache and its outbound policy.
+    context: Arc<ServerContext>,
     lookups: LookupOwner,
     idle: Arc<Activity>,
     up: u64,
@@ -242,7 +244,7 @@ struct Outbound {
 
 impl Outbound {
     /// Binds the socket the stream needs first, so a failure can still be refused.
-    async fn open(request: Request, names: Arc<NameCache>, lookups: LookupOwner) -> Result<Outbound, String> {
+    async fn open(request: Request, context: Arc<ServerContext>, lookups: LookupOwner) -> Result<Outbound, String> {
         let (replies, queue) = mpsc::channel(PACKET_QUEUE);
         let mut outbound = Outbound {
             framing: request.framing,
@@ -253,7 +255,7 @@ impl Outbound {
             replies,
             queue: Some(queue),
             resolved: HashMap::new(),
-            names,
+            context,
             lookups,
             idle: Arc::new(Activity::new()),
             up: 0,
@@ -311,7 +313,7 @@ impl Outbound {
     /// common case for services that listen on one family only).
     async fn resolve(&mut self, address: &Address) -> Result<IpAddr, String> {
         let ip = self.lookup(address).await?;
-        super::policy::check_udp(SocketAddr::new(ip, address.port)).map(|()| ip)
+        self.context.policy.check_udp(SocketAddr::new(ip, address.port)).map(|()| ip)
     }
 
     async fn lookup(&mut self, address: &Address) -> Result<IpAddr, String> {
@@ -322,7 +324,7 @@ impl Outbound {
         if let Some(ip) = self.resolved.get(name) {
             return Ok(*ip);
         }
-        let lookup = self.names.resolve(name, address.port, &self.lookups);
+        let lookup = self.context.pool.names().resolve(name, address.port, &self.lookups);
         let found: Vec<SocketAddr> = tokio::time::timeout(RESOLVE_TIMEOUT, lookup)
             .await
             .map_err(|_| format!("resolve {name}: timed out"))?

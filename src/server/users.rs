@@ -18,7 +18,7 @@ use arc_swap::ArcSwap;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
-use crate::api::stats::UserReport;
+use crate::metrics::snapshot::UserReport;
 use crate::proto::PasswordHash;
 
 /// A user as configured: a name and its password's hash.
@@ -183,21 +183,6 @@ impl Users {
     /// Names of the current users, in configuration order.
     pub fn names(&self) -> Vec<String> {
         self.accepted.load().users.iter().map(|u| u.name.clone()).collect()
-    }
-
-    /// Wrong passwords so far (they match no user, so they are not per user).
-    /// Everyone's counters and what the outbound policy refused, for the API.
-    pub fn stats(&self) -> crate::api::stats::UsersStats {
-        use super::policy::{Refusal, refused_total};
-        crate::api::stats::UsersStats {
-            users: self.report(),
-            auth_failures: self.auth_failures(),
-            policy_refused: Refusal::ALL.iter().map(|r| (r.label(), refused_total(*r))).collect(),
-        }
-    }
-
-    pub fn auth_failures(&self) -> u64 {
-        crate::api::handshakes::HANDSHAKES.auth_failures.load(Ordering::Relaxed)
     }
 
     /// Every user seen since start-up, by name.

@@ -9,6 +9,7 @@
 //! only frame handling differs.
 
 mod budget;
+pub mod buffers;
 mod heartbeat;
 mod idle;
 mod reader;

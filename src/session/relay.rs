@@ -7,6 +7,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use super::buffers::RelayBuffers;
 use super::idle::IdleWatch;
 use super::{SessionClosed, Stream};
 
@@ -47,7 +48,7 @@ enum FirstEnd {
 /// a TCP write shutdown. With other implementations FIN ends the whole stream, as in
 /// the reference: the first end of data either way ends the relay, and a FIN
 /// received is not answered with one.
-pub async fn relay(stream: Stream, tcp: TcpStream) -> (RelayStats, Option<String>) {
+pub async fn relay(stream: Stream, tcp: TcpStream, buffers: &RelayBuffers) -> (RelayStats, Option<String>) {
     let half_close = stream.half_close();
     let idle = IdleWatch::new(stream.idle_timeout(), stream.half_close_timeout());
     let session_closed = stream.session_closed();
@@ -64,7 +65,7 @@ pub async fn relay(stream: Stream, tcp: TcpStream) -> (RelayStats, Option<String
             // No read buffer is taken while the socket is quiet: a direction that carries
             // nothing (the target of an upload) would otherwise hold one for its whole life.
             tcp_reader.readable().await?;
-            let buf = crate::pool::buffers::read_chunk(&mut tcp_reader, &mut own_buffer, room.len()).await?;
+            let buf = buffers.read_chunk(&mut tcp_reader, &mut own_buffer, room.len()).await?;
             if buf.is_empty() {
                 drop(room);
                 stream_writer.finish().await?;

@@ -6,6 +6,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
+use super::buffers::RelayBuffers;
 use super::*;
 use crate::proto::frame::Command;
 use crate::proto::{Frame, FrameDecoder};
@@ -377,7 +378,7 @@ async fn with_a_reference_peer_its_fin_ends_the_relay_and_is_not_answered() {
     stream.wait_open().await.unwrap();
     assert!(!stream.half_close());
     let (local, mut app) = tcp_pair().await;
-    let relay = tokio::spawn(relay(stream, local));
+    let relay = tokio::spawn(async move { relay(stream, local, &RelayBuffers::default()).await });
     peer.send(&[Frame::new(Command::Push, 1, &b"answer"[..]), Frame::control(Command::Fin, 1)]).await;
     let mut got = Vec::new();
     app.read_to_end(&mut got).await.unwrap();
@@ -398,7 +399,7 @@ async fn with_a_reference_peer_our_fin_ends_the_relay() {
     let mut peer = reference_server(b).await;
     stream.wait_open().await.unwrap();
     let (local, mut app) = tcp_pair().await;
-    let relay = tokio::spawn(relay(stream, local));
+    let relay = tokio::spawn(async move { relay(stream, local, &RelayBuffers::default()).await });
     app.write_all(b"request").await.unwrap();
     app.shutdown().await.unwrap();
     let push = peer.next().await.unwrap();
@@ -516,7 +517,7 @@ async fn a_relay_blocked_on_a_silent_target_ends_when_its_session_closes() {
         let (tcp, done) = (to_target.lock().unwrap().take().unwrap(), done_tx.lock().unwrap().take().unwrap());
         tokio::spawn(async move {
             stream.send_synack(Ok(())).await.unwrap();
-            let _ = done.send(relay(stream, tcp).await);
+            let _ = done.send(relay(stream, tcp, &RelayBuffers::default()).await);
         });
     });
     let (a, b) = tokio::io::duplex(PIPE);

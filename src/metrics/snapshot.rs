@@ -1,5 +1,5 @@
-//! What the API shows, and its two renderings: JSON (serde) and the Prometheus text
-//! exposition format. Pure: a snapshot in, text out; the service modules fill the snapshot.
+//! The snapshots the API shows, and their two renderings: JSON (serde) and the Prometheus
+//! text exposition format. Pure: a snapshot in, text out; the services fill the snapshot.
 //!
 //! Definitions (the same for both binaries):
 //! - `cache_hits` = `total_reused`: checkouts served by a warm (server) or idle (client)
@@ -14,26 +14,17 @@
 //!   ([`ConnectionPoolStats::from_snapshot`] is the only translation).
 //!
 //! `/metrics` keeps per-target series only for the top targets by activity
-//! ([`set_metrics_top_targets`], `--metrics-top-targets`, default 50): one series per
+//! (`--metrics-top-targets`, default 50): one series per
 //! destination ever seen would be a cardinality blow-up for any scrape server.
-
-use std::fmt::Write;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::Serialize;
 
-use crate::pool::buffers::TierStats;
+use super::exposition::{Exposition, Kind, label};
 use crate::pool::{KeyStats, PoolStatsSnapshot};
+use crate::session::buffers::TierStats;
 
-/// Per-target series `/metrics` keeps by default.
+/// Per-target series `/metrics` keeps by default (`--metrics-top-targets`).
 pub const DEFAULT_METRICS_TOP_TARGETS: usize = 50;
-static METRICS_TOP_TARGETS: AtomicUsize = AtomicUsize::new(DEFAULT_METRICS_TOP_TARGETS);
-
-/// How many targets (the most active) get per-target series in `/metrics`; set once at
-/// start-up from `--metrics-top-targets`.
-pub fn set_metrics_top_targets(n: usize) {
-    METRICS_TOP_TARGETS.store(n, Ordering::Relaxed);
-}
 
 /// The connection pool of one binary at one moment.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -151,125 +142,113 @@ pub fn hit_rate(hits: u64, misses: u64) -> f64 {
     if all == 0 { 0.0 } else { (hits as f64 * 1000.0 / all as f64).round() / 10.0 }
 }
 
-/// The snapshot in the Prometheus text exposition format (version 0.0.4).
-pub fn render_prometheus(s: &Snapshot) -> String {
+/// The pool and buffer sections of `/metrics`; per-target series for the `top_targets`
+/// most active targets only.
+pub fn render_prometheus(s: &Snapshot, top_targets: usize, page: &mut Exposition) {
     let c = &s.connections;
-    let pool = format!("pool=\"{}\"", label_value(c.pool));
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        for (labels, value) in samples {
-            if labels.is_empty() {
-                let _ = writeln!(out, "{name} {value}");
-            } else {
-                let _ = writeln!(out, "{name}{{{labels}}} {value}");
-            }
-        }
-    };
-    let one = |v: u64| vec![(pool.clone(), v as f64)];
-    metric(
+    let pool = label("pool", c.pool);
+    let one = |v: u64| [(pool.clone(), v)];
+    page.gauge(
         "anytls_pool_info",
-        "gauge",
         "The connection pool and its engine (always 1).",
-        &[(format!("{pool},pool_type=\"{}\"", label_value(&c.pool_type)), 1.0)],
+        [(format!("{pool},{}", label("pool_type", &c.pool_type)), 1)],
     );
-    metric(
+    page.counter(
         "anytls_pool_connections_created_total",
-        "counter",
         "Connections the pool created (on demand or warmed ahead).",
-        &one(c.total_created),
+        one(c.total_created),
     );
-    metric(
+    page.counter(
         "anytls_pool_connections_reused_total",
-        "counter",
         "Checkouts served by a warm or idle connection.",
-        &one(c.total_reused),
+        one(c.total_reused),
     );
-    metric(
+    page.counter(
         "anytls_pool_connections_closed_total",
-        "counter",
         "Connections closed: expired or dead ones, and (server) used ones when their stream ended.",
-        &one(c.total_closed),
+        one(c.total_closed),
     );
-    metric("anytls_pool_connections_active", "gauge", "Connections in use now.", &one(c.current_active));
-    metric("anytls_pool_connections_idle", "gauge", "Idle (warm) connections now.", &one(c.current_idle));
-    metric("anytls_pool_cache_hits_total", "counter", "Checkouts served from the pool.", &one(c.cache_hits));
-    metric(
+    page.gauge("anytls_pool_connections_active", "Connections in use now.", one(c.current_active));
+    page.gauge("anytls_pool_connections_idle", "Idle (warm) connections now.", one(c.current_idle));
+    page.counter("anytls_pool_cache_hits_total", "Checkouts served from the pool.", one(c.cache_hits));
+    page.counter(
         "anytls_pool_cache_misses_total",
-        "counter",
         "Checkouts that created a connection while the caller waited.",
-        &one(c.cache_misses),
+        one(c.cache_misses),
     );
-    metric(
+    page.family(
         "anytls_pool_hit_ratio",
-        "gauge",
+        Kind::Gauge,
         "cache_hits / (cache_hits + cache_misses), 0 to 1.",
-        &[(pool.clone(), c.hit_rate / 100.0)],
+        [(pool.clone(), c.hit_rate / 100.0)],
     );
-    metric("anytls_pool_warmed_total", "counter", "Connections dialed ahead of demand (server).", &one(c.warmed));
-    metric(
+    page.counter("anytls_pool_warmed_total", "Connections dialed ahead of demand (server).", one(c.warmed));
+    page.counter(
         "anytls_pool_unused_total",
-        "counter",
         "Warm connections closed without carrying a stream (server).",
-        &one(c.unused),
+        one(c.unused),
     );
-    metric(
+    page.counter(
         "anytls_pool_unpooled_total",
-        "counter",
         "Streams dialed outside the pool, beyond the per-target limit (server).",
-        &one(c.unpooled),
+        one(c.unpooled),
     );
-    metric("anytls_pool_name_lookups_total", "counter", "Name lookups sent to the resolver (server).", &one(c.lookups));
-    metric("anytls_pool_keys", "gauge", "Keys (targets or servers) the pool holds now.", &one(c.keys));
+    page.counter("anytls_pool_name_lookups_total", "Name lookups sent to the resolver (server).", one(c.lookups));
+    page.gauge("anytls_pool_keys", "Keys (targets or servers) the pool holds now.", one(c.keys));
 
     // Only the most active targets get series of their own (bounded cardinality).
     let mut top: Vec<&TargetStats> = c.targets.iter().collect();
     top.sort_by(|a, b| b.activity().cmp(&a.activity()).then_with(|| a.target.cmp(&b.target)));
-    top.truncate(METRICS_TOP_TARGETS.load(Ordering::Relaxed));
+    top.truncate(top_targets);
     type Field = fn(&TargetStats) -> u64;
-    let per_target: [(&str, &str, &str, Field); 7] = [
-        ("anytls_pool_target_idle", "gauge", "Idle (warm) connections per target.", |t| t.idle),
-        ("anytls_pool_target_active", "gauge", "Connections in use per target.", |t| t.active),
-        ("anytls_pool_target_created_total", "counter", "Connections created per target.", |t| t.created),
-        ("anytls_pool_target_reused_total", "counter", "Checkouts served from the pool per target.", |t| t.reused),
-        ("anytls_pool_target_cleaned_total", "counter", "Expired or dead connections closed per target.", |t| {
+    let per_target: [(&str, Kind, &str, Field); 7] = [
+        ("anytls_pool_target_idle", Kind::Gauge, "Idle (warm) connections per target.", |t| t.idle),
+        ("anytls_pool_target_active", Kind::Gauge, "Connections in use per target.", |t| t.active),
+        ("anytls_pool_target_created_total", Kind::Counter, "Connections created per target.", |t| t.created),
+        ("anytls_pool_target_reused_total", Kind::Counter, "Checkouts served from the pool per target.", |t| t.reused),
+        ("anytls_pool_target_cleaned_total", Kind::Counter, "Expired or dead connections closed per target.", |t| {
             t.cleaned
         }),
-        ("anytls_pool_target_warmed_total", "counter", "Connections dialed ahead of demand per target.", |t| t.warmed),
-        ("anytls_pool_target_unpooled_total", "counter", "Streams dialed unpooled per target.", |t| t.unpooled),
+        ("anytls_pool_target_warmed_total", Kind::Counter, "Connections dialed ahead of demand per target.", |t| {
+            t.warmed
+        }),
+        ("anytls_pool_target_unpooled_total", Kind::Counter, "Streams dialed unpooled per target.", |t| t.unpooled),
     ];
     for (name, kind, help, field) in per_target {
-        let samples: Vec<(String, f64)> =
-            top.iter().map(|t| (format!("{pool},target=\"{}\"", label_value(&t.target)), field(t) as f64)).collect();
-        metric(name, kind, help, &samples);
+        let samples = top.iter().map(|t| (format!("{pool},{}", label("target", &t.target)), field(t) as f64));
+        page.family(name, kind, help, samples);
     }
 
     let m = &s.memory;
-    metric(
+    page.gauge(
         "anytls_buffer_pool_enabled",
-        "gauge",
         "1 when relay reads use pooled buffers (--buffer-pool on).",
-        &[(String::new(), if m.enabled { 1.0 } else { 0.0 })],
+        [(String::new(), m.enabled as u64)],
     );
     type TierField = fn(&TierStats) -> u64;
-    let per_tier: [(&str, &str, &str, TierField); 7] = [
-        ("anytls_buffer_pool_free_buffers", "gauge", "Free buffers held per tier.", |t| t.current_size),
-        ("anytls_buffer_pool_peak_free_buffers", "gauge", "Most free buffers held at once per tier.", |t| t.peak_size),
-        ("anytls_buffer_pool_in_use_buffers", "gauge", "Buffers handed out now per tier.", |t| t.in_use),
-        ("anytls_buffer_pool_allocated_total", "counter", "Buffers newly allocated per tier.", |t| t.total_allocated),
-        ("anytls_buffer_pool_reused_total", "counter", "Gets served by a free buffer per tier.", |t| t.total_reused),
-        ("anytls_buffer_pool_returned_total", "counter", "Buffers given back and kept per tier.", |t| t.total_returned),
-        ("anytls_buffer_pool_dropped_total", "counter", "Buffers given back to a full tier and freed.", |t| {
+    let per_tier: [(&str, Kind, &str, TierField); 7] = [
+        ("anytls_buffer_pool_free_buffers", Kind::Gauge, "Free buffers held per tier.", |t| t.current_size),
+        ("anytls_buffer_pool_peak_free_buffers", Kind::Gauge, "Most free buffers held at once per tier.", |t| {
+            t.peak_size
+        }),
+        ("anytls_buffer_pool_in_use_buffers", Kind::Gauge, "Buffers handed out now per tier.", |t| t.in_use),
+        ("anytls_buffer_pool_allocated_total", Kind::Counter, "Buffers newly allocated per tier.", |t| {
+            t.total_allocated
+        }),
+        ("anytls_buffer_pool_reused_total", Kind::Counter, "Gets served by a free buffer per tier.", |t| {
+            t.total_reused
+        }),
+        ("anytls_buffer_pool_returned_total", Kind::Counter, "Buffers given back and kept per tier.", |t| {
+            t.total_returned
+        }),
+        ("anytls_buffer_pool_dropped_total", Kind::Counter, "Buffers given back to a full tier and freed.", |t| {
             t.total_dropped
         }),
     ];
     for (name, kind, help, field) in per_tier {
-        let samples: Vec<(String, f64)> =
-            m.tiers.iter().map(|t| (format!("size=\"{}\"", t.buffer_size), field(t) as f64)).collect();
-        metric(name, kind, help, &samples);
+        let samples = m.tiers.iter().map(|t| (label("size", &t.buffer_size.to_string()), field(t) as f64));
+        page.family(name, kind, help, samples);
     }
-    out
 }
 
 // ---------------------------------------------------------------------------------------
@@ -299,38 +278,29 @@ pub struct UsersStats {
 }
 
 /// The users section of `/metrics`.
-pub fn render_user_metrics(s: &UsersStats) -> String {
-    let mut out = String::new();
+pub fn render_user_metrics(s: &UsersStats, page: &mut Exposition) {
     type Field = fn(&UserReport) -> u64;
-    let per_user: [(&str, &str, &str, Field); 5] = [
-        ("anytls_user_active", "gauge", "1 while the user is configured, 0 once removed by a reload.", |u| {
+    let per_user: [(&str, Kind, &str, Field); 5] = [
+        ("anytls_user_active", Kind::Gauge, "1 while the user is configured, 0 once removed by a reload.", |u| {
             u.active as u64
         }),
-        ("anytls_user_sessions", "gauge", "Sessions of the user open now.", |u| u.sessions),
-        ("anytls_user_streams_total", "counter", "Streams the user opened.", |u| u.streams),
-        ("anytls_user_bytes_up_total", "counter", "Bytes from the user's sessions (client to server).", |u| u.bytes_up),
-        ("anytls_user_bytes_down_total", "counter", "Bytes to the user's sessions (server to client).", |u| {
+        ("anytls_user_sessions", Kind::Gauge, "Sessions of the user open now.", |u| u.sessions),
+        ("anytls_user_streams_total", Kind::Counter, "Streams the user opened.", |u| u.streams),
+        ("anytls_user_bytes_up_total", Kind::Counter, "Bytes from the user's sessions (client to server).", |u| {
+            u.bytes_up
+        }),
+        ("anytls_user_bytes_down_total", Kind::Counter, "Bytes to the user's sessions (server to client).", |u| {
             u.bytes_down
         }),
     ];
     for (name, kind, help, field) in per_user {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for user in &s.users {
-            let _ = writeln!(out, "{name}{{user=\"{}\"}} {}", label_value(&user.user), field(user));
-        }
+        page.family(name, kind, help, s.users.iter().map(|u| (label("user", &u.user), field(u) as f64)));
     }
-    let name = "anytls_policy_refused_total";
-    let _ =
-        writeln!(out, "# HELP {name} Streams and UDP datagrams refused by the outbound policy.\n# TYPE {name} counter");
-    for (reason, count) in &s.policy_refused {
-        let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {count}");
-    }
-    out
-}
-
-/// Escapes a label value as the exposition format requires: backslash, quote, newline.
-fn label_value(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    page.counter(
+        "anytls_policy_refused_total",
+        "Streams and UDP datagrams refused by the outbound policy.",
+        s.policy_refused.iter().map(|(reason, count)| (label("reason", reason), *count)),
+    );
 }
 
 #[cfg(test)]
@@ -376,6 +346,12 @@ mod tests {
         }
     }
 
+    fn render(s: &Snapshot) -> String {
+        let mut page = Exposition::default();
+        render_prometheus(s, DEFAULT_METRICS_TOP_TARGETS, &mut page);
+        page.into_text()
+    }
+
     #[test]
     fn hit_rate_is_a_rounded_percentage() {
         assert_eq!(hit_rate(0, 0), 0.0);
@@ -414,7 +390,7 @@ mod tests {
 
     #[test]
     fn prometheus_text_has_help_type_and_labelled_samples() {
-        let text = render_prometheus(&snapshot());
+        let text = render(&snapshot());
         assert!(text.contains("# HELP anytls_pool_connections_reused_total "));
         assert!(text.contains("# TYPE anytls_pool_connections_reused_total counter\n"));
         assert!(text.contains("anytls_pool_connections_reused_total{pool=\"outbound\"} 8\n"));
@@ -433,7 +409,7 @@ mod tests {
         let target = s.connections.targets[0].clone();
         s.connections.targets =
             (0..200u64).map(|i| TargetStats { target: format!("t{i}:80"), reused: i, ..target.clone() }).collect();
-        let text = render_prometheus(&s);
+        let text = render(&s);
         let series = |t: &str| {
             text.lines().filter(|l| l.starts_with("anytls_pool_target_reused_total") && l.contains(t)).count()
         };
@@ -480,7 +456,9 @@ mod tests {
             auth_failures: 3,
             policy_refused: [("own_address", 2)].into_iter().collect(),
         };
-        let text = render_user_metrics(&stats);
+        let mut page = Exposition::default();
+        render_user_metrics(&stats, &mut page);
+        let text = page.into_text();
         assert!(text.contains("anytls_user_streams_total{user=\"al\\\"ice\"} 4\n"), "{text}");
         assert!(text.contains("anytls_user_bytes_down_total{user=\"al\\\"ice\"} 20\n"), "{text}");
         assert!(text.contains("anytls_policy_refused_total{reason=\"own_address\"} 2\n"), "{text}");
@@ -488,7 +466,7 @@ mod tests {
 
     #[test]
     fn every_sample_line_belongs_to_a_declared_metric() {
-        let text = render_prometheus(&snapshot());
+        let text = render(&snapshot());
         let mut declared = std::collections::HashSet::new();
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("# TYPE ") {

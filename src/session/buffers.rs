@@ -8,13 +8,12 @@
 //! The relay reads TCP data into one of these and passes it on as [`Bytes`] without a copy
 //! ([`PooledBuf::into_bytes`]); the buffer comes back once the session writer has sent the
 //! frame. Whether that beats a fresh `BytesMut` per read is measured, not assumed: see
-//! `docs/observability.md`. The relay's pool is process-wide ([`relay_buffers`]) and
-//! switched on or off once at start-up (`--buffer-pool`), so that the relay's signature stays
-//! as it is.
+//! `docs/observability.md`. Each service owns one [`RelayBuffers`] (switched on or off at
+//! start-up with `--buffer-pool`) and hands it to its relays.
 
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -206,63 +205,66 @@ impl AsRef<[u8]> for Filled {
     }
 }
 
-static RELAY_BUFFERS: LazyLock<BufferPool> = LazyLock::new(BufferPool::default);
-static RELAY_USES_POOL: AtomicBool = AtomicBool::new(false);
-/// With the pool off: how often a relay's own read buffer ran out of room and was
-/// reserved again (at most one allocation each; none when its chunks were all gone),
-/// counted so that both modes report their allocations.
-static UNPOOLED_RESERVES: AtomicU64 = AtomicU64::new(0);
 /// A relay's own read buffer holds this many reads before it is reserved again: one, so
 /// it holds no more than the stream's send window lets through (a larger buffer stays
 /// resident per stalled stream however little of it is in use).
 const OWN_BUFFER_READS: usize = 1;
 
-/// Chooses, once at start-up, whether relay reads use the pool.
-pub fn set_relay_buffer_pool(mode: BufferPoolMode) {
-    RELAY_USES_POOL.store(mode == BufferPoolMode::On, Ordering::Relaxed);
+/// The read buffers of one service's relays: pooled (`--buffer-pool on`) or each relay's
+/// own, with the counters of both modes.
+#[derive(Default)]
+pub struct RelayBuffers {
+    mode: BufferPoolMode,
+    pool: BufferPool,
+    /// With the pool off: how often a relay's own read buffer ran out of room and was
+    /// reserved again (at most one allocation each; none when its chunks were all gone),
+    /// counted so that both modes report their allocations.
+    unpooled_reserves: AtomicU64,
 }
 
-pub fn relay_buffer_pool_mode() -> BufferPoolMode {
-    if RELAY_USES_POOL.load(Ordering::Relaxed) { BufferPoolMode::On } else { BufferPoolMode::Off }
-}
-
-/// The relay's pool. With the pool off its tiers stay empty, and the 64 KiB tier's
-/// `total_allocated` counts the relays' own buffer reservations instead.
-pub fn relay_buffers() -> &'static BufferPool {
-    &RELAY_BUFFERS
-}
-
-/// The relay's buffer statistics, per tier.
-pub fn relay_buffer_stats() -> Vec<TierStats> {
-    let mut stats = RELAY_BUFFERS.stats();
-    let unpooled = UNPOOLED_RESERVES.load(Ordering::Relaxed);
-    if let Some(tier) = stats.iter_mut().find(|tier| tier.buffer_size >= crate::proto::MAX_FRAME_DATA) {
-        tier.total_allocated += unpooled;
+impl RelayBuffers {
+    pub fn new(mode: BufferPoolMode) -> RelayBuffers {
+        RelayBuffers { mode, ..RelayBuffers::default() }
     }
-    stats
-}
 
-/// One read of up to `max` bytes from `reader`, as [`Bytes`]; empty at end of data.
-/// With the pool on the bytes live in a pooled buffer. Otherwise they are split off
-/// `own`, the relay's long-lived buffer: once earlier chunks are dropped, `reserve`
-/// reuses its allocation instead of asking the allocator (and the kernel) for pages.
-pub async fn read_chunk<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    own: &mut BytesMut,
-    max: usize,
-) -> std::io::Result<Bytes> {
-    if RELAY_USES_POOL.load(Ordering::Relaxed)
-        && let Some(mut buf) = RELAY_BUFFERS.get(max)
-    {
-        let n = reader.read(&mut buf[..max]).await?;
-        return Ok(buf.into_bytes(n));
+    pub fn mode(&self) -> BufferPoolMode {
+        self.mode
     }
-    if own.capacity() < max {
-        UNPOOLED_RESERVES.fetch_add(1, Ordering::Relaxed);
-        own.reserve(OWN_BUFFER_READS * max);
+
+    /// The buffer statistics, per tier. With the pool off its tiers stay empty, and the
+    /// 64 KiB tier's `total_allocated` counts the relays' own buffer reservations instead.
+    pub fn stats(&self) -> Vec<TierStats> {
+        let mut stats = self.pool.stats();
+        let unpooled = self.unpooled_reserves.load(Ordering::Relaxed);
+        if let Some(tier) = stats.iter_mut().find(|tier| tier.buffer_size >= crate::proto::MAX_FRAME_DATA) {
+            tier.total_allocated += unpooled;
+        }
+        stats
     }
-    reader.read_buf(&mut bytes::BufMut::limit(&mut *own, max)).await?;
-    Ok(own.split().freeze())
+
+    /// One read of up to `max` bytes from `reader`, as [`Bytes`]; empty at end of data.
+    /// With the pool on the bytes live in a pooled buffer. Otherwise they are split off
+    /// `own`, the relay's long-lived buffer: once earlier chunks are dropped, `reserve`
+    /// reuses its allocation instead of asking the allocator (and the kernel) for pages.
+    pub async fn read_chunk<R: AsyncRead + Unpin>(
+        &self,
+        reader: &mut R,
+        own: &mut BytesMut,
+        max: usize,
+    ) -> std::io::Result<Bytes> {
+        if self.mode == BufferPoolMode::On
+            && let Some(mut buf) = self.pool.get(max)
+        {
+            let n = reader.read(&mut buf[..max]).await?;
+            return Ok(buf.into_bytes(n));
+        }
+        if own.capacity() < max {
+            self.unpooled_reserves.fetch_add(1, Ordering::Relaxed);
+            own.reserve(OWN_BUFFER_READS * max);
+        }
+        reader.read_buf(&mut bytes::BufMut::limit(&mut *own, max)).await?;
+        Ok(own.split().freeze())
+    }
 }
 
 #[cfg(test)]
@@ -349,14 +351,15 @@ mod tests {
     #[tokio::test]
     async fn read_chunk_reads_the_same_bytes_with_the_pool_on_or_off() {
         for mode in [BufferPoolMode::Off, BufferPoolMode::On] {
-            set_relay_buffer_pool(mode);
+            let buffers = RelayBuffers::new(mode);
             let mut input: &[u8] = b"some data";
             let mut own = BytesMut::new();
-            let chunk = read_chunk(&mut input, &mut own, 65535).await.unwrap();
+            let chunk = buffers.read_chunk(&mut input, &mut own, 65535).await.unwrap();
             assert_eq!(&chunk[..], b"some data", "{mode:?}");
-            assert!(read_chunk(&mut input, &mut own, 65535).await.unwrap().is_empty(), "{mode:?}: end of data");
+            assert!(buffers.read_chunk(&mut input, &mut own, 65535).await.unwrap().is_empty(), "{mode:?}: end of data");
+            let tier = buffers.stats().into_iter().find(|t| t.buffer_size == 65536).unwrap();
+            assert!(tier.total_allocated >= 1, "{mode:?}: its own counters saw the read");
         }
-        set_relay_buffer_pool(BufferPoolMode::Off);
     }
 
     #[tokio::test]
@@ -364,13 +367,14 @@ mod tests {
         let data = vec![5u8; 1 << 20];
         let mut input: &[u8] = &data;
         let mut own = BytesMut::new();
-        let first = read_chunk(&mut input, &mut own, 65535).await.unwrap();
+        let buffers = RelayBuffers::new(BufferPoolMode::Off);
+        let first = buffers.read_chunk(&mut input, &mut own, 65535).await.unwrap();
         let first_start = first.as_ptr();
         drop(first);
         // The chunks read since were dropped too: a reserve reclaims the same allocation.
         let mut reused = false;
         for _ in 0..8 {
-            let chunk = read_chunk(&mut input, &mut own, 65535).await.unwrap();
+            let chunk = buffers.read_chunk(&mut input, &mut own, 65535).await.unwrap();
             reused |= chunk.as_ptr() == first_start;
         }
         assert!(reused, "the first chunk's memory is read into again");

@@ -1,0 +1,74 @@
+//! One server's shared state: its users, outbound pool, outbound policy, counters and
+//! relay buffers. Each server owns one and hands it down to its connections, so two
+//! servers in one process share nothing (no globals), and the monitoring API reads a
+//! server through it ([`MetricsSource`]).
+
+use std::sync::Arc;
+
+use super::ServerConfig;
+use super::outbound::Dialer;
+use super::outbound_pool::OutboundPool;
+use super::policy::{OutboundPolicy, Policy, Refusal};
+use super::users::Users;
+use crate::metrics::snapshot::{ConnectionPoolStats, MemoryPoolStats, UsersStats};
+use crate::metrics::{HandshakeCounters, MetricsSource};
+use crate::session::buffers::{BufferPoolMode, RelayBuffers};
+
+pub struct ServerContext {
+    pub users: Arc<Users>,
+    pub pool: OutboundPool,
+    pub policy: OutboundPolicy,
+    pub handshakes: HandshakeCounters,
+    pub relay_buffers: RelayBuffers,
+}
+
+impl ServerContext {
+    /// A context serving `users` through `pool`, refusing nothing, relay buffers unpooled.
+    pub fn new(users: Arc<Users>, pool: OutboundPool) -> ServerContext {
+        ServerContext {
+            users,
+            pool,
+            policy: OutboundPolicy::default(),
+            handshakes: HandshakeCounters::default(),
+            relay_buffers: RelayBuffers::default(),
+        }
+    }
+
+    /// As [`ServerContext::new`], with the outbound pool `config` asks for.
+    pub fn from_config(config: &ServerConfig, users: Arc<Users>) -> ServerContext {
+        let dialer = Dialer { connect_timeout: config.connect_timeout, keepalive: config.keepalive };
+        ServerContext::new(users, OutboundPool::new(config.outbound.clone(), dialer))
+    }
+
+    pub fn with_policy(self, rules: Policy) -> ServerContext {
+        self.policy.replace(rules);
+        self
+    }
+
+    pub fn with_relay_buffers(self, mode: BufferPoolMode) -> ServerContext {
+        ServerContext { relay_buffers: RelayBuffers::new(mode), ..self }
+    }
+}
+
+impl MetricsSource for ServerContext {
+    fn connection_pool_stats(&self) -> ConnectionPoolStats {
+        self.pool.connection_pool_stats()
+    }
+
+    fn memory_pool_stats(&self) -> MemoryPoolStats {
+        MemoryPoolStats { enabled: self.relay_buffers.mode() == BufferPoolMode::On, tiers: self.relay_buffers.stats() }
+    }
+
+    /// Everyone's counters, this server's wrong passwords and what its policy refused.
+    fn users_stats(&self) -> Option<UsersStats> {
+        Some(UsersStats {
+            users: self.users.report(),
+            auth_failures: self.handshakes.auth_failures.load(std::sync::atomic::Ordering::Relaxed),
+            policy_refused: Refusal::ALL.iter().map(|r| (r.label(), self.policy.refused(*r))).collect(),
+        })
+    }
+
+    fn handshakes(&self) -> Option<&HandshakeCounters> {
+        Some(&self.handshakes)
+    }
+}
