@@ -36,7 +36,7 @@ bench_init anytls-pool-test
 started=$SECONDS
 if [ $build = 1 ]; then build_release || die "cannot build"; fi
 for b in anytls-server anytls-client anytls-bench; do
-    [ -x "$BIN/$b" ] || die "$BIN/$b missing (build with cargo build --release)"
+    [ -x "$BIN/$b" ] || die "$BIN/$b missing (build with cargo build --release --workspace --bins)"
 done
 
 passed=0 failed=0

@@ -42,7 +42,7 @@ bench_cleanup() {
 
 build_release() { # builds our three binaries (quietly unless it fails)
     echo "building release binaries (CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$BENCH_REPO/target}) ..." >&2
-    if ! (cd "$BENCH_REPO" && cargo build --release --bins >"$BENCH_WORK/build.log" 2>&1); then
+    if ! (cd "$BENCH_REPO" && cargo build --release --workspace --bins >"$BENCH_WORK/build.log" 2>&1); then
         tail -n 30 "$BENCH_WORK/build.log" >&2
         echo "release build failed" >&2
         return 1

@@ -33,7 +33,7 @@ done
 bench_init anytls-bench-memory
 raise_fd_limit 65536
 for b in anytls-server anytls-client anytls-bench; do
-    [ -x "$BIN/$b" ] || die "$BIN/$b missing (cargo build --release)"
+    [ -x "$BIN/$b" ] || die "$BIN/$b missing (cargo build --release --workspace --bins)"
 done
 log() { echo "[bench-memory $label $(date +%T)] $*" >&2; }
 start_targets target

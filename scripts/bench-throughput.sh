@@ -44,7 +44,7 @@ done
 bench_init anytls-throughput
 [ $build = 1 ] && { build_release || exit 1; }
 for b in anytls-server anytls-client anytls-bench; do
-    [ -x "$BIN/$b" ] || die "$BIN/$b missing (build with cargo build --release)"
+    [ -x "$BIN/$b" ] || die "$BIN/$b missing (build with cargo build --release --workspace --bins)"
 done
 
 # --- the file server ---------------------------------------------------------------

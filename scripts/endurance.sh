@@ -67,7 +67,7 @@ need=$((streams * 2 + stall * 2 + 1024))
 [ "$fds_limit" -ge "$need" ] || die "open-files limit $fds_limit < $need needed for $streams streams (ulimit -n)"
 if [ $build = 1 ]; then build_release || die "cannot build"; fi
 for b in anytls-server anytls-client anytls-bench; do
-    [ -x "$BIN/$b" ] || die "$BIN/$b missing (cargo build --release)"
+    [ -x "$BIN/$b" ] || die "$BIN/$b missing (cargo build --release --workspace --bins)"
 done
 start_targets_on target 0.0.0.0:0
 http_port=${TARGET_HTTP##*:}

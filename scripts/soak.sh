@@ -41,7 +41,7 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 TARGET_DIR="${CARGO_TARGET_DIR:-$REPO/target}"
 PROFILE=debug
 [ "${RELEASE:-0}" = 1 ] && PROFILE=release
-(cd "$REPO" && cargo build --quiet --bins $([ "$PROFILE" = release ] && echo --release))
+(cd "$REPO" && cargo build --quiet --workspace --bins $([ "$PROFILE" = release ] && echo --release))
 BIN="$TARGET_DIR/$PROFILE"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/anytls-soak.XXXXXX")
 PASSWORD="soak-$RANDOM$RANDOM"

@@ -1,6 +1,6 @@
 //! Helpers for the end-to-end tests: starting our binaries (and third-party peers) as
-//! real processes on loopback, a small SOCKS5/SOCKS4a client, local targets (echo,
-//! half-close, bulk, HTTP) and digests.
+//! real processes on loopback, and, from the shared test kit (`tools/testkit`), a small
+//! SOCKS5/SOCKS4a client, local targets (echo, half-close, bulk, HTTP) and digests.
 //!
 //! Every wait is bounded. Processes are killed when their handle is dropped, which also
 //! happens when a test panics or its timeout fires; a failing test prints the logs of
@@ -15,9 +15,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 
 /// Longest wait for a process to say it is ready.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -365,105 +364,26 @@ pub async fn wait_port(process: &mut Process, port: u16, limit: Duration) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Proxy clients
+// Proxy clients, payloads and local targets: the test kit the load generator shares.
+// Every test file includes this module and uses only part of it, hence the allows.
 
-/// SOCKS5 reply codes the tests look at.
-pub const SOCKS5_OK: u8 = 0;
-pub const SOCKS5_GENERAL: u8 = 1;
-pub const SOCKS5_HOST_UNREACHABLE: u8 = 4;
-pub const SOCKS5_REFUSED: u8 = 5;
-pub const SOCKS5_TIMED_OUT: u8 = 6;
-
-/// SOCKS5 CONNECT to `host:port` (IPv4 literal or domain) through `proxy`. Returns the
-/// reply code and the connection (usable when the code is 0).
-pub async fn socks5_connect(proxy: SocketAddr, host: &str, port: u16) -> std::io::Result<(u8, TcpStream)> {
-    let mut tcp = TcpStream::connect(proxy).await?;
-    tcp.set_nodelay(true)?;
-    tcp.write_all(&[5, 1, 0]).await?;
-    let mut method = [0u8; 2];
-    tcp.read_exact(&mut method).await?;
-    if method != [5, 0] {
-        return Err(std::io::Error::other(format!("proxy chose SOCKS5 method {method:?}")));
-    }
-    let mut request = vec![5, 1, 0];
-    match host.parse::<std::net::Ipv4Addr>() {
-        Ok(ip) => {
-            request.push(1);
-            request.extend_from_slice(&ip.octets());
-        }
-        Err(_) => {
-            request.push(3);
-            request.push(host.len() as u8);
-            request.extend_from_slice(host.as_bytes());
-        }
-    }
-    request.extend_from_slice(&port.to_be_bytes());
-    tcp.write_all(&request).await?;
-    let mut head = [0u8; 4];
-    tcp.read_exact(&mut head).await?;
-    let address_len = match head[3] {
-        1 => 4,
-        4 => 16,
-        3 => tcp.read_u8().await? as usize,
-        other => return Err(std::io::Error::other(format!("bad address type {other} in SOCKS5 reply"))),
-    };
-    let mut rest = vec![0u8; address_len + 2];
-    tcp.read_exact(&mut rest).await?;
-    Ok((head[1], tcp))
-}
-
-/// SOCKS5 CONNECT to `target` that must succeed.
-pub async fn socks5_open(proxy: SocketAddr, target: SocketAddr) -> TcpStream {
-    let (code, tcp) = socks5_connect(proxy, &target.ip().to_string(), target.port())
-        .await
-        .unwrap_or_else(|err| panic!("SOCKS5 to {target} through {proxy}: {err}"));
-    assert_eq!(code, SOCKS5_OK, "SOCKS5 reply code for {target}");
-    tcp
-}
-
-/// SOCKS4a CONNECT to `host:port` (the host always sent as a name). Returns the SOCKS4
-/// reply code (0x5a = granted) and the connection.
-pub async fn socks4a_connect(proxy: SocketAddr, host: &str, port: u16) -> std::io::Result<(u8, TcpStream)> {
-    let mut tcp = TcpStream::connect(proxy).await?;
-    let mut request = vec![4, 1];
-    request.extend_from_slice(&port.to_be_bytes());
-    request.extend_from_slice(&[0, 0, 0, 1]);
-    request.extend_from_slice(b"e2e\0");
-    request.extend_from_slice(host.as_bytes());
-    request.push(0);
-    tcp.write_all(&request).await?;
-    let mut reply = [0u8; 8];
-    tcp.read_exact(&mut reply).await?;
-    Ok((reply[1], tcp))
-}
+#[allow(unused_imports)]
+pub use anytls_testkit::payload::{payload, sha256_hex};
+#[allow(unused_imports)]
+pub use anytls_testkit::socks::{
+    SOCKS5_GENERAL, SOCKS5_HOST_UNREACHABLE, SOCKS5_OK, SOCKS5_REFUSED, SOCKS5_TIMED_OUT, socks4a_connect,
+    socks5_connect, socks5_open,
+};
+#[allow(unused_imports)]
+pub use anytls_testkit::target::{
+    half_close_answer, http_body_for, spawn_bulk, spawn_echo, spawn_half_close, spawn_http,
+};
 
 /// Reads until EOF.
 pub async fn read_all(tcp: &mut TcpStream) -> Vec<u8> {
     let mut out = Vec::new();
     tcp.read_to_end(&mut out).await.expect("read to EOF");
     out
-}
-
-// ---------------------------------------------------------------------------------------
-// Payloads and digests
-
-/// `len` bytes of a deterministic, incompressible pattern; `seed` makes them distinct.
-pub fn payload(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
-/// Lowercase hex SHA-256.
-pub fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Writes `data` and shuts the write side while reading everything the other side
@@ -496,138 +416,6 @@ pub async fn echo_roundtrip(tcp: TcpStream, data: &[u8]) {
     sent.expect("send to echo");
     let received = received.expect("read the echo");
     assert_eq!(sha256_hex(&received), sha256_hex(data), "echo of {} bytes differs", data.len());
-}
-
-// ---------------------------------------------------------------------------------------
-// Local targets (tokio tasks on the test's runtime; they end with it)
-
-async fn serve(listener: TcpListener, handler: impl Fn(TcpStream) -> tokio::task::JoinHandle<()> + Send + 'static) {
-    while let Ok((tcp, _)) = listener.accept().await {
-        handler(tcp);
-    }
-}
-
-async fn bind_loopback() -> (TcpListener, SocketAddr) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind target");
-    let addr = listener.local_addr().expect("target addr");
-    (listener, addr)
-}
-
-/// Echoes every byte back; shuts its write side when the client does.
-pub async fn spawn_echo() -> SocketAddr {
-    let (listener, addr) = bind_loopback().await;
-    tokio::spawn(serve(listener, |mut tcp| {
-        tokio::spawn(async move {
-            let (mut reader, mut writer) = tcp.split();
-            if tokio::io::copy(&mut reader, &mut writer).await.is_ok() {
-                let _ = writer.shutdown().await;
-            }
-        })
-    }));
-    addr
-}
-
-/// Reads until EOF, then answers `"<byte count> <sha256 hex>\n"` and closes: the answer
-/// only arrives if the client's half-close got through and the way back stayed open.
-pub async fn spawn_half_close() -> SocketAddr {
-    let (listener, addr) = bind_loopback().await;
-    tokio::spawn(serve(listener, |mut tcp| {
-        tokio::spawn(async move {
-            let mut hasher = Sha256::new();
-            let mut count = 0usize;
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match tcp.read(&mut buf).await {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        count += n;
-                        hasher.update(&buf[..n]);
-                    }
-                    Err(_) => return,
-                }
-            }
-            let digest: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
-            let _ = tcp.write_all(format!("{count} {digest}\n").as_bytes()).await;
-            let _ = tcp.shutdown().await;
-        })
-    }));
-    addr
-}
-
-/// The answer [`spawn_half_close`] gives for `data`.
-pub fn half_close_answer(data: &[u8]) -> String {
-    format!("{} {}\n", data.len(), sha256_hex(data))
-}
-
-/// Sends `data` on every connection, then closes (ignores what the client sends).
-pub async fn spawn_bulk(data: Arc<Vec<u8>>) -> SocketAddr {
-    let (listener, addr) = bind_loopback().await;
-    tokio::spawn(serve(listener, move |mut tcp| {
-        let data = data.clone();
-        tokio::spawn(async move {
-            if tcp.write_all(&data).await.is_ok() {
-                let _ = tcp.shutdown().await;
-            }
-            // Drain until the client closes, so no RST cuts the data short.
-            let mut sink = [0u8; 4096];
-            while let Ok(n) = tcp.read(&mut sink).await {
-                if n == 0 {
-                    break;
-                }
-            }
-        })
-    }));
-    addr
-}
-
-/// A minimal HTTP/1.1 origin server. `GET /bytes/N` answers N bytes of
-/// `payload(N, N)`; any other path answers `hello <path>\n`. Every response closes the
-/// connection. The counter counts requests served.
-pub async fn spawn_http() -> (SocketAddr, Arc<AtomicUsize>) {
-    let (listener, addr) = bind_loopback().await;
-    let served = Arc::new(AtomicUsize::new(0));
-    let counter = served.clone();
-    tokio::spawn(serve(listener, move |mut tcp| {
-        let counter = counter.clone();
-        tokio::spawn(async move {
-            let mut head = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                match tcp.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                }
-                if head.len() > 64 * 1024 {
-                    return;
-                }
-            }
-            let text = String::from_utf8_lossy(&head);
-            let path = text.split(' ').nth(1).unwrap_or("/").to_string();
-            let body = http_body_for(&path);
-            let response = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            counter.fetch_add(1, Ordering::Relaxed);
-            if tcp.write_all(response.as_bytes()).await.is_ok() && tcp.write_all(&body).await.is_ok() {
-                let _ = tcp.shutdown().await;
-            }
-            while let Ok(n) = tcp.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-            }
-        })
-    }));
-    (addr, served)
-}
-
-/// The body [`spawn_http`] answers for `path`.
-pub fn http_body_for(path: &str) -> Vec<u8> {
-    match path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
-        Some(len) => payload(len, len as u64),
-        None => format!("hello {path}\n").into_bytes(),
-    }
 }
 
 /// Splits an HTTP response into its head (as text) and body.

@@ -2,7 +2,8 @@
 //! responder and a bulk sink/source port.
 //!
 //! They are deliberately cheap (static zero buffers, no parsing beyond what is
-//! needed) so that the proxy, not the target, is what a run measures.
+//! needed) so that the proxy, not the target, is what a run measures; the accept loop,
+//! the echo and the request-head reading are the test kit's, as the tests use them.
 //!
 //! Bulk protocol (one request per connection): the client sends 9 bytes, a mode
 //! byte and a big-endian u64 `n`.
@@ -13,10 +14,11 @@
 use std::io;
 use std::net::SocketAddr;
 
+use anytls_testkit::target::{RequestHead, accept_forever, discard_until_eof, echo, read_request_head};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
-/// Size of the static buffers the bulk and HTTP targets write from and read into.
+/// Size of the static buffer the bulk and HTTP targets write from, and of the bench's read buffers.
 pub const CHUNK: usize = 256 * 1024;
 /// Largest HTTP request head the responder accepts.
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
@@ -46,58 +48,22 @@ pub async fn start(listen: SocketAddr) -> io::Result<Targets> {
     // The proxies' backlog, so a burst measures them rather than the targets' queue.
     let bind =
         |i: u16| async move { anytls_rs::accept::listen(&SocketAddr::new(listen.ip(), port(i)).to_string()).await };
-    let (echo, http, bulk) = (bind(0).await?, bind(1).await?, bind(2).await?);
-    let targets = Targets { echo: echo.local_addr()?, http: http.local_addr()?, bulk: bulk.local_addr()? };
-    tokio::spawn(accept_forever(echo, serve_echo));
+    let (echo_listener, http, bulk) = (bind(0).await?, bind(1).await?, bind(2).await?);
+    let targets = Targets { echo: echo_listener.local_addr()?, http: http.local_addr()?, bulk: bulk.local_addr()? };
+    tokio::spawn(accept_forever(echo_listener, echo));
     tokio::spawn(accept_forever(http, serve_http));
     tokio::spawn(accept_forever(bulk, serve_bulk));
     Ok(targets)
 }
 
-async fn accept_forever<F, Fut>(listener: TcpListener, serve: F)
-where
-    F: Fn(TcpStream) -> Fut,
-    Fut: Future<Output = io::Result<()>> + Send + 'static,
-{
-    loop {
-        match listener.accept().await {
-            Ok((tcp, peer)) => {
-                let _ = tcp.set_nodelay(true);
-                let task = serve(tcp);
-                tokio::spawn(async move {
-                    if let Err(err) = task.await {
-                        log::debug!("target connection from {peer}: {err}");
-                    }
-                });
-            }
-            Err(err) => {
-                // Usually EMFILE under a big `hold`: wait a little rather than spin.
-                log::warn!("target accept failed: {err}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-async fn serve_echo(mut tcp: TcpStream) -> io::Result<()> {
-    let (mut r, mut w) = tcp.split();
-    tokio::io::copy(&mut r, &mut w).await?;
-    w.shutdown().await
-}
-
 async fn serve_http(mut tcp: TcpStream) -> io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        if head.len() > MAX_REQUEST_HEAD {
+    let head = match read_request_head(&mut tcp, MAX_REQUEST_HEAD).await? {
+        RequestHead::Complete(head) => head,
+        RequestHead::Closed => return Ok(()),
+        RequestHead::TooLarge => {
             return tcp.write_all(b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n\r\n").await;
         }
-        let n = tcp.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
+    };
     match requested_bytes(&head) {
         Some(n) => {
             let header = format!(
@@ -149,19 +115,6 @@ pub async fn write_zeros<W: AsyncWriteExt + Unpin>(w: &mut W, mut n: u64) -> io:
         n -= len as u64;
     }
     Ok(())
-}
-
-/// Reads and drops everything until EOF; returns how many bytes came.
-pub async fn discard_until_eof<R: AsyncReadExt + Unpin>(r: &mut R) -> io::Result<u64> {
-    let mut buf = vec![0u8; CHUNK];
-    let mut total = 0u64;
-    loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(total);
-        }
-        total += n as u64;
-    }
 }
 
 #[cfg(test)]

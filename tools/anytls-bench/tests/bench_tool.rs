@@ -2,11 +2,51 @@
 //! in-process targets, and once through our own server/client pair.
 
 use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{OnceLock, mpsc};
 use std::time::Duration;
 
 const BENCH: &str = env!("CARGO_BIN_EXE_anytls-bench");
+const PRODUCT_BINS: [&str; 2] = ["anytls-server", "anytls-client"];
+
+/// The path of the product binary `name` (`anytls-server` or `anytls-client`).
+///
+/// Cargo only tells a test where its own package's binaries are, so the product's are
+/// looked for beside the bench binary (same target dir and profile). `cargo test
+/// --workspace` has built them there already; `cargo test -p anytls-bench` from a clean
+/// checkout has not, so then they are built once with the same profile.
+fn product_bin(name: &str) -> PathBuf {
+    static PRODUCT_DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = PRODUCT_DIR.get_or_init(|| {
+        let dir = Path::new(BENCH).parent().expect("the bench binary lies in a directory").to_path_buf();
+        if PRODUCT_BINS.iter().any(|bin| !dir.join(bin).exists()) {
+            build_product_bins(&dir);
+        }
+        dir
+    });
+    let path = dir.join(name);
+    assert!(path.exists(), "{} missing after building the product binaries", path.display());
+    path
+}
+
+/// `cargo build -p anytls-rs --bins` into the target dir and profile `bin_dir` belongs to
+/// (`<target dir>/debug` is the `dev` profile, `<target dir>/<name>` the profile `name`).
+fn build_product_bins(bin_dir: &Path) {
+    let profile_dir = bin_dir.file_name().and_then(|name| name.to_str()).expect("a profile directory");
+    let profile = if profile_dir == "debug" { "dev" } else { profile_dir };
+    let target_dir = bin_dir.parent().expect("the profile directory lies in the target dir");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Cargo.toml");
+    let status = Command::new(cargo)
+        .args(["build", "-p", "anytls-rs", "--bins", "--profile", profile, "--manifest-path"])
+        .arg(&workspace)
+        .arg("--target-dir")
+        .arg(target_dir)
+        .status()
+        .expect("run cargo build for the product binaries");
+    assert!(status.success(), "cargo build -p anytls-rs --bins --profile {profile} failed: {status}");
+}
 
 /// Runs anytls-bench with `--json --max-seconds 20`; returns (exit ok, stdout).
 fn bench(args: &[&str]) -> (bool, String) {
@@ -75,7 +115,7 @@ impl Drop for Running {
 
 /// Starts a binary and waits (≤ 10 s) for a stderr line containing `marker`;
 /// returns the process and the text after the marker on every line until then.
-fn start_and_wait(bin: &str, args: &[&str], markers: &[&str]) -> (Running, Vec<String>) {
+fn start_and_wait(bin: &Path, args: &[&str], markers: &[&str]) -> (Running, Vec<String>) {
     let mut child =
         Command::new(bin).args(args).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().expect("start binary");
     let stderr = child.stderr.take().expect("stderr");
@@ -92,7 +132,8 @@ fn start_and_wait(bin: &str, args: &[&str], markers: &[&str]) -> (Running, Vec<S
     let mut found = Vec::new();
     for marker in markers {
         loop {
-            let line = rx.recv_timeout(Duration::from_secs(10)).unwrap_or_else(|_| panic!("{bin}: no {marker:?}"));
+            let line =
+                rx.recv_timeout(Duration::from_secs(10)).unwrap_or_else(|_| panic!("{}: no {marker:?}", bin.display()));
             if let Some(at) = line.find(marker) {
                 found.push(line[at + marker.len()..].to_string());
                 break;
@@ -105,14 +146,14 @@ fn start_and_wait(bin: &str, args: &[&str], markers: &[&str]) -> (Running, Vec<S
 #[test]
 fn rr_and_bulk_through_our_pair() {
     let (_server, found) = start_and_wait(
-        env!("CARGO_BIN_EXE_anytls-server"),
+        &product_bin("anytls-server"),
         &["-l", "127.0.0.1:0", "-p", "bench-pass"],
         &["SHA-256 fingerprint ", "listening on "],
     );
     let fingerprint = found[0].trim().to_string();
     let server_addr = found[1].split_whitespace().next().expect("address").to_string();
     let (_client, found) = start_and_wait(
-        env!("CARGO_BIN_EXE_anytls-client"),
+        &product_bin("anytls-client"),
         &[
             "-l",
             "127.0.0.1:0",
