@@ -22,7 +22,7 @@ use anytls_rs::server::outbound_pool::OutboundSettings;
 use anytls_rs::server::tls::Identity;
 use anytls_rs::server::udp::UdpSettings;
 use anytls_rs::server::{self, ServerConfig};
-use anytls_rs::session::SessionConfig;
+use anytls_rs::session::{ClientSessionOptions, SessionConfig};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -84,6 +84,7 @@ async fn start_client(server: SocketAddr) -> SocketAddr {
         tls: TlsConnector::from(client_config(&Trust::Insecure).unwrap()),
         password: PasswordHash::of("pw"),
         session_config: SessionConfig::default(),
+        client_options: ClientSessionOptions::default(),
         connect_timeout: Duration::from_secs(2),
         keepalive: Default::default(),
     };

@@ -28,7 +28,7 @@ use anytls_rs::pool::PoolType;
 use anytls_rs::proto::address::Host;
 use anytls_rs::proto::{PaddingScheme, PasswordHash};
 use anytls_rs::session::buffers::{BufferPoolMode, RelayBuffers};
-use anytls_rs::session::{BufferBudget, SessionConfig};
+use anytls_rs::session::{BufferBudget, ClientSessionOptions, SessionConfig};
 
 /// AnyTLS client. The local port speaks SOCKS5, SOCKS4/4a and HTTP proxy.
 /// The server's certificate is verified unless --insecure or --pin-sha256 is given.
@@ -302,11 +302,14 @@ fn connector_for(server: &str, args: &Args, buffers: &BufferBudget) -> Result<(C
         session_config: SessionConfig {
             padding: Arc::new(ArcSwap::from_pointee(PaddingScheme::default())),
             stream_idle_timeout: anytls_rs::cli::secs_or_never(args.stream_idle_timeout_secs),
-            heartbeat_interval: anytls_rs::cli::secs_or_never(args.heartbeat_interval_secs),
-            heartbeat_timeout: Duration::from_secs(args.heartbeat_timeout_secs.max(1)),
             buffers: buffers.clone(),
             stream_buffer: (args.stream_buffer_kib.max(4) << 10) as usize,
             ..SessionConfig::default()
+        },
+        client_options: ClientSessionOptions {
+            heartbeat_interval: anytls_rs::cli::secs_or_never(args.heartbeat_interval_secs),
+            heartbeat_timeout: Duration::from_secs(args.heartbeat_timeout_secs.max(1)),
+            ..ClientSessionOptions::default()
         },
         connect_timeout: Duration::from_secs(args.connect_timeout_secs),
         keepalive: args.keepalive.keepalive(),

@@ -20,7 +20,7 @@ use crate::pool::{
 };
 use crate::proto::auth::encode_auth_block;
 use crate::proto::{Address, PasswordHash};
-use crate::session::{Session, SessionConfig};
+use crate::session::{ClientSession, ClientSessionOptions, SessionConfig};
 
 /// Opens new authenticated sessions to one server.
 pub struct Connector {
@@ -29,13 +29,14 @@ pub struct Connector {
     pub tls: TlsConnector,
     pub password: PasswordHash,
     pub session_config: SessionConfig,
+    pub client_options: ClientSessionOptions,
     pub connect_timeout: Duration,
     /// Keepalive and user timeout on the connection to the server.
     pub keepalive: crate::keepalive::Keepalive,
 }
 
 impl Connector {
-    pub async fn connect(&self) -> Result<Session, ConnectError> {
+    pub async fn connect(&self) -> Result<ClientSession, ConnectError> {
         let server = self.server.to_string();
         let after = self.connect_timeout;
         let tcp = tokio::time::timeout(after, TcpStream::connect(server.as_str()))
@@ -62,7 +63,7 @@ impl Connector {
         };
         authenticate.await.map_err(|source| ConnectError::Authenticate { server, source })?;
         crate::session::limit_tls_buffer(tls.get_mut().1);
-        Ok(Session::client(tls, self.session_config.clone()))
+        Ok(ClientSession::start(tls, self.session_config.clone(), self.client_options.clone()))
     }
 }
 
@@ -81,7 +82,7 @@ pub struct SessionPoolSettings {
 
 /// The engine all of a client's servers share: idle sessions keyed by server address,
 /// with each server's counters in its slot.
-pub type SessionEngine = Arc<dyn IdlePool<Address, KeyCounters, Session>>;
+pub type SessionEngine = Arc<dyn IdlePool<Address, KeyCounters, ClientSession>>;
 
 /// An engine for `servers` servers with `settings`: `max_idle` per server, and in all.
 pub fn new_session_engine(settings: &SessionPoolSettings, servers: usize) -> SessionEngine {
@@ -108,7 +109,7 @@ pub struct SessionPool {
 
 /// A session taken from the pool, and whether it was reused.
 pub struct Lease {
-    pub session: Session,
+    pub session: ClientSession,
     pub reused: bool,
 }
 
@@ -164,14 +165,14 @@ impl SessionPool {
     /// to others while it has room.
     /// A full idle pool just doesn't take it: the caller is about to open a stream on it
     /// (closing it here, as a release does, would fail that stream).
-    fn share_if_room(&self, session: &Session) {
+    fn share_if_room(&self, session: &ClientSession) {
         if session.open_streams() + 1 < self.settings.max_streams_per_session {
             let _ = self.give_back(session.clone());
         }
     }
 
     /// Takes back a session whose stream has ended.
-    pub fn release(&self, session: Session) {
+    pub fn release(&self, session: ClientSession) {
         self.idle.counters().record_checkin();
         KeyCounters::drop_one(&self.counters.active);
         if !session.is_closed()
@@ -183,7 +184,7 @@ impl SessionPool {
     }
 
     /// Pools the session; returns it when the pool is full.
-    fn give_back(&self, session: Session) -> Option<Session> {
+    fn give_back(&self, session: ClientSession) -> Option<ClientSession> {
         if session.pooled().swap(true, Ordering::AcqRel) {
             return None; // already in the pool
         }
@@ -200,7 +201,7 @@ impl SessionPool {
 
     /// Settles this server's expired sessions: the newest live ones, up to `min_idle` in
     /// the pool, go back for another idle period; the rest are closed and counted.
-    fn settle_expired(&self, mut expired: Vec<Idle<Session>>) {
+    fn settle_expired(&self, mut expired: Vec<Idle<ClientSession>>) {
         let still_idle = self.idle.idle_count(&self.key);
         // Newest first, so the sessions kept are the most recently used.
         expired.sort_by_key(|entry| std::cmp::Reverse(entry.idle_since));
@@ -331,6 +332,7 @@ mod tests {
             tls: TlsConnector::from(client_config(&Trust::Insecure).unwrap()),
             password: PasswordHash::of("pw"),
             session_config: SessionConfig::default(),
+            client_options: ClientSessionOptions::default(),
             connect_timeout: Duration::from_secs(2),
             keepalive: Default::default(),
         };
@@ -388,7 +390,7 @@ mod tests {
         short.min_idle = 1;
         let pool = pool(server, short);
         let leases = [pool.acquire().await.unwrap(), pool.acquire().await.unwrap(), pool.acquire().await.unwrap()];
-        let sessions: Vec<Session> = leases.iter().map(|l| l.session.clone()).collect();
+        let sessions: Vec<ClientSession> = leases.iter().map(|l| l.session.clone()).collect();
         for lease in leases {
             pool.release(lease.session);
         }

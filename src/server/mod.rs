@@ -28,7 +28,7 @@ use crate::proto::Frame;
 use crate::proto::PaddingScheme;
 use crate::proto::PasswordHash;
 use crate::proto::frame::Command;
-use crate::session::{Session, SessionConfig, Stream, StreamHandler};
+use crate::session::{ServerSession, ServerSessionOptions, SessionConfig, Stream, StreamHandler};
 pub use context::ServerContext;
 use fallback::{Fallback, FirstData, ProbeSettings, TlsFront};
 use limits::{Gate, HandshakeRefusal, HandshakeSlot, HandshakeSlots, ServerLimits};
@@ -97,13 +97,15 @@ pub async fn serve(
     let config = Arc::new(config);
     let session_config = SessionConfig {
         padding: Arc::new(ArcSwap::from_pointee(config.padding.clone())),
-        max_streams: config.max_streams_per_session,
         stream_idle_timeout: limits.stream_idle_timeout,
         half_close_timeout: limits.half_close_timeout,
-        idle_session_timeout: limits.idle_session_timeout,
         stream_buffer: limits.stream_buffer,
         buffers: limits.buffers.clone(),
         ..SessionConfig::default()
+    };
+    let session_options = ServerSessionOptions {
+        max_streams: config.max_streams_per_session,
+        idle_session_timeout: limits.idle_session_timeout,
     };
     let gate = Arc::new(Gate::new(limits));
     let share = gate.user_share(users.len());
@@ -166,7 +168,7 @@ pub async fn serve(
             let mut tls = tls;
             crate::session::limit_tls_buffer(tls.get_mut().1);
             let tls = CountedIo::new(tls, user.counters.clone());
-            let session = Session::server(tls, session_config, leftover, handler);
+            let session = ServerSession::start(tls, session_config, session_options, leftover, handler);
             log::debug!("{peer}: session open (user {})", user.name);
             let reason = tokio::select! {
                 reason = session.closed() => reason,

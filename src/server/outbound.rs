@@ -136,11 +136,11 @@ pub(crate) mod test_support {
     use crate::server::limits::{Gate, ServerLimits};
     use crate::server::outbound_pool::{OutboundPool, OutboundSettings};
     use crate::server::udp::UdpSettings;
-    use crate::session::{Session, SessionConfig, StreamHandler};
+    use crate::session::{ClientSession, ServerSession, SessionConfig, StreamHandler};
 
     /// A client session against an in-process server session whose streams go through
     /// the real `serve_stream`. Both handles are returned: dropping one closes its session.
-    pub(crate) fn session_pair(udp: UdpSettings) -> (Session, Session) {
+    pub(crate) fn session_pair(udp: UdpSettings) -> (ClientSession, ServerSession) {
         let (client, server, _pool) = session_pair_with(4, Duration::from_secs(2), udp);
         (client, server)
     }
@@ -151,7 +151,7 @@ pub(crate) mod test_support {
         max_per_target: usize,
         connect_timeout: Duration,
         udp: UdpSettings,
-    ) -> (Session, Session, OutboundPool) {
+    ) -> (ClientSession, ServerSession, OutboundPool) {
         let settings = OutboundSettings {
             pool_type: PoolType::Lock,
             max_per_target,
@@ -175,8 +175,8 @@ pub(crate) mod test_support {
             tokio::spawn(serve_stream(stream, context.clone(), udp, "test".into(), ticket, lookups));
         });
         let (a, b) = tokio::io::duplex(1 << 20);
-        let server = Session::server(b, SessionConfig::default(), BytesMut::new(), handler);
-        (Session::client(a, SessionConfig::default()), server, pool)
+        let server = ServerSession::start(b, SessionConfig::default(), Default::default(), BytesMut::new(), handler);
+        (ClientSession::start(a, SessionConfig::default(), Default::default()), server, pool)
     }
 }
 

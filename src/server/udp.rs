@@ -381,9 +381,9 @@ async fn receive(
 mod tests {
     use super::*;
     use crate::proto::udp::magic_destination;
-    use crate::session::{OpenError, Session};
+    use crate::session::{ClientSession, OpenError, ServerSession};
 
-    fn pair(udp: UdpSettings) -> (Session, Session) {
+    fn pair(udp: UdpSettings) -> (ClientSession, ServerSession) {
         crate::server::outbound::test_support::session_pair(udp)
     }
 

@@ -56,9 +56,10 @@ impl LastReceived {
     }
 }
 
+/// Sends a server silent for `interval` a heartbeat and gives it `timeout` to answer.
 /// Runs until the session closes (it holds no strong reference between checks, so
 /// it never keeps a session alive).
-pub(super) async fn run(weak: Weak<Shared>, interval: Duration) {
+pub(super) async fn run(weak: Weak<Shared>, interval: Duration, timeout: Duration) {
     // Checked often enough to notice silence soon after `interval`, and cheap.
     let period = (interval / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let mut tick = tokio::time::interval(period);
@@ -74,7 +75,6 @@ pub(super) async fn run(weak: Weak<Shared>, interval: Duration) {
         if !busy || *shared.peer_version.borrow() < 2 || quiet_for < interval {
             continue;
         }
-        let timeout = shared.config.heartbeat_timeout;
         log::debug!("nothing from the server for {quiet_for:?}: heartbeat");
         // Read before the request is queued: any read after this point is an answer
         // (or other traffic, which proves the connection alive just as well).

@@ -5,8 +5,17 @@
 //! reader waits, which stops reading the connection: that is the protocol's only
 //! backpressure (AnyTLS has no flow-control window). The writer drains a small
 //! control queue first, then the data queue, and batches whatever is queued into one
-//! large write so TLS records are filled. Both roles (client, server) share this code;
-//! only frame handling differs.
+//! large write so TLS records are filled.
+//!
+//! Both ends share this code; only the frames each receives, and what each may ask of
+//! its session, differ. The end is a type parameter, [`ClientSession`] being
+//! `Session<Client>` and [`ServerSession`] `Session<Server>`, rather than two handle
+//! types around a shared inner one: what both ends do (close, `closed()`, the
+//! counters) is written once for any `Session<End>`, what only one end does (opening
+//! a stream, pool membership) exists only on that end's type, and the reader is built
+//! for one end, so neither ever asks at run time which end it is. The settings split
+//! the same way: [`SessionConfig`] for both, [`ClientSessionOptions`] and
+//! [`ServerSessionOptions`] for one.
 
 mod budget;
 pub mod buffers;
@@ -32,6 +41,7 @@ use crate::proto::{Frame, PaddingScheme, Settings};
 
 pub use budget::{BufferBudget, DEFAULT_STREAM_BUFFER};
 pub use relay::{RelayStats, relay};
+use stream::OpenWait;
 pub use stream::{OpenError, SendRoom, Stream, StreamReader, StreamWriter};
 
 /// Frames waiting for the writer. Bounded, so a peer that does not read stops our
@@ -59,52 +69,28 @@ pub fn limit_tls_buffer<Side>(connection: &mut rustls::ConnectionCommon<Side>) {
     connection.set_buffer_limit(Some(TLS_BUFFER));
 }
 
-/// Which end of the session we are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Client,
-    Server,
-}
-
 /// A new stream accepted by a server session.
 pub type StreamHandler = Arc<dyn Fn(Stream) + Send + Sync>;
 
+/// Settings both ends use; what only one end uses is in [`ClientSessionOptions`] or
+/// [`ServerSessionOptions`].
 #[derive(Clone)]
 pub struct SessionConfig {
-    /// Client: the scheme to pad with and announce (servers update it with
-    /// UpdatePaddingScheme for later sessions). Server: the scheme to hand out.
+    /// The padding scheme. A client pads with it, announces its md5 and stores a
+    /// server's UpdatePaddingScheme in it for later sessions; a server hands it to any
+    /// client that announced another.
     pub padding: Arc<ArcSwap<PaddingScheme>>,
-    /// Client: the `client=` value of its Settings.
-    pub client_name: String,
     /// Data chunks queued per stream before the reader waits (backpressure).
     pub stream_queue: usize,
     /// Bytes of one stream's data held in each direction: received and not yet taken by
     /// its consumer, or given to the writer and not yet written out. Past it the stream's
     /// sender waits, so a relay stops reading its socket (see `budget.rs`).
     pub stream_buffer: usize,
-    /// Server: streams a session may have open at once; SYNs beyond it are refused. A
-    /// stream counts from its SYN until its relay has ended, whatever frames arrive.
-    pub max_streams: usize,
-    /// Server: a session with no open stream that received nothing for this long is
-    /// closed (`None`: never). Clients send heartbeats only while streams are open, and
-    /// close their own idle sessions long before this; what it reaps are sessions whose
-    /// client vanished or keeps a connection open doing nothing.
-    pub idle_session_timeout: Option<Duration>,
-    /// Client: how long a stream on a session of unknown version waits for the
-    /// server's SYNACK before assuming a v1 server (which never sends one).
-    pub v1_grace: Duration,
-    /// Client: how long to wait for a v2 server's SYNACK before giving up.
-    pub open_timeout: Duration,
     /// A relayed stream with no data either way for this long is ended (`None`: never).
     pub stream_idle_timeout: Option<Duration>,
     /// Once one direction of a relayed stream has ended, it is ended after this long
     /// with no data (`None`: only `stream_idle_timeout`).
     pub half_close_timeout: Option<Duration>,
-    /// Client: a session with open streams that received nothing for this long sends a
-    /// heartbeat (v2 servers only; `None`: never). See `heartbeat.rs`.
-    pub heartbeat_interval: Option<Duration>,
-    /// Client: nothing received this long after a heartbeat closes the session.
-    pub heartbeat_timeout: Duration,
     /// Bounds stream data received but not yet consumed (see `budget.rs`).
     pub buffers: BufferBudget,
 }
@@ -113,19 +99,61 @@ impl Default for SessionConfig {
     fn default() -> SessionConfig {
         SessionConfig {
             padding: Arc::new(ArcSwap::from_pointee(PaddingScheme::default())),
-            client_name: format!("anytls-rs/{}", env!("CARGO_PKG_VERSION")),
             stream_queue: 8,
             stream_buffer: DEFAULT_STREAM_BUFFER,
-            max_streams: 1024,
-            idle_session_timeout: None,
-            v1_grace: Duration::from_secs(2),
-            open_timeout: Duration::from_secs(10),
             stream_idle_timeout: None,
             half_close_timeout: None,
-            heartbeat_interval: None,
-            heartbeat_timeout: Duration::from_secs(10),
             buffers: BufferBudget::default(),
         }
+    }
+}
+
+/// What only a client session uses: how it introduces itself, waits for its streams to
+/// open, and probes a silent server.
+#[derive(Debug, Clone)]
+pub struct ClientSessionOptions {
+    /// The `client=` value of its Settings.
+    pub client_name: String,
+    /// How long a stream on a session of unknown version waits for the server's
+    /// SYNACK before assuming a v1 server (which never sends one).
+    pub v1_grace: Duration,
+    /// How long to wait for a v2 server's SYNACK before giving up.
+    pub open_timeout: Duration,
+    /// A session with open streams that received nothing for this long sends a
+    /// heartbeat (v2 servers only; `None`: never). See `heartbeat.rs`.
+    pub heartbeat_interval: Option<Duration>,
+    /// Nothing received this long after a heartbeat closes the session.
+    pub heartbeat_timeout: Duration,
+}
+
+impl Default for ClientSessionOptions {
+    fn default() -> ClientSessionOptions {
+        ClientSessionOptions {
+            client_name: format!("anytls-rs/{}", env!("CARGO_PKG_VERSION")),
+            v1_grace: Duration::from_secs(2),
+            open_timeout: Duration::from_secs(10),
+            heartbeat_interval: None,
+            heartbeat_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What only a server session uses: the bounds it keeps on what a client may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerSessionOptions {
+    /// Streams a session may have open at once; SYNs beyond it are refused. A stream
+    /// counts from its SYN until its relay has ended, whatever frames arrive.
+    pub max_streams: usize,
+    /// A session with no open stream that received nothing for this long is closed
+    /// (`None`: never). Clients send heartbeats only while streams are open, and close
+    /// their own idle sessions long before this; what it reaps are sessions whose
+    /// client vanished or keeps a connection open doing nothing.
+    pub idle_session_timeout: Option<Duration>,
+}
+
+impl Default for ServerSessionOptions {
+    fn default() -> ServerSessionOptions {
+        ServerSessionOptions { max_streams: 1024, idle_session_timeout: None }
     }
 }
 
@@ -154,7 +182,8 @@ enum StreamEvent {
 }
 
 struct Shared {
-    role: Role,
+    /// "Client" or "Server", for the log.
+    end: &'static str,
     config: SessionConfig,
     data_tx: mpsc::Sender<Outgoing>,
     control_tx: mpsc::Sender<Outgoing>,
@@ -163,21 +192,15 @@ struct Shared {
     /// Streams alive (see [`StreamSlot`]): the per-session cap counts these, not
     /// `streams`, so a FIN cannot free a place whose dial or relay is still going.
     live_streams: AtomicUsize,
-    next_stream_id: AtomicU32,
     /// The peer's protocol version: 0 until known.
     peer_version: watch::Sender<u8>,
-    settings_sent: AtomicBool,
-    /// Client: held from choosing a stream id until its SYN is queued, so concurrent
-    /// opens on a new session can't queue a SYN ahead of the Settings frame (the
-    /// server would answer with an Alert and close), and SYNs go out in id order.
-    open_order: tokio::sync::Mutex<()>,
     /// Both ends announced one-way FIN (see [`HALF_CLOSE_KEY`]).
     half_close: AtomicBool,
-    /// Set while the session sits in a client's pool, so it is never pooled twice.
-    pooled: AtomicBool,
-    /// Whether the peer ever sent a frame: a client session that dies before the
-    /// server said anything most likely used a wrong password.
+    /// Whether the peer ever sent a frame (see `silent_peer`).
     peer_spoke: AtomicBool,
+    /// What it most likely means when the peer closes without ever sending a frame: a
+    /// client's server that said nothing most likely refused its password.
+    silent_peer: Option<&'static str>,
     /// When the reader last received bytes (see `heartbeat.rs`).
     last_received: heartbeat::LastReceived,
     /// This session's share of the buffer budget.
@@ -191,18 +214,14 @@ impl Shared {
         self.close_with(reason.into());
     }
 
-    /// Closes the session because the connection failed or the peer closed it. A
-    /// client session whose server never said anything most likely used a wrong
-    /// password, and is told so.
+    /// Closes the session because the connection failed or the peer closed it; a peer
+    /// that never said anything gets the likely cause added (see `silent_peer`).
     fn close_by_peer(&self, reason: &str) {
-        let silent_server = self.role == Role::Client && !self.peer_spoke.load(Ordering::Relaxed);
-        if silent_server {
-            self.close_with(
-                format!("{reason}; the server closed without answering (wrong password, or not an AnyTLS server?)")
-                    .into(),
-            );
-        } else {
-            self.close_with(reason.into());
+        match self.silent_peer {
+            Some(likely_cause) if !self.peer_spoke.load(Ordering::Relaxed) => {
+                self.close_with(format!("{reason}; {likely_cause}").into());
+            }
+            _ => self.close_with(reason.into()),
         }
     }
 
@@ -211,7 +230,7 @@ impl Shared {
             if state.is_some() {
                 return false;
             }
-            log::debug!("{:?} session closing: {reason}", self.role);
+            log::debug!("{} session closing: {reason}", self.end);
             *state = Some(reason);
             true
         });
@@ -267,11 +286,59 @@ impl Drop for StreamSlot {
 
 /// A handle to a running session; clones share it. When the last handle is
 /// dropped the session closes (its tasks would otherwise keep it open unseen).
+///
+/// `End` says which end of the connection we are, [`Client`] or [`Server`]: what only
+/// one end may do is a method of that end's session alone, so there is nothing to check
+/// at run time. Callers name the two as [`ClientSession`] and [`ServerSession`].
 #[derive(Clone)]
-pub struct Session {
+pub struct Session<End> {
     shared: Arc<Shared>,
     _last_handle: Arc<CloseOnDrop>,
+    end: End,
 }
+
+/// A session we opened to a server: it opens streams.
+pub type ClientSession = Session<Client>;
+
+/// A session a client opened to us: its streams arrive at the handler it was started
+/// with. It cannot open one; there is no such method:
+///
+/// ```compile_fail,E0599
+/// async fn open(session: &anytls_rs::session::ServerSession) {
+///     let _ = session.open_stream(bytes::Bytes::new()).await;
+/// }
+/// ```
+///
+/// The same call on a client session compiles, so what fails above is only the missing
+/// method (E0599: no method named `open_stream` found for `Session<Server>`):
+///
+/// ```no_run
+/// async fn open(session: &anytls_rs::session::ClientSession) {
+///     let _ = session.open_stream(bytes::Bytes::new()).await;
+/// }
+/// ```
+pub type ServerSession = Session<Server>;
+
+/// The client end of a session, and what only it keeps; clones share it.
+#[derive(Clone)]
+pub struct Client(Arc<ClientEnd>);
+
+struct ClientEnd {
+    options: ClientSessionOptions,
+    next_stream_id: AtomicU32,
+    settings_sent: AtomicBool,
+    /// Held from choosing a stream id until its SYN is queued, so concurrent opens on
+    /// a new session can't queue a SYN ahead of the Settings frame (the server would
+    /// answer with an Alert and close), and SYNs go out in id order.
+    open_order: tokio::sync::Mutex<()>,
+    /// Set while the session sits in the client's pool, so it is never pooled twice.
+    pooled: AtomicBool,
+}
+
+/// The server end of a session. It keeps nothing of its own: its stream handler and
+/// stream limit live with its reader.
+#[derive(Clone, Copy)]
+pub struct Server(());
 
 struct CloseOnDrop(Arc<Shared>);
 
@@ -281,75 +348,131 @@ impl Drop for CloseOnDrop {
     }
 }
 
-impl Session {
+impl Session<Client> {
     /// Starts a client session on an authenticated connection (the authentication
     /// block has already been written). Stream ids start at 1.
-    pub fn client<IO>(io: IO, config: SessionConfig) -> Session
+    pub fn start<IO>(io: IO, config: SessionConfig, options: ClientSessionOptions) -> ClientSession
     where
         IO: AsyncRead + AsyncWrite + Send + 'static,
     {
-        Session::start(io, Role::Client, config, BytesMut::new(), None)
+        // A client pads with the scheme current when the session starts.
+        let padding = Some(config.padding.load_full());
+        let heartbeat = options.heartbeat_interval.map(|interval| (interval, options.heartbeat_timeout));
+        let end = Client(Arc::new(ClientEnd {
+            options,
+            next_stream_id: AtomicU32::new(1),
+            settings_sent: AtomicBool::new(false),
+            open_order: tokio::sync::Mutex::new(()),
+            pooled: AtomicBool::new(false),
+        }));
+        let session = Session::launch(io, end, config, BytesMut::new(), reader::FromServer, padding);
+        if let Some((interval, timeout)) = heartbeat {
+            tokio::spawn(heartbeat::run(Arc::downgrade(&session.shared), interval, timeout));
+        }
+        session
     }
 
+    /// Opens a stream to `destination` (SOCKS address form, plus any request bytes that
+    /// must not wait for SYNACK, e.g. a UDP-over-TCP request). The SYN and this first
+    /// data go out in one write; on a new session the Settings frame leads them. Call
+    /// [`Stream::wait_open`] for the server's answer.
+    pub async fn open_stream(&self, first_data: Bytes) -> Result<Stream, SessionClosed> {
+        if self.is_closed() {
+            return Err(self.shared.closed_error());
+        }
+        let client = &self.end.0;
+        let _in_order = client.open_order.lock().await;
+        let id = client.next_stream_id.fetch_add(1, Ordering::Relaxed);
+        let wait = OpenWait { v1_grace: client.options.v1_grace, timeout: client.options.open_timeout };
+        let stream = self.shared.new_stream(id).opened_by_us(wait);
+
+        let mut raw = BytesMut::with_capacity(64 + first_data.len());
+        if !client.settings_sent.swap(true, Ordering::AcqRel) {
+            let scheme = self.shared.config.padding.load();
+            let settings = Settings::new()
+                .with("v", "2")
+                .with("client", &client.options.client_name)
+                .with("padding-md5", scheme.md5_hex())
+                .with(HALF_CLOSE_KEY, "1");
+            Frame::new(Command::Settings, 0, settings.encode()).encode(&mut raw).expect("small frame");
+        }
+        Frame::control(Command::Syn, id).encode(&mut raw).expect("empty frame");
+        let mut first_data = first_data;
+        while !first_data.is_empty() {
+            let chunk = first_data.split_to(first_data.len().min(crate::proto::MAX_FRAME_DATA));
+            Frame::new(Command::Push, id, chunk).encode(&mut raw).expect("bounded chunk");
+        }
+        if self.shared.data_tx.send(Outgoing::Raw(raw.freeze())).await.is_err() {
+            return Err(self.shared.closed_error());
+        }
+        Ok(stream)
+    }
+
+    /// The pool-membership flag, owned by whichever pool holds the session.
+    pub fn pooled(&self) -> &AtomicBool {
+        &self.end.0.pooled
+    }
+}
+
+impl Session<Server> {
     /// Starts a server session; `leftover` holds bytes that arrived after the
     /// authentication block. Each accepted stream is passed to `handler`.
-    pub fn server<IO>(io: IO, config: SessionConfig, leftover: BytesMut, handler: StreamHandler) -> Session
+    pub fn start<IO>(
+        io: IO,
+        config: SessionConfig,
+        options: ServerSessionOptions,
+        leftover: BytesMut,
+        handler: StreamHandler,
+    ) -> ServerSession
     where
         IO: AsyncRead + AsyncWrite + Send + 'static,
     {
-        Session::start(io, Role::Server, config, leftover, Some(handler))
+        let from_client = reader::FromClient { handler, max_streams: options.max_streams };
+        let session = Session::launch(io, Server(()), config, leftover, from_client, None);
+        if let Some(timeout) = options.idle_session_timeout {
+            tokio::spawn(heartbeat::reap_when_idle(Arc::downgrade(&session.shared), timeout));
+        }
+        session
     }
+}
 
-    fn start<IO>(
+impl<End> Session<End> {
+    /// Runs the reader and the writer over `io`: `peer` handles the frames only this
+    /// end receives, and the writer pads with `padding`, if any.
+    fn launch<IO, Peer>(
         io: IO,
-        role: Role,
+        end: End,
         config: SessionConfig,
         leftover: BytesMut,
-        handler: Option<StreamHandler>,
-    ) -> Session
+        peer: Peer,
+        padding: Option<Arc<PaddingScheme>>,
+    ) -> Session<End>
     where
         IO: AsyncRead + AsyncWrite + Send + 'static,
+        Peer: reader::PeerFrames,
     {
         let (data_tx, data_rx) = mpsc::channel(DATA_QUEUE);
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
-        let padding = match role {
-            // A client pads with the scheme current when the session starts.
-            Role::Client => Some(config.padding.load_full()),
-            Role::Server => None,
-        };
         let budget = config.buffers.for_session(config.stream_buffer);
         let shared = Arc::new(Shared {
-            role,
+            end: Peer::END,
             config,
             data_tx,
             control_tx,
             streams: Mutex::new(HashMap::new()),
             live_streams: AtomicUsize::new(0),
-            next_stream_id: AtomicU32::new(1),
             peer_version: watch::Sender::new(0),
-            settings_sent: AtomicBool::new(false),
-            open_order: tokio::sync::Mutex::new(()),
             half_close: AtomicBool::new(false),
-            pooled: AtomicBool::new(false),
             peer_spoke: AtomicBool::new(false),
+            silent_peer: Peer::SILENT_PEER,
             last_received: heartbeat::LastReceived::default(),
             budget,
             closed: watch::Sender::new(None),
         });
         let (read_half, write_half) = tokio::io::split(io);
         tokio::spawn(writer::run(write_half, control_rx, data_rx, padding, shared.clone()));
-        tokio::spawn(reader::run(read_half, leftover, handler, shared.clone()));
-        if let (Role::Client, Some(interval)) = (role, shared.config.heartbeat_interval) {
-            tokio::spawn(heartbeat::run(Arc::downgrade(&shared), interval));
-        }
-        if let (Role::Server, Some(timeout)) = (role, shared.config.idle_session_timeout) {
-            tokio::spawn(heartbeat::reap_when_idle(Arc::downgrade(&shared), timeout));
-        }
-        Session { _last_handle: Arc::new(CloseOnDrop(shared.clone())), shared }
-    }
-
-    pub fn role(&self) -> Role {
-        self.shared.role
+        tokio::spawn(reader::run(read_half, leftover, peer, shared.clone()));
+        Session { _last_handle: Arc::new(CloseOnDrop(shared.clone())), shared, end }
     }
 
     pub fn is_closed(&self) -> bool {
@@ -374,11 +497,6 @@ impl Session {
         self.shared.live_streams.load(Ordering::Acquire)
     }
 
-    /// The pool-membership flag, owned by whichever pool holds the session.
-    pub fn pooled(&self) -> &AtomicBool {
-        &self.shared.pooled
-    }
-
     /// Whether FIN ends only one direction on this session (both ends are ours).
     pub fn half_close(&self) -> bool {
         self.shared.half_close.load(Ordering::Acquire)
@@ -389,43 +507,8 @@ impl Session {
         *self.shared.peer_version.borrow()
     }
 
-    /// Client: opens a stream to `destination` (SOCKS address form, plus any
-    /// request bytes that must not wait for SYNACK, e.g. a UDP-over-TCP request).
-    /// The SYN and this first data go out in one write; on a new session the
-    /// Settings frame leads them. Call [`Stream::wait_open`] for the server's answer.
-    pub async fn open_stream(&self, first_data: Bytes) -> Result<Stream, SessionClosed> {
-        debug_assert_eq!(self.shared.role, Role::Client);
-        if self.is_closed() {
-            return Err(self.shared.closed_error());
-        }
-        let _in_order = self.shared.open_order.lock().await;
-        let id = self.shared.next_stream_id.fetch_add(1, Ordering::Relaxed);
-        let stream = self.shared.new_stream(id);
-
-        let mut raw = BytesMut::with_capacity(64 + first_data.len());
-        if !self.shared.settings_sent.swap(true, Ordering::AcqRel) {
-            let scheme = self.shared.config.padding.load();
-            let settings = Settings::new()
-                .with("v", "2")
-                .with("client", &self.shared.config.client_name)
-                .with("padding-md5", scheme.md5_hex())
-                .with(HALF_CLOSE_KEY, "1");
-            Frame::new(Command::Settings, 0, settings.encode()).encode(&mut raw).expect("small frame");
-        }
-        Frame::control(Command::Syn, id).encode(&mut raw).expect("empty frame");
-        let mut first_data = first_data;
-        while !first_data.is_empty() {
-            let chunk = first_data.split_to(first_data.len().min(crate::proto::MAX_FRAME_DATA));
-            Frame::new(Command::Push, id, chunk).encode(&mut raw).expect("bounded chunk");
-        }
-        if self.shared.data_tx.send(Outgoing::Raw(raw.freeze())).await.is_err() {
-            return Err(self.shared.closed_error());
-        }
-        Ok(stream)
-    }
-
     /// Whether two handles are the same session.
-    pub fn same_as(&self, other: &Session) -> bool {
+    pub fn same_as(&self, other: &Session<End>) -> bool {
         Arc::ptr_eq(&self.shared, &other.shared)
     }
 

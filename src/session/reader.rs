@@ -7,7 +7,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, ReadHalf};
 use tokio::sync::mpsc;
 
-use super::{HALF_CLOSE_KEY, Inbox, Role, Shared, StreamEvent, StreamHandler};
+use super::{HALF_CLOSE_KEY, Inbox, Shared, StreamEvent, StreamHandler};
 use crate::proto::frame::Command;
 use crate::proto::{Frame, FrameDecoder, PaddingScheme, Settings};
 
@@ -25,7 +25,7 @@ const JOIN_LIMIT: usize = crate::proto::MAX_FRAME_DATA;
 pub(super) async fn run<IO: AsyncRead>(
     mut io: ReadHalf<IO>,
     mut buf: BytesMut,
-    handler: Option<StreamHandler>,
+    handler: impl PeerFrames,
     shared: Arc<Shared>,
 ) {
     let mut decoder = FrameDecoder::new();
@@ -48,7 +48,7 @@ pub(super) async fn run<IO: AsyncRead>(
                 small.start(&frame);
                 Ok(())
             } else {
-                dispatch(frame, &shared, handler.as_ref()).await
+                dispatch(frame, &shared, &handler).await
             };
             if let Err(reason) = handled {
                 break 'session reason;
@@ -114,7 +114,7 @@ impl SmallPushes {
 }
 
 /// Handles one frame. An `Err` closes the session with that reason.
-async fn dispatch(frame: Frame, shared: &Arc<Shared>, handler: Option<&StreamHandler>) -> Result<(), String> {
+async fn dispatch(frame: Frame, shared: &Arc<Shared>, handler: &impl PeerFrames) -> Result<(), String> {
     let sid = frame.stream_id;
     match frame.command {
         Command::Push => push(sid, detach(frame.data), shared).await?,
@@ -127,8 +127,7 @@ async fn dispatch(frame: Frame, shared: &Arc<Shared>, handler: Option<&StreamHan
         Command::Waste | Command::HeartResponse => {}
         Command::HeartRequest => shared.send_control(Frame::control(Command::HeartResponse, sid)),
         Command::Unknown(byte) => log::debug!("skipping unknown command {byte} ({} bytes)", frame.data.len()),
-        _ if shared.role == Role::Server => on_server_frame(frame, shared, handler)?,
-        _ => on_client_frame(frame, shared).await?,
+        _ => handler.handle(frame, shared).await?,
     }
     Ok(())
 }
@@ -182,7 +181,48 @@ fn detach(data: Bytes) -> Bytes {
     if data.len() < COPY_BELOW { Bytes::copy_from_slice(&data) } else { data }
 }
 
-fn on_server_frame(frame: Frame, shared: &Arc<Shared>, handler: Option<&StreamHandler>) -> Result<(), String> {
+/// What only one end receives, and how it handles it: a reader is built for one end
+/// ([`FromServer`] for a client, [`FromClient`] for a server), so it never asks which.
+pub(super) trait PeerFrames: Send + Sync + 'static {
+    /// Which end reads these frames, for the log.
+    const END: &'static str;
+    /// What a peer that closes without ever sending a frame most likely means.
+    const SILENT_PEER: Option<&'static str>;
+
+    /// Handles a frame the common dispatch does not. An `Err` closes the session.
+    fn handle(&self, frame: Frame, shared: &Arc<Shared>) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// A client's reader: frames from a server.
+pub(super) struct FromServer;
+
+impl PeerFrames for FromServer {
+    const END: &'static str = "Client";
+    const SILENT_PEER: Option<&'static str> =
+        Some("the server closed without answering (wrong password, or not an AnyTLS server?)");
+
+    async fn handle(&self, frame: Frame, shared: &Arc<Shared>) -> Result<(), String> {
+        on_client_frame(frame, shared).await
+    }
+}
+
+/// A server's reader: frames from a client, where its streams go, and how many it may
+/// have open at once.
+pub(super) struct FromClient {
+    pub(super) handler: StreamHandler,
+    pub(super) max_streams: usize,
+}
+
+impl PeerFrames for FromClient {
+    const END: &'static str = "Server";
+    const SILENT_PEER: Option<&'static str> = None;
+
+    async fn handle(&self, frame: Frame, shared: &Arc<Shared>) -> Result<(), String> {
+        on_server_frame(frame, shared, self)
+    }
+}
+
+fn on_server_frame(frame: Frame, shared: &Arc<Shared>, client: &FromClient) -> Result<(), String> {
     match frame.command {
         Command::Settings => {
             let settings = Settings::parse(&frame.data);
@@ -208,9 +248,6 @@ fn on_server_frame(frame: Frame, shared: &Arc<Shared>, handler: Option<&StreamHa
                 shared.send_control(Frame::new(Command::Alert, 0, &b"client did not send its settings"[..]));
                 return Err("SYN before Settings".to_string());
             }
-            let Some(handler) = handler else {
-                return Ok(());
-            };
             let sid = frame.stream_id;
             if sid == 0 {
                 // Id 0 is the session's own (Settings, heartbeats): never a stream.
@@ -222,15 +259,15 @@ fn on_server_frame(frame: Frame, shared: &Arc<Shared>, handler: Option<&StreamHa
             }
             // Counted alive, not by inbox: a FIN'd stream still dialing or relaying holds
             // its place (only this reader adds streams, so the check cannot race).
-            if shared.live_streams.load(Ordering::Acquire) >= shared.config.max_streams {
+            if shared.live_streams.load(Ordering::Acquire) >= client.max_streams {
                 log::warn!(
                     "stream {sid} refused: session already has {} streams (--max-streams-per-session)",
-                    shared.config.max_streams
+                    client.max_streams
                 );
                 refuse_stream(shared, sid, "too many streams on this session");
                 return Ok(());
             }
-            handler(shared.new_stream(sid));
+            (client.handler)(shared.new_stream(sid));
         }
         _ => log::debug!("ignoring {:?} from a client", frame.command),
     }

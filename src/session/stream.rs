@@ -1,6 +1,7 @@
 //! One stream of a session: a two-way byte channel with one-way FIN.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{Semaphore, mpsc};
@@ -21,10 +22,21 @@ pub enum OpenError {
     Session(#[from] SessionClosed),
 }
 
+/// How a stream we opened waits for the server's answer (see [`Stream::wait_open`]).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct OpenWait {
+    /// While the session's version is unknown: how long until we assume a v1 server.
+    pub(super) v1_grace: Duration,
+    /// How long a v2 server has to answer.
+    pub(super) timeout: Duration,
+}
+
 /// A stream; split it to read and write from two tasks.
 pub struct Stream {
     reader: StreamReader,
     writer: StreamWriter,
+    /// Set on a stream we opened; one the peer opened has no answer to wait for.
+    open_wait: Option<OpenWait>,
 }
 
 impl Stream {
@@ -46,7 +58,14 @@ impl Stream {
                 _slot: slot.clone(),
             },
             writer: StreamWriter { id, shared, fin_sent: false, window, _slot: slot },
+            open_wait: None,
         }
+    }
+
+    /// Marks this as a stream we opened, whose answer [`Stream::wait_open`] waits for.
+    pub(super) fn opened_by_us(mut self, wait: OpenWait) -> Stream {
+        self.open_wait = Some(wait);
+        self
     }
 
     pub fn id(&self) -> u32 {
@@ -96,16 +115,18 @@ impl Stream {
         self.writer.finish().await
     }
 
-    /// Client: waits for the server's answer to the SYN.
+    /// Waits for the server's answer to the SYN of a stream we opened; a stream the
+    /// peer opened is open already.
     ///
     /// A v2 server answers with SYNACK. A v1 server never does: while the session's
     /// version is unknown, data or FIN from the server also counts as "open", and
     /// after the configured grace period we assume v1 and go ahead.
     pub async fn wait_open(&mut self) -> Result<(), OpenError> {
+        let Some(wait) = self.open_wait else { return Ok(()) };
         let shared = self.writer.shared.clone();
         let mut version = shared.peer_version.subscribe();
-        let grace = tokio::time::sleep(shared.config.v1_grace);
-        let deadline = tokio::time::sleep(shared.config.open_timeout);
+        let grace = tokio::time::sleep(wait.v1_grace);
+        let deadline = tokio::time::sleep(wait.timeout);
         tokio::pin!(grace, deadline);
         loop {
             let peer_version = *version.borrow_and_update();

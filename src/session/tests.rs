@@ -27,10 +27,22 @@ fn echo_handler() -> StreamHandler {
     })
 }
 
-fn pair(config: SessionConfig) -> (Session, Session) {
+fn client_on(io: DuplexStream) -> ClientSession {
+    ClientSession::start(io, SessionConfig::default(), ClientSessionOptions::default())
+}
+
+fn server_on(io: DuplexStream, handler: StreamHandler) -> ServerSession {
+    ServerSession::start(io, SessionConfig::default(), ServerSessionOptions::default(), BytesMut::new(), handler)
+}
+
+fn pair() -> (ClientSession, ServerSession) {
+    pair_with(ClientSessionOptions::default())
+}
+
+fn pair_with(client_options: ClientSessionOptions) -> (ClientSession, ServerSession) {
     let (a, b) = tokio::io::duplex(PIPE);
-    let server = Session::server(b, config.clone(), BytesMut::new(), echo_handler());
-    (Session::client(a, config), server)
+    let server = server_on(b, echo_handler());
+    (ClientSession::start(a, SessionConfig::default(), client_options), server)
 }
 
 async fn read_to_fin(stream: &mut Stream) -> Vec<u8> {
@@ -78,7 +90,7 @@ impl RawPeer {
 
 #[tokio::test]
 async fn echo_round_trip_with_large_writes() {
-    let (client, _server) = pair(SessionConfig::default());
+    let (client, _server) = pair();
     let mut stream = client.open_stream(Bytes::new()).await.unwrap();
     stream.wait_open().await.unwrap();
     assert_eq!(client.peer_version(), 2);
@@ -102,7 +114,7 @@ async fn echo_round_trip_with_large_writes() {
 
 #[tokio::test]
 async fn many_concurrent_streams_share_one_session() {
-    let (client, _server) = pair(SessionConfig::default());
+    let (client, _server) = pair();
     let mut tasks = Vec::new();
     for i in 0..100u32 {
         let client = client.clone();
@@ -127,7 +139,7 @@ async fn many_concurrent_streams_share_one_session() {
 #[tokio::test]
 async fn client_first_write_is_settings_syn_and_data() {
     let (a, b) = tokio::io::duplex(PIPE);
-    let client = Session::client(a, SessionConfig::default());
+    let client = client_on(a);
     let _stream = client.open_stream(Bytes::from_static(b"\x01\x7f\0\0\x01\0\x50")).await.unwrap();
     let mut peer = RawPeer::new(b);
     let settings = peer.next().await.unwrap();
@@ -146,7 +158,7 @@ async fn client_first_write_is_settings_syn_and_data() {
 #[tokio::test]
 async fn server_answers_settings_with_scheme_update_and_version() {
     let (a, b) = tokio::io::duplex(PIPE);
-    let _server = Session::server(b, SessionConfig::default(), BytesMut::new(), echo_handler());
+    let _server = server_on(b, echo_handler());
     let mut peer = RawPeer::new(a);
     let settings = Settings::new().with("v", "2").with("padding-md5", "0000");
     peer.send(&[Frame::new(Command::Settings, 0, settings.encode())]).await;
@@ -161,7 +173,7 @@ async fn server_answers_settings_with_scheme_update_and_version() {
 async fn client_adopts_an_updated_padding_scheme() {
     let (a, b) = tokio::io::duplex(PIPE);
     let config = SessionConfig::default();
-    let client = Session::client(a, config.clone());
+    let client = ClientSession::start(a, config.clone(), ClientSessionOptions::default());
     let _stream = client.open_stream(Bytes::new()).await.unwrap();
     let mut peer = RawPeer::new(b);
     let scheme = b"stop=3\n0=10-10\n1=50-60";
@@ -178,7 +190,7 @@ async fn client_adopts_an_updated_padding_scheme() {
 #[tokio::test]
 async fn v1_client_gets_no_server_settings_and_no_synack() {
     let (a, b) = tokio::io::duplex(PIPE);
-    let _server = Session::server(b, SessionConfig::default(), BytesMut::new(), echo_handler());
+    let _server = server_on(b, echo_handler());
     let mut peer = RawPeer::new(a);
     let settings = Settings::new().with("v", "1").with("padding-md5", "75cff2ad89aadf5e257059ee571ebe11");
     peer.send(&[
@@ -195,7 +207,7 @@ async fn v1_client_gets_no_server_settings_and_no_synack() {
 #[tokio::test]
 async fn syn_before_settings_gets_an_alert_and_a_close() {
     let (a, b) = tokio::io::duplex(PIPE);
-    let server = Session::server(b, SessionConfig::default(), BytesMut::new(), echo_handler());
+    let server = server_on(b, echo_handler());
     let mut peer = RawPeer::new(a);
     peer.send(&[Frame::control(Command::Syn, 1)]).await;
     let alert = peer.next().await.unwrap();
@@ -208,7 +220,7 @@ async fn syn_before_settings_gets_an_alert_and_a_close() {
 #[tokio::test]
 async fn unknown_commands_and_stray_frames_are_skipped() {
     let (a, b) = tokio::io::duplex(PIPE);
-    let _server = Session::server(b, SessionConfig::default(), BytesMut::new(), echo_handler());
+    let _server = server_on(b, echo_handler());
     let mut peer = RawPeer::new(a);
     let settings = Settings::new().with("v", "2").with("padding-md5", "75cff2ad89aadf5e257059ee571ebe11");
     peer.send(&[
@@ -246,8 +258,8 @@ async fn half_close_keeps_the_other_direction_open() {
             stream.finish().await.unwrap();
         });
     });
-    let _server = Session::server(b, SessionConfig::default(), BytesMut::new(), handler);
-    let client = Session::client(a, SessionConfig::default());
+    let _server = server_on(b, handler);
+    let client = client_on(a);
     let mut stream = client.open_stream(Bytes::new()).await.unwrap();
     stream.wait_open().await.unwrap();
     stream.write(Bytes::from_static(b"12345")).await.unwrap();
@@ -263,8 +275,8 @@ async fn refused_stream_reports_the_server_text() {
             stream.send_synack(Err("dial 10.0.0.1:1: connection refused".into())).await.unwrap();
         });
     });
-    let _server = Session::server(b, SessionConfig::default(), BytesMut::new(), handler);
-    let client = Session::client(a, SessionConfig::default());
+    let _server = server_on(b, handler);
+    let client = client_on(a);
     let mut stream = client.open_stream(Bytes::new()).await.unwrap();
     let err = stream.wait_open().await.unwrap_err();
     assert_eq!(err, OpenError::Refused("dial 10.0.0.1:1: connection refused".into()));
@@ -277,8 +289,8 @@ async fn refused_stream_reports_the_server_text() {
 #[tokio::test]
 async fn v1_server_is_assumed_after_the_grace_period() {
     let (a, b) = tokio::io::duplex(PIPE);
-    let config = SessionConfig { v1_grace: Duration::from_millis(100), ..SessionConfig::default() };
-    let client = Session::client(a, config);
+    let options = ClientSessionOptions { v1_grace: Duration::from_millis(100), ..ClientSessionOptions::default() };
+    let client = ClientSession::start(a, SessionConfig::default(), options);
     let mut stream = client.open_stream(Bytes::new()).await.unwrap();
     let _peer = RawPeer::new(b); // reads nothing, answers nothing
     stream.wait_open().await.unwrap();
@@ -290,7 +302,7 @@ async fn v1_server_is_assumed_after_the_grace_period() {
 #[tokio::test]
 async fn wrong_password_style_close_is_reported_not_hung() {
     let (a, b) = tokio::io::duplex(PIPE);
-    let client = Session::client(a, SessionConfig::default());
+    let client = client_on(a);
     let mut stream = client.open_stream(Bytes::new()).await.unwrap();
     drop(b); // the server closes without a word
     let err = tokio::time::timeout(Duration::from_secs(5), stream.wait_open()).await.unwrap().unwrap_err();
@@ -300,7 +312,7 @@ async fn wrong_password_style_close_is_reported_not_hung() {
 #[tokio::test]
 async fn alert_from_server_closes_the_client_session() {
     let (a, b) = tokio::io::duplex(PIPE);
-    let client = Session::client(a, SessionConfig::default());
+    let client = client_on(a);
     let _stream = client.open_stream(Bytes::new()).await.unwrap();
     let mut peer = RawPeer::new(b);
     peer.send(&[Frame::new(Command::Alert, 0, &b"go away"[..])]).await;
@@ -311,7 +323,7 @@ async fn alert_from_server_closes_the_client_session() {
 async fn a_stalled_stream_exerts_backpressure_with_bounded_memory() {
     let (a, b) = tokio::io::duplex(PIPE);
     let config = SessionConfig::default();
-    let client = Session::client(a, config.clone());
+    let client = ClientSession::start(a, config.clone(), ClientSessionOptions::default());
     let mut stalled = client.open_stream(Bytes::new()).await.unwrap();
     let mut peer = RawPeer::new(b);
     let settings = peer.next().await.unwrap();
@@ -346,7 +358,7 @@ async fn a_stalled_stream_exerts_backpressure_with_bounded_memory() {
 
 #[tokio::test]
 async fn our_pair_negotiates_half_close() {
-    let (client, server) = pair(SessionConfig::default());
+    let (client, server) = pair();
     let mut stream = client.open_stream(Bytes::new()).await.unwrap();
     stream.wait_open().await.unwrap();
     assert!(client.half_close() && server.half_close() && stream.half_close());
@@ -372,7 +384,7 @@ async fn reference_server(io: DuplexStream) -> RawPeer {
 #[tokio::test]
 async fn with_a_reference_peer_its_fin_ends_the_relay_and_is_not_answered() {
     let (a, b) = tokio::io::duplex(PIPE);
-    let client = Session::client(a, SessionConfig::default());
+    let client = client_on(a);
     let mut stream = client.open_stream(Bytes::new()).await.unwrap();
     let mut peer = reference_server(b).await;
     stream.wait_open().await.unwrap();
@@ -394,7 +406,7 @@ async fn with_a_reference_peer_its_fin_ends_the_relay_and_is_not_answered() {
 #[tokio::test]
 async fn with_a_reference_peer_our_fin_ends_the_relay() {
     let (a, b) = tokio::io::duplex(PIPE);
-    let client = Session::client(a, SessionConfig::default());
+    let client = client_on(a);
     let mut stream = client.open_stream(Bytes::new()).await.unwrap();
     let mut peer = reference_server(b).await;
     stream.wait_open().await.unwrap();
@@ -415,7 +427,7 @@ async fn with_a_reference_peer_our_fin_ends_the_relay() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_first_opens_never_put_a_syn_before_settings() {
     for round in 0..1000 {
-        let (client, _server) = pair(SessionConfig::default());
+        let (client, _server) = pair();
         let mut opens = tokio::task::JoinSet::new();
         for _ in 0..4 {
             let client = client.clone();
@@ -433,7 +445,7 @@ async fn concurrent_first_opens_never_put_a_syn_before_settings() {
 #[tokio::test]
 async fn a_session_we_close_ourselves_is_not_blamed_on_the_password() {
     let (a, _b) = tokio::io::duplex(PIPE);
-    let client = Session::client(a, SessionConfig::default());
+    let client = client_on(a);
     client.close("idle timeout");
     assert_eq!(&*client.closed().await, "idle timeout");
 }
@@ -442,12 +454,12 @@ async fn a_session_we_close_ourselves_is_not_blamed_on_the_password() {
 async fn a_quiet_stream_survives_several_heartbeats_on_a_fast_link() {
     // In-memory pipes answer within microseconds: the case where a heartbeat's answer
     // lands in the same clock tick as its request.
-    let config = SessionConfig {
+    let options = ClientSessionOptions {
         heartbeat_interval: Some(Duration::from_millis(100)),
         heartbeat_timeout: Duration::from_millis(100),
-        ..SessionConfig::default()
+        ..ClientSessionOptions::default()
     };
-    let (client, _server) = pair(config);
+    let (client, _server) = pair_with(options);
     let mut stream = client.open_stream(Bytes::new()).await.unwrap();
     stream.wait_open().await.unwrap();
     let reads_when_quiet = client.shared.last_received.reads();
@@ -481,8 +493,8 @@ async fn a_hard_close_ends_every_task_and_fails_a_blocked_write() {
         Arc::new(move |stream| held.lock().unwrap().push(stream))
     };
     let (a, b) = tokio::io::duplex(64 * 1024);
-    let server = Session::server(b, SessionConfig::default(), BytesMut::new(), handler);
-    let client = Session::client(a, SessionConfig::default());
+    let server = server_on(b, handler);
+    let client = client_on(a);
     let mut stream = client.open_stream(Bytes::new()).await.unwrap();
     let writes = tokio::spawn(async move {
         let chunk = Bytes::from(vec![0u8; 65_535]);
@@ -521,8 +533,8 @@ async fn a_relay_blocked_on_a_silent_target_ends_when_its_session_closes() {
         });
     });
     let (a, b) = tokio::io::duplex(PIPE);
-    let server = Session::server(b, SessionConfig::default(), BytesMut::new(), handler);
-    let client = Session::client(a, SessionConfig::default());
+    let server = server_on(b, handler);
+    let client = client_on(a);
     let mut stream = client.open_stream(Bytes::new()).await.unwrap();
     stream.wait_open().await.unwrap();
     // More than the target's socket buffers take: the relay's TCP write blocks.
@@ -538,14 +550,14 @@ async fn a_relay_blocked_on_a_silent_target_ends_when_its_session_closes() {
 
 /// A server session whose handler keeps every stream it is given, unanswered and unread,
 /// as a relay still dialing would; and the raw client in front of it, past Settings.
-async fn holding_server(config: SessionConfig) -> (Session, RawPeer, Arc<std::sync::Mutex<Vec<Stream>>>) {
+async fn holding_server(options: ServerSessionOptions) -> (ServerSession, RawPeer, Arc<std::sync::Mutex<Vec<Stream>>>) {
     let held = Arc::new(std::sync::Mutex::new(Vec::new()));
     let handler: StreamHandler = {
         let held = held.clone();
         Arc::new(move |stream| held.lock().unwrap().push(stream))
     };
     let (a, b) = tokio::io::duplex(PIPE);
-    let server = Session::server(b, config, BytesMut::new(), handler);
+    let server = ServerSession::start(b, SessionConfig::default(), options, BytesMut::new(), handler);
     let mut peer = RawPeer::new(a);
     let settings = Settings::new().with("v", "2").with("padding-md5", "75cff2ad89aadf5e257059ee571ebe11");
     peer.send(&[Frame::new(Command::Settings, 0, settings.encode())]).await;
@@ -555,8 +567,8 @@ async fn holding_server(config: SessionConfig) -> (Session, RawPeer, Arc<std::sy
 
 #[tokio::test]
 async fn a_fin_does_not_free_the_place_of_a_stream_still_being_served() {
-    let config = SessionConfig { max_streams: 2, ..SessionConfig::default() };
-    let (server, mut peer, held) = holding_server(config).await;
+    let options = ServerSessionOptions { max_streams: 2, ..ServerSessionOptions::default() };
+    let (server, mut peer, held) = holding_server(options).await;
     // SYN, destination, FIN: the attack's shape. The streams' handlers still hold them.
     for sid in 1..=2 {
         peer.send(&[Frame::control(Command::Syn, sid), Frame::new(Command::Push, sid, &b"x"[..])]).await;
@@ -584,7 +596,7 @@ async fn a_fin_does_not_free_the_place_of_a_stream_still_being_served() {
 
 #[tokio::test]
 async fn stream_id_zero_is_refused_and_the_session_goes_on() {
-    let (_server, mut peer, held) = holding_server(SessionConfig::default()).await;
+    let (_server, mut peer, held) = holding_server(ServerSessionOptions::default()).await;
     peer.send(&[Frame::control(Command::Syn, 0)]).await;
     let refused = peer.next().await.unwrap();
     assert_eq!(
@@ -600,15 +612,15 @@ async fn stream_id_zero_is_refused_and_the_session_goes_on() {
 #[tokio::test]
 async fn an_idle_server_session_is_closed_and_a_busy_one_is_not() {
     let timeout = Duration::from_millis(300);
-    let config = SessionConfig { idle_session_timeout: Some(timeout), ..SessionConfig::default() };
-    let (idle, _peer, _) = holding_server(config.clone()).await;
+    let options = ServerSessionOptions { idle_session_timeout: Some(timeout), ..ServerSessionOptions::default() };
+    let (idle, _peer, _) = holding_server(options).await;
     let started = tokio::time::Instant::now();
     let reason = tokio::time::timeout(Duration::from_secs(3), idle.closed()).await.expect("idle session reaped");
     assert!(reason.contains("idle"), "{reason}");
     assert!(started.elapsed() >= timeout, "not before the timeout");
 
     // A stream alive and silent keeps its session, however quiet.
-    let (busy, mut peer, _held) = holding_server(config).await;
+    let (busy, mut peer, _held) = holding_server(options).await;
     peer.send(&[Frame::control(Command::Syn, 1)]).await;
     tokio::time::sleep(timeout * 3).await;
     assert!(!busy.is_closed(), "a session with a live stream was reaped");
@@ -616,7 +628,7 @@ async fn an_idle_server_session_is_closed_and_a_busy_one_is_not() {
 
 #[tokio::test]
 async fn one_byte_pushes_in_a_row_reach_the_stream_as_few_chunks() {
-    let (_server, mut peer, held) = holding_server(SessionConfig::default()).await;
+    let (_server, mut peer, held) = holding_server(ServerSessionOptions::default()).await;
     let mut frames = vec![Frame::control(Command::Syn, 1)];
     frames.extend((0..4000u32).map(|i| Frame::new(Command::Push, 1, vec![(i % 251) as u8])));
     frames.push(Frame::control(Command::Fin, 1));
@@ -648,8 +660,9 @@ async fn a_stream_queues_at_most_its_buffer_when_the_connection_does_not_drain()
     // its send window, plus the pipe and the batch being written into it.
     const PIPE_SMALL: usize = 64 * 1024;
     let (a, b) = tokio::io::duplex(PIPE_SMALL);
-    let config = SessionConfig { v1_grace: Duration::from_millis(10), ..SessionConfig::default() };
-    let client = Session::client(a, config.clone());
+    let config = SessionConfig::default();
+    let options = ClientSessionOptions { v1_grace: Duration::from_millis(10), ..ClientSessionOptions::default() };
+    let client = ClientSession::start(a, config.clone(), options);
     let mut stream = client.open_stream(Bytes::new()).await.unwrap();
     stream.wait_open().await.unwrap(); // assumes a v1 server after the grace time
     let _peer = b; // open, never read
@@ -662,4 +675,23 @@ async fn a_stream_queues_at_most_its_buffer_when_the_connection_does_not_drain()
     // Without the window: the session's 16-frame queue and a 256 KiB batch, over 500 KiB.
     let bound = config.stream_buffer + PIPE_SMALL + chunk.len();
     assert!(accepted <= bound, "{accepted} bytes accepted from one stream (bound {bound})");
+}
+
+#[tokio::test]
+async fn a_stream_the_client_opened_is_open_on_the_server_without_waiting() {
+    let (_server, mut peer, held) = holding_server(ServerSessionOptions::default()).await;
+    peer.send(&[Frame::control(Command::Syn, 1)]).await;
+    let mut accepted = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(stream) = held.lock().unwrap().pop() {
+                return stream;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    // No answer is owed to the side that accepted it: nothing to wait for.
+    let open = tokio::time::timeout(Duration::from_millis(100), accepted.wait_open()).await;
+    assert_eq!(open.expect("no wait for an answer"), Ok(()));
 }
