@@ -587,6 +587,9 @@ async fn deny_rules_refuse_udp_datagrams() {
 async fn the_printed_link_connects_a_client_as_it_is() {
     bounded(LIMIT, "printed link", async {
         let (server, _addr) = server(&["-l", "127.0.0.1:0", "--user", "dora:p@ss w/rd"], &[]).await;
+        // Printed on stdout just after the `listening on` line of the log: wait for both.
+        let printed = server.wait_lines(&["client link: ", "client command: "], 2, Duration::from_secs(10)).await;
+        assert!(printed, "{}", server.log());
         let log = server.log();
         let link = log.lines().find_map(|l| l.strip_prefix("client link: ")).expect("a link is printed").to_string();
         let command = log.lines().find(|l| l.starts_with("client command: anytls-client ")).expect("a command");
