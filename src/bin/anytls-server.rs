@@ -241,7 +241,12 @@ fn reread_args(argv: &[String]) -> Result<Args, String> {
 
 /// Every user the flags name: `--user`s, then `-p`/ANYTLS_PASSWORD and --password-file.
 fn user_entries(args: &Args) -> Result<Vec<UserEntry>, String> {
-    let mut entries = args.users.iter().map(|user| UserEntry::parse(user)).collect::<Result<Vec<_>, _>>()?;
+    let mut entries = args
+        .users
+        .iter()
+        .map(|user| UserEntry::parse(user))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
     let mut passwords = args.passwords.clone();
     if let Some(file) = &args.password_file {
         passwords.extend(config::read_secret_lines(file).map_err(|e| format!("--password-file: {e}"))?);
@@ -265,7 +270,7 @@ fn reload(argv: &[String], users: &Users, certificate: &CertificateSlot) -> Resu
     };
     // Check the certificate fully before touching the users, so a bad one changes nothing.
     let certified = identity.map(|identity| identity.certified_key().map_err(|e| e.to_string())).transpose()?;
-    let summary = users.replace(entries)?;
+    let summary = users.replace(entries).map_err(|e| e.to_string())?;
     if let Some(certified) = certified {
         certificate.replace_key(certified);
     }
@@ -327,7 +332,7 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
         buffers.global_bytes() >> 20,
         buffers.per_session() >> 10
     );
-    let users = Arc::new(Users::new(user_entries(&args)?)?);
+    let users = Arc::new(Users::new(user_entries(&args)?).map_err(|e| e.to_string())?);
     let self_signed = args.cert.is_none() || args.key.is_none();
     let identity = match (&args.cert, &args.key) {
         (Some(cert), Some(key)) => Identity::from_files(cert, key).map_err(|e| e.to_string())?,

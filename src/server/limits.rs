@@ -77,6 +77,24 @@ impl Default for ServerLimits {
     }
 }
 
+/// Why a connection, session or stream got no place. The text is what the client is told
+/// (SYNACK error or Alert) and what the log says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NoPlace {
+    #[error("server is shutting down")]
+    ShuttingDown,
+    #[error("too many sessions on this server (limit {0}, --max-sessions)")]
+    ServerSessions(usize),
+    #[error("too many sessions for this user (limit {0}, --max-sessions-per-user)")]
+    UserSessions(usize),
+    #[error("too many streams on this server (limit {0}, --max-streams)")]
+    ServerStreams(usize),
+    #[error("too many streams for this user (limit {0}, --max-streams-per-user)")]
+    UserStreams(usize),
+    #[error("all {0} descriptors for connections and streams in use (raise the open-files limit)")]
+    Descriptors(usize),
+}
+
 /// The admission state shared by the accept loop, sessions and streams.
 pub struct Gate {
     limits: ServerLimits,
@@ -168,15 +186,12 @@ impl Gate {
 
     /// A descriptor for a client connection just accepted (held from the handshake to
     /// the session's end), or the reason there is none: it is closed at once.
-    pub fn admit_connection(&self) -> Result<OwnedSemaphorePermit, String> {
+    pub fn admit_connection(&self) -> Result<OwnedSemaphorePermit, NoPlace> {
         self.descriptors.clone().try_acquire_owned().map_err(|_| self.out_of_descriptors())
     }
 
-    fn out_of_descriptors(&self) -> String {
-        format!(
-            "all {} descriptors for connections and streams in use (raise the open-files limit)",
-            self.limits.descriptors
-        )
+    fn out_of_descriptors(&self) -> NoPlace {
+        NoPlace::Descriptors(self.limits.descriptors)
     }
 
     /// What one user may hold while `users` users are configured: the flags, or else the
@@ -194,30 +209,26 @@ impl Gate {
 
     /// A place for a new authenticated session of the user with `counters` (one of
     /// `users`), or the reason there is none.
-    pub fn admit_session(&self, counters: &Arc<UserCounters>, users: usize) -> Result<SessionPlace, String> {
-        let permit = self.sessions.clone().try_acquire_owned().map_err(|_| {
-            format!("too many sessions on this server (limit {}, --max-sessions)", self.limits.max_sessions)
-        })?;
+    pub fn admit_session(&self, counters: &Arc<UserCounters>, users: usize) -> Result<SessionPlace, NoPlace> {
+        let permit =
+            self.sessions.clone().try_acquire_owned().map_err(|_| NoPlace::ServerSessions(self.limits.max_sessions))?;
         let share = self.user_share(users).sessions;
-        let held = Held::take(counters, HeldKind::Session, share)
-            .ok_or_else(|| format!("too many sessions for this user (limit {share}, --max-sessions-per-user)"))?;
+        let held = Held::take(counters, HeldKind::Session, share).ok_or(NoPlace::UserSessions(share))?;
         Ok(SessionPlace { _permit: permit, _held: held })
     }
 
     /// A place for a new stream of the user with `counters` (one of `users`), or the
     /// reason (sent to the client as SYNACK error).
-    pub fn admit_stream(&self, counters: &Arc<UserCounters>, users: usize) -> Result<StreamTicket, String> {
+    pub fn admit_stream(&self, counters: &Arc<UserCounters>, users: usize) -> Result<StreamTicket, NoPlace> {
         if self.draining.load(Ordering::Acquire) {
-            return Err("server is shutting down".into());
+            return Err(NoPlace::ShuttingDown);
         }
-        let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
-            format!("too many streams on this server (limit {}, --max-streams)", self.limits.max_streams)
-        })?;
+        let permit =
+            self.streams.clone().try_acquire_owned().map_err(|_| NoPlace::ServerStreams(self.limits.max_streams))?;
         let descriptor = self.descriptors.clone().try_acquire_owned().map_err(|_| self.out_of_descriptors())?;
         // Within the server's caps, the user's share decides (a refusal gives both back).
         let share = self.user_share(users).streams;
-        let held = Held::take(counters, HeldKind::Stream, share)
-            .ok_or_else(|| format!("too many streams for this user (limit {share}, --max-streams-per-user)"))?;
+        let held = Held::take(counters, HeldKind::Stream, share).ok_or(NoPlace::UserStreams(share))?;
         Ok(StreamTicket { _permit: permit, _descriptor: descriptor, _held: held, _in_flight: self.in_flight.start() })
     }
 
@@ -286,8 +297,8 @@ pub enum HandshakeRefusal {
     Full(usize),
     /// The deadline passed while this connection's source held its whole share.
     SourceFull(usize),
-    /// No file descriptor left for another connection (the text says which budget).
-    NoDescriptor(String),
+    /// No file descriptor left for another connection.
+    NoDescriptor(NoPlace),
 }
 
 impl std::fmt::Display for HandshakeRefusal {
@@ -299,7 +310,7 @@ impl std::fmt::Display for HandshakeRefusal {
             HandshakeRefusal::SourceFull(n) => {
                 write!(f, "{n} handshakes from this source already in progress (--max-handshakes-per-source)")
             }
-            HandshakeRefusal::NoDescriptor(why) => f.write_str(why),
+            HandshakeRefusal::NoDescriptor(why) => why.fmt(f),
         }
     }
 }
@@ -413,11 +424,11 @@ mod tests {
     fn caps_hold_and_places_come_back_when_dropped() {
         let (gate, alice) = (gate(1, 2), user());
         let session = gate.admit_session(&alice, 1).unwrap();
-        assert!(gate.admit_session(&alice, 1).err().unwrap().contains("too many sessions"));
+        assert_eq!(gate.admit_session(&alice, 1).err(), Some(NoPlace::ServerSessions(1)));
         drop(session);
         assert!(gate.admit_session(&alice, 1).is_ok());
         let (a, _b) = (gate.admit_stream(&alice, 1).unwrap(), gate.admit_stream(&alice, 1).unwrap());
-        assert!(gate.admit_stream(&alice, 1).err().unwrap().contains("too many streams on this server"));
+        assert_eq!(gate.admit_stream(&alice, 1).err(), Some(NoPlace::ServerStreams(2)));
         drop(a);
         assert!(gate.admit_stream(&alice, 1).is_ok());
     }
@@ -427,8 +438,9 @@ mod tests {
         let (gate, alice) = (Gate::new(ServerLimits { descriptors: 3, ..ServerLimits::default() }), user());
         let connection = gate.admit_connection().unwrap();
         let (stream, _other) = (gate.admit_stream(&alice, 1).unwrap(), gate.admit_stream(&alice, 1).unwrap());
-        assert!(gate.admit_connection().unwrap_err().contains("all 3 descriptors"));
-        assert!(gate.admit_stream(&alice, 1).err().unwrap().contains("all 3 descriptors"));
+        assert_eq!(gate.admit_connection().unwrap_err(), NoPlace::Descriptors(3));
+        assert_eq!(gate.admit_stream(&alice, 1).err(), Some(NoPlace::Descriptors(3)));
+        assert!(NoPlace::Descriptors(3).to_string().starts_with("all 3 descriptors"), "the text the client sees");
         drop((connection, stream));
         assert!(gate.admit_connection().is_ok() && gate.admit_stream(&alice, 1).is_ok());
     }
@@ -442,14 +454,14 @@ mod tests {
         assert_eq!(gate.user_share(9), UserShare { sessions: 2, streams: 10 }, "never less than a quarter");
         let (greedy, other) = (user(), user());
         let held: Vec<_> = (0..20).map(|_| gate.admit_stream(&greedy, 2).unwrap()).collect();
-        assert!(gate.admit_stream(&greedy, 2).err().unwrap().contains("too many streams for this user (limit 20"));
+        assert_eq!(gate.admit_stream(&greedy, 2).err(), Some(NoPlace::UserStreams(20)));
         assert_eq!(greedy.open_streams.load(Ordering::Relaxed), 20, "a refusal takes nothing");
         let others: Vec<_> = (0..20).map(|_| gate.admit_stream(&other, 2).unwrap()).collect();
         drop(held);
         assert_eq!(greedy.open_streams.load(Ordering::Relaxed), 0);
         drop(others);
         let sessions: Vec<_> = (0..4).map(|_| gate.admit_session(&greedy, 2).unwrap()).collect();
-        assert!(gate.admit_session(&greedy, 2).err().unwrap().contains("too many sessions for this user"));
+        assert!(matches!(gate.admit_session(&greedy, 2).err(), Some(NoPlace::UserSessions(_))));
         assert!(gate.admit_session(&other, 2).is_ok());
         assert_eq!(greedy.sessions.load(Ordering::Relaxed), 4);
         drop(sessions);
@@ -573,7 +585,7 @@ mod tests {
             async move { gate.drain().await }
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(gate.admit_stream(&alice, 1).err().unwrap(), "server is shutting down");
+        assert_eq!(gate.admit_stream(&alice, 1).err().unwrap().to_string(), "server is shutting down");
         assert!(!*gate.closing.borrow(), "sessions stay open while streams drain");
         drop(ticket);
         assert_eq!(drained.await.unwrap(), 0);

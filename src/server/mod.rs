@@ -31,7 +31,7 @@ use crate::proto::frame::Command;
 use crate::session::{ServerSession, ServerSessionOptions, SessionConfig, Stream, StreamHandler};
 pub use context::ServerContext;
 use fallback::{Fallback, FirstData, ProbeSettings, TlsFront};
-use limits::{Gate, HandshakeRefusal, HandshakeSlot, HandshakeSlots, ServerLimits};
+use limits::{Gate, HandshakeRefusal, HandshakeSlot, HandshakeSlots, NoPlace, ServerLimits};
 use outbound_pool::OutboundSettings;
 use users::{CountedIo, User, UserEntry, Users};
 
@@ -64,14 +64,14 @@ pub struct ServerConfig {
 pub enum ServerError {
     /// The passwords or users given cannot be served (none at all, one given twice).
     #[error("users: {0}")]
-    Users(String),
+    Users(#[from] users::UsersError),
 }
 
 /// Accepts connections until the task is dropped, with the default [`ServerLimits`] and
 /// a context of its own. `config.passwords` are the users (unnamed); with none, or one
 /// given twice, it returns [`ServerError::Users`] at once.
 pub async fn run(listener: TcpListener, config: ServerConfig) -> Result<(), ServerError> {
-    let users = Users::new(UserEntry::unnamed(config.passwords.clone())).map_err(ServerError::Users)?;
+    let users = Users::new(UserEntry::unnamed(config.passwords.clone()))?;
     let context = Arc::new(ServerContext::from_config(&config, Arc::new(users)));
     serve(listener, config, context, ServerLimits::default(), std::future::pending()).await;
     Ok(())
@@ -224,7 +224,7 @@ fn stream_handler(
         Err(why) => {
             log::warn!("{peer}: stream {} refused: {why}", stream.id());
             tokio::spawn(async move {
-                let _ = stream.send_synack(Err(why)).await;
+                let _ = stream.send_synack(Err(why.to_string())).await;
             });
         }
     })
@@ -240,10 +240,10 @@ fn count_streams(user: &User, handler: StreamHandler) -> StreamHandler {
 }
 
 /// An authenticated client over the session cap: told why (Alert), then closed.
-async fn refuse_session(mut tls: TlsStream, peer: SocketAddr, why: &str) {
+async fn refuse_session(mut tls: TlsStream, peer: SocketAddr, why: &NoPlace) {
     log::warn!("{peer}: session refused: {why}");
     let mut alert = BytesMut::new();
-    Frame::new(Command::Alert, 0, why.as_bytes().to_vec()).encode(&mut alert).expect("short alert");
+    Frame::new(Command::Alert, 0, why.to_string().into_bytes()).encode(&mut alert).expect("short alert");
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         tls.write_all(&alert).await?;
         tls.shutdown().await

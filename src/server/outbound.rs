@@ -78,9 +78,9 @@ pub async fn serve_stream(
     let pool = &context.pool;
     let destination = match context.policy.check_destination(destination, pool.names(), &lookups).await {
         Ok(destination) => destination,
-        Err(why) => {
-            log::warn!("{peer}: stream {}: {why}", stream.id());
-            let _ = stream.send_synack(Err(why)).await;
+        Err(refusal) => {
+            log::warn!("{peer}: stream {}: {refusal}", stream.id());
+            let _ = stream.send_synack(Err(refusal.to_string())).await;
             return;
         }
     };

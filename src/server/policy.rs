@@ -36,6 +36,19 @@ use crate::proto::address::Host;
 /// A name lookup for a check must leave time for the dial within the SYNACK budget.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// A range that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bad CIDR {0:?} (expected e.g. 10.0.0.0/8, fd00::/8 or 192.0.2.7)")]
+pub struct BadCidr(pub String);
+
+/// A destination the rules refuse, and why: the text is the SYNACK's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("refused by outbound policy: {why}")]
+pub struct PolicyRefusal {
+    pub reason: Refusal,
+    pub why: String,
+}
+
 /// An address range, `ADDR/PREFIX` (a bare address is a single host).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr {
@@ -44,8 +57,8 @@ pub struct Cidr {
 }
 
 impl Cidr {
-    pub fn parse(text: &str) -> Result<Cidr, String> {
-        let bad = || format!("bad CIDR {text:?} (expected e.g. 10.0.0.0/8, fd00::/8 or 192.0.2.7)");
+    pub fn parse(text: &str) -> Result<Cidr, BadCidr> {
+        let bad = || BadCidr(text.to_string());
         let (ip, prefix) = match text.split_once('/') {
             Some((ip, prefix)) => (ip, Some(prefix.parse::<u8>().map_err(|_| bad())?)),
             None => (text, None),
@@ -319,8 +332,9 @@ impl OutboundPolicy {
         self.refused[reason as usize].load(Ordering::Relaxed)
     }
 
-    fn count(&self, reason: Refusal) {
+    fn count(&self, reason: Refusal, why: String) -> PolicyRefusal {
         self.refused[reason as usize].fetch_add(1, Ordering::Relaxed);
+        PolicyRefusal { reason, why }
     }
 
     /// The destination a TCP stream may dial (see [`Policy::check_destination`]), or why
@@ -330,27 +344,21 @@ impl OutboundPolicy {
         destination: Address,
         names: &NameCache,
         lookups: &LookupOwner,
-    ) -> Result<Address, String> {
+    ) -> Result<Address, PolicyRefusal> {
         let rules = self.rules();
         if rules.is_empty() {
             return Ok(destination);
         }
-        rules.check_destination(destination, names, lookups).await.map_err(|(reason, why)| {
-            self.count(reason);
-            format!("refused by outbound policy: {why}")
-        })
+        rules.check_destination(destination, names, lookups).await.map_err(|(reason, why)| self.count(reason, why))
     }
 
     /// Whether a UDP datagram may go to `target`, an address already resolved.
-    pub fn check_udp(&self, target: SocketAddr) -> Result<(), String> {
+    pub fn check_udp(&self, target: SocketAddr) -> Result<(), PolicyRefusal> {
         let rules = self.rules();
         if rules.is_empty() {
             return Ok(());
         }
-        rules.check(target).map_err(|(reason, why)| {
-            self.count(reason);
-            format!("refused by outbound policy: {why}")
-        })
+        rules.check(target).map_err(|(reason, why)| self.count(reason, why))
     }
 }
 

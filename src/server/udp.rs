@@ -313,7 +313,11 @@ impl Outbound {
     /// common case for services that listen on one family only).
     async fn resolve(&mut self, address: &Address) -> Result<IpAddr, String> {
         let ip = self.lookup(address).await?;
-        self.context.policy.check_udp(SocketAddr::new(ip, address.port)).map(|()| ip)
+        self.context
+            .policy
+            .check_udp(SocketAddr::new(ip, address.port))
+            .map(|()| ip)
+            .map_err(|refusal| refusal.to_string())
     }
 
     async fn lookup(&mut self, address: &Address) -> Result<IpAddr, String> {

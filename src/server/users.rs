@@ -30,12 +30,12 @@ pub struct UserEntry {
 
 impl UserEntry {
     /// `NAME:PASSWORD` (`--user`); the password may itself contain `:`.
-    pub fn parse(text: &str) -> Result<UserEntry, String> {
+    pub fn parse(text: &str) -> Result<UserEntry, UsersError> {
         match text.split_once(':') {
             Some((name, password)) if !name.is_empty() && !password.is_empty() => {
                 Ok(UserEntry { name: name.to_string(), hash: PasswordHash::of(password) })
             }
-            _ => Err("--user: expected NAME:PASSWORD".into()),
+            _ => Err(UsersError::NotNamePassword),
         }
     }
 
@@ -115,7 +115,7 @@ pub struct Users {
 }
 
 impl Users {
-    pub fn new(entries: Vec<UserEntry>) -> Result<Users, String> {
+    pub fn new(entries: Vec<UserEntry>) -> Result<Users, UsersError> {
         let users = Users::default();
         users.replace(entries)?;
         Ok(users)
@@ -124,7 +124,7 @@ impl Users {
     /// Makes `entries` the accepted users. Refuses (changing nothing) an empty list, a
     /// name given twice, or two users with one password (the server could not tell them
     /// apart).
-    pub fn replace(&self, entries: Vec<UserEntry>) -> Result<ReloadSummary, String> {
+    pub fn replace(&self, entries: Vec<UserEntry>) -> Result<ReloadSummary, UsersError> {
         check_entries(&entries)?;
         let old = self.accepted.load_full();
         let mut summary = ReloadSummary::default();
@@ -203,18 +203,32 @@ impl Users {
     }
 }
 
-fn check_entries(entries: &[UserEntry]) -> Result<(), String> {
+/// Why a list of users cannot be served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UsersError {
+    #[error(
+        "no users: give -p PASSWORD, --user NAME:PASSWORD, --password-file, ANYTLS_PASSWORD or [[users]] in --config"
+    )]
+    None,
+    #[error("--user: expected NAME:PASSWORD")]
+    NotNamePassword,
+    #[error("user {0:?} is given twice")]
+    NameTwice(String),
+    /// The server could not tell them apart.
+    #[error("users {0:?} and {1:?} have the same password")]
+    SamePassword(String, String),
+}
+
+fn check_entries(entries: &[UserEntry]) -> Result<(), UsersError> {
     if entries.is_empty() {
-        return Err("no users: give -p PASSWORD, --user NAME:PASSWORD, --password-file, ANYTLS_PASSWORD \
-                    or [[users]] in --config"
-            .into());
+        return Err(UsersError::None);
     }
     for (i, entry) in entries.iter().enumerate() {
         if let Some(other) = entries[..i].iter().find(|e| e.name == entry.name) {
-            return Err(format!("user {:?} is given twice", other.name));
+            return Err(UsersError::NameTwice(other.name.clone()));
         }
         if let Some(other) = entries[..i].iter().find(|e| e.hash == entry.hash) {
-            return Err(format!("users {:?} and {:?} have the same password", other.name, entry.name));
+            return Err(UsersError::SamePassword(other.name.clone(), entry.name.clone()));
         }
     }
     Ok(())
@@ -342,9 +356,12 @@ mod tests {
     #[test]
     fn broken_user_lists_are_refused_and_change_nothing() {
         let users = Users::new(vec![entry("alice", "a")]).unwrap();
-        assert!(users.replace(vec![]).unwrap_err().contains("no users"));
-        assert!(users.replace(vec![entry("x", "1"), entry("x", "2")]).unwrap_err().contains("twice"));
-        assert!(users.replace(vec![entry("x", "1"), entry("y", "1")]).unwrap_err().contains("same password"));
+        assert_eq!(users.replace(vec![]).unwrap_err(), UsersError::None);
+        assert!(UsersError::None.to_string().starts_with("no users"));
+        let twice = users.replace(vec![entry("x", "1"), entry("x", "2")]).unwrap_err();
+        assert_eq!(twice.to_string(), "user \"x\" is given twice");
+        let same = users.replace(vec![entry("x", "1"), entry("y", "1")]).unwrap_err();
+        assert_eq!(same.to_string(), "users \"x\" and \"y\" have the same password");
         assert_eq!(users.names(), ["alice"]);
     }
 }
