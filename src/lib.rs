@@ -1,7 +1,8 @@
 //! anytls-rs: an AnyTLS proxy server and client with selectable connection-pool engines.
 //!
 //! `proto` is the wire format (pure), `session` multiplexes streams over one
-//! connection, `pool` holds the pool engines; `server` and `client` are the two services.
+//! connection, `pool` holds the pool engines; `server` and `client` are the two services;
+//! `framed` is the one read-until-decoded loop between sockets or streams and `proto`.
 
 pub mod accept;
 pub mod api;
@@ -9,6 +10,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod crypto;
+pub mod framed;
 pub mod keepalive;
 pub mod logging;
 pub mod metrics;

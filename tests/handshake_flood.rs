@@ -16,7 +16,7 @@ use tokio_rustls::TlsConnector;
 use anytls_rs::client::tls::{Trust, client_config};
 use anytls_rs::proto::auth::encode_auth_block;
 use anytls_rs::proto::frame::Command;
-use anytls_rs::proto::{Frame, FrameDecoder, PasswordHash};
+use anytls_rs::proto::{Decoder, Frame, FrameDecoder, PasswordHash};
 
 use common::*;
 
@@ -43,7 +43,7 @@ async fn session_starts_from(source: IpAddr, server: SocketAddr, limit: Duration
         tls.write_all(&hello).await.map_err(|e| format!("write: {e}"))?;
         let (mut buf, mut decoder) = (BytesMut::new(), FrameDecoder::new());
         loop {
-            while let Some(frame) = decoder.decode(&mut buf) {
+            while let Ok(Some(frame)) = decoder.decode(&mut buf) {
                 if frame.command == Command::ServerSettings {
                     return Ok(started.elapsed());
                 }

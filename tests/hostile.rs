@@ -22,7 +22,7 @@ use tokio_rustls::client::TlsStream;
 use anytls_rs::client::tls::{Trust, client_config};
 use anytls_rs::proto::auth::encode_auth_block;
 use anytls_rs::proto::frame::Command;
-use anytls_rs::proto::{Address, Frame, FrameDecoder, PasswordHash};
+use anytls_rs::proto::{Address, Decoder, Frame, FrameDecoder, PasswordHash};
 
 use common::*;
 
@@ -75,7 +75,7 @@ impl RawSession {
     async fn next(&mut self, limit: Duration) -> Option<Frame> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            while let Some(frame) = self.decoder.decode(&mut self.buf) {
+            while let Ok(Some(frame)) = self.decoder.decode(&mut self.buf) {
                 if !matches!(frame.command, Command::ServerSettings | Command::UpdatePaddingScheme) {
                     return Some(frame);
                 }

@@ -156,7 +156,7 @@ async fn round_trip(app: &UdpSocket, relay: SocketAddr, host: &str, port: u16, p
     let (len, from) = tokio::time::timeout(WAIT, app.recv_from(&mut buf)).await.expect("a reply in time").unwrap();
     assert_eq!(from, relay, "replies come from the relay socket");
     assert_eq!(&buf[..3], &[0, 0, 0]);
-    let (source, used) = Address::decode(&buf[3..len]).unwrap().unwrap();
+    let (source, used) = Address::decode_prefix(&buf[3..len]).unwrap().unwrap();
     (source, buf[3 + used..len].to_vec())
 }
 

@@ -39,6 +39,7 @@ use futures_util::Stream;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
@@ -254,27 +255,12 @@ fn token_in_query(query: &str) -> Option<String> {
     query.split('&').find_map(|pair| pair.strip_prefix("token=")).map(percent_decode)
 }
 
+/// Form decoding: `+` is a space, `%XX` a byte; a `%` without two hex digits after it
+/// stays as it is, and bytes that are not UTF-8 become U+FFFD.
 fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                if let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                    out.push((hi * 16 + lo) as u8);
-                    i += 3;
-                    continue;
-                }
-                out.push(b'%');
-            }
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    // `+` first: a `%2B` must stay a plus.
+    let spaced = s.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced).decode_utf8_lossy().into_owned()
 }
 
 fn digest(secret: &[u8]) -> [u8; 32] {
@@ -284,7 +270,7 @@ fn digest(secret: &[u8]) -> [u8; 32] {
 /// Compares two digests without stopping at the first difference. Digests have one
 /// length, so neither the time nor the answer depends on the length of a guess.
 fn same_digest(given: &[u8; 32], expected: &[u8; 32]) -> bool {
-    given.iter().zip(expected).fold(0u8, |diff, (a, b)| diff | (a ^ b)) == 0
+    given.ct_eq(expected).into()
 }
 
 #[cfg(test)]
@@ -304,6 +290,16 @@ mod tests {
         assert_eq!(token_in_query("x=1&token=a%2Fb%3d+c"), Some("a/b= c".into()));
         assert_eq!(token_in_query("token=50%"), Some("50%".into()));
         assert_eq!(token_in_query("tokens=abc"), None);
+    }
+
+    #[test]
+    fn invalid_escapes_stay_as_they_are() {
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        assert_eq!(percent_decode("%%41"), "%A");
+        assert_eq!(percent_decode("%2B+%2b"), "+ +");
+        assert_eq!(percent_decode("a%41"), "aA");
+        assert_eq!(percent_decode("%FF"), "\u{FFFD}");
+        assert_eq!(percent_decode("%e2%82%AC"), "€");
     }
 
     #[test]

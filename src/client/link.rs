@@ -65,22 +65,22 @@ pub fn parse_server(text: &str, default_port: u16) -> Option<Address> {
     Some(Address::domain(host, default_port))
 }
 
+/// Strict decoding: every `%` must start an escape of two hex digits, and the result
+/// must be UTF-8.
 fn percent_decode(text: &str) -> Result<String, LinkError> {
-    let bad = || LinkError::BadPercentEncoding(text.to_string());
     let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = text.get(i + 1..i + 3).ok_or_else(bad)?;
-            out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
+    let escapes_are_whole = bytes
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'%')
+        .all(|(i, _)| bytes.get(i + 1..i + 3).is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit)));
+    if !escapes_are_whole {
+        return Err(LinkError::BadPercentEncoding(text.to_string()));
     }
-    String::from_utf8(out).map_err(|_| LinkError::NotUtf8(text.to_string()))
+    match percent_encoding::percent_decode_str(text).decode_utf8() {
+        Ok(decoded) => Ok(decoded.into_owned()),
+        Err(_) => Err(LinkError::NotUtf8(text.to_string())),
+    }
 }
 
 #[cfg(test)]
@@ -115,6 +115,16 @@ mod tests {
         assert!(matches!(parse_link("http://x"), Err(LinkError::NotALink(_))));
         assert!(matches!(parse_link("anytls://%zz@h:1"), Err(LinkError::BadPercentEncoding(_))));
         assert!(matches!(parse_link("anytls://%FF@h:1"), Err(LinkError::NotUtf8(_))));
+    }
+
+    #[test]
+    fn percent_escapes_are_checked_strictly() {
+        assert_eq!(percent_decode("p%40ss").unwrap(), "p@ss");
+        assert_eq!(percent_decode("%e2%82%AC+").unwrap(), "€+", "a plus is a plus in a link");
+        for bad in ["%", "%4", "50%", "%zz", "%4g", "%+f", "%-1", "%%41"] {
+            assert!(matches!(percent_decode(bad), Err(LinkError::BadPercentEncoding(_))), "{bad}");
+        }
+        assert!(matches!(percent_decode("%C3%28"), Err(LinkError::NotUtf8(_))));
         assert!(parse_link("http://x").unwrap_err().to_string().contains("not an anytls"));
     }
 }

@@ -21,9 +21,10 @@ use tokio::net::{TcpStream, UdpSocket};
 use super::error::OpenFailure;
 use super::inbound::Request;
 use super::{ClientConfig, ServeError, open_stream};
+use crate::framed::{Framed, ReadError};
 use crate::proto::Address;
 use crate::proto::address::Host;
-use crate::proto::udp::{self, Framing, decode_packet, magic_destination, packet_bytes};
+use crate::proto::udp::{self, Framing, PacketDecoder, magic_destination, packet_bytes};
 use crate::session::{StreamReader, StreamWriter};
 
 /// Room for the largest datagram plus a SOCKS5 UDP header with a 255-byte name.
@@ -50,7 +51,7 @@ pub fn parse_socks5_datagram(data: &[u8]) -> Result<(Address, &[u8]), DatagramEr
     if header[2] != 0 {
         return Err(DatagramError::Fragmented(header[2]));
     }
-    match Address::decode(&data[3..]).map_err(DatagramError::BadAddress)? {
+    match Address::decode_prefix(&data[3..]).map_err(DatagramError::BadAddress)? {
         Some((destination, used)) => Ok((destination, &data[3 + used..])),
         None => Err(DatagramError::Truncated),
     }
@@ -191,24 +192,17 @@ async fn app_to_stream(socket: &UdpSocket, sender: &AppFilter, writer: &mut Stre
 }
 
 async fn stream_to_app(reader: &mut StreamReader, socket: &UdpSocket, sender: &AppFilter) -> String {
-    let mut buf = BytesMut::new();
+    let mut packets = Framed::new(PacketDecoder::new(Framing::Addressed), udp::MAX_HEADER_LEN + udp::MAX_PAYLOAD);
     loop {
-        loop {
-            match decode_packet(Framing::Addressed, &mut buf) {
-                Ok(Some(packet)) => {
-                    let (Some(app), Some(from)) = (sender.address(), packet.peer) else { continue };
-                    if let Err(err) = socket.send_to(&socks5_datagram(&from, &packet.payload), app).await {
-                        log::debug!("UDP reply to {app} dropped: {err}");
-                    }
-                }
-                Ok(None) => break,
-                Err(err) => return format!("server sent a bad UDP packet: {err}"),
-            }
-        }
-        match reader.read().await {
-            Ok(Some(data)) => buf.extend_from_slice(&data),
-            Ok(None) => return "server ended the stream".into(),
+        let packet = match packets.next(reader).await {
+            Ok(Some(packet)) => packet,
+            Ok(None) | Err(ReadError::Truncated { .. }) => return "server ended the stream".into(),
+            Err(ReadError::Decode(err)) => return format!("server sent a bad UDP packet: {err}"),
             Err(err) => return err.to_string(),
+        };
+        let (Some(app), Some(from)) = (sender.address(), packet.peer) else { continue };
+        if let Err(err) = socket.send_to(&socks5_datagram(&from, &packet.payload), app).await {
+            log::debug!("UDP reply to {app} dropped: {err}");
         }
     }
 }
@@ -216,6 +210,8 @@ async fn stream_to_app(reader: &mut StreamReader, socket: &UdpSocket, sender: &A
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::Decoder;
+    use crate::proto::address::AddressDecoder;
 
     #[test]
     fn socks5_datagrams_round_trip() {
@@ -252,10 +248,11 @@ mod tests {
     #[test]
     fn first_data_is_the_magic_destination_then_an_addressed_request() {
         let data = uot_first_data();
-        let (destination, used) = Address::decode(&data).unwrap().unwrap();
+        let mut data = BytesMut::from(&data[..]);
+        let destination = AddressDecoder::socks().decode(&mut data).unwrap().unwrap();
         assert!(udp::is_udp_over_tcp(&destination));
-        let (request, rest) = udp::Request::decode(&data[used..]).unwrap().unwrap();
+        let request = udp::RequestDecoder.decode(&mut data).unwrap().unwrap();
         assert_eq!(request.framing, Framing::Addressed);
-        assert_eq!(used + rest, data.len());
+        assert!(data.is_empty(), "nothing after the request");
     }
 }

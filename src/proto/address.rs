@@ -1,12 +1,15 @@
 //! Destination addresses in SOCKS5 form: `0x01` IPv4 · `0x03` len domain · `0x04` IPv6, then port u16 BE.
 //!
 //! The server reads this from the start of a stream's data, which may arrive split
-//! over frames, so decoding reports "incomplete" instead of failing on short input.
+//! over frames, so [`AddressDecoder`] reports "incomplete" instead of failing on short
+//! input. A whole datagram is parsed in place with [`Address::decode_prefix`].
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use bytes::BufMut;
+use bytes::{Buf, BufMut, BytesMut};
+
+use super::Decoder;
 
 /// The type bytes that mark each host kind. SOCKS5 and UDP-over-TCP's per-packet
 /// addresses share the layout (type, host, port) but number the types differently.
@@ -104,14 +107,15 @@ impl Address {
         out.put_u16(self.port);
     }
 
-    /// Decodes from the start of `data`: `Ok(None)` when more bytes are needed,
-    /// otherwise the address and how many bytes it used.
-    pub fn decode(data: &[u8]) -> Result<Option<(Address, usize)>, AddressError> {
-        Address::decode_with(SOCKS_TYPES, data)
+    /// Decodes from the start of `data` in place (for a whole datagram; a stream uses
+    /// [`AddressDecoder`]): `Ok(None)` when `data` is too short, otherwise the address
+    /// and how many bytes it used.
+    pub fn decode_prefix(data: &[u8]) -> Result<Option<(Address, usize)>, AddressError> {
+        Address::decode_prefix_with(SOCKS_TYPES, data)
     }
 
-    /// As [`Address::decode`], with `types` numbering the host kinds.
-    pub fn decode_with(types: AddressTypes, data: &[u8]) -> Result<Option<(Address, usize)>, AddressError> {
+    /// As [`Address::decode_prefix`], with `types` numbering the host kinds.
+    pub fn decode_prefix_with(types: AddressTypes, data: &[u8]) -> Result<Option<(Address, usize)>, AddressError> {
         let Some(&atyp) = data.first() else {
             return Ok(None);
         };
@@ -157,6 +161,38 @@ impl Address {
     }
 }
 
+/// Takes addresses off the front of a stream's buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct AddressDecoder {
+    types: AddressTypes,
+}
+
+impl AddressDecoder {
+    /// SOCKS5 numbering of the host kinds.
+    pub fn socks() -> AddressDecoder {
+        AddressDecoder { types: SOCKS_TYPES }
+    }
+
+    /// `types` numbering the host kinds.
+    pub fn with_types(types: AddressTypes) -> AddressDecoder {
+        AddressDecoder { types }
+    }
+}
+
+impl Decoder for AddressDecoder {
+    type Item = Address;
+    type Error = AddressError;
+
+    /// On an error `buf` is left untouched.
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Address>, AddressError> {
+        let Some((address, used)) = Address::decode_prefix_with(self.types, buf)? else {
+            return Ok(None);
+        };
+        buf.advance(used);
+        Ok(Some(address))
+    }
+}
+
 impl fmt::Display for Address {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.host {
@@ -196,17 +232,31 @@ mod tests {
 
     #[test]
     fn bad_input_is_a_clear_error() {
-        assert_eq!(Address::decode(&[9, 0, 0]), Err(AddressError::UnknownType(9)));
-        assert_eq!(Address::decode(&[3, 0, 0, 80]), Err(AddressError::EmptyDomain));
-        assert_eq!(Address::decode(&[3, 2, 0xff, 0xfe, 0, 80]), Err(AddressError::InvalidDomain));
-        assert_eq!(Address::decode(&[3, 3, b'a', b'\n', b'b', 0, 80]), Err(AddressError::InvalidDomain));
+        assert_eq!(Address::decode_prefix(&[9, 0, 0]), Err(AddressError::UnknownType(9)));
+        assert_eq!(Address::decode_prefix(&[3, 0, 0, 80]), Err(AddressError::EmptyDomain));
+        assert_eq!(Address::decode_prefix(&[3, 2, 0xff, 0xfe, 0, 80]), Err(AddressError::InvalidDomain));
+        assert_eq!(Address::decode_prefix(&[3, 3, b'a', b'\n', b'b', 0, 80]), Err(AddressError::InvalidDomain));
+    }
+
+    #[test]
+    fn the_stream_decoder_consumes_the_address_only_and_keeps_bad_input() {
+        let mut buf = BytesMut::from(&encoded(&Address::parse_host_port("10.0.0.1:22").unwrap())[..]);
+        buf.extend_from_slice(b"SSH");
+        let address = AddressDecoder::socks().decode(&mut buf).unwrap().unwrap();
+        assert_eq!((address.to_string(), &buf[..]), ("10.0.0.1:22".to_string(), &b"SSH"[..]));
+        let mut bad = BytesMut::from(&[9u8, 1, 2][..]);
+        assert_eq!(AddressDecoder::socks().decode(&mut bad), Err(AddressError::UnknownType(9)));
+        assert_eq!(&bad[..], &[9, 1, 2]);
+        let mut short = BytesMut::from(&[1u8, 127, 0][..]);
+        assert_eq!(AddressDecoder::socks().decode(&mut short), Ok(None));
+        assert_eq!(short.len(), 3);
     }
 
     #[test]
     fn trailing_payload_is_left_for_the_stream() {
         let mut data = encoded(&Address::parse_host_port("10.0.0.1:22").unwrap());
         data.extend_from_slice(b"SSH-2.0");
-        let (address, used) = Address::decode(&data).unwrap().unwrap();
+        let (address, used) = Address::decode_prefix(&data).unwrap().unwrap();
         assert_eq!(address.to_string(), "10.0.0.1:22");
         assert_eq!(&data[used..], b"SSH-2.0");
     }
@@ -226,14 +276,34 @@ mod tests {
             let bytes = encoded(&address);
             prop_assert_eq!(bytes.len(), address.encoded_len());
             for cut in 0..bytes.len() {
-                prop_assert_eq!(Address::decode(&bytes[..cut]), Ok(None));
+                prop_assert_eq!(Address::decode_prefix(&bytes[..cut]), Ok(None));
             }
-            prop_assert_eq!(Address::decode(&bytes), Ok(Some((address, bytes.len()))));
+            prop_assert_eq!(Address::decode_prefix(&bytes), Ok(Some((address, bytes.len()))));
+        }
+
+        #[test]
+        fn a_stream_of_addresses_decodes_the_same_whole_or_bytewise(
+            addresses in proptest::collection::vec(arb_address(), 0..6),
+        ) {
+            use crate::proto::decode::checks::{decode_bytewise, decode_whole};
+            let bytes: Vec<u8> = addresses.iter().flat_map(encoded).collect();
+            prop_assert_eq!(decode_whole(&mut AddressDecoder::socks(), &bytes), (addresses.clone(), Ok(0)));
+            prop_assert_eq!(decode_bytewise(&mut AddressDecoder::socks(), &bytes), (addresses, Ok(0)));
+        }
+
+        #[test]
+        fn malformed_streams_are_errors_whole_or_bytewise(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            use crate::proto::decode::checks::{decode_bytewise, decode_whole};
+            // An error needs only the bytes before it, so both ways find the same one.
+            prop_assert_eq!(
+                decode_whole(&mut AddressDecoder::socks(), &bytes),
+                decode_bytewise(&mut AddressDecoder::socks(), &bytes)
+            );
         }
 
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
-            if let Ok(Some((_, used))) = Address::decode(&bytes) {
+            if let Ok(Some((_, used))) = Address::decode_prefix(&bytes) {
                 prop_assert!(used <= bytes.len());
             }
         }

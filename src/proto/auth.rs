@@ -3,8 +3,11 @@
 //! The block is the client's first application data and must travel in one TLS
 //! record, because reference servers parse it from a single read.
 
-use bytes::{BufMut, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use sha2::{Digest, Sha256};
+use subtle::{Choice, ConditionallySelectable, ConstantTimeEq};
+
+use super::Decoder;
 
 pub const AUTH_HASH_LEN: usize = 32;
 /// Hash plus the padding length field.
@@ -32,11 +35,8 @@ impl PasswordHash {
 
     /// Compares in constant time so a timing side channel cannot reveal a prefix.
     pub fn matches(&self, candidate: &[u8]) -> bool {
-        if candidate.len() != AUTH_HASH_LEN {
-            return false;
-        }
-        let diff = self.0.iter().zip(candidate).fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        diff == 0
+        // A length mismatch is answered at once: the length is not secret.
+        self.0[..].ct_eq(candidate).into()
     }
 }
 
@@ -48,44 +48,66 @@ pub fn encode_auth_block(hash: &PasswordHash, padding_len: u16, out: &mut BytesM
     out.put_bytes(0, padding_len as usize);
 }
 
-/// What the server learned from the start of the client's data.
-#[derive(Debug, PartialEq, Eq)]
-pub enum AuthParse {
-    /// More bytes are needed; `needed` is the total block length known so far.
-    Incomplete { needed: usize },
-    /// The block is complete: the index of the matching password and the block's length
-    /// (bytes after it belong to the session).
-    Accepted { user: usize, block_len: usize },
-    /// The hash matched no password.
-    Rejected,
+/// A client whose first bytes are not one of the accepted passwords' hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("wrong password")]
+    WrongPassword,
 }
 
-/// Checks the start of the client's data against the accepted passwords.
+/// Takes the authentication block off the front of the client's data; the item is the
+/// index of the matching password.
 ///
-/// The hash is checked as soon as it is complete, so a wrong password is rejected
-/// without waiting for (or buffering) its padding.
-pub fn parse_auth_block(data: &[u8], accepted: &[PasswordHash]) -> AuthParse {
-    if data.len() < AUTH_FIXED_LEN {
-        return AuthParse::Incomplete { needed: AUTH_FIXED_LEN };
+/// The hash is checked as soon as its 32 bytes are there, before the padding length,
+/// so a wrong password is rejected without waiting for (or buffering) the rest; on
+/// that error `buf` is left untouched (the bytes go to the fallback site). Fewer than
+/// 32 bytes are never compared: a partial hash must not be judged (see
+/// `server::fallback`).
+#[derive(Debug, Clone, Copy)]
+pub struct AuthBlockDecoder<'a> {
+    accepted: &'a [PasswordHash],
+}
+
+impl<'a> AuthBlockDecoder<'a> {
+    pub fn new(accepted: &'a [PasswordHash]) -> AuthBlockDecoder<'a> {
+        AuthBlockDecoder { accepted }
     }
-    let hash = &data[..AUTH_HASH_LEN];
-    // Check every password so the time taken does not depend on which one matched.
-    let mut user = None;
-    for (index, candidate) in accepted.iter().enumerate() {
-        if candidate.matches(hash) && user.is_none() {
-            user = Some(index);
+}
+
+impl Decoder for AuthBlockDecoder<'_> {
+    type Item = usize;
+    type Error = AuthError;
+
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<usize>, AuthError> {
+        let Some(hash) = buf.get(..AUTH_HASH_LEN) else {
+            return Ok(None);
+        };
+        let user = matching_password(hash, self.accepted).ok_or(AuthError::WrongPassword)?;
+        let Some(padding_len) = buf.get(AUTH_HASH_LEN..AUTH_FIXED_LEN) else {
+            return Ok(None);
+        };
+        let block_len = AUTH_FIXED_LEN + u16::from_be_bytes([padding_len[0], padding_len[1]]) as usize;
+        if buf.len() < block_len {
+            // At most one block's worth: bounded by the u16 padding length.
+            buf.reserve(block_len - buf.len());
+            return Ok(None);
         }
+        buf.advance(block_len);
+        Ok(Some(user))
     }
-    let Some(user) = user else {
-        return AuthParse::Rejected;
-    };
-    let padding_len = u16::from_be_bytes([data[AUTH_HASH_LEN], data[AUTH_HASH_LEN + 1]]) as usize;
-    let block_len = AUTH_FIXED_LEN + padding_len;
-    if data.len() < block_len {
-        AuthParse::Incomplete { needed: block_len }
-    } else {
-        AuthParse::Accepted { user, block_len }
+}
+
+/// The index of the first password whose hash `hash` is. Every password is compared,
+/// in constant time, so the time taken does not depend on which one matched.
+fn matching_password(hash: &[u8], accepted: &[PasswordHash]) -> Option<usize> {
+    let mut found = Choice::from(0);
+    let mut user = 0u64;
+    for (index, candidate) in accepted.iter().enumerate() {
+        let matches = candidate.0[..].ct_eq(hash);
+        user.conditional_assign(&(index as u64), matches & !found);
+        found |= matches;
     }
+    bool::from(found).then_some(user as usize)
 }
 
 #[cfg(test)]
@@ -119,13 +141,28 @@ mod tests {
         assert!(out[34..].iter().all(|&b| b == 0));
     }
 
+    fn decode(data: &[u8], users: &[PasswordHash]) -> (Result<Option<usize>, AuthError>, BytesMut) {
+        let mut buf = BytesMut::from(data);
+        (AuthBlockDecoder::new(users).decode(&mut buf), buf)
+    }
+
     #[test]
     fn accepted_block_reports_user_and_length_and_keeps_the_rest() {
         let users = [PasswordHash::of("alice"), PasswordHash::of("bob")];
         let mut data = BytesMut::new();
         encode_auth_block(&users[1], 30, &mut data);
         data.extend_from_slice(b"\x04\0\0\0\0\0\0");
-        assert_eq!(parse_auth_block(&data, &users), AuthParse::Accepted { user: 1, block_len: 64 });
+        let (user, rest) = decode(&data, &users);
+        assert_eq!(user, Ok(Some(1)));
+        assert_eq!(&rest[..], b"\x04\0\0\0\0\0\0", "exactly the 64-byte block was consumed");
+    }
+
+    #[test]
+    fn the_first_matching_password_wins() {
+        let users = [PasswordHash::of("x"), PasswordHash::of("bob"), PasswordHash::of("bob")];
+        let mut data = BytesMut::new();
+        encode_auth_block(&users[1], 0, &mut data);
+        assert_eq!(decode(&data, &users).0, Ok(Some(1)));
     }
 
     #[test]
@@ -133,7 +170,11 @@ mod tests {
         let users = [PasswordHash::of("alice")];
         let mut data = BytesMut::new();
         encode_auth_block(&PasswordHash::of("mallory"), 30, &mut data);
-        assert_eq!(parse_auth_block(&data[..34], &users), AuthParse::Rejected);
+        assert_eq!(decode(&data[..34], &users).0, Err(AuthError::WrongPassword));
+        // The hash alone decides: a client may send it in a record of its own.
+        let (rejected, kept) = decode(&data[..32], &users);
+        assert_eq!(rejected, Err(AuthError::WrongPassword));
+        assert_eq!(&kept[..], &data[..32], "the rejected bytes are kept for the fallback");
     }
 
     #[test]
@@ -141,8 +182,49 @@ mod tests {
         let users = [PasswordHash::of("alice")];
         let mut data = BytesMut::new();
         encode_auth_block(&users[0], 30, &mut data);
-        assert_eq!(parse_auth_block(&data[..10], &users), AuthParse::Incomplete { needed: 34 });
-        assert_eq!(parse_auth_block(&data[..40], &users), AuthParse::Incomplete { needed: 64 });
+        for cut in [0, 10, 31, 32, 33, 34, 40, 63] {
+            let (result, kept) = decode(&data[..cut], &users);
+            assert_eq!(result, Ok(None), "cut at {cut}");
+            assert_eq!(kept.len(), cut);
+        }
+        // Fewer than 32 bytes are never judged, however wrong they look.
+        assert_eq!(decode(&[0xff; 31], &users).0, Ok(None));
+    }
+
+    fn arb_block() -> impl proptest::strategy::Strategy<Value = (usize, u16, Vec<u8>)> {
+        use proptest::prelude::*;
+        (0usize..3, 0u16..600, proptest::collection::vec(any::<u8>(), 0..64))
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn blocks_decode_the_same_whole_or_bytewise((user, padding, rest) in arb_block()) {
+            use crate::proto::decode::checks::{decode_bytewise, decode_whole};
+            let users = [PasswordHash::of("a"), PasswordHash::of("b"), PasswordHash::of("c")];
+            let mut data = BytesMut::new();
+            encode_auth_block(&users[user], padding, &mut data);
+            let block_len = data.len();
+            data.extend_from_slice(&rest);
+            // One block, then the session's bytes: decode only the block's worth.
+            let mut buf = data.clone();
+            proptest::prop_assert_eq!(AuthBlockDecoder::new(&users).decode(&mut buf), Ok(Some(user)));
+            proptest::prop_assert_eq!(&buf[..], &rest[..]);
+            let block = &data[..block_len];
+            proptest::prop_assert_eq!(decode_whole(&mut AuthBlockDecoder::new(&users[user..=user]), block), (vec![0], Ok(0)));
+            proptest::prop_assert_eq!(decode_bytewise(&mut AuthBlockDecoder::new(&users[user..=user]), block), (vec![0], Ok(0)));
+        }
+
+        #[test]
+        fn arbitrary_bytes_are_an_error_or_need_more_never_a_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+        ) {
+            use crate::proto::decode::checks::{decode_bytewise, decode_whole};
+            let users = [PasswordHash::of("alice")];
+            let whole = decode_whole(&mut AuthBlockDecoder::new(&users), &bytes);
+            proptest::prop_assert_eq!(&whole, &decode_bytewise(&mut AuthBlockDecoder::new(&users), &bytes));
+            let expected = if bytes.len() < AUTH_HASH_LEN { Ok(bytes.len()) } else { Err(AuthError::WrongPassword) };
+            proptest::prop_assert_eq!(whole, (vec![], expected));
+        }
     }
 
     #[test]

@@ -5,7 +5,11 @@
 //! It never reserves more than one frame's declared length, so hostile input cannot
 //! make it allocate more than 7 + 65,535 bytes beyond what was actually received.
 
+use std::convert::Infallible;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use super::Decoder;
 
 /// Size of the frame header: command, stream id, length.
 pub const HEADER_LEN: usize = 7;
@@ -114,10 +118,9 @@ pub fn encode_header(command: Command, stream_id: u32, len: usize, out: &mut imp
 
 /// Incremental frame decoder over a caller-owned buffer.
 ///
-/// The caller appends received bytes to a `BytesMut` and calls [`FrameDecoder::decode`]
-/// until it returns `None`. Any byte sequence is a valid frame stream (every length
-/// fits the u16 field), so decoding itself cannot fail: semantic checks (unknown
-/// commands, stream ids) are the session's business.
+/// Any byte sequence is a valid frame stream (every length fits the u16 field), so
+/// decoding itself cannot fail: semantic checks (unknown commands, stream ids) are the
+/// session's business.
 #[derive(Debug, Default)]
 pub struct FrameDecoder {
     _private: (),
@@ -127,24 +130,29 @@ impl FrameDecoder {
     pub fn new() -> FrameDecoder {
         FrameDecoder::default()
     }
+}
 
-    /// Takes one complete frame off the front of `buf`, or returns `None` (leaving
+impl Decoder for FrameDecoder {
+    type Item = Frame;
+    type Error = Infallible;
+
+    /// Takes one complete frame off the front of `buf`, or returns `Ok(None)` (leaving
     /// `buf` untouched) when more bytes are needed.
-    pub fn decode(&mut self, buf: &mut BytesMut) -> Option<Frame> {
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, Infallible> {
         if buf.len() < HEADER_LEN {
-            return None;
+            return Ok(None);
         }
         let len = u16::from_be_bytes([buf[5], buf[6]]) as usize;
         if buf.len() < HEADER_LEN + len {
             // Reserve at most what this frame still needs: bounded by its declared length.
             buf.reserve(HEADER_LEN + len - buf.len());
-            return None;
+            return Ok(None);
         }
         let command = Command::from_byte(buf[0]);
         let stream_id = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
         buf.advance(HEADER_LEN);
         let data = buf.split_to(len).freeze();
-        Some(Frame { command, stream_id, data })
+        Ok(Some(Frame { command, stream_id, data }))
     }
 }
 
@@ -163,7 +171,13 @@ mod tests {
 
     fn decode_all(buf: &mut BytesMut) -> Vec<Frame> {
         let mut decoder = FrameDecoder::new();
-        std::iter::from_fn(|| decoder.decode(buf)).collect()
+        std::iter::from_fn(|| decode(&mut decoder, buf)).collect()
+    }
+
+    /// One frame, or `None` for "more bytes needed" (decoding cannot fail).
+    fn decode(decoder: &mut FrameDecoder, buf: &mut BytesMut) -> Option<Frame> {
+        let Ok(frame) = decoder.decode(buf);
+        frame
     }
 
     #[test]
@@ -208,17 +222,17 @@ mod tests {
         let mut buf = encode_all(&[Frame::new(Command::Push, 7, &b"hello"[..])]);
         let mut partial = buf.split_to(9);
         let mut decoder = FrameDecoder::new();
-        assert_eq!(decoder.decode(&mut partial), None);
+        assert_eq!(decode(&mut decoder, &mut partial), None);
         assert_eq!(partial.len(), 9);
         partial.unsplit(buf);
-        assert_eq!(decoder.decode(&mut partial).unwrap().data, &b"hello"[..]);
+        assert_eq!(decode(&mut decoder, &mut partial).unwrap().data, &b"hello"[..]);
         assert!(partial.is_empty());
     }
 
     #[test]
     fn a_declared_length_bounds_the_reservation() {
         let mut buf = BytesMut::from(&[2u8, 0, 0, 0, 1, 0xff, 0xff][..]);
-        assert_eq!(FrameDecoder::new().decode(&mut buf), None);
+        assert_eq!(decode(&mut FrameDecoder::new(), &mut buf), None);
         assert!(buf.capacity() <= 2 * (HEADER_LEN + MAX_FRAME_DATA));
     }
 
@@ -254,7 +268,7 @@ mod tests {
             for end in points.into_iter().chain([whole.len()]) {
                 buf.extend_from_slice(&whole[start..end]);
                 start = end;
-                while let Some(frame) = decoder.decode(&mut buf) {
+                while let Some(frame) = decode(&mut decoder, &mut buf) {
                     decoded.push(frame);
                 }
             }
@@ -268,13 +282,34 @@ mod tests {
             let mut buf = BytesMut::from(&bytes[..]);
             let mut decoder = FrameDecoder::new();
             let mut consumed = 0;
-            while let Some(frame) = decoder.decode(&mut buf) {
+            while let Some(frame) = decode(&mut decoder, &mut buf) {
                 consumed += HEADER_LEN + frame.data.len();
             }
             prop_assert_eq!(consumed + buf.len(), bytes.len());
             // Growth may double, but only up to what the bytes received plus one
             // declared frame need.
             prop_assert!(buf.capacity() <= 2 * (bytes.len() + HEADER_LEN + MAX_FRAME_DATA));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn fed_one_byte_at_a_time_gives_the_same_frames(frames in proptest::collection::vec(arb_frame(), 0..6)) {
+            use crate::proto::decode::checks::{decode_bytewise, decode_whole};
+            let whole = encode_all(&frames);
+            let (at_once, left) = decode_whole(&mut FrameDecoder::new(), &whole);
+            prop_assert_eq!(&at_once, &frames);
+            prop_assert_eq!(left, Ok(0));
+            let (bytewise, left) = decode_bytewise(&mut FrameDecoder::new(), &whole);
+            prop_assert_eq!(bytewise, frames);
+            prop_assert_eq!(left, Ok(0));
+        }
+
+        #[test]
+        fn arbitrary_bytes_whole_or_bytewise_agree(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            use crate::proto::decode::checks::{decode_bytewise, decode_whole};
+            // No input is malformed for frames: both ways end with the same frames and leftover.
+            prop_assert_eq!(decode_whole(&mut FrameDecoder::new(), &bytes), decode_bytewise(&mut FrameDecoder::new(), &bytes));
         }
     }
 
@@ -290,9 +325,9 @@ mod tests {
         for cut in 0..=whole.len() {
             let mut decoder = FrameDecoder::new();
             let mut buf = BytesMut::from(&whole[..cut]);
-            let mut decoded: Vec<Frame> = std::iter::from_fn(|| decoder.decode(&mut buf)).collect();
+            let mut decoded: Vec<Frame> = std::iter::from_fn(|| decode(&mut decoder, &mut buf)).collect();
             buf.extend_from_slice(&whole[cut..]);
-            decoded.extend(std::iter::from_fn(|| decoder.decode(&mut buf)));
+            decoded.extend(std::iter::from_fn(|| decode(&mut decoder, &mut buf)));
             assert_eq!(decoded, frames, "cut at {cut}");
         }
     }

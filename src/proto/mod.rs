@@ -5,6 +5,7 @@
 
 pub mod address;
 pub mod auth;
+pub mod decode;
 pub mod frame;
 pub mod padding;
 pub mod settings;
@@ -12,6 +13,7 @@ pub mod udp;
 
 pub use address::{Address, AddressError};
 pub use auth::{AUTH_HASH_LEN, PasswordHash};
+pub use decode::Decoder;
 pub use frame::{Command, Frame, FrameDecoder, FrameError, HEADER_LEN, MAX_FRAME_DATA};
 pub use padding::{PaddingScheme, RecordPlan, SchemeError};
 pub use settings::Settings;

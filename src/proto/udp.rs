@@ -9,14 +9,16 @@
 //!   where the address uses UoT's own family bytes (`0x00` IPv4, `0x01` IPv6,
 //!   `0x02` length-prefixed domain), not SOCKS5's.
 //!
-//! Packets arrive as a byte stream cut anywhere by frames, so decoding is incremental:
-//! `Ok(None)` means "feed me more" and leaves the buffer untouched. A packet is at most
+//! Packets arrive as a byte stream cut anywhere by frames, so decoding is incremental
+//! ([`RequestDecoder`], [`PacketDecoder`]): `Ok(None)` means "feed me more" and leaves
+//! the buffer untouched. A packet is at most
 //! 2 + 255 + 2 + 2 + 65,535 bytes, which bounds what a decoder ever has to buffer.
 
 use std::net::{IpAddr, Ipv4Addr};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use super::Decoder;
 use super::address::{Address, AddressError, AddressTypes, Host};
 
 /// The domain sing-box and the reference clients use for UoT v2 streams.
@@ -81,11 +83,19 @@ impl Request {
         out.put_u8(u8::from(self.framing == Framing::Connected));
         self.destination.encode(out);
     }
+}
 
-    /// Decodes from the start of `data`: `Ok(None)` when more bytes are needed,
-    /// otherwise the request and how many bytes it used.
-    pub fn decode(data: &[u8]) -> Result<Option<(Request, usize)>, UdpError> {
-        let Some(&flag) = data.first() else {
+/// Takes the request off the front of a UoT stream's buffer.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RequestDecoder;
+
+impl Decoder for RequestDecoder {
+    type Item = Request;
+    type Error = UdpError;
+
+    /// On an error `buf` is left untouched.
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Request>, UdpError> {
+        let Some(&flag) = buf.first() else {
             return Ok(None);
         };
         let framing = match flag {
@@ -93,10 +103,11 @@ impl Request {
             1 => Framing::Connected,
             other => return Err(UdpError::BadConnectFlag(other)),
         };
-        match Address::decode(&data[1..]).map_err(UdpError::BadRequestAddress)? {
-            Some((destination, used)) => Ok(Some((Request { framing, destination }, 1 + used))),
-            None => Ok(None),
-        }
+        let Some((destination, used)) = Address::decode_prefix(&buf[1..]).map_err(UdpError::BadRequestAddress)? else {
+            return Ok(None);
+        };
+        buf.advance(1 + used);
+        Ok(Some(Request { framing, destination }))
     }
 }
 
@@ -151,34 +162,51 @@ fn encode_peer(peer: &Address, out: &mut BytesMut) -> Result<(), UdpError> {
     Ok(())
 }
 
-/// Takes one complete packet off the front of `buf`, or returns `Ok(None)` (leaving
-/// `buf` untouched) when more bytes are needed. An error means the stream is out of
-/// step and must be closed.
-pub fn decode_packet(framing: Framing, buf: &mut BytesMut) -> Result<Option<Packet>, UdpError> {
-    let (peer, header_len) = match framing {
-        Framing::Connected => (None, 0),
-        Framing::Addressed => match decode_peer(buf)? {
-            Some((peer, used)) => (Some(peer), used),
-            None => return Ok(None),
-        },
-    };
-    let Some(len) = buf.get(header_len..header_len + 2) else {
-        return Ok(None);
-    };
-    let len = u16::from_be_bytes([len[0], len[1]]) as usize;
-    let total = header_len + 2 + len;
-    if buf.len() < total {
-        // At most one packet's worth: bounded by the u16 length.
-        buf.reserve(total - buf.len());
-        return Ok(None);
+/// Takes packets of one framing off the front of a UoT stream's buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct PacketDecoder {
+    framing: Framing,
+}
+
+impl PacketDecoder {
+    pub fn new(framing: Framing) -> PacketDecoder {
+        PacketDecoder { framing }
     }
-    buf.advance(header_len + 2);
-    let payload = buf.split_to(len).freeze();
-    Ok(Some(Packet { peer, payload }))
+}
+
+impl Decoder for PacketDecoder {
+    type Item = Packet;
+    type Error = UdpError;
+
+    /// Takes one complete packet off the front of `buf`, or returns `Ok(None)` (leaving
+    /// `buf` untouched) when more bytes are needed. An error means the stream is out of
+    /// step and must be closed.
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Packet>, UdpError> {
+        let (peer, header_len) = match self.framing {
+            Framing::Connected => (None, 0),
+            Framing::Addressed => match decode_peer(buf)? {
+                Some((peer, used)) => (Some(peer), used),
+                None => return Ok(None),
+            },
+        };
+        let Some(len) = buf.get(header_len..header_len + 2) else {
+            return Ok(None);
+        };
+        let len = u16::from_be_bytes([len[0], len[1]]) as usize;
+        let total = header_len + 2 + len;
+        if buf.len() < total {
+            // At most one packet's worth: bounded by the u16 length.
+            buf.reserve(total - buf.len());
+            return Ok(None);
+        }
+        buf.advance(header_len + 2);
+        let payload = buf.split_to(len).freeze();
+        Ok(Some(Packet { peer, payload }))
+    }
 }
 
 fn decode_peer(data: &[u8]) -> Result<Option<(Address, usize)>, UdpError> {
-    Address::decode_with(PEER_TYPES, data).map_err(|err| match err {
+    Address::decode_prefix_with(PEER_TYPES, data).map_err(|err| match err {
         AddressError::UnknownType(family) => UdpError::UnknownFamily(family),
         AddressError::EmptyDomain => UdpError::EmptyDomain,
         AddressError::InvalidDomain => UdpError::InvalidDomain,
@@ -189,6 +217,17 @@ fn decode_peer(data: &[u8]) -> Result<Option<(Address, usize)>, UdpError> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn decode_packet(framing: Framing, buf: &mut BytesMut) -> Result<Option<Packet>, UdpError> {
+        PacketDecoder::new(framing).decode(buf)
+    }
+
+    /// The request at the start of `data`, with how many bytes it used.
+    fn decode_request(data: &[u8]) -> Result<Option<(Request, usize)>, UdpError> {
+        let mut buf = BytesMut::from(data);
+        let request = RequestDecoder.decode(&mut buf)?;
+        Ok(request.map(|request| (request, data.len() - buf.len())))
+    }
 
     fn decode_all(framing: Framing, buf: &mut BytesMut) -> Vec<Packet> {
         std::iter::from_fn(|| decode_packet(framing, buf).unwrap()).collect()
@@ -210,16 +249,16 @@ mod tests {
         let mut out = BytesMut::new();
         request.encode(&mut out);
         assert_eq!(&out[..], &[1, 1, 1, 2, 3, 4, 0, 53]);
-        assert_eq!(Request::decode(&out), Ok(Some((request, 8))));
+        assert_eq!(decode_request(&out), Ok(Some((request, 8))));
         for cut in 0..out.len() {
-            assert_eq!(Request::decode(&out[..cut]), Ok(None));
+            assert_eq!(decode_request(&out[..cut]), Ok(None));
         }
     }
 
     #[test]
     fn malformed_requests_are_errors() {
-        assert_eq!(Request::decode(&[2, 1, 0, 0, 0, 0, 0, 0]), Err(UdpError::BadConnectFlag(2)));
-        assert_eq!(Request::decode(&[0, 9, 0, 0]), Err(UdpError::BadRequestAddress(AddressError::UnknownType(9))));
+        assert_eq!(decode_request(&[2, 1, 0, 0, 0, 0, 0, 0]), Err(UdpError::BadConnectFlag(2)));
+        assert_eq!(decode_request(&[0, 9, 0, 0]), Err(UdpError::BadRequestAddress(AddressError::UnknownType(9))));
     }
 
     #[test]
@@ -320,9 +359,41 @@ mod tests {
             let mut out = BytesMut::new();
             request.encode(&mut out);
             for cut in 0..out.len() {
-                prop_assert_eq!(Request::decode(&out[..cut]), Ok(None));
+                prop_assert_eq!(decode_request(&out[..cut]), Ok(None));
             }
-            prop_assert_eq!(Request::decode(&out), Ok(Some((request, out.len()))));
+            prop_assert_eq!(decode_request(&out), Ok(Some((request, out.len()))));
+        }
+
+        #[test]
+        fn fed_one_byte_at_a_time_gives_the_same_packets(
+            (framing, packets) in arb_framing().prop_flat_map(|f| (Just(f), arb_packets(f))),
+        ) {
+            use crate::proto::decode::checks::decode_bytewise;
+            let whole = encode_all(framing, &packets);
+            prop_assert_eq!(decode_bytewise(&mut PacketDecoder::new(framing), &whole), (packets, Ok(0)));
+        }
+
+        #[test]
+        fn a_request_fed_one_byte_at_a_time_is_the_same(peer in arb_peer(), framing in arb_framing()) {
+            use crate::proto::decode::checks::{decode_bytewise, decode_whole};
+            let request = Request { framing, destination: peer };
+            let mut out = BytesMut::new();
+            request.encode(&mut out);
+            prop_assert_eq!(decode_whole(&mut RequestDecoder, &out), (vec![request.clone()], Ok(0)));
+            prop_assert_eq!(decode_bytewise(&mut RequestDecoder, &out), (vec![request], Ok(0)));
+        }
+
+        #[test]
+        fn malformed_input_is_the_same_error_whole_or_bytewise(
+            bytes in proptest::collection::vec(any::<u8>(), 0..600),
+            framing in arb_framing(),
+        ) {
+            use crate::proto::decode::checks::{decode_bytewise, decode_whole};
+            prop_assert_eq!(
+                decode_whole(&mut PacketDecoder::new(framing), &bytes),
+                decode_bytewise(&mut PacketDecoder::new(framing), &bytes)
+            );
+            prop_assert_eq!(decode_whole(&mut RequestDecoder, &bytes), decode_bytewise(&mut RequestDecoder, &bytes));
         }
 
         #[test]
@@ -333,7 +404,7 @@ mod tests {
                 consumed += packet.payload.len();
             }
             prop_assert!(consumed <= bytes.len());
-            let _ = Request::decode(&bytes);
+            let _ = decode_request(&bytes);
         }
     }
 }

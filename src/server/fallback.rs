@@ -34,9 +34,10 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use crate::framed::{Framed, ReadError};
 use crate::metrics::HandshakeCounters;
 use crate::proto::PasswordHash;
-use crate::proto::auth::{AUTH_HASH_LEN, AuthParse, parse_auth_block};
+use crate::proto::auth::{AUTH_FIXED_LEN, AUTH_HASH_LEN, AuthBlockDecoder, AuthError};
 
 /// How long a first request shorter than a password hash (32 bytes) waits for more bytes
 /// before it goes to the fallback site. Real clients never need it (their first record
@@ -103,52 +104,44 @@ pub enum FirstData {
 
 /// Reads the client's first data until it authenticates, or is known not to (see the
 /// module doc for the rule), or `deadline` passes.
-pub async fn read_first_data<S: AsyncRead + Unpin>(
+pub async fn read_first_data<S: AsyncRead + Unpin + Send>(
     io: &mut S,
     passwords: &[PasswordHash],
     deadline: Instant,
 ) -> FirstData {
-    let mut buf = BytesMut::with_capacity(1024);
+    let buf = BytesMut::with_capacity(1024);
+    let mut block = Framed::with_buffer(AuthBlockDecoder::new(passwords), buf, AUTH_FIXED_LEN + u16::MAX as usize);
+    // The short wait starts at the first bytes and no longer applies once a whole hash is in.
     let mut short_until = None;
-    loop {
-        match parse_auth_block(&buf, passwords) {
-            AuthParse::Accepted { user, block_len } => {
-                let _ = buf.split_to(block_len);
-                return FirstData::Authenticated { user, leftover: buf };
+    let read = block
+        .next_by(io, |read| {
+            if read.is_empty() {
+                return Some(deadline);
             }
-            AuthParse::Rejected => return FirstData::Invalid { read: buf, why: "wrong password" },
-            AuthParse::Incomplete { .. }
-                if buf.len() >= AUTH_HASH_LEN && !matches_any(&buf[..AUTH_HASH_LEN], passwords) =>
-            {
-                return FirstData::Invalid { read: buf, why: "wrong password" };
-            }
-            AuthParse::Incomplete { needed } => {
-                let limit = match short_until {
-                    Some(until) if buf.len() < AUTH_HASH_LEN => deadline.min(until),
-                    _ => deadline,
-                };
-                buf.reserve(needed.saturating_sub(buf.len()).max(1024));
-                match tokio::time::timeout_at(limit, io.read_buf(&mut buf)).await {
-                    Err(_) if limit < deadline => {
-                        return FirstData::Invalid { read: buf, why: "shorter than an authentication block" };
-                    }
-                    Err(_) => return FirstData::TimedOut { read: buf },
-                    Ok(Ok(0)) if buf.is_empty() => return FirstData::Gone("closed before sending anything".into()),
-                    Ok(Ok(0)) => return FirstData::Invalid { read: buf, why: "closed before authenticating" },
-                    Ok(Err(err)) => return FirstData::Gone(format!("read failed: {err}")),
-                    Ok(Ok(_)) => {
-                        short_until.get_or_insert_with(|| Instant::now() + SHORT_REQUEST_WAIT);
-                    }
-                }
-            }
+            let until = *short_until.get_or_insert_with(|| Instant::now() + SHORT_REQUEST_WAIT);
+            Some(if read.len() < AUTH_HASH_LEN { deadline.min(until) } else { deadline })
+        })
+        .await;
+    let short_wait_over = block.buffered().len() < AUTH_HASH_LEN && short_until.is_some_and(|until| until < deadline);
+    match read {
+        Ok(Some(user)) => FirstData::Authenticated { user, leftover: block.into_buffer() },
+        Err(ReadError::Decode(AuthError::WrongPassword)) => {
+            FirstData::Invalid { read: block.into_buffer(), why: "wrong password" }
         }
+        Err(ReadError::TimedOut) if short_wait_over => {
+            FirstData::Invalid { read: block.into_buffer(), why: "shorter than an authentication block" }
+        }
+        Err(ReadError::TimedOut) => FirstData::TimedOut { read: block.into_buffer() },
+        Ok(None) => FirstData::Gone("closed before sending anything".into()),
+        Err(ReadError::Truncated { .. }) => {
+            FirstData::Invalid { read: block.into_buffer(), why: "closed before authenticating" }
+        }
+        // Cannot happen (a block's declared length is within the bound), but is no block either.
+        Err(ReadError::TooLong { .. }) => {
+            FirstData::Invalid { read: block.into_buffer(), why: "longer than an authentication block" }
+        }
+        Err(ReadError::Read(err)) => FirstData::Gone(format!("read failed: {err}")),
     }
-}
-
-/// Whether `hash` is one of the passwords', comparing with every one in constant time
-/// (for a client that sends the hash in a record of its own, see the module doc).
-fn matches_any(hash: &[u8], passwords: &[PasswordHash]) -> bool {
-    passwords.iter().fold(false, |found, password| found | password.matches(hash))
 }
 
 /// The fallback site and the places for relays to it.

@@ -10,7 +10,9 @@ use super::ServerContext;
 pub use super::dial::{DialError, Dialer, LookupOwner};
 use super::limits::StreamTicket;
 use super::udp::{UdpSettings, serve_udp};
+use crate::framed::{Framed, ReadError};
 use crate::proto::Address;
+use crate::proto::address::AddressDecoder;
 use crate::proto::udp::is_udp_over_tcp;
 use crate::session::{Stream, relay};
 
@@ -25,24 +27,14 @@ const MAX_ADDRESS_LEN: usize = 1 + 1 + 255 + 2;
 /// Reads the destination from the stream's first data; returns it with whatever
 /// payload followed it in the same frames.
 async fn read_destination(stream: &mut Stream) -> Result<(Address, BytesMut), String> {
-    let mut buf = BytesMut::new();
-    loop {
-        match Address::decode(&buf) {
-            Ok(Some((address, used))) => {
-                let _ = buf.split_to(used);
-                return Ok((address, buf));
-            }
-            Ok(None) if buf.len() >= MAX_ADDRESS_LEN => {
-                return Err("destination address too long".into());
-            }
-            Ok(None) => {}
-            Err(err) => return Err(format!("invalid destination address: {err}")),
-        }
-        match stream.read().await {
-            Ok(Some(data)) => buf.extend_from_slice(&data),
-            Ok(None) => return Err("stream closed before its destination".into()),
-            Err(err) => return Err(err.to_string()),
-        }
+    let mut framed = Framed::new(AddressDecoder::socks(), MAX_ADDRESS_LEN);
+    match framed.next(stream).await {
+        Ok(Some(address)) => Ok((address, framed.into_buffer())),
+        Ok(None) | Err(ReadError::Truncated { .. }) => Err("stream closed before its destination".into()),
+        Err(ReadError::TooLong { .. }) => Err("destination address too long".into()),
+        Err(ReadError::Decode(err)) => Err(format!("invalid destination address: {err}")),
+        Err(ReadError::Read(err)) => Err(err.to_string()),
+        Err(ReadError::TimedOut) => Err(no_destination_in_time()),
     }
 }
 

@@ -31,9 +31,10 @@ use tokio::time::Instant;
 
 use super::ServerContext;
 use super::dial::LookupOwner;
+use crate::framed::{Framed, ReadError};
 use crate::proto::Address;
 use crate::proto::address::Host;
-use crate::proto::udp::{Framing, MAX_PAYLOAD, Request, decode_packet, packet_bytes};
+use crate::proto::udp::{Framing, MAX_HEADER_LEN, MAX_PAYLOAD, PacketDecoder, Request, RequestDecoder, packet_bytes};
 use crate::session::{Stream, StreamReader, StreamWriter};
 
 /// Same reason as the TCP path's SYNACK budget: reference clients drop a reused session
@@ -133,45 +134,37 @@ pub async fn serve_udp(
 /// prepares the sockets; returns them with the bytes after the request.
 async fn set_up(
     stream: &mut StreamReader,
-    mut buf: BytesMut,
+    buf: BytesMut,
     context: Arc<ServerContext>,
     lookups: LookupOwner,
 ) -> Result<(Outbound, BytesMut), String> {
-    let request = loop {
-        match Request::decode(&buf) {
-            Ok(Some((request, used))) => {
-                let _ = buf.split_to(used);
-                break request;
-            }
-            Ok(None) if buf.len() >= MAX_REQUEST_LEN => return Err("UDP request too long".into()),
-            Ok(None) => {}
-            Err(err) => return Err(err.to_string()),
-        }
-        match stream.read().await {
-            Ok(Some(data)) => buf.extend_from_slice(&data),
-            Ok(None) => return Err("stream closed before its UDP request".into()),
-            Err(err) => return Err(err.to_string()),
-        }
+    let mut framed = Framed::with_buffer(RequestDecoder, buf, MAX_REQUEST_LEN);
+    let request = match framed.next(stream).await {
+        Ok(Some(request)) => request,
+        Ok(None) | Err(ReadError::Truncated { .. }) => return Err("stream closed before its UDP request".into()),
+        Err(ReadError::TooLong { .. }) => return Err("UDP request too long".into()),
+        Err(err) => return Err(err.to_string()),
     };
+    let buf = framed.into_buffer();
     let outbound = Outbound::open(request, context, lookups).await?;
     Ok((outbound, buf))
 }
 
 /// Client → target: decodes packets and sends each as a datagram.
-async fn upstream(reader: &mut StreamReader, mut buf: BytesMut, outbound: &mut Outbound) -> Result<(), String> {
+async fn upstream(reader: &mut StreamReader, buf: BytesMut, outbound: &mut Outbound) -> Result<(), String> {
+    let mut packets = Framed::with_buffer(PacketDecoder::new(outbound.framing), buf, MAX_HEADER_LEN + MAX_PAYLOAD);
     loop {
-        while let Some(packet) = decode_packet(outbound.framing, &mut buf).map_err(|err| err.to_string())? {
-            outbound.idle.touch();
-            outbound.up += 1;
-            if let Err(why) = outbound.send(packet.peer.as_ref(), &packet.payload).await {
-                // One undeliverable datagram is not the stream's end: UDP loses packets.
-                log::debug!("UDP datagram dropped: {why}");
-            }
-        }
-        match reader.read().await {
-            Ok(Some(data)) => buf.extend_from_slice(&data),
-            Ok(None) => return Ok(()),
+        let packet = match packets.next(reader).await {
+            Ok(Some(packet)) => packet,
+            // FIN, even inside a packet: the client is done, which is no error of ours.
+            Ok(None) | Err(ReadError::Truncated { .. }) => return Ok(()),
             Err(err) => return Err(err.to_string()),
+        };
+        outbound.idle.touch();
+        outbound.up += 1;
+        if let Err(why) = outbound.send(packet.peer.as_ref(), &packet.payload).await {
+            // One undeliverable datagram is not the stream's end: UDP loses packets.
+            log::debug!("UDP datagram dropped: {why}");
         }
     }
 }
@@ -411,14 +404,13 @@ mod tests {
         out.freeze()
     }
 
-    async fn next_packet(stream: &mut Stream, framing: Framing, buf: &mut BytesMut) -> crate::proto::udp::Packet {
-        loop {
-            if let Some(packet) = decode_packet(framing, buf).unwrap() {
-                return packet;
-            }
-            let data = tokio::time::timeout(Duration::from_secs(5), stream.read()).await.unwrap().unwrap();
-            buf.extend_from_slice(&data.expect("stream still open"));
-        }
+    fn packets(framing: Framing) -> Framed<PacketDecoder> {
+        Framed::new(PacketDecoder::new(framing), MAX_HEADER_LEN + MAX_PAYLOAD)
+    }
+
+    async fn next_packet(stream: &mut Stream, packets: &mut Framed<PacketDecoder>) -> crate::proto::udp::Packet {
+        let next = tokio::time::timeout(Duration::from_secs(5), packets.next(stream)).await.expect("a packet in time");
+        next.unwrap().expect("stream still open")
     }
 
     #[tokio::test]
@@ -428,11 +420,11 @@ mod tests {
         let request = Request { framing: Framing::Connected, destination: Address::socket(echo) };
         let mut stream = client.open_stream(first_data(&request)).await.unwrap();
         stream.wait_open().await.unwrap();
-        let mut buf = BytesMut::new();
+        let mut replies = packets(Framing::Connected);
         for (i, size) in [0usize, 1, 100, 1400, 9000, 40_000, 65_507].into_iter().enumerate() {
             let payload: Vec<u8> = (0..size).map(|b| (b + i) as u8).collect();
             stream.write(packet_bytes(Framing::Connected, None, &payload).unwrap()).await.unwrap();
-            let packet = next_packet(&mut stream, Framing::Connected, &mut buf).await;
+            let packet = next_packet(&mut stream, &mut replies).await;
             assert_eq!((packet.peer, packet.payload.len()), (None, size));
             assert_eq!(&packet.payload[..], &payload[..]);
         }
@@ -447,7 +439,7 @@ mod tests {
         first.extend_from_slice(&packet_bytes(Framing::Connected, None, b"early").unwrap());
         let mut stream = client.open_stream(first.freeze()).await.unwrap();
         stream.wait_open().await.unwrap();
-        let packet = next_packet(&mut stream, Framing::Connected, &mut BytesMut::new()).await;
+        let packet = next_packet(&mut stream, &mut packets(Framing::Connected)).await;
         assert_eq!(&packet.payload[..], b"early");
     }
 
@@ -458,11 +450,11 @@ mod tests {
         let request = Request { framing: Framing::Addressed, destination: Address::socket(one) };
         let mut stream = client.open_stream(first_data(&request)).await.unwrap();
         stream.wait_open().await.unwrap();
-        let mut buf = BytesMut::new();
+        let mut replies = packets(Framing::Addressed);
         for (target, text) in [(one, "to one"), (two, "to two"), (one, "one again")] {
             let peer = Address::socket(target);
             stream.write(packet_bytes(Framing::Addressed, Some(&peer), text.as_bytes()).unwrap()).await.unwrap();
-            let packet = next_packet(&mut stream, Framing::Addressed, &mut buf).await;
+            let packet = next_packet(&mut stream, &mut replies).await;
             assert_eq!(packet.peer, Some(peer));
             assert_eq!(&packet.payload[..], text.as_bytes());
         }
@@ -524,7 +516,7 @@ mod tests {
         request.encode(&mut late);
         late.extend_from_slice(&packet_bytes(Framing::Connected, None, b"four seconds late").unwrap());
         stream.write(late.freeze()).await.unwrap();
-        let packet = next_packet(&mut stream, Framing::Connected, &mut BytesMut::new()).await;
+        let packet = next_packet(&mut stream, &mut packets(Framing::Connected)).await;
         assert_eq!(&packet.payload[..], b"four seconds late");
     }
 

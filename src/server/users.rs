@@ -294,7 +294,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for CountedIo<IO> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::auth::{AuthParse, encode_auth_block, parse_auth_block};
+    use crate::proto::Decoder;
+    use crate::proto::auth::{AuthBlockDecoder, encode_auth_block};
     use bytes::BytesMut;
 
     fn entry(name: &str, password: &str) -> UserEntry {
@@ -304,8 +305,8 @@ mod tests {
     /// The user whose password starts `data`, as the server's authentication finds it.
     fn authenticate(users: &Users, data: &[u8]) -> Option<Arc<User>> {
         let current = users.current();
-        match parse_auth_block(data, current.hashes()) {
-            AuthParse::Accepted { user, .. } => Some(current.user(user)),
+        match AuthBlockDecoder::new(current.hashes()).decode(&mut BytesMut::from(data)) {
+            Ok(Some(user)) => Some(current.user(user)),
             _ => None,
         }
     }

@@ -8,6 +8,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, ReadHalf};
 use tokio::sync::mpsc;
 
 use super::{HALF_CLOSE_KEY, Inbox, Shared, StreamEvent, StreamHandler};
+use crate::framed::{Framed, ReadError, ReadInto};
 use crate::proto::frame::Command;
 use crate::proto::{Frame, FrameDecoder, PaddingScheme, Settings};
 
@@ -22,61 +23,85 @@ const COPY_BELOW: usize = 4096;
 /// Small pushes are joined up to this size (one frame's worth).
 const JOIN_LIMIT: usize = crate::proto::MAX_FRAME_DATA;
 
-pub(super) async fn run<IO: AsyncRead>(
-    mut io: ReadHalf<IO>,
-    mut buf: BytesMut,
+/// Most a peer may have buffered without completing a frame: one whole frame (the
+/// decoder never waits for more than that, so this is only a guard).
+const MAX_BUFFERED: usize = crate::proto::HEADER_LEN + crate::proto::MAX_FRAME_DATA;
+
+pub(super) async fn run<IO: AsyncRead + Send>(
+    io: ReadHalf<IO>,
+    buf: BytesMut,
     handler: impl PeerFrames,
     shared: Arc<Shared>,
 ) {
-    let mut decoder = FrameDecoder::new();
+    let mut frames = Framed::with_buffer(FrameDecoder::new(), buf, MAX_BUFFERED).read_room(READ_CHUNK);
+    let mut io = HeardFrom { io, shared: &shared };
     let mut closed = shared.closed.subscribe();
     let mut small = SmallPushes::default();
-    let reason = 'session: loop {
-        while let Some(frame) = decoder.decode(&mut buf) {
-            shared.peer_spoke.store(true, Ordering::Relaxed);
-            // Small pushes to one stream in a row are joined into one chunk: a peer
-            // sending one-byte frames then costs one queue entry and one write to the
-            // destination per read, not per frame.
-            let is_small_push = frame.command == Command::Push && frame.data.len() < COPY_BELOW;
-            if is_small_push && small.join(&frame) {
-                continue;
-            }
+    let reason = loop {
+        // Everything read so far is handled: hand on what was joined before waiting.
+        if frames.is_drained() {
             if let Err(reason) = small.flush(&shared).await {
-                break 'session reason;
+                break reason;
             }
-            let handled = if is_small_push {
-                small.start(&frame);
-                Ok(())
-            } else {
-                dispatch(frame, &shared, &handler).await
-            };
-            if let Err(reason) = handled {
-                break 'session reason;
+            if let Some(reason) = shared.close_reason() {
+                break reason.to_string();
             }
+        }
+        let next = tokio::select! {
+            biased;
+            next = frames.next(&mut io) => next,
+            _ = closed.wait_for(|state| state.is_some()) => continue,
+        };
+        let frame = match next {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break "peer closed the connection".to_string(),
+            Err(ReadError::Truncated { buffered }) => {
+                break format!("peer closed the connection inside a frame ({buffered} bytes left)");
+            }
+            Err(ReadError::Read(err)) => break format!("read failed: {err}"),
+            Err(err) => break err.to_string(),
+        };
+        shared.peer_spoke.store(true, Ordering::Relaxed);
+        // Small pushes to one stream in a row are joined into one chunk: a peer
+        // sending one-byte frames then costs one queue entry and one write to the
+        // destination per read, not per frame.
+        let is_small_push = frame.command == Command::Push && frame.data.len() < COPY_BELOW;
+        if is_small_push && small.join(&frame) {
+            continue;
         }
         if let Err(reason) = small.flush(&shared).await {
             break reason;
         }
-        if let Some(reason) = shared.close_reason() {
-            break reason.to_string();
-        }
-        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-            buf.reserve(READ_CHUNK);
-        }
-        let read = tokio::select! {
-            read = io.read_buf(&mut buf) => read,
-            _ = closed.wait_for(|state| state.is_some()) => continue,
+        let handled = if is_small_push {
+            small.start(&frame);
+            Ok(())
+        } else {
+            dispatch(frame, &shared, &handler).await
         };
-        match read {
-            Ok(0) if buf.is_empty() => break "peer closed the connection".to_string(),
-            Ok(0) => {
-                break format!("peer closed the connection inside a frame ({} bytes left)", buf.len());
-            }
-            Ok(_) => shared.last_received.touch(),
-            Err(err) => break format!("read failed: {err}"),
+        if let Err(reason) = handled {
+            break reason;
         }
     };
     shared.close_by_peer(&reason);
+}
+
+/// The connection, marking the session as heard from on every read that brought bytes
+/// (heartbeats count reads, not frames).
+struct HeardFrom<'a, IO> {
+    io: ReadHalf<IO>,
+    shared: &'a Shared,
+}
+
+impl<IO: AsyncRead + Send> ReadInto for HeardFrom<'_, IO> {
+    type Error = std::io::Error;
+
+    async fn read_into(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        let read = self.io.read_buf(buf).await?;
+        if read > 0 {
+            self.shared.last_received.touch();
+        }
+        Ok(read)
+    }
 }
 
 /// Small pushes to one stream in a row, copied together until another frame comes or

@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use super::buffers::RelayBuffers;
 use super::*;
 use crate::proto::frame::Command;
-use crate::proto::{Frame, FrameDecoder};
+use crate::proto::{Decoder, Frame, FrameDecoder};
 
 const PIPE: usize = 256 * 1024;
 
@@ -67,7 +67,7 @@ impl RawPeer {
 
     async fn next(&mut self) -> Option<Frame> {
         loop {
-            while let Some(frame) = self.decoder.decode(&mut self.buf) {
+            while let Ok(Some(frame)) = self.decoder.decode(&mut self.buf) {
                 if frame.command != Command::Waste {
                     return Some(frame);
                 }
