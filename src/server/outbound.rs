@@ -26,20 +26,31 @@ const MAX_ADDRESS_LEN: usize = 1 + 1 + 255 + 2;
 
 /// Reads the destination from the stream's first data; returns it with whatever
 /// payload followed it in the same frames.
-async fn read_destination(stream: &mut Stream) -> Result<(Address, BytesMut), String> {
+async fn read_destination(stream: &mut Stream) -> Result<(Address, BytesMut), NoDestination> {
     let mut framed = Framed::new(AddressDecoder::socks(), MAX_ADDRESS_LEN);
     match framed.next(stream).await {
         Ok(Some(address)) => Ok((address, framed.into_buffer())),
-        Ok(None) | Err(ReadError::Truncated { .. }) => Err("stream closed before its destination".into()),
-        Err(ReadError::TooLong { .. }) => Err("destination address too long".into()),
-        Err(ReadError::Decode(err)) => Err(format!("invalid destination address: {err}")),
-        Err(ReadError::Read(err)) => Err(err.to_string()),
-        Err(ReadError::TimedOut) => Err(no_destination_in_time()),
+        Ok(None) | Err(ReadError::Truncated { .. }) => Err(NoDestination::Closed),
+        Err(ReadError::TooLong { .. }) => Err(NoDestination::TooLong),
+        Err(ReadError::Decode(err)) => Err(NoDestination::Invalid(err.to_string())),
+        Err(ReadError::Read(err)) => Err(NoDestination::Stream(err.to_string())),
+        Err(ReadError::TimedOut) => Err(NoDestination::InTime),
     }
 }
 
-fn no_destination_in_time() -> String {
-    format!("no destination received within {SYNACK_BUDGET:?}")
+/// Why a stream got no destination; the text is its SYNACK error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum NoDestination {
+    #[error("stream closed before its destination")]
+    Closed,
+    #[error("destination address too long")]
+    TooLong,
+    #[error("invalid destination address: {0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Stream(String),
+    #[error("no destination received within {SYNACK_BUDGET:?}")]
+    InTime,
 }
 
 /// Serves one stream to the end. `peer` names the client in logs; `_ticket` is the
@@ -55,11 +66,11 @@ pub async fn serve_stream(
 ) {
     let synack_deadline = tokio::time::Instant::now() + SYNACK_BUDGET;
     let destination = tokio::time::timeout_at(synack_deadline, read_destination(&mut stream)).await;
-    let (destination, early_payload) = match destination.unwrap_or_else(|_| Err(no_destination_in_time())) {
+    let (destination, early_payload) = match destination.unwrap_or_else(|_| Err(NoDestination::InTime)) {
         Ok(found) => found,
         Err(why) => {
             log::warn!("{peer}: stream {}: {why}", stream.id());
-            let _ = stream.send_synack(Err(why)).await;
+            let _ = stream.send_synack(Err(why.to_string())).await;
             return;
         }
     };
@@ -185,7 +196,7 @@ mod tests {
         let mut stream = client.open_stream(Bytes::new()).await.unwrap();
         let started = tokio::time::Instant::now();
         let answer = stream.wait_open().await;
-        assert_eq!(answer, Err(OpenError::Refused(no_destination_in_time())));
+        assert_eq!(answer, Err(OpenError::Refused(NoDestination::InTime.to_string())));
         assert!(started.elapsed() < Duration::from_secs(3), "answered within the 3 s rule");
         // The session is unharmed.
         let mut next = client.open_stream(Bytes::from_static(&[9])).await.unwrap();

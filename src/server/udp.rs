@@ -91,7 +91,7 @@ pub async fn serve_udp(
             }
             Some(Err(why)) => {
                 log::warn!("{peer}: stream {id}: {why}");
-                let _ = writer.send_synack(Err(why)).await;
+                let _ = writer.send_synack(Err(why.to_string())).await;
                 return;
             }
             None => {
@@ -118,8 +118,8 @@ pub async fn serve_udp(
     let mut queue = outbound.queue.take().expect("queue taken once");
     let activity = outbound.idle.clone();
     let why = tokio::select! {
-        ended = upstream(&mut reader, buf, &mut outbound) => ended.err().unwrap_or_else(|| "client finished".into()),
-        ended = downstream(&mut queue, &mut writer) => ended.err().unwrap_or_else(|| "sockets closed".into()),
+        ended = upstream(&mut reader, buf, &mut outbound) => ended.err().map_or("client finished".into(), |e| e.to_string()),
+        ended = downstream(&mut queue, &mut writer) => ended.err().map_or("sockets closed".into(), |e| e.to_string()),
         () = activity.expired(settings.idle_timeout) => format!("idle for {:?}", settings.idle_timeout),
     };
     let _ = writer.finish().await;
@@ -130,6 +130,32 @@ pub async fn serve_udp(
     );
 }
 
+/// Why a UDP-over-TCP stream could not be set up, or why it ended; the setup's text is
+/// the SYNACK's.
+#[derive(Debug, thiserror::Error)]
+pub enum UdpError {
+    #[error("stream closed before its UDP request")]
+    NoRequest,
+    #[error("UDP request too long")]
+    RequestTooLong,
+    #[error("{0}")]
+    BadStream(String),
+    #[error("UDP socket: {0}")]
+    Socket(io::Error),
+    #[error("send to {0}: {1}")]
+    Send(SocketAddr, io::Error),
+    #[error("addressed packet without a peer")]
+    NoPeer,
+    #[error("resolve {0}: timed out")]
+    ResolveTimedOut(String),
+    #[error("resolve {0}: {1}")]
+    Resolve(String, super::dial::ResolveError),
+    #[error("resolve {0}: no address")]
+    NoAddress(String),
+    #[error(transparent)]
+    Refused(#[from] super::policy::PolicyRefusal),
+}
+
 /// Reads the request (it may be split over frames or share them with packets) and
 /// prepares the sockets; returns them with the bytes after the request.
 async fn set_up(
@@ -137,13 +163,13 @@ async fn set_up(
     buf: BytesMut,
     context: Arc<ServerContext>,
     lookups: LookupOwner,
-) -> Result<(Outbound, BytesMut), String> {
+) -> Result<(Outbound, BytesMut), UdpError> {
     let mut framed = Framed::with_buffer(RequestDecoder, buf, MAX_REQUEST_LEN);
     let request = match framed.next(stream).await {
         Ok(Some(request)) => request,
-        Ok(None) | Err(ReadError::Truncated { .. }) => return Err("stream closed before its UDP request".into()),
-        Err(ReadError::TooLong { .. }) => return Err("UDP request too long".into()),
-        Err(err) => return Err(err.to_string()),
+        Ok(None) | Err(ReadError::Truncated { .. }) => return Err(UdpError::NoRequest),
+        Err(ReadError::TooLong { .. }) => return Err(UdpError::RequestTooLong),
+        Err(err) => return Err(UdpError::BadStream(err.to_string())),
     };
     let buf = framed.into_buffer();
     let outbound = Outbound::open(request, context, lookups).await?;
@@ -151,14 +177,14 @@ async fn set_up(
 }
 
 /// Client → target: decodes packets and sends each as a datagram.
-async fn upstream(reader: &mut StreamReader, buf: BytesMut, outbound: &mut Outbound) -> Result<(), String> {
+async fn upstream(reader: &mut StreamReader, buf: BytesMut, outbound: &mut Outbound) -> Result<(), UdpError> {
     let mut packets = Framed::with_buffer(PacketDecoder::new(outbound.framing), buf, MAX_HEADER_LEN + MAX_PAYLOAD);
     loop {
         let packet = match packets.next(reader).await {
             Ok(Some(packet)) => packet,
             // FIN, even inside a packet: the client is done, which is no error of ours.
             Ok(None) | Err(ReadError::Truncated { .. }) => return Ok(()),
-            Err(err) => return Err(err.to_string()),
+            Err(err) => return Err(UdpError::BadStream(err.to_string())),
         };
         outbound.idle.touch();
         outbound.up += 1;
@@ -170,9 +196,9 @@ async fn upstream(reader: &mut StreamReader, buf: BytesMut, outbound: &mut Outbo
 }
 
 /// Target → client: encoded replies from the sockets' receive tasks.
-async fn downstream(queue: &mut mpsc::Receiver<Bytes>, writer: &mut StreamWriter) -> Result<(), String> {
+async fn downstream(queue: &mut mpsc::Receiver<Bytes>, writer: &mut StreamWriter) -> Result<(), UdpError> {
     while let Some(packet) = queue.recv().await {
-        writer.write(packet).await.map_err(|err| err.to_string())?;
+        writer.write(packet).await.map_err(|err| UdpError::BadStream(err.to_string()))?;
     }
     Ok(())
 }
@@ -237,7 +263,7 @@ struct Outbound {
 
 impl Outbound {
     /// Binds the socket the stream needs first, so a failure can still be refused.
-    async fn open(request: Request, context: Arc<ServerContext>, lookups: LookupOwner) -> Result<Outbound, String> {
+    async fn open(request: Request, context: Arc<ServerContext>, lookups: LookupOwner) -> Result<Outbound, UdpError> {
         let (replies, queue) = mpsc::channel(PACKET_QUEUE);
         let mut outbound = Outbound {
             framing: request.framing,
@@ -262,7 +288,7 @@ impl Outbound {
             }
             Framing::Addressed => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         };
-        outbound.socket_for(first_ip).map_err(|err| format!("UDP socket: {err}"))?;
+        outbound.socket_for(first_ip).map_err(UdpError::Socket)?;
         Ok(outbound)
     }
 
@@ -274,14 +300,14 @@ impl Outbound {
     }
 
     /// Sends one datagram: to the connected target, or to the packet's own peer.
-    async fn send(&mut self, peer: Option<&Address>, payload: &[u8]) -> Result<(), String> {
+    async fn send(&mut self, peer: Option<&Address>, payload: &[u8]) -> Result<(), UdpError> {
         let target = match (self.target, peer) {
             (Some(target), _) => target,
             (None, Some(peer)) => SocketAddr::new(self.resolve(peer).await?, peer.port),
-            (None, None) => return Err("addressed packet without a peer".into()),
+            (None, None) => return Err(UdpError::NoPeer),
         };
-        let socket = self.socket_for(target.ip()).map_err(|err| format!("UDP socket: {err}"))?;
-        socket.send_to(payload, target).await.map_err(|err| format!("send to {target}: {err}"))?;
+        let socket = self.socket_for(target.ip()).map_err(UdpError::Socket)?;
+        socket.send_to(payload, target).await.map_err(|err| UdpError::Send(target, err))?;
         Ok(())
     }
 
@@ -304,16 +330,13 @@ impl Outbound {
 
     /// An IP for `address`; names are looked up once per stream, IPv4 preferred (the
     /// common case for services that listen on one family only).
-    async fn resolve(&mut self, address: &Address) -> Result<IpAddr, String> {
+    async fn resolve(&mut self, address: &Address) -> Result<IpAddr, UdpError> {
         let ip = self.lookup(address).await?;
-        self.context
-            .policy
-            .check_udp(SocketAddr::new(ip, address.port))
-            .map(|()| ip)
-            .map_err(|refusal| refusal.to_string())
+        self.context.policy.check_udp(SocketAddr::new(ip, address.port))?;
+        Ok(ip)
     }
 
-    async fn lookup(&mut self, address: &Address) -> Result<IpAddr, String> {
+    async fn lookup(&mut self, address: &Address) -> Result<IpAddr, UdpError> {
         let name = match &address.host {
             Host::Ip(ip) => return Ok(*ip),
             Host::Domain(name) => name,
@@ -324,11 +347,10 @@ impl Outbound {
         let lookup = self.context.pool.names().resolve(name, address.port, &self.lookups);
         let found: Vec<SocketAddr> = tokio::time::timeout(RESOLVE_TIMEOUT, lookup)
             .await
-            .map_err(|_| format!("resolve {name}: timed out"))?
-            .map_err(|err| format!("resolve {name}: {err}"))?;
-        let ip = super::dial::ipv4_first(&found)
-            .map(|addr| addr.ip())
-            .ok_or_else(|| format!("resolve {name}: no address"))?;
+            .map_err(|_| UdpError::ResolveTimedOut(name.clone()))?
+            .map_err(|err| UdpError::Resolve(name.clone(), err))?;
+        let ip =
+            super::dial::ipv4_first(&found).map(|addr| addr.ip()).ok_or_else(|| UdpError::NoAddress(name.clone()))?;
         if self.resolved.len() >= RESOLVE_CACHE {
             self.resolved.clear();
         }
