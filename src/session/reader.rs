@@ -47,10 +47,15 @@ pub(super) async fn run<IO: AsyncRead + Send>(
                 break reason.to_string();
             }
         }
-        let next = tokio::select! {
-            biased;
-            next = frames.next(&mut io) => next,
-            _ = closed.wait_for(|state| state.is_some()) => continue,
+        // A frame already buffered is taken without a select: that is most frames in bulk.
+        let next = match frames.buffered_item() {
+            Ok(Some(frame)) => Ok(Some(frame)),
+            Ok(None) => tokio::select! {
+                biased;
+                next = frames.next(&mut io) => next,
+                _ = closed.wait_for(|state| state.is_some()) => continue,
+            },
+            Err(never) => match never {},
         };
         let frame = match next {
             Ok(Some(frame)) => frame,
