@@ -242,12 +242,7 @@ async fn run(args: Args) -> Result<(), String> {
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     log::info!("SOCKS5/SOCKS4/HTTP proxy on {local}, server {}{policy}", described.join(", "));
     if let Some(api) = &args.api {
-        let settings = crate::api::ApiSettings {
-            token: args.api_token.clone(),
-            max_connections: args.api_max_connections.max(1),
-            header_timeout: Duration::from_secs(args.api_header_timeout_secs.max(1)),
-            metrics_top_targets: args.metrics_top_targets,
-        };
+        let settings = api_settings(&args);
         crate::api::start(api, settings, config.metrics()).await.map_err(|e| e.to_string())?;
     }
     let shutdown = async {
@@ -256,6 +251,16 @@ async fn run(args: Args) -> Result<(), String> {
     };
     client::run_until(listener, config, Duration::from_secs(args.shutdown_timeout_secs), shutdown).await;
     Ok(())
+}
+
+/// The monitoring API's settings from the flags.
+fn api_settings(args: &Args) -> crate::api::ApiSettings {
+    crate::api::ApiSettings {
+        token: args.api_token.clone(),
+        max_connections: args.api_max_connections.max(1),
+        header_timeout: Duration::from_secs(args.api_header_timeout_secs.max(1)),
+        metrics_top_targets: args.metrics_top_targets,
+    }
 }
 
 /// What the command line gives for every server; a link fills in the rest

@@ -382,44 +382,19 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
         max_handshakes,
         probe: ProbeSettings { fallback, max_handshakes_per_source: args.max_handshakes_per_source },
         max_streams_per_session: args.max_streams_per_session,
-        outbound: OutboundSettings {
-            pool_type: args.pool_type,
-            max_per_target: args.max_outbound_connections.max(1),
-            min_idle: args.min_idle_connections,
-            max_idle_total,
-            max_idle_time: Duration::from_secs(args.max_idle_time_secs),
-            max_lifetime: Duration::from_secs(args.max_lifetime_secs),
-            warm_after: Duration::from_millis(args.warm_after_ms),
-        },
+        outbound: outbound_settings(&args, max_idle_total),
         warmup,
         stats_interval: Duration::from_secs(args.stats_interval_secs.max(1)),
         udp: UdpSettings { idle_timeout: Duration::from_secs(args.udp_idle_timeout_secs.max(1)) },
         keepalive: args.keepalive.keepalive(),
     };
 
-    let limits = ServerLimits {
-        max_sessions,
-        max_streams,
-        max_sessions_per_user: args.max_sessions_per_user.map(|n| n.max(1)),
-        max_streams_per_user: args.max_streams_per_user.map(|n| n.max(1)),
-        descriptors: caps.descriptors,
-        stream_idle_timeout: secs_or_never(args.stream_idle_timeout_secs),
-        half_close_timeout: secs_or_never(args.half_close_timeout_secs),
-        idle_session_timeout: secs_or_never(args.idle_session_timeout_secs),
-        drain_timeout: Duration::from_secs(args.shutdown_timeout_secs),
-        buffers,
-        stream_buffer: (args.stream_buffer_kib.max(4) << 10) as usize,
-    };
+    let limits = server_limits(&args, &caps, max_sessions, max_streams, buffers);
     let context = Arc::new(ServerContext::from_config(&config, users.clone()).with_relay_buffers(args.buffer_pool));
     let bound = listener.local_addr().map_err(|e| e.to_string())?;
     let mut own = vec![bound];
     if let Some(api) = &args.api {
-        let settings = crate::api::ApiSettings {
-            token: args.api_token.clone(),
-            max_connections: args.api_max_connections.max(1),
-            header_timeout: Duration::from_secs(args.api_header_timeout_secs.max(1)),
-            metrics_top_targets: args.metrics_top_targets,
-        };
+        let settings = api_settings(&args);
         own.push(crate::api::start(api, settings, context.clone()).await.map_err(|e| e.to_string())?);
     } else if args.api_token.is_some() {
         log::warn!("--api-token (or ANYTLS_API_TOKEN) without --api: there is no API to protect");
@@ -441,6 +416,52 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
     };
     server::serve(listener, config, context, limits, shutdown).await;
     Ok(())
+}
+
+/// The outbound pool's settings from the flags (`max_idle_total` defaults from the descriptors).
+fn outbound_settings(args: &Args, max_idle_total: usize) -> OutboundSettings {
+    OutboundSettings {
+        pool_type: args.pool_type,
+        max_per_target: args.max_outbound_connections.max(1),
+        min_idle: args.min_idle_connections,
+        max_idle_total,
+        max_idle_time: Duration::from_secs(args.max_idle_time_secs),
+        max_lifetime: Duration::from_secs(args.max_lifetime_secs),
+        warm_after: Duration::from_millis(args.warm_after_ms),
+    }
+}
+
+/// The server's limits from the flags; the caps not given default from the descriptors.
+fn server_limits(
+    args: &Args,
+    caps: &ServerCaps,
+    max_sessions: usize,
+    max_streams: usize,
+    buffers: BufferBudget,
+) -> ServerLimits {
+    ServerLimits {
+        max_sessions,
+        max_streams,
+        max_sessions_per_user: args.max_sessions_per_user.map(|n| n.max(1)),
+        max_streams_per_user: args.max_streams_per_user.map(|n| n.max(1)),
+        descriptors: caps.descriptors,
+        stream_idle_timeout: secs_or_never(args.stream_idle_timeout_secs),
+        half_close_timeout: secs_or_never(args.half_close_timeout_secs),
+        idle_session_timeout: secs_or_never(args.idle_session_timeout_secs),
+        drain_timeout: Duration::from_secs(args.shutdown_timeout_secs),
+        buffers,
+        stream_buffer: (args.stream_buffer_kib.max(4) << 10) as usize,
+    }
+}
+
+/// The monitoring API's settings from the flags.
+fn api_settings(args: &Args) -> crate::api::ApiSettings {
+    crate::api::ApiSettings {
+        token: args.api_token.clone(),
+        max_connections: args.api_max_connections.max(1),
+        header_timeout: Duration::from_secs(args.api_header_timeout_secs.max(1)),
+        metrics_top_targets: args.metrics_top_targets,
+    }
 }
 
 fn log_policy(policy: &Policy) {
