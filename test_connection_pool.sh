@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Usage: ./test_connection_pool.sh [--no-build] [--pool-types "lock lockfree highperf"]
+# Usage: ./test_connection_pool.sh [--no-build] [--pool-types "TYPE ..."]  (default: every engine,
+#        as `anytls-server --list-pool-types` prints them)
 #
 # Functional test of the pools, end to end over loopback (< 2 minutes). Builds the release
 # binaries once, starts three `anytls-bench target`s, then for each --pool-type starts
@@ -21,12 +22,12 @@ here="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=scripts/bench-lib.sh
 . "$here/scripts/bench-lib.sh"
 
-build=1 pool_types="lock lockfree highperf"
+build=1 pool_types=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --no-build) build=0 ;;
         --pool-types) pool_types=$2; shift ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
     shift
@@ -38,6 +39,9 @@ if [ $build = 1 ]; then build_release || die "cannot build"; fi
 for b in anytls-server anytls-client anytls-bench; do
     [ -x "$BIN/$b" ] || die "$BIN/$b missing (build with cargo build --release --workspace --bins)"
 done
+# The engines come from the binary, so a new one is tested without editing this script.
+[ -n "$pool_types" ] || pool_types=$("$BIN/anytls-server" --list-pool-types | tr '\n' ' ') ||
+    die "anytls-server --list-pool-types failed"
 
 passed=0 failed=0
 # check NAME DETAIL CMD...: runs CMD; PASS or FAIL line with DETAIL.

@@ -12,7 +12,8 @@
 #          or warm connection; N = 1,000, 200 in --quick)
 # against, in one invocation and interleaved round by round:
 #   direct                      (no proxy: the baseline),
-#   lock / lockfree / highperf  (our pair, --pool-type X given to server and client),
+#   each pool engine            (our pair, --pool-type X given to server and client; the
+#                                engines as `anytls-server --list-pool-types` prints them),
 #   crate / sing-box / mihomo   (the crates.io `anytls` 0.5.3, sing-box and mihomo pairs,
 #                                each when installed; "SKIP <peer>: why" otherwise).
 # Per variant: throughput (Gbit/s), new streams/s, latency p50/p90/p99, CPU time of the
@@ -48,7 +49,7 @@ while [ $# -gt 0 ]; do
         --no-build) build=0 ;;
         --workloads) read -ra workloads <<<"$2"; shift ;; # a subset, in this order
         --extras) read -ra extras <<<"$2"; shift ;;
-        -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,38p' "$0"; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
     shift
@@ -73,6 +74,9 @@ if [ $build = 1 ]; then build_release || die "cannot build"; fi
 for b in anytls-server anytls-client anytls-bench; do
     [ -x "$BIN/$b" ] || die "$BIN/$b missing (build with cargo build --release --workspace --bins)"
 done
+# The engines come from the binary, so a new one is measured without editing this script.
+pool_types_text=$("$BIN/anytls-server" --list-pool-types) || die "anytls-server --list-pool-types failed"
+read -ra pool_types <<<"$(tr '\n' ' ' <<<"$pool_types_text")"
 
 # --- targets and proxies ----------------------------------------------------------
 start_targets target
@@ -81,7 +85,7 @@ echo_addr=$TARGET_ECHO http_addr=$TARGET_HTTP bulk_addr=$TARGET_BULK
 stats_interval=2
 variants=(direct)
 declare -A socks=([direct]="") server_pid=() client_pid=()
-for pool in lock lockfree highperf; do
+for pool in "${pool_types[@]}"; do
     pool_args="--pool-type $pool --stats-interval-secs $stats_interval"
     # Default flags otherwise: the per-target cap (100) no longer refuses the hold
     # workload's streams beyond it, they are dialed outside the pool.
@@ -109,7 +113,7 @@ field() {
 
 mode_of() { case "$1" in open*) echo hold ;; *) echo "$1" ;; esac; } # workload -> anytls-bench mode
 has_extra() { [[ " ${extras[*]} " == *" $1 "* ]]; } # has_extra conc|many|names: asked by --extras
-is_ours() { case "$1" in lock | lockfree | highperf) return 0 ;; esac; return 1; }
+is_ours() { [[ " ${pool_types[*]} " == *" $1 "* ]]; } # is_ours VARIANT: one of our engines
 cpu_of() { [ -n "${1:-}" ] && cpu_seconds "$1"; } # cpu_of [PID]: "" for direct
 delta() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "") print "null"; else printf "%.2f", b - a }'; }
 

@@ -141,10 +141,12 @@ def cell(x, r=None, digits=2):
     return f"{text} ({r:.2f}x)" if r is not None else text
 
 
-names = {"direct": "direct", "lock": "ours lock", "lockfree": "ours lockfree", "highperf": "ours highperf",
-         "crate": "crates.io anytls 0.5.3", "sing-box": "sing-box", "mihomo": "mihomo"}
-ours_variants = [v for v in variants if v in ("lock", "lockfree", "highperf")]
-peer_variants = [v for v in variants if v not in ours_variants and v != "direct"]
+# Every variant that is neither the baseline nor a peer is one of our pool engines (the
+# script takes them from `anytls-server --list-pool-types`, so none is named here).
+peers = {"crate": "crates.io anytls 0.5.3", "sing-box": "sing-box", "mihomo": "mihomo"}
+ours_variants = [v for v in variants if v != "direct" and v not in peers]
+peer_variants = [v for v in variants if v in peers]
+names = {"direct": "direct", **peers, **{v: f"ours {v}" for v in ours_variants}}
 def pair_text(cpu):
     if cpu["server"] is None:
         return "-"
@@ -233,8 +235,10 @@ panels = [
     ("Bulk CPU, pair (lower is better)", "CPU s per GiB", lambda s: s["bulk_cpu_s_per_gib"]["pair"]),
     ("rr CPU, pair (lower is better)", "CPU s per 1,000 requests", lambda s: s["rr_cpu_s_per_1000_requests"]["pair"]),
 ]
-colors = {"direct": "#7f7f7f", "lock": "#1f77b4", "lockfree": "#17becf", "highperf": "#9467bd", "crate": "#d62728",
-          "sing-box": "#ff7f0e", "mihomo": "#2ca02c"}
+colors = {"direct": "#7f7f7f", "crate": "#d62728", "sing-box": "#ff7f0e", "mihomo": "#2ca02c"}
+# Ours in blues and purples, in the order the engines were run.
+ours_palette = ["#1f77b4", "#17becf", "#9467bd", "#8c564b", "#e377c2", "#bcbd22"]
+colors.update({v: ours_palette[i % len(ours_palette)] for i, v in enumerate(ours_variants)})
 pw, ph, margin, top = 260, 240, 40, 50
 width, height = margin + len(panels) * (pw + margin), top + ph + 90
 svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '

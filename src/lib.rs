@@ -8,7 +8,6 @@ pub mod accept;
 pub mod api;
 pub mod cli;
 pub mod client;
-pub mod config;
 pub mod crypto;
 pub mod framed;
 pub mod keepalive;

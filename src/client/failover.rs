@@ -18,13 +18,58 @@
 use std::time::{Duration, Instant};
 
 /// How new connections pick a server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Policy {
     /// The first healthy server in the order given; the others are standbys.
     #[default]
     Failover,
     /// Rotate over the healthy servers, one new connection each.
     RoundRobin,
+}
+
+impl Policy {
+    /// Every policy, in the order help text lists them.
+    pub const ALL: [Policy; 2] = [Policy::Failover, Policy::RoundRobin];
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::Failover => "failover",
+            Policy::RoundRobin => "round-robin",
+        }
+    }
+
+    /// The names, comma-separated: what an error lists.
+    pub fn names() -> String {
+        Self::ALL.map(Self::name).join(", ")
+    }
+
+    /// The policy in one sentence (the flag's full help, beside each name).
+    pub fn description(self) -> &'static str {
+        match self {
+            Policy::Failover => "The first healthy server in the order given; the others are standbys",
+            Policy::RoundRobin => "Rotate over the healthy servers, one new connection each",
+        }
+    }
+}
+
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A `--policy` value that names no policy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown policy {0:?}: expected one of {names}", names = Policy::names())]
+pub struct UnknownPolicy(pub String);
+
+impl std::str::FromStr for Policy {
+    type Err = UnknownPolicy;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL.into_iter().find(|policy| policy.name() == s).ok_or_else(|| UnknownPolicy(s.to_owned()))
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -145,6 +190,17 @@ impl ServerSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn policies_parse_and_print_their_names() {
+        for policy in Policy::ALL {
+            assert_eq!(policy.to_string().parse::<Policy>(), Ok(policy));
+        }
+        assert_eq!(Policy::ALL.map(Policy::name), ["failover", "round-robin"]);
+        let err = "random".parse::<Policy>().unwrap_err().to_string();
+        assert!(err.contains("\"random\"") && err.contains("failover, round-robin"), "{err}");
+        assert_eq!(Policy::default(), Policy::Failover);
+    }
 
     const PROBE: Duration = Duration::from_secs(5);
 

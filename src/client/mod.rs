@@ -1,6 +1,7 @@
 //! The AnyTLS client: a local proxy port whose connections travel as streams over
 //! pooled TLS sessions to the server.
 
+pub mod endpoint;
 pub mod error;
 pub mod failover;
 pub mod inbound;

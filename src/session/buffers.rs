@@ -22,13 +22,60 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 pub const TIER_SIZES: [usize; 3] = [4 * 1024, 64 * 1024, 128 * 1024];
 
 /// Whether the relay reads into pooled buffers (`--buffer-pool`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BufferPoolMode {
     /// Reuse 64 KiB read buffers from the pool.
     On,
     /// Each relay reads into its own reused buffer (measured to be as fast; see docs/observability.md).
     #[default]
     Off,
+}
+
+impl BufferPoolMode {
+    /// Both modes, in the order help text lists them.
+    pub const ALL: [BufferPoolMode; 2] = [BufferPoolMode::On, BufferPoolMode::Off];
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            BufferPoolMode::On => "on",
+            BufferPoolMode::Off => "off",
+        }
+    }
+
+    /// The names, comma-separated: what an error lists.
+    pub fn names() -> String {
+        Self::ALL.map(Self::name).join(", ")
+    }
+
+    /// The mode in one sentence (the flag's full help, beside each name).
+    pub fn description(self) -> &'static str {
+        match self {
+            BufferPoolMode::On => "Reuse 64 KiB read buffers from the pool",
+            BufferPoolMode::Off => {
+                "Each relay reads into its own reused buffer (measured to be as fast; see docs/observability.md)"
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for BufferPoolMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A `--buffer-pool` value that is neither `on` nor `off`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown buffer pool mode {0:?}: expected one of {names}", names = BufferPoolMode::names())]
+pub struct UnknownBufferPoolMode(pub String);
+
+impl std::str::FromStr for BufferPoolMode {
+    type Err = UnknownBufferPoolMode;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL.into_iter().find(|mode| mode.name() == s).ok_or_else(|| UnknownBufferPoolMode(s.to_owned()))
+    }
 }
 
 /// Counters of one tier, as shown by `/api/memory-pool-stats`.
@@ -270,6 +317,17 @@ impl RelayBuffers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buffer_pool_modes_parse_and_print_their_names() {
+        for mode in BufferPoolMode::ALL {
+            assert_eq!(mode.to_string().parse::<BufferPoolMode>(), Ok(mode));
+        }
+        assert_eq!(BufferPoolMode::ALL.map(BufferPoolMode::name), ["on", "off"]);
+        let err = "yes".parse::<BufferPoolMode>().unwrap_err().to_string();
+        assert!(err.contains("\"yes\"") && err.contains("on, off"), "{err}");
+        assert_eq!(BufferPoolMode::default(), BufferPoolMode::Off);
+    }
 
     fn tier(pool: &BufferPool, size: usize) -> TierStats {
         pool.stats().into_iter().find(|t| t.buffer_size == size).unwrap()

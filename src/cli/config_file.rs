@@ -1,21 +1,29 @@
 //! `--config FILE`: a TOML file whose top-level keys are the binary's long flag names
 //! (`listen = "0.0.0.0:8443"`, `max-sessions = 4096`, `deny = ["10.0.0.0/8"]`).
 //!
-//! The file is turned into command-line arguments placed before the real ones, and clap
-//! parses the lot. So every flag, including ones added later, is a config key with the
-//! same checks and defaults, and the command line wins: a flag given on the command line
-//! (or through its environment variable, such as `ANYTLS_PASSWORD`) makes the file's value
-//! for it ignored, for repeatable flags too (the file's list is replaced, not extended).
+//! Design: clap stays the one place that knows the options and parses their values, and
+//! the file feeds it. Each key is looked up among the command's arguments (so there is no
+//! second list of keys to keep in step), and each value is parsed at once by that
+//! argument's own value parser, with the line the key is on kept, so a bad value or an
+//! unknown key is reported as `FILE:LINE: KEY: why`, not as if it were a flag. Typed serde
+//! structs would have meant a second definition of every option beside the `Args` structs.
+//! The checked values then become arguments placed before the real ones and clap parses
+//! the lot, so the command line wins: a flag given on the command line (or through its
+//! environment variable, such as `ANYTLS_PASSWORD`) makes the file's value for it ignored,
+//! for repeatable flags too (the file's list is replaced, not extended). Rules between
+//! flags (`requires`, `conflicts_with`) are checked on that merged command line.
 //!
 //! The server's `[[users]]` tables (`name`, `password`) become `--user NAME:PASSWORD`.
 //! These arguments live only in this process's memory: unlike real arguments they never
 //! show in `/proc/PID/cmdline` or `ps`.
 
 use std::collections::HashSet;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Arg, ArgAction, Command};
-use toml_edit::{DocumentMut, Item, Value};
+use toml_edit::{Document, Item, Table, Value};
 
 /// The long name of the flag that names the file.
 pub const CONFIG_FLAG: &str = "config";
@@ -25,14 +33,20 @@ pub const CONFIG_FLAG: &str = "config";
 pub fn command_line_with_config(argv: Vec<String>, command: &Command) -> Result<Vec<String>, String> {
     let Some(path) = config_path(&argv) else { return Ok(argv) };
     let text = std::fs::read_to_string(&path).map_err(|e| format!("--config: cannot read {}: {e}", path.display()))?;
-    let from_file = config_arguments(&text, command).map_err(|e| format!("{}: {e}", path.display()))?;
+    let from_file = config_arguments(&text, &path.display().to_string(), command)?;
+    Ok(merge(argv, from_file, command))
+}
+
+/// The program name, the file's arguments the command line does not override, then the
+/// command line's own.
+fn merge(argv: Vec<String>, from_file: Vec<(String, String)>, command: &Command) -> Vec<String> {
     let given = set_outside_the_file(&argv, command);
     let mut out = Vec::with_capacity(argv.len() + from_file.len());
     let mut argv = argv.into_iter();
     out.extend(argv.next());
     out.extend(from_file.into_iter().filter(|(id, _)| !overridden(id, &given, command)).map(|(_, arg)| arg));
     out.extend(argv);
-    Ok(out)
+    out
 }
 
 /// Whether the file's value for `id` gives way: the flag, or one it conflicts with
@@ -67,85 +81,163 @@ pub fn config_path(argv: &[String]) -> Option<PathBuf> {
     None
 }
 
-/// The file's keys as `(arg id, --long=value)` pairs, each key checked against `command`.
-pub fn config_arguments(text: &str, command: &Command) -> Result<Vec<(String, String)>, String> {
-    let document: DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| e.to_string().trim().to_string())?;
-    let mut out = Vec::new();
-    for (key, item) in document.iter() {
-        if key == CONFIG_FLAG {
-            return Err("`config` cannot be set inside a config file".into());
+/// Where in the file a mistake is: the file's name and the text, to turn spans into lines.
+struct Source<'a> {
+    name: &'a str,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    /// `NAME:LINE: why`, the line being the one `span` starts on (`NAME: why` without one).
+    fn error(&self, span: Option<Range<usize>>, why: impl std::fmt::Display) -> String {
+        match span {
+            Some(span) => format!("{}:{}: {why}", self.name, self.line_of(span.start)),
+            None => format!("{}: {why}", self.name),
         }
-        if key == "users" && find_long(command, "user").is_some() {
-            let user = find_long(command, "user").expect("checked");
-            for entry in users(item)? {
+    }
+
+    fn line_of(&self, offset: usize) -> usize {
+        self.text.get(..offset).unwrap_or(self.text).matches('\n').count() + 1
+    }
+}
+
+/// The file's keys as `(arg id, --long=value)` pairs, each key checked against `command`
+/// and each value parsed by its argument; errors read `FILE:LINE: ...`, FILE being
+/// `file_name`.
+pub fn config_arguments(text: &str, file_name: &str, command: &Command) -> Result<Vec<(String, String)>, String> {
+    let source = Source { name: file_name, text };
+    // `Document` (not `DocumentMut`) keeps every key's and value's place in the text.
+    let document = Document::parse(text).map_err(|e| format!("{file_name}: {}", e.to_string().trim()))?;
+    let root = document.as_table();
+    let mut out = Vec::new();
+    for (key, item) in root.iter() {
+        let span = root.key(key).and_then(|k| k.span());
+        if key == CONFIG_FLAG {
+            return Err(source.error(span, "`config` cannot be set inside a config file"));
+        }
+        if key == "users"
+            && let Some(user) = find_long(command, "user")
+        {
+            for entry in users(item, &source)? {
                 out.push((user.get_id().to_string(), format!("--user={entry}")));
             }
             continue;
         }
-        let Some(arg) = find_long(command, key) else {
-            return Err(format!("unknown key `{key}` (keys are the long flag names of --help)"));
+        let Some(arg) = find_long(command, key).filter(|arg| !arg.is_hide_set()) else {
+            return Err(source.error(span, format!("unknown key `{key}` (keys are the long flag names of --help)")));
         };
         let id = arg.get_id().to_string();
-        let values = item_values(key, item)?;
+        let values = item_values(item).map_err(|why| source.error(span.clone(), format!("{key}: {why}")))?;
         if matches!(arg.get_action(), ArgAction::SetTrue) {
             match values.as_slice() {
-                [flag] if flag == "true" => out.push((id, format!("--{key}"))),
-                [flag] if flag == "false" => {}
-                _ => return Err(format!("`{key}` is a switch: true or false")),
+                [(flag, _)] if flag == "true" => out.push((id, format!("--{key}"))),
+                [(flag, _)] if flag == "false" => {}
+                _ => return Err(source.error(span, format!("`{key}` is a switch: true or false"))),
             }
             continue;
         }
         if values.len() > 1 && !matches!(arg.get_action(), ArgAction::Append) {
-            return Err(format!("`{key}` takes one value, not a list"));
+            return Err(source.error(span, format!("`{key}` takes one value, not a list")));
         }
-        out.extend(values.into_iter().map(|value| (id.clone(), format!("--{key}={value}"))));
+        let arguments: Vec<String> = values.iter().map(|(value, _)| format!("--{key}={value}")).collect();
+        if let Some(why) = value_error(command, &arguments) {
+            // The element that failed, for a list spread over several lines.
+            let failed = why.value.as_ref().and_then(|bad| values.iter().find(|(value, _)| value == bad));
+            let span = failed.and_then(|(_, span)| span.clone()).or(span);
+            return Err(source.error(span, format!("{key}: {}", why.message)));
+        }
+        out.extend(arguments.into_iter().map(|argument| (id.clone(), argument)));
     }
     Ok(out)
 }
 
+/// Why clap refused a value, in words that fit after `FILE:LINE: KEY: `.
+struct ValueError {
+    value: Option<String>,
+    message: String,
+}
+
+/// The error clap's own parser finds in `arguments` (one key's values), if it is about a
+/// value: other errors, such as a required flag missing, are not this key's to report.
+fn value_error(command: &Command, arguments: &[String]) -> Option<ValueError> {
+    let name = command.get_name().to_string();
+    let argv = std::iter::once(name).chain(arguments.iter().cloned());
+    let error = command.clone().try_get_matches_from(argv).err()?;
+    let value = match error.get(ContextKind::InvalidValue) {
+        Some(ContextValue::String(value)) => Some(value.clone()),
+        _ => None,
+    };
+    let quoted = value.as_ref().map(|v| format!("invalid value {v:?}")).unwrap_or_else(|| "invalid value".into());
+    let message = match error.kind() {
+        ErrorKind::ValueValidation => match std::error::Error::source(&error) {
+            Some(why) => format!("{quoted}: {why}"),
+            None => quoted,
+        },
+        ErrorKind::InvalidValue => match error.get(ContextKind::ValidValue) {
+            Some(ContextValue::Strings(names)) => format!("{quoted} (possible values: {})", names.join(", ")),
+            _ => quoted,
+        },
+        _ => return None,
+    };
+    Some(ValueError { value, message })
+}
+
 /// `[[users]]` tables as `NAME:PASSWORD` strings.
-fn users(item: &Item) -> Result<Vec<String>, String> {
-    let tables = item.as_array_of_tables().ok_or("`users` must be [[users]] tables with name and password")?;
+fn users(item: &Item, source: &Source) -> Result<Vec<String>, String> {
+    let tables = item
+        .as_array_of_tables()
+        .ok_or_else(|| source.error(item.span(), "`users` must be [[users]] tables with name and password"))?;
     let mut out = Vec::new();
     for (i, table) in tables.iter().enumerate() {
         let field = |name: &str| table.get(name).and_then(Item::as_str).map(str::to_string);
+        let line_of = |name: &str| key_span(table, name).or_else(|| table.span());
         let (Some(name), Some(password)) = (field("name"), field("password")) else {
-            return Err("each [[users]] needs `name` and `password` (strings)".into());
+            return Err(source.error(table.span(), "each [[users]] needs `name` and `password` (strings)"));
         };
         // A colon would move into the password on the way through `--user NAME:PASSWORD`,
         // and the user would be refused the password they were given.
         if name.is_empty() || name.contains(':') {
-            return Err(format!(
-                "[[users]] #{}: name {name:?} cannot be empty or contain `:` (the password may)",
-                i + 1
+            return Err(source.error(
+                line_of("name"),
+                format!("[[users]] #{}: name {name:?} cannot be empty or contain `:` (the password may)", i + 1),
             ));
         }
         if password.is_empty() {
-            return Err(format!("[[users]] #{} ({name}): the password is empty", i + 1));
+            return Err(
+                source.error(line_of("password"), format!("[[users]] #{} ({name}): the password is empty", i + 1))
+            );
         }
         if let Some(other) = table.iter().map(|(k, _)| k).find(|k| *k != "name" && *k != "password") {
-            return Err(format!("unknown key `{other}` in [[users]] (name, password)"));
+            return Err(source.error(line_of(other), format!("unknown key `{other}` in [[users]] (name, password)")));
         }
         out.push(format!("{name}:{password}"));
     }
     Ok(out)
 }
 
-fn item_values(key: &str, item: &Item) -> Result<Vec<String>, String> {
+fn key_span(table: &Table, key: &str) -> Option<Range<usize>> {
+    table.key(key).and_then(|k| k.span())
+}
+
+/// One value as text, with its place in the file.
+type Placed = (String, Option<Range<usize>>);
+
+/// A key's values as text, each with its place in the file.
+fn item_values(item: &Item) -> Result<Vec<Placed>, String> {
     match item {
-        Item::Value(Value::Array(list)) => list.iter().map(|value| scalar(key, value)).collect(),
-        Item::Value(value) => Ok(vec![scalar(key, value)?]),
-        _ => Err(format!("`{key}`: expected a value or a list of values")),
+        Item::Value(Value::Array(list)) => list.iter().map(|value| Ok((scalar(value)?, value.span()))).collect(),
+        Item::Value(value) => Ok(vec![(scalar(value)?, value.span())]),
+        _ => Err("expected a value or a list of values".into()),
     }
 }
 
-fn scalar(key: &str, value: &Value) -> Result<String, String> {
+fn scalar(value: &Value) -> Result<String, String> {
     match value {
         Value::String(s) => Ok(s.value().clone()),
         Value::Integer(i) => Ok(i.value().to_string()),
         Value::Float(f) => Ok(f.value().to_string()),
         Value::Boolean(b) => Ok(b.value().to_string()),
-        _ => Err(format!("`{key}`: expected a string, number or boolean")),
+        _ => Err("expected a string, number or boolean".into()),
     }
 }
 
@@ -225,12 +317,8 @@ mod tests {
         let command = Args::command();
         let mut argv: Vec<String> = vec!["x".into()];
         argv.extend(cli.iter().map(|s| s.to_string()));
-        let from_file = config_arguments(file, &command)?;
-        let given = set_outside_the_file(&argv, &command);
-        let mut all = vec![argv[0].clone()];
-        all.extend(from_file.into_iter().filter(|(id, _)| !overridden(id, &given, &command)).map(|(_, a)| a));
-        all.extend(argv.into_iter().skip(1));
-        Args::try_parse_from(all).map_err(|e| e.to_string())
+        let from_file = config_arguments(file, "x.toml", &command)?;
+        Args::try_parse_from(merge(argv, from_file, &command)).map_err(|e| e.to_string())
     }
 
     const FILE: &str = r#"
@@ -295,6 +383,69 @@ password = "pw:with:colons"
         assert!(err.contains("[[users]] #2"), "{err}");
         let err = parse("[[users]]\nname = \"a\"\npassword = \"\"", &[]).unwrap_err();
         assert!(err.contains("password is empty"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_value_names_the_file_the_line_and_the_key() {
+        let err = parse("listen = \"a\"\n\nmax-sessions = \"many\"\n", &[]).unwrap_err();
+        assert_eq!(err, "x.toml:3: max-sessions: invalid value \"many\": invalid digit found in string");
+    }
+
+    #[test]
+    fn a_bad_value_in_a_list_names_the_line_of_the_element() {
+        #[derive(Parser, Debug)]
+        struct Numbers {
+            #[arg(long)]
+            port: Vec<u16>,
+        }
+        let err = config_arguments("port = [\n  1,\n  70000,\n]\n", "n.toml", &Numbers::command()).unwrap_err();
+        assert!(err.starts_with("n.toml:3: port: invalid value \"70000\": "), "{err}");
+    }
+
+    #[test]
+    fn a_value_outside_the_possible_ones_lists_them() {
+        #[derive(Parser, Debug)]
+        struct Choice {
+            #[arg(long, value_parser = ["red", "green"])]
+            colour: String,
+        }
+        let err = config_arguments("\ncolour = \"blue\"", "c.toml", &Choice::command()).unwrap_err();
+        assert_eq!(err, "c.toml:2: colour: invalid value \"blue\" (possible values: red, green)");
+    }
+
+    #[test]
+    fn an_unknown_key_names_the_file_the_line_and_the_key() {
+        let err = parse("listen = \"a\"\nlisen = \"x\"", &[]).unwrap_err();
+        assert_eq!(err, "x.toml:2: unknown key `lisen` (keys are the long flag names of --help)");
+        let err = parse("[[users]]\nname = \"a\"\npassword = \"p\"\nrole = \"admin\"", &[]).unwrap_err();
+        assert!(err.starts_with("x.toml:4: unknown key `role` in [[users]]"), "{err}");
+    }
+
+    #[test]
+    fn a_hidden_flag_is_not_a_key() {
+        #[derive(Parser, Debug)]
+        struct Hidden {
+            #[arg(long, hide = true)]
+            secret_switch: bool,
+        }
+        let err = config_arguments("secret-switch = true", "h.toml", &Hidden::command()).unwrap_err();
+        assert!(err.starts_with("h.toml:1: unknown key `secret-switch`"), "{err}");
+    }
+
+    #[test]
+    fn a_users_mistake_names_its_line() {
+        let err = parse("listen = \"a\"\n[[users]]\nname = \"a:b\"\npassword = \"pw\"", &[]).unwrap_err();
+        assert!(err.starts_with("x.toml:3: [[users]] #1: name \"a:b\""), "{err}");
+        let err = parse("[[users]]\nname = \"a\"\npassword = \"\"", &[]).unwrap_err();
+        assert!(err.starts_with("x.toml:3: [[users]] #1 (a): the password is empty"), "{err}");
+        let err = parse("listen = \"a\"\n\n[[users]]\nname = \"x\"", &[]).unwrap_err();
+        assert!(err.starts_with("x.toml:3: each [[users]] needs"), "{err}");
+    }
+
+    #[test]
+    fn rules_between_flags_are_checked_on_the_merged_command_line() {
+        let err = parse("password-file = \"/x\"\npassword = \"y\"", &[]).unwrap_err();
+        assert!(err.contains("cannot be used with"), "{err}");
     }
 
     #[test]

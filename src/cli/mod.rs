@@ -1,5 +1,20 @@
-//! Command-line compatibility with the reference binaries, which use Go-style
-//! single-dash long flags (`-sni NAME`, `-padding-scheme FILE`).
+//! The command line of both binaries: the one place that knows clap. It holds each
+//! binary's flags (`server`, `client`), reads `--config` files (`config_file`), and turns
+//! flags into the settings types the library exposes; `src/bin/*.rs` only call in.
+//!
+//! Here are the parts both binaries share: compatibility with the reference binaries'
+//! Go-style single-dash long flags (`-sni NAME`, `-padding-scheme FILE`), the keepalive
+//! flags, the named values of domain types, and how a binary exits.
+
+pub mod client;
+pub mod config_file;
+pub mod server;
+
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+
+use crate::client::failover::Policy;
+use crate::pool::PoolType;
+use crate::session::buffers::BufferPoolMode;
 
 /// Rewrites `-name` / `-name=value` to `--name…` when `name` is one of `long_flags`,
 /// so reference command lines work unchanged; everything else is left alone.
@@ -49,6 +64,67 @@ impl KeepaliveArgs {
     }
 }
 
+/// A domain type with a fixed list of named values (`--pool-type lock`): the list and
+/// the words come from the type, so a new value needs no change here.
+pub trait NamedValue:
+    std::str::FromStr<Err: std::error::Error + Send + Sync + 'static> + Clone + Send + Sync + 'static
+{
+    fn all() -> &'static [Self];
+    fn name(&self) -> &'static str;
+    /// Shown beside the name in `--help`.
+    fn description(&self) -> &'static str;
+}
+
+impl NamedValue for PoolType {
+    fn all() -> &'static [Self] {
+        &PoolType::ALL
+    }
+    fn name(&self) -> &'static str {
+        PoolType::name(*self)
+    }
+    fn description(&self) -> &'static str {
+        PoolType::description(*self)
+    }
+}
+
+impl NamedValue for BufferPoolMode {
+    fn all() -> &'static [Self] {
+        &BufferPoolMode::ALL
+    }
+    fn name(&self) -> &'static str {
+        BufferPoolMode::name(*self)
+    }
+    fn description(&self) -> &'static str {
+        BufferPoolMode::description(*self)
+    }
+}
+
+impl NamedValue for Policy {
+    fn all() -> &'static [Self] {
+        &Policy::ALL
+    }
+    fn name(&self) -> &'static str {
+        Policy::name(*self)
+    }
+    fn description(&self) -> &'static str {
+        Policy::description(*self)
+    }
+}
+
+/// The value parser of a flag taking one of `T`'s names: clap checks and lists the
+/// names (in `--help` and errors), `T`'s `FromStr` makes the value.
+pub fn named<T: NamedValue>() -> impl TypedValueParser<Value = T> {
+    let names = T::all().iter().map(|value| PossibleValue::new(value.name()).help(value.description()));
+    PossibleValuesParser::new(names).try_map(|name| name.parse::<T>())
+}
+
+/// The one-line help of `--pool-type`: what `engines` are, then each engine's name and
+/// what it is made of, from [`PoolType::ALL`].
+pub fn pool_type_help(engines: &str) -> String {
+    let each = PoolType::ALL.map(|kind| format!("{} ({})", kind.name(), kind.summary()));
+    format!("{engines}: {}", each.join(", "))
+}
+
 /// A binary's exit: success, or one human line on stderr and a failure code
 /// (never a panic or a debug dump).
 pub fn exit_with(binary: &str, result: Result<(), String>) -> std::process::ExitCode {
@@ -81,6 +157,33 @@ mod tests {
         assert_eq!(flags.keepalive.keepalive(), crate::keepalive::Keepalive::default());
         let off = Flags::parse_from(["x", "--tcp-keepalive-secs", "0", "--tcp-user-timeout-secs", "0"]);
         assert_eq!(off.keepalive.keepalive(), crate::keepalive::Keepalive::OFF);
+    }
+
+    #[test]
+    fn a_named_flag_accepts_exactly_the_names_of_its_type() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Flags {
+            #[arg(long, value_parser = named::<PoolType>(), default_value_t = PoolType::LockFree)]
+            pool_type: PoolType,
+        }
+        let command = <Flags as clap::CommandFactory>::command();
+        let arg = command.get_arguments().find(|arg| arg.get_id() == "pool_type").unwrap();
+        let listed: Vec<String> = arg.get_possible_values().iter().map(|v| v.get_name().to_string()).collect();
+        assert_eq!(listed, PoolType::ALL.map(|kind| kind.name().to_string()));
+        for kind in PoolType::ALL {
+            assert_eq!(Flags::parse_from(["x", "--pool-type", kind.name()]).pool_type, kind);
+        }
+        assert_eq!(Flags::parse_from(["x"]).pool_type, PoolType::LockFree);
+        assert!(Flags::try_parse_from(["x", "--pool-type", "mutex"]).is_err());
+    }
+
+    #[test]
+    fn the_pool_type_help_lists_every_engine() {
+        assert_eq!(
+            pool_type_help("Outbound pool engine"),
+            "Outbound pool engine: lock (a mutex), lockfree (arc-swap + epoch stacks), highperf (sharded)"
+        );
     }
 
     #[test]

@@ -1,0 +1,550 @@
+//! `anytls-server`'s flags, and start-up: the flags (with `--config`) become the
+//! server's settings (`ServerConfig`, `ServerLimits`, ...), then the server runs until a
+//! signal; SIGHUP re-reads users and certificate.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{CommandFactory, Parser};
+
+use crate::cli::config_file as config;
+use crate::cli::{KeepaliveArgs, accept_single_dash_long_flags, exit_with, named, pool_type_help, secs_or_never};
+use crate::pool::PoolType;
+use crate::proto::{Address, PaddingScheme, PasswordHash};
+use crate::resources::ServerCaps;
+use crate::server::fallback::{FallbackSettings, ProbeSettings};
+use crate::server::limits::ServerLimits;
+use crate::server::outbound_pool::OutboundSettings;
+use crate::server::policy::{Cidr, Policy};
+use crate::server::tls::{CertificateSlot, Identity};
+use crate::server::udp::UdpSettings;
+use crate::server::users::{UserEntry, Users};
+use crate::server::{self, ServerConfig, ServerContext};
+use crate::session::BufferBudget;
+use crate::session::buffers::BufferPoolMode;
+
+/// AnyTLS server. Without --cert/--key it makes a self-signed certificate and logs
+/// its SHA-256 fingerprint (give that to clients with --pin-sha256).
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Address to listen on.
+    #[arg(
+        short = 'l',
+        long = "listen",
+        default_value = "0.0.0.0:8443",
+        value_name = "ADDR",
+        help_heading = "Listening and TLS"
+    )]
+    listen: String,
+    /// Password of an unnamed user; repeat for several. Visible in `ps`: prefer
+    /// ANYTLS_PASSWORD, --password-file, or users in --config.
+    #[arg(
+        short = 'p',
+        long = "password",
+        value_name = "PASSWORD",
+        env = "ANYTLS_PASSWORD",
+        hide_env_values = true,
+        help_heading = "Configuration, users and secrets"
+    )]
+    passwords: Vec<String>,
+    /// Certificate chain (PEM). Needs --key.
+    #[arg(long, requires = "key", value_name = "FILE", help_heading = "Listening and TLS")]
+    cert: Option<PathBuf>,
+    /// Private key (PEM). Needs --cert.
+    #[arg(long, requires = "cert", value_name = "FILE", help_heading = "Listening and TLS")]
+    key: Option<PathBuf>,
+    /// Padding scheme file sent to clients (default: the reference's scheme).
+    #[arg(long, value_name = "FILE", help_heading = "Listening and TLS")]
+    padding_scheme: Option<PathBuf>,
+    /// Timeout for each outbound connection, in seconds.
+    #[arg(long, default_value_t = 5, value_name = "SECS", help_heading = "Outbound connections")]
+    connect_timeout_secs: u64,
+    /// Time a client has to finish TLS and authenticate, in seconds.
+    #[arg(long, default_value_t = 10, value_name = "SECS", help_heading = "Listening and TLS")]
+    handshake_timeout_secs: u64,
+    /// Connections allowed in the TLS/authentication phase at once; more are dropped
+    /// [default: 1/16 of the file-descriptor limit].
+    #[arg(long, value_name = "N", help_heading = "Listening and TLS")]
+    max_handshakes: Option<usize>,
+    /// Streams one session may have open at once: each counts from its SYN until its
+    /// relay has ended, whatever frames arrive.
+    #[arg(long, default_value_t = 1024, value_name = "N", help_heading = "Limits")]
+    max_streams_per_session: usize,
+    /// Sessions one user may have at once [default: --max-sessions split between the
+    /// users, at most 4 ways: all for one user, half each for two, a quarter for 4 or more].
+    #[arg(long, value_name = "N", help_heading = "Limits")]
+    max_sessions_per_user: Option<usize>,
+    /// Streams one user may have at once across its sessions [default: --max-streams,
+    /// within the descriptors, split as for --max-sessions-per-user].
+    #[arg(long, value_name = "N", help_heading = "Limits")]
+    max_streams_per_user: Option<usize>,
+    /// Once one direction of a stream has ended (FIN), the stream is ended after this
+    /// long with no data, in seconds (0 = only --stream-idle-timeout-secs).
+    #[arg(long, default_value_t = 60, value_name = "SECS", help_heading = "Limits")]
+    half_close_timeout_secs: u64,
+    /// A session with no stream that received nothing for this long is closed, in
+    /// seconds (0 = never); clients close their own idle sessions far sooner.
+    #[arg(long, default_value_t = 300, value_name = "SECS", help_heading = "Limits")]
+    idle_session_timeout_secs: u64,
+    /// One stream's data held in each direction, in KiB: past it the stream's socket is
+    /// not read until the other side catches up.
+    #[arg(long, default_value_t = (crate::session::DEFAULT_STREAM_BUFFER >> 10) as u64, value_name = "KIB", help_heading = "Limits")]
+    stream_buffer_kib: u64,
+    #[command(flatten)]
+    keepalive: KeepaliveArgs,
+    #[arg(long, value_parser = named::<PoolType>(), default_value_t = PoolType::LockFree, value_name = "ENGINE", help = pool_type_help("Outbound pool engine"), help_heading = "Outbound pool")]
+    pool_type: PoolType,
+    /// Outbound connections the pool manages per target (in use + warm); streams beyond
+    /// it are dialed unpooled, never refused.
+    #[arg(long, default_value_t = 100, value_name = "N", help_heading = "Outbound pool")]
+    max_outbound_connections: usize,
+    /// Warm connections idle longer than this are closed, and targets quiet this long are let go.
+    #[arg(long, default_value_t = 300, value_name = "SECS", help_heading = "Outbound pool")]
+    max_idle_time_secs: u64,
+    /// Warm connections kept ready at most per busy target: a target is warmed once its
+    /// demand has lasted (see --warm-after-ms), as many as it uses (0 = never warm).
+    #[arg(long, default_value_t = 5, value_name = "N", help_heading = "Outbound pool")]
+    min_idle_connections: usize,
+    /// A target is warmed once a second stream comes at least this long after its first
+    /// (within the idle window), or two start after an earlier one ended: streams that
+    /// all come at once are one visit.
+    #[arg(long, default_value_t = crate::server::outbound_pool::DEFAULT_WARM_AFTER.as_millis() as u64, value_name = "MS", help_heading = "Outbound pool")]
+    warm_after_ms: u64,
+    /// Warm connections older than this are closed, in seconds.
+    #[arg(long, default_value_t = 1800, value_name = "SECS", help_heading = "Outbound pool")]
+    max_lifetime_secs: u64,
+    /// Warm connections across all targets [default: 1/16 of the file-descriptor
+    /// limit, at most 1024].
+    #[arg(long, value_name = "N", help_heading = "Outbound pool")]
+    max_idle_total: Option<usize>,
+    /// Targets to warm up at start-up: host:port,host:port.
+    #[arg(long, value_delimiter = ',', value_name = "HOST:PORT,...", help_heading = "Outbound pool")]
+    warmup: Vec<String>,
+    /// How often pool statistics are logged, in seconds.
+    #[arg(long, default_value_t = 60, value_name = "SECS", help_heading = "Monitoring")]
+    stats_interval_secs: u64,
+    /// UDP-over-TCP streams with no datagram either way for this long are closed, in seconds.
+    #[arg(long, default_value_t = 60, value_name = "SECS", help_heading = "Limits")]
+    udp_idle_timeout_secs: u64,
+    /// Authenticated sessions at once; one more gets an Alert and is closed (checked
+    /// after authentication; unauthenticated connections count under --max-handshakes)
+    /// [default: 7/16 of the file-descriptor limit].
+    #[arg(long, value_name = "N", help_heading = "Limits")]
+    max_sessions: Option<usize>,
+    /// Streams at once across all sessions; more are refused (SYNACK error)
+    /// [default: 7/16 of the file-descriptor limit].
+    #[arg(long, value_name = "N", help_heading = "Limits")]
+    max_streams: Option<usize>,
+    /// A TCP stream with no data either way for this long is ended, in seconds (0 = never).
+    #[arg(long, default_value_t = 300, value_name = "SECS", help_heading = "Limits")]
+    stream_idle_timeout_secs: u64,
+    /// On SIGINT/SIGTERM: stop accepting, then give streams in flight this long to
+    /// finish before closing everything and exiting, in seconds.
+    #[arg(long, default_value_t = 10, value_name = "SECS", help_heading = "Limits")]
+    shutdown_timeout_secs: u64,
+    /// Serve the monitoring API and live page on ADDR (a bare PORT means 127.0.0.1:PORT).
+    /// Off unless given.
+    #[arg(long, value_name = "ADDR", help_heading = "Monitoring")]
+    api: Option<String>,
+    /// Token the API requires: `Authorization: Bearer TOKEN`, or `?token=TOKEN` in a browser.
+    #[arg(long, value_name = "TOKEN", env = "ANYTLS_API_TOKEN", hide_env_values = true, help_heading = "Monitoring")]
+    api_token: Option<String>,
+    /// Relay reads into pooled 64 KiB buffers (on) or into the relay's own reused buffer (off).
+    #[arg(long, value_parser = named::<BufferPoolMode>(), default_value_t = BufferPoolMode::Off, value_name = "on|off", help_heading = "Outbound pool")]
+    buffer_pool: BufferPoolMode,
+    /// Read flags from a TOML file: each flag's long name is a key (`listen = "…"`,
+    /// `max-sessions = 100`), plus [[users]] tables; flags given here win. Re-read on SIGHUP.
+    #[arg(long, value_name = "FILE", help_heading = "Configuration, users and secrets")]
+    config: Option<PathBuf>,
+    /// A named user; repeat for several (config: [[users]] name = "…" password = "…").
+    #[arg(long = "user", value_name = "NAME:PASSWORD", help_heading = "Configuration, users and secrets")]
+    users: Vec<String>,
+    /// Read passwords of unnamed users from FILE, one per line (keeps them out of `ps`).
+    #[arg(long, value_name = "FILE", help_heading = "Configuration, users and secrets")]
+    password_file: Option<PathBuf>,
+    /// Refuse streams (TCP and UDP) to this address range, after name resolution; repeat.
+    #[arg(long, value_name = "CIDR", help_heading = "Outbound connections")]
+    deny: Vec<String>,
+    /// Refuse streams to loopback, RFC 1918, link-local (169.254.169.254) and ULA addresses.
+    #[arg(long, help_heading = "Outbound connections")]
+    deny_private: bool,
+    /// Stream data received and not yet written out, across all sessions, in MiB; a
+    /// session over its share stops being read [default: 1/16 of physical memory,
+    /// 64..1024].
+    #[arg(long, value_name = "MIB", help_heading = "Limits")]
+    buffer_budget_mib: Option<usize>,
+    /// The same, for one session, in KiB.
+    #[arg(long, value_name = "KIB", default_value_t = 4096, help_heading = "Limits")]
+    session_buffer_kib: usize,
+
+    // The API's edge (kept together at the end).
+    /// API connections served at once; more are answered 503 and closed.
+    #[arg(long, default_value_t = crate::api::DEFAULT_MAX_CONNECTIONS, value_name = "N", help_heading = "Monitoring")]
+    api_max_connections: usize,
+    /// An API client must send a request's whole header within this many seconds.
+    #[arg(long, default_value_t = crate::api::DEFAULT_HEADER_TIMEOUT_SECS, value_name = "SECS", help_heading = "Monitoring")]
+    api_header_timeout_secs: u64,
+    /// Hand connections that do not authenticate (browsers, probes, wrong passwords) to
+    /// this web server, bytes and all, instead of closing them. Off unless given.
+    #[arg(long, value_name = "HOST:PORT")]
+    fallback: Option<String>,
+    /// ALPN protocols the fallback site speaks, in order of preference; a client offering
+    /// none of them gets no ALPN. Add h2 only if the site speaks HTTP/2 in clear (h2c).
+    #[arg(long, value_delimiter = ',', default_value = "http/1.1", requires = "fallback")]
+    fallback_alpn: Vec<String>,
+    /// Without --cert/--key: the self-signed certificate names this host (the site's
+    /// name) instead of localhost.
+    #[arg(long, value_name = "NAME", conflicts_with = "cert")]
+    self_signed_name: Option<String>,
+    /// Handshakes one source address (IPv6: one /64) may have in progress at once; more
+    /// wait for a place until their deadline [default: a quarter of --max-handshakes,
+    /// at least 16].
+    #[arg(long)]
+    max_handshakes_per_source: Option<usize>,
+    /// Relays to the --fallback site at once; one more is closed silently.
+    #[arg(long, default_value_t = 1024, requires = "fallback")]
+    max_fallback_connections: usize,
+    /// Targets (server) or servers (client) that get per-target series in `/metrics`: the
+    /// most active ones, so a server meeting many destinations keeps a bounded number of
+    /// series.
+    #[arg(long, default_value_t = crate::metrics::snapshot::DEFAULT_METRICS_TOP_TARGETS, value_name = "N", help_heading = "Monitoring")]
+    metrics_top_targets: usize,
+    /// Print the pool engines' names, one a line, and exit (for scripts; not in --help).
+    #[arg(long, hide = true)]
+    list_pool_types: bool,
+}
+
+/// The whole of `anytls-server`: read the flags, run, exit with one line on failure.
+pub fn main() -> ExitCode {
+    crate::logging::init();
+    // Reference command lines use Go-style flags such as `-padding-scheme`.
+    let argv = accept_single_dash_long_flags(std::env::args(), &["padding-scheme", "cert", "key"]);
+    let args = match config::command_line_with_config(argv.clone(), &Args::command()) {
+        Ok(full) => Args::parse_from(full),
+        Err(why) => return exit_with("anytls-server", Err(why)),
+    };
+    if args.list_pool_types {
+        PoolType::ALL.iter().for_each(|kind| println!("{kind}"));
+        return ExitCode::SUCCESS;
+    }
+    exit_with("anytls-server", run(args, argv))
+}
+
+/// The flags again, as at start-up: the same command line, the config file read anew.
+fn reread_args(argv: &[String]) -> Result<Args, String> {
+    let full = config::command_line_with_config(argv.to_vec(), &Args::command())?;
+    Args::try_parse_from(full).map_err(|e| e.to_string().trim().to_string())
+}
+
+/// Every user the flags name: `--user`s, then `-p`/ANYTLS_PASSWORD and --password-file.
+fn user_entries(args: &Args) -> Result<Vec<UserEntry>, String> {
+    let mut entries = args
+        .users
+        .iter()
+        .map(|user| UserEntry::parse(user))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let mut passwords = args.passwords.clone();
+    if let Some(file) = &args.password_file {
+        passwords.extend(config::read_secret_lines(file).map_err(|e| format!("--password-file: {e}"))?);
+    }
+    entries.extend(UserEntry::unnamed(passwords.iter().map(|p| PasswordHash::of(p))));
+    Ok(entries)
+}
+
+fn outbound_policy(args: &Args, own: Vec<std::net::SocketAddr>) -> Result<Policy, String> {
+    let deny = args.deny.iter().map(|range| Cidr::parse(range).map_err(|e| format!("--deny: {e}")));
+    Ok(Policy { own, deny: deny.collect::<Result<_, _>>()?, deny_private: args.deny_private })
+}
+
+/// Re-reads the config (SIGHUP): users and certificate, all or nothing.
+fn reload(argv: &[String], users: &Users, certificate: &CertificateSlot) -> Result<String, String> {
+    let args = reread_args(argv)?;
+    let entries = user_entries(&args)?;
+    let identity = match (&args.cert, &args.key) {
+        (Some(cert), Some(key)) => Some(Identity::from_files(cert, key).map_err(|e| e.to_string())?),
+        _ => None,
+    };
+    // Check the certificate fully before touching the users, so a bad one changes nothing.
+    let certified = identity.map(|identity| identity.certified_key().map_err(|e| e.to_string())).transpose()?;
+    let summary = users.replace(entries).map_err(|e| e.to_string())?;
+    if let Some(certified) = certified {
+        certificate.replace_key(certified);
+    }
+    Ok(format!(
+        "{} users ({} kept, added: {}, removed: {}), certificate {}",
+        users.len(),
+        summary.kept,
+        list_or_none(&summary.added),
+        list_or_none(&summary.removed),
+        certificate.fingerprint()
+    ))
+}
+
+fn list_or_none(names: &[String]) -> String {
+    if names.is_empty() { "none".into() } else { names.join(", ") }
+}
+
+/// Reloads on every SIGHUP until the process ends.
+#[cfg(unix)]
+fn reload_on_sighup(argv: Vec<String>, users: Arc<Users>, certificate: Arc<CertificateSlot>) -> Result<(), String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = signal(SignalKind::hangup()).map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            match reload(&argv, &users, &certificate) {
+                Ok(what) => log::info!("SIGHUP: reloaded: {what}"),
+                Err(why) => log::error!("SIGHUP: reload refused, the running configuration stays: {why}"),
+            }
+        }
+    });
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn reload_on_sighup(_: Vec<String>, _: Arc<Users>, _: Arc<CertificateSlot>) -> Result<(), String> {
+    Ok(())
+}
+
+#[tokio::main]
+async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
+    let fds = crate::resources::raise_fd_limit();
+    let caps = ServerCaps::for_fd_limit(fds.limit);
+    let max_handshakes = args.max_handshakes.unwrap_or(caps.handshakes).max(1);
+    let max_sessions = args.max_sessions.unwrap_or(caps.descriptors).max(1);
+    let max_streams = args.max_streams.unwrap_or(caps.descriptors).max(1);
+    let max_idle_total = args.max_idle_total.unwrap_or(caps.warm);
+    log::info!(
+        "file descriptors: {fds}; {} shared by client connections and streams, --max-handshakes \
+         {max_handshakes}, --max-sessions {max_sessions}, --max-streams {max_streams}, --max-idle-total \
+         {max_idle_total} (defaults derived from the limit)",
+        caps.descriptors
+    );
+    let buffers = BufferBudget::new(
+        args.buffer_budget_mib.map_or_else(crate::resources::default_buffer_budget, |mib| mib << 20),
+        args.session_buffer_kib << 10,
+    );
+    log::info!(
+        "buffered stream data: at most {} MiB in all (--buffer-budget-mib), {} KiB per session (--session-buffer-kib)",
+        buffers.global_bytes() >> 20,
+        buffers.per_session() >> 10
+    );
+    let users = Arc::new(Users::new(user_entries(&args)?).map_err(|e| e.to_string())?);
+    let self_signed = args.cert.is_none() || args.key.is_none();
+    let identity = match (&args.cert, &args.key) {
+        (Some(cert), Some(key)) => Identity::from_files(cert, key).map_err(|e| e.to_string())?,
+        _ => {
+            let (identity, name) = match &args.self_signed_name {
+                Some(name) => (Identity::self_signed_named(name), name.as_str()),
+                None => (Identity::self_signed(), "localhost"),
+            };
+            let identity = identity.map_err(|e| e.to_string())?;
+            log::info!("self-signed certificate for {name}, SHA-256 fingerprint {}", identity.fingerprint());
+            identity
+        }
+    };
+    let fallback = match &args.fallback {
+        Some(target) => {
+            Address::parse_host_port(target).ok_or_else(|| format!("--fallback: bad host:port {target:?}"))?;
+            let mut fallback = FallbackSettings::new(target);
+            fallback.alpn = args.fallback_alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+            fallback.max_connections = args.max_fallback_connections.max(1);
+            if args.cert.is_none() {
+                log::warn!(
+                    "--fallback with a self-signed certificate: browsers will warn before showing the site; \
+                     give the site's certificate with --cert/--key (see docs/probe-resistance.md)"
+                );
+            }
+            Some(fallback)
+        }
+        None => None,
+    };
+    let (tls, certificate) = identity.reloadable_server_config().map_err(|e| e.to_string())?;
+    let padding = match &args.padding_scheme {
+        Some(path) => {
+            let raw = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            PaddingScheme::parse(&raw).map_err(|e| format!("{}: {e}", path.display()))?
+        }
+        None => PaddingScheme::default(),
+    };
+    let warmup = args
+        .warmup
+        .iter()
+        .map(|target| Address::parse_host_port(target).ok_or_else(|| format!("--warmup: bad host:port {target:?}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let listener =
+        crate::accept::listen(&args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let config = ServerConfig {
+        tls,
+        passwords: Vec::new(),
+        padding,
+        connect_timeout: Duration::from_secs(args.connect_timeout_secs),
+        handshake_timeout: Duration::from_secs(args.handshake_timeout_secs),
+        max_handshakes,
+        probe: ProbeSettings { fallback, max_handshakes_per_source: args.max_handshakes_per_source },
+        max_streams_per_session: args.max_streams_per_session,
+        outbound: outbound_settings(&args, max_idle_total),
+        warmup,
+        stats_interval: Duration::from_secs(args.stats_interval_secs.max(1)),
+        udp: UdpSettings { idle_timeout: Duration::from_secs(args.udp_idle_timeout_secs.max(1)) },
+        keepalive: args.keepalive.keepalive(),
+    };
+
+    let limits = server_limits(&args, &caps, max_sessions, max_streams, buffers);
+    let context = Arc::new(ServerContext::from_config(&config, users.clone()).with_relay_buffers(args.buffer_pool));
+    let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    let mut own = vec![bound];
+    if let Some(api) = &args.api {
+        let settings = api_settings(&args);
+        own.push(crate::api::start(api, settings, context.clone()).await.map_err(|e| e.to_string())?);
+    } else if args.api_token.is_some() {
+        log::warn!("--api-token (or ANYTLS_API_TOKEN) without --api: there is no API to protect");
+    }
+    let policy = outbound_policy(&args, own)?;
+    log_policy(&policy);
+    context.policy.replace(policy);
+    reload_on_sighup(argv, users.clone(), certificate.clone())?;
+    log::info!(
+        "listening on {bound} ({} user{}: {})",
+        users.len(),
+        if users.len() == 1 { "" } else { "s" },
+        users.names().join(", ")
+    );
+    print_client_command(bound, &args, self_signed.then(|| certificate.fingerprint()));
+    let shutdown = async {
+        let signal = crate::shutdown::signal().await;
+        log::info!("{signal} received");
+    };
+    server::serve(listener, config, context, limits, shutdown).await;
+    Ok(())
+}
+
+/// The outbound pool's settings from the flags (`max_idle_total` defaults from the descriptors).
+fn outbound_settings(args: &Args, max_idle_total: usize) -> OutboundSettings {
+    OutboundSettings {
+        pool_type: args.pool_type,
+        max_per_target: args.max_outbound_connections.max(1),
+        min_idle: args.min_idle_connections,
+        max_idle_total,
+        max_idle_time: Duration::from_secs(args.max_idle_time_secs),
+        max_lifetime: Duration::from_secs(args.max_lifetime_secs),
+        warm_after: Duration::from_millis(args.warm_after_ms),
+    }
+}
+
+/// The server's limits from the flags; the caps not given default from the descriptors.
+fn server_limits(
+    args: &Args,
+    caps: &ServerCaps,
+    max_sessions: usize,
+    max_streams: usize,
+    buffers: BufferBudget,
+) -> ServerLimits {
+    ServerLimits {
+        max_sessions,
+        max_streams,
+        max_sessions_per_user: args.max_sessions_per_user.map(|n| n.max(1)),
+        max_streams_per_user: args.max_streams_per_user.map(|n| n.max(1)),
+        descriptors: caps.descriptors,
+        stream_idle_timeout: secs_or_never(args.stream_idle_timeout_secs),
+        half_close_timeout: secs_or_never(args.half_close_timeout_secs),
+        idle_session_timeout: secs_or_never(args.idle_session_timeout_secs),
+        drain_timeout: Duration::from_secs(args.shutdown_timeout_secs),
+        buffers,
+        stream_buffer: (args.stream_buffer_kib.max(4) << 10) as usize,
+    }
+}
+
+/// The monitoring API's settings from the flags.
+fn api_settings(args: &Args) -> crate::api::ApiSettings {
+    crate::api::ApiSettings {
+        token: args.api_token.clone(),
+        max_connections: args.api_max_connections.max(1),
+        header_timeout: Duration::from_secs(args.api_header_timeout_secs.max(1)),
+        metrics_top_targets: args.metrics_top_targets,
+    }
+}
+
+fn log_policy(policy: &Policy) {
+    let own: Vec<String> = policy.own.iter().map(|a| a.to_string()).collect();
+    let deny: Vec<String> = policy.deny.iter().map(|c| c.to_string()).collect();
+    log::info!(
+        "outbound policy: refusing the server's own {}{}{}",
+        own.join(", "),
+        if deny.is_empty() { String::new() } else { format!(", --deny {}", deny.join(" ")) },
+        if policy.deny_private { ", private addresses (--deny-private)" } else { "" }
+    );
+}
+
+/// Prints (stdout) a client command line and an `anytls://` link for this server. The
+/// password is shown only on a terminal; elsewhere (logs, journald) it stays `PASSWORD`.
+fn print_client_command(bound: std::net::SocketAddr, args: &Args, pin: Option<String>) {
+    use std::io::IsTerminal;
+    let host = client_facing_ip(bound.ip());
+    let server = std::net::SocketAddr::new(host, bound.port());
+    let first_password = args.users.first().and_then(|u| u.split_once(':')).map(|(_, p)| p.to_string());
+    let password = first_password.or_else(|| args.passwords.first().cloned());
+    let password = match password {
+        Some(password) if std::io::stdout().is_terminal() => password,
+        _ => "PASSWORD".to_string(),
+    };
+    let trust = pin.as_ref().map(|pin| format!(" --pin-sha256 {pin}")).unwrap_or_default();
+    let query = pin.as_ref().map(|pin| format!("?pin-sha256={pin}")).unwrap_or_default();
+    println!("client command: anytls-client -l 127.0.0.1:1080 -s {server} -p '{password}'{trust}");
+    println!("client link: anytls://{}@{server}/{query}", percent_encode(&password));
+}
+
+/// The address a client would use: the listen address, or for a wildcard listen the
+/// address of the route out (no packet is sent), or loopback.
+fn client_facing_ip(listen: IpAddr) -> IpAddr {
+    if !listen.is_unspecified() {
+        return listen;
+    }
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").and_then(|s| s.connect("192.0.2.1:9").map(|()| s));
+    probe.and_then(|s| s.local_addr()).map(|a| a.ip()).unwrap_or(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
+}
+
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flags_are_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn pool_type_accepts_exactly_the_engines_names() {
+        let command = Args::command();
+        let arg = command.get_arguments().find(|arg| arg.get_long() == Some("pool-type")).unwrap();
+        let listed: Vec<String> = arg.get_possible_values().iter().map(|v| v.get_name().to_string()).collect();
+        assert_eq!(listed, PoolType::ALL.map(|kind| kind.name().to_string()));
+        for kind in PoolType::ALL {
+            let args = Args::try_parse_from(["anytls-server", "--pool-type", kind.name()]).unwrap();
+            assert_eq!(args.pool_type, kind);
+        }
+        assert!(Args::try_parse_from(["anytls-server", "--pool-type", "mutex"]).is_err());
+    }
+
+    #[test]
+    fn the_list_of_pool_types_is_hidden_and_off_by_default() {
+        let command = Args::command();
+        let arg = command.get_arguments().find(|arg| arg.get_long() == Some("list-pool-types")).unwrap();
+        assert!(arg.is_hide_set());
+        assert!(!Args::parse_from(["anytls-server"]).list_pool_types);
+        assert!(Args::parse_from(["anytls-server", "--list-pool-types"]).list_pool_types);
+    }
+}
