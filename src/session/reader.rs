@@ -44,7 +44,7 @@ pub(super) async fn run<IO: AsyncRead + Send>(
                 break reason;
             }
             if let Some(reason) = shared.close_reason() {
-                break reason.to_string();
+                break PeerEnded::Closing(reason);
             }
         }
         // A frame already buffered is taken without a select: that is most frames in bulk.
@@ -59,12 +59,10 @@ pub(super) async fn run<IO: AsyncRead + Send>(
         };
         let frame = match next {
             Ok(Some(frame)) => frame,
-            Ok(None) => break "peer closed the connection".to_string(),
-            Err(ReadError::Truncated { buffered }) => {
-                break format!("peer closed the connection inside a frame ({buffered} bytes left)");
-            }
-            Err(ReadError::Read(err)) => break format!("read failed: {err}"),
-            Err(err) => break err.to_string(),
+            Ok(None) => break PeerEnded::Closed,
+            Err(ReadError::Truncated { buffered }) => break PeerEnded::InsideFrame(buffered),
+            Err(ReadError::Read(err)) => break PeerEnded::Read(err),
+            Err(err) => break PeerEnded::Framing(err.to_string()),
         };
         shared.peer_spoke.store(true, Ordering::Relaxed);
         // Small pushes to one stream in a row are joined into one chunk: a peer
@@ -87,7 +85,29 @@ pub(super) async fn run<IO: AsyncRead + Send>(
             break reason;
         }
     };
-    shared.close_by_peer(&reason);
+    shared.close_by_peer(&reason.to_string());
+}
+
+/// Why the reader stopped: the peer went, broke the protocol, or told us why; the text
+/// becomes the session's close reason.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum PeerEnded {
+    #[error("peer closed the connection")]
+    Closed,
+    #[error("peer closed the connection inside a frame ({0} bytes left)")]
+    InsideFrame(usize),
+    #[error("read failed: {0}")]
+    Read(std::io::Error),
+    #[error("{0}")]
+    Framing(String),
+    #[error("SYN before Settings")]
+    SynBeforeSettings,
+    /// The server's Alert text, from the wire.
+    #[error("server alert: {0}")]
+    Alert(String),
+    /// The session was closed on our side meanwhile.
+    #[error("{0}")]
+    Closing(Arc<str>),
 }
 
 /// The connection, marking the session as heard from on every read that brought bytes
@@ -135,7 +155,7 @@ impl SmallPushes {
     }
 
     /// Queues the joined chunk, if any, for its stream.
-    async fn flush(&mut self, shared: &Arc<Shared>) -> Result<(), String> {
+    async fn flush(&mut self, shared: &Arc<Shared>) -> Result<(), PeerEnded> {
         match self.joined.take() {
             Some((sid, data)) => push(sid, data.freeze(), shared).await,
             None => Ok(()),
@@ -144,7 +164,7 @@ impl SmallPushes {
 }
 
 /// Handles one frame. An `Err` closes the session with that reason.
-async fn dispatch(frame: Frame, shared: &Arc<Shared>, handler: &impl PeerFrames) -> Result<(), String> {
+async fn dispatch(frame: Frame, shared: &Arc<Shared>, handler: &impl PeerFrames) -> Result<(), PeerEnded> {
     let sid = frame.stream_id;
     match frame.command {
         Command::Push => push(sid, detach(frame.data), shared).await?,
@@ -165,7 +185,7 @@ async fn dispatch(frame: Frame, shared: &Arc<Shared>, handler: &impl PeerFrames)
 /// Queues stream data, charged to the stream's bound and the session's budget; over
 /// either, this session stops reading until the stream's consumer catches up. Data for
 /// an unknown (or already finished) stream is dropped.
-async fn push(sid: u32, data: Bytes, shared: &Arc<Shared>) -> Result<(), String> {
+async fn push(sid: u32, data: Bytes, shared: &Arc<Shared>) -> Result<(), PeerEnded> {
     let inbox = shared.streams.lock().expect("streams lock").get(&sid).cloned();
     let Some(inbox) = inbox else { return Ok(()) };
     let (data, charge) = match shared.budget.try_charge(data.len(), &inbox.received) {
@@ -220,7 +240,7 @@ pub(super) trait PeerFrames: Send + Sync + 'static {
     const SILENT_PEER: Option<&'static str>;
 
     /// Handles a frame the common dispatch does not. An `Err` closes the session.
-    fn handle(&self, frame: Frame, shared: &Arc<Shared>) -> impl Future<Output = Result<(), String>> + Send;
+    fn handle(&self, frame: Frame, shared: &Arc<Shared>) -> impl Future<Output = Result<(), PeerEnded>> + Send;
 }
 
 /// A client's reader: frames from a server.
@@ -231,7 +251,7 @@ impl PeerFrames for FromServer {
     const SILENT_PEER: Option<&'static str> =
         Some("the server closed without answering (wrong password, or not an AnyTLS server?)");
 
-    async fn handle(&self, frame: Frame, shared: &Arc<Shared>) -> Result<(), String> {
+    async fn handle(&self, frame: Frame, shared: &Arc<Shared>) -> Result<(), PeerEnded> {
         on_client_frame(frame, shared).await
     }
 }
@@ -247,12 +267,12 @@ impl PeerFrames for FromClient {
     const END: &'static str = "Server";
     const SILENT_PEER: Option<&'static str> = None;
 
-    async fn handle(&self, frame: Frame, shared: &Arc<Shared>) -> Result<(), String> {
+    async fn handle(&self, frame: Frame, shared: &Arc<Shared>) -> Result<(), PeerEnded> {
         on_server_frame(frame, shared, self)
     }
 }
 
-fn on_server_frame(frame: Frame, shared: &Arc<Shared>, client: &FromClient) -> Result<(), String> {
+fn on_server_frame(frame: Frame, shared: &Arc<Shared>, client: &FromClient) -> Result<(), PeerEnded> {
     match frame.command {
         Command::Settings => {
             let settings = Settings::parse(&frame.data);
@@ -276,7 +296,7 @@ fn on_server_frame(frame: Frame, shared: &Arc<Shared>, client: &FromClient) -> R
         Command::Syn => {
             if *shared.peer_version.borrow() == 0 {
                 shared.send_control(Frame::new(Command::Alert, 0, &b"client did not send its settings"[..]));
-                return Err("SYN before Settings".to_string());
+                return Err(PeerEnded::SynBeforeSettings);
             }
             let sid = frame.stream_id;
             if sid == 0 {
@@ -312,7 +332,7 @@ fn refuse_stream(shared: &Shared, sid: u32, why: &str) {
     }
 }
 
-async fn on_client_frame(frame: Frame, shared: &Arc<Shared>) -> Result<(), String> {
+async fn on_client_frame(frame: Frame, shared: &Arc<Shared>) -> Result<(), PeerEnded> {
     match frame.command {
         Command::SynAck => {
             let inbox = shared.streams.lock().expect("streams lock").get(&frame.stream_id).cloned();
@@ -343,7 +363,7 @@ async fn on_client_frame(frame: Frame, shared: &Arc<Shared>) -> Result<(), Strin
         Command::Alert => {
             let text = String::from_utf8_lossy(&frame.data).into_owned();
             log::warn!("server alert: {text}");
-            return Err(format!("server alert: {text}"));
+            return Err(PeerEnded::Alert(text));
         }
         _ => log::debug!("ignoring {:?} from a server", frame.command),
     }
