@@ -15,7 +15,6 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::time::Instant;
 
 use crate::proto::Decoder;
-use crate::session::{SessionClosed, Stream, StreamReader};
 
 /// Room made in the buffer before a read, unless [`Framed::read_room`] says otherwise:
 /// enough for a SOCKS request or an authentication block in one read.
@@ -39,32 +38,6 @@ impl<T: AsyncRead + Unpin + Send> ReadInto for T {
         self.read_buf(buf)
     }
 }
-
-/// A mux stream's data chunks, copied into the buffer (they arrive as separate `Bytes`).
-macro_rules! stream_source {
-    ($stream:ty) => {
-        impl ReadInto for $stream {
-            type Error = SessionClosed;
-
-            async fn read_into(&mut self, buf: &mut BytesMut) -> Result<usize, SessionClosed> {
-                loop {
-                    match self.read().await? {
-                        // An empty PUSH is data, not the end: only FIN ends a stream.
-                        Some(chunk) if chunk.is_empty() => continue,
-                        Some(chunk) => {
-                            buf.extend_from_slice(&chunk);
-                            return Ok(chunk.len());
-                        }
-                        None => return Ok(0),
-                    }
-                }
-            }
-        }
-    };
-}
-
-stream_source!(Stream);
-stream_source!(StreamReader);
 
 /// Why no item could be read. `D` is the decoder's error, `S` the source's.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]

@@ -344,3 +344,30 @@ impl Drop for StreamWriter {
         }
     }
 }
+
+/// A stream's data as a source for [`crate::framed::Framed`]: chunks copied into its
+/// buffer (they arrive as separate `Bytes`).
+macro_rules! stream_source {
+    ($stream:ty) => {
+        impl crate::framed::ReadInto for $stream {
+            type Error = SessionClosed;
+
+            async fn read_into(&mut self, buf: &mut bytes::BytesMut) -> Result<usize, SessionClosed> {
+                loop {
+                    match self.read().await? {
+                        // An empty PUSH is data, not the end: only FIN ends a stream.
+                        Some(chunk) if chunk.is_empty() => continue,
+                        Some(chunk) => {
+                            buf.extend_from_slice(&chunk);
+                            return Ok(chunk.len());
+                        }
+                        None => return Ok(0),
+                    }
+                }
+            }
+        }
+    };
+}
+
+stream_source!(Stream);
+stream_source!(StreamReader);
