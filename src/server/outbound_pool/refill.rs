@@ -59,7 +59,7 @@ impl Inner {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{holding_target, pool, settings};
+    use super::super::tests::{holding_target, pool, settings, wait_until};
     use crate::pool::PoolType;
     use std::time::{Duration, Instant};
 
@@ -85,5 +85,21 @@ mod tests {
         }
         let idle: usize = targets.iter().map(|(address, _)| pool.idle_count(address)).sum();
         assert_eq!((idle, pool.warm_now()), (3, 3));
+    }
+
+    #[tokio::test]
+    async fn a_dropped_pool_leaves_no_refill_task_behind() {
+        let (address, held) = holding_target().await;
+        let tasks = || tokio::runtime::Handle::current().metrics().num_alive_tasks();
+        let before = tasks();
+        let pool = pool(settings(PoolType::LockFree, 10, 2));
+        pool.warm_up(&address);
+        wait_until("warm connections", || pool.idle_count(&address) == 2).await;
+        // A take starts a refill; the pool goes away while it may still be dialing.
+        let outbound = pool.acquire(&address, pool.names().own()).await.unwrap();
+        assert!(outbound.reused);
+        drop((outbound, pool));
+        wait_until("every refill task to end", || tasks() == before).await;
+        assert!(held.lock().unwrap().len() >= 2, "the warm dials reached the target");
     }
 }
