@@ -196,6 +196,7 @@ struct Inner {
     idle: Arc<dyn IdlePool<Address, Target, WarmConnection>>,
     shared: Arc<Shared>,
     epoch: Instant,
+    refills: refill::RefillQueue,
 }
 
 /// Cheap to clone; clones share the pool.
@@ -219,6 +220,7 @@ impl OutboundPool {
             names: Arc::default(),
             shared: Arc::default(),
             epoch: Instant::now(),
+            refills: Default::default(),
         };
         OutboundPool { inner: Arc::new(inner) }
     }
