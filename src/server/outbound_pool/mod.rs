@@ -196,7 +196,6 @@ struct Inner {
     idle: Arc<dyn IdlePool<Address, Target, WarmConnection>>,
     shared: Arc<Shared>,
     epoch: Instant,
-    refills: refill::RefillQueue,
 }
 
 /// Cheap to clone; clones share the pool.
@@ -220,7 +219,6 @@ impl OutboundPool {
             names: Arc::default(),
             shared: Arc::default(),
             epoch: Instant::now(),
-            refills: Default::default(),
         };
         OutboundPool { inner: Arc::new(inner) }
     }

@@ -36,11 +36,6 @@ impl OutboundPool {
         self.stats().unpooled
     }
 
-    /// Warm refills that found the refill worker's queue full and ran as their own task.
-    pub fn refills_overflowed(&self) -> u64 {
-        self.inner.refills.overflowed()
-    }
-
     /// Name lookups sent to the system resolver.
     pub fn lookups(&self) -> u64 {
         self.inner.names.lookups()
