@@ -18,7 +18,9 @@
 //!
 //! `refill_handoff` prices how the server starts a refill after a warm take: a task spawned
 //! per refill (what it does) against a message to one long-lived refill worker, beside the
-//! loopback dial (connect, accept, close) that every refill then makes.
+//! loopback dial (connect, accept, close) that every refill then makes. `outbound_refill`
+//! times the server's own `OutboundPool::acquire` on a warm target over loopback, refill
+//! included: one target served warm after another, and 64 targets taken at once.
 //!
 //! The bench allocates with jemalloc, as both binaries do: a `give` in `lockfree` and
 //! `highperf` allocates a node, and that cost is the production allocator's.
@@ -32,7 +34,8 @@ use std::time::{Duration, Instant};
 
 use anytls_rs::pool::{Idle, IdlePool, KeyCounters, PoolSettings, PoolType, new_pool, reserve_slot};
 use anytls_rs::proto::Address;
-use anytls_rs::server::outbound_pool::WarmDemand;
+use anytls_rs::server::dial::Dialer;
+use anytls_rs::server::outbound_pool::{OutboundPool, OutboundSettings, WarmDemand};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
 #[global_allocator]
@@ -294,5 +297,85 @@ fn refill_handoff(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, insert_100k_keys, acquire_path, refill_handoff);
+/// A loopback target on every 127.0.0.x that keeps the connections it accepted open until
+/// newer ones push them out (a warm connection the target closed is never handed out);
+/// the port it listens on.
+async fn keeping_target() -> u16 {
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut kept = std::collections::VecDeque::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            if kept.len() == 512 {
+                kept.pop_front();
+            }
+            kept.push_back(tcp);
+        }
+    });
+    port
+}
+
+/// Until every target has its warm connection back.
+async fn refilled(pool: &OutboundPool, targets: &[Address]) {
+    while targets.iter().any(|target| pool.idle_count(target) == 0) {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// The server's acquire from a warm pool and the refill it starts, over loopback: per
+/// iteration, every target is taken warm at once, the streams end, and the refills dial
+/// replacements. One target is the sequential case, 64 a burst over many targets.
+fn outbound_refill(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let mut group = c.benchmark_group("outbound_refill");
+    group.measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_millis(500)).sample_size(10);
+    for count in [1u8, 64] {
+        let (pool, targets) = runtime.block_on(async {
+            let port = keeping_target().await;
+            let settings = OutboundSettings {
+                // An engine whose idle count is never ahead of what a take finds (lockfree
+                // counts a give just before its entry is pushed), so "refilled" means ready.
+                pool_type: PoolType::Lock,
+                max_per_target: 100,
+                min_idle: 1,
+                max_idle_total: 1000,
+                max_idle_time: Duration::from_secs(3600),
+                max_lifetime: Duration::from_secs(3600),
+                warm_after: Duration::ZERO,
+            };
+            let dialer = Dialer { connect_timeout: Duration::from_secs(5), keepalive: Default::default() };
+            let pool = OutboundPool::new(settings, dialer);
+            let targets: Vec<Address> = (1..=count)
+                .map(|i| Address::socket(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, i)), port)))
+                .collect();
+            for target in &targets {
+                // Two streams make repeated demand: the target is warmed from then on.
+                for _ in 0..2 {
+                    drop(pool.acquire(target, pool.names().own()).await.unwrap());
+                }
+            }
+            refilled(&pool, &targets).await;
+            (pool, targets)
+        });
+        group.throughput(Throughput::Elements(u64::from(count)));
+        group.bench_function(BenchmarkId::new("targets", count), |b| {
+            b.iter_custom(|iters| {
+                runtime.block_on(async {
+                    let started = process_cpu_time();
+                    for _ in 0..iters {
+                        let takes = targets.iter().map(|target| pool.acquire(target, pool.names().own()));
+                        for outbound in futures_util::future::join_all(takes).await {
+                            assert!(outbound.unwrap().reused, "served warm");
+                        }
+                        refilled(&pool, &targets).await;
+                    }
+                    process_cpu_time() - started
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, insert_100k_keys, acquire_path, refill_handoff, outbound_refill);
 criterion_main!(benches);

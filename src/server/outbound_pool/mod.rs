@@ -30,6 +30,11 @@
 //! engine's slot for that target, keyed by [`Address`]: an acquire is one engine lookup,
 //! with no lock of this module's own and no allocation once the target is known. Targets
 //! quiet for the idle window with nothing in use are forgotten by [`OutboundPool::maintain`].
+//!
+//! This file is the pool itself: acquire, the warm connections' tickets, start-up warming
+//! and maintenance. Beside it: `demand` decides when a target is warmed and how many warm
+//! connections it keeps, `refill` dials them, and `stats` holds the counters, snapshots and
+//! per-target statistics the log lines and the metrics room read.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -39,12 +44,14 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
 use super::dial::{DialError, Dialer, LookupOwner, NameCache};
-use crate::metrics::log_lines::named_idle_by_key;
-use crate::pool::{
-    Idle, IdlePool, KeyCounters, KeyStats, PoolCounters, PoolKey, PoolSettings, PoolStatsSnapshot, PoolType, new_pool,
-    reserve_slot,
-};
+use crate::pool::{IdlePool, KeyCounters, PoolCounters, PoolSettings, PoolType, new_pool, reserve_slot};
 use crate::proto::Address;
+
+mod demand;
+mod refill;
+mod stats;
+
+pub use demand::WarmDemand;
 
 /// Limits of the outbound pool, from the command line.
 #[derive(Debug, Clone)]
@@ -65,11 +72,6 @@ pub struct OutboundSettings {
     /// come at once are one visit, not repeated demand.
     pub warm_after: Duration,
 }
-
-/// Streams started after an earlier one of the target had ended that count as repeated
-/// demand however quickly they come: a client working through a sequence, not a burst
-/// whose streams all start together.
-const RETURNS: u64 = 2;
 
 /// Default of [`OutboundSettings::warm_after`]: longer than a burst of parallel
 /// connections, shorter than the gap between two visits of a returning client.
@@ -175,142 +177,6 @@ struct Target {
     refilling: AtomicBool,
     /// Per target, `cleaned` counts warm connections closed unused (expired, dead).
     counters: KeyCounters,
-}
-
-/// A target's demand and the size of the warm set it has earned. Public so that
-/// `benches/pool.rs` times the server's own bookkeeping rather than a copy of it.
-#[derive(Default)]
-pub struct WarmDemand {
-    /// Warm connections the target should have (its warm set's size).
-    goal: AtomicU64,
-    demand: Demand,
-}
-
-impl WarmDemand {
-    /// Counts a stream starting at `now_ms` and sizes the warm set: one once the demand is
-    /// repeated (`Demand::is_repeated`), one more when a stream found none ready
-    /// (`served_warm` false) while the target was already warmed, at most `max`. (It
-    /// shrinks in [`WarmDemand::shrink`].)
-    pub fn record_stream(&self, now_ms: u64, window_ms: u64, warm_after_ms: u64, max: u64, served_warm: bool) {
-        self.demand.record(now_ms, window_ms);
-        let goal = self.goal.load(Ordering::Relaxed);
-        let wanted = if goal == 0 {
-            u64::from(self.demand.is_repeated(now_ms, window_ms, warm_after_ms))
-        } else if !served_warm {
-            goal + 1
-        } else {
-            goal
-        };
-        if wanted.min(max) > goal {
-            let _ = self.goal.compare_exchange(goal, wanted.min(max), Ordering::Relaxed, Ordering::Relaxed);
-        }
-    }
-
-    /// Counts a stream's end.
-    pub fn record_end(&self) {
-        self.demand.record_end();
-    }
-
-    /// Counts one stream and asks for `size` warm connections at once (start-up warming).
-    fn warm_up(&self, now_ms: u64, window_ms: u64, size: u64) {
-        self.demand.record(now_ms, window_ms);
-        self.goal.store(size, Ordering::Relaxed);
-    }
-
-    /// One warm connection more than the target used: the warm set shrinks by one.
-    fn shrink(&self) {
-        let _ = self.goal.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |g| g.checked_sub(1));
-    }
-
-    /// The warm set's size, at most `max`.
-    fn goal(&self, max: u64) -> u64 {
-        self.goal.load(Ordering::Relaxed).min(max)
-    }
-
-    /// When the target's last stream started.
-    fn last_ms(&self) -> u64 {
-        self.demand.last_ms()
-    }
-}
-
-/// Streams per window (the idle window): the current one and the one before.
-/// Races between threads rotating at the same moment may lose a count; the result
-/// only sizes a warm set.
-#[derive(Default)]
-struct Demand {
-    window_start_ms: AtomicU64,
-    this_window: AtomicU64,
-    last_window: AtomicU64,
-    last_ms: AtomicU64,
-    /// When the current run of demand began (its first stream after a quiet idle window),
-    /// plus one: 0 means no stream yet.
-    run_start_ms_plus_one: AtomicU64,
-    /// Streams of the current run that ended.
-    ended: AtomicU64,
-    /// Streams of the current run that started after one of them had ended.
-    returns: AtomicU64,
-}
-
-impl Demand {
-    /// Counts a stream starting at `now_ms`.
-    fn record(&self, now_ms: u64, window_ms: u64) {
-        self.rotate(now_ms, window_ms);
-        let run_start = self.run_start_ms_plus_one.load(Ordering::Relaxed);
-        if run_start == 0 || now_ms.saturating_sub(self.last_ms.load(Ordering::Relaxed)) > window_ms {
-            self.run_start_ms_plus_one.store(now_ms + 1, Ordering::Relaxed);
-            self.ended.store(0, Ordering::Relaxed);
-            self.returns.store(0, Ordering::Relaxed);
-        }
-        if self.ended.load(Ordering::Relaxed) > 0 {
-            self.returns.fetch_add(1, Ordering::Relaxed);
-        }
-        self.this_window.fetch_add(1, Ordering::Relaxed);
-        self.last_ms.store(now_ms, Ordering::Relaxed);
-    }
-
-    /// Counts a stream's end.
-    fn record_end(&self) {
-        self.ended.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Whether the current run is repeated demand: streams spread over `warm_after`, or
-    /// [`RETURNS`] streams that came after an earlier one had ended.
-    fn is_repeated(&self, now_ms: u64, window_ms: u64, warm_after_ms: u64) -> bool {
-        self.rate(now_ms, window_ms) >= 2
-            && (self.lasted_ms(now_ms) >= warm_after_ms || self.returns.load(Ordering::Relaxed) >= RETURNS)
-    }
-
-    /// How long the current run of demand has lasted.
-    fn lasted_ms(&self, now_ms: u64) -> u64 {
-        match self.run_start_ms_plus_one.load(Ordering::Relaxed) {
-            0 => 0,
-            start => now_ms.saturating_sub(start - 1),
-        }
-    }
-
-    fn rotate(&self, now_ms: u64, window_ms: u64) {
-        let start = self.window_start_ms.load(Ordering::Relaxed);
-        let elapsed = now_ms.saturating_sub(start);
-        if elapsed < window_ms.max(1) {
-            return;
-        }
-        if self.window_start_ms.compare_exchange(start, now_ms, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
-            let finished = self.this_window.swap(0, Ordering::Relaxed);
-            // A window with no stream in between means the rate is now zero.
-            let previous = if elapsed < 2 * window_ms.max(1) { finished } else { 0 };
-            self.last_window.store(previous, Ordering::Relaxed);
-        }
-    }
-
-    /// Streams per window, as the busier of the current and the last window.
-    fn rate(&self, now_ms: u64, window_ms: u64) -> u64 {
-        self.rotate(now_ms, window_ms);
-        self.this_window.load(Ordering::Relaxed).max(self.last_window.load(Ordering::Relaxed))
-    }
-
-    fn last_ms(&self) -> u64 {
-        self.last_ms.load(Ordering::Relaxed)
-    }
 }
 
 /// What the pool counts beside the engine (which counts idle entries and the expired ones
@@ -435,165 +301,21 @@ impl OutboundPool {
         self.inner.idle.drain().len()
     }
 
-    /// The pool's counters in the one vocabulary (see [`PoolStatsSnapshot`]).
-    pub fn stats(&self) -> PoolStatsSnapshot {
-        let engine = self.inner.idle.counters().snapshot();
-        let mut s = self.inner.shared.counters.snapshot();
-        s.idle = engine.idle;
-        s.cleaned += engine.cleaned; // expired entries a take dropped
-        s.lookups = self.inner.names.lookups();
-        s.keys = self.inner.idle.key_count() as u64;
-        s
-    }
-
-    /// Warm connections dialed ahead of demand.
-    pub fn warmed(&self) -> u64 {
-        self.stats().warmed
-    }
-
-    /// Warm connections closed without ever carrying a stream.
-    pub fn unused(&self) -> u64 {
-        self.stats().unused
-    }
-
-    /// Streams dialed beyond the per-target limit, outside the pool.
-    pub fn unpooled(&self) -> u64 {
-        self.stats().unpooled
-    }
-
     /// The server's one name cache: the pool's dials, the outbound policy's checks and UDP
     /// streams all resolve through it, so every lookup is shared and counted.
     pub fn names(&self) -> &Arc<NameCache> {
         &self.inner.names
     }
-
-    /// Name lookups sent to the system resolver.
-    pub fn lookups(&self) -> u64 {
-        self.inner.names.lookups()
-    }
-
-    /// Warm connections idle or being dialed now (what `max_idle_total` caps).
-    pub fn warm_now(&self) -> u64 {
-        self.inner.shared.warm.load(Ordering::Relaxed)
-    }
-
-    /// Targets the pool holds now.
-    pub fn key_count(&self) -> usize {
-        self.inner.idle.key_count()
-    }
-
-    /// What the `[Pool Stats]` line appends after its standard fields.
-    pub fn stats_line_extra(&self) -> String {
-        crate::metrics::log_lines::format_stats_extra(&self.stats(), true)
-    }
-
-    /// Warm connections per target, sorted by target.
-    pub fn idle_by_target(&self) -> Vec<(PoolKey, usize)> {
-        named_idle_by_key(self.inner.idle.idle_by_key())
-    }
-
-    pub fn idle_count(&self, address: &Address) -> usize {
-        self.inner.idle.idle_count(address)
-    }
-
-    /// Used connections closed when their stream ended.
-    pub fn ended(&self) -> u64 {
-        self.stats().ended
-    }
-
-    /// Counters of every target the pool holds (those used within the idle window, or
-    /// with connections in use), sorted by target.
-    pub fn per_target_stats(&self) -> Vec<KeyStats> {
-        let mut stats: Vec<KeyStats> = self
-            .inner
-            .idle
-            .keys()
-            .into_iter()
-            .map(|(address, target, idle)| target.counters.stats(address.to_string(), idle))
-            .collect();
-        stats.sort_by(|a, b| a.key.cmp(&b.key));
-        stats
-    }
-}
-
-impl OutboundPool {
-    /// The pool as the metrics room shows it.
-    pub fn connection_pool_stats(&self) -> crate::metrics::ConnectionPoolStats {
-        crate::metrics::ConnectionPoolStats::from_snapshot(
-            "outbound",
-            self.settings().pool_type.to_string(),
-            &self.stats(),
-            self.per_target_stats(),
-        )
-    }
 }
 
 impl Inner {
-    fn now_ms(&self) -> u64 {
+    pub(super) fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
 
     /// The idle window: how long a target's demand is remembered.
-    fn window_ms(&self) -> u64 {
+    pub(super) fn window_ms(&self) -> u64 {
         self.settings.max_idle_time.as_millis() as u64
-    }
-
-    /// Counts a stream to `target` and sizes its warm set ([`WarmDemand::record_stream`]).
-    fn size_warm_set(&self, target: &Target, served_warm: bool) {
-        let warm_after = self.settings.warm_after.as_millis() as u64;
-        let max = self.settings.min_idle as u64;
-        target.demand.record_stream(self.now_ms(), self.window_ms(), warm_after, max, served_warm);
-    }
-
-    /// How many warm connections `target` should have now.
-    fn warm_goal(&self, target: &Target) -> u64 {
-        target.demand.goal(self.settings.min_idle as u64)
-    }
-
-    /// Starts a background refill of `address`'s warm connections unless one is running.
-    fn refill_soon(self: &Arc<Self>, address: &Address, target: &Arc<Target>) {
-        if target.warm.load(Ordering::Relaxed) >= self.warm_goal(target) {
-            return;
-        }
-        if target.refilling.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let (pool, address, target) = (self.clone(), address.clone(), target.clone());
-        tokio::spawn(async move {
-            pool.refill(&address, &target).await;
-            target.refilling.store(false, Ordering::Release);
-        });
-    }
-
-    async fn refill(&self, address: &Address, target: &Arc<Target>) {
-        while target.warm.load(Ordering::Relaxed) < self.warm_goal(target) {
-            // A warm dial takes a place under the target's limit and under the global cap
-            // before it starts, so dials in flight count against both.
-            if !reserve_slot(&target.managed, self.settings.max_per_target as u64) {
-                return;
-            }
-            if !reserve_slot(&self.shared.warm, self.settings.max_idle_total as u64) {
-                target.managed.fetch_sub(1, Ordering::Relaxed);
-                return;
-            }
-            let mut ticket = WarmTicket::new(target, &self.shared);
-            match self.dialer.connect_with(address, Some((&self.names, self.names.own()))).await {
-                Ok(tcp) => {
-                    ticket.dialed = true;
-                    self.shared.counters.record_warmed();
-                    KeyCounters::bump(&target.counters.warmed);
-                    KeyCounters::bump(&target.counters.created);
-                    if self.idle.give(address, Idle::new(WarmConnection { tcp, ticket })).is_err() {
-                        return; // the per-target idle cap is reached
-                    }
-                }
-                Err(err) => {
-                    drop(ticket); // gives back both places; nothing was dialed
-                    log::debug!("warming {address}: {err}");
-                    return;
-                }
-            }
-        }
     }
 }
 
@@ -616,13 +338,13 @@ fn is_alive(tcp: &TcpStream) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use std::sync::Mutex;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
-    fn settings(pool_type: PoolType, max_per_target: usize, min_idle: usize) -> OutboundSettings {
+    pub(super) fn settings(pool_type: PoolType, max_per_target: usize, min_idle: usize) -> OutboundSettings {
         OutboundSettings {
             pool_type,
             max_per_target,
@@ -634,7 +356,7 @@ mod tests {
         }
     }
 
-    fn pool(settings: OutboundSettings) -> OutboundPool {
+    pub(super) fn pool(settings: OutboundSettings) -> OutboundPool {
         OutboundPool::new(
             settings,
             Dialer { connect_timeout: Duration::from_millis(500), keepalive: Default::default() },
@@ -642,7 +364,7 @@ mod tests {
     }
 
     /// A target that accepts and keeps every connection, counting them.
-    async fn holding_target() -> (Address, Arc<Mutex<Vec<TcpStream>>>) {
+    pub(super) async fn holding_target() -> (Address, Arc<Mutex<Vec<TcpStream>>>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = Address::socket(listener.local_addr().unwrap());
         let held = Arc::new(Mutex::new(Vec::new()));
@@ -655,7 +377,7 @@ mod tests {
         (address, held)
     }
 
-    async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    pub(super) async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(5);
         while !condition() {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
@@ -663,7 +385,7 @@ mod tests {
         }
     }
 
-    const ENGINES: [PoolType; 3] = [PoolType::Lock, PoolType::LockFree, PoolType::HighPerf];
+    pub(super) const ENGINES: [PoolType; 3] = [PoolType::Lock, PoolType::LockFree, PoolType::HighPerf];
 
     #[tokio::test]
     async fn repeated_streams_are_served_warm_and_never_reuse_a_used_connection() {
@@ -692,76 +414,6 @@ mod tests {
             assert_eq!(target.created, 2 + pool.warmed(), "{engine}: on demand + warm");
             assert_eq!(pool.ended(), 7, "{engine}: every used connection was closed");
             assert_eq!(pool.unused(), 0, "{engine}");
-        }
-    }
-
-    #[tokio::test]
-    async fn streams_that_come_at_once_are_one_visit_and_only_lasting_demand_is_warmed() {
-        for engine in ENGINES {
-            let (address, _held) = holding_target().await;
-            let mut lasting = settings(engine, 10, 2);
-            lasting.warm_after = Duration::from_millis(300);
-            let pool = pool(lasting);
-            // Two streams together, as a client fetching two things from one host at once:
-            // no warm dial, which nobody would have taken.
-            let together = futures_util::future::join(
-                pool.acquire(&address, pool.names().own()),
-                pool.acquire(&address, pool.names().own()),
-            )
-            .await;
-            drop(together);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            assert_eq!((pool.warmed(), pool.idle_count(&address)), (0, 0), "{engine}: a burst was warmed");
-            // The target comes back after warm_after: now it is warmed, and the warm
-            // connection serves the next stream.
-            tokio::time::sleep(Duration::from_millis(250)).await;
-            drop(pool.acquire(&address, pool.names().own()).await.unwrap());
-            wait_until("a warm connection", || pool.idle_count(&address) == 1).await;
-            assert!(pool.acquire(&address, pool.names().own()).await.unwrap().reused, "{engine}");
-        }
-    }
-
-    #[tokio::test]
-    async fn a_target_that_comes_back_twice_is_repeated_demand_however_quick() {
-        for engine in ENGINES {
-            let (address, _held) = holding_target().await;
-            let mut slow = settings(engine, 10, 2);
-            slow.warm_after = Duration::from_secs(60);
-            let pool = pool(slow);
-            drop(pool.acquire(&address, pool.names().own()).await.unwrap());
-            drop(pool.acquire(&address, pool.names().own()).await.unwrap());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            assert_eq!(pool.warmed(), 0, "{engine}: one return is not yet a sequence");
-            drop(pool.acquire(&address, pool.names().own()).await.unwrap());
-            wait_until("a warm connection", || pool.idle_count(&address) == 1).await;
-            assert!(pool.acquire(&address, pool.names().own()).await.unwrap().reused, "{engine}");
-        }
-    }
-
-    #[tokio::test]
-    async fn a_burst_grows_the_warm_set_and_unused_connections_shrink_it() {
-        for engine in ENGINES {
-            let (address, _held) = holding_target().await;
-            let mut short = settings(engine, 50, 4);
-            short.max_idle_time = Duration::from_millis(300);
-            let pool = pool(short);
-            drop(pool.acquire(&address, pool.names().own()).await.unwrap());
-            drop(pool.acquire(&address, pool.names().own()).await.unwrap());
-            wait_until("one warm", || pool.idle_count(&address) == 1).await;
-            // Eight at once: one is served warm, the others find none ready.
-            let burst: Vec<_> =
-                futures_util::future::join_all((0..8).map(|_| pool.acquire(&address, pool.names().own())))
-                    .await
-                    .into_iter()
-                    .collect();
-            drop(burst);
-            wait_until("a bigger warm set", || pool.idle_count(&address) == 4).await;
-            // Nobody comes: every warm connection expires unused and the set shrinks to none.
-            tokio::time::sleep(Duration::from_millis(400)).await;
-            pool.maintain();
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            assert_eq!((pool.idle_count(&address), pool.warm_now()), (0, 0), "{engine}: no refill after expiry");
-            assert_eq!(pool.unused(), 4, "{engine}");
         }
     }
 
@@ -841,30 +493,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn warm_connections_in_all_never_exceed_the_total_cap_even_while_dialing() {
-        let mut capped = settings(PoolType::HighPerf, 10, 5);
-        capped.max_idle_total = 3;
-        let pool = pool(capped);
-        let mut targets = Vec::new();
-        for _ in 0..4 {
-            let (address, held) = holding_target().await;
-            // Six streams each: every target would like five warm connections.
-            for _ in 0..6 {
-                drop(pool.acquire(&address, pool.names().own()).await.unwrap());
-                assert!(pool.warm_now() <= 3, "warm connections (idle or dialing) over the cap");
-            }
-            targets.push((address, held));
-        }
-        let deadline = Instant::now() + Duration::from_millis(300);
-        while Instant::now() < deadline {
-            assert!(pool.warm_now() <= 3, "warm connections (idle or dialing) over the cap");
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        let idle: usize = targets.iter().map(|(address, _)| pool.idle_count(address)).sum();
-        assert_eq!((idle, pool.warm_now()), (3, 3));
-    }
-
-    #[tokio::test]
     async fn idle_connections_expire_are_counted_unused_and_quiet_targets_are_let_go() {
         let (address, held) = holding_target().await;
         let mut short = settings(PoolType::LockFree, 10, 3);
@@ -881,28 +509,6 @@ mod tests {
         assert_eq!(pool.idle_count(&address), 0);
         assert!(pool.per_target_stats().is_empty());
         assert_eq!(held.lock().unwrap().len(), 3);
-    }
-
-    #[tokio::test]
-    async fn targets_named_once_are_never_warmed_and_are_forgotten_when_quiet() {
-        for engine in ENGINES {
-            let mut short = settings(engine, 10, 5);
-            short.max_idle_time = Duration::from_millis(100);
-            let pool = pool(short);
-            let mut targets = Vec::new();
-            for _ in 0..40 {
-                let (address, held) = holding_target().await;
-                drop(pool.acquire(&address, pool.names().own()).await.unwrap());
-                targets.push((address, held));
-            }
-            tokio::time::sleep(Duration::from_millis(150)).await;
-            assert_eq!((pool.warmed(), pool.warm_now()), (0, 0), "{engine}: no warm dial for a target named once");
-            assert_eq!(pool.key_count(), 40, "{engine}");
-            pool.maintain();
-            assert_eq!(pool.key_count(), 0, "{engine}: quiet targets are forgotten");
-            let connections: usize = targets.iter().map(|(_, held)| held.lock().unwrap().len()).sum();
-            assert_eq!(connections, 40, "{engine}: one connection per stream, nothing more");
-        }
     }
 
     #[tokio::test]
