@@ -14,50 +14,20 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 
 use anytls_rs::client::tls::{Trust, client_config};
-use anytls_rs::pool::PoolType;
-use anytls_rs::proto::{PaddingScheme, PasswordHash};
+use anytls_rs::proto::PasswordHash;
 use anytls_rs::server::limits::ServerLimits;
-use anytls_rs::server::outbound_pool::OutboundSettings;
 use anytls_rs::server::policy::{Cidr, Policy, Refusal};
-use anytls_rs::server::tls::Identity;
-use anytls_rs::server::udp::UdpSettings;
 use anytls_rs::server::users::{UserEntry, Users};
-use anytls_rs::server::{self, ServerConfig, ServerContext};
-use common::{SOCKS5_OK, bounded, socks5_connect, spawn_echo, start_client};
+use anytls_rs::server::{self, ServerContext};
+use common::{SOCKS5_OK, bounded, in_process_server_config, socks5_connect, spawn_echo, start_client};
 
 const PASSWORD: &str = "context-secret";
-
-fn config() -> ServerConfig {
-    ServerConfig {
-        tls: Identity::self_signed().unwrap().server_config().unwrap(),
-        passwords: Vec::new(),
-        padding: PaddingScheme::default(),
-        connect_timeout: Duration::from_secs(2),
-        keepalive: Default::default(),
-        handshake_timeout: Duration::from_secs(5),
-        max_handshakes: 16,
-        probe: Default::default(),
-        max_streams_per_session: 64,
-        outbound: OutboundSettings {
-            pool_type: PoolType::Lock,
-            max_per_target: 10,
-            min_idle: 0,
-            max_idle_total: 10,
-            max_idle_time: Duration::from_secs(60),
-            max_lifetime: Duration::from_secs(60),
-            warm_after: Duration::ZERO,
-        },
-        warmup: vec![],
-        stats_interval: Duration::from_secs(600),
-        udp: UdpSettings::default(),
-    }
-}
 
 /// Starts a server with its own context and `rules`; returns its address and context.
 async fn start(rules: Policy) -> (std::net::SocketAddr, Arc<ServerContext>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let config = config();
+    let config = in_process_server_config(Vec::new());
     let users = Users::new(UserEntry::unnamed(vec![PasswordHash::of(PASSWORD)])).unwrap();
     let context = Arc::new(ServerContext::from_config(&config, Arc::new(users)).with_policy(rules));
     let limits = ServerLimits::default();

@@ -17,53 +17,28 @@ use anytls_rs::client::sessions::{Connector, SessionPool, SessionPoolSettings};
 use anytls_rs::client::tls::{Trust, client_config};
 use anytls_rs::client::{self, ClientConfig};
 use anytls_rs::pool::PoolType;
-use anytls_rs::proto::{Address, PaddingScheme, PasswordHash};
-use anytls_rs::server::outbound_pool::OutboundSettings;
-use anytls_rs::server::tls::Identity;
-use anytls_rs::server::udp::UdpSettings;
-use anytls_rs::server::{self, ServerConfig};
+use anytls_rs::proto::{Address, PasswordHash};
+use anytls_rs::server;
 use anytls_rs::session::{ClientSessionOptions, SessionConfig};
+
+mod common;
+
+use common::in_process_server_config;
 
 const WAIT: Duration = Duration::from_secs(5);
 
 async fn start_server() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(server::run(listener, server_config(vec![PasswordHash::of("pw")])));
+    tokio::spawn(server::run(listener, in_process_server_config(vec![PasswordHash::of("pw")])));
     addr
-}
-
-fn server_config(passwords: Vec<PasswordHash>) -> ServerConfig {
-    ServerConfig {
-        tls: Identity::self_signed().unwrap().server_config().unwrap(),
-        passwords,
-        padding: PaddingScheme::default(),
-        connect_timeout: Duration::from_secs(2),
-        keepalive: Default::default(),
-        handshake_timeout: Duration::from_secs(5),
-        max_handshakes: 16,
-        probe: Default::default(),
-        max_streams_per_session: 64,
-        outbound: OutboundSettings {
-            pool_type: PoolType::Lock,
-            max_per_target: 10,
-            min_idle: 0,
-            max_idle_total: 10,
-            max_idle_time: Duration::from_secs(60),
-            max_lifetime: Duration::from_secs(60),
-            warm_after: Duration::ZERO,
-        },
-        warmup: vec![],
-        stats_interval: Duration::from_secs(600),
-        udp: UdpSettings::default(),
-    }
 }
 
 /// A library caller that passes no password gets an error, not a panic in its task.
 #[tokio::test]
 async fn a_server_without_passwords_returns_an_error() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let started = tokio::time::timeout(WAIT, server::run(listener, server_config(Vec::new()))).await;
+    let started = tokio::time::timeout(WAIT, server::run(listener, in_process_server_config(Vec::new()))).await;
     match started {
         Ok(Err(server::ServerError::Users(why))) => assert_eq!(why, anytls_rs::server::users::UsersError::None),
         other => panic!("expected a users error at once, got {other:?}"),

@@ -620,3 +620,31 @@ pub async fn spawn_sink_that_never_reads() -> SocketAddr {
     });
     addr
 }
+
+/// The settings of a server started in the test process (`server::run` or `server::serve`)
+/// on loopback: short timeouts, the lock engine, no warming.
+pub fn in_process_server_config(passwords: Vec<anytls_rs::proto::PasswordHash>) -> anytls_rs::server::ServerConfig {
+    anytls_rs::server::ServerConfig {
+        tls: anytls_rs::server::tls::Identity::self_signed().unwrap().server_config().unwrap(),
+        passwords,
+        padding: anytls_rs::proto::PaddingScheme::default(),
+        connect_timeout: Duration::from_secs(2),
+        keepalive: Default::default(),
+        handshake_timeout: Duration::from_secs(5),
+        max_handshakes: 16,
+        probe: Default::default(),
+        max_streams_per_session: 64,
+        outbound: anytls_rs::server::outbound_pool::OutboundSettings {
+            pool_type: anytls_rs::pool::PoolType::Lock,
+            max_per_target: 10,
+            min_idle: 0,
+            max_idle_total: 10,
+            max_idle_time: Duration::from_secs(60),
+            max_lifetime: Duration::from_secs(60),
+            warm_after: Duration::ZERO,
+        },
+        warmup: vec![],
+        stats_interval: Duration::from_secs(600),
+        udp: anytls_rs::server::udp::UdpSettings::default(),
+    }
+}
