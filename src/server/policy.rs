@@ -332,7 +332,7 @@ impl OutboundPolicy {
         self.refused[reason as usize].load(Ordering::Relaxed)
     }
 
-    fn count(&self, reason: Refusal, why: String) -> PolicyRefusal {
+    fn counted_refusal(&self, reason: Refusal, why: String) -> PolicyRefusal {
         self.refused[reason as usize].fetch_add(1, Ordering::Relaxed);
         PolicyRefusal { reason, why }
     }
@@ -349,7 +349,10 @@ impl OutboundPolicy {
         if rules.is_empty() {
             return Ok(destination);
         }
-        rules.check_destination(destination, names, lookups).await.map_err(|(reason, why)| self.count(reason, why))
+        rules
+            .check_destination(destination, names, lookups)
+            .await
+            .map_err(|(reason, why)| self.counted_refusal(reason, why))
     }
 
     /// Whether a UDP datagram may go to `target`, an address already resolved.
@@ -358,7 +361,7 @@ impl OutboundPolicy {
         if rules.is_empty() {
             return Ok(());
         }
-        rules.check(target).map_err(|(reason, why)| self.count(reason, why))
+        rules.check(target).map_err(|(reason, why)| self.counted_refusal(reason, why))
     }
 }
 
