@@ -150,7 +150,7 @@ pub async fn run_until(
     maintenance.abort();
     probes.abort();
     let closed = config.servers.close_idle();
-    crate::metrics::log_lines::log_stats(&config.servers.stats(), &config.servers.idle_by_server(), "");
+    config.servers.log_stats();
     log::info!("shut down: {closed} idle sessions closed");
 }
 
@@ -162,7 +162,7 @@ async fn maintain_pool(config: Arc<ClientConfig>) {
     loop {
         tokio::select! {
             _ = sweep.tick() => config.servers.sweep(),
-            _ = stats.tick() => crate::metrics::log_lines::log_stats(&config.servers.stats(), &config.servers.idle_by_server(), ""),
+            _ = stats.tick() => config.servers.log_stats(),
         }
     }
 }

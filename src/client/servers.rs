@@ -91,6 +91,11 @@ impl Servers {
         self.pools.first().map(SessionPool::stats).unwrap_or_default()
     }
 
+    /// Logs the `[Pool Stats]` and `[Pool Status]` lines.
+    pub fn log_stats(&self) {
+        crate::metrics::log_lines::log_stats(&self.stats(), &self.idle_by_server(), "");
+    }
+
     pub fn idle_by_server(&self) -> Vec<(PoolKey, usize)> {
         self.pools.iter().flat_map(SessionPool::idle_by_server).collect()
     }

@@ -201,7 +201,7 @@ pub async fn serve(
     }
     maintenance.abort();
     let closed = pool.close_idle();
-    crate::metrics::log_lines::log_stats(&pool.stats(), &pool.idle_by_target(), &pool.stats_line_extra());
+    pool.log_stats();
     log::info!("shut down: sessions closed, {closed} warm outbound connections closed");
 }
 
@@ -273,9 +273,7 @@ async fn maintain_pool(pool: outbound_pool::OutboundPool, stats_interval: Durati
     loop {
         tokio::select! {
             _ = sweep.tick() => pool.maintain(),
-            _ = stats.tick() => {
-                crate::metrics::log_lines::log_stats(&pool.stats(), &pool.idle_by_target(), &pool.stats_line_extra());
-            }
+            _ = stats.tick() => pool.log_stats(),
         }
     }
 }

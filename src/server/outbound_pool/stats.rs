@@ -51,9 +51,11 @@ impl OutboundPool {
         self.inner.idle.key_count()
     }
 
-    /// What the `[Pool Stats]` line appends after its standard fields.
-    pub fn stats_line_extra(&self) -> String {
-        crate::metrics::log_lines::format_stats_extra(&self.stats(), true)
+    /// Logs the `[Pool Stats]` and `[Pool Status]` lines, from one snapshot.
+    pub fn log_stats(&self) {
+        let stats = self.stats();
+        let extra = crate::metrics::log_lines::format_stats_extra(&stats, true);
+        crate::metrics::log_lines::log_stats(&stats, &self.idle_by_target(), &extra);
     }
 
     /// Warm connections per target, sorted by target.
@@ -113,6 +115,7 @@ mod tests {
         assert_eq!((view.total_created, view.current_idle, view.warmed, view.keys), (3, 1, 1, 1));
         assert_eq!(view.targets.len(), 1);
         assert_eq!(pool.idle_by_target().len(), 1);
-        assert_eq!(pool.stats_line_extra(), ", Warmed: 1, Unused: 0, Unpooled: 0, Lookups: 0, Keys: 1");
+        let extra = crate::metrics::log_lines::format_stats_extra(&pool.stats(), true);
+        assert_eq!(extra, ", Warmed: 1, Unused: 0, Unpooled: 0, Lookups: 0, Keys: 1");
     }
 }
