@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::metrics::{ConnectionPoolStats, MemoryPoolStats, MetricsSource};
-use crate::session::buffers::{BufferPoolMode, RelayBuffers};
+use crate::session::buffers::RelayBuffers;
 use crate::session::{OpenError, Stream, relay};
 use crate::shutdown::InFlight;
 use error::OpenFailure;
@@ -65,8 +65,7 @@ impl MetricsSource for ClientMetrics {
     }
 
     fn memory_pool_stats(&self) -> MemoryPoolStats {
-        let enabled = self.relay_buffers.mode() == BufferPoolMode::On;
-        MemoryPoolStats { enabled, tiers: self.relay_buffers.stats() }
+        MemoryPoolStats::of(&self.relay_buffers)
     }
 }
 

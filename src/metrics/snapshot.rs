@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use super::exposition::{Exposition, Kind, label};
 use crate::pool::{KeyStats, PoolStatsSnapshot};
-use crate::session::buffers::TierStats;
+use crate::session::buffers::{BufferPoolMode, RelayBuffers, TierStats};
 
 /// Per-target series `/metrics` keeps by default (`--metrics-top-targets`).
 pub const DEFAULT_METRICS_TOP_TARGETS: usize = 50;
@@ -125,6 +125,13 @@ pub struct MemoryPoolStats {
     /// Whether the relay reads into pooled buffers (`--buffer-pool on`).
     pub enabled: bool,
     pub tiers: Vec<TierStats>,
+}
+
+impl MemoryPoolStats {
+    /// The relay buffers of one service, now.
+    pub fn of(buffers: &RelayBuffers) -> MemoryPoolStats {
+        MemoryPoolStats { enabled: buffers.mode() == BufferPoolMode::On, tiers: buffers.stats() }
+    }
 }
 
 /// Everything at one moment: what the live page receives every second.

@@ -56,7 +56,7 @@ impl MetricsSource for ServerContext {
     }
 
     fn memory_pool_stats(&self) -> MemoryPoolStats {
-        MemoryPoolStats { enabled: self.relay_buffers.mode() == BufferPoolMode::On, tiers: self.relay_buffers.stats() }
+        MemoryPoolStats::of(&self.relay_buffers)
     }
 
     /// Everyone's counters, this server's wrong passwords and what its policy refused.
