@@ -137,11 +137,6 @@ impl Servers {
     pub fn connection_pool_stats(&self) -> crate::metrics::ConnectionPoolStats {
         let pool_type = self.pools.first().map(|pool| pool.pool_type().to_string()).unwrap_or_default();
         // Sessions outlive their streams; only the pool closes them (no `ended`).
-        crate::metrics::ConnectionPoolStats::from_snapshot(
-            "sessions",
-            pool_type,
-            &self.stats(),
-            self.per_server_stats(),
-        )
+        crate::metrics::ConnectionPoolStats::new("sessions", pool_type, self.stats(), self.per_server_stats())
     }
 }

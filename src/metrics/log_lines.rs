@@ -11,13 +11,13 @@ pub fn format_stats_line(s: &PoolStatsSnapshot) -> String {
     format!(
         "[Pool Stats] Total: {}, Active: {}, Reused: {}, New: {}, Cleaned: {}, \
          Reuse rate: {:.1}%, Utilisation: {:.1}%",
-        s.total,
+        s.total(),
         s.active,
         s.reused,
         s.new,
         s.cleaned,
         percent(s.reused, s.reused + s.new),
-        percent(s.active, s.total),
+        percent(s.active, s.total()),
     )
 }
 
@@ -71,8 +71,7 @@ mod tests {
 
     #[test]
     fn stats_line_matches_the_documented_format() {
-        let s =
-            PoolStatsSnapshot { total: 15, active: 3, reused: 8, new: 7, cleaned: 2, idle: 4, ..Default::default() };
+        let s = PoolStatsSnapshot { active: 3, reused: 8, new: 7, cleaned: 2, idle: 4, ..Default::default() };
         assert_eq!(
             format_stats_line(&s),
             "[Pool Stats] Total: 15, Active: 3, Reused: 8, New: 7, Cleaned: 2, \

@@ -1,122 +1,89 @@
 //! The snapshots the API shows, and their two renderings: JSON (serde) and the Prometheus
 //! text exposition format. Pure: a snapshot in, text out; the services fill the snapshot.
 //!
-//! Definitions (the same for both binaries):
-//! - `cache_hits` = `total_reused`: checkouts served by a warm (server) or idle (client)
-//!   connection; `cache_misses`: checkouts that had to create one while the caller waited.
-//! - `total_created`: every connection the pool created, including the server's warm
-//!   connections dialed ahead of demand (`warmed`), so it can exceed `cache_misses`.
-//! - `total_closed`: connections the pool closed (expired or found dead, `cleaned`) plus,
-//!   on the server, used connections closed when their stream ended (they are never reused).
-//! - `hit_rate`: `cache_hits / (cache_hits + cache_misses)` in percent, 0 before any checkout.
-//! - `unused`, `unpooled`, `lookups`, `keys`: as in [`PoolStatsSnapshot`], the one
-//!   vocabulary the log line, this JSON and `/metrics` all come from
-//!   ([`ConnectionPoolStats::from_snapshot`] is the only translation).
+//! What each pool figure means, and its JSON and Prometheus names, is one row of
+//! [`POOL_FIGURES`] or [`TARGET_FIGURES`] (in `pool/stats.rs`, beside the counters they are
+//! computed from); both renderings here walk those rows.
 //!
 //! `/metrics` keeps per-target series only for the top targets by activity
 //! (`--metrics-top-targets`, default 50): one series per
 //! destination ever seen would be a cardinality blow-up for any scrape server.
 
 use serde::Serialize;
+use serde::ser::{SerializeMap, Serializer};
 
 use super::exposition::{Exposition, Kind, label};
-use crate::pool::{KeyStats, PoolStatsSnapshot};
+use crate::pool::{Figure, KeyStats, Measure, POOL_FIGURES, PoolStatsSnapshot, TARGET_FIGURES, Value};
 use crate::session::buffers::{BufferPoolMode, RelayBuffers, TierStats};
 
 /// Per-target series `/metrics` keeps by default (`--metrics-top-targets`).
 pub const DEFAULT_METRICS_TOP_TARGETS: usize = 50;
 
-/// The connection pool of one binary at one moment.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// The connection pool of one binary at one moment. Serialized (and rendered to `/metrics`)
+/// through [`POOL_FIGURES`] and [`TARGET_FIGURES`], the one list of what is shown.
+#[derive(Debug, Clone, PartialEq)]
 pub struct ConnectionPoolStats {
     /// `outbound` (the server's warm connections) or `sessions` (the client's TLS sessions).
     pub pool: &'static str,
     /// The engine (`--pool-type`).
     pub pool_type: String,
-    pub total_created: u64,
-    pub total_reused: u64,
-    pub total_closed: u64,
-    pub current_active: u64,
-    pub current_idle: u64,
-    pub cache_hits: u64,
-    pub cache_misses: u64,
-    pub hit_rate: f64,
-    /// Server: connections dialed ahead of demand; client: always 0.
-    pub warmed: u64,
-    /// Server: warm connections closed without carrying a stream.
-    pub unused: u64,
-    /// Server: streams dialed outside the pool, beyond `--max-outbound-connections`.
-    pub unpooled: u64,
-    /// Server: name lookups sent to the system resolver.
-    pub lookups: u64,
-    /// Keys (targets or servers) the pool holds now.
-    pub keys: u64,
+    pub counts: PoolStatsSnapshot,
     /// Per target (server, sorted by name) or per server (client, in `-s` order).
-    pub targets: Vec<TargetStats>,
+    pub targets: Vec<KeyStats>,
 }
 
 impl ConnectionPoolStats {
-    /// The API's view of a pool's counters: the only place the two vocabularies meet.
-    pub fn from_snapshot(pool: &'static str, pool_type: String, s: &PoolStatsSnapshot, targets: Vec<KeyStats>) -> Self {
-        ConnectionPoolStats {
-            pool,
-            pool_type,
-            total_created: s.new + s.warmed,
-            total_reused: s.reused,
-            total_closed: s.cleaned + s.ended,
-            current_active: s.active,
-            current_idle: s.idle,
-            cache_hits: s.reused,
-            cache_misses: s.new,
-            hit_rate: hit_rate(s.reused, s.new),
-            warmed: s.warmed,
-            unused: s.unused,
-            unpooled: s.unpooled,
-            lookups: s.lookups,
-            keys: s.keys,
-            targets: targets.into_iter().map(Into::into).collect(),
+    pub fn new(pool: &'static str, pool_type: String, counts: PoolStatsSnapshot, targets: Vec<KeyStats>) -> Self {
+        ConnectionPoolStats { pool, pool_type, counts, targets }
+    }
+
+    /// The figure shown as `json` (tests, and readers that want one number).
+    pub fn figure(&self, json: &str) -> Option<f64> {
+        POOL_FIGURES.iter().find(|f| f.json == json).map(|f| number(&f.value, &self.counts))
+    }
+}
+
+fn number<S>(value: &Value<S>, of: &S) -> f64 {
+    match value {
+        Value::Count(count) => count(of) as f64,
+        Value::Percent(percent) => percent(of),
+    }
+}
+
+/// One snapshot's figures as JSON fields, after `leading` ones.
+fn serialize_figures<S, M: SerializeMap>(map: &mut M, figures: &[Figure<S>], of: &S) -> Result<(), M::Error> {
+    for figure in figures {
+        match figure.value {
+            Value::Count(count) => map.serialize_entry(figure.json, &count(of))?,
+            Value::Percent(percent) => map.serialize_entry(figure.json, &percent(of))?,
         }
     }
+    Ok(())
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct TargetStats {
-    pub target: String,
-    pub idle: u64,
-    pub active: u64,
-    pub created: u64,
-    pub reused: u64,
-    pub cleaned: u64,
-    pub warmed: u64,
-    pub unused: u64,
-    pub unpooled: u64,
-    /// Always 0: the pool never queues a stream (beyond the limit it dials unpooled). Kept
-    /// so that readers of the earlier format keep working.
-    pub waiters: u64,
-}
-
-impl From<KeyStats> for TargetStats {
-    fn from(k: KeyStats) -> Self {
-        TargetStats {
-            target: k.key,
-            idle: k.idle,
-            active: k.active,
-            created: k.created,
-            reused: k.reused,
-            cleaned: k.cleaned,
-            warmed: k.warmed,
-            unused: k.unused,
-            unpooled: k.unpooled,
-            waiters: 0,
+impl Serialize for ConnectionPoolStats {
+    fn serialize<Z: Serializer>(&self, serializer: Z) -> Result<Z::Ok, Z::Error> {
+        struct Target<'a>(&'a KeyStats);
+        impl Serialize for Target<'_> {
+            fn serialize<Z: Serializer>(&self, serializer: Z) -> Result<Z::Ok, Z::Error> {
+                let mut map = serializer.serialize_map(Some(1 + TARGET_FIGURES.len()))?;
+                map.serialize_entry("target", &self.0.key)?;
+                serialize_figures(&mut map, TARGET_FIGURES, self.0)?;
+                map.end()
+            }
         }
+        let mut map = serializer.serialize_map(Some(3 + POOL_FIGURES.len()))?;
+        map.serialize_entry("pool", self.pool)?;
+        map.serialize_entry("pool_type", &self.pool_type)?;
+        serialize_figures(&mut map, POOL_FIGURES, &self.counts)?;
+        map.serialize_entry("targets", &self.targets.iter().map(Target).collect::<Vec<_>>())?;
+        map.end()
     }
 }
 
-impl TargetStats {
-    /// Streams served: what "top targets by activity" ranks by.
-    fn activity(&self) -> u64 {
-        self.reused + self.created + self.unpooled + self.active
-    }
+/// Streams served by a target: what "top targets by activity" ranks by.
+fn activity(t: &KeyStats) -> u64 {
+    t.reused + t.created + t.unpooled + t.active
 }
 
 /// The relay's buffer pool at one moment.
@@ -143,10 +110,19 @@ pub struct Snapshot {
     pub memory: MemoryPoolStats,
 }
 
-/// `part / (part + rest)` in percent, rounded to 0.1; 0 when both are 0.
-pub fn hit_rate(hits: u64, misses: u64) -> f64 {
-    let all = hits + misses;
-    if all == 0 { 0.0 } else { (hits as f64 * 1000.0 / all as f64).round() / 10.0 }
+fn kind(measure: Measure) -> Kind {
+    match measure {
+        Measure::Counter => Kind::Counter,
+        Measure::Gauge => Kind::Gauge,
+    }
+}
+
+/// A figure as `/metrics` shows it: percentages as ratios.
+fn metric_number<S>(value: &Value<S>, of: &S) -> f64 {
+    match value {
+        Value::Count(count) => count(of) as f64,
+        Value::Percent(percent) => percent(of) / 100.0,
+    }
 }
 
 /// The pool and buffer sections of `/metrics`; per-target series for the `top_targets`
@@ -154,76 +130,27 @@ pub fn hit_rate(hits: u64, misses: u64) -> f64 {
 pub fn render_prometheus(s: &Snapshot, top_targets: usize, page: &mut Exposition) {
     let c = &s.connections;
     let pool = label("pool", c.pool);
-    let one = |v: u64| [(pool.clone(), v)];
     page.gauge(
         "anytls_pool_info",
         "The connection pool and its engine (always 1).",
         [(format!("{pool},{}", label("pool_type", &c.pool_type)), 1)],
     );
-    page.counter(
-        "anytls_pool_connections_created_total",
-        "Connections the pool created (on demand or warmed ahead).",
-        one(c.total_created),
-    );
-    page.counter(
-        "anytls_pool_connections_reused_total",
-        "Checkouts served by a warm or idle connection.",
-        one(c.total_reused),
-    );
-    page.counter(
-        "anytls_pool_connections_closed_total",
-        "Connections closed: expired or dead ones, and (server) used ones when their stream ended.",
-        one(c.total_closed),
-    );
-    page.gauge("anytls_pool_connections_active", "Connections in use now.", one(c.current_active));
-    page.gauge("anytls_pool_connections_idle", "Idle (warm) connections now.", one(c.current_idle));
-    page.counter("anytls_pool_cache_hits_total", "Checkouts served from the pool.", one(c.cache_hits));
-    page.counter(
-        "anytls_pool_cache_misses_total",
-        "Checkouts that created a connection while the caller waited.",
-        one(c.cache_misses),
-    );
-    page.family(
-        "anytls_pool_hit_ratio",
-        Kind::Gauge,
-        "cache_hits / (cache_hits + cache_misses), 0 to 1.",
-        [(pool.clone(), c.hit_rate / 100.0)],
-    );
-    page.counter("anytls_pool_warmed_total", "Connections dialed ahead of demand (server).", one(c.warmed));
-    page.counter(
-        "anytls_pool_unused_total",
-        "Warm connections closed without carrying a stream (server).",
-        one(c.unused),
-    );
-    page.counter(
-        "anytls_pool_unpooled_total",
-        "Streams dialed outside the pool, beyond the per-target limit (server).",
-        one(c.unpooled),
-    );
-    page.counter("anytls_pool_name_lookups_total", "Name lookups sent to the resolver (server).", one(c.lookups));
-    page.gauge("anytls_pool_keys", "Keys (targets or servers) the pool holds now.", one(c.keys));
+    for figure in POOL_FIGURES {
+        if let Some((name, measure, help)) = figure.metric {
+            page.family(name, kind(measure), help, [(pool.clone(), metric_number(&figure.value, &c.counts))]);
+        }
+    }
 
     // Only the most active targets get series of their own (bounded cardinality).
-    let mut top: Vec<&TargetStats> = c.targets.iter().collect();
-    top.sort_by(|a, b| b.activity().cmp(&a.activity()).then_with(|| a.target.cmp(&b.target)));
+    let mut top: Vec<&KeyStats> = c.targets.iter().collect();
+    top.sort_by(|a, b| activity(b).cmp(&activity(a)).then_with(|| a.key.cmp(&b.key)));
     top.truncate(top_targets);
-    type Field = fn(&TargetStats) -> u64;
-    let per_target: [(&str, Kind, &str, Field); 7] = [
-        ("anytls_pool_target_idle", Kind::Gauge, "Idle (warm) connections per target.", |t| t.idle),
-        ("anytls_pool_target_active", Kind::Gauge, "Connections in use per target.", |t| t.active),
-        ("anytls_pool_target_created_total", Kind::Counter, "Connections created per target.", |t| t.created),
-        ("anytls_pool_target_reused_total", Kind::Counter, "Checkouts served from the pool per target.", |t| t.reused),
-        ("anytls_pool_target_cleaned_total", Kind::Counter, "Expired or dead connections closed per target.", |t| {
-            t.cleaned
-        }),
-        ("anytls_pool_target_warmed_total", Kind::Counter, "Connections dialed ahead of demand per target.", |t| {
-            t.warmed
-        }),
-        ("anytls_pool_target_unpooled_total", Kind::Counter, "Streams dialed unpooled per target.", |t| t.unpooled),
-    ];
-    for (name, kind, help, field) in per_target {
-        let samples = top.iter().map(|t| (format!("{pool},{}", label("target", &t.target)), field(t) as f64));
-        page.family(name, kind, help, samples);
+    for figure in TARGET_FIGURES {
+        if let Some((name, measure, help)) = figure.metric {
+            let samples =
+                top.iter().map(|t| (format!("{pool},{}", label("target", &t.key)), metric_number(&figure.value, t)));
+            page.family(name, kind(measure), help, samples);
+        }
     }
 
     let m = &s.memory;
@@ -317,24 +244,24 @@ mod tests {
     fn snapshot() -> Snapshot {
         Snapshot {
             unix_ms: 1_700_000_000_000,
-            connections: ConnectionPoolStats {
-                pool: "outbound",
-                pool_type: "lockfree".into(),
-                total_created: 12,
-                total_reused: 8,
-                total_closed: 9,
-                current_active: 2,
-                current_idle: 3,
-                cache_hits: 8,
-                cache_misses: 4,
-                hit_rate: hit_rate(8, 4),
-                warmed: 8,
-                unused: 1,
-                unpooled: 0,
-                lookups: 2,
-                keys: 1,
-                targets: vec![TargetStats {
-                    target: "a\"b:80".into(),
+            connections: ConnectionPoolStats::new(
+                "outbound",
+                "lockfree".into(),
+                PoolStatsSnapshot {
+                    new: 4,
+                    reused: 8,
+                    cleaned: 1,
+                    ended: 8,
+                    active: 2,
+                    idle: 3,
+                    warmed: 8,
+                    unused: 1,
+                    lookups: 2,
+                    keys: 1,
+                    ..PoolStatsSnapshot::default()
+                },
+                vec![KeyStats {
+                    key: "a\"b:80".into(),
                     idle: 3,
                     active: 2,
                     created: 12,
@@ -343,9 +270,8 @@ mod tests {
                     warmed: 8,
                     unused: 1,
                     unpooled: 0,
-                    waiters: 0,
                 }],
-            },
+            ),
             memory: MemoryPoolStats {
                 enabled: true,
                 tiers: vec![TierStats { buffer_size: 65536, current_size: 4, peak_size: 6, ..TierStats::default() }],
@@ -357,13 +283,6 @@ mod tests {
         let mut page = Exposition::default();
         render_prometheus(s, DEFAULT_METRICS_TOP_TARGETS, &mut page);
         page.into_text()
-    }
-
-    #[test]
-    fn hit_rate_is_a_rounded_percentage() {
-        assert_eq!(hit_rate(0, 0), 0.0);
-        assert_eq!(hit_rate(8, 4), 66.7);
-        assert_eq!(hit_rate(1, 0), 100.0);
     }
 
     #[test]
@@ -415,7 +334,7 @@ mod tests {
         let mut s = snapshot();
         let target = s.connections.targets[0].clone();
         s.connections.targets =
-            (0..200u64).map(|i| TargetStats { target: format!("t{i}:80"), reused: i, ..target.clone() }).collect();
+            (0..200u64).map(|i| KeyStats { key: format!("t{i}:80"), reused: i, ..target.clone() }).collect();
         let text = render(&s);
         let series = |t: &str| {
             text.lines().filter(|l| l.starts_with("anytls_pool_target_reused_total") && l.contains(t)).count()
@@ -429,7 +348,6 @@ mod tests {
     #[test]
     fn the_api_view_follows_the_snapshot() {
         let s = PoolStatsSnapshot {
-            total: 10,
             active: 1,
             reused: 7,
             new: 3,
@@ -442,11 +360,18 @@ mod tests {
             lookups: 3,
             keys: 2,
         };
-        let c = ConnectionPoolStats::from_snapshot("outbound", "lock".into(), &s, Vec::new());
-        assert_eq!((c.total_created, c.total_reused, c.total_closed), (9, 7, 11));
-        assert_eq!((c.cache_hits, c.cache_misses, c.current_idle, c.current_active), (7, 3, 4, 1));
-        assert_eq!((c.warmed, c.unused, c.unpooled, c.lookups, c.keys), (6, 2, 5, 3, 2));
-        assert_eq!(c.hit_rate, 70.0);
+        let json = serde_json::to_value(ConnectionPoolStats::new("outbound", "lock".into(), s, Vec::new())).unwrap();
+        let shown = |fields: &[&str]| fields.iter().map(|f| json[f].as_u64().unwrap()).collect::<Vec<_>>();
+        assert_eq!(shown(&["total_created", "total_reused", "total_closed"]), [9, 7, 11]);
+        assert_eq!(shown(&["cache_hits", "cache_misses", "current_idle", "current_active"]), [7, 3, 4, 1]);
+        assert_eq!(shown(&["warmed", "unused", "unpooled", "lookups", "keys"]), [6, 2, 5, 3, 2]);
+        assert_eq!(json["hit_rate"], 70.0);
+        let text = render(&Snapshot {
+            connections: ConnectionPoolStats::new("outbound", "lock".into(), s, Vec::new()),
+            ..snapshot()
+        });
+        assert!(text.contains("anytls_pool_connections_closed_total{pool=\"outbound\"} 11\n"), "{text}");
+        assert!(text.contains("anytls_pool_hit_ratio{pool=\"outbound\"} 0.7\n"), "{text}");
     }
 
     #[test]

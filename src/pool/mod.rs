@@ -27,6 +27,7 @@
 mod highperf;
 mod lock;
 mod lockfree;
+mod stats;
 #[cfg(test)]
 mod tests;
 
@@ -37,11 +38,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_utils::CachePadded;
-
 pub use highperf::HighPerfPool;
 pub use lock::LockPool;
 pub use lockfree::LockFreePool;
+pub use stats::{
+    Figure, KeyCounters, KeyStats, Measure, POOL_FIGURES, PoolCounters, PoolStatsSnapshot, TARGET_FIGURES, Value,
+    hit_rate,
+};
 
 /// How every engine hashes keys: foldhash, seeded at random per pool. Keys are targets
 /// that clients choose, so the seed keeps collisions out of their reach; foldhash hashes an
@@ -260,195 +263,11 @@ pub fn new_pool<K: Key, S: KeyState, T: Send + 'static>(
     }
 }
 
-/// A pool's counters: the one statistics vocabulary, from the engine to the log line, the
-/// JSON API and Prometheus (see [`PoolStatsSnapshot`] for what each means).
-///
-/// Each counter sits on its own cache line: they are bumped from every thread on every
-/// checkout, and packing them together would make unrelated updates fight over one line.
-#[derive(Debug, Default)]
-pub struct PoolCounters {
-    created: CachePadded<AtomicU64>,
-    reused: CachePadded<AtomicU64>,
-    cleaned: CachePadded<AtomicU64>,
-    active: CachePadded<AtomicU64>,
-    /// Idle entries across all keys. The engines reserve a slot here before storing an entry,
-    /// which is how the global cap is enforced without a global lock.
-    idle: CachePadded<AtomicU64>,
-    warmed: CachePadded<AtomicU64>,
-    unused: CachePadded<AtomicU64>,
-    unpooled: CachePadded<AtomicU64>,
-    ended: CachePadded<AtomicU64>,
-}
-
-impl PoolCounters {
-    /// The caller created a resource because the pool had none to offer.
-    pub fn record_new(&self) {
-        self.created.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// The caller was served an idle entry and uses it.
-    pub fn record_reused(&self) {
-        self.reused.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// The caller closed `n` idle entries: swept as expired, or found dead.
-    pub fn record_cleaned(&self, n: u64) {
-        self.cleaned.fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// A resource went into use.
-    pub fn record_checkout(&self) {
-        self.active.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// A resource came out of use. Saturates at zero so that a stray check-in cannot wrap the
-    /// gauge into nonsense.
-    pub fn record_checkin(&self) {
-        let _ = self.active.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
-    }
-
-    /// A resource was created ahead of demand (server: a warm dial).
-    pub fn record_warmed(&self) {
-        self.warmed.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// A resource created ahead of demand was closed without ever being used.
-    pub fn record_unused(&self) {
-        self.unused.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// A caller was served outside the pool, beyond its per-key limit.
-    pub fn record_unpooled(&self) {
-        self.unpooled.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// A used resource was closed when its user was done (server: never reused).
-    pub fn record_ended(&self) {
-        self.ended.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Everything but `lookups` and `keys`, which the caller fills in.
-    pub fn snapshot(&self) -> PoolStatsSnapshot {
-        let load = |c: &CachePadded<AtomicU64>| c.load(Ordering::Relaxed);
-        let (reused, new) = (load(&self.reused), load(&self.created));
-        PoolStatsSnapshot {
-            total: reused + new,
-            active: load(&self.active),
-            reused,
-            new,
-            cleaned: load(&self.cleaned),
-            idle: load(&self.idle),
-            warmed: load(&self.warmed),
-            unused: load(&self.unused),
-            unpooled: load(&self.unpooled),
-            ended: load(&self.ended),
-            lookups: 0,
-            keys: 0,
-        }
-    }
-
-    fn idle_total(&self) -> usize {
-        self.idle.load(Ordering::Relaxed) as usize
-    }
-
-    /// Claims one global idle slot unless `max` are already taken.
-    fn try_reserve_idle(&self, max: usize) -> bool {
-        reserve_slot(&self.idle, max as u64)
-    }
-
-    fn release_idle(&self, n: usize) {
-        self.idle.fetch_sub(n as u64, Ordering::Relaxed);
-    }
-}
-
 /// Increments `slots` unless it has reached `max`. A compare-exchange loop rather than
 /// fetch_add-then-undo, so the count never overshoots the cap even for a moment. Relaxed is
 /// enough: the count guards no other memory, and atomicity alone keeps it within `max`.
 pub fn reserve_slot(slots: &AtomicU64, max: u64) -> bool {
     slots.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < max).then(|| n + 1)).is_ok()
-}
-
-/// A point-in-time copy of [`PoolCounters`]: what the log line, the API and `/metrics` show.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct PoolStatsSnapshot {
-    /// Checkouts served by the pool: `reused + new` (unpooled ones are not among them).
-    pub total: u64,
-    /// Resources in use now (server: pooled and unpooled connections).
-    pub active: u64,
-    /// Checkouts served by an idle (warm) entry.
-    pub reused: u64,
-    /// Checkouts that created a resource while the caller waited.
-    pub new: u64,
-    /// Idle entries closed by the pool: expired, or found dead.
-    pub cleaned: u64,
-    /// Idle entries now.
-    pub idle: u64,
-    /// Server: connections dialed ahead of demand.
-    pub warmed: u64,
-    /// Server: warm connections closed without ever carrying a stream.
-    pub unused: u64,
-    /// Server: streams dialed outside the pool, beyond `--max-outbound-connections`.
-    pub unpooled: u64,
-    /// Server: used connections closed when their stream ended (never reused).
-    pub ended: u64,
-    /// Server: name lookups sent to the system resolver.
-    pub lookups: u64,
-    /// Keys (targets, servers) the pool holds now.
-    pub keys: u64,
-}
-
-/// Per-key counters, kept in each key's state (the same words as [`PoolStatsSnapshot`]).
-#[derive(Debug, Default)]
-pub struct KeyCounters {
-    pub created: AtomicU64,
-    pub reused: AtomicU64,
-    pub cleaned: AtomicU64,
-    pub active: AtomicU64,
-    pub warmed: AtomicU64,
-    pub unused: AtomicU64,
-    pub unpooled: AtomicU64,
-}
-
-impl KeyCounters {
-    pub fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Saturating decrement, for gauges.
-    pub fn drop_one(counter: &AtomicU64) {
-        let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
-    }
-
-    pub fn stats(&self, key: String, idle: usize) -> KeyStats {
-        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        KeyStats {
-            key,
-            idle: idle as u64,
-            active: load(&self.active),
-            created: load(&self.created),
-            reused: load(&self.reused),
-            cleaned: load(&self.cleaned),
-            warmed: load(&self.warmed),
-            unused: load(&self.unused),
-            unpooled: load(&self.unpooled),
-        }
-    }
-}
-
-/// One key's share of a pool (a target of the server's outbound pool, a server of the
-/// client's session pool), for the API.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct KeyStats {
-    pub key: String,
-    pub idle: u64,
-    pub active: u64,
-    /// Entries created on demand or ahead of it for this key.
-    pub created: u64,
-    pub reused: u64,
-    pub cleaned: u64,
-    pub warmed: u64,
-    pub unused: u64,
-    pub unpooled: u64,
 }
 
 #[cfg(test)]
@@ -471,7 +290,7 @@ mod format_tests {
         c.record_checkin(); // one too many: saturates instead of wrapping
         c.record_cleaned(4);
         let s = c.snapshot();
-        assert_eq!((s.total, s.new, s.reused), (3, 2, 1));
+        assert_eq!((s.total(), s.new, s.reused), (3, 2, 1));
         assert_eq!((s.active, s.cleaned, s.idle), (0, 4, 0));
         assert_eq!((s.warmed, s.unused, s.unpooled, s.ended), (1, 1, 1, 0));
         let line = format!(
