@@ -19,4 +19,5 @@ pub mod resources;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod store;
 pub mod tcp_state;
