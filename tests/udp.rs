@@ -62,6 +62,7 @@ async fn start_client(server: SocketAddr) -> SocketAddr {
         client_options: ClientSessionOptions::default(),
         connect_timeout: Duration::from_secs(2),
         keepalive: Default::default(),
+        bind: None,
     };
     let settings = SessionPoolSettings {
         pool_type: PoolType::LockFree,

@@ -19,9 +19,15 @@
 //! `503` and are closed), and a request's header must arrive within
 //! `--api-header-timeout-secs` (a client trickling bytes is closed).
 //!
-//! The API only reads counters, through the service's [`MetricsSource`], and serves what
-//! the metrics room renders; it shares nothing with the proxy's data path but the atomics
-//! it loads, and runs on the same runtime as the proxy (a request costs microseconds).
+//! The API reads counters through the service's [`MetricsSource`], and serves what the
+//! metrics room renders; it shares nothing with the proxy's data path but the atomics it
+//! loads, and runs on the same runtime as the proxy (a request costs microseconds).
+//!
+//! On the server, with `--admin-token`, the same port serves the admin API ([`admin`]):
+//! users changed live, behind that token alone (`Authorization: Bearer TOKEN`). The admin
+//! token also opens the read-only routes; the read-only token never opens the admin API.
+
+pub mod admin;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -60,7 +66,12 @@ struct ApiState {
     /// SHA-256 of the token: requests are checked by comparing digests, which takes the
     /// same time whatever the length of the guess or of the token.
     token_digest: Option<[u8; 32]>,
+    /// SHA-256 of the admin token.
+    admin_digest: Option<[u8; 32]>,
 }
+
+/// Default for `--ssm-base`.
+pub const DEFAULT_SSM_BASE: &str = "/ssm/v1";
 
 /// Default for `--api-max-connections`.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
@@ -80,6 +91,10 @@ pub struct ApiSettings {
     pub header_timeout: Duration,
     /// How many targets (the most active) get per-target series in `/metrics`.
     pub metrics_top_targets: usize,
+    /// Opens the admin API (server), as `Authorization: Bearer TOKEN`; none: it is off.
+    pub admin_token: Option<String>,
+    /// Where the Shadowsocks Server Management API v1 shape is served.
+    pub ssm_base: String,
 }
 
 impl Default for ApiSettings {
@@ -89,6 +104,8 @@ impl Default for ApiSettings {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             header_timeout: Duration::from_secs(DEFAULT_HEADER_TIMEOUT_SECS),
             metrics_top_targets: DEFAULT_METRICS_TOP_TARGETS,
+            admin_token: None,
+            ssm_base: DEFAULT_SSM_BASE.into(),
         }
     }
 }
@@ -110,16 +127,26 @@ pub fn api_listen_address(value: &str) -> String {
 
 /// Binds `--api`'s address and serves the API in the background; returns the bound
 /// address, which is also logged as `api on ADDR` (so `:0` works).
-pub async fn start(value: &str, settings: ApiSettings, source: Arc<dyn MetricsSource>) -> Result<SocketAddr, ApiError> {
+///
+/// `admin` (the server's users) is served as the admin API when `settings.admin_token` is set.
+pub async fn start(
+    value: &str,
+    settings: ApiSettings,
+    source: Arc<dyn MetricsSource>,
+    admin: Option<Arc<crate::server::users::admin::UserAdmin>>,
+) -> Result<SocketAddr, ApiError> {
     let address = api_listen_address(value);
     let listen_error = |source| ApiError::Listen { address: address.clone(), source };
     let listener = TcpListener::bind(&address).await.map_err(listen_error)?;
     let bound = listener.local_addr().map_err(listen_error)?;
     let token = settings.token.clone().filter(|t| !t.is_empty());
+    let admin_token = settings.admin_token.clone().filter(|t| !t.is_empty());
+    let admin = admin.filter(|_| admin_token.is_some());
     log::info!(
-        "api on {bound} (http://{bound}/), at most {} connections{}",
+        "api on {bound} (http://{bound}/), at most {} connections{}{}",
         settings.max_connections,
-        if token.is_some() { ", bearer token required" } else { "" }
+        if token.is_some() { ", bearer token required" } else { "" },
+        if admin.is_some() { format!(", admin API on /api/admin and {}", settings.ssm_base) } else { String::new() }
     );
     if token.is_none() && !bound.ip().is_loopback() {
         log::warn!(
@@ -127,7 +154,7 @@ pub async fn start(value: &str, settings: ApiSettings, source: Arc<dyn MetricsSo
              reach it sees the pool statistics and target names"
         );
     }
-    let app = router(source, settings.metrics_top_targets, token);
+    let app = router(source, settings.metrics_top_targets, token, admin_token.zip(admin), &settings.ssm_base);
     tokio::spawn(serve(listener, app, settings));
     Ok(bound)
 }
@@ -171,9 +198,31 @@ async fn serve(listener: TcpListener, app: Router, settings: ApiSettings) {
     }
 }
 
-/// The routes, behind the token check when a token is set.
-fn router(source: Arc<dyn MetricsSource>, top_targets: usize, token: Option<String>) -> Router {
-    let state = ApiState { source, top_targets, token_digest: token.map(|token| digest(token.as_bytes())) };
+/// The routes, behind the token check when a token is set, and the admin API behind its
+/// own token when there is one.
+fn router(
+    source: Arc<dyn MetricsSource>,
+    top_targets: usize,
+    token: Option<String>,
+    admin: Option<(String, Arc<crate::server::users::admin::UserAdmin>)>,
+    ssm_base: &str,
+) -> Router {
+    let state = ApiState {
+        source,
+        top_targets,
+        token_digest: token.map(|token| digest(token.as_bytes())),
+        admin_digest: admin.as_ref().map(|(token, _)| digest(token.as_bytes())),
+    };
+    let admin_routes = match admin {
+        Some((_, admin)) => {
+            admin::routes(admin, ssm_base).layer(middleware::from_fn_with_state(state.clone(), require_admin_token))
+        }
+        None => admin::off(ssm_base),
+    };
+    read_routes(state).merge(admin_routes)
+}
+
+fn read_routes(state: ApiState) -> Router {
     Router::new()
         .route("/", get(page))
         .route("/api/connection-pool-stats", get(connection_pool_stats))
@@ -222,7 +271,8 @@ fn snapshot(state: &ApiState) -> Snapshot {
     crate::metrics::snapshot(state.source.as_ref())
 }
 
-/// Lets a request through when no token is set, or when it carries the token.
+/// Lets a request through when no token is set, or when it carries the token (or the
+/// admin token).
 async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
     let Some(expected) = &state.token_digest else { return next.run(request).await };
     let bearer = request
@@ -232,13 +282,37 @@ async fn require_token(State(state): State<ApiState>, request: Request, next: Ne
         .and_then(bearer_token)
         .map(str::to_string);
     let query = request.uri().query().and_then(token_in_query);
-    let presented = bearer.or(query);
-    if presented.is_some_and(|given| same_digest(&digest(given.as_bytes()), expected)) {
+    let presented = bearer.or(query).map(|given| digest(given.as_bytes()));
+    let admin = state.admin_digest.as_ref();
+    // Both compared, always: the time taken does not tell which token a guess was near.
+    let opens = |given: &[u8; 32]| same_digest(given, expected) | admin.is_some_and(|admin| same_digest(given, admin));
+    if presented.as_ref().is_some_and(opens) {
         return next.run(request).await;
     }
     let mut refused =
         (StatusCode::UNAUTHORIZED, "a bearer token is required (Authorization: Bearer TOKEN or ?token=TOKEN)\n")
             .into_response();
+    refused.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    refused
+}
+
+/// Lets a request to the admin API through only with the admin token as a bearer token;
+/// anything else is a JSON 401.
+async fn require_admin_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(bearer_token)
+        .map(|given| digest(given.as_bytes()));
+    let expected = state.admin_digest.as_ref();
+    if let (Some(given), Some(expected)) = (&presented, expected)
+        && same_digest(given, expected)
+    {
+        return next.run(request).await;
+    }
+    let why = "the admin token is required: Authorization: Bearer TOKEN";
+    let mut refused = (StatusCode::UNAUTHORIZED, Json(serde_json::json!({ "error": why }))).into_response();
     refused.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     refused
 }

@@ -150,6 +150,10 @@ struct Args {
     /// not read until the server takes what was sent.
     #[arg(long, default_value_t = (crate::session::DEFAULT_STREAM_BUFFER >> 10) as u64, value_name = "KIB", help_heading = "Sessions")]
     stream_buffer_kib: u64,
+    /// Source address of the connections to the servers (one of this machine's), instead
+    /// of the one the system picks.
+    #[arg(long, value_name = "IP", help_heading = "Sessions")]
+    bind: Option<std::net::IpAddr>,
     #[command(flatten)]
     keepalive: KeepaliveArgs,
 
@@ -243,7 +247,7 @@ async fn run(args: Args) -> Result<(), String> {
     log::info!("SOCKS5/SOCKS4/HTTP proxy on {local}, server {}{policy}", described.join(", "));
     if let Some(api) = &args.api {
         let settings = api_settings(&args);
-        crate::api::start(api, settings, config.metrics()).await.map_err(|e| e.to_string())?;
+        crate::api::start(api, settings, config.metrics(), None).await.map_err(|e| e.to_string())?;
     }
     let shutdown = async {
         let signal = crate::shutdown::signal().await;
@@ -260,6 +264,7 @@ fn api_settings(args: &Args) -> crate::api::ApiSettings {
         max_connections: args.api_max_connections.max(1),
         header_timeout: Duration::from_secs(args.api_header_timeout_secs.max(1)),
         metrics_top_targets: args.metrics_top_targets,
+        ..crate::api::ApiSettings::default()
     }
 }
 
@@ -297,6 +302,7 @@ fn connector_for(server: &str, args: &Args, buffers: &BufferBudget) -> Result<(C
         },
         connect_timeout: Duration::from_secs(args.connect_timeout_secs),
         keepalive: args.keepalive.keepalive(),
+        bind: args.bind,
     };
     Ok((connector, endpoint.trust))
 }

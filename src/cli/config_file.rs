@@ -13,7 +13,8 @@
 //! for repeatable flags too (the file's list is replaced, not extended). Rules between
 //! flags (`requires`, `conflicts_with`) are checked on that merged command line.
 //!
-//! The server's `[[users]]` tables (`name`, `password`) become `--user NAME:PASSWORD`.
+//! The server's `[[users]]` tables (`name`, `password`) become `--user NAME:PASSWORD`, or
+//! with a plan (`quota-bytes = …`, see docs/users.md) the hidden `--user-json {…}`.
 //! These arguments live only in this process's memory: unlike real arguments they never
 //! show in `/proc/PID/cmdline` or `ps`.
 
@@ -118,8 +119,10 @@ pub fn config_arguments(text: &str, file_name: &str, command: &Command) -> Resul
         if key == "users"
             && let Some(user) = find_long(command, "user")
         {
-            for entry in users(item, &source)? {
-                out.push((user.get_id().to_string(), format!("--user={entry}")));
+            let with_plans = find_long(command, USER_JSON_FLAG);
+            for entry in users(item, &source, with_plans.is_some())? {
+                // Under `--user`'s id, so a `--user` on the command line replaces them all.
+                out.push((user.get_id().to_string(), entry));
             }
             continue;
         }
@@ -182,8 +185,16 @@ fn value_error(command: &Command, arguments: &[String]) -> Option<ValueError> {
     Some(ValueError { value, message })
 }
 
-/// `[[users]]` tables as `NAME:PASSWORD` strings.
-fn users(item: &Item, source: &Source) -> Result<Vec<String>, String> {
+/// The hidden flag that carries a `[[users]]` table with a plan (`quota-bytes`, …) as JSON.
+pub const USER_JSON_FLAG: &str = "user-json";
+
+/// The keys of a `[[users]]` table besides `name` and `password`: the plan's.
+const PLAN_KEYS: [&str; 7] = ["quota-bytes", "expires", "speed-up", "speed-down", "max-ips", "max-sessions", "enabled"];
+
+/// `[[users]]` tables as arguments: `--user=NAME:PASSWORD`, or `--user-json={…}` for a
+/// table with a plan (`plans`: the command takes them). Each plan value is checked here,
+/// so a mistake names its line.
+fn users(item: &Item, source: &Source, plans: bool) -> Result<Vec<String>, String> {
     let tables = item
         .as_array_of_tables()
         .ok_or_else(|| source.error(item.span(), "`users` must be [[users]] tables with name and password"))?;
@@ -207,12 +218,43 @@ fn users(item: &Item, source: &Source) -> Result<Vec<String>, String> {
                 source.error(line_of("password"), format!("[[users]] #{} ({name}): the password is empty", i + 1))
             );
         }
-        if let Some(other) = table.iter().map(|(k, _)| k).find(|k| *k != "name" && *k != "password") {
-            return Err(source.error(line_of(other), format!("unknown key `{other}` in [[users]] (name, password)")));
+        let mut plan = serde_json::Map::new();
+        for (key, value) in table.iter().filter(|(k, _)| *k != "name" && *k != "password") {
+            if !plans || !PLAN_KEYS.contains(&key) {
+                let known = if plans {
+                    "name, password, ".to_string() + &PLAN_KEYS.join(", ")
+                } else {
+                    "name, password".into()
+                };
+                return Err(source.error(line_of(key), format!("unknown key `{key}` in [[users]] ({known})")));
+            }
+            let checked = plan_value(key, value)
+                .map_err(|why| source.error(line_of(key), format!("[[users]] #{} ({name}): {key}: {why}", i + 1)))?;
+            plan.insert(key.to_string(), checked);
         }
-        out.push(format!("{name}:{password}"));
+        if plan.is_empty() {
+            out.push(format!("--user={name}:{password}"));
+        } else {
+            let json = serde_json::json!({ "name": name, "password": password, "plan": plan });
+            out.push(format!("--{USER_JSON_FLAG}={json}"));
+        }
     }
     Ok(out)
+}
+
+/// One plan key's TOML value as the JSON the plan reads, checked by the plan itself.
+fn plan_value(key: &str, value: &Item) -> Result<serde_json::Value, String> {
+    let json = match value.as_value() {
+        Some(Value::Integer(i)) => serde_json::Value::from(*i.value()),
+        Some(Value::String(s)) => serde_json::Value::from(s.value().as_str()),
+        Some(Value::Boolean(b)) => serde_json::Value::from(*b.value()),
+        // An offset date-time written bare in TOML (`expires = 2030-01-01T00:00:00Z`).
+        Some(Value::Datetime(d)) => serde_json::Value::from(d.value().to_string()),
+        _ => return Err("expected an integer, a string or a boolean".into()),
+    };
+    let one = serde_json::json!({ key: json.clone() });
+    serde_json::from_value::<crate::server::users::Plan>(one).map_err(|e| e.to_string())?;
+    Ok(json)
 }
 
 fn key_span(table: &Table, key: &str) -> Option<Range<usize>> {
@@ -430,6 +472,33 @@ password = "pw:with:colons"
         }
         let err = config_arguments("secret-switch = true", "h.toml", &Hidden::command()).unwrap_err();
         assert!(err.starts_with("h.toml:1: unknown key `secret-switch`"), "{err}");
+    }
+
+    #[test]
+    fn a_users_plan_is_carried_and_its_mistakes_name_their_line() {
+        #[derive(Parser, Debug)]
+        struct WithPlans {
+            #[arg(long)]
+            user: Vec<String>,
+            #[arg(long = "user-json", hide = true)]
+            user_json: Vec<String>,
+        }
+        let command = WithPlans::command();
+        let file = "[[users]]\nname = \"a\"\npassword = \"p\"\nquota-bytes = 1000\nexpires = 2030-01-02T03:04:05Z\n";
+        let args = config_arguments(file, "u.toml", &command).unwrap();
+        let json: serde_json::Value = serde_json::from_str(args[0].1.strip_prefix("--user-json=").unwrap()).unwrap();
+        assert_eq!(json["plan"]["quota-bytes"], 1000);
+        assert_eq!(json["plan"]["expires"], "2030-01-02T03:04:05Z");
+        let err = config_arguments("[[users]]\nname = \"a\"\npassword = \"p\"\n\nspeed-up = -5\n", "u.toml", &command)
+            .unwrap_err();
+        assert!(err.starts_with("u.toml:5: [[users]] #1 (a): speed-up: invalid value: integer `-5`"), "{err}");
+        let err =
+            config_arguments("[[users]]\nname = \"a\"\npassword = \"p\"\nexpires = \"soon\"\n", "u.toml", &command)
+                .unwrap_err();
+        assert!(err.starts_with("u.toml:4: [[users]] #1 (a): expires: "), "{err}");
+        let err =
+            config_arguments("[[users]]\nname = \"a\"\npassword = \"p\"\nspeed = 1\n", "u.toml", &command).unwrap_err();
+        assert!(err.contains("unknown key `speed` in [[users]] (name, password, quota-bytes"), "{err}");
     }
 
     #[test]

@@ -19,8 +19,10 @@ use crate::server::fallback::{FallbackSettings, ProbeSettings};
 use crate::server::limits::ServerLimits;
 use crate::server::outbound_pool::OutboundSettings;
 use crate::server::policy::{Cidr, Policy};
+use crate::server::state::{UserState, keep_usage};
 use crate::server::tls::{CertificateSlot, Identity};
 use crate::server::udp::UdpSettings;
+use crate::server::users::admin::UserAdmin;
 use crate::server::users::{UserEntry, Users};
 use crate::server::{self, ServerConfig, ServerContext};
 use crate::session::BufferBudget;
@@ -160,9 +162,26 @@ struct Args {
     /// `max-sessions = 100`), plus [[users]] tables; flags given here win. Re-read on SIGHUP.
     #[arg(long, value_name = "FILE", help_heading = "Configuration, users and secrets")]
     config: Option<PathBuf>,
-    /// A named user; repeat for several (config: [[users]] name = "…" password = "…").
+    /// A named user; repeat for several (config: [[users]] name = "…" password = "…",
+    /// with limits such as quota-bytes: see docs/users.md).
     #[arg(long = "user", value_name = "NAME:PASSWORD", help_heading = "Configuration, users and secrets")]
     users: Vec<String>,
+    /// A [[users]] table with limits, as the config file hands it on (not in --help).
+    #[arg(long = "user-json", hide = true)]
+    user_json: Vec<String>,
+    /// Opens the admin API on --api (users changed live, docs/users.md), for requests with
+    /// `Authorization: Bearer TOKEN`. Without it the admin API is off.
+    #[arg(long, value_name = "TOKEN", env = "ANYTLS_ADMIN_TOKEN", hide_env_values = true, help_heading = "Users")]
+    admin_token: Option<String>,
+    /// Where users added through the admin API and quota usage are kept across restarts
+    /// [default, when the admin API is on or a user has a quota: $STATE_DIRECTORY (systemd),
+    /// /var/lib/anytls as root, else $XDG_STATE_HOME/anytls or ~/.local/state/anytls];
+    /// `off`: keep nothing.
+    #[arg(long, value_name = "DIR|off", help_heading = "Users")]
+    state_dir: Option<PathBuf>,
+    /// Base path of the Shadowsocks Server Management API v1 shape of the admin API.
+    #[arg(long, default_value = crate::api::DEFAULT_SSM_BASE, value_parser = ssm_base, value_name = "PATH", help_heading = "Users")]
+    ssm_base: String,
     /// Read passwords of unnamed users from FILE, one per line (keeps them out of `ps`).
     #[arg(long, value_name = "FILE", help_heading = "Configuration, users and secrets")]
     password_file: Option<PathBuf>,
@@ -240,7 +259,26 @@ fn reread_args(argv: &[String]) -> Result<Args, String> {
     Args::try_parse_from(full).map_err(|e| e.to_string().trim().to_string())
 }
 
-/// Every user the flags name: `--user`s, then `-p`/ANYTLS_PASSWORD and --password-file.
+/// `--ssm-base`: a path below the root (the root is the live page).
+fn ssm_base(value: &str) -> Result<String, String> {
+    let base = value.trim_end_matches('/');
+    if !base.starts_with('/') || base.is_empty() || base.contains(['?', '#', '{', '}', '*']) {
+        return Err("expected a path such as /ssm/v1".into());
+    }
+    Ok(base.to_string())
+}
+
+/// A `[[users]]` table with a plan, as `--user-json` carries it.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileUser {
+    name: String,
+    password: String,
+    plan: crate::server::users::Plan,
+}
+
+/// Every user the flags name: `--user`s and the file's tables, then `-p`/ANYTLS_PASSWORD
+/// and --password-file.
 fn user_entries(args: &Args) -> Result<Vec<UserEntry>, String> {
     let mut entries = args
         .users
@@ -248,6 +286,10 @@ fn user_entries(args: &Args) -> Result<Vec<UserEntry>, String> {
         .map(|user| UserEntry::parse(user))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
+    for json in &args.user_json {
+        let user: FileUser = serde_json::from_str(json).map_err(|e| format!("[[users]]: {e}"))?;
+        entries.push(UserEntry::new(&user.name, &user.password, user.plan));
+    }
     let mut passwords = args.passwords.clone();
     if let Some(file) = &args.password_file {
         passwords.extend(config::read_secret_lines(file).map_err(|e| format!("--password-file: {e}"))?);
@@ -276,11 +318,12 @@ fn reload(argv: &[String], users: &Users, certificate: &CertificateSlot) -> Resu
         certificate.replace_key(certified);
     }
     Ok(format!(
-        "{} users ({} kept, added: {}, removed: {}), certificate {}",
+        "{} users ({} kept, added: {}, removed: {}, {} left as the admin API made them), certificate {}",
         users.len(),
         summary.kept,
         list_or_none(&summary.added),
         list_or_none(&summary.removed),
+        summary.api_owned,
         certificate.fingerprint()
     ))
 }
@@ -333,7 +376,13 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
         buffers.global_bytes() >> 20,
         buffers.per_session() >> 10
     );
-    let users = Arc::new(Users::new(user_entries(&args)?).map_err(|e| e.to_string())?);
+    let entries = user_entries(&args)?;
+    let users = if args.admin_token.is_some() { Users::managed(entries) } else { Users::new(entries) };
+    let users = Arc::new(users.map_err(|e| e.to_string())?);
+    let state = match state_dir(&args, &users) {
+        Some(dir) => Some(Arc::new(UserState::open(&dir, &users).map_err(|e| format!("--state-dir: {e}"))?)),
+        None => None,
+    };
     let self_signed = args.cert.is_none() || args.key.is_none();
     let identity = match (&args.cert, &args.key) {
         (Some(cert), Some(key)) => Identity::from_files(cert, key).map_err(|e| e.to_string())?,
@@ -400,10 +449,12 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
     let mut own = vec![bound];
     if let Some(api) = &args.api {
         let settings = api_settings(&args);
-        own.push(crate::api::start(api, settings, context.clone()).await.map_err(|e| e.to_string())?);
-    } else if args.api_token.is_some() {
-        log::warn!("--api-token (or ANYTLS_API_TOKEN) without --api: there is no API to protect");
+        let admin = Arc::new(UserAdmin::new(users.clone(), state.clone()));
+        own.push(crate::api::start(api, settings, context.clone(), Some(admin)).await.map_err(|e| e.to_string())?);
+    } else if args.api_token.is_some() || args.admin_token.is_some() {
+        log::warn!("--api-token or --admin-token without --api: there is no API to serve");
     }
+    let usage_writer = state.clone().map(|state| tokio::spawn(keep_usage(state, users.clone())));
     let policy = outbound_policy(&args, own)?;
     log_policy(&policy);
     context.policy.replace(policy);
@@ -420,6 +471,13 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
         log::info!("{signal} received");
     };
     server::serve(listener, config, context, limits, shutdown).await;
+    if let (Some(state), Some(writer)) = (state, usage_writer) {
+        writer.abort();
+        match state.save_usage(&users).await {
+            Ok(written) => log::info!("state: usage of {written} users written at shutdown"),
+            Err(why) => log::error!("state: cannot write usage at shutdown: {why}"),
+        }
+    }
     Ok(())
 }
 
@@ -466,6 +524,37 @@ fn api_settings(args: &Args) -> crate::api::ApiSettings {
         max_connections: args.api_max_connections.max(1),
         header_timeout: Duration::from_secs(args.api_header_timeout_secs.max(1)),
         metrics_top_targets: args.metrics_top_targets,
+        admin_token: args.admin_token.clone(),
+        ssm_base: args.ssm_base.clone(),
+    }
+}
+
+/// The state directory to use, if any (see `--state-dir`).
+fn state_dir(args: &Args, users: &Users) -> Option<PathBuf> {
+    match &args.state_dir {
+        Some(dir) if dir.as_os_str() == "off" => None,
+        Some(dir) => Some(dir.clone()),
+        None => {
+            let quotas =
+                users.names().iter().any(|name| users.get(name).is_some_and(|u| u.plan().quota_bytes.is_some()));
+            (args.admin_token.is_some() || quotas).then(default_state_dir)
+        }
+    }
+}
+
+fn default_state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("STATE_DIRECTORY").filter(|d| !d.is_empty()) {
+        // systemd's StateDirectory= may list several, separated by colons: the first is ours.
+        let first = dir.to_string_lossy().split(':').next().unwrap_or_default().to_string();
+        return PathBuf::from(first);
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/anytls");
+    }
+    match std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        Some(state) => PathBuf::from(state).join("anytls"),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into())).join(".local/state/anytls"),
     }
 }
 

@@ -33,13 +33,31 @@ pub struct Connector {
     pub connect_timeout: Duration,
     /// Keepalive and user timeout on the connection to the server.
     pub keepalive: crate::keepalive::Keepalive,
+    /// Source address of the connection (`--bind`); none: the system's choice.
+    pub bind: Option<std::net::IpAddr>,
+}
+
+/// A TCP connection to `server`, from `bind` when given (the first of the server's
+/// addresses of the same family).
+async fn dial(server: &str, bind: Option<std::net::IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(bind) = bind else { return TcpStream::connect(server).await };
+    let mut last = None;
+    for address in tokio::net::lookup_host(server).await?.filter(|a| a.is_ipv4() == bind.is_ipv4()) {
+        let socket = if bind.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.bind(std::net::SocketAddr::new(bind, 0))?;
+        match socket.connect(address).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(err) => last = Some(err),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other(format!("no address of {server} in the family of --bind {bind}"))))
 }
 
 impl Connector {
     pub async fn connect(&self) -> Result<ClientSession, ConnectError> {
         let server = self.server.to_string();
         let after = self.connect_timeout;
-        let tcp = tokio::time::timeout(after, TcpStream::connect(server.as_str()))
+        let tcp = tokio::time::timeout(after, dial(server.as_str(), self.bind))
             .await
             .map_err(|_| ConnectError::TcpTimeout { server: server.clone(), after })?
             .map_err(|source| ConnectError::Tcp { server: server.clone(), source })?;
@@ -335,6 +353,7 @@ mod tests {
             client_options: ClientSessionOptions::default(),
             connect_timeout: Duration::from_secs(2),
             keepalive: Default::default(),
+            bind: None,
         };
         SessionPool::new(connector, settings)
     }

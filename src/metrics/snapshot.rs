@@ -209,6 +209,9 @@ pub struct UsersStats {
     pub auth_failures: u64,
     /// Streams and UDP datagrams refused by the outbound policy, per reason.
     pub policy_refused: std::collections::BTreeMap<&'static str, u64>,
+    /// Sessions of users their plan refused (`quota`, `expired`, `ips`, `sessions`,
+    /// `disabled`): on the wire a wrong password, counted here by reason.
+    pub plan_refused: std::collections::BTreeMap<&'static str, u64>,
 }
 
 /// The users section of `/metrics`.
@@ -234,6 +237,11 @@ pub fn render_user_metrics(s: &UsersStats, page: &mut Exposition) {
         "anytls_policy_refused_total",
         "Streams and UDP datagrams refused by the outbound policy.",
         s.policy_refused.iter().map(|(reason, count)| (label("reason", reason), *count)),
+    );
+    page.counter(
+        "anytls_user_refused_total",
+        "Sessions refused by their user's plan (a wrong password on the wire), by reason.",
+        s.plan_refused.iter().map(|(reason, count)| (label("reason", reason), *count)),
     );
 }
 
@@ -387,6 +395,7 @@ mod tests {
             }],
             auth_failures: 3,
             policy_refused: [("own_address", 2)].into_iter().collect(),
+            plan_refused: [("quota", 5)].into_iter().collect(),
         };
         let mut page = Exposition::default();
         render_user_metrics(&stats, &mut page);
@@ -394,6 +403,7 @@ mod tests {
         assert!(text.contains("anytls_user_streams_total{user=\"al\\\"ice\"} 4\n"), "{text}");
         assert!(text.contains("anytls_user_bytes_down_total{user=\"al\\\"ice\"} 20\n"), "{text}");
         assert!(text.contains("anytls_policy_refused_total{reason=\"own_address\"} 2\n"), "{text}");
+        assert!(text.contains("anytls_user_refused_total{reason=\"quota\"} 5\n"), "{text}");
     }
 
     #[test]

@@ -14,7 +14,10 @@ pub const AUTH_HASH_LEN: usize = 32;
 pub const AUTH_FIXED_LEN: usize = AUTH_HASH_LEN + 2;
 
 /// A password as the server compares it: its SHA-256.
-#[derive(Clone, PartialEq, Eq)]
+///
+/// Hashable, so the server finds a user in a map whatever the number of users; the map's
+/// hasher is seeded at random, so a client cannot aim at a bucket to learn from timing.
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct PasswordHash([u8; AUTH_HASH_LEN]);
 
 impl std::fmt::Debug for PasswordHash {
@@ -27,6 +30,10 @@ impl std::fmt::Debug for PasswordHash {
 impl PasswordHash {
     pub fn of(password: &str) -> PasswordHash {
         PasswordHash(Sha256::digest(password.as_bytes()).into())
+    }
+
+    pub fn from_bytes(hash: [u8; AUTH_HASH_LEN]) -> PasswordHash {
+        PasswordHash(hash)
     }
 
     pub fn as_bytes(&self) -> &[u8; AUTH_HASH_LEN] {
@@ -55,34 +62,42 @@ pub enum AuthError {
     WrongPassword,
 }
 
-/// Takes the authentication block off the front of the client's data; the item is the
-/// index of the matching password.
+/// Takes the authentication block off the front of the client's data; the item is what
+/// `accept` made of the hash (the server: its user and a session place; a list: an index).
 ///
 /// The hash is checked as soon as its 32 bytes are there, before the padding length,
 /// so a wrong password is rejected without waiting for (or buffering) the rest; on
-/// that error `buf` is left untouched (the bytes go to the fallback site). Fewer than
-/// 32 bytes are never compared: a partial hash must not be judged (see
-/// `server::fallback`).
-#[derive(Debug, Clone, Copy)]
-pub struct AuthBlockDecoder<'a> {
-    accepted: &'a [PasswordHash],
+/// that error `buf` is left untouched (the bytes go to the fallback site). `accept` is
+/// called once, and its answer kept while the padding arrives. Fewer than 32 bytes are
+/// never compared: a partial hash must not be judged (see `server::fallback`).
+pub struct AuthBlockDecoder<F, U> {
+    accept: F,
+    matched: Option<U>,
 }
 
-impl<'a> AuthBlockDecoder<'a> {
-    pub fn new(accepted: &'a [PasswordHash]) -> AuthBlockDecoder<'a> {
-        AuthBlockDecoder { accepted }
+impl<F: FnMut(&[u8; AUTH_HASH_LEN]) -> Option<U>, U> AuthBlockDecoder<F, U> {
+    pub fn new(accept: F) -> AuthBlockDecoder<F, U> {
+        AuthBlockDecoder { accept, matched: None }
     }
 }
 
-impl Decoder for AuthBlockDecoder<'_> {
-    type Item = usize;
+/// An `accept` for [`AuthBlockDecoder`] over a list: the index of the password.
+pub fn in_list(accepted: &[PasswordHash]) -> impl FnMut(&[u8; AUTH_HASH_LEN]) -> Option<usize> + '_ {
+    move |hash| matching_password(hash, accepted)
+}
+
+impl<F: FnMut(&[u8; AUTH_HASH_LEN]) -> Option<U>, U> Decoder for AuthBlockDecoder<F, U> {
+    type Item = U;
     type Error = AuthError;
 
-    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<usize>, AuthError> {
-        let Some(hash) = buf.get(..AUTH_HASH_LEN) else {
-            return Ok(None);
-        };
-        let user = matching_password(hash, self.accepted).ok_or(AuthError::WrongPassword)?;
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<U>, AuthError> {
+        if self.matched.is_none() {
+            let Some(hash) = buf.get(..AUTH_HASH_LEN) else {
+                return Ok(None);
+            };
+            let hash: &[u8; AUTH_HASH_LEN] = hash.try_into().expect("32 bytes");
+            self.matched = Some((self.accept)(hash).ok_or(AuthError::WrongPassword)?);
+        }
         let Some(padding_len) = buf.get(AUTH_HASH_LEN..AUTH_FIXED_LEN) else {
             return Ok(None);
         };
@@ -93,7 +108,7 @@ impl Decoder for AuthBlockDecoder<'_> {
             return Ok(None);
         }
         buf.advance(block_len);
-        Ok(Some(user))
+        Ok(self.matched.take())
     }
 }
 
@@ -143,7 +158,7 @@ mod tests {
 
     fn decode(data: &[u8], users: &[PasswordHash]) -> (Result<Option<usize>, AuthError>, BytesMut) {
         let mut buf = BytesMut::from(data);
-        (AuthBlockDecoder::new(users).decode(&mut buf), buf)
+        (AuthBlockDecoder::new(in_list(users)).decode(&mut buf), buf)
     }
 
     #[test]
@@ -207,11 +222,11 @@ mod tests {
             data.extend_from_slice(&rest);
             // One block, then the session's bytes: decode only the block's worth.
             let mut buf = data.clone();
-            proptest::prop_assert_eq!(AuthBlockDecoder::new(&users).decode(&mut buf), Ok(Some(user)));
+            proptest::prop_assert_eq!(AuthBlockDecoder::new(in_list(&users)).decode(&mut buf), Ok(Some(user)));
             proptest::prop_assert_eq!(&buf[..], &rest[..]);
             let block = &data[..block_len];
-            proptest::prop_assert_eq!(decode_whole(&mut AuthBlockDecoder::new(&users[user..=user]), block), (vec![0], Ok(0)));
-            proptest::prop_assert_eq!(decode_bytewise(&mut AuthBlockDecoder::new(&users[user..=user]), block), (vec![0], Ok(0)));
+            proptest::prop_assert_eq!(decode_whole(&mut AuthBlockDecoder::new(in_list(&users[user..=user])), block), (vec![0], Ok(0)));
+            proptest::prop_assert_eq!(decode_bytewise(&mut AuthBlockDecoder::new(in_list(&users[user..=user])), block), (vec![0], Ok(0)));
         }
 
         #[test]
@@ -220,8 +235,8 @@ mod tests {
         ) {
             use crate::proto::decode::checks::{decode_bytewise, decode_whole};
             let users = [PasswordHash::of("alice")];
-            let whole = decode_whole(&mut AuthBlockDecoder::new(&users), &bytes);
-            proptest::prop_assert_eq!(&whole, &decode_bytewise(&mut AuthBlockDecoder::new(&users), &bytes));
+            let whole = decode_whole(&mut AuthBlockDecoder::new(in_list(&users)), &bytes);
+            proptest::prop_assert_eq!(&whole, &decode_bytewise(&mut AuthBlockDecoder::new(in_list(&users)), &bytes));
             let expected = if bytes.len() < AUTH_HASH_LEN { Ok(bytes.len()) } else { Err(AuthError::WrongPassword) };
             proptest::prop_assert_eq!(whole, (vec![], expected));
         }

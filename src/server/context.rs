@@ -65,6 +65,10 @@ impl MetricsSource for ServerContext {
             users: self.users.report(),
             auth_failures: self.handshakes.auth_failures.load(std::sync::atomic::Ordering::Relaxed),
             policy_refused: Refusal::ALL.iter().map(|r| (r.label(), self.policy.refused(*r))).collect(),
+            plan_refused: crate::server::users::Refusal::ALL
+                .iter()
+                .map(|r| (r.label(), self.users.refused(*r)))
+                .collect(),
         })
     }
 

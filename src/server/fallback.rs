@@ -36,7 +36,6 @@ use tokio::time::Instant;
 
 use crate::framed::{Framed, ReadError};
 use crate::metrics::HandshakeCounters;
-use crate::proto::PasswordHash;
 use crate::proto::auth::{AUTH_FIXED_LEN, AUTH_HASH_LEN, AuthBlockDecoder, AuthError};
 
 /// How long a first request shorter than a password hash (32 bytes) waits for more bytes
@@ -91,9 +90,9 @@ impl FallbackSettings {
 
 /// What the client's first data after TLS turned out to be.
 #[derive(Debug)]
-pub enum FirstData {
-    /// A valid block: the matching user and the bytes after the block.
-    Authenticated { user: usize, leftover: BytesMut },
+pub enum FirstData<U> {
+    /// A valid block: what the accept function made of it, and the bytes after the block.
+    Authenticated { user: U, leftover: BytesMut },
     /// Not a valid authentication: everything read so far (it goes to the site).
     Invalid { read: BytesMut, why: &'static str },
     /// Nothing, or an incomplete block, by the deadline.
@@ -104,13 +103,14 @@ pub enum FirstData {
 
 /// Reads the client's first data until it authenticates, or is known not to (see the
 /// module doc for the rule), or `deadline` passes.
-pub async fn read_first_data<S: AsyncRead + Unpin + Send>(
-    io: &mut S,
-    passwords: &[PasswordHash],
-    deadline: Instant,
-) -> FirstData {
+/// `accept` turns a hash into its user, or refuses it (see [`AuthBlockDecoder`]).
+pub async fn read_first_data<S, F, U>(io: &mut S, accept: F, deadline: Instant) -> FirstData<U>
+where
+    S: AsyncRead + Unpin + Send,
+    F: FnMut(&[u8; AUTH_HASH_LEN]) -> Option<U>,
+{
     let buf = BytesMut::with_capacity(1024);
-    let mut block = Framed::with_buffer(AuthBlockDecoder::new(passwords), buf, AUTH_FIXED_LEN + u16::MAX as usize);
+    let mut block = Framed::with_buffer(AuthBlockDecoder::new(accept), buf, AUTH_FIXED_LEN + u16::MAX as usize);
     // The short wait starts at the first bytes and no longer applies once a whole hash is in.
     let mut short_until = None;
     let read = block
@@ -315,7 +315,8 @@ fn alpn_configs(plain: &Arc<rustls::ServerConfig>, protocols: &[Vec<u8>]) -> Vec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::auth::encode_auth_block;
+    use crate::proto::PasswordHash;
+    use crate::proto::auth::{encode_auth_block, in_list};
     use tokio::io::AsyncWriteExt;
 
     fn users() -> Vec<PasswordHash> {
@@ -326,7 +327,7 @@ mod tests {
         Instant::now() + Duration::from_secs(5)
     }
 
-    async fn first_data_of(chunks: Vec<(Vec<u8>, Duration)>, close: bool) -> (FirstData, Duration) {
+    async fn first_data_of(chunks: Vec<(Vec<u8>, Duration)>, close: bool) -> (FirstData<usize>, Duration) {
         let (mut ours, mut theirs) = tokio::io::duplex(64 * 1024);
         let writer = tokio::spawn(async move {
             for (chunk, pause) in chunks {
@@ -340,7 +341,7 @@ mod tests {
             }
         });
         let started = Instant::now();
-        let outcome = read_first_data(&mut ours, &users(), far()).await;
+        let outcome = read_first_data(&mut ours, in_list(&users()), far()).await;
         writer.abort();
         (outcome, started.elapsed())
     }
@@ -421,7 +422,7 @@ mod tests {
     async fn silence_waits_for_the_deadline_and_a_close_is_gone() {
         let (mut ours, _theirs) = tokio::io::duplex(1024);
         let deadline = Instant::now() + Duration::from_millis(100);
-        let outcome = read_first_data(&mut ours, &users(), deadline).await;
+        let outcome = read_first_data(&mut ours, in_list(&users()), deadline).await;
         assert!(matches!(&outcome, FirstData::TimedOut { read } if read.is_empty()), "{outcome:?}");
         assert!(Instant::now() >= deadline);
         let (outcome, _) = first_data_of(vec![], true).await;

@@ -115,6 +115,13 @@ pub struct StreamTicket {
     _in_flight: InFlightGuard,
 }
 
+impl StreamTicket {
+    /// The counters of the user whose stream this is.
+    pub fn user_counters(&self) -> &UserCounters {
+        &self._held.counters
+    }
+}
+
 /// A session's place under the cap and in its user's share.
 pub struct SessionPlace {
     _permit: OwnedSemaphorePermit,

@@ -8,6 +8,7 @@ pub mod limits;
 pub mod outbound;
 pub mod outbound_pool;
 pub mod policy;
+pub mod state;
 pub mod tls;
 pub mod udp;
 pub mod users;
@@ -33,7 +34,7 @@ pub use context::ServerContext;
 use fallback::{Fallback, FirstData, ProbeSettings, TlsFront};
 use limits::{Gate, HandshakeRefusal, HandshakeSlot, HandshakeSlots, NoPlace, ServerLimits};
 use outbound_pool::OutboundSettings;
-use users::{CountedIo, User, UserEntry, Users};
+use users::{CountedIo, Seat, User, UserEntry, Users};
 
 /// Everything the server needs to run.
 pub struct ServerConfig {
@@ -122,6 +123,7 @@ pub async fn serve(
         pool.warm_up(target);
     }
     let maintenance = tokio::spawn(maintain_pool(pool.clone(), config.stats_interval));
+    let expiry = tokio::spawn(expire_users(context.users.clone()));
     let refusals = Arc::new(std::sync::Mutex::new(RefusalLog::default()));
     tokio::pin!(shutdown);
     loop {
@@ -155,7 +157,8 @@ pub async fn serve(
                 Ok(slot) => slot,
                 Err(why) => return refusals.lock().expect("refusal log lock").note(peer, &why, &context.handshakes),
             };
-            let Some((tls, leftover, user)) = authenticate(tcp, peer, &door, &config, &context, deadline, slot).await
+            let Some((tls, leftover, user, mut seat)) =
+                authenticate(tcp, peer, &door, &config, &context, deadline, slot).await
             else {
                 return;
             };
@@ -167,7 +170,7 @@ pub async fn serve(
             let client_socket = tls.get_ref().0.as_raw_fd();
             let mut tls = tls;
             crate::session::limit_tls_buffer(tls.get_mut().1);
-            let tls = CountedIo::new(tls, user.counters.clone());
+            let tls = CountedIo::new(tls, user.clone());
             let session = ServerSession::start(tls, session_config, session_options, leftover, handler);
             log::debug!("{peer}: session open (user {})", user.name);
             let reason = tokio::select! {
@@ -176,10 +179,10 @@ pub async fn serve(
                     session.close("server shutting down");
                     "server shutting down".into()
                 }
-                () = user.revoked() => {
-                    session.close("user removed by a reload");
-                    log::info!("{peer}: session of user {} closed: removed by a reload", user.name);
-                    "user removed by a reload".into()
+                why = seat.cut() => {
+                    session.close(why.describe());
+                    log::info!("{peer}: session of user {} closed: {}", user.name, why.describe());
+                    why.describe().into()
                 }
                 () = client_gone(client_socket) => {
                     session.close("the client closed the connection");
@@ -200,6 +203,7 @@ pub async fn serve(
         log::warn!("{cut_off} streams still open after the drain time: closed");
     }
     maintenance.abort();
+    expiry.abort();
     let closed = pool.close_idle();
     pool.log_stats();
     log::info!("shut down: sessions closed, {closed} warm outbound connections closed");
@@ -278,6 +282,17 @@ async fn maintain_pool(pool: outbound_pool::OutboundPool, stats_interval: Durati
     }
 }
 
+/// Closes the sessions of users whose plan has expired, checked every second (so expiry
+/// is at the second: the check runs just after each whole second of the clock).
+async fn expire_users(users: Arc<Users>) {
+    loop {
+        let now = jiff::Timestamp::now();
+        let to_next_second = Duration::from_nanos(1_000_000_000 - u64::from(now.subsec_nanosecond().unsigned_abs()));
+        tokio::time::sleep(to_next_second + Duration::from_millis(5)).await;
+        users.expire(jiff::Timestamp::now());
+    }
+}
+
 type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
 
 /// Resolves once the client's socket shows that it closed or reset the connection.
@@ -305,8 +320,9 @@ struct Door {
 }
 
 /// TLS, then the authentication block, all before `deadline`. An authenticated client
-/// gets its session; anything else goes to the fallback site or is closed silently (see
-/// [`fallback`]), counted and logged at DEBUG only.
+/// whose user's plan lets it in gets its session and seat; anything else goes to the
+/// fallback site or is closed silently (see [`fallback`]), counted and logged at DEBUG only
+/// (a refused user, as a wrong password on the wire, is counted by its reason instead).
 async fn authenticate(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -315,7 +331,7 @@ async fn authenticate(
     context: &ServerContext,
     deadline: Instant,
     slot: HandshakeSlot,
-) -> Option<(TlsStream, BytesMut, Arc<User>)> {
+) -> Option<(TlsStream, BytesMut, Arc<User>, Seat)> {
     let handshakes = &context.handshakes;
     let _ = tcp.set_nodelay(true);
     config.keepalive.apply(&tcp);
@@ -331,15 +347,24 @@ async fn authenticate(
             return None;
         }
     };
-    let accepted = context.users.current();
-    let read = match fallback::read_first_data(&mut tls, accepted.hashes(), deadline).await {
-        FirstData::Authenticated { user, leftover } => {
-            let user = accepted.user(user);
+    let mut refused = None;
+    let now = jiff::Timestamp::now();
+    let accept = |hash: &[u8; 32]| match context.users.admit(hash, peer.ip(), now) {
+        Ok(admitted) => Some(admitted),
+        Err(why) => {
+            refused = why;
+            None
+        }
+    };
+    let read = match fallback::read_first_data(&mut tls, accept, deadline).await {
+        FirstData::Authenticated { user: (user, seat), leftover } => {
             log::debug!("{peer}: authenticated as user {}", user.name);
-            return Some((tls, leftover, user));
+            return Some((tls, leftover, user, seat));
         }
         FirstData::Invalid { read, why } => {
-            HandshakeCounters::count(&handshakes.auth_failures);
+            if refused.is_none() {
+                HandshakeCounters::count(&handshakes.auth_failures);
+            }
             log::debug!("{peer}: authentication failed ({why}) after {} bytes", read.len());
             read
         }

@@ -53,7 +53,7 @@ enum NoDestination {
     InTime,
 }
 
-/// Serves one stream to the end. `peer` names the client in logs; `_ticket` is the
+/// Serves one stream to the end. `peer` names the client in logs; `ticket` is the
 /// stream's place under the server's caps, given back when the stream ends; names it
 /// needs are `lookups`'s (its session's).
 pub async fn serve_stream(
@@ -61,7 +61,7 @@ pub async fn serve_stream(
     context: Arc<ServerContext>,
     udp: UdpSettings,
     peer: String,
-    _ticket: StreamTicket,
+    ticket: StreamTicket,
     lookups: LookupOwner,
 ) {
     let synack_deadline = tokio::time::Instant::now() + SYNACK_BUDGET;
@@ -75,6 +75,7 @@ pub async fn serve_stream(
         }
     };
     if is_udp_over_tcp(&destination) {
+        ticket.user_counters().udp_streams.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // UDP over TCP has its own sockets; the outbound TCP pool is not involved.
         return serve_udp(stream, early_payload, udp, peer, context.clone(), lookups).await;
     }

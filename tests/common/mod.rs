@@ -522,6 +522,32 @@ pub async fn api_get(api: SocketAddr, path: &str, bearer: Option<&str>) -> (u16,
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// One HTTP/1.1 request with an optional bearer token and JSON body; the status and the body.
+pub async fn api_request(
+    api: SocketAddr,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String) {
+    // Status 0: the connection failed or was cut (a test may kill the server mid-request).
+    let Ok(mut tcp) = TcpStream::connect(api).await else { return (0, String::new()) };
+    let auth = bearer.map(|token| format!("Authorization: Bearer {token}\r\n")).unwrap_or_default();
+    let body = body.unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {api}\r\n{auth}Content-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut raw = Vec::new();
+    if tcp.write_all(request.as_bytes()).await.is_err() || tcp.read_to_end(&mut raw).await.is_err() {
+        return (0, String::new());
+    }
+    let (head, body) = split_http_response(&raw);
+    let status = head.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
 // ---------------------------------------------------------------------------------------
 // Watching a process under load, and a healthy stream beside the load
 
