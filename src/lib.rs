@@ -9,6 +9,7 @@ pub mod api;
 pub mod cli;
 pub mod client;
 pub mod crypto;
+pub mod fleet;
 pub mod framed;
 pub mod keepalive;
 pub mod logging;

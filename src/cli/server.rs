@@ -12,6 +12,7 @@ use clap::{CommandFactory, Parser};
 
 use crate::cli::config_file as config;
 use crate::cli::{KeepaliveArgs, accept_single_dash_long_flags, exit_with, named, pool_type_help, secs_or_never};
+use crate::fleet::{Panel, PanelSettings};
 use crate::pool::PoolType;
 use crate::proto::{Address, PaddingScheme, PasswordHash};
 use crate::resources::ServerCaps;
@@ -33,15 +34,10 @@ use crate::session::buffers::BufferPoolMode;
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// Address to listen on.
-    #[arg(
-        short = 'l',
-        long = "listen",
-        default_value = "0.0.0.0:8443",
-        value_name = "ADDR",
-        help_heading = "Listening and TLS"
-    )]
-    listen: String,
+    /// Address to listen on [default: 0.0.0.0:8443, or with --panel 0.0.0.0:<the panel's
+    /// server_port>].
+    #[arg(short = 'l', long = "listen", value_name = "ADDR", help_heading = "Listening and TLS")]
+    listen: Option<String>,
     /// Password of an unnamed user; repeat for several. Visible in `ps`: prefer
     /// ANYTLS_PASSWORD, --password-file, or users in --config.
     #[arg(
@@ -179,6 +175,22 @@ struct Args {
     /// `off`: keep nothing.
     #[arg(long, value_name = "DIR|off", help_heading = "Users")]
     state_dir: Option<PathBuf>,
+    /// Take users from this panel's UniProxy node API (Xboard, V2board: its base URL) and
+    /// report their traffic to it (docs/fleet.md).
+    #[arg(long, value_name = "URL", requires_all = ["panel_token", "panel_node_id"], help_heading = "Fleet")]
+    panel: Option<String>,
+    /// The panel's node token (its `server_token`).
+    #[arg(long, value_name = "TOKEN", env = "ANYTLS_PANEL_TOKEN", hide_env_values = true, help_heading = "Fleet")]
+    panel_token: Option<String>,
+    /// This node's id at the panel.
+    #[arg(long, value_name = "ID", help_heading = "Fleet")]
+    panel_node_id: Option<String>,
+    /// Pull and push every SECS instead of the panel's pull_interval and push_interval.
+    #[arg(long, value_name = "SECS", help_heading = "Fleet")]
+    panel_interval_secs: Option<u64>,
+    /// A CA file to trust for an https:// panel, beside the web PKI; repeat for several.
+    #[arg(long, value_name = "FILE", help_heading = "Fleet")]
+    panel_ca: Vec<PathBuf>,
     /// Base path of the Shadowsocks Server Management API v1 shape of the admin API.
     #[arg(long, default_value = crate::api::DEFAULT_SSM_BASE, value_parser = ssm_base, value_name = "PATH", help_heading = "Users")]
     ssm_base: String,
@@ -318,12 +330,12 @@ fn reload(argv: &[String], users: &Users, certificate: &CertificateSlot) -> Resu
         certificate.replace_key(certified);
     }
     Ok(format!(
-        "{} users ({} kept, added: {}, removed: {}, {} left as the admin API made them), certificate {}",
+        "{} users ({} kept, added: {}, removed: {}, {} of the admin API or the panel left alone), certificate {}",
         users.len(),
         summary.kept,
         list_or_none(&summary.added),
         list_or_none(&summary.removed),
-        summary.api_owned,
+        summary.left_alone,
         certificate.fingerprint()
     ))
 }
@@ -377,7 +389,8 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
         buffers.per_session() >> 10
     );
     let entries = user_entries(&args)?;
-    let users = if args.admin_token.is_some() { Users::managed(entries) } else { Users::new(entries) };
+    let managed = args.admin_token.is_some() || args.panel.is_some();
+    let users = if managed { Users::managed(entries) } else { Users::new(entries) };
     let users = Arc::new(users.map_err(|e| e.to_string())?);
     let state = match state_dir(&args, &users) {
         Some(dir) => Some(Arc::new(UserState::open(&dir, &users).map_err(|e| format!("--state-dir: {e}"))?)),
@@ -425,8 +438,6 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
         .iter()
         .map(|target| Address::parse_host_port(target).ok_or_else(|| format!("--warmup: bad host:port {target:?}")))
         .collect::<Result<Vec<_>, _>>()?;
-    let listener =
-        crate::accept::listen(&args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let config = ServerConfig {
         tls,
         passwords: Vec::new(),
@@ -445,6 +456,21 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
 
     let limits = server_limits(&args, &caps, max_sessions, max_streams, buffers);
     let context = Arc::new(ServerContext::from_config(&config, users.clone()).with_relay_buffers(args.buffer_pool));
+    let mut panel = match panel_settings(&args) {
+        Some(settings) => {
+            let mut panel = Panel::new(settings, context.clone(), state.clone()).map_err(|e| e.to_string())?;
+            panel.keep_padding(args.padding_scheme.is_some());
+            panel.start(5).await.map_err(|e| e.to_string())?;
+            Some(panel)
+        }
+        None => None,
+    };
+    let listen = match (&args.listen, panel.as_ref().and_then(|p| p.node_config().server_port)) {
+        (Some(listen), _) => listen.clone(),
+        (None, Some(port)) => format!("0.0.0.0:{port}"),
+        (None, None) => "0.0.0.0:8443".to_string(),
+    };
+    let listener = crate::accept::listen(&listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let bound = listener.local_addr().map_err(|e| e.to_string())?;
     let mut own = vec![bound];
     if let Some(api) = &args.api {
@@ -455,6 +481,7 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
         log::warn!("--api-token or --admin-token without --api: there is no API to serve");
     }
     let usage_writer = state.clone().map(|state| tokio::spawn(keep_usage(state, users.clone())));
+    let panel_link = panel.take().map(Panel::spawn);
     let policy = outbound_policy(&args, own)?;
     log_policy(&policy);
     context.policy.replace(policy);
@@ -463,7 +490,7 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
         "listening on {bound} ({} user{}: {})",
         users.len(),
         if users.len() == 1 { "" } else { "s" },
-        users.names().join(", ")
+        some_names(&users.names())
     );
     print_client_command(bound, &args, self_signed.then(|| certificate.fingerprint()));
     let shutdown = async {
@@ -471,6 +498,10 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
         log::info!("{signal} received");
     };
     server::serve(listener, config, context, limits, shutdown).await;
+    if let Some(link) = panel_link {
+        // The link pushes what is left once more, then stops (at most one call's deadline).
+        link.stop().await;
+    }
     if let (Some(state), Some(writer)) = (state, usage_writer) {
         writer.abort();
         match state.save_usage(&users).await {
@@ -529,6 +560,26 @@ fn api_settings(args: &Args) -> crate::api::ApiSettings {
     }
 }
 
+/// The first few of `names`, and how many more (a panel may have 100,000 users).
+fn some_names(names: &[String]) -> String {
+    const SHOWN: usize = 10;
+    match names.len() {
+        0 => "none yet".into(),
+        n if n <= SHOWN => names.join(", "),
+        n => format!("{}, … and {} more", names[..SHOWN].join(", "), n - SHOWN),
+    }
+}
+
+fn panel_settings(args: &Args) -> Option<PanelSettings> {
+    Some(PanelSettings {
+        url: args.panel.clone()?,
+        token: args.panel_token.clone().unwrap_or_default(),
+        node_id: args.panel_node_id.clone().unwrap_or_default(),
+        interval: args.panel_interval_secs.map(|s| Duration::from_secs(s.max(1))),
+        extra_ca: args.panel_ca.clone(),
+    })
+}
+
 /// The state directory to use, if any (see `--state-dir`).
 fn state_dir(args: &Args, users: &Users) -> Option<PathBuf> {
     match &args.state_dir {
@@ -537,7 +588,7 @@ fn state_dir(args: &Args, users: &Users) -> Option<PathBuf> {
         None => {
             let quotas =
                 users.names().iter().any(|name| users.get(name).is_some_and(|u| u.plan().quota_bytes.is_some()));
-            (args.admin_token.is_some() || quotas).then(default_state_dir)
+            (args.admin_token.is_some() || args.panel.is_some() || quotas).then(default_state_dir)
         }
     }
 }

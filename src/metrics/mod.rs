@@ -9,6 +9,7 @@
 pub mod exposition;
 pub mod handshakes;
 pub mod log_lines;
+pub mod panel;
 pub mod snapshot;
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -30,6 +31,10 @@ pub trait MetricsSource: Send + Sync + 'static {
     fn handshakes(&self) -> Option<&HandshakeCounters> {
         None
     }
+    /// The server's link to its panel (`None` on the client).
+    fn panel(&self) -> Option<&panel::PanelHealth> {
+        None
+    }
 }
 
 /// Everything at this moment, as the live page receives it.
@@ -47,6 +52,9 @@ pub fn render_prometheus(source: &dyn MetricsSource, top_targets: usize) -> Stri
     }
     if let Some(users) = source.users_stats() {
         snapshot::render_user_metrics(&users, &mut page);
+    }
+    if let Some(panel) = source.panel() {
+        panel.render(&mut page);
     }
     page.into_text()
 }

@@ -5,13 +5,17 @@
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+
 use super::ServerConfig;
 use super::outbound::Dialer;
 use super::outbound_pool::OutboundPool;
 use super::policy::{OutboundPolicy, Policy, Refusal};
 use super::users::Users;
+use crate::metrics::panel::PanelHealth;
 use crate::metrics::snapshot::{ConnectionPoolStats, MemoryPoolStats, UsersStats};
 use crate::metrics::{HandshakeCounters, MetricsSource};
+use crate::proto::PaddingScheme;
 use crate::session::buffers::{BufferPoolMode, RelayBuffers};
 
 pub struct ServerContext {
@@ -20,6 +24,10 @@ pub struct ServerContext {
     pub policy: OutboundPolicy,
     pub handshakes: HandshakeCounters,
     pub relay_buffers: RelayBuffers,
+    /// The padding scheme sent to clients; the panel may change it live.
+    pub padding: Arc<ArcSwap<PaddingScheme>>,
+    /// The link to the panel, when there is one (`--panel`).
+    pub panel: PanelHealth,
 }
 
 impl ServerContext {
@@ -31,13 +39,17 @@ impl ServerContext {
             policy: OutboundPolicy::default(),
             handshakes: HandshakeCounters::default(),
             relay_buffers: RelayBuffers::default(),
+            padding: Arc::new(ArcSwap::from_pointee(PaddingScheme::default())),
+            panel: PanelHealth::default(),
         }
     }
 
     /// As [`ServerContext::new`], with the outbound pool `config` asks for.
     pub fn from_config(config: &ServerConfig, users: Arc<Users>) -> ServerContext {
         let dialer = Dialer { connect_timeout: config.connect_timeout, keepalive: config.keepalive };
-        ServerContext::new(users, OutboundPool::new(config.outbound.clone(), dialer))
+        let context = ServerContext::new(users, OutboundPool::new(config.outbound.clone(), dialer));
+        context.padding.store(Arc::new(config.padding.clone()));
+        context
     }
 
     pub fn with_policy(self, rules: Policy) -> ServerContext {
@@ -74,5 +86,9 @@ impl MetricsSource for ServerContext {
 
     fn handshakes(&self) -> Option<&HandshakeCounters> {
         Some(&self.handshakes)
+    }
+
+    fn panel(&self) -> Option<&PanelHealth> {
+        Some(&self.panel)
     }
 }

@@ -18,7 +18,6 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -97,7 +96,7 @@ pub async fn serve(
     });
     let config = Arc::new(config);
     let session_config = SessionConfig {
-        padding: Arc::new(ArcSwap::from_pointee(config.padding.clone())),
+        padding: context.padding.clone(),
         stream_idle_timeout: limits.stream_idle_timeout,
         half_close_timeout: limits.half_close_timeout,
         stream_buffer: limits.stream_buffer,

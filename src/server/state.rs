@@ -3,7 +3,8 @@
 //!
 //! Keys: `user/NAME` → `{"password": …, "plan": {…}}` (a user the API added or changed),
 //! `removed/NAME` → `true` (a file user the API removed), `usage/NAME` → bytes counted
-//! against the quota. A user change is durable before the API answers; usage is written
+//! against the quota, `outbox/ID` → `[up, down]` (traffic the panel has not acknowledged
+//! yet, see `fleet`). A user change is durable before the API answers; usage is written
 //! every [`USAGE_EVERY`] and at shutdown, so `kill -9` loses at most that much of it.
 
 use std::path::Path;
@@ -28,6 +29,8 @@ struct StoredUser {
 /// The server's state directory, open.
 pub struct UserState {
     store: Store,
+    /// The panel's outbox as found at start-up.
+    outbox: std::collections::BTreeMap<u64, (u64, u64)>,
     /// Usage as last written, to write only what changed.
     written: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
@@ -38,6 +41,7 @@ impl UserState {
     pub fn open(dir: &Path, users: &Users) -> Result<UserState, StoreError> {
         let (store, contents) = Store::open(dir)?;
         let (mut api_users, mut removed, mut used) = (Vec::new(), Vec::new(), Vec::new());
+        let mut outbox = std::collections::BTreeMap::new();
         for (key, value) in contents {
             if let Some(name) = key.strip_prefix("user/") {
                 match serde_json::from_value::<StoredUser>(value) {
@@ -48,6 +52,9 @@ impl UserState {
                 removed.push(name.to_string());
             } else if let Some(name) = key.strip_prefix("usage/") {
                 used.push((name.to_string(), value.as_u64().unwrap_or(0)));
+            } else if let Some(id) = key.strip_prefix("outbox/").and_then(|id| id.parse::<u64>().ok()) {
+                let pair = |i: usize| value.get(i).and_then(serde_json::Value::as_u64).unwrap_or(0);
+                outbox.insert(id, (pair(0), pair(1)));
             }
         }
         log::info!(
@@ -59,7 +66,37 @@ impl UserState {
         );
         let written = used.iter().cloned().collect();
         users.restore(api_users, removed, used);
-        Ok(UserState { store, written: std::sync::Mutex::new(written) })
+        Ok(UserState { store, outbox, written: std::sync::Mutex::new(written) })
+    }
+
+    /// The store itself, for what else the server keeps there (the panel's outbox).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The panel's outbox as the state directory kept it: traffic per panel id not yet
+    /// acknowledged (`outbox/ID` → `[up, down]`).
+    pub fn outbox(&self) -> std::collections::BTreeMap<u64, (u64, u64)> {
+        self.outbox.clone()
+    }
+
+    /// Makes durable the outbox entries of `ids`, as `outbox` now has them (absent: sent).
+    pub async fn save_outbox(
+        &self,
+        outbox: &std::collections::BTreeMap<u64, (u64, u64)>,
+        ids: impl IntoIterator<Item = u64>,
+    ) -> Result<(), StoreError> {
+        let changes: Vec<Change> = ids
+            .into_iter()
+            .map(|id| match outbox.get(&id) {
+                Some((up, down)) => Change::Put(format!("outbox/{id}"), serde_json::json!([up, down])),
+                None => Change::Delete(format!("outbox/{id}")),
+            })
+            .collect();
+        if changes.is_empty() {
+            return Ok(());
+        }
+        self.store.apply(changes).await
     }
 
     /// Makes `entry` durable as the API's user.

@@ -22,7 +22,7 @@ pub mod rate;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -167,14 +167,14 @@ pub struct User {
     pub speed_up: RateLimit,
     pub speed_down: RateLimit,
     online: Arc<Online>,
-    /// Added, changed or removed by the admin API: a reload leaves it alone.
-    api_owned: AtomicBool,
+    /// Who changes it (see the module doc): a reload changes the file's only.
+    owner: AtomicU8,
     refused: RefusalCounts,
     refusal_logged: Mutex<[Option<tokio::time::Instant>; 5]>,
 }
 
 impl User {
-    fn new(entry: UserEntry, counters: Arc<UserCounters>, api_owned: bool) -> User {
+    fn new(entry: UserEntry, counters: Arc<UserCounters>, owner: Owner) -> User {
         let user = User {
             name: entry.name,
             hash: entry.hash,
@@ -186,12 +186,25 @@ impl User {
             speed_up: RateLimit::new(None),
             speed_down: RateLimit::new(None),
             online: Arc::default(),
-            api_owned: AtomicBool::new(api_owned),
+            owner: AtomicU8::new(owner as u8),
             refused: RefusalCounts::default(),
             refusal_logged: Mutex::default(),
         };
         user.set_plan(entry.plan);
         user
+    }
+
+    pub fn owner(&self) -> Owner {
+        match self.owner.load(Ordering::Relaxed) {
+            0 => Owner::File,
+            1 => Owner::Api,
+            _ => Owner::Panel,
+        }
+    }
+
+    /// The user's id at the panel, for a user the panel gave.
+    pub fn panel_id(&self) -> Option<u64> {
+        (self.owner() == Owner::Panel).then(|| self.name.parse().ok()).flatten()
     }
 
     pub fn plan(&self) -> Arc<Plan> {
@@ -278,7 +291,7 @@ impl User {
         UserView {
             name: self.name.clone(),
             password: self.password.clone(),
-            owner: if self.api_owned.load(Ordering::Relaxed) { "api" } else { "file" },
+            owner: self.owner().label(),
             plan: (*self.plan()).clone(),
             used_bytes: c.used.load(Ordering::Relaxed),
             sessions: self.online.sessions() as u64,
@@ -334,7 +347,8 @@ pub struct UserView {
     pub name: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
-    /// `file` (seeded by the config file) or `api` (the admin API's since it changed it).
+    /// `file` (seeded by the config file), `api` (the admin API's since it changed it) or
+    /// `panel` (pulled from the panel).
     pub owner: &'static str,
     #[serde(flatten)]
     pub plan: Plan,
@@ -362,14 +376,42 @@ pub struct UserUsage {
     pub used_bytes: u64,
 }
 
+/// Who changes a user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// The config file and the command line (a reload).
+    File = 0,
+    /// The admin API, since it added, changed or removed the user.
+    Api = 1,
+    /// The panel's user list (`--panel`).
+    Panel = 2,
+}
+
+impl Owner {
+    pub fn label(self) -> &'static str {
+        match self {
+            Owner::File => "file",
+            Owner::Api => "api",
+            Owner::Panel => "panel",
+        }
+    }
+}
+
+/// What a list does with a user it may not have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Clash {
+    Refuse,
+    Skip,
+}
+
 /// What a reload changed.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ReloadSummary {
     pub added: Vec<String>,
     pub removed: Vec<String>,
     pub kept: usize,
-    /// File users left as the admin API made them.
-    pub api_owned: usize,
+    /// Users of other owners (the admin API, the panel, the file), left as they are.
+    pub left_alone: usize,
 }
 
 type ByHash = HashMap<PasswordHash, Arc<User>, foldhash::fast::RandomState>;
@@ -409,6 +451,8 @@ impl Registry {
 #[derive(Debug, Default)]
 pub struct Users {
     registry: RwLock<Registry>,
+    /// Held by every change from its check to its end: changes never interleave.
+    edits: Mutex<()>,
     counters: Mutex<BTreeMap<String, Arc<UserCounters>>>,
     refused: RefusalCounts,
 }
@@ -438,63 +482,101 @@ impl Users {
         self.registry.write().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Makes `entries` the users of the config file (a reload). The admin API's users, and
-    /// the names it removed, stay as they are. Refuses (changing nothing) a name given twice,
-    /// or a password another user has (the server could not tell them apart).
+    /// Makes `entries` the users of the config file (a reload). The admin API's users, the
+    /// panel's, and the names the API removed, stay as they are. Refuses (changing nothing)
+    /// a name given twice, or a password another user has (the server could not tell them
+    /// apart).
     pub fn replace(&self, entries: Vec<UserEntry>) -> Result<ReloadSummary, UsersError> {
         check_entries(&entries)?;
-        let mut registry = self.write();
+        self.replace_as(Owner::File, entries, Clash::Refuse)
+    }
+
+    /// Makes `entries` the panel's users (one pull): as [`Users::replace`] for the panel's
+    /// share, except that a user the panel cannot have (a name or password another owner
+    /// holds, or given twice) is left out with a warning instead of refusing the whole list.
+    pub fn replace_from_panel(&self, entries: Vec<UserEntry>) -> ReloadSummary {
+        let mut names = BTreeSet::new();
+        let mut hashes = std::collections::HashSet::new();
+        let entries: Vec<UserEntry> = entries
+            .into_iter()
+            .filter(|e| {
+                let fresh = names.insert(e.name.clone()) && hashes.insert(e.hash.clone());
+                if !fresh {
+                    log::warn!("panel: user {} is listed twice (by id or by password): left out", e.name);
+                }
+                fresh
+            })
+            .collect();
+        self.replace_as(Owner::Panel, entries, Clash::Skip).expect("skipping never refuses")
+    }
+
+    /// Makes `entries` the users of `owner`. Worked out under the read lock, so
+    /// authentication goes on meanwhile, and applied under the write lock in one go.
+    fn replace_as(&self, owner: Owner, entries: Vec<UserEntry>, clash: Clash) -> Result<ReloadSummary, UsersError> {
+        let _one_change_at_a_time = self.edits.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut summary = ReloadSummary::default();
-        let api_owned = |registry: &Registry, name: &str| {
-            registry.removed_by_api.contains(name)
-                || registry.by_name.get(name).is_some_and(|u| u.api_owned.load(Ordering::Relaxed))
-        };
-        let from_file: Vec<UserEntry> = entries.into_iter().filter(|e| !api_owned(&registry, &e.name)).collect();
-        summary.api_owned = registry.by_name.values().filter(|u| u.api_owned.load(Ordering::Relaxed)).count();
-        for entry in &from_file {
-            if let Some(other) = registry.password_taken(&entry.hash, &entry.name)
-                && other.api_owned.load(Ordering::Relaxed)
-            {
-                return Err(UsersError::SamePassword(other.name.clone(), entry.name.clone()));
+        let (mut kept, mut changed, mut added, mut gone) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        {
+            let registry = self.read();
+            let others = |name: &str| {
+                registry.removed_by_api.contains(name) || registry.by_name.get(name).is_some_and(|u| u.owner() != owner)
+            };
+            summary.left_alone = registry.by_name.values().filter(|u| u.owner() != owner).count();
+            let mut named = BTreeSet::new();
+            for entry in entries {
+                if others(&entry.name) {
+                    if clash == Clash::Skip {
+                        log::warn!("panel: user {} is the admin API's or the file's: left out", entry.name);
+                    }
+                    continue;
+                }
+                if let Some(other) = registry.password_taken(&entry.hash, &entry.name)
+                    && other.owner() != owner
+                {
+                    match clash {
+                        Clash::Refuse => return Err(UsersError::SamePassword(other.name.clone(), entry.name)),
+                        Clash::Skip => {
+                            log::warn!("panel: user {} has the password of user {}: left out", entry.name, other.name);
+                            continue;
+                        }
+                    }
+                }
+                named.insert(entry.name.clone());
+                match registry.by_name.get(&entry.name) {
+                    Some(user) if user.hash == entry.hash => kept.push((user.clone(), entry.plan)),
+                    Some(_) => changed.push(entry),
+                    None => added.push(entry),
+                }
+            }
+            for user in registry.by_name.values().filter(|u| u.owner() == owner && !named.contains(&u.name)) {
+                gone.push(user.name.clone());
             }
         }
-        let named: BTreeSet<&str> = from_file.iter().map(|e| e.name.as_str()).collect();
-        let gone: Vec<String> = registry
-            .by_name
-            .values()
-            .filter(|u| !u.api_owned.load(Ordering::Relaxed) && !named.contains(u.name.as_str()))
-            .map(|u| u.name.clone())
-            .collect();
+        let mut registry = self.write();
         for name in gone {
             if let Some(user) = registry.remove(&name) {
                 user.cut(Cut::Removed, None);
                 summary.removed.push(name);
             }
         }
-        let mut new = Vec::new();
-        for entry in from_file {
-            match registry.by_name.get(&entry.name).cloned() {
-                Some(user) if user.hash == entry.hash => {
-                    user.set_plan(entry.plan);
-                    summary.kept += 1;
-                }
-                Some(_) => {
-                    // A changed password: out first, so that two users swapping passwords
-                    // never meet in the map; back in below as a new user, same counters.
-                    if let Some(old) = registry.remove(&entry.name) {
-                        old.cut(Cut::PasswordChanged, None);
-                    }
-                    new.push(entry);
-                }
-                None => {
-                    summary.added.push(entry.name.clone());
-                    new.push(entry);
-                }
+        // A changed password: out first, so that two users swapping passwords never meet
+        // in the map; back in below as a new user, same counters.
+        for entry in &changed {
+            if let Some(old) = registry.remove(&entry.name) {
+                old.cut(Cut::PasswordChanged, None);
             }
         }
-        for entry in new {
+        summary.kept = kept.len();
+        summary.added = added.iter().map(|e| e.name.clone()).collect();
+        for entry in changed.into_iter().chain(added) {
             let counters = self.counters_of(&entry.name);
-            registry.insert(Arc::new(User::new(entry, counters, false)));
+            registry.insert(Arc::new(User::new(entry, counters, owner)));
+        }
+        drop(registry);
+        for (user, plan) in kept {
+            if *user.plan() != plan {
+                user.set_plan(plan);
+            }
         }
         Ok(summary)
     }
@@ -561,6 +643,7 @@ impl Users {
 
     /// Adds a user owned by the admin API.
     pub fn add(&self, entry: UserEntry) -> Result<Arc<User>, UsersError> {
+        let _one_change_at_a_time = self.edits.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         check_name(&entry.name)?;
         let mut registry = self.write();
         if registry.by_name.contains_key(&entry.name) {
@@ -570,7 +653,7 @@ impl Users {
             return Err(UsersError::SamePassword(other.name.clone(), entry.name));
         }
         registry.removed_by_api.remove(&entry.name);
-        let user = Arc::new(User::new(entry.clone(), self.counters_of(&entry.name), true));
+        let user = Arc::new(User::new(entry.clone(), self.counters_of(&entry.name), Owner::Api));
         registry.insert(user.clone());
         Ok(user)
     }
@@ -595,26 +678,28 @@ impl Users {
     /// from now on. A changed password closes the sessions opened with the old one; a plan
     /// applies to the open sessions at once.
     pub fn update(&self, entry: UserEntry) -> Result<Arc<User>, UsersError> {
+        let _one_change_at_a_time = self.edits.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut registry = self.write();
         let user =
             registry.by_name.get(&entry.name).cloned().ok_or_else(|| UsersError::NoSuchUser(entry.name.clone()))?;
         if let Some(other) = registry.password_taken(&entry.hash, &entry.name) {
             return Err(UsersError::SamePassword(other.name.clone(), entry.name));
         }
-        user.api_owned.store(true, Ordering::Relaxed);
+        user.owner.store(Owner::Api as u8, Ordering::Relaxed);
         if user.hash == entry.hash {
             user.set_plan(entry.plan);
             return Ok(user);
         }
         user.cut(Cut::PasswordChanged, None);
         let counters = user.counters.clone();
-        let next = Arc::new(User::new(entry, counters, true));
+        let next = Arc::new(User::new(entry, counters, Owner::Api));
         registry.insert(next.clone());
         Ok(next)
     }
 
     /// Removes `name` and closes its sessions; a reload will not bring it back.
     pub fn remove(&self, name: &str) -> Result<Arc<User>, UsersError> {
+        let _one_change_at_a_time = self.edits.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut registry = self.write();
         let user = registry.remove(name).ok_or_else(|| UsersError::NoSuchUser(name.to_string()))?;
         registry.removed_by_api.insert(name.to_string());
@@ -630,6 +715,7 @@ impl Users {
     /// Restores what the state directory kept: the admin API's users and removals, and
     /// everyone's quota usage. Called once at start-up, after the file's users.
     pub fn restore(&self, api_users: Vec<UserEntry>, removed: Vec<String>, used: Vec<(String, u64)>) {
+        let _one_change_at_a_time = self.edits.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         for (name, bytes) in used {
             self.counters_of(&name).used.store(bytes, Ordering::Relaxed);
         }
@@ -648,8 +734,24 @@ impl Users {
             }
             registry.removed_by_api.remove(&entry.name);
             let counters = self.counters_of(&entry.name);
-            registry.insert(Arc::new(User::new(entry, counters, true)));
+            registry.insert(Arc::new(User::new(entry, counters, Owner::Api)));
         }
+    }
+
+    /// Every user's counters ever seen, by name (removed users' too).
+    pub fn counters_by_name(&self) -> Vec<(String, Arc<UserCounters>)> {
+        let counters = self.counters.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        counters.iter().map(|(name, c)| (name.clone(), c.clone())).collect()
+    }
+
+    /// The panel's users online now: their panel id and source IPs.
+    pub fn panel_online(&self) -> BTreeMap<u64, Vec<IpAddr>> {
+        let registry = self.read();
+        registry
+            .by_name
+            .values()
+            .filter_map(|user| Some((user.panel_id()?, user.online.ips())).filter(|(_, ips)| !ips.is_empty()))
+            .collect()
     }
 
     /// Every user's quota usage now, by name (what the state directory keeps).

@@ -50,7 +50,7 @@ async fn a_reload_keeps_unchanged_users_and_cuts_the_others() {
     let summary = users.replace(vec![entry("alice", "a"), entry("carol", "c2"), entry("dave", "d")]).unwrap();
     assert_eq!(
         summary,
-        ReloadSummary { added: vec!["dave".into()], removed: vec!["bob".into()], kept: 1, api_owned: 0 }
+        ReloadSummary { added: vec!["dave".into()], removed: vec!["bob".into()], kept: 1, left_alone: 0 }
     );
     assert_eq!(tokio::time::timeout(QUICK, bob.1.cut()).await, Ok(Cut::Removed));
     assert_eq!(tokio::time::timeout(QUICK, carol.1.cut()).await, Ok(Cut::PasswordChanged));
@@ -100,7 +100,7 @@ async fn api_changes_touch_only_their_user_and_survive_a_reload() {
     assert_eq!(alice_seat.cut().await, Cut::Removed);
     // The file still has alice and bob as they were: the API's changes stand.
     let summary = users.replace(vec![entry("alice", "a"), entry("bob", "b")]).unwrap();
-    assert_eq!(summary.api_owned, 2, "bob changed and carol added by the API");
+    assert_eq!(summary.left_alone, 2, "bob changed and carol added by the API");
     assert!(users.get("alice").is_none(), "removed by the API, not brought back");
     assert_eq!(users.get("bob").unwrap().speed_up.rate(), Some(1000));
     assert!(users.get("carol").is_some());
