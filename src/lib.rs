@@ -11,6 +11,7 @@ pub mod client;
 pub mod crypto;
 pub mod fleet;
 pub mod framed;
+pub mod http_call;
 pub mod keepalive;
 pub mod logging;
 pub mod metrics;

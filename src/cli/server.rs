@@ -16,6 +16,7 @@ use crate::fleet::{Panel, PanelSettings};
 use crate::pool::PoolType;
 use crate::proto::{Address, PaddingScheme, PasswordHash};
 use crate::resources::ServerCaps;
+use crate::server::auth_callback::{AuthCallback, CallbackSettings};
 use crate::server::fallback::{FallbackSettings, ProbeSettings};
 use crate::server::limits::ServerLimits;
 use crate::server::outbound_pool::OutboundSettings;
@@ -191,6 +192,16 @@ struct Args {
     /// A CA file to trust for an https:// panel, beside the web PKI; repeat for several.
     #[arg(long, value_name = "FILE", help_heading = "Fleet")]
     panel_ca: Vec<PathBuf>,
+    /// Ask this URL (POST) about passwords no local user has: an HTTP auth callback
+    /// (docs/fleet.md). Fails closed: a timeout or error refuses.
+    #[arg(long, value_name = "URL", help_heading = "Fleet")]
+    auth_url: Option<String>,
+    /// The auth callback must answer within this many seconds.
+    #[arg(long, default_value_t = 3, value_name = "SECS", help_heading = "Fleet")]
+    auth_timeout_secs: u64,
+    /// How long the auth callback's yes is trusted (its no: a tenth of it, at least 1 s).
+    #[arg(long, default_value_t = 300, value_name = "SECS", help_heading = "Fleet")]
+    auth_cache_secs: u64,
     /// Base path of the Shadowsocks Server Management API v1 shape of the admin API.
     #[arg(long, default_value = crate::api::DEFAULT_SSM_BASE, value_parser = ssm_base, value_name = "PATH", help_heading = "Users")]
     ssm_base: String,
@@ -389,7 +400,7 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
         buffers.per_session() >> 10
     );
     let entries = user_entries(&args)?;
-    let managed = args.admin_token.is_some() || args.panel.is_some();
+    let managed = args.admin_token.is_some() || args.panel.is_some() || args.auth_url.is_some();
     let users = if managed { Users::managed(entries) } else { Users::new(entries) };
     let users = Arc::new(users.map_err(|e| e.to_string())?);
     let state = match state_dir(&args, &users) {
@@ -455,7 +466,23 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
     };
 
     let limits = server_limits(&args, &caps, max_sessions, max_streams, buffers);
-    let context = Arc::new(ServerContext::from_config(&config, users.clone()).with_relay_buffers(args.buffer_pool));
+    let callback = match &args.auth_url {
+        Some(url) => {
+            let mut settings = CallbackSettings::new(url);
+            settings.timeout = Duration::from_secs(args.auth_timeout_secs.max(1));
+            settings.positive_ttl = Duration::from_secs(args.auth_cache_secs);
+            settings.negative_ttl = Duration::from_secs((args.auth_cache_secs / 10).max(1));
+            let callback = AuthCallback::new(settings).map_err(|e| format!("--auth-url: {e}"))?;
+            log::info!("passwords no local user has are asked of the auth callback {url}");
+            Some(Arc::new(callback))
+        }
+        None => None,
+    };
+    let context = Arc::new(
+        ServerContext::from_config(&config, users.clone())
+            .with_relay_buffers(args.buffer_pool)
+            .with_auth_callback(callback),
+    );
     let mut panel = match panel_settings(&args) {
         Some(settings) => {
             let mut panel = Panel::new(settings, context.clone(), state.clone()).map_err(|e| e.to_string())?;

@@ -15,7 +15,6 @@
 //! UniProxy has no idempotency key: if the node dies between the panel's acknowledgement
 //! and the outbox's write, that one push is sent again.
 
-pub mod http;
 pub mod uniproxy;
 
 use std::collections::{BTreeMap, HashMap};
@@ -25,12 +24,12 @@ use std::time::Duration;
 
 use hyper::Method;
 
+use crate::http_call::{self as http, CallError, Endpoint};
 use crate::metrics::panel::PanelHealth;
 use crate::proto::PaddingScheme;
 use crate::server::ServerContext;
 use crate::server::state::UserState;
 use crate::server::users::Users;
-use http::{CallError, Endpoint};
 use uniproxy::{BASE_PATH, Garbage, NodeConfig};
 
 /// How often the growth of counters goes into the outbox.

@@ -25,6 +25,9 @@ pub struct HandshakeCounters {
     pub refused_full: AtomicU64,
     /// Connections dropped at accept: their source already held its share.
     pub refused_source_full: AtomicU64,
+    /// Passwords the auth callback (`--auth-url`) could not judge: a timeout, an error,
+    /// garbage, or too many calls in flight (each refused).
+    pub auth_callback_failures: AtomicU64,
 }
 
 impl HandshakeCounters {
@@ -59,6 +62,11 @@ impl HandshakeCounters {
                 (label("limit", "total"), load(&self.refused_full)),
                 (label("limit", "per_source"), load(&self.refused_source_full)),
             ],
+        );
+        page.counter(
+            "anytls_auth_callback_failures_total",
+            "Passwords the --auth-url callback could not judge (timeout, error, garbage, busy): refused.",
+            [(String::new(), load(&self.auth_callback_failures))],
         );
     }
 }

@@ -28,6 +28,8 @@ pub struct ServerContext {
     pub padding: Arc<ArcSwap<PaddingScheme>>,
     /// The link to the panel, when there is one (`--panel`).
     pub panel: PanelHealth,
+    /// `--auth-url`: asked about passwords no local user has.
+    pub auth_callback: Option<Arc<super::auth_callback::AuthCallback>>,
 }
 
 impl ServerContext {
@@ -41,6 +43,7 @@ impl ServerContext {
             relay_buffers: RelayBuffers::default(),
             padding: Arc::new(ArcSwap::from_pointee(PaddingScheme::default())),
             panel: PanelHealth::default(),
+            auth_callback: None,
         }
     }
 
@@ -55,6 +58,10 @@ impl ServerContext {
     pub fn with_policy(self, rules: Policy) -> ServerContext {
         self.policy.replace(rules);
         self
+    }
+
+    pub fn with_auth_callback(self, callback: Option<Arc<super::auth_callback::AuthCallback>>) -> ServerContext {
+        ServerContext { auth_callback: callback, ..self }
     }
 
     pub fn with_relay_buffers(self, mode: BufferPoolMode) -> ServerContext {

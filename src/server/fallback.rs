@@ -109,7 +109,16 @@ where
     S: AsyncRead + Unpin + Send,
     F: FnMut(&[u8; AUTH_HASH_LEN]) -> Option<U>,
 {
-    let buf = BytesMut::with_capacity(1024);
+    read_first_data_after(io, accept, deadline, BytesMut::with_capacity(1024)).await
+}
+
+/// As [`read_first_data`], with `buf` already read (a second look at a block, once an
+/// auth callback has named its user).
+pub async fn read_first_data_after<S, F, U>(io: &mut S, accept: F, deadline: Instant, buf: BytesMut) -> FirstData<U>
+where
+    S: AsyncRead + Unpin + Send,
+    F: FnMut(&[u8; AUTH_HASH_LEN]) -> Option<U>,
+{
     let mut block = Framed::with_buffer(AuthBlockDecoder::new(accept), buf, AUTH_FIXED_LEN + u16::MAX as usize);
     // The short wait starts at the first bytes and no longer applies once a whole hash is in.
     let mut short_until = None;

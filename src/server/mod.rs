@@ -1,6 +1,7 @@
 //! The AnyTLS server: accepts TLS, authenticates, and serves each session's
 //! streams by dialing their destinations.
 
+pub mod auth_callback;
 pub mod context;
 pub mod dial;
 pub mod fallback;
@@ -27,6 +28,7 @@ use crate::metrics::HandshakeCounters;
 use crate::proto::Frame;
 use crate::proto::PaddingScheme;
 use crate::proto::PasswordHash;
+use crate::proto::auth::AUTH_HASH_LEN;
 use crate::proto::frame::Command;
 use crate::session::{ServerSession, ServerSessionOptions, SessionConfig, Stream, StreamHandler};
 pub use context::ServerContext;
@@ -122,7 +124,7 @@ pub async fn serve(
         pool.warm_up(target);
     }
     let maintenance = tokio::spawn(maintain_pool(pool.clone(), config.stats_interval));
-    let expiry = tokio::spawn(expire_users(context.users.clone()));
+    let expiry = tokio::spawn(expire_users(context.clone()));
     let refusals = Arc::new(std::sync::Mutex::new(RefusalLog::default()));
     tokio::pin!(shutdown);
     loop {
@@ -283,12 +285,17 @@ async fn maintain_pool(pool: outbound_pool::OutboundPool, stats_interval: Durati
 
 /// Closes the sessions of users whose plan has expired, checked every second (so expiry
 /// is at the second: the check runs just after each whole second of the clock).
-async fn expire_users(users: Arc<Users>) {
+/// The auth callback's users without a session are forgotten once their answer is stale,
+/// so the callback is asked again.
+async fn expire_users(context: Arc<ServerContext>) {
     loop {
         let now = jiff::Timestamp::now();
         let to_next_second = Duration::from_nanos(1_000_000_000 - u64::from(now.subsec_nanosecond().unsigned_abs()));
         tokio::time::sleep(to_next_second + Duration::from_millis(5)).await;
-        users.expire(jiff::Timestamp::now());
+        context.users.expire(jiff::Timestamp::now());
+        if let Some(callback) = &context.auth_callback {
+            context.users.forget_callback_users(callback.positive_ttl());
+        }
     }
 }
 
@@ -355,7 +362,37 @@ async fn authenticate(
             None
         }
     };
-    let read = match fallback::read_first_data(&mut tls, accept, deadline).await {
+    let mut first = fallback::read_first_data(&mut tls, accept, deadline).await;
+    // A password no local user has: the auth callback may know it.
+    if let (Some(callback), FirstData::Invalid { read, .. }) = (&context.auth_callback, &first)
+        && refused.is_none()
+        && read.len() >= AUTH_HASH_LEN
+    {
+        let hash: [u8; AUTH_HASH_LEN] = read[..AUTH_HASH_LEN].try_into().expect("32 bytes");
+        match callback.check(&hash, peer).await {
+            Ok(auth_callback::Verdict::Accepted(entry)) => match context.users.add_from_callback(entry) {
+                Ok(user) => {
+                    log::debug!("{peer}: the auth callback names user {}", user.name);
+                    let FirstData::Invalid { read, .. } = first else { unreachable!("matched above") };
+                    let accept = |hash: &[u8; 32]| match context.users.admit(hash, peer.ip(), now) {
+                        Ok(admitted) => Some(admitted),
+                        Err(why) => {
+                            refused = why;
+                            None
+                        }
+                    };
+                    first = fallback::read_first_data_after(&mut tls, accept, deadline, read).await;
+                }
+                Err(why) => log::warn!("{peer}: the auth callback's user is refused: {why}"),
+            },
+            Ok(auth_callback::Verdict::Refused) => log::debug!("{peer}: the auth callback refuses the password"),
+            Err(why) => {
+                HandshakeCounters::count(&handshakes.auth_callback_failures);
+                log::debug!("{peer}: the auth callback failed, refused: {why}");
+            }
+        }
+    }
+    let read = match first {
         FirstData::Authenticated { user: (user, seat), leftover } => {
             log::debug!("{peer}: authenticated as user {}", user.name);
             return Some((tls, leftover, user, seat));

@@ -40,8 +40,9 @@ use crate::proto::PasswordHash;
 use crate::proto::auth::AUTH_HASH_LEN;
 
 /// A user as configured: a name, its password (kept so the admin API can show it and the
-/// state directory can restore it; unnamed `-p` users need only the hash) and its plan.
-#[derive(Debug, Clone)]
+/// state directory can restore it; unnamed `-p` users and the auth callback's need only
+/// the hash) and its plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserEntry {
     pub name: String,
     pub hash: PasswordHash,
@@ -171,6 +172,8 @@ pub struct User {
     owner: AtomicU8,
     refused: RefusalCounts,
     refusal_logged: Mutex<[Option<tokio::time::Instant>; 5]>,
+    /// When it joined (the callback's users are asked about again after a while).
+    joined: Mutex<tokio::time::Instant>,
 }
 
 impl User {
@@ -189,6 +192,7 @@ impl User {
             owner: AtomicU8::new(owner as u8),
             refused: RefusalCounts::default(),
             refusal_logged: Mutex::default(),
+            joined: Mutex::new(tokio::time::Instant::now()),
         };
         user.set_plan(entry.plan);
         user
@@ -198,7 +202,8 @@ impl User {
         match self.owner.load(Ordering::Relaxed) {
             0 => Owner::File,
             1 => Owner::Api,
-            _ => Owner::Panel,
+            2 => Owner::Panel,
+            _ => Owner::Callback,
         }
     }
 
@@ -385,6 +390,8 @@ pub enum Owner {
     Api = 1,
     /// The panel's user list (`--panel`).
     Panel = 2,
+    /// Named by the auth callback (`--auth-url`), until its answer is stale.
+    Callback = 3,
 }
 
 impl Owner {
@@ -393,6 +400,7 @@ impl Owner {
             Owner::File => "file",
             Owner::Api => "api",
             Owner::Panel => "panel",
+            Owner::Callback => "callback",
         }
     }
 }
@@ -695,6 +703,57 @@ impl Users {
         let next = Arc::new(User::new(entry, counters, Owner::Api));
         registry.insert(next.clone());
         Ok(next)
+    }
+
+    /// Makes `entry` (named by the auth callback) one of the users, or refreshes it. A name
+    /// or password another owner has is refused: the callback cannot take over a user.
+    pub fn add_from_callback(&self, entry: UserEntry) -> Result<Arc<User>, UsersError> {
+        let _one_change_at_a_time = self.edits.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut registry = self.write();
+        if let Some(other) = registry.password_taken(&entry.hash, &entry.name) {
+            return Err(UsersError::SamePassword(other.name.clone(), entry.name));
+        }
+        match registry.by_name.get(&entry.name).cloned() {
+            Some(user) if user.owner() != Owner::Callback => Err(UsersError::NameTaken(entry.name)),
+            Some(user) if user.hash == entry.hash => {
+                *user.joined.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
+                drop(registry);
+                if *user.plan() != entry.plan {
+                    user.set_plan(entry.plan);
+                }
+                Ok(user)
+            }
+            old => {
+                if let Some(old) = old {
+                    old.cut(Cut::PasswordChanged, None);
+                }
+                let counters = self.counters_of(&entry.name);
+                let user = Arc::new(User::new(entry, counters, Owner::Callback));
+                registry.insert(user.clone());
+                Ok(user)
+            }
+        }
+    }
+
+    /// Forgets the callback's users without a session whose answer is older than `ttl`.
+    pub fn forget_callback_users(&self, ttl: Duration) -> usize {
+        let stale: Vec<String> = self
+            .read()
+            .by_name
+            .values()
+            .filter(|u| u.owner() == Owner::Callback && u.online.sessions() == 0)
+            .filter(|u| u.joined.lock().unwrap_or_else(|p| p.into_inner()).elapsed() >= ttl)
+            .map(|u| u.name.clone())
+            .collect();
+        if stale.is_empty() {
+            return 0;
+        }
+        let _one_change_at_a_time = self.edits.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut registry = self.write();
+        for name in &stale {
+            registry.remove(name);
+        }
+        stale.len()
     }
 
     /// Removes `name` and closes its sessions; a reload will not bring it back.

@@ -1,4 +1,4 @@
-//! The few HTTP/1.1 calls a node makes to its panel (and to an auth callback): one
+//! The few HTTP/1.1 calls the server makes (to its panel, to an auth callback): one
 //! connection per call, over TLS for `https://`, with a deadline on the whole exchange and a
 //! bound on the answer's size. hyper speaks the protocol; this file only dials and asks.
 
