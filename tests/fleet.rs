@@ -380,3 +380,128 @@ async fn three_nodes_follow_one_panel_and_report_every_byte() {
     })
     .await;
 }
+
+/// `GET /api/v1/query?query=Q` on the Prometheus at `prometheus`: each series' labels and value.
+async fn promql(prometheus: SocketAddr, query: &str) -> Vec<(Value, f64)> {
+    let encoded = percent_encoding::utf8_percent_encode(query, percent_encoding::NON_ALPHANUMERIC).to_string();
+    let (status, body) = api_get(prometheus, &format!("/api/v1/query?query={encoded}"), None).await;
+    assert_eq!(status, 200, "{query}: {body}");
+    let json: Value = serde_json::from_str(&body).unwrap();
+    json["data"]["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|series| (series["metric"].clone(), series["value"][1].as_str().unwrap().parse().unwrap()))
+        .collect()
+}
+
+/// The sum of `series` lines (`name{…} value`) on one node's `/metrics`.
+fn summed(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| line.starts_with(series))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scrapes_the_fleet_and_the_documented_queries_answer() {
+    let Ok(prometheus_binary) = which_prometheus() else {
+        return announce(
+            "SKIP a_real_prometheus_scrapes_the_fleet: `prometheus` is not installed (apt-get install prometheus)",
+        );
+    };
+    bounded(Duration::from_secs(180), "prometheus", async {
+        let shared: Shared = Arc::default();
+        for (id, uuid) in [(1, "uuid-one"), (2, "uuid-two")] {
+            shared.lock().unwrap().users.insert(id, PanelUser { uuid: uuid.into(), transfer_enable: u64::MAX / 4, ..Default::default() });
+        }
+        let panel = spawn_panel(shared.clone()).await;
+        let echo = spawn_echo().await;
+        let dirs = [TempDir::new("prom1"), TempDir::new("prom2"), TempDir::new("prom3")];
+        let mut nodes = Vec::new();
+        let mut apis = Vec::new();
+        for (i, dir) in dirs.iter().enumerate() {
+            let mut node = node(panel, i + 1, dir).await;
+            apis.push(api_address(&mut node.process).await);
+            nodes.push(node);
+        }
+        let addresses: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
+        let one = client_of(&addresses, "uuid-one").await;
+        let moved = traffic(&one, echo, 6 << 20).await;
+        let two = client_of(&addresses[2..], "uuid-two").await;
+        assert!(works(&two, echo).await);
+
+        let home = TempDir::new("prometheus");
+        let targets: Vec<String> = apis.iter().map(|a| format!("'{a}'")).collect();
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: anytls\n    static_configs:\n      - targets: [{}]\n",
+            targets.join(", ")
+        );
+        let config_file = home.path().join("prometheus.yml");
+        std::fs::write(&config_file, config).unwrap();
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut command = std::process::Command::new(prometheus_binary);
+        command.args([
+            &format!("--config.file={}", config_file.display()),
+            &format!("--storage.tsdb.path={}", home.path().join("data").display()),
+            &format!("--web.listen-address={listen}"),
+        ]);
+        let _prometheus = Process::spawn("prometheus", command);
+        let prometheus: SocketAddr = listen.parse().unwrap();
+
+        // Wait until every node has been scraped since the traffic ended.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let up = if port_listening(prometheus.port()) { promql(prometheus, "sum(up)").await } else { Vec::new() };
+            if up.first().is_some_and(|(_, v)| *v == 3.0) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "prometheus never saw the three nodes up");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+
+        // Bytes per user across the fleet: what the nodes show, and what moved.
+        let mut expected = 0.0;
+        let mut sessions_by_node = BTreeMap::new();
+        for api in &apis {
+            let metrics = api_get(*api, "/metrics", None).await.1;
+            expected += summed(&metrics, "anytls_user_bytes_up_total{user=\"1\"}") + summed(&metrics, "anytls_user_bytes_down_total{user=\"1\"}");
+            sessions_by_node.insert(api.to_string(), summed(&metrics, "anytls_user_sessions{"));
+        }
+        let per_user = promql(prometheus, "sum by (user) (anytls_user_bytes_up_total + anytls_user_bytes_down_total)").await;
+        let user_one = per_user.iter().find(|(m, _)| m["user"] == "1").map(|(_, v)| *v).expect("user 1 in the answer");
+        announce(&format!("NOTE prometheus: user 1 across the fleet {user_one} bytes (nodes say {expected}, payload moved {moved})"));
+        assert_eq!(user_one, expected, "Prometheus adds up what the nodes show");
+        assert!((user_one / moved as f64 - 1.0).abs() < 0.01, "{user_one} bytes for {moved} moved");
+
+        let per_node = promql(prometheus, "sum by (instance) (anytls_user_sessions)").await;
+        assert_eq!(per_node.len(), 3, "{per_node:?}");
+        for (labels, value) in &per_node {
+            let instance = labels["instance"].as_str().unwrap();
+            assert_eq!(Some(value), sessions_by_node.get(instance), "sessions of {instance}");
+        }
+        assert!(per_node.iter().map(|(_, v)| v).sum::<f64>() >= 2.0, "users 1 and 2 have sessions: {per_node:?}");
+
+        assert_eq!(promql(prometheus, "min(anytls_panel_up)").await[0].1, 1.0);
+        shared.lock().unwrap().mood = Mood::Down;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while promql(prometheus, "max(anytls_panel_up)").await[0].1 != 0.0 {
+            assert!(Instant::now() < deadline, "panel health never went down in Prometheus");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let stale = promql(prometheus, "time() - min(anytls_panel_last_success_timestamp_seconds)").await[0].1;
+        assert!(stale >= 1.0, "the last success ages while the panel is down: {stale}");
+    })
+    .await;
+}
+
+fn which_prometheus() -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .map(|dir| dir.join("prometheus"))
+        .find(|candidate| candidate.is_file())
+        .ok_or(())
+}
