@@ -1,7 +1,8 @@
 //! Three nodes and one panel, end to end: users from the panel's UniProxy node API work on
 //! every node within one interval and are cut off on every node when the panel drops them
 //! (removed, or over their transfer quota); the traffic the panel is told equals the bytes
-//! moved, across a panel outage, a panel answering garbage and a node restart.
+//! moved, across a panel outage, a panel answering garbage, a node restart and a node
+//! killed with `kill -9`.
 //!
 //! The panel is a stand-in (Xboard cannot be installed here) written from Xboard's own
 //! `UniProxyController`, `ServerService` and `Server` middleware: the `token`, `node_id`
@@ -337,6 +338,18 @@ async fn three_nodes_follow_one_panel_and_report_every_byte() {
         nodes[1].process.wait_exit(Duration::from_secs(20)).await.expect("node 2 stops");
         moved += traffic(&on_node_1, echo, 4 << 20).await;
         nodes[1] = node(panel, 2, &dirs[1]).await;
+        // Node 3 is killed (kill -9) with traffic in its outbox: the panel is down, the
+        // traffic has had time to be collected (every 2 s), then the node dies. Its outbox,
+        // in the state directory, goes out after the restart.
+        let on_node_3 = client_of(&addresses[2..], "uuid-one").await;
+        shared.lock().unwrap().mood = Mood::Down;
+        moved += traffic(&on_node_3, echo, 4 << 20).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let pid = nodes[2].process.pid();
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        nodes[2].process.wait_exit(Duration::from_secs(10)).await.expect("node 3 killed");
+        shared.lock().unwrap().mood = Mood::Fine;
+        nodes[2] = node(panel, 3, &dirs[2]).await;
         let addresses: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
         // The panel's count converges on what moved.
         let deadline = Instant::now() + Duration::from_secs(30);
