@@ -24,7 +24,8 @@
 # so that the pools drain within the idle period; every cap is the default.
 #
 # FAILS (exit 1) on: a refused stream (open or first echo failed, churn request failed),
-# a dropped quiet stream, server or client RSS after wave 6 more than 10% above wave 2,
+# a dropped quiet stream, server or client RSS after the last waves more than 10% above
+# the early ones (see the check for how the two are read),
 # RSS after the final idle more than 20% above the baseline, file descriptors after the
 # final idle above the baseline, a process that died. Exit 2: set-up error.
 # With sing-box installed (scripts/install-peers.sh), the full run then runs the same
@@ -78,6 +79,9 @@ results="$BENCH_WORK/results.tsv" # pair, key, value
 : >"$results"
 put() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$results"; }
 get() { awk -F'\t' -v p="$1" -v k="$2" '$1 == p && $2 == k { v = $3 } END { print v }' "$results"; }
+
+min() { if [ "${1:-0}" -le "${2:-0}" ]; then echo "${1:-0}"; else echo "${2:-0}"; fi; }
+max() { if [ "${1:-0}" -ge "${2:-0}" ]; then echo "${1:-0}"; else echo "${2:-0}"; fi; }
 
 # wave PAIR W SOCKS SERVER_PID CLIENT_PID: one wave; records held/after RSS and fds, and
 # the counts of refused, dropped, stalled and failed churn requests.
@@ -243,10 +247,15 @@ for w in $(seq 0 $waves); do
 done
 if [ -z "$died" ]; then
     for side in server client; do
-        w2=$(get ours "after_${side}_rss_2") w6=$(get ours "after_${side}_rss_$waves")
+        # One reading 2 s after a wave swings by about 10% with the allocator's page decay
+        # (23-29 MiB over four runs of one build), so a single pair of readings fails at
+        # random. A leak raises every later reading: the lower of the last two waves is
+        # held against the higher of waves 1 and 2.
+        w2=$(max "$(get ours "after_${side}_rss_1")" "$(get ours "after_${side}_rss_2")")
+        w6=$(min "$(get ours "after_${side}_rss_$((waves - 1))")" "$(get ours "after_${side}_rss_$waves")")
         base=$(get ours "baseline_${side}_rss") final=$(get ours "final_${side}_rss")
-        check "[ ${w6:-1} -le $((${w2:-0} * 11 / 10)) ]" "$side RSS grew over the waves: wave 2 $(mib "${w2:-0}") MiB, \
-wave $waves $(mib "${w6:-0}") MiB (goal: within 10%)"
+        check "[ ${w6:-1} -le $((${w2:-0} * 11 / 10)) ]" "$side RSS grew over the waves: waves 1-2 up to $(mib "${w2:-0}") MiB, \
+waves $((waves - 1))-$waves at least $(mib "${w6:-0}") MiB (goal: within 10%)"
         check "[ ${final:-1} -le $((${base:-0} * 12 / 10)) ]" "$side RSS not given back after $idle s idle: \
 $(mib "${final:-0}") MiB vs baseline $(mib "${base:-0}") MiB (goal: within 20%)"
         bfd=$(get ours "baseline_${side}_fds") ffd=$(get ours "final_${side}_fds")
