@@ -18,7 +18,6 @@ use axum::routing::post;
 use common::*;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn hex_hash(password: &str) -> String {
     Sha256::digest(password.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
@@ -57,20 +56,6 @@ async fn spawn_callback(calls: Arc<Calls>) -> SocketAddr {
     address
 }
 
-async fn works(client: &Client, echo: SocketAddr, within: Duration) -> bool {
-    let round = tokio::time::timeout(within, async {
-        let (code, mut tcp) = socks5_connect(client.addr, "127.0.0.1", echo.port()).await?;
-        if code != SOCKS5_OK {
-            return Err(std::io::Error::other("refused"));
-        }
-        tcp.write_all(b"p").await?;
-        let mut one = [0u8; 1];
-        tcp.read_exact(&mut one).await
-    })
-    .await;
-    matches!(round, Ok(Ok(_)))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_callback_names_users_is_cached_and_fails_closed() {
     bounded(Duration::from_secs(120), "auth callback", async {
@@ -92,26 +77,26 @@ async fn the_callback_names_users_is_cached_and_fails_closed() {
         };
 
         let carol = client("cb-password").await;
-        assert!(works(&carol, echo, Duration::from_secs(10)).await, "the callback's user works");
+        assert!(echo_works(carol.addr, echo, Duration::from_secs(10)).await, "the callback's user works");
         let users = api_get(api, "/api/users", None).await.1;
         assert!(users.contains("\"carol\""), "carol is one of the users: {users}");
         // A second client of carol's: the cached answer, no second call.
         let again = client("cb-password").await;
-        assert!(works(&again, echo, Duration::from_secs(10)).await);
+        assert!(echo_works(again.addr, echo, Duration::from_secs(10)).await);
         assert_eq!(calls.known.load(Ordering::Relaxed), 1, "the yes is cached");
 
         for refused in ["nobody-password", "error-password"] {
             let stranger = client(refused).await;
-            assert!(!works(&stranger, echo, Duration::from_secs(8)).await, "{refused} is refused");
+            assert!(!echo_works(stranger.addr, echo, Duration::from_secs(8)).await, "{refused} is refused");
         }
 
         // A hanging callback refuses after its timeout, and meanwhile the -p user goes on.
         let slow = client("slow-password").await;
-        let hanging = tokio::spawn(async move { works(&slow, echo, Duration::from_secs(8)).await });
+        let hanging = tokio::spawn(async move { echo_works(slow.addr, echo, Duration::from_secs(8)).await });
         tokio::time::sleep(Duration::from_millis(200)).await;
         let own = client(PASSWORD).await;
         let started = Instant::now();
-        assert!(works(&own, echo, Duration::from_secs(5)).await, "the server's own user");
+        assert!(echo_works(own.addr, echo, Duration::from_secs(5)).await, "the server's own user");
         let took = started.elapsed();
         announce(&format!("NOTE auth callback hanging: the -p user's first request took {took:?} meanwhile"));
         assert!(took < Duration::from_secs(1), "the -p user is not held up by the hanging callback: {took:?}");

@@ -27,7 +27,6 @@ use axum::routing::{get, post};
 use common::*;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const NODE_TOKEN: &str = "panel-node-token";
 const INTERVAL: &str = "2";
@@ -233,27 +232,12 @@ async fn client_of(servers: &[SocketAddr], password: &str) -> Client {
     Client { process, addr }
 }
 
-/// Whether one echo round trip works through `client` within 5 s.
-async fn works(client: &Client, echo: SocketAddr) -> bool {
-    let round = tokio::time::timeout(Duration::from_secs(5), async {
-        let (code, mut tcp) = socks5_connect(client.addr, "127.0.0.1", echo.port()).await?;
-        if code != SOCKS5_OK {
-            return Err(std::io::Error::other("refused"));
-        }
-        tcp.write_all(b"p").await?;
-        let mut one = [0u8; 1];
-        tcp.read_exact(&mut one).await
-    })
-    .await;
-    matches!(round, Ok(Ok(_)))
-}
-
 /// Waits until `ok` holds for every client, at most `limit`; how long it took.
 async fn until_all(clients: &[Client], echo: SocketAddr, want: bool, limit: Duration, what: &str) -> Duration {
     let started = Instant::now();
     for client in clients {
         loop {
-            if works(client, echo).await == want {
+            if echo_works(client.addr, echo, Duration::from_secs(5)).await == want {
                 break;
             }
             assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
@@ -298,7 +282,7 @@ async fn three_nodes_follow_one_panel_and_report_every_byte() {
         }
         let addresses: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
         let one = client_of(&addresses, "uuid-one").await;
-        assert!(works(&one, echo).await, "the panel's user works from the first pull");
+        assert!(echo_works(one.addr, echo, Duration::from_secs(5)).await, "the panel's user works from the first pull");
 
         // A user added at the panel works on every node within one interval.
         shared
@@ -322,7 +306,10 @@ async fn three_nodes_follow_one_panel_and_report_every_byte() {
         shared.lock().unwrap().mood = Mood::Down;
         moved += traffic(&one, echo, 8 << 20).await;
         tokio::time::sleep(Duration::from_secs(3)).await;
-        assert!(works(&one, echo).await, "the panel down: the nodes serve the last good list");
+        assert!(
+            echo_works(one.addr, echo, Duration::from_secs(5)).await,
+            "the panel down: the nodes serve the last good list"
+        );
         shared.lock().unwrap().mood = Mood::Garbage;
         moved += traffic(&one, echo, 8 << 20).await;
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -443,7 +430,7 @@ async fn a_real_prometheus_scrapes_the_fleet_and_the_documented_queries_answer()
         let one = client_of(&addresses, "uuid-one").await;
         let moved = traffic(&one, echo, 6 << 20).await;
         let two = client_of(&addresses[2..], "uuid-two").await;
-        assert!(works(&two, echo).await);
+        assert!(echo_works(two.addr, echo, Duration::from_secs(5)).await);
 
         let home = TempDir::new("prometheus");
         let targets: Vec<String> = apis.iter().map(|a| format!("'{a}'")).collect();

@@ -221,21 +221,6 @@ async fn expiry_closes_sessions_at_the_second() {
     .await;
 }
 
-/// Whether an echo round trip works through `client` within 10 s.
-async fn echo_works(client: &Client, echo: SocketAddr) -> bool {
-    let round = tokio::time::timeout(Duration::from_secs(10), async {
-        let (code, mut tcp) = socks5_connect(client.addr, "127.0.0.1", echo.port()).await?;
-        if code != SOCKS5_OK {
-            return Err(std::io::Error::other("refused"));
-        }
-        tcp.write_all(b"z").await?;
-        let mut one = [0u8; 1];
-        tcp.read_exact(&mut one).await
-    })
-    .await;
-    matches!(round, Ok(Ok(_)))
-}
-
 #[tokio::test]
 async fn the_device_limit_counts_source_ips() {
     bounded(Duration::from_secs(90), "device limit", async {
@@ -243,12 +228,15 @@ async fn the_device_limit_counts_source_ips() {
         let (server, api, _dir) = server_with_users(users).await;
         let echo = spawn_echo().await;
         let first = client_for(&server, "d-pw", &["--bind", "127.0.0.2"]).await;
-        assert!(echo_works(&first, echo).await, "the first device works");
+        assert!(echo_works(first.addr, echo, Duration::from_secs(10)).await, "the first device works");
         let second = client_for(&server, "d-pw", &["--bind", "127.0.0.3"]).await;
-        assert!(!echo_works(&second, echo).await, "a second IP is refused while the first is online");
+        assert!(
+            !echo_works(second.addr, echo, Duration::from_secs(10)).await,
+            "a second IP is refused while the first is online"
+        );
         assert_eq!(user_view(api, "d").await["ips"], json!(["127.0.0.2"]));
         let again = client_for(&server, "d-pw", &["--bind", "127.0.0.2"]).await;
-        assert!(echo_works(&again, echo).await, "the same IP again is the same device");
+        assert!(echo_works(again.addr, echo, Duration::from_secs(10)).await, "the same IP again is the same device");
         drop((first, again));
         // Once the first device's sessions are gone, the second gets in.
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -256,7 +244,10 @@ async fn the_device_limit_counts_source_ips() {
             assert!(Instant::now() < deadline, "sessions of 127.0.0.2 still open: {}", user_view(api, "d").await);
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert!(echo_works(&second, echo).await, "the second device works once the first left");
+        assert!(
+            echo_works(second.addr, echo, Duration::from_secs(10)).await,
+            "the second device works once the first left"
+        );
         let metrics = api_get(api, "/metrics", None).await.1;
         assert!(!metrics.contains("anytls_user_refused_total{reason=\"ips\"} 0\n"), "{metrics}");
     })

@@ -522,6 +522,22 @@ pub async fn api_get(api: SocketAddr, path: &str, bearer: Option<&str>) -> (u16,
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// Whether one echo round trip (a byte out, the byte back) through the SOCKS5 proxy `proxy`
+/// to the echo target `echo` works within `within`.
+pub async fn echo_works(proxy: SocketAddr, echo: SocketAddr, within: Duration) -> bool {
+    let round = tokio::time::timeout(within, async {
+        let (code, mut tcp) = socks5_connect(proxy, "127.0.0.1", echo.port()).await?;
+        if code != SOCKS5_OK {
+            return Err(std::io::Error::other(format!("SOCKS5 reply {code}")));
+        }
+        tcp.write_all(b"p").await?;
+        let mut one = [0u8; 1];
+        tcp.read_exact(&mut one).await
+    })
+    .await;
+    matches!(round, Ok(Ok(_)))
+}
+
 /// One HTTP/1.1 request with an optional bearer token and JSON body; the status and the body.
 pub async fn api_request(
     api: SocketAddr,
