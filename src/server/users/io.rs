@@ -28,8 +28,13 @@ impl<IO> CountedIo<IO> {
     }
 }
 
-/// Ready once `limit` lets bytes through; the sleep is kept between polls.
+/// Ready once `limit` lets bytes through; the sleep is kept between polls. An unlimited
+/// user (most) costs one atomic load here, and no clock read.
 fn poll_pace(limit: &RateLimit, wait: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> Poll<()> {
+    if limit.rate().is_none() {
+        *wait = None;
+        return Poll::Ready(());
+    }
     loop {
         if let Some(sleep) = wait {
             ready!(sleep.as_mut().poll(cx));
@@ -44,6 +49,13 @@ fn poll_pace(limit: &RateLimit, wait: &mut Option<Pin<Box<Sleep>>>, cx: &mut Con
                 None => *wait = Some(Box::pin(tokio::time::sleep(more))),
             },
         }
+    }
+}
+
+/// Charges `bytes` to `limit`, reading the clock only for a limited user.
+fn pace_spent(limit: &RateLimit, bytes: usize) {
+    if limit.rate().is_some() {
+        limit.spend(bytes, Instant::now());
     }
 }
 
@@ -63,7 +75,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for CountedIo<IO> {
         let read = buf.filled().len() - before;
         if read > 0 {
             this.user.counters.bytes_up.fetch_add(read as u64, Ordering::Relaxed);
-            this.user.speed_up.spend(read, Instant::now());
+            pace_spent(&this.user.speed_up, read);
             this.user.charge(read as u64);
         }
         polled
@@ -74,7 +86,7 @@ impl<IO: AsyncWrite + Unpin> CountedIo<IO> {
     fn written(&mut self, polled: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
         if let Poll::Ready(Ok(written)) = &polled {
             self.user.counters.bytes_down.fetch_add(*written as u64, Ordering::Relaxed);
-            self.user.speed_down.spend(*written, Instant::now());
+            pace_spent(&self.user.speed_down, *written);
             self.user.charge(*written as u64);
         }
         polled
