@@ -331,7 +331,7 @@ async fn users_and_usage_survive_a_restart_and_kill_9_loses_no_acknowledged_user
                 tokio::time::sleep(Duration::from_millis(15)).await;
                 unsafe { libc::kill(server.process.pid() as i32, libc::SIGKILL) };
             };
-            let (results, ()) = tokio::join!(futures_join_all(adds), killer);
+            let (results, ()) = tokio::join!(futures_util::future::join_all(adds), killer);
             for (status, name) in results {
                 if status == 201 {
                     acknowledged.push(name);
@@ -349,20 +349,6 @@ async fn users_and_usage_survive_a_restart_and_kill_9_loses_no_acknowledged_user
     .await;
 }
 
-/// Runs the futures concurrently and collects their outputs, in order.
-async fn futures_join_all<F>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output>
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
-    let mut out = Vec::new();
-    for handle in handles {
-        out.push(handle.await.expect("task"));
-    }
-    out
-}
-
 #[tokio::test]
 async fn ten_thousand_users_added_through_the_api_all_authenticate() {
     bounded(Duration::from_secs(180), "10,000 users", async {
@@ -376,7 +362,7 @@ async fn ten_thousand_users_added_through_the_api_all_authenticate() {
                 assert_eq!(status, 201, "{json}");
             }
         });
-        futures_join_all(workers).await;
+        futures_util::future::join_all(workers).await;
         let took = started.elapsed();
         let names = listed(api).await;
         assert_eq!(names.iter().filter(|name| name.starts_with("user")).count(), 10_000);

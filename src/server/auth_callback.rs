@@ -77,8 +77,6 @@ pub struct AuthCallback {
     settings: CallbackSettings,
     places: Semaphore,
     cache: Mutex<HashMap<[u8; AUTH_HASH_LEN], (Verdict, Instant)>>,
-    /// Calls made (cache misses), for the tests and the log.
-    pub calls: std::sync::atomic::AtomicU64,
 }
 
 impl AuthCallback {
@@ -89,7 +87,6 @@ impl AuthCallback {
             places: Semaphore::new(settings.max_in_flight.max(1)),
             settings,
             cache: Mutex::default(),
-            calls: Default::default(),
         })
     }
 
@@ -126,7 +123,6 @@ impl AuthCallback {
         let Ok(_place) = self.places.try_acquire() else {
             return Err(CallbackFailure::Busy(self.settings.max_in_flight));
         };
-        self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
         let body =
             serde_json::to_vec(&serde_json::json!({ "addr": peer.to_string(), "auth": hex })).expect("plain data");

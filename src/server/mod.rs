@@ -355,42 +355,17 @@ async fn authenticate(
     };
     let mut refused = None;
     let now = jiff::Timestamp::now();
-    let accept = |hash: &[u8; 32]| match context.users.admit(hash, peer.ip(), now) {
-        Ok(admitted) => Some(admitted),
-        Err(why) => {
-            refused = why;
-            None
-        }
-    };
-    let mut first = fallback::read_first_data(&mut tls, accept, deadline).await;
-    // A password no local user has: the auth callback may know it.
+    let users = &context.users;
+    let mut first = fallback::read_first_data(&mut tls, admitting(users, peer.ip(), now, &mut refused), deadline).await;
+    // A password no local user has: the auth callback may know it, and then it is read again.
     if let (Some(callback), FirstData::Invalid { read, .. }) = (&context.auth_callback, &first)
         && refused.is_none()
-        && read.len() >= AUTH_HASH_LEN
+        && let Some(hash) = read.get(..AUTH_HASH_LEN)
+        && ask_callback(callback, context, peer, hash.try_into().expect("32 bytes")).await
+        && let FirstData::Invalid { read, .. } = first
     {
-        let hash: [u8; AUTH_HASH_LEN] = read[..AUTH_HASH_LEN].try_into().expect("32 bytes");
-        match callback.check(&hash, peer).await {
-            Ok(auth_callback::Verdict::Accepted(entry)) => match context.users.add_from_callback(entry) {
-                Ok(user) => {
-                    log::debug!("{peer}: the auth callback names user {}", user.name);
-                    let FirstData::Invalid { read, .. } = first else { unreachable!("matched above") };
-                    let accept = |hash: &[u8; 32]| match context.users.admit(hash, peer.ip(), now) {
-                        Ok(admitted) => Some(admitted),
-                        Err(why) => {
-                            refused = why;
-                            None
-                        }
-                    };
-                    first = fallback::read_first_data_after(&mut tls, accept, deadline, read).await;
-                }
-                Err(why) => log::warn!("{peer}: the auth callback's user is refused: {why}"),
-            },
-            Ok(auth_callback::Verdict::Refused) => log::debug!("{peer}: the auth callback refuses the password"),
-            Err(why) => {
-                HandshakeCounters::count(&handshakes.auth_callback_failures);
-                log::debug!("{peer}: the auth callback failed, refused: {why}");
-            }
-        }
+        let accept = admitting(users, peer.ip(), now, &mut refused);
+        first = fallback::read_first_data_after(&mut tls, accept, deadline, read).await;
     }
     let read = match first {
         FirstData::Authenticated { user: (user, seat), leftover } => {
@@ -425,6 +400,53 @@ async fn authenticate(
     let silent = read.is_empty();
     fallback::linger_then_close(tls, deadline, silent).await;
     None
+}
+
+/// The accept function of an authentication: the user of the hash and a seat for it from
+/// `ip`, or none (a plan's refusal is left in `refused`).
+fn admitting<'a>(
+    users: &'a Users,
+    ip: std::net::IpAddr,
+    now: jiff::Timestamp,
+    refused: &'a mut Option<users::Refusal>,
+) -> impl FnMut(&[u8; AUTH_HASH_LEN]) -> Option<(Arc<User>, Seat)> + 'a {
+    move |hash| match users.admit(hash, ip, now) {
+        Ok(admitted) => Some(admitted),
+        Err(why) => {
+            *refused = why;
+            None
+        }
+    }
+}
+
+/// Asks the auth callback about `hash`; true when it named a user, now one of the users.
+async fn ask_callback(
+    callback: &auth_callback::AuthCallback,
+    context: &ServerContext,
+    peer: SocketAddr,
+    hash: [u8; AUTH_HASH_LEN],
+) -> bool {
+    match callback.check(&hash, peer).await {
+        Ok(auth_callback::Verdict::Accepted(entry)) => match context.users.add_from_callback(entry) {
+            Ok(user) => {
+                log::debug!("{peer}: the auth callback names user {}", user.name);
+                true
+            }
+            Err(why) => {
+                log::warn!("{peer}: the auth callback's user is refused: {why}");
+                false
+            }
+        },
+        Ok(auth_callback::Verdict::Refused) => {
+            log::debug!("{peer}: the auth callback refuses the password");
+            false
+        }
+        Err(why) => {
+            HandshakeCounters::count(&context.handshakes.auth_callback_failures);
+            log::debug!("{peer}: the auth callback failed, refused: {why}");
+            false
+        }
+    }
 }
 
 /// Connections dropped at accept are logged at WARN at most once per [`RefusalLog::EVERY`]

@@ -69,11 +69,6 @@ impl UserState {
         Ok(UserState { store, outbox, written: std::sync::Mutex::new(written) })
     }
 
-    /// The store itself, for what else the server keeps there (the panel's outbox).
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
     /// The panel's outbox as the state directory kept it: traffic per panel id not yet
     /// acknowledged (`outbox/ID` → `[up, down]`).
     pub fn outbox(&self) -> std::collections::BTreeMap<u64, (u64, u64)> {

@@ -37,10 +37,6 @@ impl UserAdmin {
         UserAdmin { users, state, changes: tokio::sync::Mutex::new(()) }
     }
 
-    pub fn persistent(&self) -> bool {
-        self.state.is_some()
-    }
-
     pub async fn add(&self, new: NewUser) -> Result<UserView, AdminError> {
         check_name(&new.name)?;
         if new.password.is_empty() {

@@ -851,13 +851,6 @@ impl Users {
             })
             .collect()
     }
-
-    /// Closes every session (shutdown).
-    pub fn cut_all(&self, why: Cut) {
-        for user in self.read().by_name.values() {
-            user.cut(why, None);
-        }
-    }
 }
 
 /// Why a list of users, or a change to one, cannot be served.

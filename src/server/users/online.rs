@@ -19,8 +19,6 @@ pub enum Cut {
     Quota,
     /// Closed by the admin API's kick.
     Kicked,
-    /// The server is shutting down.
-    Shutdown,
 }
 
 impl Cut {
@@ -32,7 +30,6 @@ impl Cut {
             Cut::Expired => "user expired",
             Cut::Quota => "user's quota reached",
             Cut::Kicked => "kicked",
-            Cut::Shutdown => "server shutting down",
         }
     }
 }

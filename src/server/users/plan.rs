@@ -77,27 +77,19 @@ fn present<'de, T: Deserialize<'de>, D: serde::Deserializer<'de>>(d: D) -> Resul
 
 impl PlanChange {
     pub fn apply(&self, plan: &Plan) -> Plan {
-        let mut next = plan.clone();
-        let set = |slot: &mut Option<u64>, change: Option<Option<u64>>| {
+        fn set<T>(slot: &mut T, change: Option<T>) {
             if let Some(value) = change {
                 *slot = value;
             }
-        };
+        }
+        let mut next = plan.clone();
         set(&mut next.quota_bytes, self.quota_bytes);
+        set(&mut next.expires, self.expires);
         set(&mut next.speed_up, self.speed_up);
         set(&mut next.speed_down, self.speed_down);
-        if let Some(expires) = self.expires {
-            next.expires = expires;
-        }
-        if let Some(max_ips) = self.max_ips {
-            next.max_ips = max_ips;
-        }
-        if let Some(max_sessions) = self.max_sessions {
-            next.max_sessions = max_sessions;
-        }
-        if let Some(enabled) = self.enabled {
-            next.enabled = enabled;
-        }
+        set(&mut next.max_ips, self.max_ips);
+        set(&mut next.max_sessions, self.max_sessions);
+        set(&mut next.enabled, self.enabled);
         next
     }
 }
@@ -106,11 +98,6 @@ impl Plan {
     /// Whether the user is past its expiry at `now`.
     pub fn expired_at(&self, now: jiff::Timestamp) -> bool {
         self.expires.is_some_and(|expires| now >= expires)
-    }
-
-    /// How far past its quota a user may go before it is cut off: the larger of 1 MiB and 1%.
-    pub fn quota_slack(quota: u64) -> u64 {
-        (quota / 100).max(1 << 20)
     }
 }
 
@@ -158,12 +145,10 @@ mod tests {
     }
 
     #[test]
-    fn expiry_is_at_the_second_and_the_slack_is_the_larger_of_1_mib_and_1_percent() {
+    fn expiry_is_at_the_second() {
         let at = |s: &str| s.parse::<jiff::Timestamp>().unwrap();
         let plan = Plan { expires: Some(at("2030-01-01T00:00:00Z")), ..Plan::default() };
         assert!(!plan.expired_at(at("2029-12-31T23:59:59Z")));
         assert!(plan.expired_at(at("2030-01-01T00:00:00Z")));
-        assert_eq!(Plan::quota_slack(1000), 1 << 20);
-        assert_eq!(Plan::quota_slack(1 << 30), (1 << 30) / 100);
     }
 }
