@@ -260,13 +260,13 @@ fn ssm_json<T: for<'a> Deserialize<'a>>(body: &Bytes) -> Result<T, Failure> {
     serde_json::from_slice(body).map_err(|why| bad_request(format!("bad request: {why}")))
 }
 
-/// Every user, in pages of [`MAX_PAGE`] (SSM has no pagination).
-fn all_users(admin: &UserAdmin) -> Vec<crate::server::users::UserView> {
-    let mut all = Vec::new();
+/// Every page of `page(after)`, in pages of [`MAX_PAGE`] by name (SSM has no pagination).
+fn every_page<T>(mut page: impl FnMut(Option<&str>) -> Vec<T>, name: impl Fn(&T) -> &str) -> Vec<T> {
+    let mut all: Vec<T> = Vec::new();
     loop {
-        let page = admin.list(all.last().map(|u: &crate::server::users::UserView| u.name.as_str()), MAX_PAGE);
-        let full = page.len() == MAX_PAGE;
-        all.extend(page);
+        let next = page(all.last().map(&name));
+        let full = next.len() == MAX_PAGE;
+        all.extend(next);
         if !full {
             return all;
         }
@@ -274,7 +274,7 @@ fn all_users(admin: &UserAdmin) -> Vec<crate::server::users::UserView> {
 }
 
 async fn ssm_list(State(admin): State<Arc<UserAdmin>>) -> Json<Value> {
-    let users: Vec<SsmUser> = all_users(&admin)
+    let users: Vec<SsmUser> = every_page(|after| admin.list(after, MAX_PAGE), |u| u.name.as_str())
         .into_iter()
         .map(|u| SsmUser { username: u.name, u_psk: u.password.unwrap_or_default() })
         .collect();
@@ -343,23 +343,15 @@ async fn ssm_stats(State(admin): State<Arc<UserAdmin>>, RawQuery(raw): RawQuery)
     let query = PageQuery::parse(raw)?;
     let mut total = SsmTraffic::default();
     let mut users = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page = admin.stats(after.as_deref(), MAX_PAGE, query.clear);
-        for usage in &page {
-            let traffic = ssm_traffic(usage);
-            total.downlink_bytes += traffic.downlink_bytes;
-            total.uplink_bytes += traffic.uplink_bytes;
-            total.tcp_sessions += traffic.tcp_sessions;
-            total.udp_sessions += traffic.udp_sessions;
-            let mut user = json!({ "username": usage.name });
-            merge(&mut user, serde_json::to_value(traffic).expect("plain data"));
-            users.push(user);
-        }
-        if page.len() < MAX_PAGE {
-            break;
-        }
-        after = page.last().map(|u| u.name.clone());
+    for usage in every_page(|after| admin.stats(after, MAX_PAGE, query.clear), |u| u.name.as_str()) {
+        let traffic = ssm_traffic(&usage);
+        total.downlink_bytes += traffic.downlink_bytes;
+        total.uplink_bytes += traffic.uplink_bytes;
+        total.tcp_sessions += traffic.tcp_sessions;
+        total.udp_sessions += traffic.udp_sessions;
+        let mut user = json!({ "username": usage.name });
+        merge(&mut user, serde_json::to_value(traffic).expect("plain data"));
+        users.push(user);
     }
     let mut out = serde_json::to_value(total).expect("plain data");
     merge(&mut out, json!({ "users": users }));
