@@ -110,10 +110,12 @@ async fn refused_dial_is_socks_code_5_and_the_session_keeps_working() {
         echo_roundtrip(socks5_open(client.addr, echo).await, b"after").await;
         client.wait_done(3).await;
 
+        // The server's log is read from its pipe by a thread: wait for the lines, not once.
+        let logged = server.process.wait_lines(&["connection refused", "stream 3 ->"], 2, Duration::from_secs(5)).await;
         let server_log = server.process.log();
         assert!(server_log.contains("connection refused"), "server should log the refused dial:\n{server_log}");
+        assert!(logged && server_log.contains("stream 3 ->"), "third stream on the same session:\n{server_log}");
         assert_eq!(count_lines(&server_log, "session open"), 1, "all three requests on one session:\n{server_log}");
-        assert!(server_log.contains("stream 3 ->"), "third stream on the same session:\n{server_log}");
     })
     .await;
 }
@@ -177,8 +179,9 @@ async fn sequential_requests_reuse_the_session() {
         for id in 1..=4 {
             assert!(client_log.contains(&format!("stream {id} open")), "client stream {id}:\n{client_log}");
         }
+        let logged = server.process.wait_lines(&["stream 2 ->", "stream 4 ->"], 2, Duration::from_secs(5)).await;
         let server_log = server.process.log();
-        assert!(server_log.contains("stream 2 ->") && server_log.contains("stream 4 ->"), "{server_log}");
+        assert!(logged && server_log.contains("stream 2 ->") && server_log.contains("stream 4 ->"), "{server_log}");
         assert_eq!(count_lines(&server_log, "session open"), 1, "one session for all:\n{server_log}");
     })
     .await;

@@ -191,17 +191,20 @@ async fn run_checks(proxy: SocketAddr, ours: Ours<'_>) -> Report {
 
     let reuse = match &ours {
         Ours::Server(server) => {
+            // Logged as the stream opens, but read from the pipe by a thread: allow a moment.
+            let reused = server.process.wait_lines(&["stream 2 ->"], 1, Duration::from_secs(5)).await;
             let log = server.process.log();
             let sessions = count_lines(&log, "session open");
-            if log.contains("stream 2 ->") {
+            if reused {
                 Ok(format!("our server saw stream ids up to {}, {sessions} session(s)", highest_stream(&log, " ->")))
             } else {
                 Err(format!("our server never saw stream 2 ({sessions} session(s))"))
             }
         }
         Ours::Client(client) => {
+            let reused = client.process.wait_lines(&["stream 2 open"], 1, Duration::from_secs(5)).await;
             let log = client.process.log();
-            if log.contains("stream 2 open") {
+            if reused {
                 Ok(format!("our client opened stream ids up to {}", highest_stream(&log, " open")))
             } else {
                 Err("our client never opened stream 2 on a session".into())
@@ -459,6 +462,13 @@ async fn crate_client_to_our_server() {
                      reached; closing stream' in its debug log) instead of applying backpressure, so a fast download \
                      is cut off (early EOF or reset)",
                 ),
+                (
+                    "refused dial",
+                    &["SOCKS5: early eof"],
+                    "the crate client (0.5.3) answers SOCKS5 only once it has opened its stream, and closes the \
+                     connection without a reply when the session it took from its pool cannot open one (seen once \
+                     in CI, after the echo above was cut off; not in 12 runs here); the request after it must still work",
+                ),
             ],
         );
     })
@@ -555,9 +565,12 @@ async fn client_releases_the_session_when_the_server_never_fins() {
         echo_roundtrip(socks5_open(client.addr, echo).await, b"first").await;
         let released = client.process.wait_lines(CLIENT_DONE_LINES, 1, Duration::from_secs(10)).await;
         echo_roundtrip(socks5_open(client.addr, echo).await, b"second").await;
+        // The log is read by a thread, so the line may trail the echo by a moment; a new
+        // session would number its stream 1 again, so "stream 2" only ever means reuse.
+        let reused = client.process.wait_lines(&["stream 2 open"], 1, Duration::from_secs(5)).await;
         let log = client.process.log();
         assert!(released, "the first connection never finished (session not released) in 10 s:\n{log}");
-        assert!(log.contains("stream 2 open"), "the second request did not reuse the session:\n{log}");
+        assert!(reused, "the second request did not reuse the session:\n{log}");
     })
     .await;
 }

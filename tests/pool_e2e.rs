@@ -87,8 +87,10 @@ async fn warm_reuse_then_idle_cleanup(pool_type: &str) {
         &["--pin-sha256", &pin, "--pool-type", pool_type, "--stats-interval-secs", "1"],
     )
     .await;
+    // Logged as serving starts, just after the `listening on` line start_server waits for.
+    let configuration = format!("outbound pool: type {pool_type}, max 100 connections per target");
     assert!(
-        server.process.log().contains(&format!("outbound pool: type {pool_type}, max 100 connections per target")),
+        server.process.log_shows(&configuration, Duration::from_secs(5)).await,
         "start-up line names the pool configuration:\n{}",
         server.process.log()
     );

@@ -46,6 +46,7 @@ pub struct Process {
     name: String,
     child: Child,
     log: Arc<Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Process {
@@ -56,18 +57,19 @@ impl Process {
         let log = Arc::new(Mutex::new(String::new()));
         let stdout: Box<dyn Read + Send> = Box::new(child.stdout.take().expect("piped stdout"));
         let stderr: Box<dyn Read + Send> = Box::new(child.stderr.take().expect("piped stderr"));
+        let mut readers = Vec::new();
         for pipe in [stdout, stderr] {
             let log = log.clone();
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(pipe).lines() {
                     let Ok(line) = line else { break };
                     let mut log = log.lock().expect("log lock");
                     log.push_str(&line);
                     log.push('\n');
                 }
-            });
+            }));
         }
-        Process { name: name.to_string(), child, log }
+        Process { name: name.to_string(), child, log, readers }
     }
 
     pub fn name(&self) -> &str {
@@ -92,8 +94,7 @@ impl Process {
                 return found;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                // Let the reader threads catch the last lines.
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                self.readers_done().await;
                 if let Some(found) = self.log().lines().find_map(&find) {
                     return found;
                 }
@@ -140,12 +141,22 @@ impl Process {
         let deadline = Instant::now() + limit;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
+                self.readers_done().await;
                 return Some(status);
             }
             if Instant::now() >= deadline {
                 return None;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// After an exit: lets the reader threads take in the last lines, so that `log` holds
+    /// everything printed (bounded, in case a grandchild still holds a pipe open).
+    async fn readers_done(&self) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !self.readers.iter().all(|reader| reader.is_finished()) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
