@@ -189,7 +189,8 @@ fn value_error(command: &Command, arguments: &[String]) -> Option<ValueError> {
 pub const USER_JSON_FLAG: &str = "user-json";
 
 /// The keys of a `[[users]]` table besides `name` and `password`: the plan's.
-const PLAN_KEYS: [&str; 7] = ["quota-bytes", "expires", "speed-up", "speed-down", "max-ips", "max-sessions", "enabled"];
+const PLAN_KEYS: [&str; 8] =
+    ["quota-bytes", "expires", "speed-up", "speed-down", "max-ips", "max-sessions", "enabled", "padding-scheme"];
 
 /// `[[users]]` tables as arguments: `--user=NAME:PASSWORD`, or `--user-json={…}` for a
 /// table with a plan (`plans`: the command takes them). Each plan value is checked here,

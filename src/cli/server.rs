@@ -14,6 +14,7 @@ use crate::cli::config_file as config;
 use crate::cli::{KeepaliveArgs, accept_single_dash_long_flags, exit_with, named, pool_type_help, secs_or_never};
 use crate::fleet::{Panel, PanelSettings};
 use crate::pool::PoolType;
+use crate::proto::padding::DEFAULT_DOWNLINK_SCHEME;
 use crate::proto::{Address, PaddingScheme, PasswordHash};
 use crate::resources::ServerCaps;
 use crate::server::auth_callback::{AuthCallback, CallbackSettings};
@@ -56,9 +57,14 @@ struct Args {
     /// Private key (PEM). Needs --cert.
     #[arg(long, requires = "cert", value_name = "FILE", help_heading = "Listening and TLS")]
     key: Option<PathBuf>,
-    /// Padding scheme file sent to clients (default: the reference's scheme).
+    /// Padding scheme file sent to clients (default: the reference's scheme); re-read on SIGHUP.
     #[arg(long, value_name = "FILE", help_heading = "Listening and TLS")]
     padding_scheme: Option<PathBuf>,
+    /// Pads the server's own first writes of each session by this scheme file (same syntax
+    /// as --padding-scheme), or by the built-in one with `default`; `off` (the default): no
+    /// downlink padding. Re-read on SIGHUP.
+    #[arg(long, value_name = "FILE|default|off", help_heading = "Listening and TLS")]
+    downlink_padding_scheme: Option<PathBuf>,
     /// Timeout for each outbound connection, in seconds.
     #[arg(long, default_value_t = 5, value_name = "SECS", help_heading = "Outbound connections")]
     connect_timeout_secs: u64,
@@ -327,9 +333,11 @@ fn outbound_policy(args: &Args, own: Vec<std::net::SocketAddr>) -> Result<Policy
 }
 
 /// Re-reads the config (SIGHUP): users and certificate, all or nothing.
-fn reload(argv: &[String], users: &Users, certificate: &CertificateSlot) -> Result<String, String> {
+fn reload(argv: &[String], context: &ServerContext, certificate: &CertificateSlot) -> Result<String, String> {
+    let users = &context.users;
     let args = reread_args(argv)?;
     let entries = user_entries(&args)?;
+    let (padding, downlink) = padding_schemes(&args)?;
     let identity = match (&args.cert, &args.key) {
         (Some(cert), Some(key)) => Some(Identity::from_files(cert, key).map_err(|e| e.to_string())?),
         _ => None,
@@ -340,15 +348,50 @@ fn reload(argv: &[String], users: &Users, certificate: &CertificateSlot) -> Resu
     if let Some(certified) = certified {
         certificate.replace_key(certified);
     }
+    // A scheme from a file replaces the running one; without the flag, one the panel gave stays.
+    if let Some(padding) = padding {
+        context.padding.store(Arc::new(padding));
+    }
+    context.downlink_padding.store(downlink.map(Arc::new));
     Ok(format!(
-        "{} users ({} kept, added: {}, removed: {}, {} of the admin API or the panel left alone), certificate {}",
+        "{} users ({} kept, added: {}, removed: {}, {} of the admin API or the panel left alone), certificate {}, {}",
         users.len(),
         summary.kept,
         list_or_none(&summary.added),
         list_or_none(&summary.removed),
         summary.left_alone,
-        certificate.fingerprint()
+        certificate.fingerprint(),
+        describe_padding(context)
     ))
+}
+
+/// The schemes `--padding-scheme` and `--downlink-padding-scheme` name, each loaded
+/// strictly (a mistake names its file and line).
+fn padding_schemes(args: &Args) -> Result<(Option<PaddingScheme>, Option<PaddingScheme>), String> {
+    let load = |path: &Option<PathBuf>| {
+        path.as_ref()
+            .map(|path| {
+                let raw = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                PaddingScheme::load(&raw).map_err(|e| format!("{}: {e}", path.display()))
+            })
+            .transpose()
+    };
+    let downlink = match args.downlink_padding_scheme.as_ref().and_then(|path| path.to_str()) {
+        Some("off") => None,
+        Some("default") => {
+            Some(PaddingScheme::load(DEFAULT_DOWNLINK_SCHEME.as_bytes()).expect("the built-in scheme loads"))
+        }
+        _ => load(&args.downlink_padding_scheme)?,
+    };
+    Ok((load(&args.padding_scheme)?, downlink))
+}
+
+fn describe_padding(context: &ServerContext) -> String {
+    let downlink = match &*context.downlink_padding.load() {
+        Some(scheme) => format!("md5 {}, stop={}", scheme.md5_hex(), scheme.stop()),
+        None => "off".into(),
+    };
+    format!("padding scheme md5 {}, downlink padding {downlink}", context.padding.load().md5_hex())
 }
 
 fn list_or_none(names: &[String]) -> String {
@@ -357,12 +400,16 @@ fn list_or_none(names: &[String]) -> String {
 
 /// Reloads on every SIGHUP until the process ends.
 #[cfg(unix)]
-fn reload_on_sighup(argv: Vec<String>, users: Arc<Users>, certificate: Arc<CertificateSlot>) -> Result<(), String> {
+fn reload_on_sighup(
+    argv: Vec<String>,
+    context: Arc<ServerContext>,
+    certificate: Arc<CertificateSlot>,
+) -> Result<(), String> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hangups = signal(SignalKind::hangup()).map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
     tokio::spawn(async move {
         while hangups.recv().await.is_some() {
-            match reload(&argv, &users, &certificate) {
+            match reload(&argv, &context, &certificate) {
                 Ok(what) => log::info!("SIGHUP: reloaded: {what}"),
                 Err(why) => log::error!("SIGHUP: reload refused, the running configuration stays: {why}"),
             }
@@ -372,7 +419,7 @@ fn reload_on_sighup(argv: Vec<String>, users: Arc<Users>, certificate: Arc<Certi
 }
 
 #[cfg(not(unix))]
-fn reload_on_sighup(_: Vec<String>, _: Arc<Users>, _: Arc<CertificateSlot>) -> Result<(), String> {
+fn reload_on_sighup(_: Vec<String>, _: Arc<ServerContext>, _: Arc<CertificateSlot>) -> Result<(), String> {
     Ok(())
 }
 
@@ -437,13 +484,8 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
         None => None,
     };
     let (tls, certificate) = identity.reloadable_server_config().map_err(|e| e.to_string())?;
-    let padding = match &args.padding_scheme {
-        Some(path) => {
-            let raw = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            PaddingScheme::parse(&raw).map_err(|e| format!("{}: {e}", path.display()))?
-        }
-        None => PaddingScheme::default(),
-    };
+    let (padding, downlink_padding) = padding_schemes(&args)?;
+    let padding = padding.unwrap_or_default();
     let warmup = args
         .warmup
         .iter()
@@ -453,6 +495,7 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
         tls,
         passwords: Vec::new(),
         padding,
+        downlink_padding,
         connect_timeout: Duration::from_secs(args.connect_timeout_secs),
         handshake_timeout: Duration::from_secs(args.handshake_timeout_secs),
         max_handshakes,
@@ -512,7 +555,8 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
     let policy = outbound_policy(&args, own)?;
     log_policy(&policy);
     context.policy.replace(policy);
-    reload_on_sighup(argv, users.clone(), certificate.clone())?;
+    reload_on_sighup(argv, context.clone(), certificate.clone())?;
+    log::info!("{}", describe_padding(&context));
     log::info!(
         "listening on {bound} ({} user{}: {})",
         users.len(),

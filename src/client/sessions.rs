@@ -320,6 +320,7 @@ mod tests {
             tls: Identity::self_signed().unwrap().server_config().unwrap(),
             passwords: vec![PasswordHash::of("pw")],
             padding: PaddingScheme::default(),
+            downlink_padding: None,
             connect_timeout: Duration::from_secs(2),
             keepalive: Default::default(),
             handshake_timeout: Duration::from_secs(5),

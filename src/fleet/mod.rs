@@ -179,7 +179,7 @@ impl Panel {
             && !self.keep_padding
             && config.padding_scheme != self.config.padding_scheme
         {
-            match PaddingScheme::parse(lines.as_bytes()) {
+            match PaddingScheme::load(lines.as_bytes()) {
                 Ok(scheme) => {
                     self.context.padding.store(Arc::new(scheme));
                     log::info!("panel: padding scheme from the panel in use (new sessions get it)");

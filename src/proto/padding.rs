@@ -3,7 +3,13 @@
 //! A scheme says, for each of the client's first `stop` writes, which TLS record sizes
 //! to produce: payload is cut to those sizes and short records are filled with Waste
 //! frames, so the first packets of a session do not reveal the payload's sizes.
-//! Servers do not pad. This module only plans; the session does the writing.
+//! A server may pad its own first writes the same way (downlink padding): clients
+//! discard Waste frames whichever end sends them. This module only plans; the session
+//! does the writing.
+//!
+//! Two parsers: [`PaddingScheme::parse`] reads a scheme from the wire as the reference
+//! does, skipping what it cannot use; [`PaddingScheme::load`] reads one an operator
+//! wrote and refuses anything the lenient parser would silently skip.
 
 use md5::{Digest, Md5};
 use rand::{Rng, RngExt};
@@ -21,10 +27,26 @@ pub const DEFAULT_SCHEME: &str = "stop=8
 6=500-1000
 7=500-1000";
 
+/// The server's built-in downlink scheme. Unpadded, a server's first records after the
+/// handshake are tiny: its Settings answer (a 32-byte record on the wire), a SYNACK (24
+/// bytes); no web server answers a request like that. This one makes the first writes
+/// the sizes of an HTTP response's head and first body records, and cuts a large first
+/// answer into records of varied size, as a server streaming a page does.
+pub const DEFAULT_DOWNLINK_SCHEME: &str = "stop=4
+0=300-700
+1=500-1400,c,1000-1400
+2=800-1400,c,1400-4000
+3=1000-4000";
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SchemeError {
     #[error("padding scheme has no integer `stop=` line")]
     MissingStop,
+    /// What [`PaddingScheme::load`] refuses: the line (from 1) and why.
+    #[error("padding scheme line {line}: {why}")]
+    BadLine { line: usize, why: String },
+    #[error("padding scheme of {0} bytes is longer than one frame ({MAX_FRAME_DATA} bytes) can carry")]
+    TooLong(usize),
 }
 
 /// One element of a scheme line.
@@ -99,6 +121,53 @@ impl PaddingScheme {
             }
         }
         Ok(PaddingScheme { md5_hex: md5_hex(raw), raw: raw.to_vec(), stop, lines })
+    }
+
+    /// Parses a scheme an operator wrote (a file, the config, the admin API): what the
+    /// reference would skip without a word is an error naming the line, so a typo does
+    /// not quietly turn padding off. Accepts every scheme the reference's own examples
+    /// use, including line `0=`, which sizes the authentication block's padding.
+    pub fn load(raw: &[u8]) -> Result<PaddingScheme, SchemeError> {
+        if raw.len() > MAX_FRAME_DATA {
+            return Err(SchemeError::TooLong(raw.len()));
+        }
+        let bad = |line: usize, why: String| SchemeError::BadLine { line, why };
+        let text =
+            std::str::from_utf8(raw).map_err(|e| bad(1 + count_lines(&raw[..e.valid_up_to()]), "not UTF-8".into()))?;
+        let mut stop = None;
+        let mut seen = std::collections::HashSet::new();
+        let mut writes = Vec::new();
+        for (number, line) in text.split('\n').enumerate().map(|(i, line)| (i + 1, line)) {
+            let line = line.strip_suffix('\r').unwrap_or(line).trim();
+            if line.is_empty() {
+                continue;
+            }
+            let Some((key, value)) = line.split_once('=') else {
+                return Err(bad(number, format!("`{line}` is not `key=value`")));
+            };
+            let key = key.trim();
+            if !seen.insert(key.to_string()) {
+                return Err(bad(number, format!("`{key}=` appears twice")));
+            }
+            if key == "stop" {
+                let value = value.trim().parse::<u32>();
+                stop = Some(value.map_err(|_| bad(number, "`stop=` needs a whole number".into()))?);
+                continue;
+            }
+            let index = key.parse::<u32>();
+            let index = index.map_err(|_| bad(number, format!("`{key}` is neither `stop` nor a write number")))?;
+            writes.push((number, index));
+            for item in value.split(',').map(str::trim) {
+                if item != "c" && !valid_range(item) {
+                    return Err(bad(number, format!("`{item}` is neither `c` nor a size range `min-max` (1 or more)")));
+                }
+            }
+        }
+        let stop = stop.ok_or(SchemeError::MissingStop)?;
+        if let Some((number, index)) = writes.into_iter().find(|&(_, index)| index >= stop) {
+            return Err(bad(number, format!("write {index} is at or past stop={stop}, so it is never used")));
+        }
+        PaddingScheme::parse(raw)
     }
 
     pub fn raw(&self) -> &[u8] {
@@ -192,6 +261,16 @@ fn parse_line(value: &str) -> Vec<SizeSpec> {
         .collect()
 }
 
+/// `min-max` with both bounds whole numbers of 1 or more (either order).
+fn valid_range(item: &str) -> bool {
+    let Some((min, max)) = item.split_once('-') else { return false };
+    [min, max].iter().all(|bound| bound.trim().parse::<u64>().is_ok_and(|n| n > 0 && n <= MAX_FRAME_DATA as u64))
+}
+
+fn count_lines(bytes: &[u8]) -> usize {
+    bytes.iter().filter(|&&b| b == b'\n').count()
+}
+
 fn md5_hex(bytes: &[u8]) -> String {
     Md5::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -242,6 +321,37 @@ mod tests {
     }
 
     #[test]
+    fn loading_accepts_the_schemes_operators_use() {
+        let default = PaddingScheme::load(DEFAULT_SCHEME.as_bytes()).unwrap();
+        assert_eq!(default, PaddingScheme::default());
+        assert_eq!(PaddingScheme::load(DEFAULT_DOWNLINK_SCHEME.as_bytes()).unwrap().stop(), 4);
+        // The workaround posted for the reference's line-0 question: numbered from 1, stop=9.
+        let shifted = "stop=9\n1=30-30\n2=100-400\n3=400-500,c,500-1000\n4=9-9,500-1000\n8=500-1000\n";
+        assert_eq!(PaddingScheme::load(shifted.as_bytes()).unwrap().stop(), 9);
+        // `stop` may come last, lines may end in CRLF, blank lines are fine.
+        assert!(PaddingScheme::load(b"0=30-30\r\n\r\n1=100-400\r\nstop=2\r\n").is_ok());
+    }
+
+    #[test]
+    fn loading_names_the_line_the_lenient_parser_would_skip() {
+        let refused = |text: &str| match PaddingScheme::load(text.as_bytes()) {
+            Err(SchemeError::BadLine { line, why }) => (line, why),
+            other => panic!("{text:?} gave {other:?}"),
+        };
+        assert_eq!(refused("stop=2\n0=30-30\n1=100_400").0, 3);
+        assert!(refused("stop=2\n1=0-10").1.contains("`0-10`"));
+        assert!(refused("stop=2\n1=100-400,x").1.contains("`x`"));
+        assert!(refused("stop=2\n1=100-400\n1=5-5").1.contains("twice"));
+        assert!(refused("stop=2\npadding").1.contains("key=value"));
+        assert!(refused("stop=2\nfirst=30-30").1.contains("neither `stop`"));
+        assert_eq!(refused("2=10-20\nstop=2"), (1, "write 2 is at or past stop=2, so it is never used".into()));
+        assert!(refused("stop=eight").1.contains("whole number"));
+        assert_eq!(PaddingScheme::load(b"0=30-30"), Err(SchemeError::MissingStop));
+        let long = format!("stop=1\n0={}", "1-2,".repeat(20_000));
+        assert!(matches!(PaddingScheme::load(long.as_bytes()), Err(SchemeError::TooLong(_))));
+    }
+
+    #[test]
     fn writes_from_stop_on_are_not_padded() {
         let scheme = PaddingScheme::default();
         assert_eq!(scheme.plan(8, 1000, &mut rng()), vec![Piece::Payload(1000)]);
@@ -287,6 +397,13 @@ mod tests {
                 Piece::Waste(_) => 0,
             }).sum();
             prop_assert_eq!(carried, len);
+        }
+
+        #[test]
+        fn what_loading_accepts_parses_the_same_on_the_wire(text in "(stop=[0-9]\n)?([0-9]=([0-9]{1,3}-[0-9]{1,3}|c)(,[0-9]{1,3}-[0-9]{1,3})*\n){0,6}(stop=[0-9])?") {
+            if let Ok(loaded) = PaddingScheme::load(text.as_bytes()) {
+                prop_assert_eq!(Ok(loaded), PaddingScheme::parse(text.as_bytes()));
+            }
         }
 
         #[test]

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 
 use super::ServerConfig;
 use super::outbound::Dialer;
@@ -26,6 +26,9 @@ pub struct ServerContext {
     pub relay_buffers: RelayBuffers,
     /// The padding scheme sent to clients; the panel may change it live.
     pub padding: Arc<ArcSwap<PaddingScheme>>,
+    /// The scheme the server pads its own first writes of a session by (`None`: no
+    /// downlink padding); a reload may change it, for the sessions after.
+    pub downlink_padding: ArcSwapOption<PaddingScheme>,
     /// The link to the panel, when there is one (`--panel`).
     pub panel: PanelHealth,
     /// `--auth-url`: asked about passwords no local user has.
@@ -42,6 +45,7 @@ impl ServerContext {
             handshakes: HandshakeCounters::default(),
             relay_buffers: RelayBuffers::default(),
             padding: Arc::new(ArcSwap::from_pointee(PaddingScheme::default())),
+            downlink_padding: ArcSwapOption::empty(),
             panel: PanelHealth::default(),
             auth_callback: None,
         }
@@ -52,6 +56,7 @@ impl ServerContext {
         let dialer = Dialer { connect_timeout: config.connect_timeout, keepalive: config.keepalive };
         let context = ServerContext::new(users, OutboundPool::new(config.outbound.clone(), dialer));
         context.padding.store(Arc::new(config.padding.clone()));
+        context.downlink_padding.store(config.downlink_padding.clone().map(Arc::new));
         context
     }
 

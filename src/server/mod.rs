@@ -19,6 +19,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -42,6 +43,8 @@ pub struct ServerConfig {
     pub tls: Arc<rustls::ServerConfig>,
     pub passwords: Vec<PasswordHash>,
     pub padding: PaddingScheme,
+    /// Pads the server's first writes of each session (see [`ServerContext::downlink_padding`]).
+    pub downlink_padding: Option<PaddingScheme>,
     pub connect_timeout: Duration,
     /// Time a new connection has to finish TLS and send its authentication block.
     pub handshake_timeout: Duration,
@@ -108,6 +111,7 @@ pub async fn serve(
     let session_options = ServerSessionOptions {
         max_streams: config.max_streams_per_session,
         idle_session_timeout: limits.idle_session_timeout,
+        downlink_padding: None,
     };
     let gate = Arc::new(Gate::new(limits));
     let share = gate.user_share(users.len());
@@ -148,6 +152,7 @@ pub async fn serve(
         let door = door.clone();
         let config = config.clone();
         let session_config = session_config.clone();
+        let session_options = session_options.clone();
         let gate = gate.clone();
         let context = context.clone();
         tokio::spawn(async move {
@@ -172,6 +177,7 @@ pub async fn serve(
             let mut tls = tls;
             crate::session::limit_tls_buffer(tls.get_mut().1);
             let tls = CountedIo::new(tls, user.clone());
+            let (session_config, session_options) = padded_for(&user, &context, session_config, session_options);
             let session = ServerSession::start(tls, session_config, session_options, leftover, handler);
             log::debug!("{peer}: session open (user {})", user.name);
             let reason = tokio::select! {
@@ -254,6 +260,22 @@ async fn refuse_session(mut tls: TlsStream, peer: SocketAddr, why: &NoPlace) {
         tls.shutdown().await
     })
     .await;
+}
+
+/// The session settings for `user`: the padding scheme its clients are given (the user's
+/// own, else the node's, both as they are now: a changed one reaches each client at its
+/// next session) and the downlink scheme the server pads its own first writes by.
+fn padded_for(
+    user: &User,
+    context: &ServerContext,
+    mut config: SessionConfig,
+    mut options: ServerSessionOptions,
+) -> (SessionConfig, ServerSessionOptions) {
+    if let Some(scheme) = &user.plan().padding_scheme {
+        config.padding = Arc::new(ArcSwap::new(scheme.shared()));
+    }
+    options.downlink_padding = context.downlink_padding.load_full();
+    (config, options)
 }
 
 fn log_pool_configuration(config: &ServerConfig) {

@@ -139,7 +139,7 @@ impl Default for ClientSessionOptions {
 }
 
 /// What only a server session uses: the bounds it keeps on what a client may hold.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ServerSessionOptions {
     /// Streams a session may have open at once; SYNs beyond it are refused. A stream
     /// counts from its SYN until its relay has ended, whatever frames arrive.
@@ -149,11 +149,14 @@ pub struct ServerSessionOptions {
     /// their own idle sessions long before this; what it reaps are sessions whose
     /// client vanished or keeps a connection open doing nothing.
     pub idle_session_timeout: Option<Duration>,
+    /// Pads the server's own first writes by this scheme (`None`: not padded). Clients
+    /// discard the Waste frames, so this needs nothing of them.
+    pub downlink_padding: Option<Arc<PaddingScheme>>,
 }
 
 impl Default for ServerSessionOptions {
     fn default() -> ServerSessionOptions {
-        ServerSessionOptions { max_streams: 1024, idle_session_timeout: None }
+        ServerSessionOptions { max_streams: 1024, idle_session_timeout: None, downlink_padding: None }
     }
 }
 
@@ -356,7 +359,7 @@ impl Session<Client> {
         IO: AsyncRead + AsyncWrite + Send + 'static,
     {
         // A client pads with the scheme current when the session starts.
-        let padding = Some(config.padding.load_full());
+        let padding = Some(writer::WritePadding { scheme: config.padding.load_full(), first_write: 1 });
         let heartbeat = options.heartbeat_interval.map(|interval| (interval, options.heartbeat_timeout));
         let end = Client(Arc::new(ClientEnd {
             options,
@@ -428,7 +431,8 @@ impl Session<Server> {
         IO: AsyncRead + AsyncWrite + Send + 'static,
     {
         let from_client = reader::FromClient { handler, max_streams: options.max_streams };
-        let session = Session::launch(io, Server(()), config, leftover, from_client, None);
+        let padding = options.downlink_padding.map(|scheme| writer::WritePadding { scheme, first_write: 0 });
+        let session = Session::launch(io, Server(()), config, leftover, from_client, padding);
         if let Some(timeout) = options.idle_session_timeout {
             tokio::spawn(heartbeat::reap_when_idle(Arc::downgrade(&session.shared), timeout));
         }
@@ -445,7 +449,7 @@ impl<End> Session<End> {
         config: SessionConfig,
         leftover: BytesMut,
         peer: Peer,
-        padding: Option<Arc<PaddingScheme>>,
+        padding: Option<writer::WritePadding>,
     ) -> Session<End>
     where
         IO: AsyncRead + AsyncWrite + Send + 'static,

@@ -613,7 +613,7 @@ async fn stream_id_zero_is_refused_and_the_session_goes_on() {
 async fn an_idle_server_session_is_closed_and_a_busy_one_is_not() {
     let timeout = Duration::from_millis(300);
     let options = ServerSessionOptions { idle_session_timeout: Some(timeout), ..ServerSessionOptions::default() };
-    let (idle, _peer, _) = holding_server(options).await;
+    let (idle, _peer, _) = holding_server(options.clone()).await;
     let started = tokio::time::Instant::now();
     let reason = tokio::time::timeout(Duration::from_secs(3), idle.closed()).await.expect("idle session reaped");
     assert!(reason.contains("idle"), "{reason}");
@@ -694,4 +694,86 @@ async fn a_stream_the_client_opened_is_open_on_the_server_without_waiting() {
     // No answer is owed to the side that accepted it: nothing to wait for.
     let open = tokio::time::timeout(Duration::from_millis(100), accepted.wait_open()).await;
     assert_eq!(open.expect("no wait for an answer"), Ok(()));
+}
+
+/// The server's end of a pipe that notes the length of each write it is given (a
+/// session's writer makes one write per TLS record it wants, so these are the records).
+struct WriteSizes {
+    io: DuplexStream,
+    sizes: Arc<std::sync::Mutex<Vec<usize>>>,
+}
+
+impl tokio::io::AsyncRead for WriteSizes {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for WriteSizes {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let written = std::pin::Pin::new(&mut self.io).poll_write(cx, data);
+        if let std::task::Poll::Ready(Ok(n)) = written {
+            self.sizes.lock().unwrap().push(n);
+        }
+        written
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// A raw client's Settings, SYN and request to the echo server behind `downlink`; the
+/// sizes of the server's writes and the frames the client got (Waste skipped).
+async fn serve_one_echo(downlink: Option<&str>) -> (Vec<usize>, Vec<Frame>) {
+    let (a, b) = tokio::io::duplex(PIPE);
+    let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let io = WriteSizes { io: b, sizes: sizes.clone() };
+    let downlink_padding = downlink.map(|text| Arc::new(PaddingScheme::load(text.as_bytes()).unwrap()));
+    let options = ServerSessionOptions { downlink_padding, ..ServerSessionOptions::default() };
+    let _server = ServerSession::start(io, SessionConfig::default(), options, BytesMut::new(), echo_handler());
+    let mut peer = RawPeer::new(a);
+    let settings = Settings::new().with("v", "2").with("padding-md5", "75cff2ad89aadf5e257059ee571ebe11");
+    peer.send(&[Frame::new(Command::Settings, 0, settings.encode())]).await;
+    let mut frames = vec![peer.next().await.unwrap()];
+    peer.send(&[Frame::control(Command::Syn, 1), Frame::new(Command::Push, 1, &b"hello"[..])]).await;
+    while frames.iter().filter(|f| f.command == Command::Push).count() == 0 {
+        frames.push(peer.next().await.expect("the echo"));
+    }
+    let sizes = sizes.lock().unwrap().clone();
+    (sizes, frames)
+}
+
+#[tokio::test]
+async fn a_server_with_a_downlink_scheme_pads_its_first_writes_and_clients_see_the_same_frames() {
+    let scheme = "stop=2\n0=500-500\n1=800-800,300-300";
+    let (padded, frames) = serve_one_echo(Some(scheme)).await;
+    // Write 0, the Settings answer: one 500-byte record. Write 1 (the SYNACK, perhaps with
+    // the echo): 800 bytes, then a Waste frame of 300 bytes of data.
+    assert_eq!(padded[..3], [500, 800, 300 + crate::proto::frame::HEADER_LEN], "{padded:?}");
+    let seen: Vec<(Command, u32, &[u8])> = frames.iter().map(|f| (f.command, f.stream_id, &f.data[..])).collect();
+    assert_eq!(
+        seen,
+        [(Command::ServerSettings, 0, &b"v=2"[..]), (Command::SynAck, 1, &b""[..]), (Command::Push, 1, &b"hello"[..])]
+    );
+
+    let (plain, frames_unpadded) = serve_one_echo(None).await;
+    assert_eq!(plain[0], crate::proto::frame::HEADER_LEN + 3, "unpadded, the Settings answer is 10 bytes: {plain:?}");
+    assert_eq!(frames_unpadded.len(), frames.len());
 }

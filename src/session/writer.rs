@@ -4,8 +4,8 @@
 //! they go into the same vectored write as their own slices, and TLS copies each byte
 //! once, as it encrypts. So many small frames become one write and full 16 KiB TLS
 //! records, without a second copy of bulk data. A client pads its first `stop` writes
-//! as the padding scheme plans: each piece is its own write, which TLS turns into its
-//! own record.
+//! as the padding scheme plans, and so does a server given a downlink scheme: each
+//! piece is its own write, which TLS turns into its own record.
 
 use std::io::IoSlice;
 use std::sync::Arc;
@@ -33,13 +33,12 @@ pub(super) async fn run<IO: AsyncWrite>(
     mut io: WriteHalf<IO>,
     mut control_rx: mpsc::Receiver<Outgoing>,
     mut data_rx: mpsc::Receiver<Outgoing>,
-    padding: Option<Arc<PaddingScheme>>,
+    padding: Option<WritePadding>,
     shared: Arc<Shared>,
 ) {
     let mut batch = Batch { small: BytesMut::with_capacity(16 * 1024), parts: Vec::new(), len: 0, windows: Vec::new() };
     let mut closed = shared.closed.subscribe();
-    // The authentication block was write 0.
-    let mut write_index: u32 = 1;
+    let mut write_index: u32 = padding.as_ref().map_or(0, |padding| padding.first_write);
     let mut rng = StdRng::from_rng(&mut rand::rng());
     loop {
         let first = tokio::select! {
@@ -57,7 +56,7 @@ pub(super) async fn run<IO: AsyncWrite>(
         }
         batch.seal();
         let written = async {
-            match &padding {
+            match padding.as_ref().map(|padding| &padding.scheme) {
                 Some(scheme) if write_index < scheme.stop() => {
                     let whole: Vec<u8> = batch.parts.iter().flat_map(|part| part.iter().copied()).collect();
                     batch.parts.clear();
@@ -87,6 +86,14 @@ pub(super) async fn run<IO: AsyncWrite>(
     drop((control_rx, data_rx));
     // Best effort: a TLS close_notify, then FIN.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), io.shutdown()).await;
+}
+
+/// How a session's writer pads: by `scheme`, its writes numbered from `first_write`
+/// (a client's authentication block was its write 0, so its frames start at 1; a
+/// server's first write is its 0).
+pub(super) struct WritePadding {
+    pub scheme: Arc<PaddingScheme>,
+    pub first_write: u32,
 }
 
 /// One write's worth of frames, in order: runs of copied bytes and large payloads.

@@ -681,6 +681,7 @@ pub fn in_process_server_config(passwords: Vec<anytls_rs::proto::PasswordHash>) 
         tls: anytls_rs::server::tls::Identity::self_signed().unwrap().server_config().unwrap(),
         passwords,
         padding: anytls_rs::proto::PaddingScheme::default(),
+        downlink_padding: None,
         connect_timeout: Duration::from_secs(2),
         keepalive: Default::default(),
         handshake_timeout: Duration::from_secs(5),

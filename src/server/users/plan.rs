@@ -1,8 +1,14 @@
-//! A user's plan: the limits the server enforces on it, with the same names in the config
-//! file's `[[users]]` tables and in the admin API's JSON (`quota-bytes`, `expires`,
-//! `speed-up`, `speed-down`, `max-ips`, `max-sessions`, `enabled`). Absent means no limit.
+//! A user's plan: the limits the server enforces on it, and the padding scheme its clients
+//! are given, with the same names in the config file's `[[users]]` tables and in the admin
+//! API's JSON (`quota-bytes`, `expires`, `speed-up`, `speed-down`, `max-ips`,
+//! `max-sessions`, `enabled`, `padding-scheme`). Absent means no limit (and the node's
+//! scheme).
+
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+
+use crate::proto::PaddingScheme;
 
 /// Limits of one user. Bytes and bytes per second are plain integers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,6 +36,39 @@ pub struct Plan {
     /// `false`: refused, and its sessions closed, until enabled again.
     #[serde(default = "enabled_by_default")]
     pub enabled: bool,
+    /// The scheme this user's clients pad by, instead of the node's: sent to a client
+    /// whose scheme differs when its next session starts (UpdatePaddingScheme).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub padding_scheme: Option<UserPadding>,
+}
+
+/// A user's own padding scheme, written as its text; refused when it would not load
+/// (see [`PaddingScheme::load`]), so a typo is an error where the user is defined.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserPadding(Arc<PaddingScheme>);
+
+impl UserPadding {
+    pub fn load(text: &str) -> Result<UserPadding, crate::proto::padding::SchemeError> {
+        PaddingScheme::load(text.as_bytes()).map(|scheme| UserPadding(Arc::new(scheme)))
+    }
+
+    pub fn shared(&self) -> Arc<PaddingScheme> {
+        self.0.clone()
+    }
+}
+
+impl Serialize for UserPadding {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // `load` took it from a string, so it is UTF-8.
+        serializer.serialize_str(&String::from_utf8_lossy(self.0.raw()))
+    }
+}
+
+impl<'de> Deserialize<'de> for UserPadding {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<UserPadding, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        UserPadding::load(&text).map_err(serde::de::Error::custom)
+    }
 }
 
 fn enabled_by_default() -> bool {
@@ -46,6 +85,7 @@ impl Default for Plan {
             max_ips: None,
             max_sessions: None,
             enabled: true,
+            padding_scheme: None,
         }
     }
 }
@@ -68,6 +108,8 @@ pub struct PlanChange {
     #[serde(default, deserialize_with = "present")]
     pub max_sessions: Option<Option<u32>>,
     pub enabled: Option<bool>,
+    #[serde(default, deserialize_with = "present")]
+    pub padding_scheme: Option<Option<UserPadding>>,
 }
 
 /// A key that is present, even as `null`, is `Some`: absent keys stay `None` (default).
@@ -77,19 +119,20 @@ fn present<'de, T: Deserialize<'de>, D: serde::Deserializer<'de>>(d: D) -> Resul
 
 impl PlanChange {
     pub fn apply(&self, plan: &Plan) -> Plan {
-        fn set<T>(slot: &mut T, change: Option<T>) {
+        fn set<T: Clone>(slot: &mut T, change: &Option<T>) {
             if let Some(value) = change {
-                *slot = value;
+                *slot = value.clone();
             }
         }
         let mut next = plan.clone();
-        set(&mut next.quota_bytes, self.quota_bytes);
-        set(&mut next.expires, self.expires);
-        set(&mut next.speed_up, self.speed_up);
-        set(&mut next.speed_down, self.speed_down);
-        set(&mut next.max_ips, self.max_ips);
-        set(&mut next.max_sessions, self.max_sessions);
-        set(&mut next.enabled, self.enabled);
+        set(&mut next.quota_bytes, &self.quota_bytes);
+        set(&mut next.expires, &self.expires);
+        set(&mut next.speed_up, &self.speed_up);
+        set(&mut next.speed_down, &self.speed_down);
+        set(&mut next.max_ips, &self.max_ips);
+        set(&mut next.max_sessions, &self.max_sessions);
+        set(&mut next.enabled, &self.enabled);
+        set(&mut next.padding_scheme, &self.padding_scheme);
         next
     }
 }
