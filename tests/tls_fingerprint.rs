@@ -22,8 +22,12 @@ const HYBRID_SHARE_LEN: usize = 1184 + 32;
 #[derive(Debug)]
 struct Hello {
     record_len: usize,
+    cipher_suites: Vec<u16>,
+    /// Extension types in the order sent.
+    extensions: Vec<u16>,
     supported_groups: Vec<u16>,
     key_shares: Vec<(u16, usize)>,
+    alpn: Vec<String>,
 }
 
 /// Reads the first TLS record from `tcp` and parses the ClientHello in it.
@@ -43,16 +47,28 @@ async fn read_client_hello(tcp: &mut TcpStream) -> Hello {
         *at += len_bytes + len;
     };
     skip(&mut at, 1); // session id
+    let suites_len = u16::from_be_bytes([body[at], body[at + 1]]) as usize;
+    let cipher_suites = body[at + 2..at + 2 + suites_len].chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
     skip(&mut at, 2); // cipher suites
     skip(&mut at, 1); // compression methods
     let extensions_end = at + 2 + u16::from_be_bytes([body[at], body[at + 1]]) as usize;
     at += 2;
-    let (mut supported_groups, mut key_shares) = (Vec::new(), Vec::new());
+    let (mut supported_groups, mut key_shares, mut extensions, mut alpn) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     while at < extensions_end {
         let kind = u16::from_be_bytes([body[at], body[at + 1]]);
         let len = u16::from_be_bytes([body[at + 2], body[at + 3]]) as usize;
         let data = &body[at + 4..at + 4 + len];
+        extensions.push(kind);
         match kind {
+            0x0010 => {
+                let mut i = 2;
+                while i < data.len() {
+                    let n = data[i] as usize;
+                    alpn.push(String::from_utf8_lossy(&data[i + 1..i + 1 + n]).into_owned());
+                    i += 1 + n;
+                }
+            }
             0x000a => supported_groups = data[2..].chunks(2).map(|g| u16::from_be_bytes([g[0], g[1]])).collect(),
             0x0033 => {
                 let mut i = 2;
@@ -67,7 +83,7 @@ async fn read_client_hello(tcp: &mut TcpStream) -> Hello {
         }
         at += 4 + len;
     }
-    Hello { record_len, supported_groups, key_shares }
+    Hello { record_len, cipher_suites, extensions, supported_groups, key_shares, alpn }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,6 +103,14 @@ async fn client_hello_offers_x25519mlkem768_first_with_an_x25519_share() {
         assert_eq!(hello.supported_groups[..2], [hybrid, x25519], "groups: {:x?}", hello.supported_groups);
         assert_eq!(hello.key_shares, [(hybrid, HYBRID_SHARE_LEN), (x25519, 32)]);
         assert!(hello.record_len > HYBRID_SHARE_LEN, "record of {} bytes", hello.record_len);
+        // Chrome's and Go's order (with AES instructions): AES-128-GCM first, then AES-256,
+        // then ChaCha20; the TLS 1.2 suites ECDSA before RSA. Chrome adds GREASE and CBC
+        // suites in front of and after these; rustls sends neither, and ends the list with
+        // the renegotiation SCSV (00ff) where Chrome and Go send the renegotiation_info extension.
+        let expected = [0x1301, 0x1302, 0x1303, 0xc02b, 0xc02f, 0xc02c, 0xc030, 0xcca9, 0xcca8, 0x00ff];
+        assert_eq!(hello.cipher_suites, expected, "suites: {:04x?}", hello.cipher_suites);
+        assert_eq!(hello.alpn, ["h2", "http/1.1"], "a browser's ALPN list");
+        announce(&format!("NOTE ClientHello extensions, in order: {:04x?}", hello.extensions));
         socks.abort();
     })
     .await;

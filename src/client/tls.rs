@@ -71,7 +71,8 @@ pub fn client_config(trust: &Trust) -> Result<Arc<rustls::ClientConfig>, TrustEr
         Trust::Insecure => Check::Anything,
     };
     let verifier = Arc::new(Verifier { check, provider });
-    let config = builder.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth();
+    let mut config = builder.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth();
+    config.alpn_protocols = crate::crypto::CLIENT_ALPN.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
 
