@@ -71,12 +71,13 @@ impl RawSession {
         self.tls.flush().await.unwrap();
     }
 
-    /// The next frame, skipping the server's settings chatter; `None` on EOF or `limit`.
+    /// The next frame, skipping the server's settings chatter and its downlink padding
+    /// (Waste, which every client discards); `None` on EOF or `limit`.
     async fn next(&mut self, limit: Duration) -> Option<Frame> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             while let Ok(Some(frame)) = self.decoder.decode(&mut self.buf) {
-                if !matches!(frame.command, Command::ServerSettings | Command::UpdatePaddingScheme) {
+                if !matches!(frame.command, Command::ServerSettings | Command::UpdatePaddingScheme | Command::Waste) {
                     return Some(frame);
                 }
             }

@@ -177,12 +177,12 @@ async fn downlink_padding_shapes_the_records_the_server_sends() {
         let dir = TempDir::new("padding-downlink");
         let scheme = dir.path().join("down.scheme");
         std::fs::write(&scheme, "stop=3\n0=600-600\n1=900-900,400-400\n2=1200-1200").unwrap();
-        let plain = server_records(&[]).await;
+        let plain = server_records(&["--downlink-padding-scheme", "off"]).await;
         let padded = server_records(&["--downlink-padding-scheme", scheme.to_str().unwrap()]).await;
-        let built_in = server_records(&["--downlink-padding-scheme", "default"]).await;
+        let built_in = server_records(&[]).await;
         announce(&format!("NOTE downlink: first server records without padding: {plain:?}"));
         announce(&format!("NOTE downlink: with the test's scheme: {padded:?}"));
-        announce(&format!("NOTE downlink: with the built-in scheme: {built_in:?}"));
+        announce(&format!("NOTE downlink: with the built-in scheme (the default): {built_in:?}"));
         // Write 0 (the Settings answer) is one 600-byte record; write 1 (a SYNACK, perhaps
         // with data) 900 bytes, then a Waste frame of 400 bytes of data (407 with its header).
         let shaped = [600 + RECORD_OVERHEAD, 900 + RECORD_OVERHEAD, 407 + RECORD_OVERHEAD];
