@@ -609,6 +609,87 @@ async fn the_printed_link_connects_a_client_as_it_is() {
     .await
 }
 
+/// Runs `anytls-server ARGS` to its end with `STATE_DIRECTORY=state`: exit status and output.
+async fn server_command(args: &[&str], state: &Path) -> (std::process::ExitStatus, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_anytls-server"));
+    command.args(args).env("STATE_DIRECTORY", state).env_remove("ANYTLS_PASSWORD");
+    let mut process = Process::spawn("anytls-server link", command);
+    let status = process.wait_exit(Duration::from_secs(20)).await.expect("the command ends by itself");
+    (status, process.log())
+}
+
+#[tokio::test]
+async fn the_self_signed_certificate_is_kept_across_restarts_and_each_user_gets_a_link() {
+    bounded(LIMIT, "kept certificate", async {
+        let state = TempDir::new("deploy-kept-cert");
+        let users = ["--user", "amy:pa", "--user", "ben:p b"];
+        let env = [("STATE_DIRECTORY", state.path().to_str().unwrap())];
+        let start = |port: String| {
+            let mut args = vec!["-l".to_string(), format!("127.0.0.1:{port}")];
+            args.extend(users.iter().map(|a| a.to_string()));
+            args
+        };
+        let first_args = start("0".into());
+        let (first, addr) = server(&first_args.iter().map(String::as_str).collect::<Vec<_>>(), &env).await;
+        let pin = fingerprint(&first);
+        assert!(first.log().contains("new and kept for later starts"), "{}", first.log());
+        drop(first);
+        let again_args = start(addr.port().to_string());
+        let (again, addr) = server(&again_args.iter().map(String::as_str).collect::<Vec<_>>(), &env).await;
+        assert_eq!(fingerprint(&again), pin, "a restart keeps the certificate");
+        assert!(again.log().contains("kept from the last start"), "{}", again.log());
+
+        // `link --user ben`: his password and the kept pin; a client connects with it as it is.
+        let mut link_args = vec!["link", "--user", "ben", "--qr"];
+        link_args.extend(again_args.iter().map(String::as_str));
+        let (status, out) = server_command(&link_args, state.path()).await;
+        assert!(status.success(), "{out}");
+        let link = out.lines().find(|l| l.starts_with("anytls://")).expect("a link").to_string();
+        assert_eq!(link, format!("anytls://p%20b@127.0.0.1:{}/?pin-sha256={pin}", addr.port()));
+        assert!(out.contains('\u{2580}') || out.contains('\u{2584}'), "a QR code in half blocks:\n{out}");
+        let (_client, proxy) = client(&["-l", "127.0.0.1:0", "-s", &link], &[]).await;
+        let echo = spawn_echo().await;
+        assert!(echoes(proxy, "127.0.0.1", echo.port()).await, "{}", again.log());
+
+        let mut unknown = vec!["link", "--user", "nobody"];
+        unknown.extend(users);
+        let (status, out) = server_command(&unknown, state.path()).await;
+        assert!(!status.success() && out.contains("no user \"nobody\" (users: amy, ben)"), "{out}");
+
+        // --state-dir off: a new certificate at every start, and start-up says what that means.
+        let (off, _) = server(&["-l", "127.0.0.1:0", "--state-dir", "off", "-p", "pw"], &env).await;
+        assert!(off.log().contains("not kept (--state-dir off)"), "{}", off.log());
+        assert_ne!(fingerprint(&off), pin);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn links_in_other_clients_spellings_work_and_those_that_cannot_are_refused_at_start() {
+    bounded(LIMIT, "link spellings", async {
+        let (server, addr) = server(&["-l", "127.0.0.1:0", "--user", "erin:pw"], &[]).await;
+        let pin = fingerprint(&server);
+        let echo = spawn_echo().await;
+        let link = format!("anytls://pw@{addr}/?pinSHA256={pin}&fp=chrome&alpn=h2#Erin%27s%20server");
+        let (client_process, proxy) = client(&["-l", "127.0.0.1:0", "-s", &link], &[]).await;
+        assert!(echoes(proxy, "127.0.0.1", echo.port()).await, "{}", client_process.log());
+        assert!(client_process.log_shows("the link's fp=chrome", Duration::from_secs(5)).await);
+        assert!(client_process.log().contains("the link's alpn=h2"), "{}", client_process.log());
+
+        for (link, reason) in [
+            (format!("anytls://pw@{addr}/?security=reality&pbk=key"), "security=reality"),
+            (format!("vless://pw@{addr}?security=tls"), "vless:// is another protocol"),
+        ] {
+            let mut command = Command::new(env!("CARGO_BIN_EXE_anytls-client"));
+            command.args(["-l", "127.0.0.1:0", "-s", &link]);
+            let mut refused = Process::spawn("anytls-client", command);
+            let status = refused.wait_exit(Duration::from_secs(10)).await.expect("the client stops at once");
+            assert!(!status.success() && refused.log().contains(reason), "{link}: {}", refused.log());
+        }
+    })
+    .await
+}
+
 #[test]
 fn the_systemd_unit_passes_systemd_analyze_verify() {
     let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/anytls-server.service");

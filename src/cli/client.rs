@@ -283,6 +283,9 @@ fn server_overrides(args: &Args) -> ServerOverrides {
 /// The connector for one `-s` value, with the session settings the flags give.
 fn connector_for(server: &str, args: &Args, buffers: &BufferBudget) -> Result<(Connector, Trust), String> {
     let endpoint = resolve_server(server, &server_overrides(args)).map_err(|e| e.to_string())?;
+    for note in &endpoint.ignored {
+        log::warn!("{}: the link's {note}", endpoint.server);
+    }
     let connector = Connector {
         server: endpoint.server,
         server_name: endpoint.server_name,

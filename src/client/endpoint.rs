@@ -33,6 +33,8 @@ pub struct ServerEndpoint {
     pub trust: Trust,
     /// The TLS name sent and verified: the SNI if given, else the server's host.
     pub server_name: ServerName<'static>,
+    /// What the link asked that is not done (see [`crate::client::link`]), for the log.
+    pub ignored: Vec<String>,
 }
 
 /// Why a server could not be resolved; the texts name what is wrong.
@@ -54,12 +56,12 @@ pub enum EndpointError {
 /// (the command line's, else the link's) beats `insecure` (either's), which beats the
 /// web PKI roots plus `extra_ca`.
 pub fn resolve_server(spec: &str, overrides: &ServerOverrides) -> Result<ServerEndpoint, EndpointError> {
-    let (server, link_password, link_sni, link_insecure, link_pin) = if spec.starts_with("anytls://") {
+    let (server, link_password, link_sni, link_insecure, link_pin, ignored) = if spec.contains("://") {
         let link = parse_link(spec)?;
-        (link.server, link.password, link.sni, link.insecure, link.pin_sha256)
+        (link.server, link.password, link.sni, link.insecure, link.pin_sha256, link.ignored)
     } else {
         let address = parse_server(spec, 443).ok_or_else(|| EndpointError::BadAddress(spec.to_string()))?;
-        (address, None, None, false, None)
+        (address, None, None, false, None, Vec::new())
     };
     let Some(password) = overrides.password.clone().or(link_password) else {
         return Err(EndpointError::NoPassword(server));
@@ -77,7 +79,7 @@ pub fn resolve_server(spec: &str, overrides: &ServerOverrides) -> Result<ServerE
         (None, Host::Ip(ip)) => Ok(ServerName::IpAddress((*ip).into())),
     }
     .map_err(EndpointError::BadServerName)?;
-    Ok(ServerEndpoint { server, password, trust, server_name })
+    Ok(ServerEndpoint { server, password, trust, server_name, ignored })
 }
 
 #[cfg(test)]

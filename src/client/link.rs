@@ -1,6 +1,12 @@
-//! `anytls://[password@]host[:port]/?sni=NAME&insecure=0|1&pin-sha256=HEX` links.
+//! `anytls://[password@]host[:port]/?sni=NAME&insecure=0|1&pin-sha256=HEX#NAME` links.
 //! `pin-sha256` (this project's addition, printed by `anytls-server` for a self-signed
 //! certificate) accepts exactly the certificate with that SHA-256; other clients ignore it.
+//!
+//! Links are shared between clients, so the spellings other clients write are read too:
+//! `allowInsecure=1`, `pinSHA256=` and a hex `fingerprint=` for the pin. What a link asks
+//! and this client does not do is said: `fp=` (a uTLS browser imitation) and `alpn=` are
+//! read and ignored with a note, and a link this client cannot honour (`security=reality`,
+//! another scheme) is refused with the reason, rather than failing later at TLS.
 
 use crate::proto::Address;
 
@@ -15,6 +21,8 @@ pub enum LinkError {
     BadPercentEncoding(String),
     #[error("percent-decoded text is not UTF-8: {0:?}")]
     NotUtf8(String),
+    #[error("the link asks for {0}, which anytls-client cannot honour")]
+    Unsupported(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,11 +32,27 @@ pub struct Link {
     pub sni: Option<String>,
     pub insecure: bool,
     pub pin_sha256: Option<String>,
+    /// The link's `#name`, percent-decoded.
+    pub name: Option<String>,
+    /// What the link asks that is read but not done, one note each, for the log.
+    pub ignored: Vec<String>,
 }
 
 /// Parses a link; the password is percent-decoded, the port defaults to 443.
 pub fn parse_link(text: &str) -> Result<Link, LinkError> {
-    let rest = text.strip_prefix("anytls://").ok_or_else(|| LinkError::NotALink(text.to_string()))?;
+    let Some(rest) = text.strip_prefix("anytls://") else {
+        return Err(match text.split_once("://") {
+            Some((scheme, _)) => {
+                LinkError::NotALink(format!("{scheme}:// is another protocol; this client speaks AnyTLS"))
+            }
+            None => LinkError::NotALink(text.to_string()),
+        });
+    };
+    let (rest, name) = match rest.split_once('#') {
+        Some((rest, name)) if !name.is_empty() => (rest, Some(percent_decode(name)?)),
+        Some((rest, _)) => (rest, None),
+        None => (rest, None),
+    };
     let (authority, query) = match rest.split_once('?') {
         Some((authority, query)) => (authority, query),
         None => (rest, ""),
@@ -39,15 +63,25 @@ pub fn parse_link(text: &str) -> Result<Link, LinkError> {
         None => (None, authority),
     };
     let server = parse_server(host_port, 443).ok_or_else(|| LinkError::BadServer(host_port.to_string()))?;
-    let mut link = Link { password, server, sni: None, insecure: false, pin_sha256: None };
-    for pair in query.split('#').next().unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+    let mut link = Link { password, server, sni: None, insecure: false, pin_sha256: None, name, ignored: Vec::new() };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         let value = percent_decode(value)?;
         match key {
-            "sni" if !value.is_empty() => link.sni = Some(value),
-            "insecure" => link.insecure = value == "1" || value == "true",
-            "pin-sha256" if !value.is_empty() => link.pin_sha256 = Some(value),
-            _ => {}
+            "sni" | "peer" if !value.is_empty() => link.sni = Some(value),
+            "insecure" | "allowInsecure" => link.insecure = value == "1" || value == "true",
+            "pin-sha256" | "pinSHA256" if !value.is_empty() => link.pin_sha256 = Some(value),
+            // Some clients write the pin as `fingerprint`, others a uTLS name there.
+            "fingerprint" if crate::client::tls::parse_pin(&value).is_ok() => link.pin_sha256 = Some(value),
+            "fingerprint" | "fp" => link.ignored.push(format!(
+                "{key}={value}: browser imitation (uTLS) is not done; the ClientHello is this client's own, \
+                 modelled on a browser's"
+            )),
+            "alpn" => link.ignored.push(format!("alpn={value}: this client offers h2 and http/1.1, as a browser does")),
+            "security" if value.is_empty() || value == "tls" => {}
+            "security" => return Err(LinkError::Unsupported(format!("security={value}"))),
+            "sni" | "pin-sha256" | "pinSHA256" | "peer" => {}
+            _ => link.ignored.push(format!("{key}: not a key anytls-client knows")),
         }
     }
     Ok(link)
@@ -108,6 +142,34 @@ mod tests {
         assert_eq!(parse_link("anytls://pw@[::1]:9/").unwrap().server.to_string(), "[::1]:9");
         assert_eq!(parse_link("anytls://[::1]").unwrap().server.to_string(), "[::1]:443");
         assert!(!parse_link("anytls://pw@h:1/?insecure=0").unwrap().insecure);
+    }
+
+    #[test]
+    fn the_spellings_of_other_clients_are_read() {
+        let pin = "ab".repeat(32);
+        let link = parse_link(&format!("anytls://pw@h:1/?allowInsecure=1&pinSHA256={pin}#my%20server")).unwrap();
+        assert!(link.insecure);
+        assert_eq!(link.pin_sha256.as_deref(), Some(pin.as_str()));
+        assert_eq!(link.name.as_deref(), Some("my server"));
+        assert!(link.ignored.is_empty(), "{:?}", link.ignored);
+        let by_fingerprint = parse_link(&format!("anytls://pw@h:1?fingerprint={pin}&peer=front.example")).unwrap();
+        assert_eq!(by_fingerprint.pin_sha256.as_deref(), Some(pin.as_str()));
+        assert_eq!(by_fingerprint.sni.as_deref(), Some("front.example"));
+    }
+
+    #[test]
+    fn what_is_asked_and_not_done_is_noted_and_what_cannot_be_honoured_is_refused() {
+        let link = parse_link("anytls://pw@h:1/?fp=chrome&alpn=h2&fingerprint=firefox&udp=1&security=tls").unwrap();
+        let notes = link.ignored.join("\n");
+        assert_eq!(link.ignored.len(), 4, "{notes}");
+        for part in ["fp=chrome", "alpn=h2", "fingerprint=firefox", "udp: not a key"] {
+            assert!(notes.contains(part), "{part} in {notes}");
+        }
+        let reality = parse_link("anytls://pw@h:1/?security=reality&pbk=x").unwrap_err();
+        assert_eq!(reality, LinkError::Unsupported("security=reality".into()));
+        assert!(reality.to_string().contains("cannot honour"));
+        let vless = parse_link("vless://uuid@h:443?security=reality").unwrap_err().to_string();
+        assert!(vless.contains("vless:// is another protocol"), "{vless}");
     }
 
     #[test]
