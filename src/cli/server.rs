@@ -23,7 +23,7 @@ use crate::server::limits::ServerLimits;
 use crate::server::outbound_pool::OutboundSettings;
 use crate::server::policy::{Cidr, Policy};
 use crate::server::state::{UserState, keep_usage};
-use crate::server::tls::{CertificateSlot, Identity};
+use crate::server::tls::{CertificateSlot, Identity, KeptCertificate, kept_self_signed};
 use crate::server::udp::UdpSettings;
 use crate::server::users::admin::UserAdmin;
 use crate::server::users::{UserEntry, Users};
@@ -271,6 +271,9 @@ pub fn main() -> ExitCode {
     crate::logging::init();
     // Reference command lines use Go-style flags such as `-padding-scheme`.
     let argv = accept_single_dash_long_flags(std::env::args(), &["padding-scheme", "cert", "key"]);
+    if argv.get(1).map(String::as_str) == Some("link") {
+        return exit_with("anytls-server link", print_user_link(argv));
+    }
     let args = match config::command_line_with_config(argv.clone(), &Args::command()) {
         Ok(full) => Args::parse_from(full),
         Err(why) => return exit_with("anytls-server", Err(why)),
@@ -458,15 +461,7 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
     let self_signed = args.cert.is_none() || args.key.is_none();
     let identity = match (&args.cert, &args.key) {
         (Some(cert), Some(key)) => Identity::from_files(cert, key).map_err(|e| e.to_string())?,
-        _ => {
-            let (identity, name) = match &args.self_signed_name {
-                Some(name) => (Identity::self_signed_named(name), name.as_str()),
-                None => (Identity::self_signed(), "localhost"),
-            };
-            let identity = identity.map_err(|e| e.to_string())?;
-            log::info!("self-signed certificate for {name}, SHA-256 fingerprint {}", identity.fingerprint());
-            identity
-        }
+        _ => self_signed_identity(&args)?,
     };
     let fallback = match &args.fallback {
         Some(target) => {
@@ -665,6 +660,52 @@ fn state_dir(args: &Args, users: &Users) -> Option<PathBuf> {
     }
 }
 
+/// Where the self-signed certificate is kept between starts: the state directory, also
+/// when no user store uses it (`--state-dir off`: nowhere, a new one at every start).
+fn certificate_dir(args: &Args) -> Option<PathBuf> {
+    match &args.state_dir {
+        Some(dir) if dir.as_os_str() == "off" => None,
+        Some(dir) => Some(dir.clone()),
+        None => Some(default_state_dir()),
+    }
+}
+
+/// The self-signed certificate (no --cert/--key): the one kept from the last start when
+/// there is one, so clients pinned to it still connect; start-up says which.
+fn self_signed_identity(args: &Args) -> Result<Identity, String> {
+    let name = args.self_signed_name.as_deref();
+    let shown = name.unwrap_or("localhost");
+    let (identity, kept) = match certificate_dir(args) {
+        Some(dir) => kept_self_signed(&dir, name).map_err(|e| e.to_string())?,
+        None => {
+            let fresh = match name {
+                Some(name) => Identity::self_signed_named(name),
+                None => Identity::self_signed(),
+            };
+            (fresh.map_err(|e| e.to_string())?, KeptCertificate::NotSaved("--state-dir off".into()))
+        }
+    };
+    let fingerprint = identity.fingerprint();
+    match kept {
+        KeptCertificate::Reused => {
+            log::info!(
+                "self-signed certificate for {shown}, kept from the last start, SHA-256 fingerprint {fingerprint}"
+            )
+        }
+        KeptCertificate::Created => {
+            log::info!(
+                "self-signed certificate for {shown}, new and kept for later starts, SHA-256 fingerprint {fingerprint}"
+            )
+        }
+        // The fingerprint ends each line: scripts and tests read it from there.
+        KeptCertificate::NotSaved(why) => log::info!(
+            "self-signed certificate for {shown}, not kept ({why}): pinned clients need the new fingerprint after a \
+             restart; SHA-256 fingerprint {fingerprint}"
+        ),
+    }
+    Ok(identity)
+}
+
 fn default_state_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("STATE_DIRECTORY").filter(|d| !d.is_empty()) {
         // systemd's StateDirectory= may list several, separated by colons: the first is ours.
@@ -705,9 +746,92 @@ fn print_client_command(bound: std::net::SocketAddr, args: &Args, pin: Option<St
         _ => "PASSWORD".to_string(),
     };
     let trust = pin.as_ref().map(|pin| format!(" --pin-sha256 {pin}")).unwrap_or_default();
-    let query = pin.as_ref().map(|pin| format!("?pin-sha256={pin}")).unwrap_or_default();
     println!("client command: anytls-client -l 127.0.0.1:1080 -s {server} -p '{password}'{trust}");
-    println!("client link: anytls://{}@{server}/{query}", percent_encode(&password));
+    let link = client_link(&server.to_string(), &password, pin.as_deref());
+    println!("client link: {link}");
+    if std::io::stdout().is_terminal() {
+        println!("{}", terminal_qr(&link));
+    }
+}
+
+/// `anytls://PASSWORD@SERVER/?pin-sha256=…` (the pin for a self-signed certificate).
+fn client_link(server: &str, password: &str, pin: Option<&str>) -> String {
+    let query = pin.map(|pin| format!("?pin-sha256={pin}")).unwrap_or_default();
+    format!("anytls://{}@{server}/{query}", percent_encode(password))
+}
+
+/// `text` as a QR code drawn with half-block characters, two rows of modules a line,
+/// dark on a light border, which phone cameras read off a terminal.
+fn terminal_qr(text: &str) -> String {
+    match qrcode::QrCode::new(text.as_bytes()) {
+        Ok(code) => code
+            .render::<qrcode::render::unicode::Dense1x2>()
+            .dark_color(qrcode::render::unicode::Dense1x2::Light)
+            .light_color(qrcode::render::unicode::Dense1x2::Dark)
+            .build(),
+        Err(why) => format!("(no QR code: {why})"),
+    }
+}
+
+/// `anytls-server link --user NAME [--host HOST] [--qr] [FLAGS…]`: the link of one user,
+/// password included, for the server the same flags (or `--config FILE`) describe; with a
+/// self-signed certificate, the pin of the one kept in the state directory (made now if
+/// there is none yet, and used by the server from then on). A QR code follows on a
+/// terminal, or with `--qr`.
+fn print_user_link(argv: Vec<String>) -> Result<(), String> {
+    let (mut user, mut host, mut qr, mut rest) = (None, None, false, vec![argv[0].clone()]);
+    let mut words = argv.into_iter().skip(2);
+    // `--user NAME` names whose link to print; `--user NAME:PASSWORD` stays a server flag.
+    while let Some(word) = words.next() {
+        let value = match word.as_str() {
+            "--user" | "--host" => words.next().ok_or_else(|| format!("{word} needs a value"))?,
+            _ => String::new(),
+        };
+        match word.as_str() {
+            "--user" if !value.contains(':') && user.is_none() => user = Some(value),
+            "--user" => rest.extend([word, value]),
+            "--host" => host = Some(value),
+            "--qr" => qr = true,
+            _ if word.starts_with("--user=") && !word.contains(':') => user = Some(word["--user=".len()..].to_string()),
+            _ if word.starts_with("--host=") => host = Some(word["--host=".len()..].to_string()),
+            _ => rest.push(word),
+        }
+    }
+    let user =
+        user.ok_or("usage: anytls-server link --user NAME [--host HOST] [--qr] [server flags or --config FILE]")?;
+    let args = reread_args(&rest)?;
+    let entries = user_entries(&args)?;
+    let Some(entry) = entries.iter().find(|entry| entry.name == user) else {
+        let names: Vec<String> = entries.iter().map(|entry| entry.name.clone()).collect();
+        return Err(format!("no user {user:?} (users: {})", some_names(&names)));
+    };
+    let password =
+        entry.password.clone().ok_or_else(|| format!("user {user:?} has no password this command can show"))?;
+    let listen = args.listen.clone().unwrap_or_else(|| "0.0.0.0:8443".into());
+    let bound: std::net::SocketAddr =
+        listen.parse().map_err(|_| format!("--listen {listen:?} is not an address:port"))?;
+    let server = match host {
+        Some(host) => format!("{host}:{}", bound.port()),
+        None => std::net::SocketAddr::new(client_facing_ip(bound.ip()), bound.port()).to_string(),
+    };
+    let pin = match (&args.cert, &args.key, certificate_dir(&args)) {
+        (Some(_), Some(_), _) => None,
+        (_, _, Some(dir)) => {
+            match kept_self_signed(&dir, args.self_signed_name.as_deref()).map_err(|e| e.to_string())? {
+                (identity, KeptCertificate::Reused | KeptCertificate::Created) => Some(identity.fingerprint()),
+                (_, KeptCertificate::NotSaved(why)) => return Err(format!("the self-signed certificate is {why}")),
+            }
+        }
+        (_, _, None) => {
+            return Err("with --state-dir off the self-signed certificate is new at every start: no pin to give".into());
+        }
+    };
+    let link = client_link(&server, &password, pin.as_deref());
+    println!("{link}");
+    if qr || std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        println!("{}", terminal_qr(&link));
+    }
+    Ok(())
 }
 
 /// The address a client would use: the listen address, or for a wildcard listen the

@@ -47,12 +47,22 @@ pub struct Process {
     child: Child,
     log: Arc<Mutex<String>>,
     readers: Vec<std::thread::JoinHandle<()>>,
+    _state: Option<TempDir>,
 }
 
 impl Process {
     /// Starts `command` with stdin closed and both output streams captured.
     pub fn spawn(name: &str, mut command: Command) -> Process {
         command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        // Our server keeps state (its self-signed certificate, users) in STATE_DIRECTORY
+        // unless told otherwise: one of its own per process, so tests never share one.
+        let state = if command.get_envs().any(|(key, _)| key == "STATE_DIRECTORY") {
+            None
+        } else {
+            let dir = TempDir::new(&format!("state-{}", name.replace(['/', ' ', '(', ')'], "-")));
+            command.env("STATE_DIRECTORY", dir.path());
+            Some(dir)
+        };
         let mut child = command.spawn().unwrap_or_else(|err| panic!("cannot start {name}: {err}"));
         let log = Arc::new(Mutex::new(String::new()));
         let stdout: Box<dyn Read + Send> = Box::new(child.stdout.take().expect("piped stdout"));
@@ -69,7 +79,7 @@ impl Process {
                 }
             }));
         }
-        Process { name: name.to_string(), child, log, readers }
+        Process { name: name.to_string(), child, log, readers, _state: state }
     }
 
     pub fn name(&self) -> &str {
