@@ -12,6 +12,18 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 /// default since Linux 5.4).
 pub const LISTEN_BACKLOG: u32 = 4096;
 
+/// The address a listen flag means: a bare port (`8443`) or one after a colon (`:8443`)
+/// is on `host` (the flag's own default: all addresses for the server, loopback for the
+/// client's proxy and the API); anything else as given.
+pub fn listen_address(value: &str, host: &str) -> String {
+    let port = value.strip_prefix(':').unwrap_or(value);
+    if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) {
+        format!("{host}:{port}")
+    } else {
+        value.to_string()
+    }
+}
+
 /// Listens on `address` (`host:port`; the first resolved address that binds) with
 /// [`LISTEN_BACKLOG`].
 pub async fn listen(address: &str) -> std::io::Result<TcpListener> {
@@ -53,6 +65,15 @@ pub async fn accept_with_backoff(listener: &TcpListener) -> (TcpStream, SocketAd
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bare_port_or_colon_port_listens_on_the_flags_host() {
+        assert_eq!(listen_address("8443", "0.0.0.0"), "0.0.0.0:8443");
+        assert_eq!(listen_address(":8443", "0.0.0.0"), "0.0.0.0:8443");
+        assert_eq!(listen_address("[::]:8443", "0.0.0.0"), "[::]:8443");
+        assert_eq!(listen_address("example.com:1", "127.0.0.1"), "example.com:1");
+        assert_eq!(listen_address(":", "127.0.0.1"), ":");
+    }
     use std::time::Instant;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -671,7 +671,7 @@ async fn links_in_other_clients_spellings_work_and_those_that_cannot_are_refused
         let pin = fingerprint(&server);
         let echo = spawn_echo().await;
         let link = format!("anytls://pw@{addr}/?pinSHA256={pin}&fp=chrome&alpn=h2#Erin%27s%20server");
-        let (client_process, proxy) = client(&["-l", "127.0.0.1:0", "-s", &link], &[]).await;
+        let (client_process, proxy) = client(&["-l", ":0", "-s", &link], &[]).await;
         assert!(echoes(proxy, "127.0.0.1", echo.port()).await, "{}", client_process.log());
         assert!(client_process.log_shows("the link's fp=chrome", Duration::from_secs(5)).await);
         assert!(client_process.log().contains("the link's alpn=h2"), "{}", client_process.log());

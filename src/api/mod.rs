@@ -118,11 +118,7 @@ pub enum ApiError {
 
 /// The address `--api VALUE` means: a bare port is on loopback, anything else as given.
 pub fn api_listen_address(value: &str) -> String {
-    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
-        format!("127.0.0.1:{value}")
-    } else {
-        value.to_string()
-    }
+    crate::accept::listen_address(value, "127.0.0.1")
 }
 
 /// Binds `--api`'s address and serves the API in the background; returns the bound
@@ -354,6 +350,7 @@ mod tests {
     #[test]
     fn a_bare_port_means_loopback() {
         assert_eq!(api_listen_address("9090"), "127.0.0.1:9090");
+        assert_eq!(api_listen_address(":9090"), "127.0.0.1:9090");
         assert_eq!(api_listen_address("0.0.0.0:9090"), "0.0.0.0:9090");
         assert_eq!(api_listen_address("[::1]:0"), "[::1]:0");
     }

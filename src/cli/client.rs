@@ -103,7 +103,7 @@ struct Args {
     max_idle_sessions: usize,
     #[arg(long, value_parser = named::<PoolType>(), default_value_t = PoolType::LockFree, value_name = "ENGINE", help = pool_type_help("Session pool engine"), help_heading = "Sessions")]
     pool_type: PoolType,
-    /// How often pool statistics are logged, in seconds.
+    /// How often pool statistics are logged, in seconds (0 = never; the final ones at shutdown still are).
     #[arg(long, default_value_t = 60, value_name = "SECS", help_heading = "Monitoring")]
     stats_interval_secs: u64,
     /// A TCP stream with no data either way for this long is ended, in seconds (0 = never).
@@ -229,7 +229,7 @@ async fn run(args: Args) -> Result<(), String> {
         Servers::new(pools, args.policy, args.fallback_threshold, Duration::from_secs(args.probe_interval_secs.max(1)));
     let config = ClientConfig {
         servers: Arc::new(servers),
-        stats_interval: Duration::from_secs(args.stats_interval_secs.max(1)),
+        stats_interval: Duration::from_secs(args.stats_interval_secs),
         credentials: args
             .socks_user
             .clone()
@@ -240,8 +240,8 @@ async fn run(args: Args) -> Result<(), String> {
         max_connections: max_connections.max(1),
         relay_buffers: Arc::new(RelayBuffers::new(args.buffer_pool)),
     };
-    let listener =
-        crate::accept::listen(&args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let listen = crate::accept::listen_address(&args.listen, "127.0.0.1");
+    let listener = crate::accept::listen(&listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let policy = if described.len() > 1 { format!(", policy {:?}", args.policy) } else { String::new() };
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     log::info!("SOCKS5/SOCKS4/HTTP proxy on {local}, server {}{policy}", described.join(", "));

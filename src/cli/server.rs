@@ -129,7 +129,7 @@ struct Args {
     /// Targets to warm up at start-up: host:port,host:port.
     #[arg(long, value_delimiter = ',', value_name = "HOST:PORT,...", help_heading = "Outbound pool")]
     warmup: Vec<String>,
-    /// How often pool statistics are logged, in seconds.
+    /// How often pool statistics are logged, in seconds (0 = never; the final ones at shutdown still are).
     #[arg(long, default_value_t = 60, value_name = "SECS", help_heading = "Monitoring")]
     stats_interval_secs: u64,
     /// UDP-over-TCP streams with no datagram either way for this long are closed, in seconds.
@@ -309,6 +309,30 @@ struct FileUser {
     plan: crate::server::users::Plan,
 }
 
+/// Why `password` is weak, if it is: short, or a placeholder from an example.
+fn weakness(password: &str) -> Option<&'static str> {
+    const PLACEHOLDERS: [&str; 6] = ["change-me", "changeme", "password", "123456", "anytls", "example"];
+    let lower = password.to_lowercase();
+    if PLACEHOLDERS.iter().any(|word| lower.contains(word)) {
+        Some("it is, or holds, a placeholder such as the examples use")
+    } else if password.chars().count() < 12 {
+        Some("it is shorter than 12 characters")
+    } else {
+        None
+    }
+}
+
+/// Warns once per weak password at start-up: whoever guesses one uses the server.
+fn warn_weak_passwords(args: &Args, entries: &[UserEntry]) {
+    let named = entries.iter().filter_map(|entry| Some((entry.name.clone(), entry.password.clone()?)));
+    let unnamed = args.passwords.iter().enumerate().map(|(i, p)| (format!("-p#{}", i + 1), p.clone()));
+    for (name, password) in named.chain(unnamed) {
+        if let Some(why) = weakness(&password) {
+            log::warn!("user {name}: weak password ({why}); use 16 or more random characters");
+        }
+    }
+}
+
 /// Every user the flags name: `--user`s and the file's tables, then `-p`/ANYTLS_PASSWORD
 /// and --password-file.
 fn user_entries(args: &Args) -> Result<Vec<UserEntry>, String> {
@@ -451,6 +475,7 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
         buffers.per_session() >> 10
     );
     let entries = user_entries(&args)?;
+    warn_weak_passwords(&args, &entries);
     let managed = args.admin_token.is_some() || args.panel.is_some() || args.auth_url.is_some();
     let users = if managed { Users::managed(entries) } else { Users::new(entries) };
     let users = Arc::new(users.map_err(|e| e.to_string())?);
@@ -499,7 +524,7 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
         max_streams_per_session: args.max_streams_per_session,
         outbound: outbound_settings(&args, max_idle_total),
         warmup,
-        stats_interval: Duration::from_secs(args.stats_interval_secs.max(1)),
+        stats_interval: Duration::from_secs(args.stats_interval_secs),
         udp: UdpSettings { idle_timeout: Duration::from_secs(args.udp_idle_timeout_secs.max(1)) },
         keepalive: args.keepalive.keepalive(),
     };
@@ -536,6 +561,7 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
         (None, Some(port)) => format!("0.0.0.0:{port}"),
         (None, None) => "0.0.0.0:8443".to_string(),
     };
+    let listen = crate::accept::listen_address(&listen, "0.0.0.0");
     let listener = crate::accept::listen(&listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let bound = listener.local_addr().map_err(|e| e.to_string())?;
     let mut own = vec![bound];
@@ -807,7 +833,7 @@ fn print_user_link(argv: Vec<String>) -> Result<(), String> {
     };
     let password =
         entry.password.clone().ok_or_else(|| format!("user {user:?} has no password this command can show"))?;
-    let listen = args.listen.clone().unwrap_or_else(|| "0.0.0.0:8443".into());
+    let listen = crate::accept::listen_address(args.listen.as_deref().unwrap_or("0.0.0.0:8443"), "0.0.0.0");
     let bound: std::net::SocketAddr =
         listen.parse().map_err(|_| format!("--listen {listen:?} is not an address:port"))?;
     let server = match host {
@@ -856,6 +882,14 @@ fn percent_encode(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weak_passwords_are_named_and_strong_ones_are_not() {
+        assert!(weakness("change-me-alice").unwrap().contains("placeholder"));
+        assert!(weakness("hunter2").unwrap().contains("12 characters"));
+        assert_eq!(weakness("tG7#kq9!Vd2@xL4m"), None);
+        assert_eq!(weakness("correct horse battery staple"), None);
+    }
 
     #[test]
     fn the_flags_are_consistent() {

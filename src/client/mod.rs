@@ -156,12 +156,11 @@ pub async fn run_until(
 /// Sweeps idle sessions and logs the pool statistics.
 async fn maintain_pool(config: Arc<ClientConfig>) {
     let mut sweep = tokio::time::interval(config.idle_check_interval);
-    let start = tokio::time::Instant::now() + config.stats_interval;
-    let mut stats = tokio::time::interval_at(start, config.stats_interval);
+    let mut stats = crate::metrics::StatsTicker::every(config.stats_interval);
     loop {
         tokio::select! {
             _ = sweep.tick() => config.servers.sweep(),
-            _ = stats.tick() => config.servers.log_stats(),
+            () = stats.tick() => config.servers.log_stats(),
         }
     }
 }

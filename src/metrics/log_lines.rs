@@ -6,6 +6,28 @@ use std::fmt;
 
 use crate::pool::{PoolKey, PoolStatsSnapshot};
 
+/// When the pool lines are logged: every `interval`, the first after one interval, or
+/// never for a zero interval (`--stats-interval-secs 0`, as 0 means "never" for the other
+/// interval flags).
+pub struct StatsTicker(Option<tokio::time::Interval>);
+
+impl StatsTicker {
+    pub fn every(interval: std::time::Duration) -> StatsTicker {
+        let start = tokio::time::Instant::now() + interval;
+        StatsTicker((!interval.is_zero()).then(|| tokio::time::interval_at(start, interval)))
+    }
+
+    /// Resolves at the next tick; never, for a zero interval.
+    pub async fn tick(&mut self) {
+        match &mut self.0 {
+            Some(interval) => {
+                interval.tick().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
 /// `[Pool Stats] Total: 15, Active: 3, Reused: 8, New: 7, Cleaned: 2, Reuse rate: 53.3%, Utilisation: 20.0%`
 pub fn format_stats_line(s: &PoolStatsSnapshot) -> String {
     format!(
@@ -68,6 +90,17 @@ fn json_string(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_zero_interval_never_ticks_and_another_ticks_after_one_interval() {
+        let mut never = StatsTicker::every(std::time::Duration::ZERO);
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(300), never.tick()).await;
+        assert!(waited.is_err(), "a zero interval ticked");
+        let started = tokio::time::Instant::now();
+        let mut every = StatsTicker::every(std::time::Duration::from_millis(50));
+        every.tick().await;
+        assert!(started.elapsed() >= std::time::Duration::from_millis(50), "ticked at once");
+    }
 
     #[test]
     fn stats_line_matches_the_documented_format() {

@@ -16,6 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use exposition::Exposition;
 pub use handshakes::HandshakeCounters;
+pub use log_lines::StatsTicker;
 pub use snapshot::{ConnectionPoolStats, MemoryPoolStats, Snapshot, UsersStats};
 
 /// What a running service (a server or a client) shows: the API asks it, this room

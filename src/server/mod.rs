@@ -56,7 +56,7 @@ pub struct ServerConfig {
     pub outbound: OutboundSettings,
     /// Targets to warm up at start-up.
     pub warmup: Vec<crate::proto::Address>,
-    /// How often the pool statistics are logged.
+    /// How often the pool statistics are logged (zero: never).
     pub stats_interval: Duration,
     /// UDP-over-TCP streams.
     pub udp: udp::UdpSettings,
@@ -296,11 +296,11 @@ fn log_pool_configuration(config: &ServerConfig) {
 async fn maintain_pool(pool: outbound_pool::OutboundPool, stats_interval: Duration) {
     let sweep_every = (pool.settings().max_idle_time / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
     let mut sweep = tokio::time::interval(sweep_every);
-    let mut stats = tokio::time::interval_at(tokio::time::Instant::now() + stats_interval, stats_interval);
+    let mut stats = crate::metrics::StatsTicker::every(stats_interval);
     loop {
         tokio::select! {
             _ = sweep.tick() => pool.maintain(),
-            _ = stats.tick() => pool.log_stats(),
+            () = stats.tick() => pool.log_stats(),
         }
     }
 }
