@@ -397,6 +397,27 @@ async fn sighup_adds_and_removes_users_under_traffic_without_losing_other_stream
 }
 
 #[tokio::test]
+async fn sighup_says_which_changed_flags_wait_for_a_restart() {
+    bounded(LIMIT, "SIGHUP restart flags", async {
+        let dir = TempDir::new("deploy-restart-flags");
+        let config = dir.path().join("server.toml");
+        let users = "[[users]]\nname = \"amy\"\npassword = \"pa\"\n";
+        std::fs::write(&config, format!("listen = \"127.0.0.1:0\"\n{users}")).unwrap();
+        let (server, _addr) = server(&["--config", config.to_str().unwrap()], &[]).await;
+        std::fs::write(
+            &config,
+            format!("listen = \"127.0.0.1:0\"\nmax-sessions = 5\nconnect-timeout-secs = 2\n{users}"),
+        )
+        .unwrap();
+        sighup(&server);
+        let said = "SIGHUP: changed but applied only by a restart: --connect-timeout-secs, --max-sessions";
+        let warned = server.log_shows("SIGHUP: changed but applied only by a restart", Duration::from_secs(5)).await;
+        assert!(warned && server.log().contains(said), "{}", server.log());
+    })
+    .await
+}
+
+#[tokio::test]
 async fn sighup_reloads_the_certificate_for_new_connections() {
     bounded(LIMIT, "certificate reload", async {
         let dir = TempDir::new("deploy-cert");

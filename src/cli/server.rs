@@ -422,6 +422,41 @@ fn describe_padding(context: &ServerContext) -> String {
     format!("padding scheme md5 {}, downlink padding {downlink}", context.padding.load().md5_hex())
 }
 
+/// The flags a reload applies (by clap id); a change to any other needs a restart.
+const RELOADED_FLAGS: [&str; 9] = [
+    "config",
+    "users",
+    "user_json",
+    "passwords",
+    "password_file",
+    "cert",
+    "key",
+    "padding_scheme",
+    "downlink_padding_scheme",
+];
+
+/// The flags whose value differs between two full command lines (the config file read
+/// in) and that a reload does not apply, as `--name`.
+fn changed_restart_flags(started: &[String], now: &[String]) -> Vec<String> {
+    let command = Args::command();
+    let (Ok(before), Ok(after)) =
+        (command.clone().try_get_matches_from(started), command.clone().try_get_matches_from(now))
+    else {
+        return Vec::new();
+    };
+    let raw = |matches: &clap::ArgMatches, id: &str| -> Option<Vec<std::ffi::OsString>> {
+        matches.get_raw(id).map(|values| values.map(|v| v.to_owned()).collect())
+    };
+    command
+        .get_arguments()
+        .map(|arg| arg.get_id().as_str())
+        .filter(|id| !RELOADED_FLAGS.contains(id) && raw(&before, id) != raw(&after, id))
+        .map(|id| {
+            format!("--{}", command.get_arguments().find(|a| a.get_id() == id).and_then(|a| a.get_long()).unwrap_or(id))
+        })
+        .collect()
+}
+
 fn list_or_none(names: &[String]) -> String {
     if names.is_empty() { "none".into() } else { names.join(", ") }
 }
@@ -436,10 +471,17 @@ fn reload_on_sighup(
     use tokio::signal::unix::{SignalKind, signal};
     let mut hangups = signal(SignalKind::hangup()).map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
     tokio::spawn(async move {
+        // What the flags were at start-up: a change to one a reload does not apply is said.
+        let started = config::command_line_with_config(argv.clone(), &Args::command()).unwrap_or_default();
         while hangups.recv().await.is_some() {
             match reload(&argv, &context, &certificate) {
                 Ok(what) => log::info!("SIGHUP: reloaded: {what}"),
                 Err(why) => log::error!("SIGHUP: reload refused, the running configuration stays: {why}"),
+            }
+            let now = config::command_line_with_config(argv.clone(), &Args::command()).unwrap_or_default();
+            let changed = changed_restart_flags(&started, &now);
+            if !changed.is_empty() {
+                log::warn!("SIGHUP: changed but applied only by a restart: {}", changed.join(", "));
             }
         }
     });
@@ -882,6 +924,23 @@ fn percent_encode(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reload_names_the_changed_flags_it_does_not_apply() {
+        let line = |extra: &[&str]| -> Vec<String> {
+            ["anytls-server", "--user=a:pw"].iter().chain(extra).map(|s| s.to_string()).collect()
+        };
+        let started = line(&["--listen=0.0.0.0:8443", "--max-sessions=10"]);
+        let now = line(&["--listen=0.0.0.0:9443", "--max-sessions=10", "--user=b:pw2"]);
+        assert_eq!(
+            changed_restart_flags(&started, &now),
+            ["--listen"],
+            "users are reloaded, the listen address is not"
+        );
+        let more = line(&["--listen=0.0.0.0:8443", "--max-sessions=20", "--deny=192.0.2.0/24"]);
+        assert_eq!(changed_restart_flags(&started, &more), ["--max-sessions", "--deny"]);
+        assert!(changed_restart_flags(&started, &started).is_empty());
+    }
 
     #[test]
     fn weak_passwords_are_named_and_strong_ones_are_not() {
