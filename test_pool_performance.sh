@@ -35,7 +35,8 @@
 # the main table (concurrency, many targets, many names: see below); default all three.
 # A pool type the binaries reject is reported as "SKIP pool-type X: <error>".
 # Exit status: 0 when the runs happened (slow numbers or failed requests are reported, not
-# fatal), 1 when no variant of ours could run, 2 on a build or set-up error.
+# fatal), 1 when no variant of ours could run or a row measured nothing (every round of a
+# workload failed: a 0.00 there compares nothing), 2 on a build or set-up error.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=scripts/bench-lib.sh
@@ -183,10 +184,14 @@ done
 mkdir -p "$here/results"
 if [ ${#workloads[@]} = 0 ]; then
     echo "no main workloads (--workloads \"\"): no main table" >&2
-elif ! python3 "$here/scripts/pool-report.py" "$results" "$rss" --out-dir "$here/results" --rr-requests "$rr_requests" \
-    --quick "$quick" --runs "$runs" --nproc "$(nproc)" --load "$load_before -> $(cut -d' ' -f1-3 /proc/loadavg)" \
-    --cpu "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"; then
-    die "pool-report.py failed"
+else
+    python3 "$here/scripts/pool-report.py" "$results" "$rss" --out-dir "$here/results" --rr-requests "$rr_requests" \
+        --quick "$quick" --runs "$runs" --nproc "$(nproc)" --load "$load_before -> $(cut -d' ' -f1-3 /proc/loadavg)" \
+        --cpu "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+    report=$?
+    # 3: a row measured nothing (its FAIL lines say which); that is no comparison.
+    [ $report = 3 ] && measured_nothing=1
+    [ $report = 0 ] || [ $report = 3 ] || die "pool-report.py failed"
 fi
 # Slow numbers and failed requests are reported above; a proxy that died is an error.
 dead=()
@@ -197,6 +202,7 @@ for v in "${variants[@]}"; do
 done
 echo "done in $((SECONDS - started)) s" >&2
 [ ${#dead[@]} = 0 ] || { echo "ERROR: exited during the run: ${dead[*]} (KEEP=1 keeps the logs)" >&2; exit 1; }
+[ "${measured_nothing:-0}" = 0 ] || { echo "ERROR: a comparison row measured nothing (FAIL lines above)" >&2; exit 1; }
 
 # --- concurrency and many targets (new workloads, reported after the table) ----------------
 # concurrency: N streams held open together through a FRESH pair with default flags (ours:

@@ -127,6 +127,19 @@ for v in variants:
 
 direct = summary.get("direct", {})
 
+# A row that measured nothing (every round of a workload failed, so its figure reads 0 or
+# is missing) is no comparison at all: say so, and fail the script, rather than print 0.00.
+measured_nothing = []
+for v in variants:
+    ran = {r["workload"] for r in runs if r["variant"] == v}
+    checks = [("bulk", "download Gbit/s", summary[v]["download_gbit_per_sec"]),
+              ("bulk", "upload Gbit/s", summary[v]["upload_gbit_per_sec"]),
+              ("rr", "new streams/s", summary[v]["streams_per_sec"])]
+    for workload, what, value in checks:
+        if workload in ran and not value:
+            errors = "; ".join(summary[v]["first_errors"]) or "no error recorded"
+            measured_nothing.append(f"{v}: {what} measured nothing ({errors})")
+
 
 def ratio(v, key, sub=None):
     x = summary[v][key] if sub is None else summary[v][key][sub]
@@ -273,3 +286,9 @@ svg_path = os.path.join(a.out_dir, "pool-performance.svg")
 with open(svg_path, "w") as f:
     f.write("\n".join(svg) + "\n")
 print(f"wrote {json_path} and {svg_path}", file=sys.stderr)
+
+if measured_nothing:
+    for line in measured_nothing:
+        print(f"FAIL {line}")
+    sys.exit(3)
+

@@ -146,7 +146,6 @@ async fn upload(route: Route, target: SocketAddr, share: u64, moved: &AtomicU64)
     let mut tcp = route.connect(target).await.map_err(|e| format!("connect: {e}"))?;
     tcp.write_all(&bulk_request(MODE_UPLOAD, share)).await.map_err(|e| format!("request: {e}"))?;
     target::write_zeros(&mut tcp, share).await.map_err(|e| format!("upload write: {e}"))?;
-    tcp.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
     let mut reply = [0u8; 8];
     tcp.read_exact(&mut reply).await.map_err(|e| format!("upload reply: {e}"))?;
     let received = u64::from_be_bytes(reply);

@@ -8,13 +8,15 @@
 //! Bulk protocol (one request per connection): the client sends 9 bytes, a mode
 //! byte and a big-endian u64 `n`.
 //! - `D` (download): the target sends `n` bytes, then closes.
-//! - `U` (upload): the client sends `n` bytes and shuts down its write side; the
-//!   target answers with the big-endian u64 count it received, then closes.
+//! - `U` (upload): the client sends `n` bytes; once it has them (or at EOF, if fewer
+//!   come) the target answers with the big-endian u64 count it received, then closes.
+//!   The answer does not wait for the client's FIN: the Go pairs end a stream at the
+//!   first FIN, so an answer sent after it never arrived and their uploads measured 0.
 
 use std::io;
 use std::net::SocketAddr;
 
-use anytls_testkit::target::{RequestHead, accept_forever, discard_until_eof, echo, read_request_head};
+use anytls_testkit::target::{RequestHead, accept_forever, echo, read_request_head};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -98,12 +100,26 @@ async fn serve_bulk(mut tcp: TcpStream) -> io::Result<()> {
     match request[0] {
         MODE_DOWNLOAD => write_zeros(&mut tcp, n).await?,
         MODE_UPLOAD => {
-            let received = discard_until_eof(&mut tcp).await?;
+            let received = discard_up_to(&mut tcp, n).await?;
             tcp.write_all(&received.to_be_bytes()).await?;
         }
         other => return Err(io::Error::new(io::ErrorKind::InvalidData, format!("unknown bulk mode {other}"))),
     }
     tcp.shutdown().await
+}
+
+/// Reads and drops `n` bytes, or fewer if the peer ends first; the count read.
+async fn discard_up_to(tcp: &mut TcpStream, n: u64) -> io::Result<u64> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut received = 0u64;
+    while received < n {
+        let want = (n - received).min(CHUNK as u64) as usize;
+        match tcp.read(&mut buf[..want]).await? {
+            0 => break,
+            got => received += got as u64,
+        }
+    }
+    Ok(received)
 }
 
 /// Writes `n` zero bytes from a static buffer.
@@ -128,5 +144,19 @@ mod tests {
         assert_eq!(requested_bytes(b"POST /bytes/5 HTTP/1.1\r\n\r\n"), None);
         assert_eq!(requested_bytes(b"GET /other HTTP/1.1\r\n\r\n"), None);
         assert_eq!(requested_bytes(b"GET /bytes/x HTTP/1.1\r\n\r\n"), None);
+    }
+
+    #[tokio::test]
+    async fn an_upload_is_answered_once_its_bytes_are_in_without_waiting_for_a_fin() {
+        let targets = start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let mut tcp = TcpStream::connect(targets.bulk).await.unwrap();
+        let mut request = vec![MODE_UPLOAD];
+        request.extend_from_slice(&300_000u64.to_be_bytes());
+        tcp.write_all(&request).await.unwrap();
+        write_zeros(&mut tcp, 300_000).await.unwrap();
+        let mut reply = [0u8; 8];
+        let answered = tokio::time::timeout(std::time::Duration::from_secs(5), tcp.read_exact(&mut reply)).await;
+        assert!(matches!(answered, Ok(Ok(_))), "no answer while the write side is still open");
+        assert_eq!(u64::from_be_bytes(reply), 300_000);
     }
 }
