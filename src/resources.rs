@@ -67,6 +67,11 @@ pub struct ServerCaps {
 }
 
 impl ServerCaps {
+    /// How each default follows the limit, in words: what `--help` and the README say.
+    pub const HANDSHAKES_RULE: &str = "1/16 of the usable file descriptors (the limit less 64)";
+    pub const WARM_RULE: &str = "1/32 of the usable file descriptors, at most 1024";
+    pub const SHARED_RULE: &str = "the usable file descriptors less the warm share";
+
     pub fn for_fd_limit(limit: u64) -> ServerCaps {
         let usable = usable_fds(limit) as usize;
         let warm = (usable / 32).clamp(1, 1024);

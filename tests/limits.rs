@@ -164,6 +164,44 @@ async fn default_caps_are_shares_of_the_descriptor_limit_and_flags_win() {
     .await;
 }
 
+/// The caps' defaults in `--help` are the ones start-up uses: both under `ulimit -n 512`
+/// (448 usable: 28 handshakes, 14 warm, 434 shared), read from each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_help_states_the_cap_defaults_start_up_uses() {
+    bounded(Duration::from_secs(60), "help defaults", async {
+        let server_bin = env!("CARGO_BIN_EXE_anytls-server");
+        let help = std::process::Command::new("bash")
+            .args(["-c", &format!("ulimit -n 512 && exec {server_bin} --help")])
+            .output()
+            .expect("--help");
+        let help = String::from_utf8_lossy(&help.stdout).into_owned();
+        // Each flag's help ends in "[here: N]"; clap may wrap it onto the next lines.
+        let here = |flag: &str| -> u64 {
+            let from = help.find(&format!("--{flag} ")).unwrap_or_else(|| panic!("--{flag} in help:\n{help}"));
+            let rest = &help[from..];
+            let at = rest.find("[here: ").expect("a [here: N] default") + "[here: ".len();
+            rest[at..].split(']').next().unwrap().trim().parse().unwrap()
+        };
+        let mut command = std::process::Command::new("bash");
+        command.args(["-c", &format!("ulimit -n 512 && exec {server_bin} -l 127.0.0.1:0 -p {PASSWORD}")]);
+        let mut process = Process::spawn("anytls-server (ulimit -n 512)", command);
+        let line = process
+            .wait_for(STARTUP_TIMEOUT, "the descriptors line", |line| {
+                line.contains("(defaults derived from the limit)").then(|| line.to_string())
+            })
+            .await;
+        let logged = |flag: &str| -> u64 {
+            line.split(&format!("--{flag} ")).nth(1).and_then(|r| r.split([',', ' ']).next()?.parse().ok()).unwrap()
+        };
+        for flag in ["max-handshakes", "max-sessions", "max-streams", "max-idle-total"] {
+            assert_eq!(here(flag), logged(flag), "--{flag}: help says {}, start-up {line}", here(flag));
+        }
+        assert_eq!((here("max-handshakes"), here("max-idle-total"), here("max-sessions")), (28, 14, 434));
+        assert!(!help.contains("7/16"), "no stale fraction in the help");
+    })
+    .await;
+}
+
 /// Client connections and streams share the descriptors left after the reserve and the
 /// warm share: under `ulimit -n 128` (64 usable, 2 warm, 62 shared), 40 sessions with
 /// one stream each need 80 and the last ones are refused, each with a clear reason in

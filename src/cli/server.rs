@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{CommandFactory, Parser};
+use clap::{CommandFactory, FromArgMatches, Parser};
 
 use crate::cli::config_file as config;
 use crate::cli::{KeepaliveArgs, accept_single_dash_long_flags, exit_with, named, pool_type_help, secs_or_never};
@@ -71,9 +71,10 @@ struct Args {
     /// Time a client has to finish TLS and authenticate, in seconds.
     #[arg(long, default_value_t = 10, value_name = "SECS", help_heading = "Listening and TLS")]
     handshake_timeout_secs: u64,
-    /// Connections allowed in the TLS/authentication phase at once; more are dropped
-    /// [default: 1/16 of the file-descriptor limit].
-    #[arg(long, value_name = "N", help_heading = "Listening and TLS")]
+    #[arg(long, value_name = "N", help_heading = "Listening and TLS", help = cap_help(
+        "Connections in the TLS/authentication phase at once; more wait for a place until their handshake deadline",
+        ServerCaps::HANDSHAKES_RULE,
+    ))]
     max_handshakes: Option<usize>,
     /// Streams one session may have open at once: each counts from its SYN until its
     /// relay has ended, whatever frames arrive.
@@ -122,9 +123,10 @@ struct Args {
     /// Warm connections older than this are closed, in seconds.
     #[arg(long, default_value_t = 1800, value_name = "SECS", help_heading = "Outbound pool")]
     max_lifetime_secs: u64,
-    /// Warm connections across all targets [default: 1/16 of the file-descriptor
-    /// limit, at most 1024].
-    #[arg(long, value_name = "N", help_heading = "Outbound pool")]
+    #[arg(long, value_name = "N", help_heading = "Outbound pool", help = cap_help(
+        "Warm connections across all targets, idle or being dialed (a hard cap)",
+        ServerCaps::WARM_RULE,
+    ))]
     max_idle_total: Option<usize>,
     /// Targets to warm up at start-up: host:port,host:port.
     #[arg(long, value_delimiter = ',', value_name = "HOST:PORT,...", help_heading = "Outbound pool")]
@@ -135,14 +137,16 @@ struct Args {
     /// UDP-over-TCP streams with no datagram either way for this long are closed, in seconds.
     #[arg(long, default_value_t = 60, value_name = "SECS", help_heading = "Limits")]
     udp_idle_timeout_secs: u64,
-    /// Authenticated sessions at once; one more gets an Alert and is closed (checked
-    /// after authentication; unauthenticated connections count under --max-handshakes)
-    /// [default: 7/16 of the file-descriptor limit].
-    #[arg(long, value_name = "N", help_heading = "Limits")]
+    #[arg(long, value_name = "N", help_heading = "Limits", help = cap_help(
+        "Authenticated sessions at once; one more gets an Alert and is closed (unauthenticated connections count \
+         under --max-handshakes)",
+        ServerCaps::SHARED_RULE,
+    ))]
     max_sessions: Option<usize>,
-    /// Streams at once across all sessions; more are refused (SYNACK error)
-    /// [default: 7/16 of the file-descriptor limit].
-    #[arg(long, value_name = "N", help_heading = "Limits")]
+    #[arg(long, value_name = "N", help_heading = "Limits", help = cap_help(
+        "Streams at once across all sessions; more are refused (SYNACK error)",
+        ServerCaps::SHARED_RULE,
+    ))]
     max_streams: Option<usize>,
     /// A TCP stream with no data either way for this long is ended, in seconds (0 = never).
     #[arg(long, default_value_t = 300, value_name = "SECS", help_heading = "Limits")]
@@ -267,6 +271,27 @@ struct Args {
 }
 
 /// The whole of `anytls-server`: read the flags, run, exit with one line on failure.
+/// A cap's help: what it bounds and how its default follows the descriptor limit.
+fn cap_help(what: &str, rule: &str) -> String {
+    format!("{what} [default: {rule}]")
+}
+
+/// The command with each cap's default on this machine added to its help, from the same
+/// [`ServerCaps`] that start-up uses, so `--help` and the start-up log cannot disagree.
+fn command_here(caps: &ServerCaps) -> clap::Command {
+    let here = |value: usize| {
+        move |arg: clap::Arg| {
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            arg.help(format!("{help} [here: {value}]"))
+        }
+    };
+    Args::command()
+        .mut_arg("max_handshakes", here(caps.handshakes))
+        .mut_arg("max_idle_total", here(caps.warm))
+        .mut_arg("max_sessions", here(caps.descriptors))
+        .mut_arg("max_streams", here(caps.descriptors))
+}
+
 pub fn main() -> ExitCode {
     crate::logging::init();
     // Reference command lines use Go-style flags such as `-padding-scheme`.
@@ -274,15 +299,20 @@ pub fn main() -> ExitCode {
     if argv.get(1).map(String::as_str) == Some("link") {
         return exit_with("anytls-server link", print_user_link(argv));
     }
-    let args = match config::command_line_with_config(argv.clone(), &Args::command()) {
-        Ok(full) => Args::parse_from(full),
+    let fds = crate::resources::raise_fd_limit();
+    let command = command_here(&ServerCaps::for_fd_limit(fds.limit));
+    let args = match config::command_line_with_config(argv.clone(), &command) {
+        Ok(full) => match Args::from_arg_matches(&command.get_matches_from(full)) {
+            Ok(args) => args,
+            Err(why) => why.exit(),
+        },
         Err(why) => return exit_with("anytls-server", Err(why)),
     };
     if args.list_pool_types {
         PoolType::ALL.iter().for_each(|kind| println!("{kind}"));
         return ExitCode::SUCCESS;
     }
-    exit_with("anytls-server", run(args, argv))
+    exit_with("anytls-server", run(args, argv, fds))
 }
 
 /// The flags again, as at start-up: the same command line, the config file read anew.
@@ -494,8 +524,7 @@ fn reload_on_sighup(_: Vec<String>, _: Arc<ServerContext>, _: Arc<CertificateSlo
 }
 
 #[tokio::main]
-async fn run(args: Args, argv: Vec<String>) -> Result<(), String> {
-    let fds = crate::resources::raise_fd_limit();
+async fn run(args: Args, argv: Vec<String>, fds: crate::resources::FdLimit) -> Result<(), String> {
     let caps = ServerCaps::for_fd_limit(fds.limit);
     let max_handshakes = args.max_handshakes.unwrap_or(caps.handshakes).max(1);
     let max_sessions = args.max_sessions.unwrap_or(caps.descriptors).max(1);
