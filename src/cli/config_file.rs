@@ -127,7 +127,11 @@ pub fn config_arguments(text: &str, file_name: &str, command: &Command) -> Resul
             continue;
         }
         let Some(arg) = find_long(command, key).filter(|arg| !arg.is_hide_set()) else {
-            return Err(source.error(span, format!("unknown key `{key}` (keys are the long flag names of --help)")));
+            let known = command.get_arguments().filter(|a| !a.is_hide_set()).filter_map(|a| a.get_long());
+            let hint = did_you_mean(key, known).map(|near| format!("; did you mean `{near}`?")).unwrap_or_default();
+            return Err(
+                source.error(span, format!("unknown key `{key}` (keys are the long flag names of --help){hint}"))
+            );
         };
         let id = arg.get_id().to_string();
         let values = item_values(item).map_err(|why| source.error(span.clone(), format!("{key}: {why}")))?;
@@ -227,7 +231,11 @@ fn users(item: &Item, source: &Source, plans: bool) -> Result<Vec<String>, Strin
                 } else {
                     "name, password".into()
                 };
-                return Err(source.error(line_of(key), format!("unknown key `{key}` in [[users]] ({known})")));
+                let keys = ["name", "password"]
+                    .into_iter()
+                    .chain(if plans { PLAN_KEYS.as_slice() } else { &[] }.iter().copied());
+                let hint = did_you_mean(key, keys).map(|near| format!("; did you mean `{near}`?")).unwrap_or_default();
+                return Err(source.error(line_of(key), format!("unknown key `{key}` in [[users]] ({known}){hint}")));
             }
             let checked = plan_value(key, value)
                 .map_err(|why| source.error(line_of(key), format!("[[users]] #{} ({name}): {key}: {why}", i + 1)))?;
@@ -256,6 +264,31 @@ fn plan_value(key: &str, value: &Item) -> Result<serde_json::Value, String> {
     let one = serde_json::json!({ key: json.clone() });
     serde_json::from_value::<crate::server::users::Plan>(one).map_err(|e| e.to_string())?;
     Ok(json)
+}
+
+/// The known key an unknown one was probably meant as: the same with dashes for
+/// underscores (sing-box and Xray spell keys `max_sessions`), or one a typo or two away.
+fn did_you_mean<'a>(key: &str, known: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let dashed = key.replace('_', "-").to_lowercase();
+    let scored = known.map(|name| (edit_distance(&dashed, name), name));
+    let (distance, name) = scored.min()?;
+    (distance <= 2.max(dashed.len() / 5)).then_some(name)
+}
+
+/// Levenshtein distance over chars (keys are short).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (diagonal + usize::from(ca != *cb)).min(row[j] + 1).min(above + 1);
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 fn key_span(table: &Table, key: &str) -> Option<Range<usize>> {
@@ -459,9 +492,21 @@ password = "pw:with:colons"
     #[test]
     fn an_unknown_key_names_the_file_the_line_and_the_key() {
         let err = parse("listen = \"a\"\nlisen = \"x\"", &[]).unwrap_err();
-        assert_eq!(err, "x.toml:2: unknown key `lisen` (keys are the long flag names of --help)");
+        assert_eq!(
+            err,
+            "x.toml:2: unknown key `lisen` (keys are the long flag names of --help); did you mean `listen`?"
+        );
         let err = parse("[[users]]\nname = \"a\"\npassword = \"p\"\nrole = \"admin\"", &[]).unwrap_err();
         assert!(err.starts_with("x.toml:4: unknown key `role` in [[users]]"), "{err}");
+    }
+
+    #[test]
+    fn underscores_and_typos_get_a_hint_and_far_off_keys_none() {
+        assert_eq!(did_you_mean("max_sessions", ["max-sessions", "max-streams"].into_iter()), Some("max-sessions"));
+        assert_eq!(did_you_mean("quota_bytes", PLAN_KEYS.into_iter()), Some("quota-bytes"));
+        assert_eq!(did_you_mean("Listen", ["listen"].into_iter()), Some("listen"));
+        assert_eq!(did_you_mean("certificate_path", ["cert", "key"].into_iter()), None);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
 
     #[test]
