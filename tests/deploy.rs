@@ -397,6 +397,85 @@ async fn sighup_adds_and_removes_users_under_traffic_without_losing_other_stream
 }
 
 #[tokio::test]
+async fn check_validates_a_config_without_serving_and_names_each_problem() {
+    bounded(LIMIT, "check", async {
+        let dir = TempDir::new("deploy-check");
+        let (one_dir, other_dir) = (dir.path().join("one"), dir.path().join("other"));
+        std::fs::create_dir_all(&one_dir).unwrap();
+        std::fs::create_dir_all(&other_dir).unwrap();
+        let (one, other) = (TestPki::write_to(&one_dir), TestPki::write_to(&other_dir));
+        let good = dir.path().join("good.toml");
+        let cert = one.server_cert.display().to_string();
+        std::fs::write(
+            &good,
+            format!(
+                "listen = \"127.0.0.1:0\"\ncert = \"{cert}\"\nkey = \"{}\"\n[[users]]\nname = \"amy\"\npassword = \"a long pass phrase\"\n",
+                one.server_key.display()
+            ),
+        )
+        .unwrap();
+        let (status, out) = server_command(&["check", "--config", good.to_str().unwrap()], dir.path()).await;
+        assert!(status.success() && out.contains("good.toml: configuration OK"), "{out}");
+        assert!(!out.contains("listening on"), "check serves nothing: {out}");
+
+        // A key of another certificate, two users with one password, a padding file that is
+        // not there, and an API on the listen port: every problem, each on its line.
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(
+            &bad,
+            format!(
+                "listen = \"127.0.0.1:9443\"\napi = \"127.0.0.1:9443\"\ncert = \"{cert}\"\nkey = \"{}\"\n\
+                 padding-scheme = \"{}/missing.scheme\"\n[[users]]\nname = \"amy\"\npassword = \"same\"\n\
+                 [[users]]\nname = \"ben\"\npassword = \"same\"\n",
+                other.server_key.display(),
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let (status, out) = server_command(&["check", "--config", bad.to_str().unwrap()], dir.path()).await;
+        assert!(!status.success(), "{out}");
+        let problems: Vec<&str> = out.lines().filter(|l| l.starts_with("anytls-server check: ") && !l.contains("warning:")).collect();
+        assert_eq!(problems.len(), 4, "{out}");
+        for part in ["users:", "missing.scheme", "--cert/--key:", "--listen and --api are both 127.0.0.1:9443"] {
+            assert!(out.contains(part), "{part} in:\n{out}");
+        }
+        assert!(out.contains("warning: user amy: weak password"), "{out}");
+
+        // A mistake in the file itself names its file and line, as at start-up.
+        std::fs::write(&bad, "listen = \"127.0.0.1:0\"\nmax-sesions = 5\n").unwrap();
+        let (status, out) = server_command(&["check", "--config", bad.to_str().unwrap()], dir.path()).await;
+        assert!(!status.success() && out.contains("bad.toml:2: unknown key `max-sesions`"), "{out}");
+        assert!(out.contains("did you mean `max-sessions`?"), "{out}");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_clients_check_loads_every_server_and_its_trust() {
+    bounded(LIMIT, "client check", async {
+        let dir = TempDir::new("deploy-client-check");
+        let config = dir.path().join("client.toml");
+        let pin = "ab".repeat(32);
+        std::fs::write(&config, format!("server = [\"anytls://pw@127.0.0.1:9/?pin-sha256={pin}\"]\n")).unwrap();
+        let check = |args: Vec<String>| async move {
+            let mut command = Command::new(env!("CARGO_BIN_EXE_anytls-client"));
+            command.arg("check").args(args).env_remove("ANYTLS_PASSWORD");
+            let mut process = Process::spawn("anytls-client check", command);
+            let status = process.wait_exit(Duration::from_secs(20)).await.expect("check ends by itself");
+            (status, process.log())
+        };
+        let (status, out) = check(vec!["--config".into(), config.display().to_string()]).await;
+        assert!(status.success() && out.contains("client.toml: configuration OK"), "{out}");
+        let missing = dir.path().join("missing-ca.pem").display().to_string();
+        let args = ["-s", "127.0.0.1:9", "-p", "pw", "--ca", &missing, "-s", "anytls://pw@h:1/?security=reality"];
+        let (status, out) = check(args.iter().map(|a| a.to_string()).collect()).await;
+        assert!(!status.success(), "{out}");
+        assert!(out.contains("cannot read CA file") && out.contains("security=reality"), "{out}");
+    })
+    .await
+}
+
+#[tokio::test]
 async fn sighup_says_which_changed_flags_wait_for_a_restart() {
     bounded(LIMIT, "SIGHUP restart flags", async {
         let dir = TempDir::new("deploy-restart-flags");

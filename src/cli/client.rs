@@ -27,7 +27,10 @@ use crate::session::{BufferBudget, ClientSessionOptions, SessionConfig};
 /// AnyTLS client. The local port speaks SOCKS5, SOCKS4/4a and HTTP proxy.
 /// The server's certificate is verified unless --insecure or --pin-sha256 is given.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(
+    version,
+    after_help = "Commands (before the flags):\n  check [FLAGS]    load every server and its trust as start-up does (or from --config FILE) and exit"
+)]
 struct Args {
     /// Local proxy address.
     #[arg(
@@ -183,7 +186,11 @@ struct Args {
 pub fn main() -> ExitCode {
     crate::logging::init();
     // Reference command lines use Go-style flags such as `-sni`.
-    let argv = accept_single_dash_long_flags(std::env::args(), &["sni", "insecure", "ca", "pin-sha256"]);
+    let mut argv = accept_single_dash_long_flags(std::env::args(), &["sni", "insecure", "ca", "pin-sha256"]);
+    let checking = argv.get(1).map(String::as_str) == Some("check");
+    if checking {
+        argv.remove(1);
+    }
     let mut args = match config::command_line_with_config(argv, &Args::command()) {
         Ok(full) => Args::parse_from(full),
         Err(why) => return exit_with("anytls-client", Err(why)),
@@ -194,7 +201,43 @@ pub fn main() -> ExitCode {
             Err(why) => return exit_with("anytls-client", Err(format!("--password-file: {why}"))),
         }
     }
+    if checking {
+        return check_command(&args);
+    }
     exit_with("anytls-client", run(args))
+}
+
+/// `anytls-client check [FLAGS…]` (usually `check --config FILE`): every server resolved
+/// and its trust loaded (CA files read, pins parsed), as start-up does, without serving;
+/// each problem on its own line, exit 0 when there is none.
+fn check_command(args: &Args) -> ExitCode {
+    let mut found = Vec::new();
+    for server in &args.servers {
+        match resolve_server(server, &server_overrides(args)) {
+            Ok(endpoint) => {
+                if let Err(why) = client_config(&endpoint.trust) {
+                    found.push(format!("{server}: {why}"));
+                }
+                for note in &endpoint.ignored {
+                    eprintln!("anytls-client check: warning: {server}: the link's {note}");
+                }
+            }
+            Err(why) => found.push(format!("{server}: {why}")),
+        }
+    }
+    if args.servers.is_empty() {
+        found.push("no server: give -s HOST:PORT or an anytls:// link".into());
+    }
+    for problem in &found {
+        eprintln!("anytls-client check: {problem}");
+    }
+    if found.is_empty() {
+        let file = args.config.as_ref().map(|f| format!("{}: ", f.display())).unwrap_or_default();
+        println!("{file}configuration OK");
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 #[tokio::main]

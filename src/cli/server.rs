@@ -34,7 +34,12 @@ use crate::session::buffers::BufferPoolMode;
 /// AnyTLS server. Without --cert/--key it makes a self-signed certificate and logs
 /// its SHA-256 fingerprint (give that to clients with --pin-sha256).
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(
+    version,
+    after_help = "Commands (before the flags):\n  check [FLAGS]                     check the configuration the flags (or --config FILE) describe, \
+                  as SIGHUP does, and exit\n  link --user NAME [--host HOST] [--qr] [FLAGS]\n                                    print that \
+                  user's anytls:// link (password and pin included) and a QR code"
+)]
 struct Args {
     /// Address to listen on [default: 0.0.0.0:8443, or with --panel 0.0.0.0:<the panel's
     /// server_port>].
@@ -296,8 +301,10 @@ pub fn main() -> ExitCode {
     crate::logging::init();
     // Reference command lines use Go-style flags such as `-padding-scheme`.
     let argv = accept_single_dash_long_flags(std::env::args(), &["padding-scheme", "cert", "key"]);
-    if argv.get(1).map(String::as_str) == Some("link") {
-        return exit_with("anytls-server link", print_user_link(argv));
+    match argv.get(1).map(String::as_str) {
+        Some("link") => return exit_with("anytls-server link", print_user_link(argv)),
+        Some("check") => return check_command(argv),
+        _ => {}
     }
     let fds = crate::resources::raise_fd_limit();
     let command = command_here(&ServerCaps::for_fd_limit(fds.limit));
@@ -389,10 +396,99 @@ fn outbound_policy(args: &Args, own: Vec<std::net::SocketAddr>) -> Result<Policy
     Ok(Policy { own, deny: deny.collect::<Result<_, _>>()?, deny_private: args.deny_private })
 }
 
+/// Everything wrong with the configuration `args` describes, each problem one line naming
+/// its flag, key or file: what `check` prints, and what a reload refuses on. (Mistakes in
+/// the file's own syntax and values stop earlier, in [`reread_args`], with file and line.)
+fn problems(args: &Args) -> Vec<String> {
+    let mut found = Vec::new();
+    match user_entries(args) {
+        Ok(entries) => {
+            if let Err(why) = Users::new(entries) {
+                found.push(format!("users: {why}"));
+            }
+        }
+        Err(why) => found.push(why),
+    }
+    if let Err(why) = padding_schemes(args) {
+        found.push(why);
+    }
+    if let (Some(cert), Some(key)) = (&args.cert, &args.key)
+        && let Err(why) = Identity::from_files(cert, key).and_then(Identity::certified_key)
+    {
+        found.push(format!("--cert/--key: {why}"));
+    }
+    if let Err(why) = outbound_policy(args, Vec::new()) {
+        found.push(why);
+    }
+    let mut listeners = vec![];
+    if let Some(listen) = &args.listen {
+        listeners.push(("--listen", crate::accept::listen_address(listen, "0.0.0.0")));
+    }
+    if let Some(api) = &args.api {
+        listeners.push(("--api", crate::api::api_listen_address(api)));
+    }
+    for (flag, address) in &listeners {
+        if address.rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()).is_none() {
+            found.push(format!("{flag}: {address:?} is not HOST:PORT"));
+        }
+    }
+    if let [(_, a), (_, b)] = listeners.as_slice()
+        && a == b
+        && !a.ends_with(":0")
+    {
+        found.push(format!("--listen and --api are both {a}: they need ports of their own"));
+    }
+    if let Some(target) = &args.fallback
+        && Address::parse_host_port(target).is_none()
+    {
+        found.push(format!("--fallback: bad host:port {target:?}"));
+    }
+    for target in &args.warmup {
+        if Address::parse_host_port(target).is_none() {
+            found.push(format!("--warmup: bad host:port {target:?}"));
+        }
+    }
+    found
+}
+
+/// `anytls-server check [FLAGS…]` (usually `check --config FILE`): the checks a reload
+/// runs, without serving; each problem on its own line, exit 0 when there is none.
+fn check_command(mut argv: Vec<String>) -> ExitCode {
+    argv.remove(1);
+    let args = match reread_args(&argv) {
+        Ok(args) => args,
+        Err(why) => {
+            eprintln!("anytls-server check: {why}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let found = problems(&args);
+    for problem in &found {
+        eprintln!("anytls-server check: {problem}");
+    }
+    if let Ok(entries) = user_entries(&args) {
+        let named = entries.iter().filter_map(|e| Some((e.name.clone(), e.password.clone()?)));
+        for (name, why) in named.filter_map(|(name, password)| Some((name, weakness(&password)?))) {
+            eprintln!("anytls-server check: warning: user {name}: weak password ({why})");
+        }
+    }
+    if found.is_empty() {
+        let file = args.config.as_ref().map(|f| format!("{}: ", f.display())).unwrap_or_default();
+        println!("{file}configuration OK");
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 /// Re-reads the config (SIGHUP): users and certificate, all or nothing.
 fn reload(argv: &[String], context: &ServerContext, certificate: &CertificateSlot) -> Result<String, String> {
     let users = &context.users;
     let args = reread_args(argv)?;
+    let found = problems(&args);
+    if !found.is_empty() {
+        return Err(found.join("; "));
+    }
     let entries = user_entries(&args)?;
     let (padding, downlink) = padding_schemes(&args)?;
     let identity = match (&args.cert, &args.key) {
