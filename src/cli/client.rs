@@ -19,6 +19,7 @@ use crate::client::servers::Servers;
 use crate::client::sessions::{Connector, SessionPool, SessionPoolSettings};
 use crate::client::tls::{Trust, client_config};
 use crate::client::{self, ClientConfig};
+use crate::logging::LogFormat;
 use crate::pool::PoolType;
 use crate::proto::{PaddingScheme, PasswordHash};
 use crate::session::buffers::{BufferPoolMode, RelayBuffers};
@@ -180,11 +181,14 @@ struct Args {
     /// series.
     #[arg(long, default_value_t = crate::metrics::snapshot::DEFAULT_METRICS_TOP_TARGETS, value_name = "N", help_heading = "Monitoring")]
     metrics_top_targets: usize,
+    /// Log line format: `text` (`TIME [LEVEL] message`) or `json` (one object a line:
+    /// ts, level, target, msg and the record's fields). RUST_LOG sets the level either way.
+    #[arg(long, value_parser = named::<LogFormat>(), default_value_t = LogFormat::Text, value_name = "text|json", help_heading = "Monitoring")]
+    log_format: LogFormat,
 }
 
 /// The whole of `anytls-client`: read the flags, run, exit with one line on failure.
 pub fn main() -> ExitCode {
-    crate::logging::init();
     // Reference command lines use Go-style flags such as `-sni`.
     let mut argv = accept_single_dash_long_flags(std::env::args(), &["sni", "insecure", "ca", "pin-sha256"]);
     let checking = argv.get(1).map(String::as_str) == Some("check");
@@ -195,6 +199,8 @@ pub fn main() -> ExitCode {
         Ok(full) => Args::parse_from(full),
         Err(why) => return exit_with("anytls-client", Err(why)),
     };
+    // After the flags, so that the format can come from them (or the config file).
+    crate::logging::init(args.log_format);
     if let Some(file) = &args.password_file {
         match config::read_secret_lines(file) {
             Ok(lines) => args.password = lines.into_iter().next(),

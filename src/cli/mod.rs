@@ -13,6 +13,7 @@ pub mod server;
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 
 use crate::client::failover::Policy;
+use crate::logging::LogFormat;
 use crate::pool::PoolType;
 use crate::session::buffers::BufferPoolMode;
 
@@ -108,6 +109,18 @@ impl NamedValue for Policy {
     }
     fn description(&self) -> &'static str {
         Policy::description(*self)
+    }
+}
+
+impl NamedValue for LogFormat {
+    fn all() -> &'static [Self] {
+        &LogFormat::ALL
+    }
+    fn name(&self) -> &'static str {
+        LogFormat::name(*self)
+    }
+    fn description(&self) -> &'static str {
+        LogFormat::description(*self)
     }
 }
 

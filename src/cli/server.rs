@@ -13,10 +13,12 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 use crate::cli::config_file as config;
 use crate::cli::{KeepaliveArgs, accept_single_dash_long_flags, exit_with, named, pool_type_help, secs_or_never};
 use crate::fleet::{Panel, PanelSettings};
+use crate::logging::LogFormat;
 use crate::pool::PoolType;
 use crate::proto::padding::DEFAULT_DOWNLINK_SCHEME;
 use crate::proto::{Address, PaddingScheme, PasswordHash};
 use crate::resources::ServerCaps;
+use crate::server::access_log::{AccessLog, AccessLogSettings};
 use crate::server::auth_callback::{AuthCallback, CallbackSettings};
 use crate::server::fallback::{FallbackSettings, ProbeSettings};
 use crate::server::limits::ServerLimits;
@@ -270,6 +272,19 @@ struct Args {
     /// series.
     #[arg(long, default_value_t = crate::metrics::snapshot::DEFAULT_METRICS_TOP_TARGETS, value_name = "N", help_heading = "Monitoring")]
     metrics_top_targets: usize,
+    /// Log line format: `text` (`TIME [LEVEL] message`) or `json` (one object a line:
+    /// ts, level, target, msg and the record's fields). RUST_LOG sets the level either way.
+    #[arg(long, value_parser = named::<LogFormat>(), default_value_t = LogFormat::Text, value_name = "text|json", help_heading = "Monitoring")]
+    log_format: LogFormat,
+    /// Write one record per stream, when it ends (user, client, destination, bytes up and
+    /// down, duration, outcome), to FILE (appended; reopened on SIGHUP) or `-` (stdout),
+    /// in --log-format. Off unless given.
+    #[arg(long, value_name = "FILE|-", help_heading = "Monitoring")]
+    access_log: Option<PathBuf>,
+    /// Access log records waiting for the disk at most; past it records are dropped and
+    /// counted (anytls_access_log_dropped_total), never waited for.
+    #[arg(long, default_value_t = crate::server::access_log::DEFAULT_QUEUE, value_name = "N", requires = "access_log", help_heading = "Monitoring")]
+    access_log_queue: usize,
     /// Print the pool engines' names, one a line, and exit (for scripts; not in --help).
     #[arg(long, hide = true)]
     list_pool_types: bool,
@@ -298,7 +313,6 @@ fn command_here(caps: &ServerCaps) -> clap::Command {
 }
 
 pub fn main() -> ExitCode {
-    crate::logging::init();
     // Reference command lines use Go-style flags such as `-padding-scheme`.
     let argv = accept_single_dash_long_flags(std::env::args(), &["padding-scheme", "cert", "key"]);
     match argv.get(1).map(String::as_str) {
@@ -315,6 +329,8 @@ pub fn main() -> ExitCode {
         },
         Err(why) => return exit_with("anytls-server", Err(why)),
     };
+    // After the flags, so that the format can come from them (or the config file).
+    crate::logging::init(args.log_format);
     if args.list_pool_types {
         PoolType::ALL.iter().for_each(|kind| println!("{kind}"));
         return ExitCode::SUCCESS;
@@ -600,6 +616,8 @@ fn reload_on_sighup(
         // What the flags were at start-up: a change to one a reload does not apply is said.
         let started = config::command_line_with_config(argv.clone(), &Args::command()).unwrap_or_default();
         while hangups.recv().await.is_some() {
+            // Whatever the reload finds, logrotate's renamed file must be let go of.
+            context.access_log.reopen();
             match reload(&argv, &context, &certificate) {
                 Ok(what) => log::info!("SIGHUP: reloaded: {what}"),
                 Err(why) => log::error!("SIGHUP: reload refused, the running configuration stays: {why}"),
@@ -709,10 +727,21 @@ async fn run(args: Args, argv: Vec<String>, fds: crate::resources::FdLimit) -> R
         }
         None => None,
     };
+    let access_log = match &args.access_log {
+        Some(path) => {
+            let settings =
+                AccessLogSettings { path: path.clone(), format: args.log_format, queue: args.access_log_queue };
+            let log = AccessLog::start(&settings)?;
+            log::info!("access log: {} ({}), one record per stream", path.display(), args.log_format);
+            log
+        }
+        None => AccessLog::default(),
+    };
     let context = Arc::new(
         ServerContext::from_config(&config, users.clone())
             .with_relay_buffers(args.buffer_pool)
-            .with_auth_callback(callback),
+            .with_auth_callback(callback)
+            .with_access_log(access_log),
     );
     let mut panel = match panel_settings(&args) {
         Some(settings) => {

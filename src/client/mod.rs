@@ -254,7 +254,15 @@ async fn open_stream(
                 lease.lease.session.close("stream failed to open");
                 servers.failed(lease.server);
                 servers.release(lease);
-                log::warn!("{destination}: {err}");
+                match &err {
+                    // The likely cause first: this is what a user with a wrong password sees.
+                    OpenError::Session(closed) if closed.looks_like_wrong_password() => log::warn!(
+                        "wrong password? the server closed the connection without answering, as an AnyTLS \
+                         server does for a wrong password: check -p/--password (or that the server is AnyTLS); \
+                         while opening {destination} ({closed})"
+                    ),
+                    _ => log::warn!("{destination}: {err}"),
+                }
                 return Err(err.into());
             }
         }

@@ -1,7 +1,8 @@
 //! What happened to connections before they authenticated (server only): authentication
 //! failures, connections handed to the `--fallback` site, refused handshakes, and streams
 //! the outbound policy refused. The server counts, `/metrics` shows the totals. Each
-//! connection is logged only at DEBUG, so a probe storm cannot flood the log.
+//! connection is logged at DEBUG; failed authentications also at INFO, at most once a
+//! minute per source (`server::auth_failures`), so a probe storm cannot flood the log.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

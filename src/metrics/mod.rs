@@ -6,6 +6,7 @@
 //! snapshots through [`MetricsSource`], and the monitoring API only serves what this room
 //! renders. The data path never imports the API.
 
+pub mod access_log;
 pub mod exposition;
 pub mod handshakes;
 pub mod log_lines;
@@ -14,6 +15,7 @@ pub mod snapshot;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+pub use access_log::AccessLogCounters;
 pub use exposition::Exposition;
 pub use handshakes::HandshakeCounters;
 pub use log_lines::StatsTicker;
@@ -30,6 +32,10 @@ pub trait MetricsSource: Send + Sync + 'static {
     }
     /// The server's handshake counters (`None` on the client, which never moves them).
     fn handshakes(&self) -> Option<&HandshakeCounters> {
+        None
+    }
+    /// The server's access log counters (`None` on the client, which has no access log).
+    fn access_log(&self) -> Option<&AccessLogCounters> {
         None
     }
     /// The server's link to its panel (`None` on the client).
@@ -53,6 +59,9 @@ pub fn render_prometheus(source: &dyn MetricsSource, top_targets: usize) -> Stri
     }
     if let Some(users) = source.users_stats() {
         snapshot::render_user_metrics(&users, &mut page);
+    }
+    if let Some(access_log) = source.access_log() {
+        access_log.render(&mut page);
     }
     if let Some(panel) = source.panel() {
         panel.render(&mut page);

@@ -8,13 +8,14 @@ use std::sync::Arc;
 use arc_swap::{ArcSwap, ArcSwapOption};
 
 use super::ServerConfig;
+use super::access_log::AccessLog;
 use super::outbound::Dialer;
 use super::outbound_pool::OutboundPool;
 use super::policy::{OutboundPolicy, Policy, Refusal};
 use super::users::Users;
 use crate::metrics::panel::PanelHealth;
 use crate::metrics::snapshot::{ConnectionPoolStats, MemoryPoolStats, UsersStats};
-use crate::metrics::{HandshakeCounters, MetricsSource};
+use crate::metrics::{AccessLogCounters, HandshakeCounters, MetricsSource};
 use crate::proto::PaddingScheme;
 use crate::session::buffers::{BufferPoolMode, RelayBuffers};
 
@@ -33,6 +34,10 @@ pub struct ServerContext {
     pub panel: PanelHealth,
     /// `--auth-url`: asked about passwords no local user has.
     pub auth_callback: Option<Arc<super::auth_callback::AuthCallback>>,
+    /// `--access-log`: one record per stream (off unless given).
+    pub access_log: AccessLog,
+    /// Failed authentications at INFO, at most one line per source a minute.
+    pub auth_failure_log: super::auth_failures::AuthFailureLog,
 }
 
 impl ServerContext {
@@ -48,6 +53,8 @@ impl ServerContext {
             downlink_padding: ArcSwapOption::empty(),
             panel: PanelHealth::default(),
             auth_callback: None,
+            access_log: AccessLog::default(),
+            auth_failure_log: Default::default(),
         }
     }
 
@@ -67,6 +74,10 @@ impl ServerContext {
 
     pub fn with_auth_callback(self, callback: Option<Arc<super::auth_callback::AuthCallback>>) -> ServerContext {
         ServerContext { auth_callback: callback, ..self }
+    }
+
+    pub fn with_access_log(self, access_log: AccessLog) -> ServerContext {
+        ServerContext { access_log, ..self }
     }
 
     pub fn with_relay_buffers(self, mode: BufferPoolMode) -> ServerContext {
@@ -98,6 +109,10 @@ impl MetricsSource for ServerContext {
 
     fn handshakes(&self) -> Option<&HandshakeCounters> {
         Some(&self.handshakes)
+    }
+
+    fn access_log(&self) -> Option<&AccessLogCounters> {
+        Some(self.access_log.counters())
     }
 
     fn panel(&self) -> Option<&PanelHealth> {

@@ -1,7 +1,9 @@
 //! The AnyTLS server: accepts TLS, authenticates, and serves each session's
 //! streams by dialing their destinations.
 
+pub mod access_log;
 pub mod auth_callback;
+pub mod auth_failures;
 pub mod context;
 pub mod dial;
 pub mod fallback;
@@ -225,15 +227,25 @@ fn stream_handler(
     udp: udp::UdpSettings,
     peer: SocketAddr,
 ) -> StreamHandler {
-    let (gate, counters, context, peer) = (gate.clone(), user.counters.clone(), context.clone(), peer.to_string());
+    let (gate, counters, context) = (gate.clone(), user.counters.clone(), context.clone());
+    let client = access_log::StreamClient { peer: peer.to_string(), user: user.name.as_str().into() };
     let lookups = outbound::LookupOwner::session_of(&user.lookups);
     Arc::new(move |mut stream: Stream| match gate.admit_stream(&counters, context.users.len()) {
         Ok(ticket) => {
-            let serve = outbound::serve_stream(stream, context.clone(), udp, peer.clone(), ticket, lookups.clone());
+            let serve = outbound::serve_stream(stream, context.clone(), udp, client.clone(), ticket, lookups.clone());
             tokio::spawn(serve);
         }
         Err(why) => {
-            log::warn!("{peer}: stream {} refused: {why}", stream.id());
+            log::warn!("{}: stream {} refused: {why}", client.peer, stream.id());
+            let (access_log, outcome) = (&context.access_log, access_log::Outcome::OverLimit(why.to_string()));
+            access_log.record(
+                &client,
+                access_log::Network::Tcp,
+                None,
+                Default::default(),
+                std::time::Instant::now(),
+                outcome,
+            );
             tokio::spawn(async move {
                 let _ = stream.send_synack(Err(why.to_string())).await;
             });
@@ -349,8 +361,9 @@ struct Door {
 
 /// TLS, then the authentication block, all before `deadline`. An authenticated client
 /// whose user's plan lets it in gets its session and seat; anything else goes to the
-/// fallback site or is closed silently (see [`fallback`]), counted and logged at DEBUG only
-/// (a refused user, as a wrong password on the wire, is counted by its reason instead).
+/// fallback site or is closed silently (see [`fallback`]), counted, and logged at INFO at
+/// most once a minute per source (a refused user, as a wrong password on the wire, is
+/// counted by its reason instead).
 async fn authenticate(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -397,6 +410,7 @@ async fn authenticate(
         FirstData::Invalid { read, why } => {
             if refused.is_none() {
                 HandshakeCounters::count(&handshakes.auth_failures);
+                context.auth_failure_log.note(peer, why);
             }
             log::debug!("{peer}: authentication failed ({why}) after {} bytes", read.len());
             read

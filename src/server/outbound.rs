@@ -1,12 +1,13 @@
 //! Serving one stream: read its destination, dial it, answer SYNACK, relay.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
 use super::ServerContext;
+use super::access_log::{Network, Outcome, StreamClient, Traffic};
 pub use super::dial::{DialError, Dialer, LookupOwner};
 use super::limits::StreamTicket;
 use super::udp::{UdpSettings, serve_udp};
@@ -14,7 +15,7 @@ use crate::framed::{Framed, ReadError};
 use crate::proto::Address;
 use crate::proto::address::AddressDecoder;
 use crate::proto::udp::is_udp_over_tcp;
-use crate::session::{Stream, relay};
+use crate::session::{RelayError, Stream, relay_to_end};
 
 /// The reference client closes a reused session whose SYN gets no SYNACK within
 /// 3 s. From the SYN on, answer by this time: a destination not received by then is
@@ -53,43 +54,65 @@ enum NoDestination {
     InTime,
 }
 
-/// Serves one stream to the end. `peer` names the client in logs; `ticket` is the
-/// stream's place under the server's caps, given back when the stream ends; names it
-/// needs are `lookups`'s (its session's).
+/// Serves one stream to the end, then writes its access log record. `client` names
+/// the client in logs; `ticket` is the stream's place under the server's caps, given
+/// back when the stream ends; names it needs are `lookups`'s (its session's).
 pub async fn serve_stream(
     mut stream: Stream,
     context: Arc<ServerContext>,
     udp: UdpSettings,
-    peer: String,
+    client: StreamClient,
     ticket: StreamTicket,
     lookups: LookupOwner,
 ) {
+    let started = Instant::now();
     let synack_deadline = tokio::time::Instant::now() + SYNACK_BUDGET;
     let destination = tokio::time::timeout_at(synack_deadline, read_destination(&mut stream)).await;
     let (destination, early_payload) = match destination.unwrap_or_else(|_| Err(NoDestination::InTime)) {
         Ok(found) => found,
         Err(why) => {
-            log::warn!("{peer}: stream {}: {why}", stream.id());
+            log::warn!("{}: stream {}: {why}", client.peer, stream.id());
             let _ = stream.send_synack(Err(why.to_string())).await;
+            let outcome = Outcome::BadRequest(why.to_string());
+            context.access_log.record(&client, Network::Tcp, None, Traffic::default(), started, outcome);
             return;
         }
     };
     if is_udp_over_tcp(&destination) {
         ticket.user_counters().udp_streams.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // UDP over TCP has its own sockets; the outbound TCP pool is not involved.
-        return serve_udp(stream, early_payload, udp, peer, context.clone(), lookups).await;
+        return serve_udp(stream, early_payload, udp, client, context.clone(), lookups).await;
     }
+    // Only built when there is a log to write it to: the data path stays as it was.
+    let requested = context.access_log.is_on().then(|| destination.to_string());
+    let (outcome, traffic) =
+        serve_tcp(stream, &context, &client.peer, destination, early_payload, synack_deadline, &lookups).await;
+    context.access_log.record(&client, Network::Tcp, requested.as_deref(), traffic, started, outcome);
+}
+
+/// The TCP part of [`serve_stream`]: policy, dial, SYNACK, relay; how it ended and what
+/// it carried (up counts the payload that came with the destination).
+async fn serve_tcp(
+    mut stream: Stream,
+    context: &ServerContext,
+    peer: &str,
+    destination: Address,
+    early_payload: BytesMut,
+    synack_deadline: tokio::time::Instant,
+    lookups: &LookupOwner,
+) -> (Outcome, Traffic) {
+    let nothing = Traffic::default();
     let pool = &context.pool;
-    let destination = match context.policy.check_destination(destination, pool.names(), &lookups).await {
+    let destination = match context.policy.check_destination(destination, pool.names(), lookups).await {
         Ok(destination) => destination,
         Err(refusal) => {
             log::warn!("{peer}: stream {}: {refusal}", stream.id());
             let _ = stream.send_synack(Err(refusal.to_string())).await;
-            return;
+            return (Outcome::Refused(refusal.to_string()), nothing);
         }
     };
     // The pool never refuses: past its per-target limit it dials unpooled.
-    let dial = pool.acquire(&destination, &lookups);
+    let dial = pool.acquire(&destination, lookups);
     tokio::pin!(dial);
     let answered_early;
     let dialed = tokio::select! {
@@ -97,7 +120,9 @@ pub async fn serve_stream(
         _ = tokio::time::sleep_until(synack_deadline) => {
             // Keep the client's session alive: say yes now, FIN later if the dial fails.
             answered_early = true;
-            if stream.send_synack(Ok(())).await.is_err() { return; }
+            if let Err(closed) = stream.send_synack(Ok(())).await {
+                return (Outcome::SessionClosed(closed.to_string()), nothing);
+            }
             dial.await
         }
     };
@@ -108,23 +133,37 @@ pub async fn serve_stream(
             if !answered_early {
                 let _ = stream.send_synack(Err(err.to_string())).await;
             }
-            return; // dropping the stream sends FIN where one is owed
+            return (Outcome::DialFailed(err.to_string()), nothing); // dropping the stream sends FIN where one is owed
         }
     };
-    if !answered_early && stream.send_synack(Ok(())).await.is_err() {
-        return;
+    if !answered_early && let Err(closed) = stream.send_synack(Ok(())).await {
+        return (Outcome::SessionClosed(closed.to_string()), nothing);
     }
-    if !early_payload.is_empty() && outbound.tcp.write_all(&early_payload).await.is_err() {
-        return;
+    if !early_payload.is_empty()
+        && let Err(err) = outbound.tcp.write_all(&early_payload).await
+    {
+        return (Outcome::Error(format!("tcp: {err}")), nothing);
     }
     let how = if outbound.reused { "warm" } else { "new" };
     log::debug!("{peer}: stream {} -> {destination} ({how} connection)", stream.id());
     // The stream owns the connection until it ends; it is then closed, never pooled.
-    let (stats, error) = relay(stream, outbound.tcp, &context.relay_buffers).await;
-    match error {
-        Some(error) => log::debug!("{peer}: {destination}: relay ended: {error}"),
-        None => log::debug!("{peer}: {destination}: {} bytes up, {} down", stats.sent, stats.received),
+    let (stats, error) = relay_to_end(stream, outbound.tcp, &context.relay_buffers).await;
+    // The relay's `sent` went into the stream (down to the client), its `received` came
+    // out of it (up to the destination), after the payload the SYN carried.
+    let traffic = Traffic { up: early_payload.len() as u64 + stats.received, down: stats.sent };
+    let outcome = match error {
+        None => Outcome::Ok,
+        Some(RelayError::Idle(why)) => Outcome::IdleTimeout(why),
+        Some(RelayError::Session(closed)) => Outcome::SessionClosed(closed.to_string()),
+        Some(error @ RelayError::Io(_)) => Outcome::Error(error.to_string()),
+    };
+    match outcome.reason() {
+        Some(error) => {
+            log::debug!("{peer}: {destination}: relay ended: {error} ({} bytes up, {} down)", traffic.up, traffic.down)
+        }
+        None => log::debug!("{peer}: {destination}: {} bytes up, {} down", traffic.up, traffic.down),
     }
+    (outcome, traffic)
 }
 
 #[cfg(test)]
@@ -176,7 +215,8 @@ pub(crate) mod test_support {
         let handler: StreamHandler = Arc::new(move |stream| {
             let ticket = gate.admit_stream(&user, 1).expect("room for test streams");
             let lookups = context.pool.names().own().clone();
-            tokio::spawn(serve_stream(stream, context.clone(), udp, "test".into(), ticket, lookups));
+            let client = crate::server::access_log::StreamClient { peer: "test".into(), user: "test".into() };
+            tokio::spawn(serve_stream(stream, context.clone(), udp, client, ticket, lookups));
         });
         let (a, b) = tokio::io::duplex(1 << 20);
         let server = ServerSession::start(b, SessionConfig::default(), Default::default(), BytesMut::new(), handler);

@@ -30,6 +30,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::ServerContext;
+use super::access_log::{Network, Outcome, StreamClient, Traffic};
 use super::dial::LookupOwner;
 use crate::framed::{Framed, ReadError};
 use crate::proto::Address;
@@ -61,18 +62,36 @@ impl Default for UdpSettings {
     }
 }
 
-/// Serves one UoT stream to the end. `early` holds bytes that followed the stream's
-/// destination (normally the request itself). Names are resolved through the server's
-/// shared cache (its pool's), as `lookups`'s; each datagram's target passes its policy.
+/// Serves one UoT stream to the end, then writes its access log record. `early` holds
+/// bytes that followed the stream's destination (normally the request itself). Names are
+/// resolved through the server's shared cache (its pool's), as `lookups`'s; each
+/// datagram's target passes its policy.
 pub async fn serve_udp(
     stream: Stream,
     early: BytesMut,
     settings: UdpSettings,
-    peer: String,
+    client: StreamClient,
     context: Arc<ServerContext>,
     lookups: LookupOwner,
 ) {
+    let started = std::time::Instant::now();
+    let access_log = context.clone();
+    let (destination, outcome, traffic) = relay_udp(stream, early, settings, &client.peer, context, lookups).await;
+    access_log.access_log.record(&client, Network::Udp, destination.as_deref(), traffic, started, outcome);
+}
+
+/// [`serve_udp`] but for the record: the requested destination (once read), how the
+/// stream ended, and the datagram bytes each way.
+async fn relay_udp(
+    stream: Stream,
+    early: BytesMut,
+    settings: UdpSettings,
+    peer: &str,
+    context: Arc<ServerContext>,
+    lookups: LookupOwner,
+) -> (Option<String>, Outcome, Traffic) {
     let id = stream.id();
+    let nothing = Traffic::default();
     let (mut reader, mut writer) = stream.split();
     // The setup borrows the reader only until it is done.
     let (mut outbound, buf) = {
@@ -84,31 +103,32 @@ pub async fn serve_udp(
         };
         match in_budget {
             Some(Ok(ready)) => {
-                if writer.send_synack(Ok(())).await.is_err() {
-                    return;
+                if let Err(closed) = writer.send_synack(Ok(())).await {
+                    return (Some(ready.0.requested.clone()), Outcome::SessionClosed(closed.to_string()), nothing);
                 }
                 ready
             }
             Some(Err(why)) => {
                 log::warn!("{peer}: stream {id}: {why}");
                 let _ = writer.send_synack(Err(why.to_string())).await;
-                return;
+                return (None, why.outcome(), nothing);
             }
             None => {
                 // Keep the client's session: say yes now, and go on waiting for the request.
-                if writer.send_synack(Ok(())).await.is_err() {
-                    return;
+                if let Err(closed) = writer.send_synack(Ok(())).await {
+                    return (None, Outcome::SessionClosed(closed.to_string()), nothing);
                 }
                 log::debug!("{peer}: stream {id}: no UDP request within {SETUP_BUDGET:?}: answered, still waiting");
                 match tokio::time::timeout(settings.idle_timeout, &mut setup).await {
                     Ok(Ok(ready)) => ready,
                     Ok(Err(why)) => {
                         log::warn!("{peer}: stream {id}: {why}");
-                        return; // dropping the writer sends FIN
+                        return (None, why.outcome(), nothing); // dropping the writer sends FIN
                     }
                     Err(_) => {
-                        log::warn!("{peer}: stream {id}: UDP request not received within {:?}", settings.idle_timeout);
-                        return;
+                        let why = format!("UDP request not received within {:?}", settings.idle_timeout);
+                        log::warn!("{peer}: stream {id}: {why}");
+                        return (None, Outcome::IdleTimeout(why), nothing);
                     }
                 }
             }
@@ -117,17 +137,20 @@ pub async fn serve_udp(
     log::debug!("{peer}: stream {id}: UDP ({}) open", outbound.describe());
     let mut queue = outbound.queue.take().expect("queue taken once");
     let activity = outbound.idle.clone();
-    let why = tokio::select! {
-        ended = upstream(&mut reader, buf, &mut outbound) => ended.err().map_or("client finished".into(), |e| e.to_string()),
-        ended = downstream(&mut queue, &mut writer) => ended.err().map_or("sockets closed".into(), |e| e.to_string()),
-        () = activity.expired(settings.idle_timeout) => format!("idle for {:?}", settings.idle_timeout),
+    let outcome = tokio::select! {
+        ended = upstream(&mut reader, buf, &mut outbound) => ended.map_or_else(|e| Outcome::Error(e.to_string()), |()| Outcome::Ok),
+        ended = downstream(&mut queue, &mut writer) => ended.map_or_else(|e| Outcome::SessionClosed(e.to_string()), |()| Outcome::Ok),
+        () = activity.expired(settings.idle_timeout) => Outcome::IdleTimeout(format!("idle for {:?}", settings.idle_timeout)),
     };
     let _ = writer.finish().await;
+    let why = outcome.reason().unwrap_or("finished");
     log::debug!(
         "{peer}: stream {id}: UDP ended ({why}): {} datagrams up, {} down",
         outbound.up,
         outbound.idle.down.load(Ordering::Relaxed)
     );
+    let traffic = Traffic { up: outbound.up_bytes, down: outbound.idle.down_bytes.load(Ordering::Relaxed) };
+    (Some(std::mem::take(&mut outbound.requested)), outcome, traffic)
 }
 
 /// Why a UDP-over-TCP stream could not be set up, or why it ended; the setup's text is
@@ -154,6 +177,22 @@ pub enum UdpError {
     NoAddress(String),
     #[error(transparent)]
     Refused(#[from] super::policy::PolicyRefusal),
+}
+
+impl UdpError {
+    /// A setup failure as the access log tells it.
+    fn outcome(&self) -> Outcome {
+        match self {
+            UdpError::Refused(_) => Outcome::Refused(self.to_string()),
+            UdpError::NoRequest | UdpError::RequestTooLong | UdpError::BadStream(_) | UdpError::NoPeer => {
+                Outcome::BadRequest(self.to_string())
+            }
+            UdpError::ResolveTimedOut(_) | UdpError::Resolve(..) | UdpError::NoAddress(_) => {
+                Outcome::DialFailed(self.to_string())
+            }
+            UdpError::Socket(_) | UdpError::Send(..) => Outcome::Error(self.to_string()),
+        }
+    }
 }
 
 /// Reads the request (it may be split over frames or share them with packets) and
@@ -188,6 +227,7 @@ async fn upstream(reader: &mut StreamReader, buf: BytesMut, outbound: &mut Outbo
         };
         outbound.idle.touch();
         outbound.up += 1;
+        outbound.up_bytes += packet.payload.len() as u64;
         if let Err(why) = outbound.send(packet.peer.as_ref(), &packet.payload).await {
             // One undeliverable datagram is not the stream's end: UDP loses packets.
             log::debug!("UDP datagram dropped: {why}");
@@ -208,11 +248,18 @@ struct Activity {
     start: Instant,
     last_ms: AtomicU64,
     down: AtomicU64,
+    /// Payload bytes of the datagrams counted in `down`.
+    down_bytes: AtomicU64,
 }
 
 impl Activity {
     fn new() -> Activity {
-        Activity { start: Instant::now(), last_ms: AtomicU64::new(0), down: AtomicU64::new(0) }
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            down: AtomicU64::new(0),
+            down_bytes: AtomicU64::new(0),
+        }
     }
 
     fn touch(&self) {
@@ -259,6 +306,10 @@ struct Outbound {
     lookups: LookupOwner,
     idle: Arc<Activity>,
     up: u64,
+    /// Payload bytes of the datagrams counted in `up`.
+    up_bytes: u64,
+    /// The request's destination, as the client gave it.
+    requested: String,
 }
 
 impl Outbound {
@@ -278,6 +329,8 @@ impl Outbound {
             lookups,
             idle: Arc::new(Activity::new()),
             up: 0,
+            up_bytes: 0,
+            requested: request.destination.to_string(),
         };
         let first_ip = match request.framing {
             Framing::Connected => {
@@ -390,6 +443,7 @@ async fn receive(
         };
         activity.touch();
         activity.down.fetch_add(1, Ordering::Relaxed);
+        activity.down_bytes.fetch_add(len as u64, Ordering::Relaxed);
         if replies.send(packet).await.is_err() {
             return;
         }

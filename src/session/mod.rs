@@ -40,7 +40,7 @@ use crate::proto::frame::Command;
 use crate::proto::{Frame, PaddingScheme, Settings};
 
 pub use budget::{BufferBudget, DEFAULT_STREAM_BUFFER};
-pub use relay::{RelayStats, relay};
+pub use relay::{RelayError, RelayStats, relay, relay_to_end};
 use stream::OpenWait;
 pub use stream::{OpenError, SendRoom, Stream, StreamReader, StreamWriter};
 
@@ -163,6 +163,19 @@ impl Default for ServerSessionOptions {
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[error("session closed: {0}")]
 pub struct SessionClosed(pub Arc<str>);
+
+/// Why a client's session closed when its server closed the connection without sending
+/// a frame: what AnyTLS servers do with a wrong password.
+pub const SERVER_CLOSED_WITHOUT_ANSWER: &str =
+    "the server closed without answering (wrong password, or not an AnyTLS server?)";
+
+impl SessionClosed {
+    /// The server closed without a word: most likely a wrong password.
+    pub fn looks_like_wrong_password(&self) -> bool {
+        // The reader puts what it saw first (`read failed: …; ` and this).
+        self.0.ends_with(SERVER_CLOSED_WITHOUT_ANSWER)
+    }
+}
 
 /// What the writer is asked to send.
 #[derive(Debug)]

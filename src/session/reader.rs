@@ -248,8 +248,7 @@ pub(super) struct FromServer;
 
 impl PeerFrames for FromServer {
     const END: &'static str = "Client";
-    const SILENT_PEER: Option<&'static str> =
-        Some("the server closed without answering (wrong password, or not an AnyTLS server?)");
+    const SILENT_PEER: Option<&'static str> = Some(super::SERVER_CLOSED_WITHOUT_ANSWER);
 
     async fn handle(&self, frame: Frame, shared: &Arc<Shared>) -> Result<(), PeerEnded> {
         on_client_frame(frame, shared).await

@@ -49,6 +49,13 @@ enum FirstEnd {
 /// the reference: the first end of data either way ends the relay, and a FIN
 /// received is not answered with one.
 pub async fn relay(stream: Stream, tcp: TcpStream, buffers: &RelayBuffers) -> (RelayStats, Option<String>) {
+    let (stats, error) = relay_to_end(stream, tcp, buffers).await;
+    (stats, error.map(|err| err.to_string()))
+}
+
+/// As [`relay`], with the error as its kind (idle, session gone, socket), for callers
+/// that tell outcomes apart (the server's access log).
+pub async fn relay_to_end(stream: Stream, tcp: TcpStream, buffers: &RelayBuffers) -> (RelayStats, Option<RelayError>) {
     let half_close = stream.half_close();
     let idle = IdleWatch::new(stream.idle_timeout(), stream.half_close_timeout());
     let session_closed = stream.session_closed();
@@ -109,5 +116,5 @@ pub async fn relay(stream: Stream, tcp: TcpStream, buffers: &RelayBuffers) -> (R
         })
     };
     let stats = RelayStats { sent: sent.into_inner(), received: received.into_inner() };
-    (stats, outcome.err().map(|err| err.to_string()))
+    (stats, outcome.err())
 }
