@@ -27,7 +27,7 @@ use crate::session::{BufferBudget, ClientSessionOptions, SessionConfig};
 /// AnyTLS client. The local port speaks SOCKS5, SOCKS4/4a and HTTP proxy.
 /// The server's certificate is verified unless --insecure or --pin-sha256 is given.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(name = "anytls-client", version = crate::cli::VERSION)]
 struct Args {
     /// Local proxy address.
     #[arg(
@@ -177,6 +177,11 @@ struct Args {
     /// series.
     #[arg(long, default_value_t = crate::metrics::snapshot::DEFAULT_METRICS_TOP_TARGETS, value_name = "N", help_heading = "Monitoring")]
     metrics_top_targets: usize,
+}
+
+/// `anytls-client`'s flags as clap sees them: for man pages and shell completions.
+pub fn command() -> clap::Command {
+    Args::command()
 }
 
 /// The whole of `anytls-client`: read the flags, run, exit with one line on failure.

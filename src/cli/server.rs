@@ -34,7 +34,7 @@ use crate::session::buffers::BufferPoolMode;
 /// AnyTLS server. Without --cert/--key it makes a self-signed certificate and logs
 /// its SHA-256 fingerprint (give that to clients with --pin-sha256).
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(name = "anytls-server", version = crate::cli::VERSION)]
 struct Args {
     /// Address to listen on [default: 0.0.0.0:8443, or with --panel 0.0.0.0:<the panel's
     /// server_port>].
@@ -264,6 +264,11 @@ struct Args {
     /// Print the pool engines' names, one a line, and exit (for scripts; not in --help).
     #[arg(long, hide = true)]
     list_pool_types: bool,
+}
+
+/// `anytls-server`'s flags as clap sees them: for man pages and shell completions.
+pub fn command() -> clap::Command {
+    Args::command()
 }
 
 /// The whole of `anytls-server`: read the flags, run, exit with one line on failure.
