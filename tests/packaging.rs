@@ -62,4 +62,49 @@ fn the_load_generator_is_a_member_of_its_own() {
     assert_eq!(bins(bench), ["anytls-bench"]);
     // The kit the tests and the bench share installs nothing.
     assert_eq!(bins(member(&metadata, "anytls-testkit")), Vec::<&str>::new());
+    // The man page and completion writer is a packaging tool, not part of the product.
+    let docgen = member(&metadata, "anytls-docgen");
+    assert!(docgen["manifest_path"].as_str().expect("manifest_path").ends_with("tools/anytls-docgen/Cargo.toml"));
+    assert_eq!(bins(docgen), ["anytls-docgen"]);
+}
+
+#[test]
+fn every_workspace_member_names_its_license() {
+    let metadata = metadata();
+    for name in ["anytls-rs", "anytls-bench", "anytls-testkit", "anytls-docgen"] {
+        assert_eq!(member(&metadata, name)["license"], "MIT", "{name}");
+    }
+    assert!(Path::new(env!("CARGO_MANIFEST_DIR")).join("LICENSE").is_file());
+}
+
+/// The Debian package's unit is contrib's but for the binary's path and the man page, so a
+/// hardening change to one that misses the other fails here.
+#[test]
+fn the_packaged_unit_is_contribs_with_the_packaged_paths() {
+    let read = |path: &str| std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap();
+    let directives = |unit: String| -> Vec<String> {
+        unit.lines().filter(|line| !line.is_empty() && !line.starts_with('#')).map(str::to_string).collect()
+    };
+    let contrib = directives(read("contrib/anytls-server.service").replace("/usr/local/bin/", "/usr/bin/"));
+    let packaged = directives(read("debian/anytls-server.service"));
+    let expected: Vec<String> = contrib
+        .iter()
+        .flat_map(|line| match line.starts_with("Description=") {
+            true => vec![line.clone(), "Documentation=man:anytls-server(1)".to_string()],
+            false => vec![line.clone()],
+        })
+        .collect();
+    assert_eq!(packaged, expected);
+    for hardening in [
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+        "CapabilityBoundingSet=CAP_NET_BIND_SERVICE",
+        "StateDirectory=anytls",
+        "User=anytls",
+    ] {
+        assert!(packaged.iter().any(|line| line == hardening), "the packaged unit lacks {hardening}");
+    }
 }

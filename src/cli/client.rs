@@ -29,7 +29,8 @@ use crate::session::{BufferBudget, ClientSessionOptions, SessionConfig};
 /// The server's certificate is verified unless --insecure or --pin-sha256 is given.
 #[derive(Parser, Debug)]
 #[command(
-    version,
+    name = "anytls-client",
+    version = crate::cli::VERSION,
     after_help = "Commands (before the flags):\n  check [FLAGS]    load every server and its trust as start-up does (or from --config FILE) and exit"
 )]
 struct Args {
@@ -185,6 +186,11 @@ struct Args {
     /// ts, level, target, msg and the record's fields). RUST_LOG sets the level either way.
     #[arg(long, value_parser = named::<LogFormat>(), default_value_t = LogFormat::Text, value_name = "text|json", help_heading = "Monitoring")]
     log_format: LogFormat,
+}
+
+/// `anytls-client`'s flags as clap sees them: for man pages and shell completions.
+pub fn command() -> clap::Command {
+    Args::command()
 }
 
 /// The whole of `anytls-client`: read the flags, run, exit with one line on failure.

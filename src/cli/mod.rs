@@ -17,6 +17,10 @@ use crate::logging::LogFormat;
 use crate::pool::PoolType;
 use crate::session::buffers::BufferPoolMode;
 
+/// What `--version` prints after the binary's name: the crate version and the commit it
+/// was built from (stamped by build.rs; `unknown` outside a git checkout).
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("ANYTLS_COMMIT"), ")");
+
 /// Rewrites `-name` / `-name=value` to `--name…` when `name` is one of `long_flags`,
 /// so reference command lines work unchanged; everything else is left alone.
 pub fn accept_single_dash_long_flags(args: impl IntoIterator<Item = String>, long_flags: &[&str]) -> Vec<String> {

@@ -37,7 +37,8 @@ use crate::session::buffers::BufferPoolMode;
 /// its SHA-256 fingerprint (give that to clients with --pin-sha256).
 #[derive(Parser, Debug)]
 #[command(
-    version,
+    name = "anytls-server",
+    version = crate::cli::VERSION,
     after_help = "Commands (before the flags):\n  check [FLAGS]                     check the configuration the flags (or --config FILE) describe, \
                   as SIGHUP does, and exit\n  link --user NAME [--host HOST] [--qr] [FLAGS]\n                                    print that \
                   user's anytls:// link (password and pin included) and a QR code"
@@ -288,6 +289,11 @@ struct Args {
     /// Print the pool engines' names, one a line, and exit (for scripts; not in --help).
     #[arg(long, hide = true)]
     list_pool_types: bool,
+}
+
+/// `anytls-server`'s flags as clap sees them: for man pages and shell completions.
+pub fn command() -> clap::Command {
+    Args::command()
 }
 
 /// The whole of `anytls-server`: read the flags, run, exit with one line on failure.
