@@ -218,6 +218,9 @@ fn create_state_dir(dir: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// How long a held lock is tried again before the directory counts as in use.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+
 fn lock_state_dir(dir: &Path) -> Result<File, StoreError> {
     let path = dir.join(LOCK_FILE);
     let lock = OpenOptions::new()
@@ -227,15 +230,24 @@ fn lock_state_dir(dir: &Path) -> Result<File, StoreError> {
         .mode(0o600)
         .open(&path)
         .map_err(|e| StoreError::io(&path, "opening", e))?;
-    // SAFETY: flock only takes the descriptor, which `lock` keeps open.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    // A lock can outlive its holder for a moment: a server just stopped by a restart, or a
+    // copy of the descriptor in a child being spawned (between fork and exec) by whoever
+    // held it. So a held lock is tried again for a second before it means "in use".
+    let deadline = std::time::Instant::now() + LOCK_PATIENCE;
+    loop {
+        // SAFETY: flock only takes the descriptor, which `lock` keeps open.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(lock);
+        }
         let error = io::Error::last_os_error();
-        if error.kind() == io::ErrorKind::WouldBlock {
+        if error.kind() != io::ErrorKind::WouldBlock {
+            return Err(StoreError::io(&path, "locking", error));
+        }
+        if std::time::Instant::now() >= deadline {
             return Err(StoreError::Locked { path });
         }
-        return Err(StoreError::io(&path, "locking", error));
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    Ok(lock)
 }
 
 fn remove_if_present(path: &Path) -> Result<(), StoreError> {

@@ -844,3 +844,48 @@ fn help_is_grouped_with_value_names_and_every_flag_is_in_the_readme() {
         }
     }
 }
+
+/// Every table in the README and docs renders: it starts after a blank line with a header
+/// and a separator row, and each row has the header's number of cells (a row that follows a
+/// paragraph, or an unescaped `|` in a cell, breaks it on the page).
+#[test]
+fn the_readme_and_docs_tables_are_whole() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec![root.join("README.md")];
+    for entry in std::fs::read_dir(root.join("docs")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "md") {
+            files.push(path);
+        }
+    }
+    let cells = |line: &str| line.trim().trim_matches('|').replace("\\|", "").split('|').count();
+    let mut broken = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let mut in_code = false;
+        let mut header = 0;
+        for (i, line) in lines.iter().enumerate() {
+            if line.starts_with("```") {
+                in_code = !in_code;
+            }
+            if in_code || !line.starts_with('|') {
+                header = 0;
+                continue;
+            }
+            let place = format!("{}:{}", file.file_name().unwrap().to_string_lossy(), i + 1);
+            if header == 0 {
+                let before_is_blank = i == 0 || lines[i - 1].trim().is_empty();
+                let separator =
+                    lines.get(i + 1).is_some_and(|next| next.starts_with("| ---") || next.starts_with("|---"));
+                if !before_is_blank || !separator {
+                    broken.push(format!("{place}: a table row outside a table"));
+                }
+                header = cells(line);
+            } else if cells(line) != header {
+                broken.push(format!("{place}: {} cells where the header has {header}", cells(line)));
+            }
+        }
+    }
+    assert!(broken.is_empty(), "{}", broken.join("\n"));
+}
