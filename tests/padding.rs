@@ -234,7 +234,7 @@ async fn nginx_records(dir: &Path) -> Option<Vec<usize>> {
     let mut process = Process::spawn("nginx", command);
     wait_port(&mut process, port, Duration::from_secs(10)).await;
     let (watched, records) = record_watcher(SocketAddr::from(([127, 0, 0, 1], port))).await;
-    let connector = tls_client_trusting(&pki.ca_cert);
+    let connector = tls_client_trusting(&pki.ca_cert, rustls::crypto::aws_lc_rs::default_provider());
     let tcp = TcpStream::connect(watched).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let mut tls = connector.connect(name, tcp).await.expect("TLS to nginx");
@@ -247,20 +247,6 @@ async fn nginx_records(dir: &Path) -> Option<Vec<usize>> {
     );
     let records = records.lock().unwrap();
     Some(records[0].iter().take(16).copied().collect())
-}
-
-fn tls_client_trusting(ca: &Path) -> tokio_rustls::TlsConnector {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from_pem_file(ca).expect("CA file")).expect("CA");
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::NamedGroup;
@@ -118,17 +117,7 @@ async fn client_hello_offers_x25519mlkem768_first_with_an_x25519_share() {
 
 /// A TLS client of our own that offers exactly `groups` and trusts the test CA.
 fn client_offering(groups: &[&'static dyn SupportedKxGroup], ca: &std::path::Path) -> tokio_rustls::TlsConnector {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let provider = CryptoProvider { kx_groups: groups.to_vec(), ..aws_lc_rs::default_provider() };
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from_pem_file(ca).expect("CA file")).expect("CA");
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
+    tls_client_trusting(ca, CryptoProvider { kx_groups: groups.to_vec(), ..aws_lc_rs::default_provider() })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -240,16 +240,7 @@ fn check_command(args: &Args) -> ExitCode {
     if args.servers.is_empty() {
         found.push("no server: give -s HOST:PORT or an anytls:// link".into());
     }
-    for problem in &found {
-        eprintln!("anytls-client check: {problem}");
-    }
-    if found.is_empty() {
-        let file = args.config.as_ref().map(|f| format!("{}: ", f.display())).unwrap_or_default();
-        println!("{file}configuration OK");
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    crate::cli::check_report("anytls-client", args.config.as_deref(), &found)
 }
 
 #[tokio::main]

@@ -142,6 +142,20 @@ pub fn pool_type_help(engines: &str) -> String {
     format!("{engines}: {}", each.join(", "))
 }
 
+/// How `check` ends, for both binaries: each problem on its own line (stderr), or
+/// `configuration OK` (stdout, after the file's name), and the exit code that says which.
+pub fn check_report(program: &str, config: Option<&std::path::Path>, problems: &[String]) -> std::process::ExitCode {
+    for problem in problems {
+        eprintln!("{program} check: {problem}");
+    }
+    if !problems.is_empty() {
+        return std::process::ExitCode::FAILURE;
+    }
+    let file = config.map(|f| format!("{}: ", f.display())).unwrap_or_default();
+    println!("{file}configuration OK");
+    std::process::ExitCode::SUCCESS
+}
+
 /// A binary's exit: success, or one human line on stderr and a failure code
 /// (never a panic or a debug dump).
 pub fn exit_with(binary: &str, result: Result<(), String>) -> std::process::ExitCode {

@@ -484,23 +484,13 @@ fn check_command(mut argv: Vec<String>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let found = problems(&args);
-    for problem in &found {
-        eprintln!("anytls-server check: {problem}");
-    }
     if let Ok(entries) = user_entries(&args) {
         let named = entries.iter().filter_map(|e| Some((e.name.clone(), e.password.clone()?)));
         for (name, why) in named.filter_map(|(name, password)| Some((name, weakness(&password)?))) {
             eprintln!("anytls-server check: warning: user {name}: weak password ({why})");
         }
     }
-    if found.is_empty() {
-        let file = args.config.as_ref().map(|f| format!("{}: ", f.display())).unwrap_or_default();
-        println!("{file}configuration OK");
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    crate::cli::check_report("anytls-server", args.config.as_deref(), &problems(&args))
 }
 
 /// Re-reads the config (SIGHUP): users and certificate, all or nothing.

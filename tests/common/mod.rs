@@ -712,3 +712,18 @@ pub fn in_process_server_config(passwords: Vec<anytls_rs::proto::PasswordHash>) 
         udp: anytls_rs::server::udp::UdpSettings::default(),
     }
 }
+
+/// A TLS client of the tests' own (not our client's settings) that trusts only `ca`, with
+/// `provider`'s key exchange groups and suites.
+pub fn tls_client_trusting(ca: &Path, provider: rustls::crypto::CryptoProvider) -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_file(ca).expect("CA file")).expect("CA");
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
