@@ -77,11 +77,6 @@ fn sample(metrics: &str, series: &str) -> Option<f64> {
     metrics.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
-fn sighup(process: &Process) {
-    let status = Command::new("kill").args(["-HUP", &process.pid().to_string()]).status().expect("kill");
-    assert!(status.success());
-}
-
 /// The NUL-separated command line of a running process.
 fn cmdline(process: &Process) -> String {
     String::from_utf8_lossy(&std::fs::read(format!("/proc/{}/cmdline", process.pid())).unwrap()).replace('\0', " ")
@@ -370,7 +365,7 @@ async fn sighup_adds_and_removes_users_under_traffic_without_losing_other_stream
         // Bob out, carol in.
         std::fs::write(&config, format!("listen = \"127.0.0.1:0\"\n{}", users(&[("alice", "pa"), ("carol", "pc")])))
             .unwrap();
-        sighup(&server);
+        server.signal("HUP");
         assert!(server.log_shows("added: carol, removed: bob", Duration::from_secs(5)).await, "{}", server.log());
         let bob_end =
             tokio::time::timeout(Duration::from_secs(10), bob_stream).await.expect("bob's stream ends").unwrap();
@@ -380,7 +375,7 @@ async fn sighup_adds_and_removes_users_under_traffic_without_losing_other_stream
 
         // A broken file is refused and changes nothing.
         std::fs::write(&config, "listen = \"127.0.0.1:0\"\n[[users]]\nname = \"alice\"\n").unwrap();
-        sighup(&server);
+        server.signal("HUP");
         assert!(server.log_shows("reload refused, the running configuration stays", Duration::from_secs(5)).await);
         assert!(server.log().contains("needs `name` and `password`"), "{}", server.log());
         assert!(echoes(carol_proxy, "127.0.0.1", echo.port()).await, "carol still a user");
@@ -488,7 +483,7 @@ async fn sighup_says_which_changed_flags_wait_for_a_restart() {
             format!("listen = \"127.0.0.1:0\"\nmax-sessions = 5\nconnect-timeout-secs = 2\n{users}"),
         )
         .unwrap();
-        sighup(&server);
+        server.signal("HUP");
         let said = "SIGHUP: changed but applied only by a restart: --connect-timeout-secs, --max-sessions";
         let warned = server.log_shows("SIGHUP: changed but applied only by a restart", Duration::from_secs(5)).await;
         assert!(warned && server.log().contains(said), "{}", server.log());
@@ -522,7 +517,7 @@ async fn sighup_reloads_the_certificate_for_new_connections() {
 
         std::fs::copy(&new.server_cert, &cert).unwrap();
         std::fs::copy(&new.server_key, &key).unwrap();
-        sighup(&server);
+        server.signal("HUP");
         assert!(server.log_shows("SIGHUP: reloaded", Duration::from_secs(5)).await, "{}", server.log());
         let (_after, proxy) = trusting(&new.ca_cert).await;
         assert!(echoes(proxy, "127.0.0.1", echo.port()).await, "new connections get the new certificate");
@@ -531,7 +526,7 @@ async fn sighup_reloads_the_certificate_for_new_connections() {
 
         // A key that is not a key: refused, the new certificate stays.
         std::fs::write(&key, "not a key\n").unwrap();
-        sighup(&server);
+        server.signal("HUP");
         assert!(server.log_shows("reload refused", Duration::from_secs(5)).await, "{}", server.log());
         let (_still, proxy) = trusting(&new.ca_cert).await;
         assert!(echoes(proxy, "127.0.0.1", echo.port()).await, "the running certificate stays");

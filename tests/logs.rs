@@ -224,8 +224,7 @@ async fn sighup_reopens_the_access_log_for_logrotate() {
         assert_eq!(lines_of(&path, 1).await.len(), 1);
         let rotated = dir.path().join("access.log.1");
         std::fs::rename(&path, &rotated).unwrap();
-        let hup = std::process::Command::new("kill").args(["-HUP", &server.process.pid().to_string()]).status();
-        assert!(hup.unwrap().success());
+        server.process.signal("HUP");
         assert!(server.process.log_shows("access log: reopened", WAIT).await, "{}", server.process.log());
         let (second, _second_session) = exchange_counted(server.addr, 0, 20, 20).await;
         let new = lines_of(&path, 1).await;

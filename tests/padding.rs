@@ -33,11 +33,6 @@ fn config_with(alice_scheme: &str) -> String {
     )
 }
 
-fn sighup(process: &Process) {
-    let status = std::process::Command::new("kill").args(["-HUP", &process.pid().to_string()]).status().expect("kill");
-    assert!(status.success());
-}
-
 /// A new client of `server` as `password`, after one echo through it: the md5 of the
 /// scheme the server sent it, if it sent one.
 async fn scheme_given_to(server: &Server, password: &str, echo: SocketAddr) -> Option<String> {
@@ -65,7 +60,7 @@ async fn each_user_gets_its_own_scheme_or_the_nodes_and_a_reload_changes_both() 
 
         std::fs::write(&config, config_with(ALICE_B)).unwrap();
         std::fs::write(&node, NODE_2).unwrap();
-        sighup(&server.process);
+        server.process.signal("HUP");
         let reloaded = server.process.log_shows("SIGHUP: reloaded", Duration::from_secs(5)).await;
         assert!(reloaded, "{}", server.process.log());
         assert!(server.process.log().contains(&format!("padding scheme md5 {}", md5_of(NODE_2))));
@@ -74,7 +69,7 @@ async fn each_user_gets_its_own_scheme_or_the_nodes_and_a_reload_changes_both() 
 
         // A scheme with a mistake is refused; what runs stays.
         std::fs::write(&config, config_with("stop=3\n0=40-40\n1=200_300")).unwrap();
-        sighup(&server.process);
+        server.process.signal("HUP");
         let refused = server.process.log_shows("reload refused", Duration::from_secs(5)).await;
         assert!(refused && server.process.log().contains("padding scheme line 3"), "{}", server.process.log());
         assert_eq!(scheme_given_to(&server, "pa", echo).await, Some(md5_of(ALICE_B)), "alice keeps B");

@@ -5,7 +5,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -29,11 +28,6 @@ async fn spawn_slow_target(delay: Duration) -> SocketAddr {
         }
     });
     addr
-}
-
-fn signal(process: &Process, name: &str) {
-    let status = Command::new("kill").args([&format!("-{name}"), &process.pid().to_string()]).status().unwrap();
-    assert!(status.success(), "kill -{name}");
 }
 
 async fn read_to_end(mut tcp: TcpStream) -> Vec<u8> {
@@ -67,7 +61,7 @@ async fn server_drains_a_stream_in_flight_then_exits_zero_on_sigterm() {
         let in_flight = socks5_open(client.addr, target).await;
         assert!(server.process.log_shows(" -> ", Duration::from_secs(5)).await, "stream reached the server");
 
-        signal(&server.process, "TERM");
+        server.process.signal("TERM");
         let answer = read_to_end(in_flight).await;
         assert_eq!(answer, b"late answer", "the stream in flight finished during the drain");
         let took = expect_clean_exit(&mut server.process, Duration::from_secs(8)).await;
@@ -90,7 +84,7 @@ async fn server_cuts_off_streams_at_the_shutdown_timeout() {
         let stuck = socks5_open(client.addr, target).await;
         assert!(server.process.log_shows(" -> ", Duration::from_secs(5)).await);
         let started = Instant::now();
-        signal(&server.process, "INT");
+        server.process.signal("INT");
         expect_clean_exit(&mut server.process, Duration::from_secs(5)).await;
         assert!(started.elapsed() >= Duration::from_millis(900), "waited for the drain time");
         assert_final_stats_after(&server.process.log(), "SIGINT received");
@@ -116,7 +110,7 @@ async fn client_drains_a_connection_in_flight_closes_idle_sessions_and_exits_zer
         let target = spawn_slow_target(Duration::from_millis(1500)).await;
         let in_flight = socks5_open(client.addr, target).await;
 
-        signal(&client.process, "TERM");
+        client.process.signal("TERM");
         let answer = read_to_end(in_flight).await;
         assert_eq!(answer, b"late answer");
         expect_clean_exit(&mut client.process, Duration::from_secs(8)).await;

@@ -170,6 +170,12 @@ impl Process {
         }
     }
 
+    /// Sends signal `name` (`HUP`, `TERM`, …) with kill(1), which must succeed.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill").args([&format!("-{name}"), &self.pid().to_string()]).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{name} {}", self.name);
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
