@@ -759,6 +759,36 @@ async fn the_self_signed_certificate_is_kept_across_restarts_and_each_user_gets_
     .await
 }
 
+/// `health` with the server's own flags: exit 0 while it serves, with nothing above DEBUG
+/// in the server's log for it (a container runs it every 30 s); exit 1 with the reason
+/// once it has stopped.
+#[tokio::test]
+async fn health_answers_while_the_server_serves_and_fails_once_it_stopped() {
+    bounded(LIMIT, "health", async {
+        let (server_process, addr) = server(&["-l", "127.0.0.1:0", "--user", "hal:health-check-pw"], &[]).await;
+        assert!(server_process.log_shows("client link: ", Duration::from_secs(5)).await);
+        let before = server_process.log().lines().count();
+        let state = TempDir::new("deploy-health");
+        let listen = addr.to_string();
+        for _ in 0..3 {
+            let (status, out) =
+                server_command(&["health", "-l", &listen, "--user", "hal:health-check-pw"], state.path()).await;
+            assert!(status.success(), "{out}");
+            assert!(out.contains(&format!("{addr}: TLS handshake in ")), "{out}");
+        }
+        // Each probe's close reaches the server as one DEBUG line, and nothing else does.
+        assert!(server_process.wait_lines(&["closed before sending anything"], 3, Duration::from_secs(5)).await);
+        let log = server_process.log();
+        let since: Vec<&str> = log.lines().skip(before).collect();
+        assert!(since.len() == 3 && since.iter().all(|l| l.contains("[DEBUG]")), "{since:#?}");
+        drop(server_process);
+        let (status, out) = server_command(&["health", "-l", &listen, "-p", "x"], state.path()).await;
+        assert!(!status.success(), "{out}");
+        assert!(out.contains(&format!("anytls-server health: {addr}: cannot connect: ")), "{out}");
+    })
+    .await
+}
+
 #[tokio::test]
 async fn links_in_other_clients_spellings_work_and_those_that_cannot_are_refused_at_start() {
     bounded(LIMIT, "link spellings", async {

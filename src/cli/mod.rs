@@ -8,6 +8,7 @@
 
 pub mod client;
 pub mod config_file;
+pub mod health;
 pub mod server;
 
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};

@@ -40,8 +40,9 @@ use crate::session::buffers::BufferPoolMode;
     name = "anytls-server",
     version = crate::cli::VERSION,
     after_help = "Commands (before the flags):\n  check [FLAGS]                     check the configuration the flags (or --config FILE) describe, \
-                  as SIGHUP does, and exit\n  link --user NAME [--host HOST] [--qr] [FLAGS]\n                                    print that \
-                  user's anytls:// link (password and pin included) and a QR code"
+                  as SIGHUP does, and exit\n  link --user NAME [--host HOST[:PORT]] [--qr] [FLAGS]\n                                    print that \
+                  user's anytls:// link (password and pin included) and a QR code\n  health [FLAGS]                    \
+                  one TLS handshake with the listen address (a container's HEALTHCHECK): exit 0 if answered"
 )]
 struct Args {
     /// Address to listen on [default: 0.0.0.0:8443, or with --panel 0.0.0.0:<the panel's
@@ -324,6 +325,7 @@ pub fn main() -> ExitCode {
     match argv.get(1).map(String::as_str) {
         Some("link") => return exit_with("anytls-server link", print_user_link(argv)),
         Some("check") => return check_command(argv),
+        Some("health") => return exit_with("anytls-server health", health_command(argv)),
         _ => {}
     }
     let fds = crate::resources::raise_fd_limit();
@@ -491,6 +493,21 @@ fn check_command(mut argv: Vec<String>) -> ExitCode {
         }
     }
     crate::cli::check_report("anytls-server", args.config.as_deref(), &problems(&args))
+}
+
+/// `health`: one TLS handshake with the listen address the flags (or `--config`) give,
+/// as a container's HEALTHCHECK runs it; exit 0 when the server answered.
+fn health_command(mut argv: Vec<String>) -> Result<(), String> {
+    argv.remove(1);
+    let args = reread_args(&argv)?;
+    let listen = crate::accept::listen_address(args.listen.as_deref().unwrap_or("0.0.0.0:8443"), "0.0.0.0");
+    let bound: std::net::SocketAddr =
+        listen.parse().map_err(|_| format!("--listen {listen:?} is not an address:port"))?;
+    let addr = crate::cli::health::probe_address(bound);
+    let took =
+        crate::cli::health::probe(addr, crate::cli::health::PROBE_TIMEOUT).map_err(|why| format!("{addr}: {why}"))?;
+    println!("{addr}: TLS handshake in {:.1} ms", took.as_secs_f64() * 1000.0);
+    Ok(())
 }
 
 /// Re-reads the config (SIGHUP): users and certificate, all or nothing.
@@ -991,7 +1008,7 @@ fn terminal_qr(text: &str) -> String {
     }
 }
 
-/// `anytls-server link --user NAME [--host HOST] [--qr] [FLAGS…]`: the link of one user,
+/// `anytls-server link --user NAME [--host HOST[:PORT]] [--qr] [FLAGS…]`: the link of one user,
 /// password included, for the server the same flags (or `--config FILE`) describe; with a
 /// self-signed certificate, the pin of the one kept in the state directory (made now if
 /// there is none yet, and used by the server from then on). A QR code follows on a
@@ -1015,8 +1032,8 @@ fn print_user_link(argv: Vec<String>) -> Result<(), String> {
             _ => rest.push(word),
         }
     }
-    let user =
-        user.ok_or("usage: anytls-server link --user NAME [--host HOST] [--qr] [server flags or --config FILE]")?;
+    let user = user
+        .ok_or("usage: anytls-server link --user NAME [--host HOST[:PORT]] [--qr] [server flags or --config FILE]")?;
     let args = reread_args(&rest)?;
     let entries = user_entries(&args)?;
     let Some(entry) = entries.iter().find(|entry| entry.name == user) else {
@@ -1029,7 +1046,7 @@ fn print_user_link(argv: Vec<String>) -> Result<(), String> {
     let bound: std::net::SocketAddr =
         listen.parse().map_err(|_| format!("--listen {listen:?} is not an address:port"))?;
     let server = match host {
-        Some(host) => format!("{host}:{}", bound.port()),
+        Some(host) => link_server(&host, bound.port()),
         None => std::net::SocketAddr::new(client_facing_ip(bound.ip()), bound.port()).to_string(),
     };
     let pin = match (&args.cert, &args.key, certificate_dir(&args)) {
@@ -1050,6 +1067,26 @@ fn print_user_link(argv: Vec<String>) -> Result<(), String> {
         println!("{}", terminal_qr(&link));
     }
     Ok(())
+}
+
+/// `--host` as the link's server: `HOST:PORT` as given (a container or NAT publishes
+/// another port than the one listened on), a bare host with the listen port, an IPv6
+/// address in brackets.
+fn link_server(host: &str, listen_port: u16) -> String {
+    if host.parse::<std::net::SocketAddr>().is_ok() {
+        return host.to_string();
+    }
+    if let Some((name, port)) = host.rsplit_once(':')
+        && !name.contains(':')
+        && port.parse::<u16>().is_ok()
+    {
+        return host.to_string();
+    }
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    match bare.parse::<std::net::Ipv6Addr>() {
+        Ok(ip) => std::net::SocketAddr::new(ip.into(), listen_port).to_string(),
+        Err(_) => format!("{host}:{listen_port}"),
+    }
 }
 
 /// The address a client would use: the listen address, or for a wildcard listen the
@@ -1074,6 +1111,17 @@ fn percent_encode(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_links_host_keeps_its_own_port_and_brackets_ipv6() {
+        assert_eq!(link_server("proxy.example.com", 8443), "proxy.example.com:8443");
+        assert_eq!(link_server("proxy.example.com:443", 8443), "proxy.example.com:443");
+        assert_eq!(link_server("192.0.2.7", 8443), "192.0.2.7:8443");
+        assert_eq!(link_server("192.0.2.7:443", 8443), "192.0.2.7:443");
+        assert_eq!(link_server("2001:db8::7", 8443), "[2001:db8::7]:8443");
+        assert_eq!(link_server("[2001:db8::7]", 8443), "[2001:db8::7]:8443");
+        assert_eq!(link_server("[2001:db8::7]:443", 8443), "[2001:db8::7]:443");
+    }
 
     #[test]
     fn a_reload_names_the_changed_flags_it_does_not_apply() {
