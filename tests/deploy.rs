@@ -137,6 +137,7 @@ async fn the_example_server_config_loads_and_command_line_flags_win() {
             "{log}"
         );
         assert!(log.contains("max 7 connections per target"), "{log}");
+        assert!(log.contains("route rules, first match wins, then direct: no-smtp (block)"), "{log}");
         assert!(addr.ip().is_loopback());
         let api = api_address(&mut server).await;
         assert!(api.ip().is_loopback() && api.port() != 9090, "--api from the command line: {api}");

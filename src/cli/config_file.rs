@@ -14,7 +14,9 @@
 //! flags (`requires`, `conflicts_with`) are checked on that merged command line.
 //!
 //! The server's `[[users]]` tables (`name`, `password`) become `--user NAME:PASSWORD`, or
-//! with a plan (`quota-bytes = …`, see docs/users.md) the hidden `--user-json {…}`.
+//! with a plan (`quota-bytes = …`, see docs/users.md) the hidden `--user-json {…}`, and
+//! `[[route]]` and `[[upstream]]` tables (docs/routing.md) the hidden `--route-json {…}`
+//! and `--upstream-json {…}`, in order.
 //! These arguments live only in this process's memory: unlike real arguments they never
 //! show in `/proc/PID/cmdline` or `ps`.
 
@@ -123,6 +125,14 @@ pub fn config_arguments(text: &str, file_name: &str, command: &Command) -> Resul
             for entry in users(item, &source, with_plans.is_some())? {
                 // Under `--user`'s id, so a `--user` on the command line replaces them all.
                 out.push((user.get_id().to_string(), entry));
+            }
+            continue;
+        }
+        if let Some(kind) = TABLES.iter().find(|kind| kind.section == key)
+            && let Some(flag) = find_long(command, kind.flag)
+        {
+            for entry in kind.arguments(item, &source)? {
+                out.push((flag.get_id().to_string(), entry));
             }
             continue;
         }
@@ -264,6 +274,108 @@ fn plan_value(key: &str, value: &Item) -> Result<serde_json::Value, String> {
     let one = serde_json::json!({ key: json.clone() });
     serde_json::from_value::<crate::server::users::Plan>(one).map_err(|e| e.to_string())?;
     Ok(json)
+}
+
+/// The hidden flag that carries a `[[route]]` table as JSON.
+pub const ROUTE_JSON_FLAG: &str = "route-json";
+/// The hidden flag that carries an `[[upstream]]` table as JSON.
+pub const UPSTREAM_JSON_FLAG: &str = "upstream-json";
+
+/// An array of tables the file hands on as JSON, one hidden flag a table (docs/routing.md).
+struct TableKind {
+    section: &'static str,
+    flag: &'static str,
+    keys: &'static [&'static str],
+    /// Keys holding file paths, taken from the config file's folder when relative.
+    paths: &'static [&'static str],
+    /// Whether the JSON has the table's shape (values are checked when it is used).
+    parses: fn(serde_json::Value) -> Result<(), String>,
+}
+
+const TABLES: [TableKind; 2] = [
+    TableKind {
+        section: "route",
+        flag: ROUTE_JSON_FLAG,
+        keys: &crate::server::route::spec::RULE_KEYS,
+        paths: &["rule-set"],
+        parses: |json| {
+            serde_json::from_value::<crate::server::route::spec::RuleSpec>(json).map(drop).map_err(|e| e.to_string())
+        },
+    },
+    TableKind {
+        section: "upstream",
+        flag: UPSTREAM_JSON_FLAG,
+        keys: &crate::server::route::spec::UPSTREAM_KEYS,
+        paths: &[],
+        parses: |json| {
+            serde_json::from_value::<crate::server::route::spec::UpstreamSpec>(json)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        },
+    },
+];
+
+impl TableKind {
+    /// The tables as `--FLAG={…}` arguments, in order. Keys are checked here (so a typo
+    /// names its line); values when the rules are built, by name.
+    fn arguments(&self, item: &Item, source: &Source) -> Result<Vec<String>, String> {
+        let section = self.section;
+        let tables = item.as_array_of_tables().ok_or_else(|| {
+            source.error(item.span(), format!("`{section}` must be [[{section}]] tables (see docs/routing.md)"))
+        })?;
+        let folder = Path::new(source.name).parent().unwrap_or(Path::new(""));
+        let mut out = Vec::new();
+        for (i, table) in tables.iter().enumerate() {
+            let mut fields = serde_json::Map::new();
+            for (key, value) in table.iter() {
+                let line = key_span(table, key).or_else(|| table.span());
+                if !self.keys.contains(&key) {
+                    let hint = did_you_mean(key, self.keys.iter().copied())
+                        .map(|near| format!("; did you mean `{near}`?"))
+                        .unwrap_or_default();
+                    let known = self.keys.join(", ");
+                    let why = format!("unknown key `{key}` in [[{section}]] #{} ({known}){hint}", i + 1);
+                    return Err(source.error(line, why));
+                }
+                let mut json = json_value(value).map_err(|why| source.error(line.clone(), format!("{key}: {why}")))?;
+                if self.paths.contains(&key) {
+                    json = relative_to(json, folder);
+                }
+                fields.insert(key.to_string(), json);
+            }
+            let json = serde_json::Value::Object(fields);
+            (self.parses)(json.clone())
+                .map_err(|why| source.error(table.span(), format!("[[{section}]] #{}: {why}", i + 1)))?;
+            out.push(format!("--{}={json}", self.flag));
+        }
+        Ok(out)
+    }
+}
+
+/// A TOML value (a string, integer, boolean or a list of them) as JSON.
+fn json_value(item: &Item) -> Result<serde_json::Value, String> {
+    fn one(value: &Value) -> Result<serde_json::Value, String> {
+        Ok(match value {
+            Value::String(s) => s.value().as_str().into(),
+            Value::Integer(i) => (*i.value()).into(),
+            Value::Boolean(b) => (*b.value()).into(),
+            Value::Array(list) => serde_json::Value::Array(list.iter().map(one).collect::<Result<_, _>>()?),
+            _ => return Err("expected a string, an integer, a boolean or a list of them".into()),
+        })
+    }
+    one(item.as_value().ok_or("expected a value, not a table")?)
+}
+
+/// Rule-set paths (a string or a list) joined to `folder` where relative.
+fn relative_to(json: serde_json::Value, folder: &Path) -> serde_json::Value {
+    let join = |path: &str| serde_json::Value::from(folder.join(path).display().to_string());
+    match json {
+        serde_json::Value::String(path) => join(&path),
+        serde_json::Value::Array(list) => {
+            list.into_iter().map(|v| v.as_str().map(join).unwrap_or(v)).collect::<Vec<_>>().into()
+        }
+        other => other,
+    }
 }
 
 /// The known key an unknown one was probably meant as: the same with dashes for

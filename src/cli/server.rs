@@ -24,6 +24,8 @@ use crate::server::fallback::{FallbackSettings, ProbeSettings};
 use crate::server::limits::ServerLimits;
 use crate::server::outbound_pool::OutboundSettings;
 use crate::server::policy::{Cidr, Policy};
+use crate::server::route::spec::{RuleSpec, UpstreamSpec, compile_with_upstreams};
+use crate::server::route::{RouteCounters, Routes};
 use crate::server::state::{UserState, keep_usage};
 use crate::server::tls::{CertificateSlot, Identity, KeptCertificate, kept_self_signed};
 use crate::server::udp::UdpSettings;
@@ -185,6 +187,12 @@ struct Args {
     /// A [[users]] table with limits, as the config file hands it on (not in --help).
     #[arg(long = "user-json", hide = true)]
     user_json: Vec<String>,
+    /// A [[route]] table, as the config file hands it on (not in --help; docs/routing.md).
+    #[arg(long = "route-json", hide = true)]
+    route_json: Vec<String>,
+    /// An [[upstream]] table, as the config file hands it on (not in --help; docs/routing.md).
+    #[arg(long = "upstream-json", hide = true)]
+    upstream_json: Vec<String>,
     /// Opens the admin API on --api (users changed live, docs/users.md), for requests with
     /// `Authorization: Bearer TOKEN`. Without it the admin API is off.
     #[arg(long, value_name = "TOKEN", env = "ANYTLS_ADMIN_TOKEN", hide_env_values = true, help_heading = "Users")]
@@ -415,9 +423,25 @@ fn user_entries(args: &Args) -> Result<Vec<UserEntry>, String> {
     Ok(entries)
 }
 
-fn outbound_policy(args: &Args, own: Vec<std::net::SocketAddr>) -> Result<Policy, String> {
+fn outbound_policy(args: &Args, own: Vec<std::net::SocketAddr>, counters: &RouteCounters) -> Result<Policy, String> {
     let deny = args.deny.iter().map(|range| Cidr::parse(range).map_err(|e| format!("--deny: {e}")));
-    Ok(Policy { own, deny: deny.collect::<Result<_, _>>()?, deny_private: args.deny_private })
+    let routes = Arc::new(routes(args, counters)?);
+    Ok(Policy { own, deny: deny.collect::<Result<_, _>>()?, deny_private: args.deny_private, routes })
+}
+
+/// The `[[route]]` rules, rule-set files read, and the `[[upstream]]`s they name.
+fn routes(args: &Args, counters: &RouteCounters) -> Result<Routes, String> {
+    let specs = args
+        .route_json
+        .iter()
+        .map(|json| serde_json::from_str::<RuleSpec>(json).map_err(|e| format!("[[route]]: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let upstreams = args
+        .upstream_json
+        .iter()
+        .map(|json| serde_json::from_str::<UpstreamSpec>(json).map_err(|e| format!("[[upstream]]: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    compile_with_upstreams(&specs, &upstreams, counters)
 }
 
 /// Everything wrong with the configuration `args` describes, each problem one line naming
@@ -441,7 +465,7 @@ fn problems(args: &Args) -> Vec<String> {
     {
         found.push(format!("--cert/--key: {why}"));
     }
-    if let Err(why) = outbound_policy(args, Vec::new()) {
+    if let Err(why) = outbound_policy(args, Vec::new(), &RouteCounters::default()) {
         found.push(why);
     }
     let mut listeners = vec![];
@@ -520,6 +544,7 @@ fn reload(argv: &[String], context: &ServerContext, certificate: &CertificateSlo
     }
     let entries = user_entries(&args)?;
     let (padding, downlink) = padding_schemes(&args)?;
+    let routes = Arc::new(routes(&args, context.policy.route_counters())?);
     let identity = match (&args.cert, &args.key) {
         (Some(cert), Some(key)) => Some(Identity::from_files(cert, key).map_err(|e| e.to_string())?),
         _ => None,
@@ -535,14 +560,20 @@ fn reload(argv: &[String], context: &ServerContext, certificate: &CertificateSlo
         context.padding.store(Arc::new(padding));
     }
     context.downlink_padding.store(downlink.map(Arc::new));
+    // The started policy (own addresses, --deny) stays; only its routes are the file's anew.
+    let route_count = routes.rules().len();
+    let policy = context.policy.rules();
+    context.policy.replace(Policy { routes, ..(*policy).clone() });
     Ok(format!(
-        "{} users ({} kept, added: {}, removed: {}, {} of the admin API or the panel left alone), certificate {}, {}",
+        "{} users ({} kept, added: {}, removed: {}, {} of the admin API or the panel left alone), certificate {}, \
+         {route_count} route rule{}, {}",
         users.len(),
         summary.kept,
         list_or_none(&summary.added),
         list_or_none(&summary.removed),
         summary.left_alone,
         certificate.fingerprint(),
+        if route_count == 1 { "" } else { "s" },
         describe_padding(context)
     ))
 }
@@ -578,10 +609,12 @@ fn describe_padding(context: &ServerContext) -> String {
 }
 
 /// The flags a reload applies (by clap id); a change to any other needs a restart.
-const RELOADED_FLAGS: [&str; 9] = [
+const RELOADED_FLAGS: [&str; 11] = [
     "config",
     "users",
     "user_json",
+    "route_json",
+    "upstream_json",
     "passwords",
     "password_file",
     "cert",
@@ -783,7 +816,7 @@ async fn run(args: Args, argv: Vec<String>, fds: crate::resources::FdLimit) -> R
     }
     let usage_writer = state.clone().map(|state| tokio::spawn(keep_usage(state, users.clone())));
     let panel_link = panel.take().map(Panel::spawn);
-    let policy = outbound_policy(&args, own)?;
+    let policy = outbound_policy(&args, own, context.policy.route_counters())?;
     log_policy(&policy);
     context.policy.replace(policy);
     reload_on_sighup(argv, context.clone(), certificate.clone())?;
@@ -966,6 +999,25 @@ fn log_policy(policy: &Policy) {
         if deny.is_empty() { String::new() } else { format!(", --deny {}", deny.join(" ")) },
         if policy.deny_private { ", private addresses (--deny-private)" } else { "" }
     );
+    if !policy.routes.is_empty() {
+        let rules: Vec<String> = policy
+            .routes
+            .rules()
+            .iter()
+            .map(|rule| format!("{} ({})", rule.name, policy.routes.action_name(rule.action)))
+            .collect();
+        log::info!("route rules, first match wins, then direct: {}", rules.join(", "));
+    }
+    for upstream in policy.routes.upstreams() {
+        let at = upstream.proxy().map(|proxy| format!(" at {proxy}")).unwrap_or_default();
+        let bind = upstream.bind.as_ref().map(|bind| format!(", bound {bind:?}")).unwrap_or_default();
+        log::info!(
+            "upstream {}: {}{at}{bind}, {:?} to connect",
+            upstream.name,
+            upstream.protocol.label(),
+            upstream.timeout
+        );
+    }
 }
 
 /// Prints (stdout) a client command line and an `anytls://` link for this server. The

@@ -209,9 +209,29 @@ pub struct UsersStats {
     pub auth_failures: u64,
     /// Streams and UDP datagrams refused by the outbound policy, per reason.
     pub policy_refused: std::collections::BTreeMap<&'static str, u64>,
+    /// Destinations each `[[route]]` rule decided (`default`: those none matched).
+    pub route_decisions: Vec<RouteDecisions>,
+    /// Streams each `[[upstream]]` was asked for, and its failures.
+    pub upstreams: Vec<UpstreamStats>,
     /// Sessions of users their plan refused (`quota`, `expired`, `ips`, `sessions`,
     /// `disabled`): on the wire a wrong password, counted here by reason.
     pub plan_refused: std::collections::BTreeMap<&'static str, u64>,
+}
+
+/// One route rule's decisions so far.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RouteDecisions {
+    pub rule: String,
+    pub action: String,
+    pub count: u64,
+}
+
+/// One upstream's streams so far.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UpstreamStats {
+    pub name: String,
+    pub streams: u64,
+    pub failures: u64,
 }
 
 /// The users section of `/metrics`.
@@ -237,6 +257,23 @@ pub fn render_user_metrics(s: &UsersStats, page: &mut Exposition) {
         "anytls_policy_refused_total",
         "Streams and UDP datagrams refused by the outbound policy.",
         s.policy_refused.iter().map(|(reason, count)| (label("reason", reason), *count)),
+    );
+    page.counter(
+        "anytls_route_decisions_total",
+        "Stream and datagram destinations decided by each [[route]] rule (default: none matched, direct).",
+        s.route_decisions
+            .iter()
+            .map(|d| (format!("{},{}", label("rule", &d.rule), label("action", &d.action)), d.count)),
+    );
+    page.counter(
+        "anytls_upstream_streams_total",
+        "Streams sent through each [[upstream]].",
+        s.upstreams.iter().map(|u| (label("upstream", &u.name), u.streams)),
+    );
+    page.counter(
+        "anytls_upstream_failures_total",
+        "Streams an [[upstream]] did not connect (unreachable, refused, timed out, a bad answer).",
+        s.upstreams.iter().map(|u| (label("upstream", &u.name), u.failures)),
     );
     page.counter(
         "anytls_user_refused_total",
@@ -395,6 +432,8 @@ mod tests {
             }],
             auth_failures: 3,
             policy_refused: [("own_address", 2)].into_iter().collect(),
+            route_decisions: vec![RouteDecisions { rule: "ads".into(), action: "block".into(), count: 3 }],
+            upstreams: vec![UpstreamStats { name: "warp".into(), streams: 7, failures: 1 }],
             plan_refused: [("quota", 5)].into_iter().collect(),
         };
         let mut page = Exposition::default();
@@ -403,6 +442,9 @@ mod tests {
         assert!(text.contains("anytls_user_streams_total{user=\"al\\\"ice\"} 4\n"), "{text}");
         assert!(text.contains("anytls_user_bytes_down_total{user=\"al\\\"ice\"} 20\n"), "{text}");
         assert!(text.contains("anytls_policy_refused_total{reason=\"own_address\"} 2\n"), "{text}");
+        assert!(text.contains("anytls_route_decisions_total{rule=\"ads\",action=\"block\"} 3\n"), "{text}");
+        assert!(text.contains("anytls_upstream_streams_total{upstream=\"warp\"} 7\n"), "{text}");
+        assert!(text.contains("anytls_upstream_failures_total{upstream=\"warp\"} 1\n"), "{text}");
         assert!(text.contains("anytls_user_refused_total{reason=\"quota\"} 5\n"), "{text}");
     }
 

@@ -96,10 +96,25 @@ impl MetricsSource for ServerContext {
 
     /// Everyone's counters, this server's wrong passwords and what its policy refused.
     fn users_stats(&self) -> Option<UsersStats> {
+        let routes = self.policy.rules().routes.clone();
         Some(UsersStats {
             users: self.users.report(),
             auth_failures: self.handshakes.auth_failures.load(std::sync::atomic::Ordering::Relaxed),
             policy_refused: Refusal::ALL.iter().map(|r| (r.label(), self.policy.refused(*r))).collect(),
+            route_decisions: routes
+                .counts()
+                .into_iter()
+                .map(|(rule, action, count)| crate::metrics::snapshot::RouteDecisions { rule, action, count })
+                .collect(),
+            upstreams: routes
+                .upstreams()
+                .iter()
+                .map(|upstream| crate::metrics::snapshot::UpstreamStats {
+                    name: upstream.name.clone(),
+                    streams: upstream.counters.streams.load(std::sync::atomic::Ordering::Relaxed),
+                    failures: upstream.counters.failures.load(std::sync::atomic::Ordering::Relaxed),
+                })
+                .collect(),
             plan_refused: crate::server::users::Refusal::ALL
                 .iter()
                 .map(|r| (r.label(), self.users.refused(*r)))

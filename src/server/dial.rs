@@ -23,12 +23,13 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpStream;
+use socket2::SockRef;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::proto::Address;
@@ -89,6 +90,10 @@ pub enum DialError {
     Unresolved(String, ResolveError),
     #[error("dial {0}: {1}")]
     Other(String, io::Error),
+    /// An upstream proxy could not be reached, or answered other than with a connection
+    /// (the text names it and what it said).
+    #[error("dial {0}: {1}")]
+    Upstream(String, String),
 }
 
 /// Why a name gave no addresses. Cloned to every dial that waited on the same lookup.
@@ -125,6 +130,16 @@ impl Dialer {
         destination: &Address,
         names: Option<(&NameCache, &LookupOwner)>,
     ) -> Result<TcpStream, DialError> {
+        self.connect_bound(destination, names, None).await
+    }
+
+    /// As [`Dialer::connect_with`], from a socket bound as `bind` says.
+    pub async fn connect_bound(
+        &self,
+        destination: &Address,
+        names: Option<(&NameCache, &LookupOwner)>,
+        bind: Option<&Bind>,
+    ) -> Result<TcpStream, DialError> {
         let target = destination.to_string();
         let attempt = async {
             let addrs = match (&destination.host, names) {
@@ -133,7 +148,7 @@ impl Dialer {
                 (Host::Domain(name), None) => lookup(name.clone()).await.map(|ips| with_port(&ips, destination.port)),
             }
             .map_err(|err| DialError::Unresolved(target.clone(), err))?;
-            connect_first(&addrs).await.map_err(|err| classify(&target, err))
+            connect_first(&addrs, bind).await.map_err(|err| classify(&target, err))
         };
         let stream = tokio::time::timeout(self.connect_timeout, attempt)
             .await
@@ -144,12 +159,63 @@ impl Dialer {
     }
 }
 
-/// Tries the addresses in the resolver's order, as `TcpStream::connect` does.
+/// How an outbound socket is bound before it connects (an `[[upstream]]` of type
+/// `direct`): a source address, an interface (`SO_BINDTODEVICE`), a firewall mark
+/// (`SO_MARK`, for policy routing). The last two need `CAP_NET_ADMIN` (or root).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Bind {
+    pub address: Option<IpAddr>,
+    pub interface: Option<String>,
+    pub fwmark: Option<u32>,
+}
+
+impl Bind {
+    /// A socket for `target`, bound; `None` when the source address is of the other family.
+    fn socket_for(&self, target: SocketAddr) -> Option<io::Result<TcpSocket>> {
+        if self.address.is_some_and(|source| source.is_ipv4() != target.is_ipv4()) {
+            return None;
+        }
+        let bound = || -> io::Result<TcpSocket> {
+            let socket = if target.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+            if let Some(interface) = &self.interface {
+                socket
+                    .bind_device(Some(interface.as_bytes()))
+                    .map_err(|e| with_context(e, "bind-interface", interface))?;
+            }
+            if let Some(mark) = self.fwmark {
+                SockRef::from(&socket).set_mark(mark).map_err(|e| with_context(e, "fwmark", &mark.to_string()))?;
+            }
+            if let Some(source) = self.address {
+                socket
+                    .bind(SocketAddr::new(source, 0))
+                    .map_err(|e| with_context(e, "bind-address", &source.to_string()))?;
+            }
+            Ok(socket)
+        };
+        Some(bound())
+    }
+}
+
+fn with_context(err: io::Error, key: &str, value: &str) -> io::Error {
+    io::Error::new(err.kind(), format!("{key} {value}: {err}"))
+}
+
+/// Tries the addresses in the resolver's order, as `TcpStream::connect` does (from a
+/// socket bound as `bind` says, skipping addresses of the other family than its source).
 /// `addrs` is never empty: an empty answer is a [`ResolveError::NoAddresses`].
-async fn connect_first(addrs: &[SocketAddr]) -> io::Result<TcpStream> {
+async fn connect_first(addrs: &[SocketAddr], bind: Option<&Bind>) -> io::Result<TcpStream> {
     let mut last = io::Error::new(io::ErrorKind::InvalidInput, "no addresses to dial");
     for addr in addrs {
-        match TcpStream::connect(addr).await {
+        let attempt = match bind.map(|bind| bind.socket_for(*addr)) {
+            None => TcpStream::connect(addr).await,
+            Some(None) => {
+                last = io::Error::new(io::ErrorKind::AddrNotAvailable, format!("{addr}: not of bind-address's family"));
+                continue;
+            }
+            Some(Some(Err(err))) => Err(err),
+            Some(Some(Ok(socket))) => socket.connect(*addr).await,
+        };
+        match attempt {
             Ok(stream) => return Ok(stream),
             Err(err) => last = err,
         }

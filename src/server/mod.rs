@@ -11,9 +11,11 @@ pub mod limits;
 pub mod outbound;
 pub mod outbound_pool;
 pub mod policy;
+pub mod route;
 pub mod state;
 pub mod tls;
 pub mod udp;
+pub mod upstream;
 pub mod users;
 
 use std::net::SocketAddr;

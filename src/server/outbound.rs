@@ -10,7 +10,9 @@ use super::ServerContext;
 use super::access_log::{Network, Outcome, StreamClient, Traffic};
 pub use super::dial::{DialError, Dialer, LookupOwner};
 use super::limits::StreamTicket;
+use super::outbound_pool::Outbound;
 use super::udp::{UdpSettings, serve_udp};
+use super::upstream::Connected;
 use crate::framed::{Framed, ReadError};
 use crate::proto::Address;
 use crate::proto::address::AddressDecoder;
@@ -86,7 +88,7 @@ pub async fn serve_stream(
     // Only built when there is a log to write it to: the data path stays as it was.
     let requested = context.access_log.is_on().then(|| destination.to_string());
     let (outcome, traffic) =
-        serve_tcp(stream, &context, &client.peer, destination, early_payload, synack_deadline, &lookups).await;
+        serve_tcp(stream, &context, &client, destination, early_payload, synack_deadline, &lookups).await;
     context.access_log.record(&client, Network::Tcp, requested.as_deref(), traffic, started, outcome);
 }
 
@@ -95,24 +97,34 @@ pub async fn serve_stream(
 async fn serve_tcp(
     mut stream: Stream,
     context: &ServerContext,
-    peer: &str,
+    client: &StreamClient,
     destination: Address,
     early_payload: BytesMut,
     synack_deadline: tokio::time::Instant,
     lookups: &LookupOwner,
 ) -> (Outcome, Traffic) {
     let nothing = Traffic::default();
+    let peer = client.peer.as_str();
     let pool = &context.pool;
-    let destination = match context.policy.check_destination(destination, pool.names(), lookups).await {
-        Ok(destination) => destination,
+    let checked = match context.policy.check_destination(destination, &client.user, pool.names(), lookups).await {
+        Ok(checked) => checked,
         Err(refusal) => {
             log::warn!("{peer}: stream {}: {refusal}", stream.id());
             let _ = stream.send_synack(Err(refusal.to_string())).await;
             return (Outcome::Refused(refusal.to_string()), nothing);
         }
     };
-    // The pool never refuses: past its per-target limit it dials unpooled.
-    let dial = pool.acquire(&destination, lookups);
+    let destination = checked.destination;
+    // The pool never refuses: past its per-target limit it dials unpooled. A stream
+    // through an upstream is not pooled (see super::upstream).
+    let dial = async {
+        match &checked.upstream {
+            None => pool.acquire(&destination, lookups).await.map(Dialed::Pool),
+            Some(upstream) => {
+                upstream.connect(&destination, pool.dialer(), pool.names(), lookups).await.map(Dialed::Upstream)
+            }
+        }
+    };
     tokio::pin!(dial);
     let answered_early;
     let dialed = tokio::select! {
@@ -126,7 +138,7 @@ async fn serve_tcp(
             dial.await
         }
     };
-    let mut outbound = match dialed {
+    let outbound = match dialed {
         Ok(outbound) => outbound,
         Err(err) => {
             log::warn!("{peer}: {err}");
@@ -139,18 +151,34 @@ async fn serve_tcp(
     if !answered_early && let Err(closed) = stream.send_synack(Ok(())).await {
         return (Outcome::SessionClosed(closed.to_string()), nothing);
     }
+    // What an upstream sent past its answer is the destination's first bytes.
+    let (mut tcp, how, early_down) = match outbound {
+        Dialed::Pool(outbound) => {
+            let how = if outbound.reused { "warm" } else { "new" };
+            (outbound.tcp, how, BytesMut::new())
+        }
+        Dialed::Upstream(connected) => (connected.tcp, "upstream", connected.early),
+    };
+    let early_down_len = early_down.len() as u64;
+    if !early_down.is_empty()
+        && let Err(closed) = stream.write(early_down.freeze()).await
+    {
+        return (Outcome::SessionClosed(closed.to_string()), nothing);
+    }
     if !early_payload.is_empty()
-        && let Err(err) = outbound.tcp.write_all(&early_payload).await
+        && let Err(err) = tcp.write_all(&early_payload).await
     {
         return (Outcome::Error(format!("tcp: {err}")), nothing);
     }
-    let how = if outbound.reused { "warm" } else { "new" };
-    log::debug!("{peer}: stream {} -> {destination} ({how} connection)", stream.id());
+    match &checked.upstream {
+        Some(upstream) => log::debug!("{peer}: stream {} -> {destination} via upstream {}", stream.id(), upstream.name),
+        None => log::debug!("{peer}: stream {} -> {destination} ({how} connection)", stream.id()),
+    }
     // The stream owns the connection until it ends; it is then closed, never pooled.
-    let (stats, error) = relay_to_end(stream, outbound.tcp, &context.relay_buffers).await;
+    let (stats, error) = relay_to_end(stream, tcp, &context.relay_buffers).await;
     // The relay's `sent` went into the stream (down to the client), its `received` came
     // out of it (up to the destination), after the payload the SYN carried.
-    let traffic = Traffic { up: early_payload.len() as u64 + stats.received, down: stats.sent };
+    let traffic = Traffic { up: early_payload.len() as u64 + stats.received, down: early_down_len + stats.sent };
     let outcome = match error {
         None => Outcome::Ok,
         Some(RelayError::Idle(why)) => Outcome::IdleTimeout(why),
@@ -164,6 +192,12 @@ async fn serve_tcp(
         None => log::debug!("{peer}: {destination}: {} bytes up, {} down", traffic.up, traffic.down),
     }
     (outcome, traffic)
+}
+
+/// A stream's outbound connection: from the pool, or through an upstream.
+enum Dialed {
+    Pool(Outbound),
+    Upstream(Connected),
 }
 
 #[cfg(test)]

@@ -30,6 +30,8 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 use super::dial::{LookupOwner, NameCache};
+use super::route::{Action, DEFAULT_RULE, Network, Query, RouteCounters, Routes, domains::canonical};
+use super::upstream::Upstream;
 use crate::proto::Address;
 use crate::proto::address::Host;
 
@@ -87,6 +89,15 @@ impl Cidr {
         Cidr { network, prefix: self.prefix }
     }
 
+    /// The first and last address of the range.
+    pub fn bounds(&self) -> (IpAddr, IpAddr) {
+        let last = match self.network {
+            IpAddr::V4(ip) => IpAddr::V4(Ipv4Addr::from_bits(ip.to_bits() | !mask32(self.prefix))),
+            IpAddr::V6(ip) => IpAddr::V6(Ipv6Addr::from_bits(ip.to_bits() | !mask128(self.prefix))),
+        };
+        (self.network, last)
+    }
+
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.network, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => ip.to_bits() & mask32(self.prefix) == net.to_bits(),
@@ -131,18 +142,29 @@ pub enum Refusal {
     Own,
     Deny,
     Private,
+    /// A `[[route]]` rule with `action = "block"`.
+    Route,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 3] = [Refusal::Own, Refusal::Deny, Refusal::Private];
+    pub const ALL: [Refusal; 4] = [Refusal::Own, Refusal::Deny, Refusal::Private, Refusal::Route];
 
     pub fn label(self) -> &'static str {
         match self {
             Refusal::Own => "own_address",
             Refusal::Deny => "deny",
             Refusal::Private => "private",
+            Refusal::Route => "route",
         }
     }
+}
+
+/// Where a checked TCP stream goes: the destination to ask for (a name pinned to the
+/// address that was checked, where rules look at addresses), directly or through an upstream.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub destination: Address,
+    pub upstream: Option<Arc<Upstream>>,
 }
 
 /// The rules. `Policy::default()` refuses nothing.
@@ -152,11 +174,29 @@ pub struct Policy {
     pub own: Vec<SocketAddr>,
     pub deny: Vec<Cidr>,
     pub deny_private: bool,
+    /// The `[[route]]` rules, applied after the checks above (see [`super::route`]).
+    pub routes: Arc<Routes>,
 }
 
 impl Policy {
     fn is_empty(&self) -> bool {
-        self.own.is_empty() && self.deny.is_empty() && !self.deny_private
+        self.own.is_empty() && self.deny.is_empty() && !self.deny_private && self.routes.is_empty()
+    }
+
+    /// The route rules' decision on a destination that passed the checks above: direct
+    /// (`None`) or the upstream to go through. `shown` names the destination in a
+    /// refusal (built only for one).
+    fn route(&self, query: Query, shown: impl FnOnce() -> String) -> Result<Option<Arc<Upstream>>, (Refusal, String)> {
+        if self.routes.is_empty() {
+            return Ok(None);
+        }
+        let decision = self.routes.decide(&query);
+        let rule = || decision.rule.unwrap_or(DEFAULT_RULE);
+        match decision.action {
+            Action::Direct => Ok(None),
+            Action::Block => Err((Refusal::Route, format!("{} is blocked by route {}", shown(), rule()))),
+            Action::Upstream(index) => Ok(Some(self.routes.upstream(index).clone())),
+        }
     }
 
     /// Whether a name with this port must be resolved to be checked.
@@ -179,36 +219,95 @@ impl Policy {
         Ok(())
     }
 
-    /// Checks a destination: its address, or every address its name resolves to. Returns
-    /// the destination to dial: as given, or (with deny rules) the checked address of a name.
-    /// Names are resolved through `names`, the server's shared cache.
+    /// Checks a destination: its address, or every address its name resolves to, then
+    /// routes it for `user`. Returns the destination to dial: as given, or (with deny rules
+    /// or address routes) the checked address of a name. Names are resolved through
+    /// `names`, the server's shared cache.
     pub async fn check_destination(
         &self,
         destination: Address,
+        user: &str,
         names: &NameCache,
         lookups: &LookupOwner,
-    ) -> Result<Address, (Refusal, String)> {
+    ) -> Result<Checked, (Refusal, String)> {
         let port = destination.port;
+        let query = |name, addresses| Query { name, addresses, port, network: Network::Tcp, user };
+        let checked = |destination, upstream| Checked { destination, upstream };
         let name = match &destination.host {
-            Host::Ip(ip) => return self.check(SocketAddr::new(*ip, port)).map(|()| destination),
+            Host::Ip(ip) => {
+                let target = SocketAddr::new(*ip, port);
+                self.check(target)?;
+                let upstream = self.route(query(None, &[normalise(*ip)]), || show(target))?;
+                return Ok(checked(destination, upstream));
+            }
             Host::Domain(name) => name,
         };
         if let Some(ip) = numeric_host(name) {
-            return self.check(SocketAddr::new(ip, port)).map(|()| Address::socket(SocketAddr::new(ip, port)));
+            let target = SocketAddr::new(ip, port);
+            self.check(target)?;
+            let upstream = self.route(query(None, &[ip]), || show(target))?;
+            return Ok(checked(Address::socket(target), upstream));
         }
-        if !self.needs_addresses(port) {
-            return Ok(destination);
+        // Only routes look at the name: without them a stream allocates nothing here.
+        let routed = !self.routes.is_empty();
+        let canonical_name = routed.then(|| canonical(name));
+        let canonical_name = canonical_name.as_deref();
+        let shown = || format!("{name}:{port}");
+        let by_address = self.routes.needs_addresses();
+        if !self.needs_addresses(port) && !by_address {
+            let upstream = self.route(query(canonical_name, &[]), shown)?;
+            return Ok(checked(destination, upstream));
         }
         let lookup = names.resolve(name, port, lookups);
         // A name that does not resolve is left to the dial, which reports it as usual.
-        let Ok(Ok(found)) = tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await else { return Ok(destination) };
+        let Ok(Ok(found)) = tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await else {
+            let upstream = self.route(query(canonical_name, &[]), shown)?;
+            return Ok(checked(destination, upstream));
+        };
         for address in &found {
             self.check(*address).map_err(|(why, text)| (why, format!("{name}: {text}")))?;
         }
-        let pin = self.deny_private || !self.deny.is_empty();
+        let mut upstream = None;
+        if routed {
+            let addresses: Vec<IpAddr> = found.iter().map(|a| normalise(a.ip())).collect();
+            upstream = self.route(query(canonical_name, &addresses), shown)?;
+        }
+        // Dial what was checked, so a resolver answering otherwise a moment later
+        // (DNS rebinding) cannot slip past a rule on addresses.
+        let pin = self.deny_private || !self.deny.is_empty() || by_address;
         match super::dial::ipv4_first(&found) {
-            Some(address) if pin => Ok(Address::socket(SocketAddr::new(normalise(address.ip()), port))),
-            _ => Ok(destination),
+            Some(address) if pin => {
+                Ok(checked(Address::socket(SocketAddr::new(normalise(address.ip()), port)), upstream))
+            }
+            _ => Ok(checked(destination, upstream)),
+        }
+    }
+
+    /// Checks and routes a UDP datagram's resolved `target` (`name`: the one it was sent to).
+    pub fn check_datagram(&self, target: SocketAddr, name: Option<&str>, user: &str) -> Result<(), (Refusal, String)> {
+        self.check(target)?;
+        if self.routes.is_empty() {
+            return Ok(());
+        }
+        let canonical_name = name.map(canonical);
+        let addresses = [normalise(target.ip())];
+        let query = Query {
+            name: canonical_name.as_deref(),
+            addresses: &addresses,
+            port: target.port(),
+            network: Network::Udp,
+            user,
+        };
+        let shown = || match name {
+            Some(name) => format!("{name}:{}", target.port()),
+            None => show(target),
+        };
+        match self.route(query, shown)? {
+            None => Ok(()),
+            // Upstreams carry TCP streams only (no SOCKS5 UDP ASSOCIATE yet).
+            Some(upstream) => {
+                Err((Refusal::Route, format!("{}: upstream {} carries TCP streams only", shown(), upstream.name)))
+            }
         }
     }
 }
@@ -311,6 +410,7 @@ fn inet_aton_part(part: &str) -> Option<u64> {
 pub struct OutboundPolicy {
     rules: ArcSwap<Policy>,
     refused: [AtomicU64; Refusal::ALL.len()],
+    route_counters: RouteCounters,
 }
 
 impl OutboundPolicy {
@@ -342,26 +442,33 @@ impl OutboundPolicy {
     pub async fn check_destination(
         &self,
         destination: Address,
+        user: &str,
         names: &NameCache,
         lookups: &LookupOwner,
-    ) -> Result<Address, PolicyRefusal> {
+    ) -> Result<Checked, PolicyRefusal> {
         let rules = self.rules();
         if rules.is_empty() {
-            return Ok(destination);
+            return Ok(Checked { destination, upstream: None });
         }
         rules
-            .check_destination(destination, names, lookups)
+            .check_destination(destination, user, names, lookups)
             .await
             .map_err(|(reason, why)| self.counted_refusal(reason, why))
     }
 
-    /// Whether a UDP datagram may go to `target`, an address already resolved.
-    pub fn check_udp(&self, target: SocketAddr) -> Result<(), PolicyRefusal> {
+    /// Whether a UDP datagram of `user` may go to `target`, an address already resolved
+    /// (from `name`, when it was sent to one).
+    pub fn check_udp(&self, target: SocketAddr, name: Option<&str>, user: &str) -> Result<(), PolicyRefusal> {
         let rules = self.rules();
         if rules.is_empty() {
             return Ok(());
         }
-        rules.check(target).map_err(|(reason, why)| self.counted_refusal(reason, why))
+        rules.check_datagram(target, name, user).map_err(|(reason, why)| self.counted_refusal(reason, why))
+    }
+
+    /// The counters route rules keep across reloads (see [`RouteCounters`]).
+    pub fn route_counters(&self) -> &RouteCounters {
+        &self.route_counters
     }
 }
 
@@ -479,17 +586,18 @@ mod tests {
         let policy = Policy { own: vec!["127.0.0.1:9090".parse().unwrap()], ..Policy::default() };
         let names = NameCache::default();
         for name in ["localhost", "2130706433", "0x7f000001", "::ffff:127.0.0.1"] {
-            let refused = policy.check_destination(Address::domain(name, 9090), &names, names.own()).await;
+            let refused = policy.check_destination(Address::domain(name, 9090), "u", &names, names.own()).await;
             assert!(matches!(refused, Err((Refusal::Own, _))), "{name}: {refused:?}");
         }
         // Other ports: names are dialed as names, numeric ones as the address they spell.
         let localhost = Address::domain("localhost", 9091);
-        assert_eq!(policy.check_destination(localhost.clone(), &names, names.own()).await, Ok(localhost));
-        let numeric = policy.check_destination(Address::domain("0x7f000001", 9091), &names, names.own()).await;
-        assert_eq!(numeric, Ok(Address::socket("127.0.0.1:9091".parse().unwrap())));
+        let checked = policy.check_destination(localhost.clone(), "u", &names, names.own()).await;
+        assert_eq!(checked.map(|c| c.destination), Ok(localhost));
+        let numeric = policy.check_destination(Address::domain("0x7f000001", 9091), "u", &names, names.own()).await;
+        assert_eq!(numeric.map(|c| c.destination), Ok(Address::socket("127.0.0.1:9091".parse().unwrap())));
         let deny = Policy { deny: vec![Cidr::parse("127.0.0.0/8").unwrap()], ..Policy::default() };
         assert!(matches!(
-            deny.check_destination(Address::domain("localhost", 1), &names, names.own()).await,
+            deny.check_destination(Address::domain("localhost", 1), "u", &names, names.own()).await,
             Err((Refusal::Deny, _))
         ));
     }
@@ -498,7 +606,8 @@ mod tests {
     async fn with_deny_rules_a_name_is_dialed_at_the_address_that_was_checked() {
         let deny = Policy { deny: vec![Cidr::parse("192.0.2.0/24").unwrap()], ..Policy::default() };
         let names = NameCache::default();
-        let pinned = deny.check_destination(Address::domain("localhost", 80), &names, names.own()).await.unwrap();
+        let checked = deny.check_destination(Address::domain("localhost", 80), "u", &names, names.own()).await;
+        let pinned = checked.unwrap().destination;
         assert!(matches!(pinned.host, Host::Ip(ip) if ip.is_loopback()), "{pinned:?}");
         assert_eq!(pinned.port, 80);
     }
@@ -507,11 +616,40 @@ mod tests {
     async fn checks_resolve_through_the_shared_cache_once_per_name() {
         let deny = Policy { deny: vec![Cidr::parse("192.0.2.0/24").unwrap()], ..Policy::default() };
         let names = NameCache::default();
-        let checks = (0..50).map(|_| deny.check_destination(Address::domain("localhost", 80), &names, names.own()));
+        let checks =
+            (0..50).map(|_| deny.check_destination(Address::domain("localhost", 80), "u", &names, names.own()));
         for checked in futures_util::future::join_all(checks).await {
-            assert!(matches!(checked, Ok(Address { host: Host::Ip(ip), .. }) if ip.is_loopback()), "{checked:?}");
+            let destination = checked.map(|c| c.destination);
+            assert!(
+                matches!(destination, Ok(Address { host: Host::Ip(ip), .. }) if ip.is_loopback()),
+                "{destination:?}"
+            );
         }
-        deny.check_destination(Address::domain("localhost", 443), &names, names.own()).await.unwrap();
+        deny.check_destination(Address::domain("localhost", 443), "u", &names, names.own()).await.unwrap();
         assert_eq!(names.lookups(), 1, "50 concurrent checks and one later, one lookup");
+    }
+
+    #[tokio::test]
+    async fn a_rule_naming_an_upstream_hands_it_over_for_streams_and_refuses_datagrams() {
+        use crate::server::route::spec::{RuleSpec, UpstreamSpec, compile_with_upstreams};
+        let upstream: UpstreamSpec =
+            serde_json::from_str(r#"{"name": "warp", "type": "socks5", "address": "127.0.0.1:40000"}"#).unwrap();
+        let rule: RuleSpec =
+            serde_json::from_str(r#"{"domain-suffix": "example.com", "action": "upstream:warp"}"#).unwrap();
+        let routes = compile_with_upstreams(&[rule], &[upstream], &RouteCounters::default()).unwrap();
+        let policy = Policy { routes: Arc::new(routes), ..Policy::default() };
+        let names = NameCache::default();
+        let via = policy.check_destination(Address::domain("www.example.com", 443), "u", &names, names.own()).await;
+        let via = via.unwrap();
+        assert_eq!(via.upstream.map(|u| u.name.clone()).as_deref(), Some("warp"));
+        assert_eq!(via.destination, Address::domain("www.example.com", 443), "the upstream resolves the name");
+        let direct = policy.check_destination(Address::domain("example.org", 443), "u", &names, names.own()).await;
+        assert!(direct.unwrap().upstream.is_none());
+        let datagram = policy.check_datagram("192.0.2.1:443".parse().unwrap(), Some("a.example.com"), "u");
+        assert!(
+            matches!(&datagram, Err((Refusal::Route, why)) if why.contains("upstream warp carries TCP streams only")),
+            "{datagram:?}"
+        );
+        assert_eq!(names.lookups(), 0, "no rule looks at addresses: nothing resolved");
     }
 }

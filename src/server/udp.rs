@@ -76,7 +76,7 @@ pub async fn serve_udp(
 ) {
     let started = std::time::Instant::now();
     let access_log = context.clone();
-    let (destination, outcome, traffic) = relay_udp(stream, early, settings, &client.peer, context, lookups).await;
+    let (destination, outcome, traffic) = relay_udp(stream, early, settings, &client, context, lookups).await;
     access_log.access_log.record(&client, Network::Udp, destination.as_deref(), traffic, started, outcome);
 }
 
@@ -86,16 +86,17 @@ async fn relay_udp(
     stream: Stream,
     early: BytesMut,
     settings: UdpSettings,
-    peer: &str,
+    client: &StreamClient,
     context: Arc<ServerContext>,
     lookups: LookupOwner,
 ) -> (Option<String>, Outcome, Traffic) {
+    let peer = client.peer.as_str();
     let id = stream.id();
     let nothing = Traffic::default();
     let (mut reader, mut writer) = stream.split();
     // The setup borrows the reader only until it is done.
     let (mut outbound, buf) = {
-        let setup = set_up(&mut reader, early, context, lookups);
+        let setup = set_up(&mut reader, early, context, lookups, client.user.clone());
         tokio::pin!(setup);
         let in_budget = tokio::select! {
             ready = &mut setup => Some(ready),
@@ -202,6 +203,7 @@ async fn set_up(
     buf: BytesMut,
     context: Arc<ServerContext>,
     lookups: LookupOwner,
+    user: Arc<str>,
 ) -> Result<(Outbound, BytesMut), UdpError> {
     let mut framed = Framed::with_buffer(RequestDecoder, buf, MAX_REQUEST_LEN);
     let request = match framed.next(stream).await {
@@ -211,7 +213,7 @@ async fn set_up(
         Err(err) => return Err(UdpError::BadStream(err.to_string())),
     };
     let buf = framed.into_buffer();
-    let outbound = Outbound::open(request, context, lookups).await?;
+    let outbound = Outbound::open(request, context, lookups, user).await?;
     Ok((outbound, buf))
 }
 
@@ -304,6 +306,8 @@ struct Outbound {
     /// The server's: its name cache and its outbound policy.
     context: Arc<ServerContext>,
     lookups: LookupOwner,
+    /// The stream's user, for route rules that name users.
+    user: Arc<str>,
     idle: Arc<Activity>,
     up: u64,
     /// Payload bytes of the datagrams counted in `up`.
@@ -314,7 +318,12 @@ struct Outbound {
 
 impl Outbound {
     /// Binds the socket the stream needs first, so a failure can still be refused.
-    async fn open(request: Request, context: Arc<ServerContext>, lookups: LookupOwner) -> Result<Outbound, UdpError> {
+    async fn open(
+        request: Request,
+        context: Arc<ServerContext>,
+        lookups: LookupOwner,
+        user: Arc<str>,
+    ) -> Result<Outbound, UdpError> {
         let (replies, queue) = mpsc::channel(PACKET_QUEUE);
         let mut outbound = Outbound {
             framing: request.framing,
@@ -327,6 +336,7 @@ impl Outbound {
             resolved: HashMap::new(),
             context,
             lookups,
+            user,
             idle: Arc::new(Activity::new()),
             up: 0,
             up_bytes: 0,
@@ -385,7 +395,11 @@ impl Outbound {
     /// common case for services that listen on one family only).
     async fn resolve(&mut self, address: &Address) -> Result<IpAddr, UdpError> {
         let ip = self.lookup(address).await?;
-        self.context.policy.check_udp(SocketAddr::new(ip, address.port))?;
+        let name = match &address.host {
+            Host::Domain(name) => Some(name.as_str()),
+            Host::Ip(_) => None,
+        };
+        self.context.policy.check_udp(SocketAddr::new(ip, address.port), name, &self.user)?;
         Ok(ip)
     }
 

@@ -303,6 +303,11 @@ impl OutboundPool {
 
     /// The server's one name cache: the pool's dials, the outbound policy's checks and UDP
     /// streams all resolve through it, so every lookup is shared and counted.
+    /// How the pool dials (timeouts, keepalive), for dials made beside it.
+    pub fn dialer(&self) -> &Dialer {
+        &self.inner.dialer
+    }
+
     pub fn names(&self) -> &Arc<NameCache> {
         &self.inner.names
     }
