@@ -240,10 +240,24 @@ async fn the_image_runs_the_compose_example_with_its_site_health_link_reload_and
         let up = engine.compose(&["up", "-d"], &publish);
         assert!(up.status.success(), "up: {}", String::from_utf8_lossy(&up.stderr));
         let container = engine.server_container();
-        until(Duration::from_secs(30), "the HEALTHCHECK passes", || {
-            engine.run("podman", &["healthcheck", "run", &container], &[], false).status.success()
-        })
-        .await;
+        // On a timeout, what the check, compose and the containers said.
+        let started = Instant::now();
+        loop {
+            let check = engine.run("podman", &["healthcheck", "run", &container], &[], false);
+            if check.status.success() {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the HEALTHCHECK passes: not within 30 s; last: {}{}\nup: {}\n{}\n{}",
+                String::from_utf8_lossy(&check.stdout),
+                String::from_utf8_lossy(&check.stderr),
+                String::from_utf8_lossy(&up.stderr),
+                engine.podman(&["ps", "-a"]),
+                engine.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
         let pid = engine.podman(&["inspect", "--format", "{{.State.Pid}}", &container]).trim().to_string();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the server's process");
         let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or_default().to_string();
