@@ -343,7 +343,11 @@ fn outbound_refill(c: &mut Criterion) {
                 max_lifetime: Duration::from_secs(3600),
                 warm_after: Duration::ZERO,
             };
-            let dialer = Dialer { connect_timeout: Duration::from_secs(5), keepalive: Default::default() };
+            let dialer = Dialer {
+                connect_timeout: Duration::from_secs(5),
+                keepalive: Default::default(),
+                strategy: Default::default(),
+            };
             let pool = OutboundPool::new(settings, dialer);
             let targets: Vec<Address> = (1..=count)
                 .map(|i| Address::socket(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, i)), port)))

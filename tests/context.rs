@@ -31,7 +31,7 @@ async fn start(rules: Policy) -> (std::net::SocketAddr, Arc<ServerContext>) {
     let users = Users::new(UserEntry::unnamed(vec![PasswordHash::of(PASSWORD)])).unwrap();
     let context = Arc::new(ServerContext::from_config(&config, Arc::new(users)).with_policy(rules));
     let limits = ServerLimits::default();
-    tokio::spawn(server::serve(listener, config, context.clone(), limits, std::future::pending()));
+    tokio::spawn(server::serve(vec![listener], config, context.clone(), limits, std::future::pending()));
     (addr, context)
 }
 

@@ -403,3 +403,30 @@ action = "upstream:second-address"
     })
     .await
 }
+
+/// `--dns-strategy`: `ipv6-only` refuses a name with IPv4 addresses only (or dials its
+/// IPv6 one, where the echo is not), `ipv4-only` and `prefer-ipv6` reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dns_strategy_chooses_which_family_a_name_is_dialed_on() {
+    bounded(LIMIT, "dns strategy", async {
+        let echo = spawn_echo().await;
+        for (strategy, reaches) in [("ipv6-only", false), ("ipv4-only", true), ("prefer-ipv6", true)] {
+            let server = start_server("dns-pw", &["--dns-strategy", strategy]).await;
+            let pin = server.fingerprint.clone().expect("a self-signed pin");
+            let client = start_client(server.addr, "dns-pw", &["--pin-sha256", pin.as_str()]).await;
+            assert_eq!(
+                echoes(client.addr, "localhost", echo.port()).await,
+                reaches,
+                "{strategy}: {}",
+                server.process.log()
+            );
+            // An address is dialed as given, whatever the strategy.
+            assert!(echoes(client.addr, "127.0.0.1", echo.port()).await, "{strategy}");
+            if !reaches {
+                let log = server.process.log();
+                assert!(log.contains("no IPv6 address (--dns-strategy ipv6-only)") || log.contains("[::1]"), "{log}");
+            }
+        }
+    })
+    .await
+}

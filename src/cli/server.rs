@@ -20,6 +20,7 @@ use crate::proto::{Address, PaddingScheme, PasswordHash};
 use crate::resources::ServerCaps;
 use crate::server::access_log::{AccessLog, AccessLogSettings};
 use crate::server::auth_callback::{AuthCallback, CallbackSettings};
+use crate::server::dial::DnsStrategy;
 use crate::server::fallback::{FallbackSettings, ProbeSettings};
 use crate::server::limits::ServerLimits;
 use crate::server::outbound_pool::OutboundSettings;
@@ -47,10 +48,10 @@ use crate::session::buffers::BufferPoolMode;
                   one TLS handshake with the listen address (a container's HEALTHCHECK): exit 0 if answered"
 )]
 struct Args {
-    /// Address to listen on [default: 0.0.0.0:8443, or with --panel 0.0.0.0:<the panel's
-    /// server_port>].
+    /// Address to listen on; repeat for several (`-l 0.0.0.0:8443 -l [::]:8443`)
+    /// [default: 0.0.0.0:8443, or with --panel 0.0.0.0:<the panel's server_port>].
     #[arg(short = 'l', long = "listen", value_name = "ADDR", help_heading = "Listening and TLS")]
-    listen: Option<String>,
+    listen: Vec<String>,
     /// Password of an unnamed user; repeat for several. Visible in `ps`: prefer
     /// ANYTLS_PASSWORD, --password-file, or users in --config.
     #[arg(
@@ -79,6 +80,12 @@ struct Args {
     /// Timeout for each outbound connection, in seconds.
     #[arg(long, default_value_t = 5, value_name = "SECS", help_heading = "Outbound connections")]
     connect_timeout_secs: u64,
+    /// Which addresses of a destination name are dialed: `system` (the resolver's order,
+    /// one after another), `prefer-ipv4` / `prefer-ipv6` (both families, raced as Happy
+    /// Eyeballs, RFC 8305), `ipv4-only`, `ipv6-only`.
+    #[arg(long, default_value = "system", value_name = "STRATEGY", value_parser = DnsStrategy::NAMES,
+          help_heading = "Outbound connections")]
+    dns_strategy: String,
     /// Time a client has to finish TLS and authenticate, in seconds.
     #[arg(long, default_value_t = 10, value_name = "SECS", help_heading = "Listening and TLS")]
     handshake_timeout_secs: u64,
@@ -274,6 +281,12 @@ struct Args {
     /// at least 16].
     #[arg(long)]
     max_handshakes_per_source: Option<usize>,
+    /// Connections from this range (repeatable) start with a PROXY protocol header (v1 or
+    /// v2, as HAProxy's send-proxy or nginx's proxy_protocol send), whose client address
+    /// is then the client's: for per-source shares, users' addresses and the logs. Others
+    /// are served as usual. Only a balancer's own address belongs here.
+    #[arg(long, value_name = "CIDR")]
+    proxy_protocol_from: Vec<String>,
     /// Relays to the --fallback site at once; one more is closed silently.
     #[arg(long, default_value_t = 1024, requires = "fallback")]
     max_fallback_connections: usize,
@@ -429,6 +442,11 @@ fn outbound_policy(args: &Args, own: Vec<std::net::SocketAddr>, counters: &Route
     Ok(Policy { own, deny: deny.collect::<Result<_, _>>()?, deny_private: args.deny_private, routes })
 }
 
+fn proxy_protocol_sources(args: &Args) -> Result<Vec<Cidr>, String> {
+    let ranges = args.proxy_protocol_from.iter();
+    ranges.map(|range| Cidr::parse(range).map_err(|e| format!("--proxy-protocol-from: {e}"))).collect()
+}
+
 /// The `[[route]]` rules, rule-set files read, and the `[[upstream]]`s they name.
 fn routes(args: &Args, counters: &RouteCounters) -> Result<Routes, String> {
     let specs = args
@@ -468,8 +486,11 @@ fn problems(args: &Args) -> Vec<String> {
     if let Err(why) = outbound_policy(args, Vec::new(), &RouteCounters::default()) {
         found.push(why);
     }
+    if let Err(why) = proxy_protocol_sources(args) {
+        found.push(why);
+    }
     let mut listeners = vec![];
-    if let Some(listen) = &args.listen {
+    for listen in &args.listen {
         listeners.push(("--listen", crate::accept::listen_address(listen, "0.0.0.0")));
     }
     if let Some(api) = &args.api {
@@ -480,11 +501,14 @@ fn problems(args: &Args) -> Vec<String> {
             found.push(format!("{flag}: {address:?} is not HOST:PORT"));
         }
     }
-    if let [(_, a), (_, b)] = listeners.as_slice()
-        && a == b
-        && !a.ends_with(":0")
-    {
-        found.push(format!("--listen and --api are both {a}: they need ports of their own"));
+    for (i, (flag_a, a)) in listeners.iter().enumerate() {
+        for (flag_b, b) in &listeners[i + 1..] {
+            if a == b && !a.ends_with(":0") {
+                let flags =
+                    if flag_a == flag_b { format!("{flag_a} is given") } else { format!("{flag_a} and {flag_b} are") };
+                found.push(format!("{flags} {a} twice: each listener needs an address of its own"));
+            }
+        }
     }
     if let Some(target) = &args.fallback
         && Address::parse_host_port(target).is_none()
@@ -519,14 +543,20 @@ fn check_command(mut argv: Vec<String>) -> ExitCode {
     crate::cli::check_report("anytls-server", args.config.as_deref(), &problems(&args))
 }
 
+/// The first `--listen` address (the default's without one), for the commands that name
+/// the server: `health`, `link`.
+fn first_listen_address(args: &Args) -> Result<std::net::SocketAddr, String> {
+    let listen = args.listen.first().map(String::as_str).unwrap_or("0.0.0.0:8443");
+    let listen = crate::accept::listen_address(listen, "0.0.0.0");
+    listen.parse().map_err(|_| format!("--listen {listen:?} is not an address:port"))
+}
+
 /// `health`: one TLS handshake with the listen address the flags (or `--config`) give,
 /// as a container's HEALTHCHECK runs it; exit 0 when the server answered.
 fn health_command(mut argv: Vec<String>) -> Result<(), String> {
     argv.remove(1);
     let args = reread_args(&argv)?;
-    let listen = crate::accept::listen_address(args.listen.as_deref().unwrap_or("0.0.0.0:8443"), "0.0.0.0");
-    let bound: std::net::SocketAddr =
-        listen.parse().map_err(|_| format!("--listen {listen:?} is not an address:port"))?;
+    let bound = first_listen_address(&args)?;
     let addr = crate::cli::health::probe_address(bound);
     let took =
         crate::cli::health::probe(addr, crate::cli::health::PROBE_TIMEOUT).map_err(|why| format!("{addr}: {why}"))?;
@@ -749,6 +779,7 @@ async fn run(args: Args, argv: Vec<String>, fds: crate::resources::FdLimit) -> R
         padding,
         downlink_padding,
         connect_timeout: Duration::from_secs(args.connect_timeout_secs),
+        dns_strategy: DnsStrategy::parse(&args.dns_strategy).expect("clap checked the name"),
         handshake_timeout: Duration::from_secs(args.handshake_timeout_secs),
         max_handshakes,
         probe: ProbeSettings { fallback, max_handshakes_per_source: args.max_handshakes_per_source },
@@ -758,7 +789,15 @@ async fn run(args: Args, argv: Vec<String>, fds: crate::resources::FdLimit) -> R
         stats_interval: Duration::from_secs(args.stats_interval_secs),
         udp: UdpSettings { idle_timeout: Duration::from_secs(args.udp_idle_timeout_secs.max(1)) },
         keepalive: args.keepalive.keepalive(),
+        proxy_protocol_from: proxy_protocol_sources(&args)?,
     };
+    if config.dns_strategy != DnsStrategy::System {
+        log::info!("destination names are dialed by --dns-strategy {}", config.dns_strategy.name());
+    }
+    if !config.proxy_protocol_from.is_empty() {
+        let ranges: Vec<String> = config.proxy_protocol_from.iter().map(ToString::to_string).collect();
+        log::info!("connections from {} start with a PROXY protocol header (--proxy-protocol-from)", ranges.join(" "));
+    }
 
     let limits = server_limits(&args, &caps, max_sessions, max_streams, buffers);
     let callback = match &args.auth_url {
@@ -798,15 +837,27 @@ async fn run(args: Args, argv: Vec<String>, fds: crate::resources::FdLimit) -> R
         }
         None => None,
     };
-    let listen = match (&args.listen, panel.as_ref().and_then(|p| p.node_config().server_port)) {
-        (Some(listen), _) => listen.clone(),
-        (None, Some(port)) => format!("0.0.0.0:{port}"),
-        (None, None) => "0.0.0.0:8443".to_string(),
+    let listen = match (args.listen.as_slice(), panel.as_ref().and_then(|p| p.node_config().server_port)) {
+        ([], Some(port)) => vec![format!("0.0.0.0:{port}")],
+        ([], None) => vec!["0.0.0.0:8443".to_string()],
+        (listen, _) => listen.to_vec(),
     };
-    let listen = crate::accept::listen_address(&listen, "0.0.0.0");
-    let listener = crate::accept::listen(&listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    let bound = listener.local_addr().map_err(|e| e.to_string())?;
-    let mut own = vec![bound];
+    let mut listeners = Vec::with_capacity(listen.len());
+    for listen in &listen {
+        let listen = crate::accept::listen_address(listen, "0.0.0.0");
+        // With several addresses `[::]` is IPv6 only, so that 0.0.0.0 on its port can bind too.
+        let listener = crate::accept::listen_with(&listen, args.listen.len() > 1)
+            .await
+            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        listeners.push(listener);
+    }
+    let bound_all = listeners
+        .iter()
+        .map(|listener| listener.local_addr())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let bound = bound_all[0];
+    let mut own = bound_all.clone();
     if let Some(api) = &args.api {
         let settings = api_settings(&args);
         let admin = Arc::new(UserAdmin::new(users.clone(), state.clone()));
@@ -827,12 +878,15 @@ async fn run(args: Args, argv: Vec<String>, fds: crate::resources::FdLimit) -> R
         if users.len() == 1 { "" } else { "s" },
         some_names(&users.names())
     );
+    for also in &bound_all[1..] {
+        log::info!("also listening on {also}");
+    }
     print_client_command(bound, &args, self_signed.then(|| certificate.fingerprint()));
     let shutdown = async {
         let signal = crate::shutdown::signal().await;
         log::info!("{signal} received");
     };
-    server::serve(listener, config, context, limits, shutdown).await;
+    server::serve(listeners, config, context, limits, shutdown).await;
     if let Some(link) = panel_link {
         // The link pushes what is left once more, then stops (at most one call's deadline).
         link.stop().await;
@@ -1094,9 +1148,7 @@ fn print_user_link(argv: Vec<String>) -> Result<(), String> {
     };
     let password =
         entry.password.clone().ok_or_else(|| format!("user {user:?} has no password this command can show"))?;
-    let listen = crate::accept::listen_address(args.listen.as_deref().unwrap_or("0.0.0.0:8443"), "0.0.0.0");
-    let bound: std::net::SocketAddr =
-        listen.parse().map_err(|_| format!("--listen {listen:?} is not an address:port"))?;
+    let bound = first_listen_address(&args)?;
     let server = match host {
         Some(host) => link_server(&host, bound.port()),
         None => std::net::SocketAddr::new(client_facing_ip(bound.ip()), bound.port()).to_string(),

@@ -29,6 +29,9 @@ pub struct HandshakeCounters {
     /// Passwords the auth callback (`--auth-url`) could not judge: a timeout, an error,
     /// garbage, or too many calls in flight (each refused).
     pub auth_callback_failures: AtomicU64,
+    /// Connections from a `--proxy-protocol-from` source without a valid PROXY protocol
+    /// header in time (closed).
+    pub proxy_header_errors: AtomicU64,
 }
 
 impl HandshakeCounters {
@@ -68,6 +71,11 @@ impl HandshakeCounters {
             "anytls_auth_callback_failures_total",
             "Passwords the --auth-url callback could not judge (timeout, error, garbage, busy): refused.",
             [(String::new(), load(&self.auth_callback_failures))],
+        );
+        page.counter(
+            "anytls_proxy_protocol_errors_total",
+            "Connections from a --proxy-protocol-from source without a valid PROXY protocol header in time: closed.",
+            [(String::new(), load(&self.proxy_header_errors))],
         );
     }
 }

@@ -60,7 +60,11 @@ impl ServerContext {
 
     /// As [`ServerContext::new`], with the outbound pool `config` asks for.
     pub fn from_config(config: &ServerConfig, users: Arc<Users>) -> ServerContext {
-        let dialer = Dialer { connect_timeout: config.connect_timeout, keepalive: config.keepalive };
+        let dialer = Dialer {
+            connect_timeout: config.connect_timeout,
+            keepalive: config.keepalive,
+            strategy: config.dns_strategy,
+        };
         let context = ServerContext::new(users, OutboundPool::new(config.outbound.clone(), dialer));
         context.padding.store(Arc::new(config.padding.clone()));
         context.downlink_padding.store(config.downlink_padding.clone().map(Arc::new));

@@ -105,6 +105,9 @@ pub enum ResolveError {
     /// The resolver answered with no addresses.
     #[error("no addresses")]
     NoAddresses,
+    /// The resolver answered with addresses of the other family only.
+    #[error("no {0} address (--dns-strategy {1})")]
+    NoneOfFamily(&'static str, &'static str),
     /// The lookup task ended without an answer (the runtime is shutting down).
     #[error("lookup abandoned")]
     Abandoned,
@@ -115,7 +118,93 @@ pub enum ResolveError {
 pub struct Dialer {
     pub connect_timeout: Duration,
     pub keepalive: crate::keepalive::Keepalive,
+    /// Which of a name's addresses are dialed, in which order.
+    pub strategy: DnsStrategy,
 }
+
+/// Which addresses of a name are used, in which order (`--dns-strategy`). Addresses a
+/// client gives as addresses are dialed as given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DnsStrategy {
+    /// The resolver's order, tried one after another; where one address is used (a
+    /// checked dial, a UDP peer), IPv4 first.
+    #[default]
+    System,
+    /// Both families, IPv4 first, raced as RFC 8305 (Happy Eyeballs) says.
+    PreferIpv4,
+    /// Both families, IPv6 first, raced.
+    PreferIpv6,
+    Ipv4Only,
+    Ipv6Only,
+}
+
+impl DnsStrategy {
+    pub const NAMES: [&'static str; 5] = ["system", "prefer-ipv4", "prefer-ipv6", "ipv4-only", "ipv6-only"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DnsStrategy::System => "system",
+            DnsStrategy::PreferIpv4 => "prefer-ipv4",
+            DnsStrategy::PreferIpv6 => "prefer-ipv6",
+            DnsStrategy::Ipv4Only => "ipv4-only",
+            DnsStrategy::Ipv6Only => "ipv6-only",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<DnsStrategy> {
+        [Self::System, Self::PreferIpv4, Self::PreferIpv6, Self::Ipv4Only, Self::Ipv6Only]
+            .into_iter()
+            .find(|strategy| strategy.name() == text)
+    }
+
+    /// The addresses to try, in order: the other family dropped (`*-only`), or the
+    /// families interleaved from the preferred one (`prefer-*`, RFC 8305 §4), each in the
+    /// resolver's order.
+    pub fn arrange(self, addrs: &[SocketAddr]) -> Vec<SocketAddr> {
+        let (v4, v6): (Vec<SocketAddr>, Vec<SocketAddr>) = addrs.iter().partition(|addr| addr.is_ipv4());
+        let (first, second) = match self {
+            DnsStrategy::System => return addrs.to_vec(),
+            DnsStrategy::Ipv4Only => return v4,
+            DnsStrategy::Ipv6Only => return v6,
+            DnsStrategy::PreferIpv4 => (v4, v6),
+            DnsStrategy::PreferIpv6 => (v6, v4),
+        };
+        let mut out = Vec::with_capacity(addrs.len());
+        let (mut first, mut second) = (first.into_iter(), second.into_iter());
+        loop {
+            match (first.next(), second.next()) {
+                (None, None) => return out,
+                (a, b) => out.extend(a.into_iter().chain(b)),
+            }
+        }
+    }
+
+    /// The one address to use where one is (a checked dial, a UDP peer).
+    pub fn pick(self, addrs: &[SocketAddr]) -> Option<SocketAddr> {
+        match self {
+            DnsStrategy::System => ipv4_first(addrs),
+            _ => self.arrange(addrs).first().copied(),
+        }
+    }
+
+    /// Whether dials race the families (Happy Eyeballs).
+    fn races(self) -> bool {
+        matches!(self, DnsStrategy::PreferIpv4 | DnsStrategy::PreferIpv6)
+    }
+
+    /// The family a `*-only` strategy keeps, for its error.
+    fn family(self) -> &'static str {
+        match self {
+            DnsStrategy::Ipv4Only => "IPv4",
+            DnsStrategy::Ipv6Only => "IPv6",
+            _ => "usable",
+        }
+    }
+}
+
+/// RFC 8305's Connection Attempt Delay: the next address is tried this long after the
+/// one before it started, or at once when that one failed.
+pub const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
 
 impl Dialer {
     /// Connects to `destination`, resolving a name through the system resolver each time.
@@ -142,13 +231,33 @@ impl Dialer {
     ) -> Result<TcpStream, DialError> {
         let target = destination.to_string();
         let attempt = async {
-            let addrs = match (&destination.host, names) {
-                (Host::Ip(ip), _) => Ok(vec![SocketAddr::new(*ip, destination.port)]),
+            let resolved = match (&destination.host, names) {
+                (Host::Ip(ip), _) => {
+                    let addr = SocketAddr::new(*ip, destination.port);
+                    return connect_first(&[addr], bind).await.map_err(Dialing::Io);
+                }
                 (Host::Domain(name), Some((names, owner))) => names.resolve(name, destination.port, owner).await,
                 (Host::Domain(name), None) => lookup(name.clone()).await.map(|ips| with_port(&ips, destination.port)),
+            };
+            let resolved = resolved.map_err(|err| Dialing::Unresolved(DialError::Unresolved(target.clone(), err)))?;
+            let addrs = self.strategy.arrange(&resolved);
+            if addrs.is_empty() {
+                let none = ResolveError::NoneOfFamily(self.strategy.family(), self.strategy.name());
+                return Err(Dialing::Unresolved(DialError::Unresolved(target.clone(), none)));
             }
-            .map_err(|err| DialError::Unresolved(target.clone(), err))?;
-            connect_first(&addrs, bind).await.map_err(|err| classify(&target, err))
+            let both_families = addrs.iter().any(SocketAddr::is_ipv4) && addrs.iter().any(SocketAddr::is_ipv6);
+            let connected = if self.strategy.races() && both_families {
+                connect_racing(&addrs, bind, ATTEMPT_DELAY).await
+            } else {
+                connect_first(&addrs, bind).await
+            };
+            connected.map_err(Dialing::Io)
+        };
+        let attempt = async {
+            attempt.await.map_err(|failed| match failed {
+                Dialing::Unresolved(err) => err,
+                Dialing::Io(err) => classify(&target, err),
+            })
         };
         let stream = tokio::time::timeout(self.connect_timeout, attempt)
             .await
@@ -193,6 +302,43 @@ impl Bind {
             Ok(socket)
         };
         Some(bound())
+    }
+}
+
+/// How a dial failed before it is worded: at the name, or at the connect.
+enum Dialing {
+    Unresolved(DialError),
+    Io(io::Error),
+}
+
+/// Happy Eyeballs (RFC 8305 §5): the addresses in order, each started [`ATTEMPT_DELAY`]
+/// after the one before it or as soon as it failed, the first to connect kept and the
+/// others dropped (closed). So an address that swallows SYNs (a broken IPv6 route) costs
+/// a quarter second, not the connect timeout.
+async fn connect_racing(addrs: &[SocketAddr], bind: Option<&Bind>, delay: Duration) -> io::Result<TcpStream> {
+    let mut attempts = tokio::task::JoinSet::new();
+    let mut started = 0;
+    let mut last = io::Error::new(io::ErrorKind::InvalidInput, "no addresses to dial");
+    // Each turn starts the next address: the first, then after a failure or the delay.
+    loop {
+        if let Some(&addr) = addrs.get(started) {
+            started += 1;
+            let bind = bind.cloned();
+            attempts.spawn(async move { connect_first(&[addr], bind.as_ref()).await });
+        }
+        if attempts.is_empty() {
+            return Err(last);
+        }
+        let more = started < addrs.len();
+        tokio::select! {
+            joined = attempts.join_next() => match joined.expect("attempts is not empty") {
+                // Dropping the set aborts the attempts still going.
+                Ok(Ok(stream)) => return Ok(stream),
+                Ok(Err(err)) => last = err,
+                Err(join) => last = io::Error::other(join.to_string()),
+            },
+            () = tokio::time::sleep(delay), if more => {}
+        }
     }
 }
 
@@ -288,6 +434,8 @@ pub struct NameCache {
     in_flight: Arc<Semaphore>,
     /// The server's own lookups (warm connections), bounded as one user's session.
     own: LookupOwner,
+    /// Which address of a name is used where one is (see [`DnsStrategy::pick`]).
+    strategy: DnsStrategy,
 }
 
 impl Default for NameCache {
@@ -305,7 +453,17 @@ impl NameCache {
             max_names,
             in_flight: Arc::new(Semaphore::new(MAX_LOOKUPS)),
             own: LookupOwner::session_of(&LookupOwner::user_bound()),
+            strategy: DnsStrategy::System,
         }
+    }
+
+    /// A cache whose users pick addresses by `strategy`.
+    pub fn with_strategy(strategy: DnsStrategy) -> Self {
+        NameCache { strategy, ..Self::default() }
+    }
+
+    pub fn strategy(&self) -> DnsStrategy {
+        self.strategy
     }
 
     /// The owner of the server's own lookups (warm-up and refills, tests).
@@ -415,12 +573,80 @@ mod tests {
         lock(&names.slots).len()
     }
 
+    fn addrs(list: &[&str]) -> Vec<SocketAddr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn strategies_filter_and_interleave_the_families() {
+        let found = addrs(&["[2001:db8::1]:80", "[2001:db8::2]:80", "192.0.2.1:80", "192.0.2.2:80", "192.0.2.3:80"]);
+        assert_eq!(DnsStrategy::System.arrange(&found), found);
+        assert_eq!(DnsStrategy::Ipv4Only.arrange(&found), addrs(&["192.0.2.1:80", "192.0.2.2:80", "192.0.2.3:80"]));
+        assert_eq!(DnsStrategy::Ipv6Only.arrange(&found), addrs(&["[2001:db8::1]:80", "[2001:db8::2]:80"]));
+        let v4_first = addrs(&["192.0.2.1:80", "[2001:db8::1]:80", "192.0.2.2:80", "[2001:db8::2]:80", "192.0.2.3:80"]);
+        assert_eq!(DnsStrategy::PreferIpv4.arrange(&found), v4_first);
+        let v6_first = addrs(&["[2001:db8::1]:80", "192.0.2.1:80", "[2001:db8::2]:80", "192.0.2.2:80", "192.0.2.3:80"]);
+        assert_eq!(DnsStrategy::PreferIpv6.arrange(&found), v6_first);
+        assert_eq!(DnsStrategy::System.pick(&found), Some("192.0.2.1:80".parse().unwrap()), "IPv4 first, as before");
+        assert_eq!(DnsStrategy::PreferIpv6.pick(&found), Some("[2001:db8::1]:80".parse().unwrap()));
+        assert_eq!(DnsStrategy::Ipv6Only.pick(&addrs(&["192.0.2.1:80"])), None);
+        for name in DnsStrategy::NAMES {
+            assert_eq!(DnsStrategy::parse(name).map(DnsStrategy::name), Some(name));
+        }
+        assert_eq!(DnsStrategy::parse("ipv6_first"), None);
+    }
+
+    /// A listener on `[::1]` whose accept queue is full and never drained: further SYNs
+    /// are dropped, as on a route that swallows them.
+    async fn swallowing_ipv6() -> Option<(SocketAddr, Vec<TcpStream>)> {
+        let socket = TcpSocket::new_v6().ok()?;
+        socket.bind("[::1]:0".parse().unwrap()).ok()?;
+        let listener = socket.listen(0).ok()?;
+        let addr = listener.local_addr().ok()?;
+        let mut filling = Vec::new();
+        while let Ok(Ok(tcp)) = tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
+            filling.push(tcp);
+            assert!(filling.len() < 64, "the queue never filled");
+        }
+        std::mem::forget(listener); // kept open, never accepting
+        Some((addr, filling))
+    }
+
+    #[tokio::test]
+    async fn happy_eyeballs_moves_on_from_an_address_that_swallows_syns() {
+        let Some((swallowing, _filling)) = swallowing_ipv6().await else { return }; // no IPv6 loopback
+        let sequential = tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(swallowing)).await;
+        assert!(sequential.is_err(), "the IPv6 address swallows SYNs: {sequential:?}");
+        let good = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let v4 = SocketAddr::new("127.0.0.1".parse().unwrap(), good.local_addr().unwrap().port());
+        let started = Instant::now();
+        let tcp = connect_racing(&[swallowing, v4], None, ATTEMPT_DELAY).await.unwrap();
+        let took = started.elapsed();
+        assert_eq!(tcp.peer_addr().unwrap(), v4);
+        assert!(took >= ATTEMPT_DELAY && took < Duration::from_secs(1), "{took:?}");
+        // An address that refuses at once hands over at once, without the delay.
+        let refused = SocketAddr::new("::1".parse().unwrap(), free_port_v6());
+        let started = Instant::now();
+        connect_racing(&[refused, v4], None, Duration::from_secs(5)).await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+        let all_bad = connect_racing(&[refused], None, ATTEMPT_DELAY).await.unwrap_err();
+        assert_eq!(all_bad.kind(), io::ErrorKind::ConnectionRefused);
+    }
+
+    fn free_port_v6() -> u16 {
+        std::net::TcpListener::bind("[::1]:0").unwrap().local_addr().unwrap().port()
+    }
+
     #[tokio::test]
     async fn a_name_is_looked_up_once_per_ttl() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let names = NameCache::default();
-        let dialer = Dialer { connect_timeout: Duration::from_secs(2), keepalive: Default::default() };
+        let dialer = Dialer {
+            connect_timeout: Duration::from_secs(2),
+            keepalive: Default::default(),
+            strategy: DnsStrategy::System,
+        };
         let target = Address::domain("localhost", port);
         for _ in 0..3 {
             let tcp = dialer.connect_with(&target, Some((&names, names.own()))).await;
@@ -472,7 +698,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_name_that_does_not_resolve_is_a_typed_dial_error() {
-        let dialer = Dialer { connect_timeout: Duration::from_secs(2), keepalive: Default::default() };
+        let dialer = Dialer {
+            connect_timeout: Duration::from_secs(2),
+            keepalive: Default::default(),
+            strategy: DnsStrategy::System,
+        };
         let target = Address::domain(UNRESOLVABLE, 80);
         let names = NameCache::default();
         for cache in [None, Some((&names, names.own()))] {

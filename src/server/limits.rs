@@ -306,6 +306,8 @@ pub enum HandshakeRefusal {
     SourceFull(usize),
     /// No file descriptor left for another connection.
     NoDescriptor(NoPlace),
+    /// A `--proxy-protocol-from` source sent no valid PROXY protocol header in time.
+    ProxyHeader(super::proxy_protocol::HeaderError),
 }
 
 impl std::fmt::Display for HandshakeRefusal {
@@ -318,6 +320,7 @@ impl std::fmt::Display for HandshakeRefusal {
                 write!(f, "{n} handshakes from this source already in progress (--max-handshakes-per-source)")
             }
             HandshakeRefusal::NoDescriptor(why) => why.fmt(f),
+            HandshakeRefusal::ProxyHeader(why) => write!(f, "{why} (--proxy-protocol-from)"),
         }
     }
 }

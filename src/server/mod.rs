@@ -11,6 +11,7 @@ pub mod limits;
 pub mod outbound;
 pub mod outbound_pool;
 pub mod policy;
+pub mod proxy_protocol;
 pub mod route;
 pub mod state;
 pub mod tls;
@@ -50,6 +51,8 @@ pub struct ServerConfig {
     /// Pads the server's first writes of each session (see [`ServerContext::downlink_padding`]).
     pub downlink_padding: Option<PaddingScheme>,
     pub connect_timeout: Duration,
+    /// Which of a destination name's addresses are dialed, in which order.
+    pub dns_strategy: dial::DnsStrategy,
     /// Time a new connection has to finish TLS and send its authentication block.
     pub handshake_timeout: Duration,
     /// Connections allowed to be in the handshake/authentication phase at once.
@@ -66,6 +69,9 @@ pub struct ServerConfig {
     pub udp: udp::UdpSettings,
     /// Keepalive and user timeout on client connections and outbound connections.
     pub keepalive: crate::keepalive::Keepalive,
+    /// Sources whose connections start with a PROXY protocol header naming the client
+    /// (a load balancer, a TLS router): `--proxy-protocol-from`.
+    pub proxy_protocol_from: Vec<policy::Cidr>,
 }
 
 /// Why a server could not start.
@@ -82,17 +88,17 @@ pub enum ServerError {
 pub async fn run(listener: TcpListener, config: ServerConfig) -> Result<(), ServerError> {
     let users = Users::new(UserEntry::unnamed(config.passwords.clone()))?;
     let context = Arc::new(ServerContext::from_config(&config, Arc::new(users)));
-    serve(listener, config, context, ServerLimits::default(), std::future::pending()).await;
+    serve(vec![listener], config, context, ServerLimits::default(), std::future::pending()).await;
     Ok(())
 }
 
-/// Accepts connections until `shutdown` resolves, then stops accepting, lets streams
+/// Accepts connections on every one of `listeners` until `shutdown` resolves, then stops accepting, lets streams
 /// in flight finish (at most `limits.drain_timeout`), closes every session and the
 /// outbound pool's warm connections, and logs the final pool statistics. The users are
 /// `context`'s, which a reload may change while it runs: the sessions of a user removed
 /// are closed (`config.passwords` is unused).
 pub async fn serve(
-    listener: TcpListener,
+    listeners: Vec<TcpListener>,
     config: ServerConfig,
     context: Arc<ServerContext>,
     limits: ServerLimits,
@@ -135,9 +141,10 @@ pub async fn serve(
     let expiry = tokio::spawn(expire_users(context.clone()));
     let refusals = Arc::new(std::sync::Mutex::new(RefusalLog::default()));
     tokio::pin!(shutdown);
+    let mut next_listener = 0;
     loop {
         let (tcp, peer) = tokio::select! {
-            accepted = crate::accept::accept_with_backoff(&listener) => accepted,
+            accepted = crate::accept::accept_any(&listeners, &mut next_listener) => accepted,
             () = &mut shutdown => break,
         };
         let descriptor = match gate.admit_connection() {
@@ -163,6 +170,20 @@ pub async fn serve(
             let users = &context.users;
             let _descriptor = descriptor;
             let deadline = Instant::now() + config.handshake_timeout;
+            let (mut tcp, mut peer) = (tcp, peer);
+            if config.proxy_protocol_from.iter().any(|range| range.contains(policy::normalise(peer.ip()))) {
+                peer = match proxy_protocol::read_header(&mut tcp, deadline).await {
+                    Ok(proxy_protocol::Header::Proxied { source, .. }) => {
+                        log::debug!("{peer}: PROXY protocol header: the client is {source}");
+                        SocketAddr::new(policy::normalise(source.ip()), source.port())
+                    }
+                    Ok(proxy_protocol::Header::Local) => peer,
+                    Err(why) => {
+                        let why = HandshakeRefusal::ProxyHeader(why);
+                        return refusals.lock().expect("refusal log lock").note(peer, &why, &context.handshakes);
+                    }
+                };
+            }
             let slot = match slots.admit(peer.ip(), deadline).await {
                 Ok(slot) => slot,
                 Err(why) => return refusals.lock().expect("refusal log lock").note(peer, &why, &context.handshakes),
@@ -203,7 +224,7 @@ pub async fn serve(
             log::debug!("{peer}: session closed: {reason}");
         });
     }
-    drop(listener);
+    drop(listeners);
     log::info!(
         "shutting down: no longer accepting; {} streams in flight get up to {:?} to finish",
         gate.streams_in_flight(),
@@ -502,6 +523,7 @@ impl RefusalLog {
         HandshakeCounters::count(match why {
             HandshakeRefusal::Full(_) | HandshakeRefusal::NoDescriptor(_) => &handshakes.refused_full,
             HandshakeRefusal::SourceFull(_) => &handshakes.refused_source_full,
+            HandshakeRefusal::ProxyHeader(_) => &handshakes.proxy_header_errors,
         });
         self.since += 1;
         if self.last.is_some_and(|last| last.elapsed() < Self::EVERY) {

@@ -238,7 +238,10 @@ pub(crate) mod test_support {
             max_lifetime: Duration::from_secs(60),
             warm_after: Duration::ZERO,
         };
-        let pool = OutboundPool::new(settings, Dialer { connect_timeout, keepalive: Default::default() });
+        let pool = OutboundPool::new(
+            settings,
+            Dialer { connect_timeout, keepalive: Default::default(), strategy: Default::default() },
+        );
         let gate = Arc::new(Gate::new(ServerLimits::default()));
         let users = crate::server::users::Users::new(crate::server::users::UserEntry::unnamed(vec![
             crate::proto::PasswordHash::of("test"),

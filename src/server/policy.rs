@@ -275,7 +275,7 @@ impl Policy {
         // Dial what was checked, so a resolver answering otherwise a moment later
         // (DNS rebinding) cannot slip past a rule on addresses.
         let pin = self.deny_private || !self.deny.is_empty() || by_address;
-        match super::dial::ipv4_first(&found) {
+        match names.strategy().pick(&found) {
             Some(address) if pin => {
                 Ok(checked(Address::socket(SocketAddr::new(normalise(address.ip()), port)), upstream))
             }

@@ -416,8 +416,14 @@ impl Outbound {
             .await
             .map_err(|_| UdpError::ResolveTimedOut(name.clone()))?
             .map_err(|err| UdpError::Resolve(name.clone(), err))?;
-        let ip =
-            super::dial::ipv4_first(&found).map(|addr| addr.ip()).ok_or_else(|| UdpError::NoAddress(name.clone()))?;
+        let ip = self
+            .context
+            .pool
+            .names()
+            .strategy()
+            .pick(&found)
+            .map(|addr| addr.ip())
+            .ok_or_else(|| UdpError::NoAddress(name.clone()))?;
         if self.resolved.len() >= RESOLVE_CACHE {
             self.resolved.clear();
         }

@@ -699,6 +699,7 @@ pub fn in_process_server_config(passwords: Vec<anytls_rs::proto::PasswordHash>) 
         padding: anytls_rs::proto::PaddingScheme::default(),
         downlink_padding: None,
         connect_timeout: Duration::from_secs(2),
+        dns_strategy: Default::default(),
         keepalive: Default::default(),
         handshake_timeout: Duration::from_secs(5),
         max_handshakes: 16,
@@ -716,6 +717,7 @@ pub fn in_process_server_config(passwords: Vec<anytls_rs::proto::PasswordHash>) 
         warmup: vec![],
         stats_interval: Duration::from_secs(600),
         udp: anytls_rs::server::udp::UdpSettings::default(),
+        proxy_protocol_from: vec![],
     }
 }
 

@@ -212,11 +212,12 @@ impl OutboundPool {
             max_idle_time: settings.max_idle_time,
             max_lifetime: settings.max_lifetime,
         };
+        let names = Arc::new(NameCache::with_strategy(dialer.strategy));
         let inner = Inner {
             idle: new_pool(settings.pool_type, engine_settings),
             settings,
             dialer,
-            names: Arc::default(),
+            names,
             shared: Arc::default(),
             epoch: Instant::now(),
         };
@@ -364,7 +365,11 @@ pub(super) mod tests {
     pub(super) fn pool(settings: OutboundSettings) -> OutboundPool {
         OutboundPool::new(
             settings,
-            Dialer { connect_timeout: Duration::from_millis(500), keepalive: Default::default() },
+            Dialer {
+                connect_timeout: Duration::from_millis(500),
+                keepalive: Default::default(),
+                strategy: Default::default(),
+            },
         )
     }
 
