@@ -81,18 +81,6 @@ fn sample(metrics: &str, series: &str) -> Option<f64> {
 fn cmdline(process: &Process) -> String {
     String::from_utf8_lossy(&std::fs::read(format!("/proc/{}/cmdline", process.pid())).unwrap()).replace('\0', " ")
 }
-
-/// True when a SOCKS5 CONNECT to `host:port` through `proxy` gets a tunnel that echoes.
-async fn echoes(proxy: SocketAddr, host: &str, port: u16) -> bool {
-    let Ok((0, mut tcp)) = socks5_connect(proxy, host, port).await else { return false };
-    let sent = payload(4096, port as u64);
-    if tcp.write_all(&sent).await.is_err() {
-        return false;
-    }
-    let mut back = vec![0u8; sent.len()];
-    matches!(tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut back)).await, Ok(Ok(_))) && back == sent
-}
-
 /// An echo target on a loopback address other than 127.0.0.1.
 async fn spawn_echo_on(ip: &str) -> SocketAddr {
     let listener = TcpListener::bind((ip, 0)).await.unwrap();
@@ -145,7 +133,7 @@ async fn the_example_server_config_loads_and_command_line_flags_win() {
         // file's deny-private (which needs an authenticated session to be reached at all).
         let echo = spawn_echo().await;
         let (_alice, proxy) = client_of(&server, addr, "change-me-alice").await;
-        assert!(!echoes(proxy, "127.0.0.1", echo.port()).await);
+        assert!(!echoes_via(proxy, "127.0.0.1", echo.port()).await);
         assert!(server.log_shows("is a private address (--deny-private)", Duration::from_secs(5)).await);
     })
     .await
@@ -180,14 +168,14 @@ async fn the_example_client_config_loads_and_the_command_line_replaces_its_lists
         )
         .await;
         let echo = spawn_echo().await;
-        assert!(echoes(proxy, "127.0.0.1", echo.port()).await, "{}", server.log());
+        assert!(echoes_via(proxy, "127.0.0.1", echo.port()).await, "{}", server.log());
         // ANYTLS_PASSWORD in the environment also beats the file's password-file.
         let (_client, proxy) = client(
             &["--config", config.to_str().unwrap(), "-l", "127.0.0.1:0", "-s", &addr.to_string(), "--pin-sha256", &pin],
             &[("ANYTLS_PASSWORD", "file-secret")],
         )
         .await;
-        assert!(echoes(proxy, "127.0.0.1", echo.port()).await, "{}", server.log());
+        assert!(echoes_via(proxy, "127.0.0.1", echo.port()).await, "{}", server.log());
     })
     .await
 }
@@ -245,7 +233,7 @@ async fn secrets_from_the_environment_and_files_stay_out_of_the_command_line() {
         )
         .await;
         let echo = spawn_echo().await;
-        assert!(echoes(proxy, "127.0.0.1", echo.port()).await, "{}", server.log());
+        assert!(echoes_via(proxy, "127.0.0.1", echo.port()).await, "{}", server.log());
         for process in [&server, &client] {
             let line = cmdline(process);
             assert!(!line.contains(password) && !line.contains(token), "{}: {line}", process.name());
@@ -260,7 +248,7 @@ async fn secrets_from_the_environment_and_files_stay_out_of_the_command_line() {
             self::server(&["-l", "127.0.0.1:0", "--password-file", server_file.to_str().unwrap()], &[]).await;
         assert!(!cmdline(&file_server).contains("from-file"));
         let (_second, proxy) = client_of(&file_server, file_addr, "second-from-file").await;
-        assert!(echoes(proxy, "127.0.0.1", echo.port()).await, "{}", file_server.log());
+        assert!(echoes_via(proxy, "127.0.0.1", echo.port()).await, "{}", file_server.log());
     })
     .await
 }
@@ -284,7 +272,7 @@ async fn per_user_counters_show_in_the_api_and_metrics() {
         echo_roundtrip(socks5_open(bob_proxy, echo).await, &payload(10_000, 9)).await;
         // A wrong password: the client's request fails, the server counts it.
         let (_mallory, mallory_proxy) = client_of(&server, addr, "wrong").await;
-        assert!(!echoes(mallory_proxy, "127.0.0.1", echo.port()).await);
+        assert!(!echoes_via(mallory_proxy, "127.0.0.1", echo.port()).await);
 
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         let json = loop {
@@ -352,7 +340,7 @@ async fn sighup_adds_and_removes_users_under_traffic_without_losing_other_stream
         let (_alice, alice_proxy) = client_of(&server, addr, "pa").await;
         let (_bob, bob_proxy) = client_of(&server, addr, "pb").await;
         let (_carol, carol_proxy) = client_of(&server, addr, "pc").await;
-        assert!(!echoes(carol_proxy, "127.0.0.1", echo.port()).await, "carol is not a user yet");
+        assert!(!echoes_via(carol_proxy, "127.0.0.1", echo.port()).await, "carol is not a user yet");
 
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let mut alice_streams = Vec::new();
@@ -371,16 +359,16 @@ async fn sighup_adds_and_removes_users_under_traffic_without_losing_other_stream
         let bob_end =
             tokio::time::timeout(Duration::from_secs(10), bob_stream).await.expect("bob's stream ends").unwrap();
         assert!(bob_end.is_err(), "bob's stream was closed: {bob_end:?}");
-        assert!(echoes(carol_proxy, "127.0.0.1", echo.port()).await, "carol is a user now");
-        assert!(!echoes(bob_proxy, "127.0.0.1", echo.port()).await, "bob is no longer one");
+        assert!(echoes_via(carol_proxy, "127.0.0.1", echo.port()).await, "carol is a user now");
+        assert!(!echoes_via(bob_proxy, "127.0.0.1", echo.port()).await, "bob is no longer one");
 
         // A broken file is refused and changes nothing.
         std::fs::write(&config, "listen = \"127.0.0.1:0\"\n[[users]]\nname = \"alice\"\n").unwrap();
         server.signal("HUP");
         assert!(server.log_shows("reload refused, the running configuration stays", Duration::from_secs(5)).await);
         assert!(server.log().contains("needs `name` and `password`"), "{}", server.log());
-        assert!(echoes(carol_proxy, "127.0.0.1", echo.port()).await, "carol still a user");
-        assert!(echoes(alice_proxy, "127.0.0.1", echo.port()).await, "alice still a user");
+        assert!(echoes_via(carol_proxy, "127.0.0.1", echo.port()).await, "carol still a user");
+        assert!(echoes_via(alice_proxy, "127.0.0.1", echo.port()).await, "alice still a user");
 
         tokio::time::sleep(Duration::from_millis(200)).await;
         stop.send_replace(true);
@@ -514,23 +502,23 @@ async fn sighup_reloads_the_certificate_for_new_connections() {
             async move { client(&["-l", "127.0.0.1:0", "-s", &addr.to_string(), "-p", "pw", "--ca", &ca], &[]).await }
         };
         let (_before, proxy) = trusting(&old.ca_cert).await;
-        assert!(echoes(proxy, "127.0.0.1", echo.port()).await, "{}", server.log());
+        assert!(echoes_via(proxy, "127.0.0.1", echo.port()).await, "{}", server.log());
 
         std::fs::copy(&new.server_cert, &cert).unwrap();
         std::fs::copy(&new.server_key, &key).unwrap();
         server.signal("HUP");
         assert!(server.log_shows("SIGHUP: reloaded", Duration::from_secs(5)).await, "{}", server.log());
         let (_after, proxy) = trusting(&new.ca_cert).await;
-        assert!(echoes(proxy, "127.0.0.1", echo.port()).await, "new connections get the new certificate");
+        assert!(echoes_via(proxy, "127.0.0.1", echo.port()).await, "new connections get the new certificate");
         let (_stale, proxy) = trusting(&old.ca_cert).await;
-        assert!(!echoes(proxy, "127.0.0.1", echo.port()).await, "the old certificate is no longer served");
+        assert!(!echoes_via(proxy, "127.0.0.1", echo.port()).await, "the old certificate is no longer served");
 
         // A key that is not a key: refused, the new certificate stays.
         std::fs::write(&key, "not a key\n").unwrap();
         server.signal("HUP");
         assert!(server.log_shows("reload refused", Duration::from_secs(5)).await, "{}", server.log());
         let (_still, proxy) = trusting(&new.ca_cert).await;
-        assert!(echoes(proxy, "127.0.0.1", echo.port()).await, "the running certificate stays");
+        assert!(echoes_via(proxy, "127.0.0.1", echo.port()).await, "the running certificate stays");
     })
     .await
 }
@@ -558,7 +546,7 @@ async fn the_servers_own_ports_are_refused_in_every_spelling() {
         }
         // Other loopback ports stay reachable: only the server's own are refused by default.
         for host in LOOPBACK_FORMS {
-            assert!(echoes(proxy, host, echo.port()).await, "{host}:{} should work", echo.port());
+            assert!(echoes_via(proxy, host, echo.port()).await, "{host}:{} should work", echo.port());
         }
         let logged = server.wait_lines(&["is the server's own address"], refused, Duration::from_secs(5)).await;
         let log = server.log();
@@ -576,9 +564,9 @@ async fn deny_rules_refuse_tcp_streams_after_name_resolution() {
         let denied = spawn_echo_on("127.0.0.2").await;
         let (server, addr) = server(&["-l", "127.0.0.1:0", "-p", "pw", "--deny", "127.0.0.2/32"], &[]).await;
         let (_client, proxy) = client_of(&server, addr, "pw").await;
-        assert!(echoes(proxy, "127.0.0.1", allowed.port()).await);
+        assert!(echoes_via(proxy, "127.0.0.1", allowed.port()).await);
         // A name is dialed at the (IPv4) address that was checked; the target listens on it.
-        assert!(echoes(proxy, "localhost", allowed.port()).await, "{}", server.log());
+        assert!(echoes_via(proxy, "localhost", allowed.port()).await, "{}", server.log());
         for host in ["127.0.0.2", "2130706434", "0x7f000002", "::ffff:127.0.0.2", "127.2"] {
             let reply = socks5_connect(proxy, host, denied.port()).await.map(|(code, _)| code);
             assert!(matches!(reply, Ok(code) if code != SOCKS5_OK), "{host} reached: {reply:?}");
@@ -700,7 +688,7 @@ async fn the_printed_link_connects_a_client_as_it_is() {
         let link = link.replace("PASSWORD", "p%40ss%20w%2Frd");
         let (_client, proxy) = client(&["-l", "127.0.0.1:0", "-s", &link], &[]).await;
         let echo = spawn_echo().await;
-        assert!(echoes(proxy, "127.0.0.1", echo.port()).await, "{}", server.log());
+        assert!(echoes_via(proxy, "127.0.0.1", echo.port()).await, "{}", server.log());
     })
     .await
 }
@@ -745,7 +733,7 @@ async fn the_self_signed_certificate_is_kept_across_restarts_and_each_user_gets_
         assert!(out.contains('\u{2580}') || out.contains('\u{2584}'), "a QR code in half blocks:\n{out}");
         let (_client, proxy) = client(&["-l", "127.0.0.1:0", "-s", &link], &[]).await;
         let echo = spawn_echo().await;
-        assert!(echoes(proxy, "127.0.0.1", echo.port()).await, "{}", again.log());
+        assert!(echoes_via(proxy, "127.0.0.1", echo.port()).await, "{}", again.log());
 
         let mut unknown = vec!["link", "--user", "nobody"];
         unknown.extend(users);
@@ -798,7 +786,7 @@ async fn links_in_other_clients_spellings_work_and_those_that_cannot_are_refused
         let echo = spawn_echo().await;
         let link = format!("anytls://pw@{addr}/?pinSHA256={pin}&fp=chrome&alpn=h2#Erin%27s%20server");
         let (client_process, proxy) = client(&["-l", ":0", "-s", &link], &[]).await;
-        assert!(echoes(proxy, "127.0.0.1", echo.port()).await, "{}", client_process.log());
+        assert!(echoes_via(proxy, "127.0.0.1", echo.port()).await, "{}", client_process.log());
         assert!(client_process.log_shows("the link's fp=chrome", Duration::from_secs(5)).await);
         assert!(client_process.log().contains("the link's alpn=h2"), "{}", client_process.log());
 

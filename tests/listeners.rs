@@ -8,20 +8,9 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
 use common::*;
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-async fn echoes(proxy: SocketAddr, host: &str, port: u16) -> bool {
-    let Ok((SOCKS5_OK, mut tcp)) = socks5_connect(proxy, host, port).await else { return false };
-    tcp.write_all(b"both").await.unwrap();
-    let mut back = [0u8; 4];
-    matches!(tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut back)).await, Ok(Ok(_)))
-        && &back == b"both"
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_server_serves_every_address_it_listens_on() {
     bounded(LIMIT, "several listeners", async {
@@ -42,8 +31,8 @@ async fn one_server_serves_every_address_it_listens_on() {
         let echo = spawn_echo().await;
         let on_ipv4 = start_client(server.addr, "two-doors-pw", &trust).await;
         let on_ipv6 = start_client(ipv6, "two-doors-pw", &trust).await;
-        assert!(echoes(on_ipv4.addr, "127.0.0.1", echo.port()).await, "{}", server.process.log());
-        assert!(echoes(on_ipv6.addr, "127.0.0.1", echo.port()).await, "{}", server.process.log());
+        assert!(echoes_via(on_ipv4.addr, "127.0.0.1", echo.port()).await, "{}", server.process.log());
+        assert!(echoes_via(on_ipv6.addr, "127.0.0.1", echo.port()).await, "{}", server.process.log());
         // Both are the server's own: a stream to either is refused (no loop through itself).
         for own in [server.addr, ipv6] {
             let (code, _) = socks5_connect(on_ipv4.addr, &own.ip().to_string(), own.port()).await.unwrap();

@@ -23,24 +23,11 @@ const LIMIT: Duration = Duration::from_secs(90);
 const TRUSTED: &str = "127.0.0.5";
 
 async fn server_trusting(ranges: &[&str]) -> (Server, SocketAddr) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_anytls-server"));
-    command
-        .args(["-l", "127.0.0.1:0", "--api", "127.0.0.1:0", "--user", "alice:proxied-pw"])
-        .args(["--handshake-timeout-secs", "2"])
-        .env("RUST_LOG", OUR_LOG_FILTER);
+    let mut args = vec!["--user", "alice:proxied-pw", "--handshake-timeout-secs", "2"];
     for range in ranges {
-        command.args(["--proxy-protocol-from", range]);
+        args.extend(["--proxy-protocol-from", range]);
     }
-    let mut process = Process::spawn("anytls-server", command);
-    let api = api_address(&mut process).await;
-    let addr = process
-        .wait_for(STARTUP_TIMEOUT, "`listening on` line", |line| {
-            line.split("listening on ").nth(1)?.split(' ').next()?.parse().ok()
-        })
-        .await;
-    let fingerprint =
-        process.log().lines().find_map(|l| Some(l.split("SHA-256 fingerprint ").nth(1)?.trim().to_string()));
-    (Server { process, addr, fingerprint }, api)
+    start_server_with_api(&args).await
 }
 
 /// A connection to `server` from `source`.
@@ -76,19 +63,6 @@ async fn spawn_header_relay(server: SocketAddr, claimed: SocketAddr) -> SocketAd
     });
     addr
 }
-
-fn sample(metrics: &str, series: &str) -> Option<u64> {
-    metrics.lines().find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-}
-
-async fn echoes_through(proxy: SocketAddr, echo: SocketAddr) -> bool {
-    let Ok((SOCKS5_OK, mut tcp)) = socks5_connect(proxy, "127.0.0.1", echo.port()).await else { return false };
-    tcp.write_all(b"proxied").await.unwrap();
-    let mut back = [0u8; 7];
-    matches!(tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut back)).await, Ok(Ok(_)))
-        && &back == b"proxied"
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trusted_sources_header_names_the_client_and_a_bad_one_is_closed_alone() {
     bounded(LIMIT, "proxy protocol", async {
@@ -102,13 +76,13 @@ async fn a_trusted_sources_header_names_the_client_and_a_bad_one_is_closed_alone
         let claimed: SocketAddr = "198.51.100.9:5555".parse().unwrap();
         let relay = spawn_header_relay(server.addr, claimed).await;
         let behind = start_client(relay, "proxied-pw", &trust).await;
-        assert!(echoes_through(behind.addr, echo).await, "{}", server.process.log());
+        assert!(echoes_via(behind.addr, "127.0.0.1", echo.port()).await, "{}", server.process.log());
         let line = "198.51.100.9:5555: session open (user alice)";
         assert!(server.process.log_shows(line, Duration::from_secs(5)).await, "{}", server.process.log());
 
         // An untrusted source (127.0.0.1) is served as usual; a header from it is not believed.
         let direct = start_client(server.addr, "proxied-pw", &trust).await;
-        assert!(echoes_through(direct.addr, echo).await);
+        assert!(echoes_via(direct.addr, "127.0.0.1", echo.port()).await);
         let mut liar = TcpStream::connect(server.addr).await.unwrap();
         liar.write_all(b"PROXY TCP4 203.0.113.66 127.0.0.1 4444 443\r\n").await.unwrap();
         let _ = tokio::time::timeout(Duration::from_secs(5), liar.read(&mut [0u8; 64])).await;
@@ -136,10 +110,10 @@ async fn a_trusted_sources_header_names_the_client_and_a_bad_one_is_closed_alone
         assert!(log.contains("malformed PROXY protocol v1 header: bad port"), "{log}");
         assert!(log.contains("no complete PROXY protocol header within the handshake time"), "{log}");
         let (_, metrics) = api_get(api, "/metrics", None).await;
-        assert_eq!(sample(&metrics, "anytls_proxy_protocol_errors_total"), Some(3), "{metrics}");
+        assert_eq!(counter_sample(&metrics, "anytls_proxy_protocol_errors_total"), Some(3), "{metrics}");
         // Meanwhile the sessions of others went on.
-        assert!(echoes_through(behind.addr, echo).await);
-        assert!(echoes_through(direct.addr, echo).await);
+        assert!(echoes_via(behind.addr, "127.0.0.1", echo.port()).await);
+        assert!(echoes_via(direct.addr, "127.0.0.1", echo.port()).await);
     })
     .await
 }
@@ -179,7 +153,7 @@ async fn haproxy_and_nginx_in_front_hand_over_the_real_client() {
             let client =
                 start_client(SocketAddr::from(([127, 0, 0, 1], port)), "proxied-pw", &["--pin-sha256", pin.as_str()])
                     .await;
-            assert!(echoes_through(client.addr, echo).await, "{}", server.process.log());
+            assert!(echoes_via(client.addr, "127.0.0.1", echo.port()).await, "{}", server.process.log());
             let line = "127.0.0.9:";
             assert!(server.process.log().lines().any(|l| l.contains(line) && l.contains("the client is 127.0.0.1:")));
             ran += 1;
@@ -219,7 +193,7 @@ async fn haproxy_and_nginx_in_front_hand_over_the_real_client() {
                     &["--pin-sha256", pin.as_str()],
                 )
                 .await;
-                assert!(echoes_through(client.addr, echo).await, "{}", server.process.log());
+                assert!(echoes_via(client.addr, "127.0.0.1", echo.port()).await, "{}", server.process.log());
                 assert!(proxied() > before, "nginx's header was read: {}", server.process.log());
                 ran += 1;
             } else {

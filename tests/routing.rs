@@ -68,33 +68,8 @@ async fn connect_code(proxy: SocketAddr, host: &str, port: u16) -> u8 {
     socks5_connect(proxy, host, port).await.expect("SOCKS5 to our client").0
 }
 
-async fn echoes(proxy: SocketAddr, host: &str, port: u16) -> bool {
-    let Ok((SOCKS5_OK, mut tcp)) = socks5_connect(proxy, host, port).await else { return false };
-    tcp.write_all(b"route").await.unwrap();
-    let mut back = [0u8; 5];
-    matches!(tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut back)).await, Ok(Ok(_)))
-        && &back == b"route"
-}
-
-fn sample(metrics: &str, series: &str) -> Option<u64> {
-    metrics.lines().find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-}
-
 async fn server_with(config: &Path) -> (Server, SocketAddr) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_anytls-server"));
-    command
-        .args(["-l", "127.0.0.1:0", "--api", "127.0.0.1:0", "--config", &config.display().to_string()])
-        .env("RUST_LOG", OUR_LOG_FILTER);
-    let mut process = Process::spawn("anytls-server", command);
-    let api = api_address(&mut process).await;
-    let addr = process
-        .wait_for(STARTUP_TIMEOUT, "`listening on` line", |line| {
-            line.split("listening on ").nth(1)?.split(' ').next()?.parse().ok()
-        })
-        .await;
-    let fingerprint =
-        process.log().lines().find_map(|l| Some(l.split("SHA-256 fingerprint ").nth(1)?.trim().to_string()));
-    (Server { process, addr, fingerprint }, api)
+    start_server_with_api(&["--config", &config.display().to_string()]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,8 +90,8 @@ async fn route_rules_block_what_they_name_count_by_rule_and_reload_on_sighup() {
         );
 
         // Direct: no rule matches (or "keyword-ok" does).
-        assert!(echoes(alice.addr, "127.0.0.1", echo.port()).await, "{}", server.process.log());
-        assert!(echoes(alice.addr, "localhost", echo.port()).await);
+        assert!(echoes_via(alice.addr, "127.0.0.1", echo.port()).await, "{}", server.process.log());
+        assert!(echoes_via(alice.addr, "localhost", echo.port()).await);
         // Blocked by name, without a lookup (the names do not exist): a refusal, at once.
         for (host, rule) in [("ads.test", "ads"), ("x.ads.test", "ads"), ("tracker.test", "lists")] {
             assert_ne!(connect_code(alice.addr, host, 443).await, SOCKS5_OK, "{host}");
@@ -128,15 +103,15 @@ async fn route_rules_block_what_they_name_count_by_rule_and_reload_on_sighup() {
         let _ = connect_code(alice.addr, "myads.invalid", 443).await;
         // By address: the rule set's range, and a range after resolution on one port only.
         assert_ne!(connect_code(alice.addr, "127.0.0.3", echo.port()).await, SOCKS5_OK);
-        assert!(!echoes(alice.addr, "localhost", held.port()).await, "localhost resolves into 127.0.0.0/8");
-        assert!(!echoes(alice.addr, "127.0.0.1", held.port()).await);
+        assert!(!echoes_via(alice.addr, "localhost", held.port()).await, "localhost resolves into 127.0.0.0/8");
+        assert!(!echoes_via(alice.addr, "127.0.0.1", held.port()).await);
         // By user: bob may not reach the echo port; alice may.
-        assert!(!echoes(bob.addr, "127.0.0.1", echo.port()).await);
-        assert!(echoes(alice.addr, "127.0.0.1", echo.port()).await);
+        assert!(!echoes_via(bob.addr, "127.0.0.1", echo.port()).await);
+        assert!(echoes_via(alice.addr, "127.0.0.1", echo.port()).await);
 
         let (_, metrics) = api_get(api, "/metrics", None).await;
         let count = |rule: &str, action: &str| {
-            sample(&metrics, &format!("anytls_route_decisions_total{{rule=\"{rule}\",action=\"{action}\"}}"))
+            counter_sample(&metrics, &format!("anytls_route_decisions_total{{rule=\"{rule}\",action=\"{action}\"}}"))
         };
         assert_eq!(count("ads", "block"), Some(2), "{metrics}");
         assert_eq!(count("lists", "block"), Some(2), "{metrics}");
@@ -144,7 +119,7 @@ async fn route_rules_block_what_they_name_count_by_rule_and_reload_on_sighup() {
         assert_eq!(count("bob-no-echo", "block"), Some(1), "{metrics}");
         assert_eq!(count("loopback-held", "block"), Some(2), "{metrics}");
         assert_eq!(count("default", "direct"), Some(3), "{metrics}");
-        assert_eq!(sample(&metrics, "anytls_policy_refused_total{reason=\"route\"}"), Some(7), "{metrics}");
+        assert_eq!(counter_sample(&metrics, "anytls_policy_refused_total{reason=\"route\"}"), Some(7), "{metrics}");
 
         // A stream open before the reload goes on; new ones see the new rules.
         let (code, mut open) = socks5_connect(alice.addr, "127.0.0.1", echo.port()).await.unwrap();
@@ -156,12 +131,12 @@ async fn route_rules_block_what_they_name_count_by_rule_and_reload_on_sighup() {
         std::fs::write(&config, rules(echo.port(), held.port(), &extra)).unwrap();
         server.process.signal("HUP");
         assert!(server.process.log_shows("6 route rules", Duration::from_secs(10)).await, "{}", server.process.log());
-        assert!(!echoes(alice.addr, "127.0.0.1", echo.port()).await, "the new rule blocks alice");
+        assert!(!echoes_via(alice.addr, "127.0.0.1", echo.port()).await, "the new rule blocks alice");
         open.write_all(b"still").await.unwrap();
         let mut back = [0u8; 5];
         open.read_exact(&mut back).await.expect("the open stream goes on");
         let (_, metrics) = api_get(api, "/metrics", None).await;
-        let kept = sample(&metrics, "anytls_route_decisions_total{rule=\"ads\",action=\"block\"}");
+        let kept = counter_sample(&metrics, "anytls_route_decisions_total{rule=\"ads\",action=\"block\"}");
         assert_eq!(kept, Some(2), "a kept rule keeps its count across the reload: {metrics}");
         assert!(metrics.contains("rule=\"alice-no-echo\",action=\"block\"} 1"), "{metrics}");
     })
@@ -352,14 +327,14 @@ action = "upstream:second-address"
         assert!(near.process.log_shows("upstream socks: socks5 at", STARTUP_TIMEOUT).await, "{}", near.process.log());
 
         // SOCKS5 with a password; the name goes to the upstream as a name.
-        assert!(echoes(client.addr, "localhost", echo.port()).await, "{}", near.process.log());
+        assert!(echoes_via(client.addr, "localhost", echo.port()).await, "{}", near.process.log());
         let asked = format!("-> localhost:{} ", echo.port());
         assert!(
             far.process.log_shows(&asked, Duration::from_secs(5)).await,
             "the far server dialed it:\n{}",
             far.process.log()
         );
-        assert!(echoes(client.addr, "127.0.0.1", echo.port()).await);
+        assert!(echoes_via(client.addr, "127.0.0.1", echo.port()).await);
 
         // HTTP CONNECT; the target speaks first, and its greeting arrives.
         let (code, mut greeted) = socks5_connect(client.addr, "127.0.0.1", greeter.port()).await.unwrap();
@@ -389,7 +364,7 @@ action = "upstream:second-address"
 
         let (_, metrics) = api_get(api, "/metrics", None).await;
         let upstream = |family: &str, name: &str| {
-            sample(&metrics, &format!("anytls_upstream_{family}_total{{upstream=\"{name}\"}}"))
+            counter_sample(&metrics, &format!("anytls_upstream_{family}_total{{upstream=\"{name}\"}}"))
         };
         assert_eq!(upstream("streams", "socks"), Some(2), "{metrics}");
         assert_eq!(upstream("failures", "socks"), Some(0), "{metrics}");
@@ -399,7 +374,7 @@ action = "upstream:second-address"
             assert_eq!(upstream("failures", failed), Some(1), "{failed}: {metrics}");
         }
         let decided = "anytls_route_decisions_total{rule=\"echo-via-socks\",action=\"upstream:socks\"}";
-        assert_eq!(sample(&metrics, decided), Some(2), "{metrics}");
+        assert_eq!(counter_sample(&metrics, decided), Some(2), "{metrics}");
     })
     .await
 }
@@ -415,13 +390,13 @@ async fn the_dns_strategy_chooses_which_family_a_name_is_dialed_on() {
             let pin = server.fingerprint.clone().expect("a self-signed pin");
             let client = start_client(server.addr, "dns-pw", &["--pin-sha256", pin.as_str()]).await;
             assert_eq!(
-                echoes(client.addr, "localhost", echo.port()).await,
+                echoes_via(client.addr, "localhost", echo.port()).await,
                 reaches,
                 "{strategy}: {}",
                 server.process.log()
             );
             // An address is dialed as given, whatever the strategy.
-            assert!(echoes(client.addr, "127.0.0.1", echo.port()).await, "{strategy}");
+            assert!(echoes_via(client.addr, "127.0.0.1", echo.port()).await, "{strategy}");
             if !reaches {
                 let log = server.process.log();
                 assert!(log.contains("no IPv6 address (--dns-strategy ipv6-only)") || log.contains("[::1]"), "{log}");

@@ -504,9 +504,11 @@ fn problems(args: &Args) -> Vec<String> {
     for (i, (flag_a, a)) in listeners.iter().enumerate() {
         for (flag_b, b) in &listeners[i + 1..] {
             if a == b && !a.ends_with(":0") {
-                let flags =
-                    if flag_a == flag_b { format!("{flag_a} is given") } else { format!("{flag_a} and {flag_b} are") };
-                found.push(format!("{flags} {a} twice: each listener needs an address of its own"));
+                found.push(if flag_a == flag_b {
+                    format!("{flag_a} is given {a} twice: each listener needs an address of its own")
+                } else {
+                    format!("{flag_a} and {flag_b} are both {a}: they need ports of their own")
+                });
             }
         }
     }

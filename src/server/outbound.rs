@@ -151,13 +151,15 @@ async fn serve_tcp(
     if !answered_early && let Err(closed) = stream.send_synack(Ok(())).await {
         return (Outcome::SessionClosed(closed.to_string()), nothing);
     }
-    // What an upstream sent past its answer is the destination's first bytes.
-    let (mut tcp, how, early_down) = match outbound {
+    // What an upstream sent past its answer is the destination's first bytes. A pooled
+    // connection's place is held until the stream ends (the target's limit and gauges).
+    let (mut tcp, how, early_down, _pool_place) = match outbound {
         Dialed::Pool(outbound) => {
             let how = if outbound.reused { "warm" } else { "new" };
-            (outbound.tcp, how, BytesMut::new())
+            let (tcp, place) = outbound.into_parts();
+            (tcp, how, BytesMut::new(), Some(place))
         }
-        Dialed::Upstream(connected) => (connected.tcp, "upstream", connected.early),
+        Dialed::Upstream(connected) => (connected.tcp, "upstream", connected.early, None),
     };
     let early_down_len = early_down.len() as u64;
     if !early_down.is_empty()

@@ -549,6 +549,38 @@ pub async fn api_get(api: SocketAddr, path: &str, bearer: Option<&str>) -> (u16,
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// Our server on loopback with an API, started with `args` after `-l 127.0.0.1:0 --api
+/// 127.0.0.1:0`; the API's address beside it.
+pub async fn start_server_with_api(args: &[&str]) -> (Server, SocketAddr) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_anytls-server"));
+    command.args(["-l", "127.0.0.1:0", "--api", "127.0.0.1:0"]).args(args).env("RUST_LOG", OUR_LOG_FILTER);
+    let mut process = Process::spawn("anytls-server", command);
+    let api = api_address(&mut process).await;
+    let addr = process.wait_for(STARTUP_TIMEOUT, "`listening on` line", |line| after_word(line, "listening on ")).await;
+    let fingerprint = process.log().lines().find_map(|line| {
+        let hex = line.split("SHA-256 fingerprint ").nth(1)?.trim();
+        (hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit())).then(|| hex.to_string())
+    });
+    (Server { process, addr, fingerprint }, api)
+}
+
+/// A counter's value on a `/metrics` page: the line that starts with `series`.
+pub fn counter_sample(metrics: &str, series: &str) -> Option<u64> {
+    metrics.lines().find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// Whether 4 KiB sent through the SOCKS5 proxy `proxy` to `host:port` (an echo target)
+/// come back, the same, within 5 s.
+pub async fn echoes_via(proxy: SocketAddr, host: &str, port: u16) -> bool {
+    let Ok((SOCKS5_OK, mut tcp)) = socks5_connect(proxy, host, port).await else { return false };
+    let sent = payload(4096, port as u64);
+    if tcp.write_all(&sent).await.is_err() {
+        return false;
+    }
+    let mut back = vec![0u8; sent.len()];
+    matches!(tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut back)).await, Ok(Ok(_))) && back == sent
+}
+
 /// Whether one echo round trip (a byte out, the byte back) through the SOCKS5 proxy `proxy`
 /// to the echo target `echo` works within `within`.
 pub async fn echo_works(proxy: SocketAddr, echo: SocketAddr, within: Duration) -> bool {

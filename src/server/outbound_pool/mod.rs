@@ -88,6 +88,20 @@ pub struct Outbound {
     _slot: Slot,
 }
 
+impl Outbound {
+    /// The connection, and its place under the target's limit and in the Active gauges:
+    /// keep the place for as long as the connection is in use.
+    pub fn into_parts(self) -> (TcpStream, PoolPlace) {
+        (self.tcp, PoolPlace { _slot: self._slot })
+    }
+}
+
+/// A stream's place in its target's counts, apart from its connection (see
+/// [`Outbound::into_parts`]); dropping it gives the place back.
+pub struct PoolPlace {
+    _slot: Slot,
+}
+
 /// A stream's hold on its target: keeps the Active gauges and the managed count honest.
 struct Slot {
     target: Arc<Target>,
