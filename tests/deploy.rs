@@ -693,15 +693,6 @@ async fn the_printed_link_connects_a_client_as_it_is() {
     .await
 }
 
-/// Runs `anytls-server ARGS` to its end with `STATE_DIRECTORY=state`: exit status and output.
-async fn server_command(args: &[&str], state: &Path) -> (std::process::ExitStatus, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_anytls-server"));
-    command.args(args).env("STATE_DIRECTORY", state).env_remove("ANYTLS_PASSWORD");
-    let mut process = Process::spawn("anytls-server link", command);
-    let status = process.wait_exit(Duration::from_secs(20)).await.expect("the command ends by itself");
-    (status, process.log())
-}
-
 #[tokio::test]
 async fn the_self_signed_certificate_is_kept_across_restarts_and_each_user_gets_a_link() {
     bounded(LIMIT, "kept certificate", async {

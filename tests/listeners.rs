@@ -5,7 +5,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -46,12 +45,11 @@ async fn one_server_serves_every_address_it_listens_on() {
 #[tokio::test]
 async fn check_refuses_an_address_given_twice() {
     bounded(LIMIT, "listen twice", async {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_anytls-server"));
-        command.args(["check", "-p", "twice-pw", "-l", "127.0.0.1:9443", "-l", "127.0.0.1:9443"]);
-        let mut process = Process::spawn("anytls-server check", command);
-        let status = process.wait_exit(Duration::from_secs(20)).await.expect("check ends");
+        let state = TempDir::new("listeners-check");
+        let args = ["check", "-p", "twice-pw", "-l", "127.0.0.1:9443", "-l", "127.0.0.1:9443"];
+        let (status, out) = server_command(&args, state.path()).await;
         let expected = "--listen is given 127.0.0.1:9443 twice";
-        assert!(!status.success() && process.log().contains(expected), "{}", process.log());
+        assert!(!status.success() && out.contains(expected), "{out}");
     })
     .await
 }

@@ -11,7 +11,6 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -171,11 +170,8 @@ async fn check_names_a_bad_rule() {
         for (text, expected) in cases {
             let file = dir.path().join("bad.toml");
             std::fs::write(&file, format!("password = \"check-route-pw\"\n{text}")).unwrap();
-            let mut command = Command::new(env!("CARGO_BIN_EXE_anytls-server"));
-            command.args(["check", "--config", &file.display().to_string()]);
-            let mut process = Process::spawn("anytls-server check", command);
-            let status = process.wait_exit(Duration::from_secs(20)).await.expect("check ends");
-            assert!(!status.success() && process.log().contains(expected), "{expected}:\n{}", process.log());
+            let (status, out) = server_command(&["check", "--config", &file.display().to_string()], dir.path()).await;
+            assert!(!status.success() && out.contains(expected), "{expected}:\n{out}");
         }
     })
     .await

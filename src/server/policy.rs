@@ -142,7 +142,8 @@ pub enum Refusal {
     Own,
     Deny,
     Private,
-    /// A `[[route]]` rule with `action = "block"`.
+    /// A `[[route]]` rule: `action = "block"`, or an upstream for a UDP datagram
+    /// (upstreams carry TCP streams only).
     Route,
 }
 

@@ -564,6 +564,16 @@ pub async fn start_server_with_api(args: &[&str]) -> (Server, SocketAddr) {
     (Server { process, addr, fingerprint }, api)
 }
 
+/// Runs `anytls-server ARGS` (a command such as `check` or `link`) to its end with
+/// `STATE_DIRECTORY=state`: exit status and output.
+pub async fn server_command(args: &[&str], state: &Path) -> (std::process::ExitStatus, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_anytls-server"));
+    command.args(args).env("STATE_DIRECTORY", state).env_remove("ANYTLS_PASSWORD");
+    let mut process = Process::spawn("anytls-server command", command);
+    let status = process.wait_exit(Duration::from_secs(20)).await.expect("the command ends by itself");
+    (status, process.log())
+}
+
 /// A counter's value on a `/metrics` page: the line that starts with `series`.
 pub fn counter_sample(metrics: &str, series: &str) -> Option<u64> {
     metrics.lines().find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
