@@ -230,20 +230,19 @@ impl Dialer {
         bind: Option<&Bind>,
     ) -> Result<TcpStream, DialError> {
         let target = destination.to_string();
+        let unresolved = |err| DialError::Unresolved(target.clone(), err);
         let attempt = async {
             let resolved = match (&destination.host, names) {
                 (Host::Ip(ip), _) => {
                     let addr = SocketAddr::new(*ip, destination.port);
-                    return connect_first(&[addr], bind).await.map_err(Dialing::Io);
+                    return connect_first(&[addr], bind).await.map_err(|err| classify(&target, err));
                 }
                 (Host::Domain(name), Some((names, owner))) => names.resolve(name, destination.port, owner).await,
                 (Host::Domain(name), None) => lookup(name.clone()).await.map(|ips| with_port(&ips, destination.port)),
             };
-            let resolved = resolved.map_err(|err| Dialing::Unresolved(DialError::Unresolved(target.clone(), err)))?;
-            let addrs = self.strategy.arrange(&resolved);
+            let addrs = self.strategy.arrange(&resolved.map_err(unresolved)?);
             if addrs.is_empty() {
-                let none = ResolveError::NoneOfFamily(self.strategy.family(), self.strategy.name());
-                return Err(Dialing::Unresolved(DialError::Unresolved(target.clone(), none)));
+                return Err(unresolved(ResolveError::NoneOfFamily(self.strategy.family(), self.strategy.name())));
             }
             let both_families = addrs.iter().any(SocketAddr::is_ipv4) && addrs.iter().any(SocketAddr::is_ipv6);
             let connected = if self.strategy.races() && both_families {
@@ -251,13 +250,7 @@ impl Dialer {
             } else {
                 connect_first(&addrs, bind).await
             };
-            connected.map_err(Dialing::Io)
-        };
-        let attempt = async {
-            attempt.await.map_err(|failed| match failed {
-                Dialing::Unresolved(err) => err,
-                Dialing::Io(err) => classify(&target, err),
-            })
+            connected.map_err(|err| classify(&target, err))
         };
         let stream = tokio::time::timeout(self.connect_timeout, attempt)
             .await
@@ -303,12 +296,6 @@ impl Bind {
         };
         Some(bound())
     }
-}
-
-/// How a dial failed before it is worded: at the name, or at the connect.
-enum Dialing {
-    Unresolved(DialError),
-    Io(io::Error),
 }
 
 /// Happy Eyeballs (RFC 8305 §5): the addresses in order, each started [`ATTEMPT_DELAY`]
