@@ -105,10 +105,14 @@ async fn a_trusted_sources_header_names_the_client_and_a_bad_one_is_closed_alone
             let read = tokio::time::timeout(Duration::from_secs(6), tcp.read(&mut [0u8; 64])).await;
             assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{name}: closed by the server, got {read:?}");
         }
-        let log = server.process.log();
-        assert!(log.contains("no PROXY protocol header (the connection starts with"), "{log}");
-        assert!(log.contains("malformed PROXY protocol v1 header: bad port"), "{log}");
-        assert!(log.contains("no complete PROXY protocol header within the handshake time"), "{log}");
+        // The close can reach us before the server's line reaches its log reader: wait for each.
+        for line in [
+            "no PROXY protocol header (the connection starts with",
+            "malformed PROXY protocol v1 header: bad port",
+            "no complete PROXY protocol header within the handshake time",
+        ] {
+            assert!(server.process.log_shows(line, Duration::from_secs(5)).await, "{line}:\n{}", server.process.log());
+        }
         let (_, metrics) = api_get(api, "/metrics", None).await;
         assert_eq!(counter_sample(&metrics, "anytls_proxy_protocol_errors_total"), Some(3), "{metrics}");
         // Meanwhile the sessions of others went on.
@@ -154,8 +158,8 @@ async fn haproxy_and_nginx_in_front_hand_over_the_real_client() {
                 start_client(SocketAddr::from(([127, 0, 0, 1], port)), "proxied-pw", &["--pin-sha256", pin.as_str()])
                     .await;
             assert!(echoes_via(client.addr, "127.0.0.1", echo.port()).await, "{}", server.process.log());
-            let line = "127.0.0.9:";
-            assert!(server.process.log().lines().any(|l| l.contains(line) && l.contains("the client is 127.0.0.1:")));
+            let parts = ["127.0.0.9:", "the client is 127.0.0.1:"];
+            assert!(line_with_all(&server.process, &parts).await, "{}", server.process.log());
             ran += 1;
         } else {
             announce("SKIP proxy protocol: haproxy is not installed (apt-get install haproxy)");
@@ -194,7 +198,8 @@ async fn haproxy_and_nginx_in_front_hand_over_the_real_client() {
                 )
                 .await;
                 assert!(echoes_via(client.addr, "127.0.0.1", echo.port()).await, "{}", server.process.log());
-                assert!(proxied() > before, "nginx's header was read: {}", server.process.log());
+                let read = server.process.wait_lines(&["the client is 127.0.0.1:"], before + 1, Duration::from_secs(5));
+                assert!(read.await, "nginx's header was read: {}", server.process.log());
                 ran += 1;
             } else {
                 announce(&format!("SKIP proxy protocol: nginx has no stream module here: {}", nginx.log()));
@@ -207,6 +212,18 @@ async fn haproxy_and_nginx_in_front_hand_over_the_real_client() {
         }
     })
     .await
+}
+
+/// Whether a line of `process`'s log holds every one of `parts` within 5 s (the log is
+/// read from its pipe by a thread, so a line can trail what it reports).
+async fn line_with_all(process: &Process, parts: &[&str]) -> bool {
+    for _ in 0..200 {
+        if process.log().lines().any(|line| parts.iter().all(|part| line.contains(part))) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    false
 }
 
 async fn wait_listening(port: u16) {
