@@ -347,6 +347,7 @@ fn outbound_refill(c: &mut Criterion) {
                 connect_timeout: Duration::from_secs(5),
                 keepalive: Default::default(),
                 strategy: Default::default(),
+                resolver: Default::default(),
             };
             let pool = OutboundPool::new(settings, dialer);
             let targets: Vec<Address> = (1..=count)

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 
 use crate::cli::config_file as config;
 use crate::cli::{KeepaliveArgs, accept_single_dash_long_flags, exit_with, named, pool_type_help, secs_or_never};
@@ -21,6 +23,7 @@ use crate::resources::ServerCaps;
 use crate::server::access_log::{AccessLog, AccessLogSettings};
 use crate::server::auth_callback::{AuthCallback, CallbackSettings};
 use crate::server::dial::DnsStrategy;
+use crate::server::dns::{Resolver, ServerSpec};
 use crate::server::fallback::{FallbackSettings, ProbeSettings};
 use crate::server::limits::ServerLimits;
 use crate::server::outbound_pool::OutboundSettings;
@@ -86,6 +89,17 @@ struct Args {
     #[arg(long, default_value = "system", value_name = "STRATEGY", value_parser = DnsStrategy::NAMES,
           help_heading = "Outbound connections")]
     dns_strategy: String,
+    /// A DNS server destination names are looked up at, instead of the system resolver
+    /// (repeatable; tried in order): `ADDRESS[:PORT]` (UDP, then TCP for long answers),
+    /// `udp://`, `tcp://`, `tls://HOST[:PORT]` (DNS over TLS) or `https://HOST[:PORT][/PATH]`
+    /// (DNS over HTTPS). An encrypted server's HOST is the name its certificate must carry;
+    /// a host name there is looked up once at start-up by the system resolver.
+    #[arg(long, value_name = "SERVER", help_heading = "Outbound connections")]
+    dns_server: Vec<String>,
+    /// PEM file of CA certificates trusted for `tls://` and `https://` DNS servers, besides
+    /// the public web's roots (a private resolver's own CA).
+    #[arg(long, value_name = "FILE", requires = "dns_server", help_heading = "Outbound connections")]
+    dns_ca: Option<PathBuf>,
     /// Time a client has to finish TLS and authenticate, in seconds.
     #[arg(long, default_value_t = 10, value_name = "SECS", help_heading = "Listening and TLS")]
     handshake_timeout_secs: u64,
@@ -442,6 +456,32 @@ fn outbound_policy(args: &Args, own: Vec<std::net::SocketAddr>, counters: &Route
     Ok(Policy { own, deny: deny.collect::<Result<_, _>>()?, deny_private: args.deny_private, routes })
 }
 
+/// The `--dns-server`s, parsed, and the `--dns-ca` roots.
+fn dns_servers(args: &Args) -> Result<(Vec<ServerSpec>, Vec<CertificateDer<'static>>), String> {
+    let specs = args.dns_server.iter().map(|text| ServerSpec::parse(text)).collect::<Result<Vec<_>, _>>()?;
+    let roots = match &args.dns_ca {
+        Some(path) => {
+            let read = CertificateDer::pem_file_iter(path).and_then(|certs| certs.collect::<Result<Vec<_>, _>>());
+            let roots = read.map_err(|e| format!("--dns-ca {}: {e}", path.display()))?;
+            if roots.is_empty() {
+                return Err(format!("--dns-ca {}: no certificate in it", path.display()));
+            }
+            roots
+        }
+        None => Vec::new(),
+    };
+    Ok((specs, roots))
+}
+
+/// Where destination names are looked up: the system resolver, or the `--dns-server`s.
+async fn resolver(args: &Args, strategy: DnsStrategy) -> Result<Resolver, String> {
+    let (specs, roots) = dns_servers(args)?;
+    if specs.is_empty() {
+        return Ok(Resolver::System);
+    }
+    Resolver::servers(&specs, &roots, strategy).await
+}
+
 fn proxy_protocol_sources(args: &Args) -> Result<Vec<Cidr>, String> {
     let ranges = args.proxy_protocol_from.iter();
     ranges.map(|range| Cidr::parse(range).map_err(|e| format!("--proxy-protocol-from: {e}"))).collect()
@@ -487,6 +527,9 @@ fn problems(args: &Args) -> Vec<String> {
         found.push(why);
     }
     if let Err(why) = proxy_protocol_sources(args) {
+        found.push(why);
+    }
+    if let Err(why) = dns_servers(args) {
         found.push(why);
     }
     let mut listeners = vec![];
@@ -775,13 +818,16 @@ async fn run(args: Args, argv: Vec<String>, fds: crate::resources::FdLimit) -> R
         .iter()
         .map(|target| Address::parse_host_port(target).ok_or_else(|| format!("--warmup: bad host:port {target:?}")))
         .collect::<Result<Vec<_>, _>>()?;
+    let dns_strategy = DnsStrategy::parse(&args.dns_strategy).expect("clap checked the name");
+    let resolver = resolver(&args, dns_strategy).await?;
     let config = ServerConfig {
         tls,
         passwords: Vec::new(),
         padding,
         downlink_padding,
         connect_timeout: Duration::from_secs(args.connect_timeout_secs),
-        dns_strategy: DnsStrategy::parse(&args.dns_strategy).expect("clap checked the name"),
+        dns_strategy,
+        resolver,
         handshake_timeout: Duration::from_secs(args.handshake_timeout_secs),
         max_handshakes,
         probe: ProbeSettings { fallback, max_handshakes_per_source: args.max_handshakes_per_source },
@@ -795,6 +841,9 @@ async fn run(args: Args, argv: Vec<String>, fds: crate::resources::FdLimit) -> R
     };
     if config.dns_strategy != DnsStrategy::System {
         log::info!("destination names are dialed by --dns-strategy {}", config.dns_strategy.name());
+    }
+    if let Resolver::Servers { .. } = config.resolver {
+        log::info!("destination names are looked up at {} (--dns-server)", config.resolver.describe());
     }
     if !config.proxy_protocol_from.is_empty() {
         let ranges: Vec<String> = config.proxy_protocol_from.iter().map(ToString::to_string).collect();

@@ -323,6 +323,7 @@ mod tests {
             downlink_padding: None,
             connect_timeout: Duration::from_secs(2),
             dns_strategy: Default::default(),
+            resolver: Default::default(),
             keepalive: Default::default(),
             proxy_protocol_from: vec![],
             handshake_timeout: Duration::from_secs(5),

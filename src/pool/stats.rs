@@ -80,7 +80,7 @@ counter_set! {
         ended,
     }
     filled by the owner {
-        /// Server: name lookups sent to the system resolver.
+        /// Server: name lookups sent to the resolver (the system one or --dns-server).
         lookups: u64,
         /// Keys (targets, servers) the pool holds now.
         keys: u64,

@@ -64,6 +64,7 @@ impl ServerContext {
             connect_timeout: config.connect_timeout,
             keepalive: config.keepalive,
             strategy: config.dns_strategy,
+            resolver: config.resolver.clone(),
         };
         let context = ServerContext::new(users, OutboundPool::new(config.outbound.clone(), dialer));
         context.padding.store(Arc::new(config.padding.clone()));

@@ -3,8 +3,9 @@
 //! The outbound pool dials through here; [`super::outbound`] serves streams on top of the
 //! pool. Keeping the dialer apart lets both depend on it without depending on each other.
 //!
-//! Names are resolved by the system resolver (getaddrinfo, on tokio's blocking pool) once per
-//! [`NAME_TTL`] and the answers reused: a proxy carrying browsing traffic dials the same few
+//! Names are resolved by the system resolver (getaddrinfo, on tokio's blocking pool) or the
+//! DNS servers `--dns-server` names ([`super::dns::Resolver`]) once per [`NAME_TTL`] (or the
+//! records' TTL where the servers tell it, if shorter) and the answers reused: a proxy carrying browsing traffic dials the same few
 //! names over and over, and each lookup is a round trip to the resolver that an answer a few
 //! seconds old saves. Dials that miss on a name already being looked up wait for that lookup
 //! instead of sending their own (single-flight), so a burst of streams to one new name costs
@@ -32,6 +33,7 @@ use socket2::SockRef;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
+use super::dns::Resolver;
 use crate::proto::Address;
 use crate::proto::address::Host;
 
@@ -120,6 +122,8 @@ pub struct Dialer {
     pub keepalive: crate::keepalive::Keepalive,
     /// Which of a name's addresses are dialed, in which order.
     pub strategy: DnsStrategy,
+    /// Where names are looked up.
+    pub resolver: Resolver,
 }
 
 /// Which addresses of a name are used, in which order (`--dns-strategy`). Addresses a
@@ -207,7 +211,7 @@ impl DnsStrategy {
 pub const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
 
 impl Dialer {
-    /// Connects to `destination`, resolving a name through the system resolver each time.
+    /// Connects to `destination`, looking a name up each time.
     pub async fn connect(&self, destination: &Address) -> Result<TcpStream, DialError> {
         self.connect_with(destination, None).await
     }
@@ -238,7 +242,9 @@ impl Dialer {
                     return connect_first(&[addr], bind).await.map_err(|err| classify(&target, err));
                 }
                 (Host::Domain(name), Some((names, owner))) => names.resolve(name, destination.port, owner).await,
-                (Host::Domain(name), None) => lookup(name.clone()).await.map(|ips| with_port(&ips, destination.port)),
+                (Host::Domain(name), None) => {
+                    self.resolver.lookup(name).await.map(|(ips, _)| with_port(&ips, destination.port))
+                }
             };
             let addrs = self.strategy.arrange(&resolved.map_err(unresolved)?);
             if addrs.is_empty() {
@@ -370,16 +376,6 @@ fn classify(target: &str, err: io::Error) -> DialError {
     }
 }
 
-/// One getaddrinfo call for `name` (addresses with port 0).
-async fn lookup(name: String) -> Result<Arc<[SocketAddr]>, ResolveError> {
-    let found: Arc<[SocketAddr]> =
-        tokio::net::lookup_host((name.as_str(), 0)).await.map_err(|err| ResolveError::Lookup(Arc::new(err)))?.collect();
-    if found.is_empty() {
-        return Err(ResolveError::NoAddresses);
-    }
-    Ok(found)
-}
-
 /// The one address to use of a name's answers when only one is used (a checked dial, a
 /// UDP peer): IPv4 first, as services often listen on one family only.
 pub fn ipv4_first(addrs: &[SocketAddr]) -> Option<SocketAddr> {
@@ -404,7 +400,8 @@ enum Slot {
 
 type Slots = HashMap<String, Slot>;
 
-/// Resolved names, each reused for a fixed TTL ([`NAME_TTL`]), at most [`MAX_NAMES`] of them.
+/// Resolved names, each reused for [`NAME_TTL`] (less where the DNS servers' answer says
+/// so), at most [`MAX_NAMES`] of them.
 ///
 /// A miss starts one lookup, in a task of its own so that a dial giving up (its connect
 /// timeout) does not cancel the lookup others wait on; every dial for that name meanwhile
@@ -423,6 +420,8 @@ pub struct NameCache {
     own: LookupOwner,
     /// Which address of a name is used where one is (see [`DnsStrategy::pick`]).
     strategy: DnsStrategy,
+    /// Where lookups go.
+    resolver: Resolver,
 }
 
 impl Default for NameCache {
@@ -441,12 +440,13 @@ impl NameCache {
             in_flight: Arc::new(Semaphore::new(MAX_LOOKUPS)),
             own: LookupOwner::session_of(&LookupOwner::user_bound()),
             strategy: DnsStrategy::System,
+            resolver: Resolver::System,
         }
     }
 
-    /// A cache whose users pick addresses by `strategy`.
-    pub fn with_strategy(strategy: DnsStrategy) -> Self {
-        NameCache { strategy, ..Self::default() }
+    /// A cache for `dialer`'s dials: its resolver, its strategy.
+    pub fn for_dialer(dialer: &Dialer) -> Self {
+        NameCache { strategy: dialer.strategy, resolver: dialer.resolver.clone(), ..Self::default() }
     }
 
     pub fn strategy(&self) -> DnsStrategy {
@@ -458,7 +458,7 @@ impl NameCache {
         &self.own
     }
 
-    /// Lookups sent to the system resolver so far.
+    /// Lookups sent to the resolver so far.
     pub fn lookups(&self) -> u64 {
         self.lookups.load(Ordering::Relaxed)
     }
@@ -494,7 +494,7 @@ impl NameCache {
     }
 
     /// Marks `name` pending and spawns its lookup, which holds the owner's `places` and one
-    /// of [`MAX_LOOKUPS`] until getaddrinfo returns; returns where its answer will come.
+    /// of [`MAX_LOOKUPS`] until the resolver answers; returns where its answer will come.
     fn start_lookup(
         &self,
         slots: &mut Slots,
@@ -506,17 +506,23 @@ impl NameCache {
         let (tell, answer) = watch::channel(None);
         slots.insert(name.to_owned(), Slot::Pending { id, answer: answer.clone() });
         let (slots, ttl, name, in_flight) = (self.slots.clone(), self.ttl, name.to_owned(), self.in_flight.clone());
+        let resolver = self.resolver.clone();
         tokio::spawn(async move {
             let _in_flight = in_flight.acquire_owned().await.expect("never closed");
-            let outcome = lookup(name.clone()).await;
+            let answered = resolver.lookup(&name).await;
             drop(places);
+            let ours = Instant::now() + ttl;
+            let (outcome, expires) = match answered {
+                Ok((ips, valid_until)) => (Ok(ips), valid_until.map_or(ours, |until| until.min(ours))),
+                Err(err) => (Err(err), ours),
+            };
             let mut slots = lock(&slots);
             // Only this lookup's own slot is settled: it may have been evicted meanwhile.
             if let Some(slot) = slots.get_mut(&name)
                 && matches!(slot, Slot::Pending { id: pending, .. } if *pending == id)
             {
                 match &outcome {
-                    Ok(ips) => *slot = Slot::Ready { ips: ips.clone(), expires: Instant::now() + ttl },
+                    Ok(ips) => *slot = Slot::Ready { ips: ips.clone(), expires },
                     Err(_) => {
                         slots.remove(&name);
                     }
@@ -633,6 +639,7 @@ mod tests {
             connect_timeout: Duration::from_secs(2),
             keepalive: Default::default(),
             strategy: DnsStrategy::System,
+            resolver: Resolver::System,
         };
         let target = Address::domain("localhost", port);
         for _ in 0..3 {
@@ -689,6 +696,7 @@ mod tests {
             connect_timeout: Duration::from_secs(2),
             keepalive: Default::default(),
             strategy: DnsStrategy::System,
+            resolver: Resolver::System,
         };
         let target = Address::domain(UNRESOLVABLE, 80);
         let names = NameCache::default();

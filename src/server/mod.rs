@@ -6,6 +6,7 @@ pub mod auth_callback;
 pub mod auth_failures;
 pub mod context;
 pub mod dial;
+pub mod dns;
 pub mod fallback;
 pub mod limits;
 pub mod outbound;
@@ -53,6 +54,8 @@ pub struct ServerConfig {
     pub connect_timeout: Duration,
     /// Which of a destination name's addresses are dialed, in which order.
     pub dns_strategy: dial::DnsStrategy,
+    /// Where destination names are looked up.
+    pub resolver: dns::Resolver,
     /// Time a new connection has to finish TLS and send its authentication block.
     pub handshake_timeout: Duration,
     /// Connections allowed to be in the handshake/authentication phase at once.

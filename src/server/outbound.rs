@@ -242,7 +242,12 @@ pub(crate) mod test_support {
         };
         let pool = OutboundPool::new(
             settings,
-            Dialer { connect_timeout, keepalive: Default::default(), strategy: Default::default() },
+            Dialer {
+                connect_timeout,
+                keepalive: Default::default(),
+                strategy: Default::default(),
+                resolver: Default::default(),
+            },
         );
         let gate = Arc::new(Gate::new(ServerLimits::default()));
         let users = crate::server::users::Users::new(crate::server::users::UserEntry::unnamed(vec![

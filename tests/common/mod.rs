@@ -742,6 +742,7 @@ pub fn in_process_server_config(passwords: Vec<anytls_rs::proto::PasswordHash>) 
         downlink_padding: None,
         connect_timeout: Duration::from_secs(2),
         dns_strategy: Default::default(),
+        resolver: Default::default(),
         keepalive: Default::default(),
         handshake_timeout: Duration::from_secs(5),
         max_handshakes: 16,

@@ -226,7 +226,7 @@ impl OutboundPool {
             max_idle_time: settings.max_idle_time,
             max_lifetime: settings.max_lifetime,
         };
-        let names = Arc::new(NameCache::with_strategy(dialer.strategy));
+        let names = Arc::new(NameCache::for_dialer(&dialer));
         let inner = Inner {
             idle: new_pool(settings.pool_type, engine_settings),
             settings,
@@ -383,6 +383,7 @@ pub(super) mod tests {
                 connect_timeout: Duration::from_millis(500),
                 keepalive: Default::default(),
                 strategy: Default::default(),
+                resolver: Default::default(),
             },
         )
     }

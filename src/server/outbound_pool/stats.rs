@@ -36,7 +36,7 @@ impl OutboundPool {
         self.stats().unpooled
     }
 
-    /// Name lookups sent to the system resolver.
+    /// Name lookups sent to the resolver.
     pub fn lookups(&self) -> u64 {
         self.inner.names.lookups()
     }
